@@ -1,0 +1,3 @@
+from vsproxy.cli import main
+
+raise SystemExit(main())

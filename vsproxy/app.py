@@ -1,0 +1,139 @@
+"""The running proxy: devices on one loop, signals, counters, clean shutdown."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TextIO
+
+from vsproxy.device import Device, DeviceConfig
+from vsproxy.loop import Loop
+
+log = logging.getLogger("vsproxy")
+
+
+class ConfigError(Exception):
+    """A setting that cannot work; reported as one line, exit status 2."""
+
+
+def check_socket_path(path: str, what: str) -> None:
+    """Refuse a path whose directory is missing or that a live process serves; remove a stale one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ConfigError(f"{what} {path}: directory {directory} does not exist")
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOTSOCK):
+            if e.errno == errno.ENOTSOCK:
+                raise ConfigError(f"{what} {path}: exists and is not a socket") from None
+            os.unlink(path)  # stale socket of a process that is gone
+            return
+        raise ConfigError(f"{what} {path}: {e.strerror}") from None
+    finally:
+        probe.close()
+    raise ConfigError(f"{what} {path}: already served by another process")
+
+
+def raise_nofile_limit() -> None:
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError) as e:  # pragma: no cover - platform dependent
+        log.warning("could not raise the open-file limit: %s", e)
+
+
+class Proxy:
+    def __init__(self, configs: list[DeviceConfig]) -> None:
+        self.loop = Loop()
+        self.configs = configs
+        self.devices: list[Device] = []
+
+    def start(self) -> None:
+        for cfg in self.configs:
+            check_socket_path(cfg.socket_path, "--socket")
+            if cfg.endpoints.uds_path is not None:
+                check_socket_path(cfg.endpoints.uds_path, "--uds-path")
+        try:
+            for cfg in self.configs:
+                self.devices.append(Device(cfg, self.loop))
+                log.info("%s: serving vhost-user on %s (guest CID %d)", cfg.name, cfg.socket_path, cfg.guest_cid)
+        except OSError as e:
+            self.close()
+            raise ConfigError(f"cannot listen: {e}") from None
+
+    def run(self) -> None:
+        self.loop.run()
+
+    def stop(self) -> None:
+        self.loop.stopping = True
+
+    def close(self) -> None:
+        for d in self.devices:
+            d.close()
+        self.devices = []
+        self.loop.close()
+
+    def report(self, out: TextIO = sys.stderr) -> None:
+        for d in self.devices:
+            s = d.session
+            line = f"{d.name}: sessions={d.sessions_served}"
+            if s is not None:
+                c = s.core.counters
+                qs = [q.counters for q in s.queues if q is not None]
+                line += (
+                    f" conns={len(s.core.conns)} tx_pkts={c.tx_packets} tx_bytes={c.tx_bytes}"
+                    f" rx_pkts={c.rx_packets} rx_bytes={c.rx_bytes} rst={c.rst_sent} spoofed={c.spoofed}"
+                    f" bad_pkts={c.bad_packets} credit_violations={c.credit_violations}"
+                    f" bad_chains={sum(q.bad_chains for q in qs)}"
+                )
+            print(line, file=out, flush=True)
+
+    @contextmanager
+    def signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM stop the loop; SIGUSR1 prints counters. Handlers only set flags
+        and wake the loop through a socketpair, so no signal runs inside the data path."""
+        r, w = socket.socketpair()
+        r.setblocking(False)
+        w.setblocking(False)
+        old_fd = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+        pending: list[int] = []
+        handlers = {}
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            handlers[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
+
+        def on_wakeup() -> None:
+            try:
+                r.recv(64)
+            except BlockingIOError:
+                pass
+            while pending:
+                sig = pending.pop(0)
+                if sig == signal.SIGUSR1:
+                    self.report()
+                else:
+                    log.info("signal %d: shutting down", sig)
+                    self.stop()
+
+        self.loop.set_reader(r.fileno(), on_wakeup)
+        try:
+            yield
+        finally:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+            signal.set_wakeup_fd(old_fd)
+            self.loop.forget(r.fileno())
+            r.close()
+            w.close()

@@ -1,0 +1,155 @@
+"""Command line: ``vsproxy [options]`` runs the proxy; ``vsproxy demo`` shows it working.
+
+Logs and reports go to stderr; stdout stays free for a capture stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+
+from vsproxy.app import ConfigError, Proxy, raise_nofile_limit
+from vsproxy.device import DeviceConfig
+from vsproxy.endpoints.sockets import HostEndpoints, TcpForward
+from vsproxy.vsock.header import RESERVED_CIDS
+
+SUBCOMMANDS = ("demo",)
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def parse_cid(text: str) -> int:
+    try:
+        cid = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if cid in RESERVED_CIDS:
+        raise argparse.ArgumentTypeError(f"{cid} is reserved (0, 1, 2 and 0xFFFFFFFF cannot be a guest CID)")
+    if not 3 <= cid < 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"{cid} is outside 3..4294967294")
+    return cid
+
+
+def _port(text: str, what: str) -> int:
+    if not text.isdigit() or int(text) > 0xFFFFFFFF:
+        raise argparse.ArgumentTypeError(f"{what} {text!r} is not a port number")
+    return int(text)
+
+
+_HOSTPORT = re.compile(r"^tcp:(?P<host>\[[0-9a-fA-F:.]+\]|[^:\[\]]+):(?P<port>\d+)$")
+
+
+def _tcp_addr(text: str) -> tuple[str, int]:
+    m = _HOSTPORT.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not tcp:HOST:PORT")
+    port = int(m.group("port"))
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"TCP port {port} out of range")
+    return m.group("host").strip("[]"), port
+
+
+def parse_forward(text: str) -> tuple[int, TcpForward]:
+    """``PORT=tcp:HOST:HPORT``: guest connections to CID 2 PORT go to that TCP address."""
+    port, sep, target = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected VSOCKPORT=tcp:HOST:PORT")
+    host, hport = _tcp_addr(target)
+    return _port(port, "vsock port"), TcpForward(host, hport)
+
+
+def parse_listen(text: str) -> tuple[str, int, int]:
+    """``tcp:HOST:PORT=GUESTPORT``: host TCP connections go into the guest's GUESTPORT."""
+    addr, sep, gport = text.rpartition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected tcp:HOST:PORT=GUESTPORT")
+    host, port = _tcp_addr(addr)
+    return host, port, _port(gport, "guest port")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="vsproxy",
+        description="vhost-user-vsock backend that routes, fences and shows vsock traffic.",
+        epilog="Subcommands: 'vsproxy demo' runs a self-contained session with a simulated guest.",
+    )
+    p.add_argument("--socket", required=True, metavar="PATH", help="vhost-user socket QEMU connects to")
+    p.add_argument("--guest-cid", required=True, type=parse_cid, metavar="N", help="the guest's CID (3..2^32-2)")
+    p.add_argument(
+        "--uds-path",
+        metavar="PATH",
+        help="hybrid unix socket: host programs send 'CONNECT <port>\\n'; guest connections to "
+        "CID 2 port P go to PATH_P",
+    )
+    p.add_argument(
+        "--forward",
+        action="append",
+        type=parse_forward,
+        default=[],
+        metavar="PORT=tcp:HOST:HPORT",
+        help="guest connections to CID 2 PORT go to a TCP address (repeatable)",
+    )
+    p.add_argument(
+        "--listen",
+        action="append",
+        type=parse_listen,
+        default=[],
+        metavar="tcp:HOST:PORT=GUESTPORT",
+        help="accept host TCP connections and connect them to GUESTPORT in the guest (repeatable)",
+    )
+    p.add_argument(
+        "--tx-buffer-size",
+        type=int,
+        default=256 * 1024,
+        metavar="BYTES",
+        help="per-connection buffer (the buf_alloc advertised to the guest), default 262144",
+    )
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for every message)")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    return p
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.INFO if verbose == 0 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr, format="vsproxy: %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list and args_list[0] == "demo":
+        from vsproxy.demo import main as demo_main
+
+        return demo_main(args_list[1:])
+    try:
+        args = build_parser().parse_args(args_list)
+        if not 4096 <= args.tx_buffer_size <= 64 * 1024 * 1024:
+            raise UsageError("--tx-buffer-size must be between 4096 and 67108864")
+    except UsageError as e:
+        print(f"vsproxy: error: {e}", file=sys.stderr)
+        return 2
+    setup_logging(args.verbose, args.quiet)
+    raise_nofile_limit()
+    endpoints = HostEndpoints(uds_path=args.uds_path, forwards=dict(args.forward), listens=list(args.listen))
+    config = DeviceConfig(args.guest_cid, args.socket, endpoints=endpoints, buf_alloc=args.tx_buffer_size)
+    proxy = Proxy([config])
+    try:
+        proxy.start()
+    except ConfigError as e:
+        print(f"vsproxy: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        with proxy.signals():
+            proxy.run()
+    finally:
+        proxy.report()
+        proxy.close()
+    return 0

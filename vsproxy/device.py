@@ -1,0 +1,447 @@
+"""The I/O shell around one vsock device: vhost-user socket, rings, eventfds.
+
+``Device`` owns the listening vhost-user socket and the host listeners; each
+front-end connection (a QEMU process) gets a ``FrontendSession`` that feeds the
+sans-I/O ``Session`` and ``VsockCore`` and carries out what they return. A bad
+front-end ends its session with a logged error; the device keeps listening.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+
+from vsproxy.endpoints.sockets import CoreHooks, HostEndpoints, HybridListener, SocketPeer, TcpListener
+from vsproxy.loop import Loop
+from vsproxy.memory import GuestMemory, MemoryError_
+from vsproxy.vhost_user import codec
+from vsproxy.vhost_user.codec import MessageReader, ProtocolError
+from vsproxy.vhost_user.session import (
+    RX_QUEUE,
+    TX_QUEUE,
+    CloseFds,
+    Reply,
+    Session,
+    SetMemTable,
+    SetVringFd,
+    StartRing,
+    StopRing,
+)
+from vsproxy.virtq import RingSetupError, SplitQueue
+from vsproxy.vsock.connection import Connection
+from vsproxy.vsock.core import DEFAULT_BUF_ALLOC, VsockCore
+from vsproxy.vsock.header import HDR_SIZE
+
+log = logging.getLogger("vsproxy.device")
+
+TX_BATCH = 256  # chains per pump pass, so one busy device cannot starve the loop
+PUMP_PASSES = 8
+SWEEP_INTERVAL = 0.1  # safety net for a kick lost to the EVENT_IDX race
+_ONE = (1).to_bytes(8, "little")
+
+
+@dataclass
+class DeviceConfig:
+    guest_cid: int
+    socket_path: str
+    name: str = ""
+    endpoints: HostEndpoints = field(default_factory=HostEndpoints)
+    buf_alloc: int = DEFAULT_BUF_ALLOC
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = f"cid{self.guest_cid}"
+
+
+class Device:
+    def __init__(self, config: DeviceConfig, loop: Loop) -> None:
+        self.config = config
+        self.loop = loop
+        self.session: FrontendSession | None = None
+        self.sessions_served = 0
+        self.listeners: list[HybridListener | TcpListener] = []
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(config.socket_path)
+        self.sock.listen(4)
+        self.sock.setblocking(False)
+        loop.set_reader(self.sock.fileno(), self._accept)
+        ep = config.endpoints
+        if ep.uds_path is not None:
+            self.listeners.append(HybridListener(ep.uds_path, loop, self._hooks, self._host_connect))
+        for host, port, guest_port in ep.listens:
+            self.listeners.append(TcpListener(host, port, guest_port, loop, self._hooks, self._host_connect))
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def _hooks(self) -> CoreHooks | None:
+        s = self.session
+        return s if s is not None and s.running else None
+
+    def _host_connect(self, peer: SocketPeer, guest_port: int) -> Connection | None:
+        s = self.session
+        if s is None or not s.running:
+            return None
+        conn = s.core.host_connect(peer, guest_port)
+        s.kick_pump()
+        return conn
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        if self.session is not None:
+            log.error("%s: a second front-end connected while one is active; refused", self.name)
+            sock.close()
+            return
+        self.sessions_served += 1
+        log.info("%s: front-end connected (session %d)", self.name, self.sessions_served)
+        self.session = FrontendSession(self, sock)
+
+    def session_ended(self, session: FrontendSession) -> None:
+        if self.session is session:
+            self.session = None
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.end("vsproxy shutting down", error=False)
+        for listener in self.listeners:
+            listener.close()
+        self.loop.forget(self.sock.fileno())
+        self.sock.close()
+        try:
+            os.unlink(self.config.socket_path)
+        except OSError:
+            pass
+
+
+class FrontendSession(CoreHooks):
+    def __init__(self, device: Device, sock: socket.socket) -> None:
+        self.device = device
+        self.loop = device.loop
+        self.name = device.name
+        self.sock = sock
+        sock.setblocking(False)
+        self.session = Session(device.config.guest_cid)
+        self.reader = MessageReader()
+        self.mem: GuestMemory | None = None
+        self.queues: list[SplitQueue | None] = [None, None]
+        self.kick_fds: list[int | None] = [None, None]
+        self.call_fds: list[int | None] = [None, None]
+        self.err_fds: list[int | None] = [None, None]
+        self.core = VsockCore(
+            device.config.guest_cid,
+            self._connector,
+            buf_alloc=device.config.buf_alloc,
+            name=device.name,
+        )
+        self.closed = False
+        self._pump_scheduled = False
+        self.loop.set_reader(sock.fileno(), self._on_message)
+        self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    @property
+    def running(self) -> bool:
+        return not self.closed and self.queues[RX_QUEUE] is not None and self.queues[TX_QUEUE] is not None
+
+    # -- vhost-user messages -------------------------------------------------
+    def _on_message(self) -> None:
+        try:
+            data, fds, msg_flags, _ = socket.recv_fds(self.sock, self.reader.wanted(), codec.MAX_FDS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.end(f"front-end socket error: {e}", error=True)
+            return
+        if msg_flags & socket.MSG_CTRUNC:
+            _close_fds(fds)
+            self.end("front-end sent more fds than a message may carry", error=True)
+            return
+        if not data:
+            _close_fds(fds)
+            self.end("front-end disconnected", error=False)
+            return
+        try:
+            got = self.reader.feed(data, fds)
+        except ProtocolError as e:
+            _close_fds(self.reader.pending_fds())
+            self.end(f"protocol error: {e}", error=True)
+            return
+        if got is None:
+            return
+        msg, msg_fds = got
+        log.debug(
+            "%s: <- %s flags=%#x size=%d fds=%d",
+            self.name,
+            _req_name(msg.request),
+            msg.flags,
+            len(msg.payload),
+            len(msg_fds),
+        )
+        try:
+            actions = self.session.handle(msg, msg_fds)
+        except ProtocolError as e:
+            _close_fds(msg_fds)
+            self.end(f"protocol error: {e}", error=True)
+            return
+        try:
+            for action in actions:
+                self._do(action)
+        except (ProtocolError, MemoryError_, RingSetupError) as e:
+            self.end(f"{_req_name(msg.request)}: {e}", error=True)
+
+    def _do(self, action: object) -> None:
+        if isinstance(action, Reply):
+            self._send(action.data)
+        elif isinstance(action, SetMemTable):
+            try:
+                mem = GuestMemory.map_fds(action.regions, action.fds)
+            finally:
+                _close_fds(action.fds)  # the mappings keep the memory; the fds are no longer needed
+            running = [i for i, q in enumerate(self.queues) if q is not None]
+            old = self.mem
+            self.mem = mem
+            for i in running:
+                # Re-create live queues over the new table, keeping their position.
+                self._start_ring(i)
+            if old is not None:
+                old.close()
+            log.info(
+                "%s: memory table: %s", self.name, ", ".join(f"gpa {r.guest_addr:#x}+{r.size:#x}" for r in mem.regions)
+            )
+        elif isinstance(action, SetVringFd):
+            fds = {"kick": self.kick_fds, "call": self.call_fds, "err": self.err_fds}[action.kind]
+            old_fd = fds[action.index]
+            if action.kind == "kick" and old_fd is not None:
+                self.loop.forget(old_fd)
+            if old_fd is not None:
+                os.close(old_fd)
+            fds[action.index] = action.fd
+            if action.kind == "kick" and action.fd is not None:
+                os.set_blocking(action.fd, False)
+                idx = action.index
+                self.loop.set_reader(action.fd, lambda: self._on_kick(idx))
+        elif isinstance(action, StartRing):
+            self._start_ring(action.index)
+        elif isinstance(action, StopRing):
+            last = self._stop_ring(action.index)
+            if action.reply:
+                self._send(self.session.reply_vring_base(action.index, last))
+        elif isinstance(action, CloseFds):
+            _close_fds(action.fds)
+        else:  # pragma: no cover - the session returns only the types above
+            raise ProtocolError(f"unknown action {action!r}")
+
+    def _send(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)
+        except BlockingIOError:
+            # Replies are tiny; a front-end that does not read them is broken.
+            raise ProtocolError("front-end does not read its replies") from None
+
+    def _start_ring(self, index: int) -> None:
+        v = self.session.vrings[index]
+        if self.mem is None or v.addr is None:
+            raise RingSetupError(f"vring {index}: started without memory or addresses")
+        old = self.queues[index]
+        base = old.last_avail_idx if old is not None else v.base
+        q = SplitQueue(
+            self.mem,
+            v.num,
+            v.addr.desc,
+            v.addr.avail,
+            v.addr.used,
+            last_avail_idx=base,
+            event_idx=self.session.has(codec.VIRTIO_RING_F_EVENT_IDX),
+            indirect=self.session.has(codec.VIRTIO_RING_F_INDIRECT_DESC),
+            device_writes=index == RX_QUEUE,
+            name=f"{self.name}/{'rx' if index == RX_QUEUE else 'tx'}",
+        )
+        self.queues[index] = q
+        log.info(
+            "%s: vring %d started: size %d base %d event_idx=%s indirect=%s version_1=%s",
+            self.name,
+            index,
+            v.num,
+            base,
+            q.event_idx,
+            q.indirect,
+            self.session.has(codec.VIRTIO_F_VERSION_1),
+        )
+        self.kick_pump()
+
+    def _stop_ring(self, index: int) -> int:
+        q = self.queues[index]
+        self.queues[index] = None
+        if q is None:
+            return self.session.vrings[index].base
+        # The guest driver is going away (poweroff, reboot, reset): its connections end with it.
+        self.core.close_all()
+        log.info("%s: vring %d stopped at %d", self.name, index, q.last_avail_idx)
+        return q.last_avail_idx
+
+    # -- data path -------------------------------------------------------------
+    def _on_kick(self, index: int) -> None:
+        fd = self.kick_fds[index]
+        if fd is None:
+            return
+        try:
+            os.read(fd, 8)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as e:
+            self.end(f"kick fd of vring {index}: {e}", error=True)
+            return
+        self.kick_pump()
+
+    def kick_pump(self) -> None:
+        if not self._pump_scheduled and not self.closed:
+            self._pump_scheduled = True
+            self.loop.call_soon(self.pump)
+
+    def _sweep(self) -> None:
+        if self.closed:
+            return
+        self.core.tick(self.loop.time())
+        if self.running:
+            self.pump()
+        self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    def pump(self) -> None:
+        self._pump_scheduled = False
+        rxq = self.queues[RX_QUEUE]
+        txq = self.queues[TX_QUEUE]
+        if rxq is None or txq is None or self.closed:
+            return
+        core = self.core
+        core.now = self.loop.time()
+        for _ in range(PUMP_PASSES):
+            n = self._process_tx(txq) if not core.tx_blocked() else 0
+            m = core.fill_rx(rxq)
+            if rxq.publish():
+                self._notify(RX_QUEUE)
+            if n == 0 and m == 0:
+                break
+        else:
+            self.kick_pump()  # more work: continue after other fds had their turn
+            return
+        again = (txq.enable_kicks() and not core.tx_blocked()) or (
+            rxq.enable_kicks() and bool(core.control or core.ready)
+        )
+        if again:
+            self.kick_pump()
+
+    def _process_tx(self, txq: SplitQueue) -> int:
+        heads: list[int] = []
+        core = self.core
+        try:
+            while len(heads) < TX_BATCH and not core.tx_blocked():
+                chain = txq.pop()
+                if chain is None:
+                    break
+                heads.append(chain.head)
+                segs = chain.readable
+                if chain.read_len < HDR_SIZE:
+                    core.counters.bad_packets += 1
+                    core.counters.drop("short-header")
+                    continue
+                first = segs[0]
+                if len(first) >= HDR_SIZE:
+                    hdr: bytes | memoryview = first[:HDR_SIZE]
+                    payload = [first[HDR_SIZE:], *segs[1:]] if len(first) > HDR_SIZE else segs[1:]
+                else:
+                    hdr, payload = _split_header(segs)
+                core.guest_packet(hdr, payload, chain.read_len - HDR_SIZE)
+        finally:
+            core.flush_host()
+            for h in heads:
+                txq.push(h, 0)
+            if txq.publish():
+                self._notify(TX_QUEUE)
+        return len(heads)
+
+    def _notify(self, index: int) -> None:
+        fd = self.call_fds[index]
+        if fd is None:
+            return
+        try:
+            os.write(fd, _ONE)
+        except BlockingIOError:
+            pass  # counter saturated: the guest has an interrupt pending anyway
+        except OSError as e:
+            log.warning("%s: call fd of vring %d: %s", self.name, index, e)
+
+    # -- CoreHooks ---------------------------------------------------------------
+    def readable(self, conn: Connection) -> None:
+        self.core.peer_readable(conn)
+        self.kick_pump()
+
+    def writable(self, conn: Connection) -> None:
+        self.core.peer_writable(conn)
+        self.kick_pump()
+
+    def connected(self, conn: Connection) -> None:
+        self.core.peer_connected(conn)
+        self.kick_pump()
+
+    def failed(self, conn: Connection, reason: str) -> None:
+        self.core.peer_failed(conn, reason)
+        self.kick_pump()
+
+    def _connector(self, conn: Connection) -> SocketPeer | None:
+        return self.device.config.endpoints.open(conn, self.loop, self)
+
+    # -- teardown ----------------------------------------------------------------
+    def end(self, reason: str, *, error: bool) -> None:
+        if self.closed:
+            return
+        (log.error if error else log.info)("%s: front-end session ended: %s", self.name, reason)
+        self.closed = True
+        self.core.close_all()
+        self.loop.forget(self.sock.fileno())
+        self.sock.close()
+        for fds in (self.kick_fds, self.call_fds, self.err_fds):
+            for i, fd in enumerate(fds):
+                if fd is not None:
+                    self.loop.forget(fd)
+                    os.close(fd)
+                    fds[i] = None
+        self.queues = [None, None]
+        if self.mem is not None:
+            self.mem.close()
+            self.mem = None
+        self.device.session_ended(self)
+
+
+def _split_header(segs: list[memoryview]) -> tuple[bytes, list[memoryview]]:
+    """A header spread over several descriptors: gather it, keep the rest as views."""
+    hdr = bytearray()
+    rest: list[memoryview] = []
+    for seg in segs:
+        need = HDR_SIZE - len(hdr)
+        if need > 0:
+            hdr += seg[:need]
+            if len(seg) > need:
+                rest.append(seg[need:])
+        else:
+            rest.append(seg)
+    return bytes(hdr), rest
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _req_name(r: int) -> str:
+    try:
+        return codec.Request(r).name
+    except ValueError:
+        return f"request {r}"

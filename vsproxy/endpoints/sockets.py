@@ -1,0 +1,362 @@
+"""Host endpoints over real sockets: hybrid unix (Firecracker convention) and TCP.
+
+Guest-initiated: the ``HostEndpoints`` connector opens ``<uds_path>_<port>``
+or the TCP address forwarded for that port. Host-initiated: a hybrid unix
+listener reads ``CONNECT <port>\\n`` and answers ``OK <host port>\\n`` once the
+guest accepts; a TCP listener connects straight into a fixed guest port.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from vsproxy.endpoints.base import Buffer
+from vsproxy.loop import Loop
+from vsproxy.vsock.connection import Connection
+
+log = logging.getLogger("vsproxy.endpoints")
+
+HANDSHAKE_MAX = 64  # "CONNECT 4294967295\n" fits easily
+HANDSHAKE_TIMEOUT = 5.0
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+class CoreHooks:
+    """What a socket peer reports to (a device's vsock core through the shell)."""
+
+    def readable(self, conn: Connection) -> None: ...
+    def writable(self, conn: Connection) -> None: ...
+    def connected(self, conn: Connection) -> None: ...
+    def failed(self, conn: Connection, reason: str) -> None: ...
+
+
+class SocketPeer:
+    """A Peer over a non-blocking stream socket."""
+
+    __slots__ = ("_reading", "_writing", "closed", "conn", "fd", "hooks", "label", "loop", "prebuf", "sock")
+
+    def __init__(self, sock: socket.socket, loop: Loop, hooks: CoreHooks, label: str) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.loop = loop
+        self.hooks = hooks
+        self.conn: Connection | None = None
+        self.prebuf = b""  # bytes that came with a hybrid CONNECT line
+        self.label = label
+        self.closed = False
+        self._reading = False
+        self._writing = False
+
+    def describe(self) -> str:
+        return self.label
+
+    def send(self, bufs: Sequence[Buffer]) -> int:
+        try:
+            if len(bufs) == 1:
+                return self.sock.send(bufs[0])
+            return self.sock.sendmsg(bufs)
+        except (BlockingIOError, InterruptedError):
+            return 0
+
+    def recv_into(self, bufs: Sequence[memoryview]) -> int | None:
+        if self.prebuf:
+            n = 0
+            for b in bufs:
+                k = min(len(b), len(self.prebuf) - n)
+                b[:k] = self.prebuf[n : n + k]
+                n += k
+            self.prebuf = self.prebuf[n:]
+            return n
+        try:
+            if len(bufs) == 1:
+                return self.sock.recv_into(bufs[0])
+            return self.sock.recvmsg_into(bufs)[0]
+        except (BlockingIOError, InterruptedError):
+            return None
+
+    def shutdown_write(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self, reset: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.loop.forget(self.fd)
+        if reset and self.sock.family in (socket.AF_INET, socket.AF_INET6):
+            try:
+                # SO_LINGER 0: close sends RST, so the peer cannot mistake a cut stream for a complete one.
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            except OSError:
+                pass
+        self.sock.close()
+
+    def watch_read(self, on: bool) -> None:
+        if self.closed or on == self._reading:
+            return
+        self._reading = on
+        self.loop.set_reader(self.fd, self._on_readable if on else None)
+
+    def watch_write(self, on: bool) -> None:
+        if self.closed or on == self._writing:
+            return
+        self._writing = on
+        self.loop.set_writer(self.fd, self._on_writable if on else None)
+
+    def established(self, local_port: int) -> None:
+        pass
+
+    def _on_readable(self) -> None:
+        if self.conn is not None:
+            self.hooks.readable(self.conn)
+
+    def _on_writable(self) -> None:
+        if self.conn is not None:
+            self.hooks.writable(self.conn)
+
+
+class HybridPeer(SocketPeer):
+    """Host side of a hybrid-unix CONNECT: answers OK once the guest accepts."""
+
+    __slots__ = ()
+
+    def established(self, local_port: int) -> None:
+        try:
+            self.sock.send(b"OK %d\n" % local_port)
+        except OSError:
+            pass  # the next read or write reports it
+
+
+@dataclass
+class TcpForward:
+    host: str
+    port: int
+
+
+@dataclass
+class HostEndpoints:
+    """Where guest connections to CID 2 go, and host listeners into the guest."""
+
+    uds_path: str | None = None
+    forwards: dict[int, TcpForward] = field(default_factory=dict)
+    # host TCP (host, port) -> guest port
+    listens: list[tuple[str, int, int]] = field(default_factory=list)
+
+    def open(self, conn: Connection, loop: Loop, hooks: CoreHooks) -> SocketPeer | None:
+        port = conn.peer_port
+        fwd = self.forwards.get(port)
+        if fwd is not None:
+            return _tcp_connect(fwd, conn, loop, hooks)
+        if self.uds_path is not None:
+            return _unix_connect(f"{self.uds_path}_{port}", conn, loop, hooks)
+        return None
+
+
+def _unix_connect(path: str, conn: Connection, loop: Loop, hooks: CoreHooks) -> SocketPeer | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        sock.connect(path)
+    except OSError as e:
+        # ENOENT, ECONNREFUSED, or EAGAIN (backlog full): the guest gets RST.
+        log.info("guest connect to %s failed: %s", path, e.strerror)
+        sock.close()
+        return None
+    peer = SocketPeer(sock, loop, hooks, f"unix:{path}")
+    peer.conn = conn
+    loop.call_soon(lambda: hooks.connected(conn))
+    return peer
+
+
+def _tcp_connect(fwd: TcpForward, conn: Connection, loop: Loop, hooks: CoreHooks) -> SocketPeer | None:
+    try:
+        infos = socket.getaddrinfo(fwd.host, fwd.port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except socket.gaierror as e:
+        log.warning("bad forward address %s:%d: %s", fwd.host, fwd.port, e)
+        return None
+    family, type_, proto, _, addr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    err = sock.connect_ex(addr)
+    if err not in (0, errno.EINPROGRESS):
+        log.info("guest connect to tcp:%s:%d failed: %s", fwd.host, fwd.port, os.strerror(err))
+        sock.close()
+        return None
+    peer = SocketPeer(sock, loop, hooks, f"tcp:{fwd.host}:{fwd.port}")
+    peer.conn = conn
+
+    def on_connect() -> None:
+        loop.set_writer(peer.fd, None)
+        peer._writing = False
+        e = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if e:
+            hooks.failed(conn, os.strerror(e))
+        else:
+            hooks.connected(conn)
+
+    loop.set_writer(peer.fd, on_connect)
+    peer._writing = True
+    return peer
+
+
+class HybridListener:
+    """Accepts host programs on ``uds_path`` and reads their ``CONNECT <port>`` line."""
+
+    def __init__(
+        self,
+        path: str,
+        loop: Loop,
+        hooks_for: Callable[[], CoreHooks | None],
+        connect: Callable[[SocketPeer, int], Connection | None],
+    ) -> None:
+        self.path = path
+        self.loop = loop
+        self.hooks_for = hooks_for
+        self.connect = connect
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(128)
+        self.sock.setblocking(False)
+        loop.set_reader(self.sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                s, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("hybrid accept on %s: %s", self.path, e)
+                return
+            _Handshake(s, self)
+
+    def close(self) -> None:
+        self.loop.forget(self.sock.fileno())
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+
+class _Handshake:
+    def __init__(self, sock: socket.socket, listener: HybridListener) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.listener = listener
+        self.buf = b""
+        self.done = False
+        loop = listener.loop
+        loop.set_reader(sock.fileno(), self._read)
+        loop.call_later(HANDSHAKE_TIMEOUT, self._timeout)
+
+    def _finish(self) -> None:
+        self.done = True
+        self.listener.loop.forget(self.sock.fileno())
+
+    def _fail(self, why: str) -> None:
+        log.info("hybrid %s: %s", self.listener.path, why)
+        self._finish()
+        self.sock.close()
+
+    def _timeout(self) -> None:
+        if not self.done:
+            self._fail(f"no CONNECT line within {HANDSHAKE_TIMEOUT:.0f} s")
+
+    def _read(self) -> None:
+        try:
+            data = self.sock.recv(HANDSHAKE_MAX)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._fail(str(e))
+            return
+        if not data:
+            self._fail("client closed before CONNECT")
+            return
+        self.buf += data
+        nl = self.buf.find(b"\n")
+        if nl < 0:
+            if len(self.buf) > HANDSHAKE_MAX:
+                self._fail("CONNECT line too long")
+            return
+        line, rest = self.buf[:nl], self.buf[nl + 1 :]
+        parts = line.strip().split()
+        if len(parts) != 2 or parts[0] != b"CONNECT" or not parts[1].isdigit() or int(parts[1]) > 0xFFFFFFFF:
+            self._fail(f"bad handshake line {line[:40]!r}")
+            return
+        hooks = self.listener.hooks_for()
+        if hooks is None:
+            self._fail("no guest attached")
+            return
+        self._finish()
+        peer = HybridPeer(self.sock, self.listener.loop, hooks, f"hybrid:{self.listener.path}")
+        peer.prebuf = rest
+        conn = self.listener.connect(peer, int(parts[1]))
+        if conn is None:
+            peer.close(reset=False)
+            return
+        peer.conn = conn
+
+
+class TcpListener:
+    """Host TCP port that connects into a fixed guest port."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        guest_port: int,
+        loop: Loop,
+        hooks_for: Callable[[], CoreHooks | None],
+        connect: Callable[[SocketPeer, int], Connection | None],
+    ) -> None:
+        self.loop = loop
+        self.guest_port = guest_port
+        self.hooks_for = hooks_for
+        self.connect = connect
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        family, type_, proto, _, addr = infos[0]
+        self.sock = socket.socket(family, type_, proto)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(addr)
+        self.sock.listen(128)
+        self.sock.setblocking(False)
+        self.address = self.sock.getsockname()
+        loop.set_reader(self.sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                s, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("tcp accept: %s", e)
+                return
+            hooks = self.hooks_for()
+            if hooks is None:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+                s.close()
+                continue
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = SocketPeer(s, self.loop, hooks, f"tcp:{addr[0]}:{addr[1]}")
+            conn = self.connect(peer, self.guest_port)
+            if conn is None:
+                peer.close(reset=True)
+                continue
+            peer.conn = conn
+
+    def close(self) -> None:
+        self.loop.forget(self.sock.fileno())
+        self.sock.close()

@@ -1,0 +1,101 @@
+"""A small selector reactor: fd callbacks, timers and end-of-round hooks.
+
+Single-threaded on purpose: the data path touches guest memory and the vsock
+cores without locks, and every callback runs to completion.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import selectors
+import time
+from collections.abc import Callable
+
+Callback = Callable[[], None]
+
+
+class Loop:
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        # fd -> [reader, writer]
+        self._cbs: dict[int, list[Callback | None]] = {}
+        self._timers: list[tuple[float, int, Callback]] = []
+        self._seq = itertools.count()
+        self._soon: list[Callback] = []
+        self.stopping = False
+
+    @staticmethod
+    def time() -> float:
+        return time.monotonic()
+
+    def _update(self, fd: int) -> None:
+        cbs = self._cbs.get(fd)
+        events = 0
+        if cbs is not None:
+            if cbs[0] is not None:
+                events |= selectors.EVENT_READ
+            if cbs[1] is not None:
+                events |= selectors.EVENT_WRITE
+        try:
+            key = self._sel.get_key(fd)
+        except KeyError:
+            key = None
+        if events == 0:
+            if key is not None:
+                self._sel.unregister(fd)
+            self._cbs.pop(fd, None)
+        elif key is None:
+            self._sel.register(fd, events)
+        elif key.events != events:
+            self._sel.modify(fd, events)
+
+    def set_reader(self, fd: int, cb: Callback | None) -> None:
+        self._cbs.setdefault(fd, [None, None])[0] = cb
+        self._update(fd)
+
+    def set_writer(self, fd: int, cb: Callback | None) -> None:
+        self._cbs.setdefault(fd, [None, None])[1] = cb
+        self._update(fd)
+
+    def forget(self, fd: int) -> None:
+        if fd in self._cbs:
+            self._cbs[fd] = [None, None]
+            self._update(fd)
+
+    def call_later(self, delay: float, cb: Callback) -> None:
+        heapq.heappush(self._timers, (self.time() + delay, next(self._seq), cb))
+
+    def call_soon(self, cb: Callback) -> None:
+        self._soon.append(cb)
+
+    def run_once(self, max_wait: float = 1.0) -> None:
+        timeout = max_wait
+        if self._soon:
+            timeout = 0.0
+        elif self._timers:
+            timeout = max(0.0, min(timeout, self._timers[0][0] - self.time()))
+        for key, mask in self._sel.select(timeout):
+            cbs = self._cbs.get(key.fd)
+            if cbs is None:
+                continue
+            if mask & selectors.EVENT_READ and cbs[0] is not None:
+                cbs[0]()
+            cbs = self._cbs.get(key.fd)
+            if mask & selectors.EVENT_WRITE and cbs is not None and cbs[1] is not None:
+                cbs[1]()
+        now = self.time()
+        while self._timers and self._timers[0][0] <= now:
+            _, _, cb = heapq.heappop(self._timers)
+            cb()
+        # One pass only: work that re-schedules itself waits for the next select.
+        soon, self._soon = self._soon, []
+        for cb in soon:
+            cb()
+
+    def run(self) -> None:
+        while not self.stopping:
+            self.run_once()
+
+    def close(self) -> None:
+        self._sel.close()

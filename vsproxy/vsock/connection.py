@@ -1,0 +1,125 @@
+"""One vsock connection as vsproxy terminates it: state and credit, no I/O.
+
+vsproxy is the guest's peer (like a TCP proxy): it advertises its own
+``buf_alloc``/``fwd_cnt`` for data the guest sends, and honours the guest's
+for data it sends. Credit arithmetic is u32 wrap-around (virtio spec 5.10.6.3).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from enum import Enum
+
+from vsproxy.endpoints.base import Buffer, Peer
+from vsproxy.vsock.header import U32
+
+
+class State(Enum):
+    CONNECTING = "connecting"  # guest REQUEST seen, host side still connecting
+    REQUESTED = "requested"  # host-initiated: REQUEST sent, waiting for RESPONSE
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+class Credit:
+    """Credit state for both directions of one connection (h2's WindowManager, for vsock)."""
+
+    __slots__ = ("adv_fwd_cnt", "buf_alloc", "fwd_cnt", "peer_buf_alloc", "peer_fwd_cnt", "rx_cnt", "tx_cnt")
+
+    def __init__(self, buf_alloc: int) -> None:
+        # guest -> vsproxy: what we advertise and what we have forwarded on
+        self.buf_alloc = buf_alloc
+        self.fwd_cnt = 0
+        self.rx_cnt = 0
+        self.adv_fwd_cnt = 0  # the fwd_cnt the guest last saw from us
+        # vsproxy -> guest: what the guest advertised
+        self.peer_buf_alloc = 0
+        self.peer_fwd_cnt = 0
+        self.tx_cnt = 0
+
+    def peer_free(self) -> int:
+        """Bytes we may still send the guest. A guest that claims more than it could have
+        consumed (hostile fwd_cnt) gets no credit rather than a huge one."""
+        in_flight = (self.tx_cnt - self.peer_fwd_cnt) & U32
+        if in_flight >= self.peer_buf_alloc:
+            return 0
+        return self.peer_buf_alloc - in_flight
+
+    def update_peer(self, buf_alloc: int, fwd_cnt: int) -> None:
+        self.peer_buf_alloc = buf_alloc
+        self.peer_fwd_cnt = fwd_cnt
+
+    def sent(self, n: int) -> None:
+        self.tx_cnt = (self.tx_cnt + n) & U32
+
+    def receive(self, n: int) -> bool:
+        """Account ``n`` bytes from the guest; False if they exceed the credit we gave."""
+        buffered = (self.rx_cnt - self.fwd_cnt) & U32
+        if buffered + n > self.buf_alloc:
+            return False
+        self.rx_cnt = (self.rx_cnt + n) & U32
+        return True
+
+    def forwarded(self, n: int) -> None:
+        self.fwd_cnt = (self.fwd_cnt + n) & U32
+
+    def guest_view_free(self) -> int:
+        """Free space the guest believes we have, from the fwd_cnt it last saw."""
+        return self.buf_alloc - ((self.rx_cnt - self.adv_fwd_cnt) & U32)
+
+    def update_due(self) -> bool:
+        """Send CREDIT_UPDATE when the guest may run short and we have news for it.
+        Linux guests never ask (no CREDIT_REQUEST), so this is what keeps a sender going."""
+        return self.fwd_cnt != self.adv_fwd_cnt and self.guest_view_free() < self.buf_alloc // 2
+
+
+class Connection:
+    __slots__ = (
+        "credit",
+        "deadline",
+        "flags",
+        "guest_port",
+        "guest_shut",
+        "host_eof",
+        "host_initiated",
+        "host_shut_wr",
+        "out_bytes",
+        "outq",
+        "peer",
+        "peer_cid",
+        "peer_port",
+        "state",
+        "type",
+    )
+
+    # bits in ``flags``: membership of the core's work sets, kept here to avoid set lookups
+    IN_FLUSH = 1
+    IN_READY = 2
+    WAIT_CREDIT = 4
+    UPDATE_QUEUED = 8
+    CREDIT_REQUESTED = 16
+    WATCH_WRITE = 32
+
+    def __init__(self, type_: int, guest_port: int, peer_cid: int, peer_port: int, peer: Peer, buf_alloc: int) -> None:
+        self.type = type_
+        self.guest_port = guest_port
+        self.peer_cid = peer_cid
+        self.peer_port = peer_port
+        self.state = State.CONNECTING
+        self.peer = peer
+        self.credit = Credit(buf_alloc)
+        self.guest_shut = 0  # SHUTDOWN flags received from the guest
+        self.host_eof = False  # host sent EOF; we told the guest SHUTDOWN SEND
+        self.host_shut_wr = False  # we half-closed the host socket
+        self.outq: deque[Buffer] = deque()  # guest data not yet taken by the host peer
+        self.out_bytes = 0
+        self.deadline = 0.0
+        self.flags = 0
+        self.host_initiated = False
+
+    @property
+    def key(self) -> tuple[int, int, int, int]:
+        return (self.type, self.guest_port, self.peer_cid, self.peer_port)
+
+    def describe(self) -> str:
+        return f"guest:{self.guest_port} <-> {self.peer_cid}:{self.peer_port} ({self.peer.describe()})"

@@ -1,0 +1,613 @@
+"""The virtio-vsock device logic for one guest, sans-I/O.
+
+Packets from the guest's tx ring come in through ``guest_packet``; effects go
+out through the connections' ``Peer`` objects (never sockets directly) and
+through packets written into rx chains by ``fill_rx``. Time is passed in as
+``now``; nothing here reads a clock, opens a socket or blocks.
+
+Flow control: vsproxy terminates credit per connection. Guest data is handed to
+the peer at once (zero copy from guest memory); what the peer does not take is
+copied into the connection's queue, which the credit we advertised
+(``buf_alloc``) bounds. Host data is read straight into the guest's rx buffers
+only while the guest has credit and has posted buffers, so a host sender is
+throttled by its own connection's window and never by the shared rings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from vsproxy.endpoints.base import Buffer, Peer
+from vsproxy.vsock import header as H
+from vsproxy.vsock.connection import Connection, State
+from vsproxy.vsock.header import HDR_SIZE, Header, Op
+
+log = logging.getLogger("vsproxy.vsock")
+
+CONNECT_TIMEOUT = 2.0  # Linux and Firecracker
+SHUTDOWN_TIMEOUT = 2.0
+DEFAULT_BUF_ALLOC = 256 * 1024
+MAX_CONNECTIONS = 65536
+# Control packets queued for the guest while it posts no rx buffers. Past this
+# the tx ring is left alone (resources ran out), which bounds memory.
+MAX_CONTROL_BACKLOG = 4096
+HOST_PORT_FIRST = 1 << 30  # Firecracker assigns host ports from 2^30 up
+SENDMSG_MAX_IOV = 512
+
+
+class RxQueue(Protocol):
+    """The slice of SplitQueue that fill_rx needs."""
+
+    def pop(self) -> _RxChain | None: ...
+    def unpop(self) -> None: ...
+    def push(self, head: int, length: int) -> None: ...
+
+
+class _RxChain(Protocol):
+    @property
+    def head(self) -> int: ...
+    @property
+    def writable(self) -> list[memoryview]: ...
+    @property
+    def write_len(self) -> int: ...
+
+
+@dataclass(slots=True)
+class Counters:
+    tx_packets: int = 0
+    tx_bytes: int = 0  # payload bytes from the guest
+    rx_packets: int = 0
+    rx_bytes: int = 0  # payload bytes to the guest
+    spoofed: int = 0
+    bad_packets: int = 0
+    rst_sent: int = 0
+    credit_violations: int = 0
+    connections_opened: int = 0
+    connections_refused: int = 0
+    timeouts: int = 0
+    short_rx_buffers: int = 0
+    drops: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+
+# A connector opens the host side of a guest-initiated connection. It returns a
+# Peer that is connecting (the shell later calls peer_connected/peer_failed), or
+# None when nothing can serve the destination (the guest gets RST).
+Connector = Callable[["Connection"], Peer | None]
+
+
+class VsockCore:
+    def __init__(
+        self,
+        guest_cid: int,
+        connector: Connector,
+        *,
+        buf_alloc: int = DEFAULT_BUF_ALLOC,
+        name: str = "vm",
+    ) -> None:
+        self.guest_cid = guest_cid
+        self.connector = connector
+        self.buf_alloc = buf_alloc
+        self.name = name
+        self.conns: dict[tuple[int, int, int, int], Connection] = {}
+        # (connection or None, op, flags, raw header for connection-less RSTs)
+        self.control: deque[tuple[Connection | None, int, int, bytes]] = deque()
+        self.ready: deque[Connection] = deque()
+        self._flush: list[Connection] = []
+        self._lingering: set[Connection] = set()
+        self._next_host_port = HOST_PORT_FIRST
+        self.counters = Counters()
+        self.now = 0.0
+        self.seqpacket = False
+
+    # ------------------------------------------------------------------
+    # guest -> device
+    def tx_blocked(self) -> bool:
+        """True while control replies pile up for a guest that posts no rx buffers."""
+        return len(self.control) >= MAX_CONTROL_BACKLOG
+
+    def guest_packet(self, hdr_bytes: Buffer, payload: Sequence[memoryview], payload_len: int) -> None:
+        """One tx chain: 44 header bytes and the rest of the chain (``payload_len`` bytes)."""
+        c = self.counters
+        hdr = H.unpack(hdr_bytes)
+        if hdr.src_cid != self.guest_cid:
+            # Anti-spoofing: a guest may only speak as itself.
+            c.spoofed += 1
+            log.warning("%s: dropped spoofed packet %s", self.name, hdr.describe())
+            return
+        c.tx_packets += 1
+        if hdr.len > H.MAX_PKT_PAYLOAD or hdr.len > payload_len:
+            c.bad_packets += 1
+            c.drop("bad-len")
+            log.warning(
+                "%s: bad packet length %d (chain holds %d): %s", self.name, hdr.len, payload_len, hdr.describe()
+            )
+            conn = self.conns.get((hdr.type, hdr.src_port, hdr.dst_cid, hdr.dst_port))
+            if conn is not None:
+                self._reset(conn, "bad packet length")
+            return
+        op = hdr.op
+        if hdr.type != H.Type.STREAM and not (self.seqpacket and hdr.type == H.Type.SEQPACKET):
+            # virtio spec: a packet of unknown type MUST be answered with RST.
+            c.bad_packets += 1
+            c.drop("bad-type")
+            if op != Op.RST:
+                self._rst_reply(hdr)
+            return
+        key = (hdr.type, hdr.src_port, hdr.dst_cid, hdr.dst_port)
+        conn = self.conns.get(key)
+        if conn is None:
+            if op == Op.REQUEST:
+                self._guest_request(hdr)
+            elif op != Op.RST:
+                c.drop("unknown-connection")
+                self._rst_reply(hdr)
+            return
+        conn.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt)
+        if op == Op.RW:
+            self._guest_rw(conn, hdr, payload)
+        elif op == Op.CREDIT_UPDATE:
+            pass
+        elif op == Op.CREDIT_REQUEST:
+            self._queue_credit_update(conn)
+        elif op == Op.SHUTDOWN:
+            self._guest_shutdown(conn, hdr.flags & H.SHUTDOWN_BOTH)
+        elif op == Op.RST:
+            self._forget(conn, reset_peer=not (conn.guest_shut & H.SHUTDOWN_SEND and conn.host_eof))
+        elif op == Op.RESPONSE:
+            if conn.state is State.REQUESTED:
+                conn.state = State.ESTABLISHED
+                conn.peer.established(conn.peer_port)
+                conn.peer.watch_read(True)
+            else:
+                c.drop("unexpected-response")
+                self._reset(conn, "unexpected RESPONSE")
+        elif op == Op.REQUEST:
+            c.drop("duplicate-request")
+        else:
+            c.drop("bad-op")
+            self._reset(conn, f"unknown op {op}")
+            return
+        self._credit_changed(conn)
+
+    def _guest_request(self, hdr: Header) -> None:
+        c = self.counters
+        if hdr.dst_cid != H.VMADDR_CID_HOST:
+            c.connections_refused += 1
+            c.drop("no-route")
+            log.info("%s: no route to CID %d (REQUEST %s)", self.name, hdr.dst_cid, hdr.describe())
+            self._rst_reply(hdr)
+            return
+        if len(self.conns) >= MAX_CONNECTIONS:
+            c.connections_refused += 1
+            c.drop("too-many-connections")
+            self._rst_reply(hdr)
+            return
+        conn = Connection(hdr.type, hdr.src_port, hdr.dst_cid, hdr.dst_port, _NO_PEER, self.buf_alloc)
+        conn.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt)
+        peer = self.connector(conn)
+        if peer is None:
+            c.connections_refused += 1
+            log.info(
+                "%s: refused %s:%d -> %d:%d: no endpoint",
+                self.name,
+                hdr.src_cid,
+                hdr.src_port,
+                hdr.dst_cid,
+                hdr.dst_port,
+            )
+            self._rst_reply(hdr)
+            return
+        conn.peer = peer
+        conn.deadline = self.now + CONNECT_TIMEOUT
+        self.conns[conn.key] = conn
+
+    def _guest_rw(self, conn: Connection, hdr: Header, payload: Sequence[memoryview]) -> None:
+        n = hdr.len
+        if conn.state is not State.ESTABLISHED or conn.guest_shut & H.SHUTDOWN_SEND:
+            self.counters.drop("rw-not-established")
+            self._reset(conn, "data on a connection that is not open for it")
+            return
+        if not conn.credit.receive(n):
+            # The guest ignored the credit we advertised: RST, never unbounded buffering.
+            self.counters.credit_violations += 1
+            self._reset(conn, "guest exceeded advertised credit")
+            return
+        if n == 0:
+            return
+        self.counters.tx_bytes += n
+        outq = conn.outq
+        left = n
+        for seg in payload:
+            if len(seg) >= left:
+                outq.append(seg[:left] if len(seg) > left else seg)
+                break
+            outq.append(seg)
+            left -= len(seg)
+        conn.out_bytes += n
+        if not conn.flags & Connection.IN_FLUSH:
+            conn.flags |= Connection.IN_FLUSH
+            self._flush.append(conn)
+
+    def _guest_shutdown(self, conn: Connection, flags: int) -> None:
+        conn.guest_shut |= flags
+        if conn.guest_shut == H.SHUTDOWN_BOTH:
+            # Linux close(): SHUTDOWN 3, answered with RST; the connection is gone for the guest.
+            self._queue(conn, Op.RST)
+            self._forget_vsock(conn)
+            if conn.out_bytes:
+                # Hand the host what the guest sent before closing; bounded by buf_alloc and a timeout.
+                conn.deadline = self.now + SHUTDOWN_TIMEOUT
+                self._lingering.add(conn)
+                conn.peer.watch_read(False)
+                self._flush_conn(conn)
+            else:
+                conn.peer.close(reset=False)
+            return
+        if flags & H.SHUTDOWN_SEND:
+            self._flush_conn(conn)  # shuts the host write side once the queue is empty
+        if flags & H.SHUTDOWN_RCV:
+            conn.peer.watch_read(False)
+
+    # ------------------------------------------------------------------
+    # device -> host peers
+    def flush_host(self) -> None:
+        """Hand queued guest data to the peers. Must run before tx chains go back to the guest:
+        afterwards nothing may point into their buffers."""
+        pending = self._flush
+        self._flush = []
+        for conn in pending:
+            conn.flags &= ~Connection.IN_FLUSH
+            if conn.state is not State.CLOSED or conn in self._lingering:
+                self._flush_conn(conn)
+            self._own_outq(conn)
+
+    def _own_outq(self, conn: Connection) -> None:
+        # Copy what is left out of guest memory: the chain is about to be returned.
+        outq = conn.outq
+        for i in range(len(outq)):
+            b = outq[i]
+            if isinstance(b, memoryview):
+                outq[i] = bytes(b)
+
+    def _flush_conn(self, conn: Connection) -> None:
+        outq = conn.outq
+        total = 0
+        try:
+            while outq:
+                bufs = [outq[i] for i in range(min(len(outq), SENDMSG_MAX_IOV))]
+                sent = conn.peer.send(bufs)
+                if sent <= 0:
+                    break
+                total += sent
+                while sent:
+                    b = outq[0]
+                    if len(b) <= sent:
+                        sent -= len(b)
+                        outq.popleft()
+                    else:
+                        outq[0] = b[sent:]
+                        sent = 0
+        except OSError as e:
+            conn.out_bytes -= total
+            self._peer_error(conn, e)
+            return
+        conn.out_bytes -= total
+        if total:
+            conn.credit.forwarded(total)
+        if outq:
+            if not conn.flags & Connection.WATCH_WRITE:
+                conn.flags |= Connection.WATCH_WRITE
+                conn.peer.watch_write(True)
+            return
+        if conn.flags & Connection.WATCH_WRITE:
+            conn.flags &= ~Connection.WATCH_WRITE
+            conn.peer.watch_write(False)
+        if conn in self._lingering:
+            self._lingering.discard(conn)
+            conn.peer.close(reset=False)
+            return
+        if conn.guest_shut & H.SHUTDOWN_SEND and not conn.host_shut_wr:
+            conn.host_shut_wr = True
+            conn.peer.shutdown_write()
+            if conn.host_eof:
+                # Both directions are finished; the vsock side waits for the guest's close.
+                conn.peer.close(reset=False)
+        if total:
+            self._credit_changed(conn)
+
+    def _credit_changed(self, conn: Connection) -> None:
+        if conn.state is State.CLOSED:
+            return
+        if conn.credit.update_due():
+            self._queue_credit_update(conn)
+        if conn.flags & Connection.WAIT_CREDIT and conn.credit.peer_free() > 0:
+            conn.flags &= ~(Connection.WAIT_CREDIT | Connection.CREDIT_REQUESTED)
+            self._make_ready(conn)
+
+    def _queue_credit_update(self, conn: Connection) -> None:
+        if not conn.flags & Connection.UPDATE_QUEUED:
+            conn.flags |= Connection.UPDATE_QUEUED
+            self._queue(conn, Op.CREDIT_UPDATE)
+
+    # ------------------------------------------------------------------
+    # events from the I/O shell
+    def peer_readable(self, conn: Connection) -> None:
+        conn.peer.watch_read(False)
+        self._make_ready(conn)
+
+    def peer_writable(self, conn: Connection) -> None:
+        self._flush_conn(conn)
+
+    def peer_connected(self, conn: Connection) -> None:
+        if conn.state is not State.CONNECTING:
+            return
+        conn.state = State.ESTABLISHED
+        self.counters.connections_opened += 1
+        self._queue(conn, Op.RESPONSE)
+        conn.peer.watch_read(True)
+
+    def peer_failed(self, conn: Connection, reason: str) -> None:
+        if conn.state is State.CLOSED:
+            return
+        self.counters.connections_refused += 1
+        log.info("%s: host side of %s failed: %s", self.name, conn.describe(), reason)
+        self._reset(conn, reason)
+
+    def _peer_error(self, conn: Connection, e: OSError) -> None:
+        if conn in self._lingering:
+            self._lingering.discard(conn)
+            conn.peer.close(reset=True)
+            return
+        log.info("%s: host side of %s: %s", self.name, conn.describe(), e.strerror or e)
+        self._reset(conn, "host peer error")
+
+    def host_connect(self, peer: Peer, guest_port: int, type_: int = H.Type.STREAM) -> Connection | None:
+        """A host program asks for a connection into the guest (hybrid CONNECT, TCP listener)."""
+        if len(self.conns) >= MAX_CONNECTIONS:
+            return None
+        for _ in range(1 << 16):
+            port = self._next_host_port
+            self._next_host_port = port + 1 if port < H.U32 - 1 else HOST_PORT_FIRST
+            if (type_, guest_port, H.VMADDR_CID_HOST, port) not in self.conns:
+                break
+        else:
+            return None
+        conn = Connection(type_, guest_port, H.VMADDR_CID_HOST, port, peer, self.buf_alloc)
+        conn.state = State.REQUESTED
+        conn.host_initiated = True
+        conn.deadline = self.now + CONNECT_TIMEOUT
+        self.conns[conn.key] = conn
+        self._queue(conn, Op.REQUEST)
+        return conn
+
+    def host_abort(self, conn: Connection) -> None:
+        """The host side went away before or during the connection (e.g. hybrid client hung up)."""
+        if conn.state is not State.CLOSED:
+            self._reset(conn, "host side closed")
+
+    def tick(self, now: float) -> None:
+        """Expire connect and linger deadlines."""
+        self.now = now
+        for conn in list(self.conns.values()):
+            if conn.state in (State.CONNECTING, State.REQUESTED) and conn.deadline <= now:
+                self.counters.timeouts += 1
+                log.info("%s: connect timed out: %s", self.name, conn.describe())
+                self._reset(conn, "connect timeout")
+        for conn in list(self._lingering):
+            if conn.deadline <= now:
+                self.counters.timeouts += 1
+                self._lingering.discard(conn)
+                conn.peer.close(reset=True)
+
+    def next_deadline(self) -> float | None:
+        ds = [c.deadline for c in self.conns.values() if c.state in (State.CONNECTING, State.REQUESTED)]
+        ds += [c.deadline for c in self._lingering]
+        return min(ds) if ds else None
+
+    def close_all(self) -> None:
+        """The front-end is gone: every host peer sees a reset, not a clean EOF."""
+        for conn in list(self.conns.values()) + list(self._lingering):
+            conn.state = State.CLOSED
+            conn.peer.close(reset=True)
+        self.conns.clear()
+        self._lingering.clear()
+        self.control.clear()
+        self.ready.clear()
+        self._flush = []
+
+    # ------------------------------------------------------------------
+    # device -> guest
+    def _queue(self, conn: Connection, op: int, flags: int = 0) -> None:
+        self.control.append((conn, op, flags, b""))
+
+    def _rst_reply(self, hdr: Header) -> None:
+        self.counters.rst_sent += 1
+        raw = H.pack(hdr.dst_cid, hdr.src_cid, hdr.dst_port, hdr.src_port, 0, hdr.type, Op.RST, 0, 0, 0)
+        self.control.append((None, Op.RST, 0, raw))
+
+    def _make_ready(self, conn: Connection) -> None:
+        if not conn.flags & Connection.IN_READY:
+            conn.flags |= Connection.IN_READY
+            self.ready.append(conn)
+
+    def _reset(self, conn: Connection, reason: str) -> None:
+        """RST to the guest and a reset of the host side."""
+        log.debug("%s: reset %s: %s", self.name, conn.describe(), reason)
+        self.counters.rst_sent += 1
+        self._queue(conn, Op.RST)
+        self._forget(conn, reset_peer=True)
+
+    def _forget_vsock(self, conn: Connection) -> None:
+        conn.state = State.CLOSED
+        if self.conns.get(conn.key) is conn:
+            del self.conns[conn.key]
+
+    def _forget(self, conn: Connection, reset_peer: bool) -> None:
+        self._forget_vsock(conn)
+        self._lingering.discard(conn)
+        conn.outq.clear()
+        conn.out_bytes = 0
+        conn.peer.close(reset=reset_peer)
+
+    def _header(self, conn: Connection, op: int, flags: int, length: int) -> bytes:
+        cr = conn.credit
+        cr.adv_fwd_cnt = cr.fwd_cnt
+        return H.pack(
+            conn.peer_cid,
+            self.guest_cid,
+            conn.peer_port,
+            conn.guest_port,
+            length,
+            conn.type,
+            op,
+            flags,
+            cr.buf_alloc,
+            cr.fwd_cnt,
+        )
+
+    def fill_rx(self, rxq: RxQueue) -> int:
+        """Fill posted rx buffers: control packets first, then host data round-robin.
+        Returns the number of chains used."""
+        used = 0
+        control = self.control
+        ready = self.ready
+        c = self.counters
+        while control or ready:
+            chain = rxq.pop()
+            if chain is None:
+                break
+            if chain.write_len < HDR_SIZE:
+                # Cannot hold even a header: give it back empty and count it.
+                c.short_rx_buffers += 1
+                rxq.push(chain.head, 0)
+                used += 1
+                continue
+            if control:
+                conn, op, flags, raw = control.popleft()
+                if conn is None:
+                    data = raw
+                else:
+                    if op == Op.CREDIT_UPDATE:
+                        conn.flags &= ~Connection.UPDATE_QUEUED
+                    if conn.state is State.CLOSED and op != Op.RST:
+                        rxq.unpop()
+                        continue
+                    data = self._header(conn, op, flags, 0)
+                _scatter(chain.writable, data)
+                rxq.push(chain.head, HDR_SIZE)
+                c.rx_packets += 1
+                used += 1
+                continue
+            conn = ready.popleft()
+            conn.flags &= ~Connection.IN_READY
+            if conn.state is not State.ESTABLISHED or conn.guest_shut & H.SHUTDOWN_RCV or conn.host_eof:
+                rxq.unpop()
+                continue
+            credit = conn.credit.peer_free()
+            if credit == 0:
+                conn.flags |= Connection.WAIT_CREDIT
+                if not conn.flags & Connection.CREDIT_REQUESTED:
+                    conn.flags |= Connection.CREDIT_REQUESTED
+                    self._queue(conn, Op.CREDIT_REQUEST)
+                rxq.unpop()
+                continue
+            want = min(credit, chain.write_len - HDR_SIZE, H.MAX_PKT_PAYLOAD)
+            bufs = _payload_views(chain.writable, want)
+            try:
+                n = conn.peer.recv_into(bufs)
+            except OSError as e:
+                rxq.unpop()
+                self._peer_error(conn, e)
+                continue
+            if n is None:
+                rxq.unpop()
+                conn.peer.watch_read(True)
+                continue
+            if n == 0:
+                rxq.unpop()
+                conn.host_eof = True
+                self._queue(conn, Op.SHUTDOWN, H.SHUTDOWN_SEND)
+                if conn.host_shut_wr:
+                    conn.peer.close(reset=False)
+                continue
+            conn.credit.sent(n)
+            _scatter(chain.writable, self._header(conn, Op.RW, 0, n))
+            rxq.push(chain.head, HDR_SIZE + n)
+            c.rx_packets += 1
+            c.rx_bytes += n
+            used += 1
+            if n == want:
+                self._make_ready(conn)  # more may be waiting: back of the line, for fairness
+            else:
+                conn.peer.watch_read(True)
+        return used
+
+
+def _scatter(segs: list[memoryview], data: bytes) -> None:
+    first = segs[0]
+    if len(first) >= len(data):
+        first[: len(data)] = data
+        return
+    off = 0
+    for seg in segs:
+        k = min(len(seg), len(data) - off)
+        seg[:k] = data[off : off + k]
+        off += k
+        if off == len(data):
+            return
+
+
+def _payload_views(segs: list[memoryview], want: int) -> list[memoryview]:
+    """The writable bytes after the header, ``want`` of them, as views."""
+    skip = HDR_SIZE
+    out: list[memoryview] = []
+    for seg in segs:
+        if skip >= len(seg):
+            skip -= len(seg)
+            continue
+        v = seg[skip:] if skip else seg
+        skip = 0
+        if len(v) >= want:
+            out.append(v[:want])
+            return out
+        out.append(v)
+        want -= len(v)
+    return out
+
+
+class _NoPeer:
+    """Placeholder peer while a connector runs."""
+
+    def send(self, bufs: Sequence[Buffer]) -> int:
+        return 0
+
+    def recv_into(self, bufs: Sequence[memoryview]) -> int | None:
+        return None
+
+    def shutdown_write(self) -> None:
+        pass
+
+    def close(self, reset: bool) -> None:
+        pass
+
+    def watch_read(self, on: bool) -> None:
+        pass
+
+    def watch_write(self, on: bool) -> None:
+        pass
+
+    def established(self, local_port: int) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "-"
+
+
+_NO_PEER = _NoPeer()
