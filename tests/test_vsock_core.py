@@ -1,0 +1,346 @@
+"""The vsock core with plain bytes and fake peers: no sockets, no rings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vsproxy.endpoints.base import Buffer
+from vsproxy.vsock import header as H
+from vsproxy.vsock.connection import Connection, Credit
+from vsproxy.vsock.core import CONNECT_TIMEOUT, MAX_CONTROL_BACKLOG, VsockCore
+from vsproxy.vsock.header import Header, Op
+
+GUEST = 5
+GPORT = 40000
+
+
+class FakePeer:
+    def __init__(self, accept: int = 1 << 30, data: bytes = b"") -> None:
+        self.accept = accept  # bytes send() takes before reporting full
+        self.sent = bytearray()
+        self.data = bytearray(data)
+        self.eof = False
+        self.closed: bool | None = None  # the reset flag once closed
+        self.shut_wr = False
+        self.reading = False
+        self.writing = False
+        self.established_port: int | None = None
+
+    def send(self, bufs: Sequence[Buffer]) -> int:
+        n = 0
+        for b in bufs:
+            k = min(len(b), self.accept - n)
+            self.sent += bytes(b[:k])
+            n += k
+            if k < len(b):
+                break
+        self.accept -= n
+        return n
+
+    def recv_into(self, bufs: Sequence[memoryview]) -> int | None:
+        if not self.data:
+            return 0 if self.eof else None
+        n = 0
+        for b in bufs:
+            k = min(len(b), len(self.data))
+            b[:k] = self.data[:k]
+            del self.data[:k]
+            n += k
+        return n
+
+    def shutdown_write(self) -> None:
+        self.shut_wr = True
+
+    def close(self, reset: bool) -> None:
+        self.closed = reset
+
+    def watch_read(self, on: bool) -> None:
+        self.reading = on
+
+    def watch_write(self, on: bool) -> None:
+        self.writing = on
+
+    def established(self, local_port: int) -> None:
+        self.established_port = local_port
+
+    def describe(self) -> str:
+        return "fake"
+
+
+class RxChain(NamedTuple):
+    head: int
+    writable: list[memoryview]
+    write_len: int
+
+
+class FakeRx:
+    def __init__(self, count: int = 64, size: int = 3776) -> None:
+        self.bufs = [bytearray(size) for _ in range(count)]
+        self.next = 0
+        self.used: list[tuple[int, int]] = []
+
+    def pop(self) -> RxChain | None:
+        if self.next >= len(self.bufs):
+            return None
+        i = self.next
+        self.next += 1
+        return RxChain(i, [memoryview(self.bufs[i])], len(self.bufs[i]))
+
+    def unpop(self) -> None:
+        self.next -= 1
+
+    def push(self, head: int, length: int) -> None:
+        self.used.append((head, length))
+
+    def packets(self) -> list[tuple[Header, bytes]]:
+        out = []
+        for head, length in self.used:
+            b = self.bufs[head]
+            h = H.unpack(b)
+            assert length == H.HDR_SIZE + h.len
+            out.append((h, bytes(b[H.HDR_SIZE:length])))
+        return out
+
+
+def pkt(op: int, *, src_cid: int = GUEST, dst_port: int = 1234, flags: int = 0, payload: bytes = b"",
+        type_: int = H.Type.STREAM, buf_alloc: int = 262144, fwd_cnt: int = 0, length: int | None = None
+        ) -> tuple[bytes, list[memoryview], int]:
+    n = len(payload) if length is None else length
+    hdr = H.pack(src_cid, 2, GPORT, dst_port, n, type_, op, flags, buf_alloc, fwd_cnt)
+    return hdr, [memoryview(bytearray(payload))], len(payload)
+
+
+class Harness:
+    def __init__(self, peer: FakePeer | None = None, buf_alloc: int = 65536) -> None:
+        self.peer = peer if peer is not None else FakePeer()
+        self.refuse = False
+        self.core = VsockCore(GUEST, self._connector, buf_alloc=buf_alloc)
+        self.rx = FakeRx()
+
+    def _connector(self, conn: Connection) -> FakePeer | None:
+        return None if self.refuse else self.peer
+
+    def send(self, op: int, **kw: object) -> None:
+        self.core.guest_packet(*pkt(op, **kw))  # type: ignore[arg-type]
+        self.core.flush_host()
+
+    def drain(self) -> list[tuple[Header, bytes]]:
+        self.rx = FakeRx()
+        self.core.fill_rx(self.rx)
+        return self.rx.packets()
+
+    def open(self) -> Connection:
+        self.send(Op.REQUEST)
+        (conn,) = self.core.conns.values()
+        self.core.peer_connected(conn)
+        ((h, _),) = self.drain()
+        assert h.op == Op.RESPONSE
+        return conn
+
+
+def test_request_is_answered_with_response_once_host_side_connects() -> None:
+    t = Harness()
+    t.send(Op.REQUEST)
+    assert t.drain() == []  # nothing before the host side is up
+    (conn,) = t.core.conns.values()
+    t.core.peer_connected(conn)
+    ((h, payload),) = t.drain()
+    assert (h.op, h.src_cid, h.dst_cid, h.src_port, h.dst_port) == (Op.RESPONSE, 2, GUEST, 1234, GPORT)
+    assert h.buf_alloc == 65536 and h.fwd_cnt == 0 and payload == b""
+    assert t.peer.reading
+
+
+def test_refused_connect_gets_rst() -> None:
+    t = Harness()
+    t.refuse = True
+    t.send(Op.REQUEST)
+    ((h, _),) = t.drain()
+    assert (h.op, h.dst_port, h.src_port) == (Op.RST, GPORT, 1234)
+    assert not t.core.conns
+
+
+def test_spoofed_source_cid_is_dropped_and_counted_without_reply() -> None:
+    t = Harness()
+    t.send(Op.REQUEST, src_cid=7)
+    assert t.drain() == [] and t.core.counters.spoofed == 1 and not t.core.conns
+
+
+def test_unknown_connection_and_unknown_type_get_rst_but_rst_gets_nothing() -> None:
+    t = Harness()
+    t.send(Op.RW, payload=b"x")
+    t.send(Op.REQUEST, type_=7)
+    t.send(Op.RST)
+    assert [h.op for h, _ in t.drain()] == [Op.RST, Op.RST]
+
+
+def test_connect_timeout_resets_both_sides() -> None:
+    t = Harness()
+    t.send(Op.REQUEST)
+    t.core.tick(CONNECT_TIMEOUT + 0.1)
+    ((h, _),) = t.drain()
+    assert h.op == Op.RST and t.peer.closed is True and t.core.counters.timeouts == 1
+
+
+def test_guest_data_goes_to_peer_and_the_rest_is_copied_out_of_guest_memory() -> None:
+    t = Harness(FakePeer(accept=3))
+    conn = t.open()
+    hdr, segs, n = pkt(Op.RW, payload=b"hello world")
+    t.core.guest_packet(hdr, segs, n)
+    t.core.flush_host()
+    segs[0][:] = b"X" * 11  # the guest reuses its buffer once the chain is returned
+    assert bytes(t.peer.sent) == b"hel" and t.peer.writing
+    assert all(isinstance(b, bytes) for b in conn.outq)
+    t.peer.accept = 100
+    t.core.peer_writable(conn)
+    assert bytes(t.peer.sent) == b"hello world" and not t.peer.writing
+    assert conn.credit.fwd_cnt == 11
+
+
+def test_credit_update_is_sent_as_forwarded_data_frees_the_guest_window() -> None:
+    t = Harness(buf_alloc=4096)
+    t.open()
+    for _ in range(3):
+        t.send(Op.RW, payload=b"a" * 1000)
+    updates = [h for h, _ in t.drain() if h.op == Op.CREDIT_UPDATE]
+    assert len(updates) == 1 and updates[0].fwd_cnt == 3000  # guest saw its window below half
+    assert bytes(t.peer.sent) == b"a" * 3000
+
+
+def test_guest_exceeding_advertised_credit_gets_rst_not_buffering() -> None:
+    t = Harness(FakePeer(accept=0), buf_alloc=4096)
+    conn = t.open()
+    t.send(Op.RW, payload=b"a" * 4096)
+    assert conn.out_bytes == 4096
+    t.send(Op.RW, payload=b"b")
+    assert [h.op for h, _ in t.drain()] == [Op.RST]
+    assert t.peer.closed is True and t.core.counters.credit_violations == 1
+
+
+def test_header_len_beyond_chain_is_dropped_and_resets_the_connection() -> None:
+    t = Harness()
+    t.open()
+    t.core.guest_packet(*pkt(Op.RW, payload=b"abc", length=100))
+    assert [h.op for h, _ in t.drain()] == [Op.RST]
+    assert t.core.counters.bad_packets == 1 and t.peer.sent == b""
+
+
+def test_host_data_is_split_to_rx_buffers_and_limited_by_guest_credit() -> None:
+    data = bytes(range(256)) * 40  # 10240 bytes
+    t = Harness(FakePeer(data=data))
+    t.open()
+    t.send(Op.CREDIT_UPDATE, buf_alloc=5000)
+    conn = next(iter(t.core.conns.values()))
+    t.core.peer_readable(conn)
+    pkts = t.drain()
+    rw = [(h, p) for h, p in pkts if h.op == Op.RW]
+    assert [len(p) for _, p in rw] == [3732, 1268]  # 3776-byte buffers, then credit ran out
+    assert b"".join(p for _, p in rw) == data[:5000]
+    assert [h.op for h, _ in pkts][-1] == Op.CREDIT_REQUEST
+    # the guest consumes and says so: data flows again
+    t.send(Op.CREDIT_UPDATE, buf_alloc=5000, fwd_cnt=5000)
+    rest = [p for h, p in t.drain() if h.op == Op.RW]
+    assert b"".join(rest) == data[5000:10000]
+
+
+def test_host_eof_becomes_shutdown_send_and_guest_shut_wr_half_closes_host() -> None:
+    t = Harness(FakePeer(data=b"bye"))
+    conn = t.open()
+    t.peer.eof = True
+    t.core.peer_readable(conn)
+    pkts = t.drain()
+    t.core.peer_readable(conn)  # a socket at EOF reports readable again
+    pkts += t.drain()
+    assert [(h.op, h.flags) for h, _ in pkts] == [(Op.RW, 0), (Op.SHUTDOWN, H.SHUTDOWN_SEND)]
+    t.send(Op.RW, payload=b"answer")
+    t.send(Op.SHUTDOWN, flags=H.SHUTDOWN_SEND)
+    assert t.peer.sent == b"answer" and t.peer.shut_wr and t.peer.closed is False
+
+
+def test_guest_close_gets_rst_and_host_sees_clean_close_after_pending_data() -> None:
+    t = Harness(FakePeer(accept=2))
+    conn = t.open()
+    t.send(Op.RW, payload=b"tail")
+    t.send(Op.SHUTDOWN, flags=H.SHUTDOWN_BOTH)
+    assert [h.op for h, _ in t.drain()] == [Op.RST]
+    assert not t.core.conns and t.peer.closed is None  # still flushing
+    t.peer.accept = 10
+    t.core.peer_writable(conn)
+    assert t.peer.sent == b"tail" and t.peer.closed is False
+
+
+def test_credit_request_is_answered_with_credit_update() -> None:
+    t = Harness()
+    t.open()
+    t.send(Op.CREDIT_REQUEST)
+    ((h, _),) = t.drain()
+    assert h.op == Op.CREDIT_UPDATE and h.buf_alloc == 65536
+
+
+def test_host_initiated_connection_waits_for_response_then_announces_port() -> None:
+    t = Harness()
+    peer = FakePeer()
+    conn = t.core.host_connect(peer, 5000)
+    assert conn is not None
+    ((h, _),) = t.drain()
+    assert (h.op, h.dst_port, h.src_cid) == (Op.REQUEST, 5000, 2) and h.src_port >= 1 << 30
+    t.core.guest_packet(H.pack(GUEST, 2, 5000, h.src_port, 0, 1, Op.RESPONSE, 0, 4096, 0), [], 0)
+    assert peer.established_port == h.src_port and peer.reading
+
+
+def test_host_initiated_connection_refused_by_guest_closes_host_side() -> None:
+    t = Harness()
+    peer = FakePeer()
+    conn = t.core.host_connect(peer, 5000)
+    assert conn is not None
+    t.drain()
+    t.core.guest_packet(H.pack(GUEST, 2, 5000, conn.peer_port, 0, 1, Op.RST, 0, 0, 0), [], 0)
+    assert peer.closed is not None and not t.core.conns
+
+
+def test_control_backlog_blocks_tx_when_guest_posts_no_rx_buffers() -> None:
+    t = Harness()
+    for i in range(MAX_CONTROL_BACKLOG):
+        t.core.guest_packet(*pkt(Op.RW, dst_port=i, payload=b"x"))
+    assert t.core.tx_blocked()
+    t.drain()
+    assert not t.core.tx_blocked()
+
+
+def test_close_all_resets_every_host_peer() -> None:
+    t = Harness()
+    t.open()
+    t.core.close_all()
+    assert t.peer.closed is True and not t.core.conns
+
+
+@given(
+    st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1), st.integers(0, 2**20)
+)
+def test_peer_free_never_exceeds_buf_alloc_whatever_the_guest_claims(
+    buf_alloc: int, fwd_cnt: int, tx_cnt: int, sent: int
+) -> None:
+    c = Credit(65536)
+    c.tx_cnt = tx_cnt
+    c.update_peer(buf_alloc, fwd_cnt)
+    free = c.peer_free()
+    assert 0 <= free <= buf_alloc
+    if free:
+        c.sent(min(sent, free))
+        assert c.peer_free() == free - min(sent, free)
+
+
+@given(st.integers(0, 2**32 - 1), st.lists(st.integers(0, 70000), max_size=30))
+def test_receive_accounting_wraps_and_never_admits_more_than_buf_alloc(start: int, sizes: list[int]) -> None:
+    c = Credit(65536)
+    c.rx_cnt = c.fwd_cnt = c.adv_fwd_cnt = start
+    held = 0
+    for n in sizes:
+        if c.receive(n):
+            held += n
+        assert held <= 65536
+        c.forwarded(held // 2)
+        held -= held // 2
