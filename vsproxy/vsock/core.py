@@ -76,6 +76,14 @@ class Counters:
         self.drops[reason] = self.drops.get(reason, 0) + 1
 
 
+class Tap(Protocol):
+    """Sees every packet that crosses the device (capture, TUI, demo). ``to_guest`` is the
+    direction; the payload is the first ``hdr.len`` bytes of ``payload`` (the views may be
+    longer), valid only during the call: a tap copies what it keeps."""
+
+    def __call__(self, device: str, to_guest: bool, hdr: bytes, payload: Sequence[Buffer]) -> None: ...
+
+
 # A connector opens the host side of a guest-initiated connection. It returns a
 # Peer that is connecting (the shell later calls peer_connected/peer_failed), or
 # None when nothing can serve the destination (the guest gets RST).
@@ -105,6 +113,11 @@ class VsockCore:
         self.counters = Counters()
         self.now = 0.0
         self.seqpacket = False
+        self.taps: list[Tap] = []
+
+    def _tap(self, to_guest: bool, hdr: bytes, payload: Sequence[Buffer]) -> None:
+        for tap in self.taps:
+            tap(self.name, to_guest, hdr, payload)
 
     # ------------------------------------------------------------------
     # guest -> device
@@ -122,6 +135,8 @@ class VsockCore:
             log.warning("%s: dropped spoofed packet %s", self.name, hdr.describe())
             return
         c.tx_packets += 1
+        if self.taps:
+            self._tap(False, bytes(hdr_bytes), payload)
         if hdr.len > H.MAX_PKT_PAYLOAD or hdr.len > payload_len:
             c.bad_packets += 1
             c.drop("bad-len")
@@ -501,6 +516,8 @@ class VsockCore:
                         continue
                     data = self._header(conn, op, flags, 0)
                 _scatter(chain.writable, data)
+                if self.taps:
+                    self._tap(True, data, ())
                 rxq.push(chain.head, HDR_SIZE)
                 c.rx_packets += 1
                 used += 1
@@ -538,7 +555,10 @@ class VsockCore:
                     conn.peer.close(reset=False)
                 continue
             conn.credit.sent(n)
-            _scatter(chain.writable, self._header(conn, Op.RW, 0, n))
+            data = self._header(conn, Op.RW, 0, n)
+            _scatter(chain.writable, data)
+            if self.taps:
+                self._tap(True, data, bufs)
             rxq.push(chain.head, HDR_SIZE + n)
             c.rx_packets += 1
             c.rx_bytes += n

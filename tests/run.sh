@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs everything the tests need (Debian packages, the QEMU 10 build from
+# bookworm-backports, the guest image, a virtual environment), then runs ruff,
+# mypy --strict and every test, the real-QEMU end-to-end tests included.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+need=(qemu-system-x86 busybox-static gcc python3-venv xz-utils cpio)
+missing=()
+for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+bash tests/guest/build.sh
+bash tests/guest/qemu10.sh >/dev/null
+.venv/bin/ruff check .
+.venv/bin/mypy
+.venv/bin/pytest "$@"
