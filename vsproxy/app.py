@@ -78,7 +78,9 @@ class Proxy:
         self.loop.run()
 
     def stop(self) -> None:
+        """Stop the loop; safe from another thread."""
         self.loop.stopping = True
+        self.loop.wakeup()
 
     def close(self) -> None:
         for d in self.devices:

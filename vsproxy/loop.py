@@ -9,6 +9,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import selectors
+import socket
 import time
 from collections.abc import Callable
 
@@ -24,6 +25,24 @@ class Loop:
         self._seq = itertools.count()
         self._soon: list[Callback] = []
         self.stopping = False
+        # Lets another thread (demo, tests) wake the loop, e.g. to stop it.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.set_reader(self._wake_r.fileno(), self._drain_wakeup)
+
+    def _drain_wakeup(self) -> None:
+        try:
+            self._wake_r.recv(4096)
+        except BlockingIOError:
+            pass
+
+    def wakeup(self) -> None:
+        """Thread-safe: make a blocked select return."""
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass
 
     @staticmethod
     def time() -> float:
@@ -99,3 +118,5 @@ class Loop:
 
     def close(self) -> None:
         self._sel.close()
+        self._wake_r.close()
+        self._wake_w.close()
