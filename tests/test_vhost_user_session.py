@@ -180,3 +180,9 @@ def test_get_vring_base_without_a_running_ring_still_replies() -> None:
     s = negotiated()
     acts = s.handle(msg(Request.GET_VRING_BASE, codec.encode_vring_state(0, 0)), [])
     assert acts == [StopRing(0, reply=True)]
+
+
+def test_request_with_reply_flag_is_a_protocol_error() -> None:
+    m = Message(Request.GET_FEATURES, codec.VERSION | codec.FLAG_REPLY, b"")
+    with pytest.raises(ProtocolError):
+        Session(guest_cid=5).handle(m, [])

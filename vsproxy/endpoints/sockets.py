@@ -256,7 +256,10 @@ class _Handshake:
         self.listener = listener
         self.buf = b""
         self.done = False
+        self.port = 0
+        self.rest = b""
         loop = listener.loop
+        self.started = loop.time()
         loop.set_reader(sock.fileno(), self._read)
         loop.call_later(HANDSHAKE_TIMEOUT, self._timeout)
 
@@ -295,14 +298,26 @@ class _Handshake:
         if len(parts) != 2 or parts[0] != b"CONNECT" or not parts[1].isdigit() or int(parts[1]) > 0xFFFFFFFF:
             self._fail(f"bad handshake line {line[:40]!r}")
             return
+        self.listener.loop.forget(self.sock.fileno())
+        self.port = int(parts[1])
+        self.rest = rest
+        self._attach()
+
+    def _attach(self) -> None:
+        """Connect once the guest's driver is up: a host program may dial before it is."""
+        if self.done:
+            return
         hooks = self.listener.hooks_for()
         if hooks is None:
-            self._fail("no guest attached")
+            if self.listener.loop.time() - self.started < HANDSHAKE_TIMEOUT:
+                self.listener.loop.call_later(0.05, self._attach)
+            else:
+                self._fail("no guest attached")
             return
         self._finish()
         peer = HybridPeer(self.sock, self.listener.loop, hooks, f"hybrid:{self.listener.path}")
-        peer.prebuf = rest
-        conn = self.listener.connect(peer, int(parts[1]))
+        peer.prebuf = self.rest
+        conn = self.listener.connect(peer, self.port)
         if conn is None:
             peer.close(reset=False)
             return

@@ -116,6 +116,8 @@ class Session:
         return bool(self.acked_features & (1 << bit))
 
     def handle(self, msg: Message, fds: list[int]) -> list[Action]:
+        if msg.flags & codec.FLAG_REPLY:
+            raise ProtocolError(f"{_req_name(msg.request)}: a front-end request carries the reply flag")
         # On ProtocolError nothing was handed out: the shell closes every fd of this message.
         actions = self._dispatch(msg, fds)
         if (
