@@ -1,0 +1,286 @@
+"""Throughput of vsproxy driven by the simulated guest, each figure beside its floor.
+
+    python benchmarks/bench_throughput.py [--seconds S] [--quick]
+
+Guest to host: the simulated guest sends RW packets (``blast``: a full tx ring of reused
+indirect chains) to CID 2 port P; vsproxy hands them to a unix socket ``uds_P``; a separate
+reader process drains it with recv_into. Host to guest: a host process connects through the
+hybrid socket and sends one payload per send(); the guest drains its rx ring. Rates are
+counted where the guest sees them (tx buffers returned / rx buffers filled), over the time
+until the host side has seen every byte too.
+
+Floor: the same payloads written from an mmapped memfd into the same kind of host socket
+(unix stream), one send per payload, by a minimal loop, with a separate reader draining it
+(recv_into) - no vsock processing at all. The ratio says what vsproxy costs.
+
+Also: RSS that 1,000 idle connections add to the vsproxy process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Connection as Pipe
+
+from vsproxy.simguest import SimGuest
+
+MiB = 1 << 20
+EXTRA: list[str] = []
+
+
+def _drain_server(path: str, ready: Pipe, result: Pipe, expect: int) -> None:
+    """Host reader: accept one unix connection, recv_into until `expect` bytes or EOF."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(4)
+    ready.send(True)
+    c, _ = srv.accept()
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    got = 0
+    while got < expect:
+        n = c.recv_into(view)
+        if n == 0:
+            break
+        got += n
+    result.send((got, time.monotonic()))
+    c.close()
+    srv.close()
+
+
+def _floor_sender(path: str, payload: int, count: int, ready: Pipe) -> None:
+    """The floor: one send() per payload from an mmapped memfd."""
+    fd = os.memfd_create("floor")
+    os.ftruncate(fd, max(payload, 4096))
+    mm = mmap.mmap(fd, max(payload, 4096))
+    view = memoryview(mm)[:payload]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    ready.recv()
+    s.connect(path)
+    send = s.send
+    for _ in range(count):
+        sent = send(view)
+        while sent < payload:
+            sent += send(view[sent:])
+    s.shutdown(socket.SHUT_WR)
+    s.close()
+    view.release()
+    mm.close()
+    os.close(fd)
+
+
+def _floor_receiver(path: str, payload: int, count: int, ready: Pipe, result: Pipe) -> None:
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    ready.send(True)
+    c, _ = srv.accept()
+    buf = bytearray(max(payload, 1 << 16))
+    view = memoryview(buf)
+    got = 0
+    start = time.monotonic()
+    while True:
+        n = c.recv_into(view)
+        if n == 0:
+            break
+        got += n
+    result.send((got, time.monotonic() - start))
+
+
+def floor(tmp: str, payload: int, count: int) -> float:
+    """Seconds for the floor loop to move count x payload through a unix socket."""
+    path = os.path.join(tmp, f"floor-{payload}")
+    r_ready, w_ready = mp.Pipe()
+    r_res, w_res = mp.Pipe()
+    recv = mp.Process(target=_floor_receiver, args=(path, payload, count, w_ready, w_res))
+    recv.start()
+    r_ready.recv()
+    s_ready_r, s_ready_w = mp.Pipe()
+    send = mp.Process(target=_floor_sender, args=(path, payload, count, s_ready_r))
+    send.start()
+    s_ready_w.send(True)
+    got, elapsed = r_res.recv()
+    send.join()
+    recv.join()
+    os.unlink(path)
+    assert got == payload * count, (got, payload * count)
+    return float(elapsed)
+
+
+def _host_sender(uds: str, port: int, payload: int, count: int, result: Pipe) -> None:
+    """Host to guest: connect through the hybrid socket, then one send() per payload."""
+    fd = os.memfd_create("h2g")
+    os.ftruncate(fd, max(payload, 4096))
+    mm = mmap.mmap(fd, max(payload, 4096))
+    view = memoryview(mm)[:payload]
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(uds)
+    s.sendall(b"CONNECT %d\n" % port)
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = s.recv(1)
+        if not chunk:
+            raise SystemExit("hybrid connect refused")
+        line += chunk
+    start = time.monotonic()
+    for _ in range(count):
+        sent = s.send(view)
+        while sent < payload:
+            sent += s.send(view[sent:])
+    s.shutdown(socket.SHUT_WR)
+    result.send(start)
+    s.recv(1)
+    s.close()
+
+
+class Rig:
+    def __init__(self, tmp: str) -> None:
+        self.tmp = tmp
+        self.vhost = os.path.join(tmp, "vhost.sock")
+        self.uds = os.path.join(tmp, "uds")
+        self.log = open(os.path.join(tmp, "vsproxy.log"), "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vsproxy", "--socket", self.vhost, "--guest-cid", "5", "--uds-path", self.uds,
+             "-q", *EXTRA], stderr=self.log,
+        )
+        deadline = time.monotonic() + 10
+        while not os.path.exists(self.vhost):
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise SystemExit("vsproxy did not start")
+            time.sleep(0.02)
+        self.guest = SimGuest(self.vhost, timeout=60, rx_buf_size=64 * 1024 + 44)
+        self.guest.start()
+        self.port = 10000
+
+    def g2h(self, payload: int, count: int) -> tuple[float, int]:
+        """Guest to host: seconds and packets seen by the guest."""
+        self.port += 1
+        path = f"{self.uds}_{self.port}"
+        r_ready, w_ready = mp.Pipe()
+        r_res, w_res = mp.Pipe()
+        p = mp.Process(target=_drain_server, args=(path, w_ready, w_res, payload * count))
+        p.start()
+        r_ready.recv()
+        s = self.guest.connect(self.port)
+        before = self.guest.stats.tx_packets
+        start = time.monotonic()
+        s.blast(b"\xa5" * payload, count)
+        got, end = r_res.recv()
+        p.join()
+        s.close()
+        assert got == payload * count, (got, payload * count)
+        packets = self.guest.stats.tx_packets - before
+        return max(end, start) - start, packets
+
+    def h2g(self, payload: int, count: int) -> tuple[float, int]:
+        self.port += 1
+        lst = self.guest.listen(self.port)
+        r_res, w_res = mp.Pipe()
+        p = mp.Process(target=_host_sender, args=(self.uds, self.port, payload, count, w_res))
+        p.start()
+        s = lst.accept(timeout=10)
+        before = self.guest.stats.rx_packets
+        got = s.drain(payload * count)
+        end = time.monotonic()
+        start = r_res.recv()
+        packets = self.guest.stats.rx_packets - before
+        s.close()
+        p.join()
+        lst.close()
+        assert got == payload * count, (got, payload * count)
+        return end - start, packets
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def idle_connections(self, n: int) -> tuple[int, int]:
+        """RSS before and after opening n idle guest connections to one host listener."""
+        path = f"{self.uds}_9999"
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(path)
+        srv.listen(4096)
+        srv.setblocking(False)
+        held: list[socket.socket] = []
+        time.sleep(0.2)
+        before = self.rss_kib()
+        socks = []
+        for _ in range(n):
+            socks.append(self.guest.connect(9999))
+            while True:
+                try:
+                    held.append(srv.accept()[0])
+                except BlockingIOError:
+                    break
+        for _ in range(20):
+            self.guest.poll(0.01)
+        time.sleep(0.2)
+        after = self.rss_kib()
+        for s in socks:
+            s.close()
+        for h in held:
+            h.close()
+        srv.close()
+        return before, after
+
+    def close(self) -> None:
+        self.guest.close()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(10)
+        self.log.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small counts (a smoke run, figures are noisy)")
+    ap.add_argument("--vsproxy-arg", action="append", default=[], help="extra vsproxy option (repeatable)")
+    args = ap.parse_args()
+    EXTRA.extend(args.vsproxy_arg)
+    scale = 0.1 if args.quick else 1.0
+    cases = [
+        ("guest->host", 65536, int(20000 * scale)),
+        ("guest->host", 4096, int(100000 * scale)),
+        ("guest->host", 64, int(600000 * scale)),
+        ("host->guest", 65536, int(10000 * scale)),
+        ("host->guest", 4096, int(60000 * scale)),
+        ("host->guest", 64, int(200000 * scale)),
+    ]
+    print(f"{'direction':<12} {'payload':>8} {'packets':>9} {'vsproxy':>14} {'floor':>14} {'ratio':>6}")
+    with tempfile.TemporaryDirectory(prefix="vsp-bench-") as tmp:
+        rig = Rig(tmp)
+        try:
+            for direction, payload, count in cases:
+                fl = floor(tmp, payload, count)
+                if direction == "guest->host":
+                    el, pkts = rig.g2h(payload, count)
+                else:
+                    el, pkts = rig.h2g(payload, count)
+                if payload == 64:
+                    ours, base = f"{pkts / el:,.0f} pkt/s", f"{count / fl:,.0f} pkt/s"
+                    ratio = (pkts / el) / (count / fl)
+                else:
+                    ours, base = f"{payload * count / el / 1e6:,.0f} MB/s", f"{payload * count / fl / 1e6:,.0f} MB/s"
+                    ratio = fl / el
+                print(f"{direction:<12} {payload:>8} {pkts:>9} {ours:>14} {base:>14} {ratio:>6.0%}", flush=True)
+            n = 100 if args.quick else 1000
+            before, after = rig.idle_connections(n)
+            print(f"{n} idle connections: vsproxy RSS {before / 1024:.1f} MiB -> {after / 1024:.1f} MiB "
+                  f"(+{(after - before) / 1024:.1f} MiB, {(after - before) * 1024 / n:,.0f} bytes each)")
+        finally:
+            rig.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
