@@ -146,7 +146,7 @@ class Rig:
         self.tmp = tmp
         self.vhost = os.path.join(tmp, "vhost.sock")
         self.uds = os.path.join(tmp, "uds")
-        self.log = open(os.path.join(tmp, "vsproxy.log"), "wb")  # noqa: SIM115
+        self.log = open(os.path.join(tmp, "vsproxy.log"), "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vsproxy", "--socket", self.vhost, "--guest-cid", "5", "--uds-path", self.uds,
              "-q", *EXTRA], stderr=self.log,

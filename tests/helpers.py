@@ -21,7 +21,7 @@ class VsproxyProcess:
     def __init__(self, args: list[str], socket_path: str, log_path: str) -> None:
         self.socket_path = socket_path
         self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vsproxy", *args], stdout=subprocess.DEVNULL, stderr=self._log
         )

@@ -18,4 +18,5 @@ bash tests/guest/build.sh
 bash tests/guest/qemu10.sh >/dev/null
 .venv/bin/ruff check .
 .venv/bin/mypy
+.venv/bin/mypy tests/e2e/*.py
 .venv/bin/pytest "$@"

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 from helpers import VsproxyProcess, echo_many, tcp_server, unix_server, wait_for
 
-from vsproxy.simguest import SimGuest, SimGuestError
+from vsproxy.simguest import SimGuest
 from vsproxy.vhost_user import codec
 from vsproxy.vsock import header as H
 
@@ -55,7 +55,11 @@ def test_host_to_guest_via_hybrid_connect_1mib_hash_checked(start_vsproxy: Start
         gs = lst.accept(timeout=10)
         line = host.recv(64)
         assert line.startswith(b"OK ") and line.endswith(b"\n") and int(line[3:]) >= 1 << 30
-        sender = threading.Thread(target=lambda: (host.sendall(data[100:]), host.shutdown(socket.SHUT_WR)))
+        def send_rest() -> None:
+            host.sendall(data[100:])
+            host.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send_rest)
         sender.start()
         got = gs.recv_all(timeout=20)
         sender.join()
@@ -316,10 +320,21 @@ def test_guest_sending_beyond_credit_gets_rst(start_vsproxy: Start, workdir: str
     with SimGuest(vp.socket_path) as g:
         s = g.connect(5000)
         port = s.local_port
-        for _ in range(4):  # 4 x 4 KiB raw RW ignores the 8 KiB window
-            g.send_raw(H.pack(g.guest_cid, 2, port, 5000, 4096, 1, H.Op.RW, 0, 262144, 0), b"x" * 4096)
-        g.sock_wait = None
-        for _ in range(50):
+        # Use up the window honestly: the host reader is stalled, so its socket buffer fills
+        # and then vsproxy's 8 KiB; the guest ends with no credit.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            free = s.conn.peer_free()
+            if free:
+                s.sendall(b"y" * min(free, 65536))
+            else:
+                g.poll(0.05)
+                if not s.conn.peer_free():
+                    break
+        assert s.conn.peer_free() == 0
+        hdr = H.pack(g.guest_cid, 2, port, 5000, 4096, 1, H.Op.RW, 0, 262144, s.conn.fwd_cnt)
+        g.send_raw(hdr, b"x" * 4096)  # 4 KiB the guest was never given
+        for _ in range(100):
             g.poll(0.02)
             if any(h.op == H.Op.RST and h.dst_port == port for h, _ in g.received_raw):
                 break

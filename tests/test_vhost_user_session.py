@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 import pytest
 
@@ -10,6 +11,7 @@ from vsproxy.vhost_user import codec
 from vsproxy.vhost_user.codec import Message, MessageReader, ProtocolError, Request, VringAddr
 from vsproxy.vhost_user.session import (
     BACKEND_PROTOCOL_FEATURES,
+    Action,
     Reply,
     Session,
     SetMemTable,
@@ -31,10 +33,10 @@ def msg(req: int, payload: bytes = b"", need_reply: bool = False) -> Message:
     return got[0]
 
 
-def reply_payload(actions: list[object]) -> bytes:
+def reply_payload(actions: Sequence[object]) -> bytes:
     replies = [a for a in actions if isinstance(a, Reply)]
     assert len(replies) == 1
-    req, flags, size = codec.HEADER.unpack_from(replies[0].data)
+    _req, flags, _size = codec.HEADER.unpack_from(replies[0].data)
     assert flags & codec.FLAG_REPLY
     return replies[0].data[codec.HEADER_SIZE :]
 
@@ -46,8 +48,8 @@ def negotiated(reply_ack: bool = True) -> Session:
     return s
 
 
-def setup_ring(s: Session, index: int, num: int = 128) -> list[object]:
-    out: list[object] = []
+def setup_ring(s: Session, index: int, num: int = 128) -> list[Action]:
+    out: list[Action] = []
     out += s.handle(msg(Request.SET_VRING_NUM, codec.encode_vring_state(index, num)), [])
     out += s.handle(msg(Request.SET_VRING_BASE, codec.encode_vring_state(index, 0)), [])
     addr = VringAddr(index, 0, 0x1000, 0x3000, 0x2000, 0)

@@ -106,6 +106,10 @@ class SplitQueue:
             raise RingSetupError(f"{name}: ring addresses lie outside guest memory")
         self.name = name
         self.mem = mem
+        regions = mem.regions
+        self._single: tuple[int, int, memoryview] | None = (
+            (regions[0].guest_addr, regions[0].guest_end, regions[0].view) if len(regions) == 1 else None
+        )
         self.num = num
         self._desc = desc
         self._avail16 = avail.cast("H")
@@ -151,6 +155,24 @@ class SplitQueue:
                 return result
             self._reject(result)
 
+    def pop_many(self, limit: int) -> list[Chain]:
+        """Up to ``limit`` good chains, reading avail->idx once (the tx hot path)."""
+        out: list[Chain] = []
+        n = min(self.pending(), limit)
+        avail16 = self._avail16
+        mask = self.num - 1
+        walk = self._walk
+        for _ in range(n):
+            head = avail16[2 + (self.last_avail_idx & mask)]
+            self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+            result = walk(head)
+            if isinstance(result, Chain):
+                out.append(result)
+            else:
+                self._reject(result)
+        self.counters.chains += len(out)
+        return out
+
     def unpop(self) -> None:
         """Give back the chain just popped, unused (it will be popped again)."""
         self.last_avail_idx = (self.last_avail_idx - 1) & 0xFFFF
@@ -171,6 +193,9 @@ class SplitQueue:
         if head >= num:
             return BadChain(head, f"head out of range: {head} >= {num}")
         gpa_view = self.mem.gpa_view
+        # One region (pc machines) is the common case: bounds-check inline.
+        single = self._single
+        r_start, r_end, r_view = single if single is not None else (0, 0, self._desc)
         table = self._desc
         table_num = num
         i = head
@@ -207,7 +232,13 @@ class SplitQueue:
             if count > table_num:
                 return BadChain(head, f"loop: chain longer than {table_num} descriptors")
             if length:
-                view = gpa_view(addr, length)
+                if single is not None:
+                    if r_start <= addr and addr + length <= r_end:
+                        view = r_view[addr - r_start : addr - r_start + length]
+                    else:
+                        view = None
+                else:
+                    view = gpa_view(addr, length)
                 if view is None:
                     return BadChain(head, f"address: buffer {addr:#x}+{length} outside guest memory")
                 if flags & VIRTQ_DESC_F_WRITE:

@@ -53,9 +53,10 @@ class Credit:
         self.tx_cnt = (self.tx_cnt + n) & U32
 
     def receive(self, n: int) -> bool:
-        """Account ``n`` bytes from the guest; False if they exceed the credit we gave."""
-        buffered = (self.rx_cnt - self.fwd_cnt) & U32
-        if buffered + n > self.buf_alloc:
+        """Account ``n`` bytes from the guest; False if they exceed the credit we gave. The
+        guest may count only on the fwd_cnt we advertised, so that is what the check uses."""
+        in_flight = (self.rx_cnt - self.adv_fwd_cnt) & U32
+        if in_flight + n > self.buf_alloc:
             return False
         self.rx_cnt = (self.rx_cnt + n) & U32
         return True

@@ -24,7 +24,7 @@ from typing import Protocol
 from vsproxy.endpoints.base import Buffer, Peer
 from vsproxy.vsock import header as H
 from vsproxy.vsock.connection import Connection, State
-from vsproxy.vsock.header import HDR_SIZE, Header, Op
+from vsproxy.vsock.header import HDR, HDR_SIZE, Header, Op
 
 log = logging.getLogger("vsproxy.vsock")
 
@@ -126,53 +126,60 @@ class VsockCore:
         return len(self.control) >= MAX_CONTROL_BACKLOG
 
     def guest_packet(self, hdr_bytes: Buffer, payload: Sequence[memoryview], payload_len: int) -> None:
-        """One tx chain: 44 header bytes and the rest of the chain (``payload_len`` bytes)."""
+        """One tx chain: 44 header bytes (at the start of ``hdr_bytes``) and the rest of the
+        chain (``payload_len`` bytes in ``payload``)."""
         c = self.counters
-        hdr = H.unpack(hdr_bytes)
-        if hdr.src_cid != self.guest_cid:
+        (src_cid, dst_cid, src_port, dst_port, length, type_, op, flags, buf_alloc, fwd_cnt) = HDR.unpack_from(
+            hdr_bytes
+        )
+        if src_cid != self.guest_cid:
             # Anti-spoofing: a guest may only speak as itself.
             c.spoofed += 1
-            log.warning("%s: dropped spoofed packet %s", self.name, hdr.describe())
+            log.warning("%s: dropped spoofed packet %s", self.name, H.unpack(hdr_bytes).describe())
             return
         c.tx_packets += 1
         if self.taps:
-            self._tap(False, bytes(hdr_bytes), payload)
-        if hdr.len > H.MAX_PKT_PAYLOAD or hdr.len > payload_len:
+            self._tap(False, bytes(hdr_bytes[:HDR_SIZE]), payload)
+        if length > payload_len or length > H.MAX_PKT_PAYLOAD:
             c.bad_packets += 1
             c.drop("bad-len")
-            log.warning(
-                "%s: bad packet length %d (chain holds %d): %s", self.name, hdr.len, payload_len, hdr.describe()
-            )
-            conn = self.conns.get((hdr.type, hdr.src_port, hdr.dst_cid, hdr.dst_port))
+            log.warning("%s: bad packet length %d (chain holds %d): %s", self.name, length, payload_len,
+                        H.unpack(hdr_bytes).describe())
+            conn = self.conns.get((type_, src_port, dst_cid, dst_port))
             if conn is not None:
                 self._reset(conn, "bad packet length")
             return
-        op = hdr.op
-        if hdr.type != H.Type.STREAM and not (self.seqpacket and hdr.type == H.Type.SEQPACKET):
+        if type_ != H.Type.STREAM and not (self.seqpacket and type_ == H.Type.SEQPACKET):
             # virtio spec: a packet of unknown type MUST be answered with RST.
             c.bad_packets += 1
             c.drop("bad-type")
             if op != Op.RST:
-                self._rst_reply(hdr)
+                self._rst_reply(H.unpack(hdr_bytes))
             return
-        key = (hdr.type, hdr.src_port, hdr.dst_cid, hdr.dst_port)
-        conn = self.conns.get(key)
+        conn = self.conns.get((type_, src_port, dst_cid, dst_port))
         if conn is None:
+            hdr = H.unpack(hdr_bytes)
             if op == Op.REQUEST:
                 self._guest_request(hdr)
             elif op != Op.RST:
                 c.drop("unknown-connection")
                 self._rst_reply(hdr)
             return
-        conn.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt)
+        cr = conn.credit
+        cr.peer_buf_alloc = buf_alloc
+        cr.peer_fwd_cnt = fwd_cnt
         if op == Op.RW:
-            self._guest_rw(conn, hdr, payload)
-        elif op == Op.CREDIT_UPDATE:
+            # The hot path: credit effects are settled once per batch in flush_host.
+            self._guest_rw(conn, length, payload)
+            if conn.flags & Connection.WAIT_CREDIT:
+                self._credit_changed(conn)
+            return
+        if op == Op.CREDIT_UPDATE:
             pass
         elif op == Op.CREDIT_REQUEST:
             self._queue_credit_update(conn)
         elif op == Op.SHUTDOWN:
-            self._guest_shutdown(conn, hdr.flags & H.SHUTDOWN_BOTH)
+            self._guest_shutdown(conn, flags & H.SHUTDOWN_BOTH)
         elif op == Op.RST:
             self._forget(conn, reset_peer=not (conn.guest_shut & H.SHUTDOWN_SEND and conn.host_eof))
         elif op == Op.RESPONSE:
@@ -223,8 +230,7 @@ class VsockCore:
         conn.deadline = self.now + CONNECT_TIMEOUT
         self.conns[conn.key] = conn
 
-    def _guest_rw(self, conn: Connection, hdr: Header, payload: Sequence[memoryview]) -> None:
-        n = hdr.len
+    def _guest_rw(self, conn: Connection, n: int, payload: Sequence[memoryview]) -> None:
         if conn.state is not State.ESTABLISHED or conn.guest_shut & H.SHUTDOWN_SEND:
             self.counters.drop("rw-not-established")
             self._reset(conn, "data on a connection that is not open for it")
@@ -238,13 +244,18 @@ class VsockCore:
             return
         self.counters.tx_bytes += n
         outq = conn.outq
-        left = n
-        for seg in payload:
-            if len(seg) >= left:
-                outq.append(seg[:left] if len(seg) > left else seg)
-                break
-            outq.append(seg)
-            left -= len(seg)
+        first = payload[0]
+        if len(first) >= n:
+            # One payload buffer (the Linux layout): no loop.
+            outq.append(first if len(first) == n else first[:n])
+        else:
+            left = n
+            for seg in payload:
+                if len(seg) >= left:
+                    outq.append(seg[:left] if len(seg) > left else seg)
+                    break
+                outq.append(seg)
+                left -= len(seg)
         conn.out_bytes += n
         if not conn.flags & Connection.IN_FLUSH:
             conn.flags |= Connection.IN_FLUSH
@@ -334,8 +345,7 @@ class VsockCore:
             if conn.host_eof:
                 # Both directions are finished; the vsock side waits for the guest's close.
                 conn.peer.close(reset=False)
-        if total:
-            self._credit_changed(conn)
+        self._credit_changed(conn)
 
     def _credit_changed(self, conn: Connection) -> None:
         if conn.state is State.CLOSED:
