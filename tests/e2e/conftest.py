@@ -5,6 +5,7 @@
                   (default ~/.cache/vsproxy/guest)
   qemus           session: {"qemu7": Qemu, "qemu10": Qemu}
   qemu_binaries   session: {"qemu7": (path, extra_args), "qemu10": (path, extra_args)}
+  qemu_by_name    session: qemu_by_name("qemu10") -> Qemu
   sockdir         a short, fresh directory under /tmp for unix sockets
   start_vsproxy   factory: start_vsproxy(args=(), *, guest_cid=5, name="vhost.sock")
                   -> Popen running `python -m vsproxy --socket SOCK --guest-cid N
@@ -12,12 +13,12 @@
                   .log_path are set on it.  Stopped (SIGTERM, then SIGKILL, by
                   pid) at teardown.
 
-Set VSPROXY_E2E_NO_QEMU10=1 to leave QEMU 10 out (its tests are then skipped).
+Both QEMUs are required: when one is missing (e.g. tests/guest/qemu10.sh cannot
+fetch QEMU 10), every test that needs it fails with the reason; none is skipped.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -29,7 +30,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 
-QEMU_NAMES = ("qemu7", "qemu10")
+QEMU_NAMES = harness.QEMU_NAMES
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -41,9 +42,16 @@ def guest_image() -> harness.GuestImage:
     return harness.build_guest()
 
 
+def _require_qemu(name: str) -> harness.Qemu:
+    try:
+        return harness.require_qemu(name)
+    except harness.QemuMissing as e:
+        pytest.fail(str(e), pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def qemus() -> dict[str, harness.Qemu]:
-    return harness.find_qemus(with_qemu10=not os.environ.get("VSPROXY_E2E_NO_QEMU10"))
+    return {name: _require_qemu(name) for name in QEMU_NAMES}
 
 
 @pytest.fixture(scope="session")
@@ -51,16 +59,10 @@ def qemu_binaries(qemus: dict[str, harness.Qemu]) -> dict[str, tuple[str, list[s
     return {name: q.as_tuple() for name, q in qemus.items()}
 
 
-@pytest.fixture
-def qemu_by_name(qemus: dict[str, harness.Qemu]) -> Callable[[str], harness.Qemu]:
-    """qemu_by_name("qemu10") -> Qemu, skipping the test when it is left out."""
-
-    def get(name: str) -> harness.Qemu:
-        if name not in qemus:
-            pytest.skip(f"{name} not available (VSPROXY_E2E_NO_QEMU10 set)")
-        return qemus[name]
-
-    return get
+@pytest.fixture(scope="session")
+def qemu_by_name() -> Callable[[str], harness.Qemu]:
+    """qemu_by_name("qemu10") -> Qemu; fails the calling test (never skips) when it is missing."""
+    return _require_qemu
 
 
 @pytest.fixture

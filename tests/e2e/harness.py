@@ -5,6 +5,8 @@ Pieces:
                          tests/guest/build.sh; cached per process and on disk.
   find_qemus()           {"qemu7": Qemu, "qemu10": Qemu}: the system QEMU 7.2 and
                          QEMU 10 from bookworm-backports (tests/guest/qemu10.sh).
+  require_qemu(name)     one of them, or QemuMissing with a clear message (the
+                         tests fail on a missing QEMU; nothing is skipped).
   start_guest(...)       context manager: start QEMU (TCG) and yield a GuestRun
                          that streams the serial console: wait_for(regex),
                          wait_exit(), serial text, per-boot script exit codes.
@@ -150,12 +152,37 @@ def qemu7() -> Qemu:
     return Qemu("qemu7", SYSTEM_QEMU)
 
 
-def find_qemus(with_qemu10: bool = True) -> dict[str, Qemu]:
-    """{"qemu7": system QEMU 7.2, "qemu10": backports QEMU 10}."""
-    qs = {"qemu7": qemu7()}
-    if with_qemu10:
-        qs["qemu10"] = qemu10()
-    return qs
+class QemuMissing(HarnessError):
+    """A QEMU the tests need is not available.  The tests fail on it, never skip."""
+
+
+QEMU_NAMES = ("qemu7", "qemu10")
+_QEMU_ERRORS: dict[str, str] = {}
+
+
+def require_qemu(name: str) -> Qemu:
+    """The QEMU called name ("qemu7" or "qemu10"), or QemuMissing with the reason.
+
+    A failure is remembered for the rest of the process, so a missing QEMU 10
+    costs one run of qemu10.sh (apt-get), not one per test."""
+    if name not in QEMU_NAMES:
+        raise ValueError(f"unknown QEMU {name!r} (one of {QEMU_NAMES})")
+    if name in _QEMU_ERRORS:
+        raise QemuMissing(_QEMU_ERRORS[name])
+    try:
+        return qemu7() if name == "qemu7" else qemu10()
+    except HarnessError as e:
+        how = "apt-get install qemu-system-x86" if name == "qemu7" else "bash tests/guest/qemu10.sh"
+        _QEMU_ERRORS[name] = (
+            f"{name} is required by the end-to-end tests but is not available; "
+            f"missing tools fail the tests, they are never skipped (get it with: {how}).\n{e}"
+        )
+        raise QemuMissing(_QEMU_ERRORS[name]) from None
+
+
+def find_qemus() -> dict[str, Qemu]:
+    """{"qemu7": system QEMU 7.2, "qemu10": backports QEMU 10}; QemuMissing if either is missing."""
+    return {name: require_qemu(name) for name in QEMU_NAMES}
 
 
 def _as_qemu(qemu: QemuSpec) -> Qemu:
