@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection as Pipe
 from vsproxy.simguest import SimGuest
 
 MiB = 1 << 20
-EXTRA: list[str] = []
+EXTRA: list[str] = [a for a in os.environ.get("VSP_EXTRA", "").split() if a]
 
 
 def _drain_server(path: str, ready: Pipe, result: Pipe, expect: int) -> None:

@@ -18,6 +18,7 @@ from typing import NamedTuple
 from vsproxy.memory import GuestMemory
 
 DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+DESC2 = struct.Struct("<QIHHQIHH")  # two descriptors at once (the Linux tx indirect table)
 DESC_SIZE = 16
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
@@ -196,6 +197,36 @@ class SplitQueue:
         # One region (pc machines) is the common case: bounds-check inline.
         single = self._single
         r_start, r_end, r_view = single if single is not None else (0, 0, self._desc)
+        if single is not None:
+            # Fast paths for the shapes Linux posts, checked exactly as the general walk
+            # would; anything else falls through to it.
+            addr, length, flags, nxt = DESC.unpack_from(self._desc, head * DESC_SIZE)
+            if self.device_writes:
+                if flags == VIRTQ_DESC_F_WRITE and length and r_start <= addr and addr + length <= r_end:
+                    o = addr - r_start
+                    return Chain(head, [], [r_view[o : o + length]], 0, length)
+            elif (
+                flags == VIRTQ_DESC_F_INDIRECT
+                and length == 2 * DESC_SIZE
+                and self.indirect
+                and r_start <= addr
+                and addr + length <= r_end
+            ):
+                a0, l0, f0, n0, a1, l1, f1, _ = DESC2.unpack_from(r_view, addr - r_start)
+                if (
+                    f0 == VIRTQ_DESC_F_NEXT
+                    and n0 == 1
+                    and f1 == 0
+                    and l0
+                    and l1
+                    and r_start <= a0
+                    and a0 + l0 <= r_end
+                    and r_start <= a1
+                    and a1 + l1 <= r_end
+                ):
+                    o0 = a0 - r_start
+                    o1 = a1 - r_start
+                    return Chain(head, [r_view[o0 : o0 + l0], r_view[o1 : o1 + l1]], [], l0 + l1, 0)
         table = self._desc
         table_num = num
         i = head
