@@ -1,0 +1,49 @@
+"""The README's commands work as written."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    m = re.match(r"```sh\n(.*?)\n```", text, re.S)
+    assert m, "README must open with a sh block of two commands"
+    lines = m.group(1).splitlines()
+    assert len(lines) == 2
+    return lines
+
+
+def test_readme_opens_with_install_and_test_commands() -> None:
+    run, test = readme_commands()
+    assert "vsproxy demo" in run
+    assert test == "bash tests/run.sh"
+    assert (ROOT / ".ci" / "run").read_text().strip().endswith("exec bash tests/run.sh")
+
+
+def test_readme_install_and_demo_command_works_in_a_clean_copy() -> None:
+    run, _ = readme_commands()
+    with tempfile.TemporaryDirectory(prefix="vsp-readme-") as tmp:
+        files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, check=True,
+                               capture_output=True, text=True).stdout.split()
+        for f in files:
+            src = ROOT / f
+            if src.is_file():
+                dst = Path(tmp) / f
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dst)
+        env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+        env["DEBIAN_FRONTEND"] = "noninteractive"
+        proc = subprocess.run(["bash", "-c", run], cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "Demo OK." in proc.stdout
+        assert "sha256 matches" in proc.stdout
+        assert "refused with RST" in proc.stdout
+        assert "Traceback" not in proc.stderr
