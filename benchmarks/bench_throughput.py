@@ -244,10 +244,13 @@ class Rig:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small counts (a smoke run, figures are noisy)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per figure, best taken (default 3)")
     ap.add_argument("--vsproxy-arg", action="append", default=[], help="extra vsproxy option (repeatable)")
     args = ap.parse_args()
     EXTRA.extend(args.vsproxy_arg)
     scale = 0.1 if args.quick else 1.0
+    if args.quick:
+        args.repeat = 1
     cases = [
         ("guest->host", 65536, int(20000 * scale)),
         ("guest->host", 4096, int(100000 * scale)),
@@ -256,23 +259,23 @@ def main() -> int:
         ("host->guest", 4096, int(60000 * scale)),
         ("host->guest", 64, int(200000 * scale)),
     ]
-    print(f"{'direction':<12} {'payload':>8} {'packets':>9} {'vsproxy':>14} {'floor':>14} {'ratio':>6}")
+    print(f"{'direction':<12} {'payload':>8} {'vsock pkts':>10} {'vsproxy':>16} {'floor':>16} {'ratio':>6}")
     with tempfile.TemporaryDirectory(prefix="vsp-bench-") as tmp:
         rig = Rig(tmp)
         try:
             for direction, payload, count in cases:
-                fl = floor(tmp, payload, count)
-                if direction == "guest->host":
-                    el, pkts = rig.g2h(payload, count)
-                else:
-                    el, pkts = rig.h2g(payload, count)
+                # Best of `repeat` for both sides: these 2-core machines are noisy.
+                fl = min(floor(tmp, payload, count) for _ in range(args.repeat))
+                runs = [rig.g2h(payload, count) if direction == "guest->host" else rig.h2g(payload, count)
+                        for _ in range(args.repeat)]
+                el, pkts = min(runs)
                 if payload == 64:
-                    ours, base = f"{pkts / el:,.0f} pkt/s", f"{count / fl:,.0f} pkt/s"
-                    ratio = (pkts / el) / (count / fl)
+                    # 64-byte payloads: rate of payloads; host->guest stream data is coalesced into
+                    # fewer, larger vsock packets, whose count is shown beside it.
+                    ours, base = f"{count / el:,.0f} pay/s", f"{count / fl:,.0f} pay/s"
                 else:
                     ours, base = f"{payload * count / el / 1e6:,.0f} MB/s", f"{payload * count / fl / 1e6:,.0f} MB/s"
-                    ratio = fl / el
-                print(f"{direction:<12} {payload:>8} {pkts:>9} {ours:>14} {base:>14} {ratio:>6.0%}", flush=True)
+                print(f"{direction:<12} {payload:>8} {pkts:>10} {ours:>16} {base:>16} {fl / el:>6.0%}", flush=True)
             n = 100 if args.quick else 1000
             before, after = rig.idle_connections(n)
             print(f"{n} idle connections: vsproxy RSS {before / 1024:.1f} MiB -> {after / 1024:.1f} MiB "

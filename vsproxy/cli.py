@@ -13,6 +13,7 @@ import sys
 from vsproxy.app import ConfigError, Proxy, raise_nofile_limit
 from vsproxy.device import DeviceConfig
 from vsproxy.endpoints.sockets import HostEndpoints, TcpForward
+from vsproxy.vsock.core import DEFAULT_BUF_ALLOC
 from vsproxy.vsock.header import RESERVED_CIDS
 
 SUBCOMMANDS = ("demo",)

@@ -25,6 +25,7 @@ log = logging.getLogger("vsproxy.endpoints")
 HANDSHAKE_MAX = 64  # "CONNECT 4294967295\n" fits easily
 HANDSHAKE_TIMEOUT = 5.0
 _LINGER_RESET = struct.pack("ii", 1, 0)
+SNDBUF = 1 << 20
 
 
 class CoreHooks:
@@ -43,6 +44,13 @@ class SocketPeer:
 
     def __init__(self, sock: socket.socket, loop: Loop, hooks: CoreHooks, label: str) -> None:
         sock.setblocking(False)
+        if SNDBUF:
+            try:
+                # A host socket that can hold a whole credit window takes guest data without a copy
+                # into our own buffer; the kernel caps the value at net.core.wmem_max.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+            except OSError:
+                pass
         self.sock = sock
         self.fd = sock.fileno()
         self.loop = loop

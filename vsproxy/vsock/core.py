@@ -30,7 +30,7 @@ log = logging.getLogger("vsproxy.vsock")
 
 CONNECT_TIMEOUT = 2.0  # Linux and Firecracker
 SHUTDOWN_TIMEOUT = 2.0
-DEFAULT_BUF_ALLOC = 256 * 1024
+DEFAULT_BUF_ALLOC = 1024 * 1024
 MAX_CONNECTIONS = 65536
 # Control packets queued for the guest while it posts no rx buffers. Past this
 # the tx ring is left alone (resources ran out), which bounds memory.
