@@ -167,16 +167,20 @@ def test_stalled_host_reader_does_not_block_other_connections(start_vsproxy: Sta
     echo = unix_server(f"{uds}_5001")
     with SimGuest(vp.socket_path) as g:
         slow = g.connect(5000)
-        # Fill the stalled connection's window: the guest runs out of credit, nothing else does.
-        blob = os.urandom(2 * MiB)
+        # Fill the stalled connection's window: the host socket buffer fills, then vsproxy's
+        # buffer, and the guest runs out of credit on this connection only.
+        blob = os.urandom(8 * MiB)
         sent = 0
-        while sent < len(blob) and slow.conn.peer_free() > 0:
-            n = min(slow.conn.peer_free(), 65536)
-            slow.sendall(blob[sent : sent + n])
-            sent += n
-            g.poll(0.01)
-        for _ in range(50):
-            g.poll(0.02)
+        deadline = time.monotonic() + 30
+        while sent < len(blob) and time.monotonic() < deadline:
+            n = min(slow.conn.peer_free(), 65536, len(blob) - sent)
+            if n:
+                slow.sendall(blob[sent : sent + n])
+                sent += n
+            else:
+                g.poll(0.05)
+                if not slow.conn.peer_free():
+                    break
         assert slow.conn.peer_free() == 0
         fast = g.connect(5001)
         payload = os.urandom(MiB)

@@ -110,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tx-buffer-size",
         type=int,
-        default=256 * 1024,
+        default=DEFAULT_BUF_ALLOC,
         metavar="BYTES",
-        help="per-connection buffer (the buf_alloc advertised to the guest), default 262144",
+        help="per-connection buffer (the buf_alloc advertised to the guest), default 1048576",
     )
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for every message)")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")

@@ -69,9 +69,10 @@ class Credit:
         return self.buf_alloc - ((self.rx_cnt - self.adv_fwd_cnt) & U32)
 
     def update_due(self) -> bool:
-        """Send CREDIT_UPDATE when the guest may run short and we have news for it.
+        """Send CREDIT_UPDATE once the guest has used a quarter of the window and we have news
+        for it (measured: waiting for half of it halves 64 KiB throughput through stalls).
         Linux guests never ask (no CREDIT_REQUEST), so this is what keeps a sender going."""
-        return self.fwd_cnt != self.adv_fwd_cnt and self.guest_view_free() < self.buf_alloc // 2
+        return self.fwd_cnt != self.adv_fwd_cnt and self.guest_view_free() < self.buf_alloc - self.buf_alloc // 4
 
 
 class Connection:
