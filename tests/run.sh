@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
-need=(qemu-system-x86 busybox-static gcc python3-venv xz-utils cpio)
+need=(qemu-system-x86 busybox-static gcc python3-venv python3-dev xz-utils cpio)
 missing=()
 for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
@@ -20,3 +20,5 @@ bash tests/guest/qemu10.sh >/dev/null
 .venv/bin/mypy
 .venv/bin/mypy tests/e2e/*.py
 .venv/bin/pytest "$@"
+# The pure-Python tx path (the reference the C fast path is tested against) end to end too.
+VSPROXY_NO_C=1 .venv/bin/pytest -q tests/test_integration.py

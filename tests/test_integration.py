@@ -196,7 +196,10 @@ def test_stalled_host_reader_does_not_block_other_connections(start_vsproxy: Sta
         slow.shutdown_write()
         slow.close()
     wait_for(lambda: len(stalled.received) == 1, what="stalled sink")
-    assert sha(stalled.received[0]) == sha(blob)
+    got = stalled.received[0]
+    first_diff = next((i for i in range(min(len(got), len(blob))) if got[i] != blob[i]), None)
+    assert (len(got), first_diff) == (len(blob), None)
+    assert sha(got) == sha(blob)
     stalled.close()
     echo.close()
 
@@ -326,15 +329,18 @@ def test_guest_sending_beyond_credit_gets_rst(start_vsproxy: Start, workdir: str
         port = s.local_port
         # Use up the window honestly: the host reader is stalled, so its socket buffer fills
         # and then vsproxy's 8 KiB; the guest ends with no credit.
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 30
+        quiet_since = None
         while time.monotonic() < deadline:
             free = s.conn.peer_free()
             if free:
                 s.sendall(b"y" * min(free, 65536))
-            else:
-                g.poll(0.05)
-                if not s.conn.peer_free():
-                    break
+                quiet_since = None
+                continue
+            g.poll(0.05)
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since > 0.5:
+                break  # no credit for half a second: vsproxy's buffer is full too
         assert s.conn.peer_free() == 0
         hdr = H.pack(g.guest_cid, 2, port, 5000, 4096, 1, H.Op.RW, 0, 262144, s.conn.fwd_cnt)
         for _ in range(4):  # 16 KiB past an 8 KiB window, whatever update may be in flight
@@ -344,7 +350,8 @@ def test_guest_sending_beyond_credit_gets_rst(start_vsproxy: Start, workdir: str
             if any(h.op == H.Op.RST and h.dst_port == port for h, _ in g.received_raw):
                 break
         else:
-            pytest.fail("no RST for a credit violation")
+            seen = [(H.Op(h.op).name, h.flags) for h, _ in g.received_raw if h.dst_port == port][-10:]
+            pytest.fail(f"no RST for a credit violation: guest saw {seen}; {vp.report()}")
         assert "credit_violations=1" in vp.report()
     stall.clear()
     sink.close()

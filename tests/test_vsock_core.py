@@ -344,3 +344,24 @@ def test_receive_accounting_wraps_and_never_admits_more_than_buf_alloc(start: in
         assert held <= 65536
         c.forwarded(held // 2)
         held -= held // 2
+
+
+def test_front_end_loss_keeps_flushing_what_a_closed_connection_sent() -> None:
+    t = Harness(FakePeer(accept=2))
+    conn = t.open()
+    t.send(Op.RW, payload=b"tail")
+    t.send(Op.SHUTDOWN, flags=H.SHUTDOWN_BOTH)
+    t.core.close_all()  # QEMU exits right after the guest's close()
+    assert t.peer.closed is None
+    t.peer.accept = 10
+    t.core.peer_writable(conn)
+    assert t.peer.sent == b"tail" and t.peer.closed is False
+
+
+def test_linger_deadline_resets_a_host_that_never_reads() -> None:
+    t = Harness(FakePeer(accept=0))
+    t.open()
+    t.send(Op.RW, payload=b"tail")
+    t.send(Op.SHUTDOWN, flags=H.SHUTDOWN_BOTH)
+    t.core.tick(10.0)
+    assert t.peer.closed is True and t.core.lingering() == 0

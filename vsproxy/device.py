@@ -13,7 +13,16 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from vsproxy.endpoints.sockets import CoreHooks, HostEndpoints, HybridListener, SocketPeer, TcpListener
+from vsproxy import fastpath
+from vsproxy.endpoints.sockets import (
+    CoreHooks,
+    HostEndpoints,
+    HybridListener,
+    SocketPeer,
+    TcpListener,
+    listen_unix,
+)
+from vsproxy.fastpath import Run, TxFastPath
 from vsproxy.loop import Loop
 from vsproxy.memory import GuestMemory, MemoryError_
 from vsproxy.vhost_user import codec
@@ -29,9 +38,9 @@ from vsproxy.vhost_user.session import (
     StartRing,
     StopRing,
 )
-from vsproxy.virtq import RingSetupError, SplitQueue
+from vsproxy.virtq import Chain, RingSetupError, SplitQueue
 from vsproxy.vsock.connection import Connection
-from vsproxy.vsock.core import DEFAULT_BUF_ALLOC, VsockCore
+from vsproxy.vsock.core import DEFAULT_BUF_ALLOC, SHUTDOWN_TIMEOUT, VsockCore
 from vsproxy.vsock.header import HDR_SIZE
 
 log = logging.getLogger("vsproxy.device")
@@ -62,10 +71,7 @@ class Device:
         self.session: FrontendSession | None = None
         self.sessions_served = 0
         self.listeners: list[HybridListener | TcpListener] = []
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(config.socket_path)
-        self.sock.listen(4)
-        self.sock.setblocking(False)
+        self.sock = listen_unix(config.socket_path, 4)
         loop.set_reader(self.sock.fileno(), self._accept)
         ep = config.endpoints
         if ep.uds_path is not None:
@@ -108,7 +114,9 @@ class Device:
 
     def close(self) -> None:
         if self.session is not None:
-            self.session.end("vsproxy shutting down", error=False)
+            session = self.session
+            session.end("vsproxy shutting down", error=False)
+            session.core.drop_lingering()
         for listener in self.listeners:
             listener.close()
         self.loop.forget(self.sock.fileno())
@@ -130,6 +138,7 @@ class FrontendSession(CoreHooks):
         self.reader = MessageReader()
         self.mem: GuestMemory | None = None
         self.queues: list[SplitQueue | None] = [None, None]
+        self._fastpaths: list[TxFastPath | None] = [None, None]
         self.kick_fds: list[int | None] = [None, None]
         self.call_fds: list[int | None] = [None, None]
         self.err_fds: list[int | None] = [None, None]
@@ -262,6 +271,11 @@ class FrontendSession(CoreHooks):
             name=f"{self.name}/{'rx' if index == RX_QUEUE else 'tx'}",
         )
         self.queues[index] = q
+        self._fastpaths[index] = (
+            TxFastPath(q, self.device.config.guest_cid, TX_BATCH)
+            if index == TX_QUEUE and fastpath.AVAILABLE and q.single_region is not None
+            else None
+        )
         log.info(
             "%s: vring %d started: size %d base %d event_idx=%s indirect=%s version_1=%s",
             self.name,
@@ -277,6 +291,7 @@ class FrontendSession(CoreHooks):
     def _stop_ring(self, index: int) -> int:
         q = self.queues[index]
         self.queues[index] = None
+        self._fastpaths[index] = None
         if q is None:
             return self.session.vrings[index].base
         # The guest driver is going away (poweroff, reboot, reset): its connections end with it.
@@ -339,28 +354,15 @@ class FrontendSession(CoreHooks):
         """One batch of tx chains. The caller checks tx_blocked() first, so the control
         backlog can overshoot its bound by at most one batch."""
         core = self.core
+        fast = self._fastpaths[TX_QUEUE]
+        if fast is not None and fast.q is txq and not core.taps:
+            return self._process_tx_fast(txq, fast)
         chains = txq.pop_many(TX_BATCH)
         if not chains:
             return 0
-        guest_packet = core.guest_packet
-        counters = core.counters
         try:
             for chain in chains:
-                segs = chain.readable
-                if chain.read_len < HDR_SIZE:
-                    counters.bad_packets += 1
-                    counters.drop("short-header")
-                    continue
-                first = segs[0]
-                flen = len(first)
-                if flen == HDR_SIZE:
-                    # Linux: header and payload in separate descriptors.
-                    guest_packet(first, segs[1:], chain.read_len - HDR_SIZE)
-                elif flen > HDR_SIZE:
-                    guest_packet(first, [first[HDR_SIZE:], *segs[1:]], chain.read_len - HDR_SIZE)
-                else:
-                    hdr, payload = _split_header(segs)
-                    guest_packet(hdr, payload, chain.read_len - HDR_SIZE)
+                self._tx_chain(chain)
         finally:
             core.flush_host()
             push = txq.push
@@ -369,6 +371,52 @@ class FrontendSession(CoreHooks):
             if txq.publish():
                 self._notify(TX_QUEUE)
         return len(chains)
+
+    def _tx_chain(self, chain: Chain) -> None:
+        segs = chain.readable
+        if chain.read_len < HDR_SIZE:
+            self.core.counters.bad_packets += 1
+            self.core.counters.drop("short-header")
+            return
+        first = segs[0]
+        flen = len(first)
+        if flen == HDR_SIZE:
+            # Linux: header and payload in separate descriptors.
+            self.core.guest_packet(first, segs[1:], chain.read_len - HDR_SIZE)
+        elif flen > HDR_SIZE:
+            self.core.guest_packet(first, [first[HDR_SIZE:], *segs[1:]], chain.read_len - HDR_SIZE)
+        else:
+            hdr, payload = _split_header(segs)
+            self.core.guest_packet(hdr, payload, chain.read_len - HDR_SIZE)
+
+    def _process_tx_fast(self, txq: SplitQueue, fast: TxFastPath) -> int:
+        core = self.core
+        items = fast.batch()
+        done: list[int] = []
+        try:
+            for item in items:
+                if isinstance(item, Run):
+                    if core.guest_rw_run(item.src_port, item.dst_cid, item.dst_port, item.buf_alloc, item.fwd_cnt,
+                                         item.total, item.segments, len(item.heads)):
+                        txq.counters.chains += len(item.heads)
+                        done.extend(item.heads)
+                        continue
+                    heads = item.heads
+                else:
+                    heads = [item.head]
+                for head in heads:  # the Python reference path, one chain at a time
+                    chain = txq.take(head)
+                    if chain is not None:
+                        self._tx_chain(chain)
+                        done.append(head)
+        finally:
+            core.flush_host()
+            push = txq.push
+            for head in done:
+                push(head, 0)
+            if txq.publish():
+                self._notify(TX_QUEUE)
+        return len(items)
 
     def _notify(self, index: int) -> None:
         fd = self.call_fds[index]
@@ -408,6 +456,9 @@ class FrontendSession(CoreHooks):
         (log.error if error else log.info)("%s: front-end session ended: %s", self.name, reason)
         self.closed = True
         self.core.close_all()
+        if self.core.lingering():
+            core, loop = self.core, self.loop
+            loop.call_later(SHUTDOWN_TIMEOUT + 0.05, lambda: core.tick(loop.time()))
         self.loop.forget(self.sock.fileno())
         self.sock.close()
         for fds in (self.kick_fds, self.call_fds, self.err_fds):
@@ -417,6 +468,7 @@ class FrontendSession(CoreHooks):
                     os.close(fd)
                     fds[i] = None
         self.queues = [None, None]
+        self._fastpaths = [None, None]
         if self.mem is not None:
             self.mem.close()
             self.mem = None

@@ -127,6 +127,21 @@ class SplitQueue:
         self.counters = QueueCounters()
         self.broken = ""
 
+    @property
+    def single_region(self) -> tuple[int, int, memoryview] | None:
+        """(start, end, view) of guest memory when it is one region, else None."""
+        return self._single
+
+    def take(self, head: int) -> Chain | None:
+        """Walk a chain whose head was already taken off the avail ring (by the C fast path);
+        a bad chain is returned with length 0 and counted, as in pop()."""
+        result = self._walk(head)
+        if isinstance(result, Chain):
+            self.counters.chains += 1
+            return result
+        self._reject(result)
+        return None
+
     # -- avail side --------------------------------------------------------
     def pending(self) -> int:
         """Entries the driver has made available that we have not popped."""

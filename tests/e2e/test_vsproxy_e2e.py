@@ -56,7 +56,7 @@ pytestmark = pytest.mark.e2e
 MIB = 1 << 20
 GUEST_CID = 5
 IO_TIMEOUT = 60.0  # seconds a host-side socket waits for progress
-STEP_TIMEOUT = 60  # seconds, per guest step
+STEP_TIMEOUT = 30  # seconds, per guest step (a healthy one takes under 2 s)
 RUN_TIMEOUT = 180.0  # deadline for one QEMU run (all its boots); a healthy run takes 5-15 s
 
 Key = tuple[str, int]  # (QEMU run, boot)
@@ -421,7 +421,7 @@ def free_tcp_port() -> int:
 # one group: its vsproxy, its QEMU runs, the facts
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class RunFacts:
     run: str
     steps: dict[int, dict[str, Step]]  # boot -> step name -> Step
@@ -432,8 +432,11 @@ class RunFacts:
     error: str | None  # harness failure (timeout, QEMU or vsproxy died early), with the serial log
     serial: str
 
+    def __repr__(self) -> str:
+        return f"RunFacts({self.run}, exit_codes={self.exit_codes}, error={bool(self.error)})"
 
-@dataclasses.dataclass
+
+@dataclasses.dataclass(repr=False)
 class GroupFacts:
     group: Group
     workdir: Path
@@ -450,6 +453,9 @@ class GroupFacts:
     vsproxy_log: str = ""
     setup_error: str | None = None
     logs_kept: bool = False
+
+    def __repr__(self) -> str:
+        return f"GroupFacts({self.group.id}, runs={list(self.runs.values())})"
 
     # -- for the tests --
     def run_facts(self, run: str) -> RunFacts:
@@ -675,6 +681,10 @@ GroupFactsFn = Callable[[Group], GroupFacts]
 # checks shared by several scenarios
 
 
+def expect_line(st: Step, line: str, detail: str) -> None:
+    assert line in st.lines, f"the guest did not print {line!r}{detail}"
+
+
 def check_send_to_sink(f: GroupFacts, key: Key) -> None:
     """Guest `send` of 1 MiB to the host sink at <uds>_P: the host got exactly the PRNG
     stream; its answer, written after the guest's half-close, reached the guest."""
@@ -682,8 +692,8 @@ def check_send_to_sink(f: GroupFacts, key: Key) -> None:
     detail = f.detail(key, st)
     reply = prng_bytes(SINK_SEEDS[key] + 1000, SINK_REPLY_BYTES)
     assert st.rc == 0, detail
-    assert f"SENT {MIB}" in st.lines, detail
-    assert f"REPLY {SINK_REPLY_BYTES} {fnv1a64(reply)}" in st.lines, detail
+    expect_line(st, f"SENT {MIB}", detail)
+    expect_line(st, f"REPLY {SINK_REPLY_BYTES} {fnv1a64(reply)}", detail)
     conns = f.sinks[SINK_PORTS[key]]
     assert len(conns) == 1, f"host sink saw {len(conns)} connections{detail}"
     want = prng_bytes(SINK_SEEDS[key], MIB)
@@ -706,10 +716,10 @@ def check_hybrid_echo(f: GroupFacts, key: Key) -> None:
     assert r.sent == MIB, detail
     assert r.received == want, first_mismatch(r.received, want) + detail
     # The guest saw the connection come from CID 2 and from the port vsproxy reported.
-    assert f"ACCEPTED 2 {m.group(1)}" in st.lines, detail
-    assert f"ECHOED {MIB}" in st.lines, detail
+    expect_line(st, f"ACCEPTED 2 {m.group(1)}", detail)
+    expect_line(st, f"ECHOED {MIB}", detail)
     nconn = 2 if f.group.is_first_boot(key) else 1
-    assert f"ECHO-SERVER-DONE {nconn}" in st.lines, detail
+    expect_line(st, f"ECHO-SERVER-DONE {nconn}", detail)
     assert st.rc == 0, detail
 
 
@@ -764,7 +774,7 @@ def test_20_concurrent_guest_connections(group: Group, group_facts: GroupFactsFn
     key = ("A", 1)
     st = f.step(key, "multi")
     detail = f.detail(key, st)
-    assert f"MULTI-OK {MULTI_CONNS}" in st.lines, detail
+    expect_line(st, f"MULTI-OK {MULTI_CONNS}", detail)
     assert st.rc == 0, detail
     # The host echo server saw 20 connections, each carrying one intact PRNG stream.
     assert len(f.multi_echo) == MULTI_CONNS, detail
@@ -802,8 +812,8 @@ def test_guest_to_host_tcp_forward(group: Group, group_facts: GroupFactsFn) -> N
     detail = f.detail(key, st)
     want = prng_bytes(FORWARD_SEED, FORWARD_BYTES)
     assert st.rc == 0, detail
-    assert f"SENT {FORWARD_BYTES}" in st.lines, detail
-    assert f"REPLY {FORWARD_BYTES} {fnv1a64(want)}" in st.lines, detail
+    expect_line(st, f"SENT {FORWARD_BYTES}", detail)
+    expect_line(st, f"REPLY {FORWARD_BYTES} {fnv1a64(want)}", detail)
     assert len(f.forward_echo) == 1, detail
     assert f.forward_echo[0].error is None, f.forward_echo[0].error + detail
     assert f.forward_echo[0].data == want, first_mismatch(f.forward_echo[0].data, want) + detail
@@ -820,7 +830,7 @@ def test_host_tcp_listen_into_guest(group: Group, group_facts: GroupFactsFn) -> 
     assert r.error is None, f"{r.error} ({len(r.received)} bytes back){detail}"
     want = prng_bytes(LISTEN_SEED, LISTEN_BYTES)
     assert r.received == want, first_mismatch(r.received, want) + detail
-    assert f"ECHOED {LISTEN_BYTES}" in st.lines, detail
+    expect_line(st, f"ECHOED {LISTEN_BYTES}", detail)
     assert sum(line.startswith("ACCEPTED 2 ") for line in st.lines) == 2, detail  # hybrid + TCP
 
 

@@ -8,6 +8,7 @@ guest accepts; a TCP listener connects straight into a fixed guest port.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -217,6 +218,26 @@ def _tcp_connect(fwd: TcpForward, conn: Connection, loop: Loop, hooks: CoreHooks
     return peer
 
 
+def listen_unix(path: str, backlog: int) -> socket.socket:
+    """A listening unix socket that appears at ``path`` only once it accepts: bound under a
+    temporary name, then renamed, so a client that sees the file never gets ECONNREFUSED."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        sock.bind(tmp)
+        sock.listen(backlog)
+        os.rename(tmp, path)
+    except OSError:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    sock.setblocking(False)
+    return sock
+
+
 class HybridListener:
     """Accepts host programs on ``uds_path`` and reads their ``CONNECT <port>`` line."""
 
@@ -231,10 +252,7 @@ class HybridListener:
         self.loop = loop
         self.hooks_for = hooks_for
         self.connect = connect
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(128)
-        self.sock.setblocking(False)
+        self.sock = listen_unix(path, 128)
         loop.set_reader(self.sock.fileno(), self._accept)
 
     def _accept(self) -> None:

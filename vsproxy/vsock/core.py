@@ -198,6 +198,25 @@ class VsockCore:
             return
         self._credit_changed(conn)
 
+    def guest_rw_run(
+        self, src_port: int, dst_cid: int, dst_port: int, buf_alloc: int, fwd_cnt: int, total: int,
+        segments: Sequence[memoryview], npackets: int,
+    ) -> bool:
+        """Consecutive RW packets of one stream, already checked by the C fast path (source CID,
+        type, lengths). Same effect as guest_packet for each; False if there is no such
+        connection, and the caller then feeds the packets one by one."""
+        conn = self.conns.get((H.Type.STREAM, src_port, dst_cid, dst_port))
+        if conn is None:
+            return False
+        self.counters.tx_packets += npackets
+        cr = conn.credit
+        cr.peer_buf_alloc = buf_alloc
+        cr.peer_fwd_cnt = fwd_cnt
+        self._guest_rw(conn, total, segments)
+        if conn.flags & Connection.WAIT_CREDIT:
+            self._credit_changed(conn)
+        return True
+
     def _guest_request(self, hdr: Header) -> None:
         c = self.counters
         if hdr.dst_cid != H.VMADDR_CID_HOST:
@@ -437,15 +456,28 @@ class VsockCore:
         return min(ds) if ds else None
 
     def close_all(self) -> None:
-        """The front-end is gone: every host peer sees a reset, not a clean EOF."""
-        for conn in list(self.conns.values()) + list(self._lingering):
+        """The front-end is gone: every host peer of an open connection sees a reset, not a
+        clean EOF. Connections the guest already closed cleanly keep flushing what it sent
+        (the guest was given credit for it) until done or their linger deadline."""
+        for conn in list(self.conns.values()):
             conn.state = State.CLOSED
+            self._lingering.discard(conn)
+            conn.outq.clear()
+            conn.out_bytes = 0
             conn.peer.close(reset=True)
         self.conns.clear()
-        self._lingering.clear()
         self.control.clear()
         self.ready.clear()
         self._flush = []
+
+    def lingering(self) -> int:
+        return len(self._lingering)
+
+    def drop_lingering(self) -> None:
+        """vsproxy itself is exiting: no more waiting for slow host readers."""
+        for conn in list(self._lingering):
+            conn.peer.close(reset=True)
+        self._lingering.clear()
 
     # ------------------------------------------------------------------
     # device -> guest

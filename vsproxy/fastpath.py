@@ -1,0 +1,98 @@
+"""The tx hot loop in C (``vsproxy._fastpath``), when it was built.
+
+``TxFastPath.batch`` takes up to ``limit`` chains off a tx queue. Linux-shaped RW packets
+of established-looking streams come back grouped in runs (one per connection and batch,
+small payloads already copied together); every other chain comes back as "slow", for the
+Python walker, which stays the reference. Set ``VSPROXY_NO_C=1`` to run without it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+from vsproxy.virtq import SplitQueue
+
+try:
+    if os.environ.get("VSPROXY_NO_C"):
+        raise ImportError("disabled by VSPROXY_NO_C")
+    from vsproxy._fastpath import ffi, lib  # type: ignore[import-not-found]
+
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - exercised when the extension was not built
+    ffi = lib = None
+    AVAILABLE = False
+
+SCRATCH = 256 * 1024
+MAX_ITEMS = 512
+SLOW = 1
+
+
+class Run(NamedTuple):
+    src_port: int
+    dst_cid: int
+    dst_port: int
+    buf_alloc: int
+    fwd_cnt: int
+    total: int
+    segments: list[memoryview]
+    heads: list[int]
+
+
+class Slow(NamedTuple):
+    head: int
+
+
+class TxFastPath:
+    def __init__(self, q: SplitQueue, guest_cid: int, limit: int) -> None:
+        assert AVAILABLE and q.single_region is not None
+        gpa, end, view = q.single_region
+        self.q = q
+        self.limit = limit
+        self.guest_cid = guest_cid
+        self._view = view
+        self._keep: list[Any] = [view, q._desc, q._avail16]
+        self._base = ffi.from_buffer("uint8_t[]", view)
+        self._desc = ffi.from_buffer("uint8_t[]", q._desc)
+        self._avail = ffi.cast("uint16_t *", ffi.from_buffer("uint8_t[]", q._avail16.cast("B")))
+        self._gpa = gpa
+        self._size = end - gpa
+        self._heads = ffi.new("uint16_t[]", limit)
+        self._items = ffi.new("vq_item[]", MAX_ITEMS)
+        self._scratch_buf = bytearray(SCRATCH)
+        self._scratch = ffi.from_buffer("uint8_t[]", self._scratch_buf)
+        self._scratch_view = memoryview(self._scratch_buf)
+        self._seg_kind = ffi.new("uint8_t[]", limit)
+        self._seg_off = ffi.new("uint64_t[]", limit)
+        self._seg_len = ffi.new("uint32_t[]", limit)
+
+    def batch(self) -> list[Run | Slow]:
+        """Take the next chains. The scratch buffer is reused by the next call: whatever the
+        caller keeps of a run's segments must be copied or sent before then."""
+        q = self.q
+        n = min(q.pending(), self.limit)
+        if n == 0:
+            return []
+        count = lib.vq_tx_batch(
+            self._base, self._gpa, self._size, self._desc, self._avail, q.num, q.last_avail_idx, n,
+            1 if q.indirect else 0, self.guest_cid, self._heads, self._items, MAX_ITEMS,
+            self._scratch, SCRATCH, self._seg_kind, self._seg_off, self._seg_len, self.limit,
+        )
+        if count < 0:  # pragma: no cover - MAX_ITEMS >= limit, so items cannot run out
+            raise RuntimeError("vq_tx_batch: item array too small")
+        q.last_avail_idx = (q.last_avail_idx + n) & 0xFFFF
+        heads = list(self._heads[0:n])
+        out: list[Run | Slow] = []
+        view, scratch = self._view, self._scratch_view
+        kinds, offs, lens = self._seg_kind, self._seg_off, self._seg_len
+        for it in self._items[0:count]:
+            if it.kind == SLOW:
+                out.append(Slow(heads[it.chain]))
+                continue
+            segs = []
+            for k in range(it.seg_first, it.seg_first + it.nseg):
+                o, ln = offs[k], lens[k]
+                segs.append(scratch[o : o + ln] if kinds[k] else view[o : o + ln])
+            out.append(Run(it.src_port, it.dst_cid, it.dst_port, it.buf_alloc, it.fwd_cnt, it.total, segs,
+                           heads[it.chain : it.chain + it.nchains]))
+        return out
