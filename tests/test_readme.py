@@ -47,3 +47,17 @@ def test_readme_install_and_demo_command_works_in_a_clean_copy() -> None:
         assert "sha256 matches" in proc.stdout
         assert "refused with RST" in proc.stdout
         assert "Traceback" not in proc.stderr
+
+
+def test_benchmark_runs_and_prints_every_figure() -> None:
+    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "benchmarks/bench_throughput.py", "--quick"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("guest->host", "host->guest"))]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("guest->host", "65536"), ("guest->host", "4096"), ("guest->host", "64"),
+        ("host->guest", "65536"), ("host->guest", "65536"), ("host->guest", "4096"), ("host->guest", "64"),
+    ]
+    for r in rows:
+        assert r[-1].endswith("%") and float(r[-1].rstrip("%")) > 0
+    assert "idle connections: vsproxy RSS" in proc.stdout

@@ -7,6 +7,7 @@ check the facts gathered.  Groups (ids ``qemu7-pc``, ``qemu10-microvm-legacy``..
 
   qemu{7,10}-pc (vhost-user-vsock-pci), every scenario:
     run A, boot 1  guest -> host unix 1 MiB (the host answers after EOF);
+                   host -> guest 1 MiB through a hybrid CONNECT (no echo);
                    connects to a unix and a TCP port with no listener;
                    20 concurrent connections to a host unix echo server;
                    guest -> --forward TCP echo server; the guest's echo server
@@ -19,7 +20,7 @@ check the facts gathered.  Groups (ids ``qemu7-pc``, ``qemu10-microvm-legacy``..
     run B          a second QEMU process, same vsproxy: 1 MiB to the host,
                    hybrid echo, barrier
   qemu{7,10}-microvm-{legacy,modern} (vhost-user-vsock-device): run A, one
-    boot: 1 MiB to the host, hybrid echo, barrier.
+    boot: 1 MiB to the host, 1 MiB from the host, hybrid echo, barrier.
 
 The guest script runs its steps in order, each bracketed by
 ``STEP-BEGIN <name>`` / ``STEP-END <name> <rc>`` and bounded by ``timeout``.
@@ -71,11 +72,13 @@ BARRIER_PORT = 6900
 # guest echo-server ports (host -> guest)
 ECHO_PORTS: dict[Key, int] = {("A", 1): 5000, ("A", 2): 5100, ("B", 1): 5200}
 LISTEN_GUEST_PORT = 5000  # --listen tcp:127.0.0.1:<free port>=5000
+GUEST_SINK_PORT = 5300  # guest sink-server in boot A1 (host -> guest only)
 NO_GUEST_LISTENER_PORT = 5999
 
 SINK_SEEDS: dict[Key, int] = {("A", 1): 101, ("A", 2): 111, ("B", 1): 121}
 SINK_REPLY_BYTES = 64 * 1024  # sent by the host sink after the guest's EOF, seed = sink seed + 1000
 HYBRID_SEEDS: dict[Key, int] = {("A", 1): 201, ("A", 2): 211, ("B", 1): 221}
+GUEST_SINK_SEED = 301
 LISTEN_SEED, LISTEN_BYTES = 202, 256 * 1024
 FORWARD_SEED, FORWARD_BYTES = 203, 256 * 1024
 MULTI_CONNS, MULTI_BYTES = 20, 64 * 1024
@@ -136,6 +139,8 @@ STEP_FN = f'step() {{ n=$1; shift; echo "STEP-BEGIN $n"; timeout {STEP_TIMEOUT} 
 
 def guest_script(group: Group, key: Key) -> str:
     lines = [f"step send-unix vsock_tool send 2 {SINK_PORTS[key]} {MIB} {SINK_SEEDS[key]}"]
+    if key == ("A", 1):
+        lines.append(f"step guest-sink vsock_tool sink-server {GUEST_SINK_PORT}")
     maxconn = 1
     if group.is_first_boot(key):
         lines += [
@@ -445,6 +450,7 @@ class GroupFacts:
     multi_echo: list[Received] = dataclasses.field(default_factory=list)
     forward_echo: list[Received] = dataclasses.field(default_factory=list)
     hybrid: dict[int, EchoResult] = dataclasses.field(default_factory=dict)  # guest port -> result
+    hybrid_to_guest_sink: EchoResult | None = None
     hybrid_no_listener: EchoResult | None = None
     hybrid_no_listener_seconds: float = 0.0
     listen: EchoResult | None = None
@@ -512,7 +518,7 @@ class GroupFacts:
                     if st.rc != (2 if name.startswith("no-listener") else 0):
                         return True
         received = [*self.multi_echo, *self.forward_echo, *(r for rs in self.sinks.values() for r in rs)]
-        echoes = [*self.hybrid.values(), self.listen]
+        echoes = [*self.hybrid.values(), self.listen, self.hybrid_to_guest_sink]
         return (
             any(r.error for r in received)
             or any(r is not None and r.error for r in echoes)
@@ -522,8 +528,27 @@ class GroupFacts:
         )
 
 
+def hybrid_send(uds: Path, guest_port: int, data: bytes) -> EchoResult:
+    """CONNECT, send data, half-close, read until the guest closes."""
+    r = EchoResult()
+    s = hybrid_connect(uds, guest_port, r)
+    if s is not None:
+        with s:
+            try:
+                s.sendall(data)
+                r.sent = len(data)
+                s.shutdown(socket.SHUT_WR)
+                r.received = recv_all(s)
+            except OSError as e:
+                r.error = f"{type(e).__name__}: {e} (after sending {r.sent} bytes)"
+    return r
+
+
 def drive_boot(group: Group, key: Key, guest: harness.GuestRun, uds: Path, listen_port: int, f: GroupFacts) -> None:
-    """The host's part of one boot: once the guest's echo server listens, feed it."""
+    """The host's part of one boot: feed the guest's sink and echo servers once they listen."""
+    if key == ("A", 1):
+        guest.wait_for(rf"\bLISTENING {GUEST_SINK_PORT}\b")
+        f.hybrid_to_guest_sink = hybrid_send(uds, GUEST_SINK_PORT, prng_bytes(GUEST_SINK_SEED, MIB))
     port = ECHO_PORTS[key]
     guest.wait_for(rf"\bLISTENING {port}\b")
     unfinished = f"host client still running after {IO_TIMEOUT * 2:.0f}s"
@@ -691,15 +716,15 @@ def check_send_to_sink(f: GroupFacts, key: Key) -> None:
     st = f.step(key, "send-unix")
     detail = f.detail(key, st)
     reply = prng_bytes(SINK_SEEDS[key] + 1000, SINK_REPLY_BYTES)
-    assert st.rc == 0, detail
-    expect_line(st, f"SENT {MIB}", detail)
-    expect_line(st, f"REPLY {SINK_REPLY_BYTES} {fnv1a64(reply)}", detail)
     conns = f.sinks[SINK_PORTS[key]]
     assert len(conns) == 1, f"host sink saw {len(conns)} connections{detail}"
     want = prng_bytes(SINK_SEEDS[key], MIB)
     got = conns[0]
+    assert got.data == want, f"host sink: {first_mismatch(got.data, want)}; error: {got.error}{detail}"
     assert got.error is None, got.error + detail
-    assert got.data == want, first_mismatch(got.data, want) + detail
+    assert st.rc == 0, detail
+    expect_line(st, f"SENT {MIB}", detail)
+    expect_line(st, f"REPLY {SINK_REPLY_BYTES} {fnv1a64(reply)}", detail)
 
 
 def check_hybrid_echo(f: GroupFacts, key: Key) -> None:
@@ -727,6 +752,8 @@ def expected_bytes(group: Group, key: Key) -> tuple[int, int]:
     """Payload bytes (guest -> host, host -> guest) moved in key's boot before its barrier report."""
     tx = MIB + MIB  # 1 MiB to the sink, 1 MiB echoed back to the hybrid client
     rx = SINK_REPLY_BYTES + MIB
+    if key == ("A", 1):
+        rx += MIB  # into the guest's sink server
     if group.is_first_boot(key):
         tx += MULTI_CONNS * MULTI_BYTES + FORWARD_BYTES + LISTEN_BYTES
         rx += MULTI_CONNS * MULTI_BYTES + FORWARD_BYTES + LISTEN_BYTES
@@ -766,6 +793,22 @@ def test_guest_to_host_unix_1mib(group: Group, group_facts: GroupFactsFn) -> Non
 @pytest.mark.parametrize("group", params(ALL_GROUPS))
 def test_host_to_guest_hybrid_echo_1mib(group: Group, group_facts: GroupFactsFn) -> None:
     check_hybrid_echo(group_facts(group), ("A", 1))
+
+
+@pytest.mark.parametrize("group", params(ALL_GROUPS))
+def test_host_to_guest_hybrid_1mib(group: Group, group_facts: GroupFactsFn) -> None:
+    """Host -> guest only (no echo): the guest's credit updates keep the host side going."""
+    f = group_facts(group)
+    key = ("A", 1)
+    st = f.step(key, "guest-sink")
+    detail = f.detail(key, st)
+    r = f.hybrid_to_guest_sink
+    assert r is not None, "the host never connected" + detail
+    assert r.error is None, f"{r.error} (OK line {r.ok_line!r}){detail}"
+    assert re.fullmatch(r"OK \d+", r.ok_line), f"bad hybrid answer {r.ok_line!r}{detail}"
+    assert (r.sent, r.received) == (MIB, b""), detail
+    expect_line(st, f"RECEIVED {MIB} {fnv1a64(prng_bytes(GUEST_SINK_SEED, MIB))}", detail)
+    assert st.rc == 0, detail
 
 
 @pytest.mark.parametrize("group", params(PC_GROUPS))

@@ -24,7 +24,7 @@ from typing import Protocol
 from vsproxy.endpoints.base import Buffer, Peer
 from vsproxy.vsock import header as H
 from vsproxy.vsock.connection import Connection, State
-from vsproxy.vsock.header import HDR, HDR_SIZE, Header, Op
+from vsproxy.vsock.header import HDR, HDR_SIZE, U32, Header, Op
 
 log = logging.getLogger("vsproxy.vsock")
 
@@ -383,7 +383,6 @@ class VsockCore:
     # ------------------------------------------------------------------
     # events from the I/O shell
     def peer_readable(self, conn: Connection) -> None:
-        conn.peer.watch_read(False)
         self._make_ready(conn)
 
     def peer_writable(self, conn: Connection) -> None:
@@ -531,14 +530,21 @@ class VsockCore:
 
     def fill_rx(self, rxq: RxQueue) -> int:
         """Fill posted rx buffers: control packets first, then host data round-robin.
-        Returns the number of chains used."""
+        Returns the number of chains used.
+
+        A ready connection keeps its read interest while it is served; it is switched off
+        only while the connection cannot be served (no rx buffers, no guest credit), so a
+        guest that posts nothing pauses host reads without a busy loop."""
         used = 0
         control = self.control
         ready = self.ready
         c = self.counters
+        taps = self.taps
         while control or ready:
             chain = rxq.pop()
             if chain is None:
+                for conn in ready:
+                    conn.peer.watch_read(False)
                 break
             if chain.write_len < HDR_SIZE:
                 # Cannot hold even a header: give it back empty and count it.
@@ -547,18 +553,18 @@ class VsockCore:
                 used += 1
                 continue
             if control:
-                conn, op, flags, raw = control.popleft()
-                if conn is None:
+                conn_or_none, op, flags, raw = control.popleft()
+                if conn_or_none is None:
                     data = raw
                 else:
                     if op == Op.CREDIT_UPDATE:
-                        conn.flags &= ~Connection.UPDATE_QUEUED
-                    if conn.state is State.CLOSED and op != Op.RST:
+                        conn_or_none.flags &= ~Connection.UPDATE_QUEUED
+                    if conn_or_none.state is State.CLOSED and op != Op.RST:
                         rxq.unpop()
                         continue
-                    data = self._header(conn, op, flags, 0)
+                    data = self._header(conn_or_none, op, flags, 0)
                 _scatter(chain.writable, data)
-                if self.taps:
+                if taps:
                     self._tap(True, data, ())
                 rxq.push(chain.head, HDR_SIZE)
                 c.rx_packets += 1
@@ -569,16 +575,26 @@ class VsockCore:
             if conn.state is not State.ESTABLISHED or conn.guest_shut & H.SHUTDOWN_RCV or conn.host_eof:
                 rxq.unpop()
                 continue
-            credit = conn.credit.peer_free()
+            cr = conn.credit
+            credit = cr.peer_free()
             if credit == 0:
                 conn.flags |= Connection.WAIT_CREDIT
+                conn.peer.watch_read(False)
                 if not conn.flags & Connection.CREDIT_REQUESTED:
                     conn.flags |= Connection.CREDIT_REQUESTED
                     self._queue(conn, Op.CREDIT_REQUEST)
                 rxq.unpop()
                 continue
-            want = min(credit, chain.write_len - HDR_SIZE, H.MAX_PKT_PAYLOAD)
-            bufs = _payload_views(chain.writable, want)
+            writable = chain.writable
+            first = writable[0]
+            room = chain.write_len - HDR_SIZE
+            want = credit if credit < room else room
+            if want > H.MAX_PKT_PAYLOAD:
+                want = H.MAX_PKT_PAYLOAD
+            if len(first) >= HDR_SIZE + want:
+                bufs = [first[HDR_SIZE : HDR_SIZE + want]]
+            else:
+                bufs = _payload_views(writable, want)
             try:
                 n = conn.peer.recv_into(bufs)
             except OSError as e:
@@ -592,15 +608,23 @@ class VsockCore:
             if n == 0:
                 rxq.unpop()
                 conn.host_eof = True
+                conn.peer.watch_read(False)
                 self._queue(conn, Op.SHUTDOWN, H.SHUTDOWN_SEND)
                 if conn.host_shut_wr:
                     conn.peer.close(reset=False)
                 continue
-            conn.credit.sent(n)
-            data = self._header(conn, Op.RW, 0, n)
-            _scatter(chain.writable, data)
-            if self.taps:
-                self._tap(True, data, bufs)
+            cr.tx_cnt = (cr.tx_cnt + n) & U32
+            cr.adv_fwd_cnt = cr.fwd_cnt
+            if len(first) >= HDR_SIZE:
+                HDR.pack_into(first, 0, conn.peer_cid, self.guest_cid, conn.peer_port, conn.guest_port, n, conn.type,
+                              Op.RW, 0, cr.buf_alloc, cr.fwd_cnt)
+                if taps:
+                    self._tap(True, bytes(first[:HDR_SIZE]), bufs)
+            else:
+                data = self._header(conn, Op.RW, 0, n)
+                _scatter(writable, data)
+                if taps:
+                    self._tap(True, data, bufs)
             rxq.push(chain.head, HDR_SIZE + n)
             c.rx_packets += 1
             c.rx_bytes += n
