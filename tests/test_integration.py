@@ -429,3 +429,47 @@ def _send_ring_outside_memory(s: socket.socket) -> None:
     s.sendall(codec.encode(codec.Request.SET_VRING_ENABLE, codec.encode_vring_state(0, 1)))
     os.close(efd)
     os.close(fd)
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_guest_posting_no_rx_buffers_pauses_host_reads_without_spinning(start_vsproxy: Start, workdir: str) -> None:
+    uds = os.path.join(workdir, "v.sock")
+    vp = start_vsproxy("--uds-path", uds)
+    data = os.urandom(4 * MiB)
+    # A guest window larger than its posted buffers (128 x 3776 bytes): the ring runs dry first.
+    with SimGuest(vp.socket_path, buf_alloc=2 * MiB) as g:
+        lst = g.listen(6000)
+        host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        host.connect(uds)
+        host.sendall(b"CONNECT 6000\n")
+        gs = lst.accept(timeout=10)
+        assert host.recv(64).startswith(b"OK ")
+        g.driver.pause_rx()
+        host.setblocking(False)
+        sent = 0
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and sent < len(data):  # until every buffer is full
+            try:
+                sent += host.send(data[sent : sent + 65536])
+            except BlockingIOError:
+                g.poll(0.05)
+        # The rx ring is empty and the host keeps data waiting: vsproxy must sleep, not spin.
+        before = _cpu_seconds(vp.proc.pid)
+        time.sleep(1.0)
+        spent = _cpu_seconds(vp.proc.pid) - before
+        assert spent < 0.2, f"vsproxy used {spent:.2f} s of CPU in 1 s while the guest posted no buffers"
+        g.driver.resume_rx()
+        got = bytearray()
+        host.setblocking(True)
+        sender = threading.Thread(target=lambda: host.sendall(data[sent:]))
+        sender.start()
+        while len(got) < len(data):
+            got += gs.recv(1 << 20, timeout=10)
+        sender.join()
+        assert sha(bytes(got)) == sha(data)
+        host.close()

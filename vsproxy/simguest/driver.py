@@ -145,6 +145,8 @@ class VsockDriver:
         # One rx buffer per descriptor (Linux: one writable descriptor each).
         self.rx_gpas = [mem.alloc(rx_buf_size, 8) for _ in range(rx.size)]
         self.rx_offs = [mem.offset(g, rx_buf_size) for g in self.rx_gpas]
+        self.rx_paused = False
+        self._rx_held: list[int] = []
         nslots = min(tx.size, TX_SLOTS)
         self.tx_base = mem.alloc(nslots * TX_SLOT_SIZE, 64)
         self.tx_free_slots = list(range(nslots))
@@ -257,10 +259,25 @@ class VsockDriver:
                     self.error(f"rx packet len {h.len} exceeds used len {u.len} / buffer {self.rx_buf_size}")
                 else:
                     self._on_packet(h, buf[off + HDR_SIZE : off + HDR_SIZE + h.len])
-            rx.requeue(u.head)
+            if self.rx_paused:
+                self._rx_held.append(u.head)
+            else:
+                rx.requeue(u.head)
         rx.flush_avail()
         self._kick(rx)
         return len(used)
+
+    def pause_rx(self) -> None:
+        """Stop re-posting rx buffers, like a guest that has run out of memory for them."""
+        self.rx_paused = True
+
+    def resume_rx(self) -> None:
+        self.rx_paused = False
+        for head in self._rx_held:
+            self.rx.requeue(head)
+        self._rx_held.clear()
+        self.rx.flush_avail()
+        self._kick(self.rx)
 
     # -- receive side ------------------------------------------------------------------------------
 
