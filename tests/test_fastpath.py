@@ -132,3 +132,91 @@ def test_c_batch_matches_the_python_walker(
         assert got == reference(rig, heads)
     finally:
         rig.close()
+
+
+class RxRig:
+    """An rx ring of Linux-shaped buffers and a socketpair as the host side."""
+
+    def __init__(self, nbufs: int = 8, size: int = 3776) -> None:
+        import socket
+
+        self.rig = Rig(device_writes=True, num=16)
+        self.size = size
+        self.bufs = [self.rig.gmem.alloc(size) for _ in range(nbufs)]
+        for gpa in self.bufs:
+            self.rig.ring.add_chain([Buf(gpa, size, writable=True)])
+        self.host, self.peer = socket.socketpair()
+        self.peer.setblocking(False)
+        self.fast = fastpath.RxFastPath(self.rig.q)
+        self.hdr = H.pack(2, GUEST, 1 << 30, 5000, 0, 1, H.Op.RW, 0, 65536, 123)
+
+    def used(self) -> list[tuple[int, bytes, bytes]]:
+        self.rig.q.publish()
+        out = []
+        for i in range(self.rig.ring.used_idx()):
+            head, length = self.rig.ring.read_used(i)
+            gpa = self.bufs[head] if head < len(self.bufs) else 0
+            raw = self.rig.gmem.read(gpa, length)
+            out.append((length, raw[: H.HDR_SIZE], raw[H.HDR_SIZE:]))
+        return out
+
+    def close(self) -> None:
+        self.host.close()
+        self.peer.close()
+        self.rig.close()
+
+
+def test_rx_fill_splits_host_data_into_buffers_with_patched_headers() -> None:
+    t = RxRig()
+    try:
+        data = bytes(range(256)) * 40  # 10240 bytes: 3732 + 3732 + 2776
+        t.host.sendall(data)
+        r = t.fast.fill(t.peer.fileno(), 1 << 20, 16, t.hdr)
+        assert (r.packets, r.bytes, r.status) == (3, 10240, fastpath.RX_SHORT)
+        used = t.used()
+        assert b"".join(p for _, _, p in used) == data
+        for length, hdr, payload in used:
+            h = H.unpack(hdr)
+            assert h.len == len(payload) == length - H.HDR_SIZE
+            assert h._replace(len=0).pack() == t.hdr
+        assert t.rig.q.last_avail_idx == 3
+    finally:
+        t.close()
+
+
+def test_rx_fill_stops_at_credit_burst_eof_and_empty_socket() -> None:
+    t = RxRig()
+    try:
+        t.host.sendall(b"x" * 5000)
+        r = t.fast.fill(t.peer.fileno(), 1000, 16, t.hdr)  # credit
+        assert (r.packets, r.bytes, r.status) == (1, 1000, fastpath.RX_LIMIT)
+        r = t.fast.fill(t.peer.fileno(), 1 << 20, 1, t.hdr)  # burst of one
+        assert (r.packets, r.bytes, r.status) == (1, 3732, fastpath.RX_LIMIT)
+        r = t.fast.fill(t.peer.fileno(), 1 << 20, 16, t.hdr)
+        assert (r.packets, r.bytes, r.status) == (1, 268, fastpath.RX_SHORT)
+        r = t.fast.fill(t.peer.fileno(), 1 << 20, 16, t.hdr)
+        assert (r.packets, r.status) == (0, fastpath.RX_AGAIN)
+        t.host.shutdown(1)
+        r = t.fast.fill(t.peer.fileno(), 1 << 20, 16, t.hdr)
+        assert (r.packets, r.status) == (0, fastpath.RX_EOF)
+    finally:
+        t.close()
+
+
+def test_rx_fill_leaves_other_chain_shapes_to_python() -> None:
+    t = RxRig(nbufs=1)
+    try:
+        rig = t.rig
+        a = rig.gmem.alloc(100)
+        rig.ring.add_chain([Buf(a, 50, writable=True), Buf(a + 50, 50, writable=True)])  # two descriptors
+        rig.ring.add_chain([Buf(1 << 40, 100, writable=True)])  # outside memory
+        t.host.sendall(b"y" * 8000)
+        r = t.fast.fill(t.peer.fileno(), 1 << 20, 16, t.hdr)
+        assert (r.packets, r.status) == (1, fastpath.RX_SLOW)
+        r = t.fast.fill(t.peer.fileno(), 1 << 20, 16, t.hdr)
+        assert (r.packets, r.status) == (0, fastpath.RX_SLOW)
+        chain = rig.q.pop()  # the Python walker takes the two-descriptor chain
+        assert chain is not None and chain.write_len == 100
+        assert rig.q.pop() is None and rig.q.counters.bad_chains == 1  # and rejects the bad one
+    finally:
+        t.close()

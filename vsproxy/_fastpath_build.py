@@ -33,6 +33,19 @@ int vq_tx_batch(const uint8_t *base, uint64_t region_gpa, uint64_t region_size,
                 uint16_t *heads, vq_item *items, uint32_t max_items,
                 uint8_t *scratch, uint32_t scratch_size,
                 uint8_t *seg_kind, uint64_t *seg_off, uint32_t *seg_len, uint32_t max_segs);
+
+typedef struct {
+    uint32_t packets;    /* rx chains filled and added to the used ring */
+    uint32_t bytes;      /* payload bytes read from the socket */
+    uint32_t status;     /* why it stopped, see RX_* */
+    int32_t err;         /* errno for RX_ERROR */
+} vq_rx_result;
+
+int vq_rx_fill(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
+               const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,
+               uint32_t *used_ring, uint16_t used_idx,
+               int fd, uint32_t credit, uint32_t max_packets, const uint8_t *hdr,
+               vq_rx_result *res);
 """
 
 SOURCE = r"""
@@ -139,6 +152,58 @@ int vq_tx_batch(const uint8_t *base, uint64_t region_gpa, uint64_t region_size,
         }
     }
     return (int)nitems;
+}
+
+#include <errno.h>
+#include <sys/socket.h>
+
+typedef struct { uint32_t packets, bytes, status; int32_t err; } vq_rx_result;
+
+enum { RX_LIMIT = 0, RX_SLOW = 1, RX_AGAIN = 2, RX_EOF = 3, RX_ERROR = 4, RX_SHORT = 5 };
+
+/* Host data straight from a socket into rx chains of the one shape Linux posts (a single
+   writable descriptor inside the region). Stops at the first chain of any other shape
+   (RX_SLOW, left on the ring for Python), when the socket has no more (RX_AGAIN after a
+   short read, RX_EOF, RX_ERROR), or at the credit / packet limit (RX_LIMIT). Used
+   elements are written; Python publishes used->idx and advances its indices. */
+int vq_rx_fill(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
+               const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,
+               uint32_t *used_ring, uint16_t used_idx,
+               int fd, uint32_t credit, uint32_t max_packets, const uint8_t *hdr,
+               vq_rx_result *res)
+{
+    res->packets = 0; res->bytes = 0; res->status = RX_LIMIT; res->err = 0;
+    while (res->packets < max_packets && credit > 0) {
+        if (res->packets >= avail_n) { res->status = RX_SLOW; return 0; }
+        uint16_t head = __atomic_load_n(&avail[2 + ((uint16_t)(last_avail + res->packets) & (num - 1))],
+                                        __ATOMIC_ACQUIRE);
+        if (head >= num) { res->status = RX_SLOW; return 0; }
+        uint64_t a; uint32_t l; uint16_t f, nx;
+        rd_desc(desc + 16 * (uint64_t)head, &a, &l, &f, &nx);
+        if (f != F_WRITE || l <= HDR || !in_region(a, l, region_gpa, region_size)) { res->status = RX_SLOW; return 0; }
+        uint32_t want = l - HDR;
+        if (want > credit) want = credit;
+        if (want > MAX_PKT) want = MAX_PKT;
+        uint8_t *buf = base + (a - region_gpa);
+        ssize_t n = recv(fd, buf + HDR, want, MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK) { res->status = RX_AGAIN; return 0; }
+            if (errno == EINTR) continue;
+            res->status = RX_ERROR; res->err = errno; return 0;
+        }
+        if (n == 0) { res->status = RX_EOF; return 0; }
+        uint32_t len = (uint32_t)n;
+        memcpy(buf, hdr, HDR);
+        memcpy(buf + 24, &len, 4);
+        uint32_t slot = (uint16_t)(used_idx + res->packets) & (num - 1);
+        used_ring[2 * slot] = head;
+        used_ring[2 * slot + 1] = HDR + len;
+        res->packets++;
+        res->bytes += len;
+        credit -= len;
+        if (len < want) { res->status = RX_SHORT; return 0; }
+    }
+    return 0;
 }
 """
 

@@ -22,7 +22,7 @@ from vsproxy.endpoints.sockets import (
     TcpListener,
     listen_unix,
 )
-from vsproxy.fastpath import Run, TxFastPath
+from vsproxy.fastpath import Run, RxFastPath, TxFastPath
 from vsproxy.loop import Loop
 from vsproxy.memory import GuestMemory, MemoryError_
 from vsproxy.vhost_user import codec
@@ -271,11 +271,13 @@ class FrontendSession(CoreHooks):
             name=f"{self.name}/{'rx' if index == RX_QUEUE else 'tx'}",
         )
         self.queues[index] = q
+        c_ok = fastpath.AVAILABLE and q.single_region is not None
         self._fastpaths[index] = (
-            TxFastPath(q, self.device.config.guest_cid, TX_BATCH)
-            if index == TX_QUEUE and fastpath.AVAILABLE and q.single_region is not None
-            else None
+            TxFastPath(q, self.device.config.guest_cid, TX_BATCH) if index == TX_QUEUE and c_ok else None
         )
+        if index == RX_QUEUE:
+            self.core.rx_fast = RxFastPath(q).fill if c_ok else None
+            self.core.rx_pending = q.pending
         log.info(
             "%s: vring %d started: size %d base %d event_idx=%s indirect=%s version_1=%s",
             self.name,
@@ -292,6 +294,8 @@ class FrontendSession(CoreHooks):
         q = self.queues[index]
         self.queues[index] = None
         self._fastpaths[index] = None
+        if index == RX_QUEUE:
+            self.core.rx_fast = None
         if q is None:
             return self.session.vrings[index].base
         # The guest driver is going away (poweroff, reboot, reset): its connections end with it.
@@ -396,8 +400,16 @@ class FrontendSession(CoreHooks):
         try:
             for item in items:
                 if isinstance(item, Run):
-                    if core.guest_rw_run(item.src_port, item.dst_cid, item.dst_port, item.buf_alloc, item.fwd_cnt,
-                                         item.total, item.segments, len(item.heads)):
+                    if core.guest_rw_run(
+                        item.src_port,
+                        item.dst_cid,
+                        item.dst_port,
+                        item.buf_alloc,
+                        item.fwd_cnt,
+                        item.total,
+                        item.segments,
+                        len(item.heads),
+                    ):
                         txq.counters.chains += len(item.heads)
                         done.extend(item.heads)
                         continue

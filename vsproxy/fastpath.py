@@ -74,9 +74,25 @@ class TxFastPath:
         if n == 0:
             return []
         count = lib.vq_tx_batch(
-            self._base, self._gpa, self._size, self._desc, self._avail, q.num, q.last_avail_idx, n,
-            1 if q.indirect else 0, self.guest_cid, self._heads, self._items, MAX_ITEMS,
-            self._scratch, SCRATCH, self._seg_kind, self._seg_off, self._seg_len, self.limit,
+            self._base,
+            self._gpa,
+            self._size,
+            self._desc,
+            self._avail,
+            q.num,
+            q.last_avail_idx,
+            n,
+            1 if q.indirect else 0,
+            self.guest_cid,
+            self._heads,
+            self._items,
+            MAX_ITEMS,
+            self._scratch,
+            SCRATCH,
+            self._seg_kind,
+            self._seg_off,
+            self._seg_len,
+            self.limit,
         )
         if count < 0:  # pragma: no cover - MAX_ITEMS >= limit, so items cannot run out
             raise RuntimeError("vq_tx_batch: item array too small")
@@ -93,6 +109,74 @@ class TxFastPath:
             for k in range(it.seg_first, it.seg_first + it.nseg):
                 o, ln = offs[k], lens[k]
                 segs.append(scratch[o : o + ln] if kinds[k] else view[o : o + ln])
-            out.append(Run(it.src_port, it.dst_cid, it.dst_port, it.buf_alloc, it.fwd_cnt, it.total, segs,
-                           heads[it.chain : it.chain + it.nchains]))
+            out.append(
+                Run(
+                    it.src_port,
+                    it.dst_cid,
+                    it.dst_port,
+                    it.buf_alloc,
+                    it.fwd_cnt,
+                    it.total,
+                    segs,
+                    heads[it.chain : it.chain + it.nchains],
+                )
+            )
         return out
+
+
+RX_LIMIT, RX_SLOW, RX_AGAIN, RX_EOF, RX_ERROR, RX_SHORT = range(6)
+
+
+class RxFill(NamedTuple):
+    packets: int
+    bytes: int
+    status: int
+    err: int
+
+
+class RxFastPath:
+    """Host socket data straight into rx chains of the Linux shape, in C."""
+
+    def __init__(self, q: SplitQueue) -> None:
+        assert AVAILABLE and q.single_region is not None
+        gpa, end, view = q.single_region
+        self.q = q
+        self._keep: list[Any] = [view, q._desc, q._avail16, q._used32]
+        self._base = ffi.from_buffer("uint8_t[]", view)
+        self._desc = ffi.from_buffer("uint8_t[]", q._desc)
+        self._avail = ffi.cast("uint16_t *", ffi.from_buffer("uint8_t[]", q._avail16.cast("B")))
+        self._used = ffi.cast("uint32_t *", ffi.from_buffer("uint8_t[]", q._used32.cast("B"))) + 1
+        self._gpa = gpa
+        self._size = end - gpa
+        self._res = ffi.new("vq_rx_result *")
+
+    def fill(self, fd: int, credit: int, max_packets: int, hdr: bytes) -> RxFill:
+        """Read from ``fd`` into up to ``max_packets`` chains within ``credit`` bytes; each
+        packet gets ``hdr`` with its len patched in. Used elements are added (publish later)."""
+        q = self.q
+        n = q.pending()
+        if n == 0:
+            return RxFill(0, 0, RX_SLOW, 0)
+        r = self._res
+        lib.vq_rx_fill(
+            self._base,
+            self._gpa,
+            self._size,
+            self._desc,
+            self._avail,
+            q.num,
+            q.last_avail_idx,
+            n,
+            self._used,
+            q.used_idx,
+            fd,
+            credit,
+            max_packets,
+            hdr,
+            r,
+        )
+        if r.packets:
+            q.last_avail_idx = (q.last_avail_idx + r.packets) & 0xFFFF
+            q.used_idx = (q.used_idx + r.packets) & 0xFFFF
+            q.counters.chains += r.packets
+        return RxFill(r.packets, r.bytes, r.status, r.err)

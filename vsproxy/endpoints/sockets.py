@@ -66,6 +66,10 @@ class SocketPeer:
     def describe(self) -> str:
         return self.label
 
+    def fast_fd(self) -> int:
+        """The fd the C rx path may read directly, or -1 (bytes of our own still come first)."""
+        return -1 if self.prebuf or self.closed else self.fd
+
     def send(self, bufs: Sequence[Buffer]) -> int:
         try:
             if len(bufs) == 1:

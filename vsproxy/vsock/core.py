@@ -16,11 +16,13 @@ throttled by its own connection's window and never by the shared rings.
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from vsproxy import fastpath
 from vsproxy.endpoints.base import Buffer, Peer
 from vsproxy.vsock import header as H
 from vsproxy.vsock.connection import Connection, State
@@ -84,6 +86,16 @@ class Tap(Protocol):
     def __call__(self, device: str, to_guest: bool, hdr: bytes, payload: Sequence[Buffer]) -> None: ...
 
 
+class RxFastFill(Protocol):
+    def __call__(self, fd: int, credit: int, max_packets: int, hdr: bytes) -> fastpath.RxFill: ...
+
+
+def _no_fd() -> int:
+    return -1
+
+
+RX_FAST_BURST = 16  # rx chains one connection may fill before the next ready one gets a turn
+
 # A connector opens the host side of a guest-initiated connection. It returns a
 # Peer that is connecting (the shell later calls peer_connected/peer_failed), or
 # None when nothing can serve the destination (the guest gets RST).
@@ -114,6 +126,9 @@ class VsockCore:
         self.now = 0.0
         self.seqpacket = False
         self.taps: list[Tap] = []
+        # Injected by the shell when the C rx path can serve this device's rx ring.
+        self.rx_fast: RxFastFill | None = None
+        self.rx_pending: Callable[[], int] = lambda: 0
 
     def _tap(self, to_guest: bool, hdr: bytes, payload: Sequence[Buffer]) -> None:
         for tap in self.taps:
@@ -143,8 +158,13 @@ class VsockCore:
         if length > payload_len or length > H.MAX_PKT_PAYLOAD:
             c.bad_packets += 1
             c.drop("bad-len")
-            log.warning("%s: bad packet length %d (chain holds %d): %s", self.name, length, payload_len,
-                        H.unpack(hdr_bytes).describe())
+            log.warning(
+                "%s: bad packet length %d (chain holds %d): %s",
+                self.name,
+                length,
+                payload_len,
+                H.unpack(hdr_bytes).describe(),
+            )
             conn = self.conns.get((type_, src_port, dst_cid, dst_port))
             if conn is not None:
                 self._reset(conn, "bad packet length")
@@ -199,8 +219,15 @@ class VsockCore:
         self._credit_changed(conn)
 
     def guest_rw_run(
-        self, src_port: int, dst_cid: int, dst_port: int, buf_alloc: int, fwd_cnt: int, total: int,
-        segments: Sequence[memoryview], npackets: int,
+        self,
+        src_port: int,
+        dst_cid: int,
+        dst_port: int,
+        buf_alloc: int,
+        fwd_cnt: int,
+        total: int,
+        segments: Sequence[memoryview],
+        npackets: int,
     ) -> bool:
         """Consecutive RW packets of one stream, already checked by the C fast path (source CID,
         type, lengths). Same effect as guest_packet for each; False if there is no such
@@ -488,10 +515,13 @@ class VsockCore:
         raw = H.pack(hdr.dst_cid, hdr.src_cid, hdr.dst_port, hdr.src_port, 0, hdr.type, Op.RST, 0, 0, 0)
         self.control.append((None, Op.RST, 0, raw))
 
-    def _make_ready(self, conn: Connection) -> None:
+    def _make_ready(self, conn: Connection, front: bool = False) -> None:
         if not conn.flags & Connection.IN_READY:
             conn.flags |= Connection.IN_READY
-            self.ready.append(conn)
+            if front:
+                self.ready.appendleft(conn)
+            else:
+                self.ready.append(conn)
 
     def _reset(self, conn: Connection, reason: str) -> None:
         """RST to the guest and a reset of the host side."""
@@ -540,100 +570,183 @@ class VsockCore:
         ready = self.ready
         c = self.counters
         taps = self.taps
+        rx_fast = self.rx_fast if not taps else None
         while control or ready:
+            if not control:
+                conn = ready.popleft()
+                conn.flags &= ~Connection.IN_READY
+                if conn.state is not State.ESTABLISHED or conn.guest_shut & H.SHUTDOWN_RCV or conn.host_eof:
+                    continue
+                credit = conn.credit.peer_free()
+                if credit == 0:
+                    conn.flags |= Connection.WAIT_CREDIT
+                    conn.peer.watch_read(False)
+                    if not conn.flags & Connection.CREDIT_REQUESTED:
+                        conn.flags |= Connection.CREDIT_REQUESTED
+                        self._queue(conn, Op.CREDIT_REQUEST)
+                    continue
+                if rx_fast is not None:
+                    fd = getattr(conn.peer, "fast_fd", _no_fd)()
+                    if fd >= 0:
+                        done, more = self._rx_fast(rx_fast, conn, fd, credit)
+                        used += done
+                        if more is None:
+                            continue
+                        if not more:
+                            # no rx buffers of any shape: wait for the guest to post some
+                            self._make_ready(conn, front=True)
+                            for r in ready:
+                                r.peer.watch_read(False)
+                            break
+                chain = rxq.pop()
+                if chain is None:
+                    self._make_ready(conn, front=True)
+                    for r in ready:
+                        r.peer.watch_read(False)
+                    break
+                used += 1
+                if chain.write_len < HDR_SIZE:
+                    # Cannot hold even a header: give it back empty, count it, try the next.
+                    c.short_rx_buffers += 1
+                    rxq.push(chain.head, 0)
+                    self._make_ready(conn, front=True)
+                    continue
+                if not self._rx_chain(rxq, chain, conn, credit):
+                    used -= 1
+                continue
             chain = rxq.pop()
             if chain is None:
-                for conn in ready:
-                    conn.peer.watch_read(False)
+                for r in ready:
+                    r.peer.watch_read(False)
                 break
             if chain.write_len < HDR_SIZE:
-                # Cannot hold even a header: give it back empty and count it.
                 c.short_rx_buffers += 1
                 rxq.push(chain.head, 0)
                 used += 1
                 continue
-            if control:
-                conn_or_none, op, flags, raw = control.popleft()
-                if conn_or_none is None:
-                    data = raw
-                else:
-                    if op == Op.CREDIT_UPDATE:
-                        conn_or_none.flags &= ~Connection.UPDATE_QUEUED
-                    if conn_or_none.state is State.CLOSED and op != Op.RST:
-                        rxq.unpop()
-                        continue
-                    data = self._header(conn_or_none, op, flags, 0)
-                _scatter(chain.writable, data)
-                if taps:
-                    self._tap(True, data, ())
-                rxq.push(chain.head, HDR_SIZE)
-                c.rx_packets += 1
-                used += 1
-                continue
-            conn = ready.popleft()
-            conn.flags &= ~Connection.IN_READY
-            if conn.state is not State.ESTABLISHED or conn.guest_shut & H.SHUTDOWN_RCV or conn.host_eof:
-                rxq.unpop()
-                continue
-            cr = conn.credit
-            credit = cr.peer_free()
-            if credit == 0:
-                conn.flags |= Connection.WAIT_CREDIT
-                conn.peer.watch_read(False)
-                if not conn.flags & Connection.CREDIT_REQUESTED:
-                    conn.flags |= Connection.CREDIT_REQUESTED
-                    self._queue(conn, Op.CREDIT_REQUEST)
-                rxq.unpop()
-                continue
-            writable = chain.writable
-            first = writable[0]
-            room = chain.write_len - HDR_SIZE
-            want = credit if credit < room else room
-            if want > H.MAX_PKT_PAYLOAD:
-                want = H.MAX_PKT_PAYLOAD
-            if len(first) >= HDR_SIZE + want:
-                bufs = [first[HDR_SIZE : HDR_SIZE + want]]
+            conn_or_none, op, flags, raw = control.popleft()
+            if conn_or_none is None:
+                data = raw
             else:
-                bufs = _payload_views(writable, want)
-            try:
-                n = conn.peer.recv_into(bufs)
-            except OSError as e:
-                rxq.unpop()
-                self._peer_error(conn, e)
-                continue
-            if n is None:
-                rxq.unpop()
-                conn.peer.watch_read(True)
-                continue
-            if n == 0:
-                rxq.unpop()
-                conn.host_eof = True
-                conn.peer.watch_read(False)
-                self._queue(conn, Op.SHUTDOWN, H.SHUTDOWN_SEND)
-                if conn.host_shut_wr:
-                    conn.peer.close(reset=False)
-                continue
-            cr.tx_cnt = (cr.tx_cnt + n) & U32
-            cr.adv_fwd_cnt = cr.fwd_cnt
-            if len(first) >= HDR_SIZE:
-                HDR.pack_into(first, 0, conn.peer_cid, self.guest_cid, conn.peer_port, conn.guest_port, n, conn.type,
-                              Op.RW, 0, cr.buf_alloc, cr.fwd_cnt)
-                if taps:
-                    self._tap(True, bytes(first[:HDR_SIZE]), bufs)
-            else:
-                data = self._header(conn, Op.RW, 0, n)
-                _scatter(writable, data)
-                if taps:
-                    self._tap(True, data, bufs)
-            rxq.push(chain.head, HDR_SIZE + n)
+                if op == Op.CREDIT_UPDATE:
+                    conn_or_none.flags &= ~Connection.UPDATE_QUEUED
+                if conn_or_none.state is State.CLOSED and op != Op.RST:
+                    rxq.unpop()
+                    continue
+                data = self._header(conn_or_none, op, flags, 0)
+            _scatter(chain.writable, data)
+            if taps:
+                self._tap(True, data, ())
+            rxq.push(chain.head, HDR_SIZE)
             c.rx_packets += 1
-            c.rx_bytes += n
             used += 1
-            if n == want:
-                self._make_ready(conn)  # more may be waiting: back of the line, for fairness
-            else:
-                conn.peer.watch_read(True)
         return used
+
+    def _rx_fast(self, rx_fast: RxFastFill, conn: Connection, fd: int, credit: int) -> tuple[int, bool | None]:
+        """Serve ``conn`` through the C path. Returns (chains used, more): more is None when
+        the connection was fully dealt with, True when the Python path should take the next
+        chain (an unusual shape), False when the ring has no buffers at all."""
+        cr = conn.credit
+        hdr = HDR.pack(
+            conn.peer_cid,
+            self.guest_cid,
+            conn.peer_port,
+            conn.guest_port,
+            0,
+            conn.type,
+            Op.RW,
+            0,
+            cr.buf_alloc,
+            cr.fwd_cnt,
+        )
+        r = rx_fast(fd, credit, RX_FAST_BURST, hdr)
+        if r.packets:
+            cr.tx_cnt = (cr.tx_cnt + r.bytes) & U32
+            cr.adv_fwd_cnt = cr.fwd_cnt
+            self.counters.rx_packets += r.packets
+            self.counters.rx_bytes += r.bytes
+        status = r.status
+        if status == fastpath.RX_LIMIT:
+            self._make_ready(conn)  # credit or burst used up: back of the line
+        elif status in (fastpath.RX_SHORT, fastpath.RX_AGAIN):
+            conn.peer.watch_read(True)
+        elif status == fastpath.RX_EOF:
+            self._host_eof(conn)
+        elif status == fastpath.RX_ERROR:
+            self._peer_error(conn, OSError(r.err, os.strerror(r.err)))
+        else:  # RX_SLOW: the next chain is not the Linux shape, or there is none
+            if r.packets:
+                self._make_ready(conn, front=True)
+                return r.packets, None
+            return 0, self.rx_pending() > 0
+        return r.packets, None
+
+    def _rx_chain(self, rxq: RxQueue, chain: _RxChain, conn: Connection, credit: int) -> bool:
+        """One host read into one rx chain (the Python path). False if the chain went unused."""
+        writable = chain.writable
+        first = writable[0]
+        room = chain.write_len - HDR_SIZE
+        want = credit if credit < room else room
+        if want > H.MAX_PKT_PAYLOAD:
+            want = H.MAX_PKT_PAYLOAD
+        if len(first) >= HDR_SIZE + want:
+            bufs = [first[HDR_SIZE : HDR_SIZE + want]]
+        else:
+            bufs = _payload_views(writable, want)
+        try:
+            n = conn.peer.recv_into(bufs)
+        except OSError as e:
+            rxq.unpop()
+            self._peer_error(conn, e)
+            return False
+        if n is None:
+            rxq.unpop()
+            conn.peer.watch_read(True)
+            return False
+        if n == 0:
+            rxq.unpop()
+            self._host_eof(conn)
+            return False
+        cr = conn.credit
+        cr.tx_cnt = (cr.tx_cnt + n) & U32
+        cr.adv_fwd_cnt = cr.fwd_cnt
+        if len(first) >= HDR_SIZE:
+            HDR.pack_into(
+                first,
+                0,
+                conn.peer_cid,
+                self.guest_cid,
+                conn.peer_port,
+                conn.guest_port,
+                n,
+                conn.type,
+                Op.RW,
+                0,
+                cr.buf_alloc,
+                cr.fwd_cnt,
+            )
+            if self.taps:
+                self._tap(True, bytes(first[:HDR_SIZE]), bufs)
+        else:
+            data = self._header(conn, Op.RW, 0, n)
+            _scatter(writable, data)
+            if self.taps:
+                self._tap(True, data, bufs)
+        rxq.push(chain.head, HDR_SIZE + n)
+        self.counters.rx_packets += 1
+        self.counters.rx_bytes += n
+        if n == want:
+            self._make_ready(conn)  # more may be waiting: back of the line, for fairness
+        else:
+            conn.peer.watch_read(True)
+        return True
+
+    def _host_eof(self, conn: Connection) -> None:
+        conn.host_eof = True
+        conn.peer.watch_read(False)
+        self._queue(conn, Op.SHUTDOWN, H.SHUTDOWN_SEND)
+        if conn.host_shut_wr:
+            conn.peer.close(reset=False)
 
 
 def _scatter(segs: list[memoryview], data: bytes) -> None:
