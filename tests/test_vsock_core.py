@@ -365,3 +365,15 @@ def test_linger_deadline_resets_a_host_that_never_reads() -> None:
     t.send(Op.SHUTDOWN, flags=H.SHUTDOWN_BOTH)
     t.core.tick(10.0)
     assert t.peer.closed is True and t.core.lingering() == 0
+
+
+def test_credit_update_threshold_follows_the_smaller_window() -> None:
+    """A Linux sender caps its credit at its own buf_alloc (CVE-2026-23086): with our 1 MiB
+    window and its 256 KiB one, waiting for a quarter of ours would stall it for good."""
+    c = Credit(1 << 20)
+    c.update_peer(256 * 1024, 0)
+    assert c.receive(256 * 1024)
+    c.forwarded(256 * 1024)
+    assert c.update_due()
+    c.adv_fwd_cnt = c.fwd_cnt
+    assert not c.update_due()

@@ -46,7 +46,8 @@ def _require_qemu(name: str) -> harness.Qemu:
     try:
         return harness.require_qemu(name)
     except harness.QemuMissing as e:
-        pytest.fail(str(e), pytrace=False)
+        msg = str(e)
+    pytest.fail(msg, pytrace=False)  # outside the except: no chained traceback
 
 
 @pytest.fixture(scope="session")

@@ -45,6 +45,7 @@ import signal
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -57,7 +58,7 @@ pytestmark = pytest.mark.e2e
 MIB = 1 << 20
 GUEST_CID = 5
 IO_TIMEOUT = 60.0  # seconds a host-side socket waits for progress
-STEP_TIMEOUT = 30  # seconds, per guest step (a healthy one takes under 2 s)
+STEP_TIMEOUT = 20  # seconds, per guest step (a healthy one takes under 2 s)
 RUN_TIMEOUT = 180.0  # deadline for one QEMU run (all its boots); a healthy run takes 5-15 s
 
 Key = tuple[str, int]  # (QEMU run, boot)
@@ -405,6 +406,22 @@ def hybrid_echo(uds: Path, guest_port: int, data: bytes) -> EchoResult:
     return r
 
 
+def hybrid_send(uds: Path, guest_port: int, data: bytes) -> EchoResult:
+    """CONNECT, send data, half-close, read until the guest closes."""
+    r = EchoResult()
+    s = hybrid_connect(uds, guest_port, r)
+    if s is not None:
+        with s:
+            try:
+                s.sendall(data)
+                r.sent = len(data)
+                s.shutdown(socket.SHUT_WR)
+                r.received = recv_all(s)
+            except OSError as e:
+                r.error = f"{type(e).__name__}: {e} (after sending {r.sent} bytes)"
+    return r
+
+
 def tcp_echo(port: int, data: bytes) -> EchoResult:
     r = EchoResult()
     try:
@@ -415,11 +432,13 @@ def tcp_echo(port: int, data: bytes) -> EchoResult:
     return r
 
 
-def free_tcp_port() -> int:
-    """A 127.0.0.1 port nobody listens on (bound and released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def free_tcp_ports(n: int) -> list[int]:
+    """n different 127.0.0.1 ports nobody listens on (bound together, then released)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 # --------------------------------------------------------------------------
@@ -468,7 +487,10 @@ class GroupFacts:
         if self.setup_error:
             pytest.fail(f"{self.group.id}: {self.setup_error}\n{self.log_tail()}", pytrace=False)
         if run not in self.runs:
-            pytest.fail(f"{self.group.id}: QEMU run {run} did not happen (an earlier run failed)\n{self.log_tail()}")
+            pytest.fail(
+                f"{self.group.id}: QEMU run {run} did not happen (an earlier run failed)\n{self.log_tail()}",
+                pytrace=False,
+            )
         return self.runs[run]
 
     def step(self, key: Key, name: str) -> Step:
@@ -526,22 +548,6 @@ class GroupFacts:
             or self.vsproxy_returncode != 0
             or "Traceback" in self.vsproxy_log
         )
-
-
-def hybrid_send(uds: Path, guest_port: int, data: bytes) -> EchoResult:
-    """CONNECT, send data, half-close, read until the guest closes."""
-    r = EchoResult()
-    s = hybrid_connect(uds, guest_port, r)
-    if s is not None:
-        with s:
-            try:
-                s.sendall(data)
-                r.sent = len(data)
-                s.shutdown(socket.SHUT_WR)
-                r.received = recv_all(s)
-            except OSError as e:
-                r.error = f"{type(e).__name__}: {e} (after sending {r.sent} bytes)"
-    return r
 
 
 def drive_boot(group: Group, key: Key, guest: harness.GuestRun, uds: Path, listen_port: int, f: GroupFacts) -> None:
@@ -616,11 +622,11 @@ def run_group(group: Group, qemu: harness.Qemu, image: harness.GuestImage) -> Gr
         servers.append(Server.unix(f"{uds}_{MULTI_PORT}", echo_handler(f.multi_echo)))
         fwd = Server.tcp(echo_handler(f.forward_echo))
         servers.append(fwd)
-        listen_port = free_tcp_port()
+        listen_port, dead_port = free_tcp_ports(2)
         args = [
             "--uds-path", str(uds),
             "--forward", f"{FORWARD_PORT}=tcp:127.0.0.1:{fwd.port}",
-            "--forward", f"{DEAD_FORWARD_PORT}=tcp:127.0.0.1:{free_tcp_port()}",
+            "--forward", f"{DEAD_FORWARD_PORT}=tcp:127.0.0.1:{dead_port}",
             "--listen", f"tcp:127.0.0.1:{listen_port}={LISTEN_GUEST_PORT}",
             "-v",
         ]  # fmt: skip
@@ -664,8 +670,8 @@ def run_group(group: Group, qemu: harness.Qemu, image: harness.GuestImage) -> Gr
             )
             if error is not None or vp.poll() is not None:
                 break
-    except (harness.HarnessError, OSError) as e:
-        f.setup_error = f"{type(e).__name__}: {e}"
+    except Exception as e:  # recorded, so every test of the group reports it (and the group is not rerun)
+        f.setup_error = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
     finally:
         if vp is not None:
             f.vsproxy_returncode = harness.stop_process(vp, grace=10)

@@ -288,6 +288,7 @@ class _Handshake:
         self.done = False
         self.port = 0
         self.rest = b""
+        self.have_line = False
         loop = listener.loop
         self.started = loop.time()
         loop.set_reader(sock.fileno(), self._read)
@@ -304,7 +305,8 @@ class _Handshake:
 
     def _timeout(self) -> None:
         if not self.done:
-            self._fail(f"no CONNECT line within {HANDSHAKE_TIMEOUT:.0f} s")
+            why = "no guest attached" if self.have_line else f"no CONNECT line within {HANDSHAKE_TIMEOUT:.0f} s"
+            self._fail(why)
 
     def _read(self) -> None:
         try:
@@ -331,6 +333,7 @@ class _Handshake:
         self.listener.loop.forget(self.sock.fileno())
         self.port = int(parts[1])
         self.rest = rest
+        self.have_line = True
         self._attach()
 
     def _attach(self) -> None:

@@ -83,7 +83,9 @@ class Conn:
         return (self.local_port, self.peer_cid, self.peer_port, self.type)
 
     def peer_free(self) -> int:
-        return peer_free(self.peer_buf_alloc, self.tx_cnt, self.peer_fwd_cnt)
+        # Linux since "vsock/virtio: cap TX credit to local buffer size" (CVE-2026-23086): a
+        # sender never has more than its own buf_alloc outstanding, whatever the peer offers.
+        return peer_free(min(self.peer_buf_alloc, self.buf_alloc), self.tx_cnt, self.peer_fwd_cnt)
 
 
 @dataclass(slots=True)

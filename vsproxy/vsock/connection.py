@@ -69,10 +69,15 @@ class Credit:
         return self.buf_alloc - ((self.rx_cnt - self.adv_fwd_cnt) & U32)
 
     def update_due(self) -> bool:
-        """Send CREDIT_UPDATE once the guest has used a quarter of the window and we have news
-        for it (measured: waiting for half of it halves 64 KiB throughput through stalls).
-        Linux guests never ask (no CREDIT_REQUEST), so this is what keeps a sender going."""
-        return self.fwd_cnt != self.adv_fwd_cnt and self.guest_view_free() < self.buf_alloc - self.buf_alloc // 4
+        """Send CREDIT_UPDATE once the guest counts more than a quarter of the usable window as
+        outstanding and we have news for it. Linux guests never ask (no CREDIT_REQUEST), and
+        since CVE-2026-23086 a Linux sender caps its credit at its own buf_alloc: the usable
+        window is the smaller of the two, so the threshold must be taken from that one, or a
+        sender with a smaller buffer than ours stalls for good."""
+        if self.fwd_cnt == self.adv_fwd_cnt:
+            return False
+        window = min(self.buf_alloc, self.peer_buf_alloc) if self.peer_buf_alloc else self.buf_alloc
+        return ((self.rx_cnt - self.adv_fwd_cnt) & U32) > window // 4
 
 
 class Connection:
