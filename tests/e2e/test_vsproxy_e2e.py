@@ -779,10 +779,10 @@ def check_barrier(f: GroupFacts, key: Key) -> dict[str, int]:
     assert c.get("conns") == 1, where
     # Byte counters are per session, so they add up over run A's two boots.
     tx = rx = 0
-    for k in f.group.keys():
-        if k[0] == key[0] and k[1] <= key[1]:
-            t, r = expected_bytes(f.group, k)
-            tx, rx = tx + t, rx + r + (len(BARRIER_GO) if k != key else 0)
+    for step in f.group.keys():
+        if step[0] == key[0] and step[1] <= key[1]:
+            t, r = expected_bytes(f.group, step)
+            tx, rx = tx + t, rx + r + (len(BARRIER_GO) if step != key else 0)
     assert (c.get("tx_bytes"), c.get("rx_bytes")) == (tx, rx), f"want tx_bytes={tx} rx_bytes={rx}; " + where
     return c
 
