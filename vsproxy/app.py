@@ -14,6 +14,8 @@ from typing import TextIO
 
 from vsproxy.device import Device, DeviceConfig
 from vsproxy.loop import Loop
+from vsproxy.policy import DeviceSpec, Policy
+from vsproxy.switch import Switch
 
 log = logging.getLogger("vsproxy")
 
@@ -56,10 +58,13 @@ def raise_nofile_limit() -> None:
 
 
 class Proxy:
-    def __init__(self, configs: list[DeviceConfig]) -> None:
+    def __init__(self, configs: list[DeviceConfig], policy: Policy | None = None) -> None:
         self.loop = Loop()
         self.configs = configs
         self.devices: list[Device] = []
+        if policy is None:
+            policy = Policy([DeviceSpec(c.name, c.guest_cid, c.groups) for c in configs])
+        self.switch = Switch(policy, self.loop)
 
     def start(self) -> None:
         for cfg in self.configs:
@@ -68,7 +73,7 @@ class Proxy:
                 check_socket_path(cfg.endpoints.uds_path, "--uds-path")
         try:
             for cfg in self.configs:
-                self.devices.append(Device(cfg, self.loop))
+                self.devices.append(Device(cfg, self.loop, self.switch))
                 log.info("%s: serving vhost-user on %s (guest CID %d)", cfg.name, cfg.socket_path, cfg.guest_cid)
         except OSError as e:
             self.close()
@@ -101,6 +106,8 @@ class Proxy:
                     f" bad_pkts={c.bad_packets} credit_violations={c.credit_violations}"
                     f" bad_chains={sum(q.bad_chains for q in qs)}"
                 )
+            print(line, file=out, flush=True)
+        for line in self.switch.report_lines():
             print(line, file=out, flush=True)
 
     @contextmanager

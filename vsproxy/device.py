@@ -12,8 +12,10 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from vsproxy import fastpath
+from vsproxy.endpoints.base import Peer
 from vsproxy.endpoints.sockets import (
     CoreHooks,
     HostEndpoints,
@@ -43,6 +45,9 @@ from vsproxy.vsock.connection import Connection
 from vsproxy.vsock.core import DEFAULT_BUF_ALLOC, SHUTDOWN_TIMEOUT, VsockCore
 from vsproxy.vsock.header import HDR_SIZE
 
+if TYPE_CHECKING:
+    from vsproxy.switch import Switch
+
 log = logging.getLogger("vsproxy.device")
 
 TX_BATCH = 256  # chains per pump pass, so one busy device cannot starve the loop
@@ -58,6 +63,7 @@ class DeviceConfig:
     name: str = ""
     endpoints: HostEndpoints = field(default_factory=HostEndpoints)
     buf_alloc: int = DEFAULT_BUF_ALLOC
+    groups: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -65,9 +71,11 @@ class DeviceConfig:
 
 
 class Device:
-    def __init__(self, config: DeviceConfig, loop: Loop) -> None:
+    def __init__(self, config: DeviceConfig, loop: Loop, switch: Switch) -> None:
         self.config = config
         self.loop = loop
+        self.switch = switch
+        switch.register(self)
         self.session: FrontendSession | None = None
         self.sessions_served = 0
         self.listeners: list[HybridListener | TcpListener] = []
@@ -91,7 +99,10 @@ class Device:
         s = self.session
         if s is None or not s.running:
             return None
-        conn = s.core.host_connect(peer, guest_port)
+        seen_cid = self.switch.inbound_host(self, guest_port)
+        if seen_cid is None:
+            return None
+        conn = s.core.host_connect(peer, guest_port, src_cid=seen_cid)
         s.kick_pump()
         return conn
 
@@ -458,8 +469,12 @@ class FrontendSession(CoreHooks):
         self.core.peer_failed(conn, reason)
         self.kick_pump()
 
-    def _connector(self, conn: Connection) -> SocketPeer | None:
-        return self.device.config.endpoints.open(conn, self.loop, self)
+    def _connector(self, conn: Connection) -> Peer | None:
+        return self.device.switch.open(self.device, conn, self)
+
+    def aborted(self, conn: Connection) -> None:
+        self.core.host_abort(conn)
+        self.kick_pump()
 
     # -- teardown ----------------------------------------------------------------
     def end(self, reason: str, *, error: bool) -> None:

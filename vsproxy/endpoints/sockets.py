@@ -164,8 +164,8 @@ class HostEndpoints:
     # host TCP (host, port) -> guest port
     listens: list[tuple[str, int, int]] = field(default_factory=list)
 
-    def open(self, conn: Connection, loop: Loop, hooks: CoreHooks) -> SocketPeer | None:
-        port = conn.peer_port
+    def open(self, port: int, conn: Connection, loop: Loop, hooks: CoreHooks) -> SocketPeer | None:
+        """Connect the host side for a guest connection to host port ``port`` (after any remap)."""
         fwd = self.forwards.get(port)
         if fwd is not None:
             return _tcp_connect(fwd, conn, loop, hooks)

@@ -246,12 +246,6 @@ class VsockCore:
 
     def _guest_request(self, hdr: Header) -> None:
         c = self.counters
-        if hdr.dst_cid != H.VMADDR_CID_HOST:
-            c.connections_refused += 1
-            c.drop("no-route")
-            log.info("%s: no route to CID %d (REQUEST %s)", self.name, hdr.dst_cid, hdr.describe())
-            self._rst_reply(hdr)
-            return
         if len(self.conns) >= MAX_CONNECTIONS:
             c.connections_refused += 1
             c.drop("too-many-connections")
@@ -438,18 +432,32 @@ class VsockCore:
         log.info("%s: host side of %s: %s", self.name, conn.describe(), e.strerror or e)
         self._reset(conn, "host peer error")
 
-    def host_connect(self, peer: Peer, guest_port: int, type_: int = H.Type.STREAM) -> Connection | None:
-        """A host program asks for a connection into the guest (hybrid CONNECT, TCP listener)."""
+    def host_connect(
+        self,
+        peer: Peer,
+        guest_port: int,
+        type_: int = H.Type.STREAM,
+        src_cid: int = H.VMADDR_CID_HOST,
+        src_port: int | None = None,
+        buf_alloc: int | None = None,
+    ) -> Connection | None:
+        """Something outside the guest asks for a connection into it: a host program (hybrid
+        CONNECT, TCP listener) or a sibling. ``src_cid``/``src_port`` are what the guest sees."""
         if len(self.conns) >= MAX_CONNECTIONS:
             return None
-        for _ in range(1 << 16):
-            port = self._next_host_port
-            self._next_host_port = port + 1 if port < H.U32 - 1 else HOST_PORT_FIRST
-            if (type_, guest_port, H.VMADDR_CID_HOST, port) not in self.conns:
-                break
+        if src_port is not None:
+            port = src_port
+            if (type_, guest_port, src_cid, port) in self.conns:
+                return None
         else:
-            return None
-        conn = Connection(type_, guest_port, H.VMADDR_CID_HOST, port, peer, self.buf_alloc)
+            for _ in range(1 << 16):
+                port = self._next_host_port
+                self._next_host_port = port + 1 if port < H.U32 - 1 else HOST_PORT_FIRST
+                if (type_, guest_port, src_cid, port) not in self.conns:
+                    break
+            else:
+                return None
+        conn = Connection(type_, guest_port, src_cid, port, peer, buf_alloc or self.buf_alloc)
         conn.state = State.REQUESTED
         conn.host_initiated = True
         conn.deadline = self.now + CONNECT_TIMEOUT

@@ -1,0 +1,148 @@
+"""Sibling routing: a connection between two guests, relayed by vsproxy.
+
+vsproxy is each guest's peer: device A's core terminates A's credit, device B's core B's,
+and a pair of ``SiblingEnd`` peers carries bytes between the two. Each end holds a
+bounded inbox of bytes for its own guest; when it is full, the other end's ``send`` takes
+nothing, so the sending core keeps the data in its own (credit-bounded) queue and a slow
+sibling throttles only this connection. When a guest reads, the other side is told at
+once that room was freed (no new kick will come for that data).
+
+Every notification crosses through ``schedule`` (the loop's call_soon), never directly
+into the other core, so one core is never re-entered from inside the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from vsproxy.endpoints.base import Buffer
+from vsproxy.vsock.connection import Connection
+
+INBOX_MAX = 256 * 1024
+
+
+class SiblingHooks(Protocol):
+    def readable(self, conn: Connection) -> None: ...
+    def writable(self, conn: Connection) -> None: ...
+    def connected(self, conn: Connection) -> None: ...
+    def failed(self, conn: Connection, reason: str) -> None: ...
+    def aborted(self, conn: Connection) -> None: ...
+
+
+class SiblingEnd:
+    def __init__(self, label: str, schedule: Callable[[Callable[[], None]], None], inbox_max: int = INBOX_MAX) -> None:
+        self.label = label
+        self.schedule = schedule
+        self.inbox = bytearray()
+        self.inbox_max = inbox_max
+        self.eof = False  # the other guest shut down sending; report EOF once the inbox is read
+        self.closed = False
+        self.other: SiblingEnd | None = None
+        self.hooks: SiblingHooks | None = None
+        self.conn: Connection | None = None
+        self._reading = False
+        self._writing = False
+
+    def attach(self, hooks: SiblingHooks, conn: Connection) -> None:
+        self.hooks = hooks
+        self.conn = conn
+
+    def describe(self) -> str:
+        return self.label
+
+    def _notify(self, what: str) -> None:
+        hooks, conn = self.hooks, self.conn
+        if hooks is None or conn is None or self.closed:
+            return
+        if what == "readable":
+            self.schedule(lambda: hooks.readable(conn))
+        elif what == "writable":
+            self.schedule(lambda: hooks.writable(conn))
+        elif what == "connected":
+            self.schedule(lambda: hooks.connected(conn))
+        elif what == "failed":
+            self.schedule(lambda: hooks.failed(conn, "sibling refused or went away"))
+        else:
+            self.schedule(lambda: hooks.aborted(conn))
+
+    # -- Peer ------------------------------------------------------------------------
+    def send(self, bufs: Sequence[Buffer]) -> int:
+        other = self.other
+        if other is None or other.closed or self.closed:
+            raise BrokenPipeError("sibling connection closed")
+        taken = 0
+        for b in bufs:
+            room = other.inbox_max - len(other.inbox)
+            if room <= 0:
+                break
+            k = min(room, len(b))
+            other.inbox += b[:k]
+            taken += k
+            if k < len(b):
+                break
+        if taken and other._reading:
+            other._notify("readable")
+        return taken
+
+    def recv_into(self, bufs: Sequence[memoryview]) -> int | None:
+        if not self.inbox:
+            return 0 if self.eof else None
+        n = 0
+        for b in bufs:
+            k = min(len(b), len(self.inbox) - n)
+            b[:k] = self.inbox[n : n + k]
+            n += k
+        del self.inbox[:n]
+        other = self.other
+        if other is not None and other._writing:
+            other._notify("writable")  # room freed: data the other guest already sent moves now
+        return n
+
+    def shutdown_write(self) -> None:
+        other = self.other
+        if other is not None:
+            other.eof = True
+            if other._reading:
+                other._notify("readable")
+
+    def close(self, reset: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        other = self.other
+        if other is None or other.closed:
+            return
+        if other.conn is not None and other.conn.state.value in ("connecting", "requested"):
+            other._notify("failed")
+        elif reset:
+            other._notify("aborted")
+        else:
+            other.eof = True  # a clean close is an EOF after what was already relayed
+            other._notify("readable")
+
+    def watch_read(self, on: bool) -> None:
+        self._reading = on
+        if on and (self.inbox or self.eof):
+            self._notify("readable")
+
+    def watch_write(self, on: bool) -> None:
+        self._writing = on
+        other = self.other
+        if on and other is not None and len(other.inbox) < other.inbox_max:
+            self._notify("writable")
+
+    def established(self, local_port: int) -> None:
+        # This side's guest accepted: the dialling guest gets its RESPONSE now.
+        other = self.other
+        if other is not None and self.conn is not None and other.conn is not None:
+            # A receiver's window bounds what the dialling guest is told it may send.
+            other.conn.credit.buf_alloc = min(other.conn.credit.buf_alloc, max(self.conn.credit.peer_buf_alloc, 4096))
+            other._notify("connected")
+
+
+def pair(label_a: str, label_b: str, schedule: Callable[[Callable[[], None]], None]) -> tuple[SiblingEnd, SiblingEnd]:
+    a = SiblingEnd(label_a, schedule)
+    b = SiblingEnd(label_b, schedule)
+    a.other, b.other = b, a
+    return a, b

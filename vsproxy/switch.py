@@ -1,0 +1,109 @@
+"""The router between devices: policy verdicts carried out, and counted.
+
+Every new connection passes here once, from whichever side it starts: a guest's REQUEST
+(``open``), a host program (``inbound_host``) or a sibling (inside ``open``). The policy
+(a pure function, ``policy.Policy``) decides; the switch makes the far side (host socket,
+built-in service, sibling pair), counts the verdict under the rule that decided, and logs
+every denial with device, CIDs, ports and rule. Data never passes through here: once a
+connection exists, its packets go core to peer directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from vsproxy.endpoints.base import Peer
+from vsproxy.endpoints.services import ServicePeer
+from vsproxy.endpoints.sibling import pair
+from vsproxy.loop import Loop
+from vsproxy.policy import HOST_CID, Policy
+from vsproxy.vsock.connection import Connection
+
+if TYPE_CHECKING:
+    from vsproxy.device import Device, FrontendSession
+
+log = logging.getLogger("vsproxy.switch")
+
+
+@dataclass
+class RuleCounters:
+    connections: int = 0
+    denials: int = 0
+    rewrites: int = 0
+
+
+class Switch:
+    def __init__(self, policy: Policy, loop: Loop) -> None:
+        self.policy = policy
+        self.loop = loop
+        self.devices: dict[str, Device] = {}
+        self.rules: dict[str, RuleCounters] = {}
+
+    def register(self, device: Device) -> None:
+        self.devices[device.name] = device
+
+    def _count(self, rule: str, *, allowed: bool, remap: str | None) -> None:
+        rc = self.rules.setdefault(rule, RuleCounters())
+        if allowed:
+            rc.connections += 1
+        else:
+            rc.denials += 1
+        if remap is not None and allowed:
+            self.rules.setdefault(remap, RuleCounters()).rewrites += 1
+
+    def open(self, dev: Device, conn: Connection, hooks: FrontendSession) -> Peer | None:
+        """The guest of ``dev`` sent REQUEST to conn.peer_cid:conn.peer_port (as it sees them)."""
+        route = self.policy.outbound(dev.name, conn.peer_cid, conn.peer_port)
+        self._count(route.rule, allowed=route.allowed, remap=route.remap)
+        where = f"{dev.name}: {dev.config.guest_cid}:{conn.guest_port} -> {conn.peer_cid}:{conn.peer_port}"
+        if route.remap is not None:
+            where += f" (really {route.cid}:{route.port}, {route.remap})"
+        if not route.allowed:
+            log.warning("%s denied by %s", where, route.rule)
+            return None
+        log.info("%s allowed by %s", where, route.rule)
+        if route.kind == "service":
+            assert route.service is not None
+            peer = ServicePeer(route.service, self.loop.call_soon, lambda: hooks.readable(conn),
+                               lambda: hooks.writable(conn))
+            self.loop.call_soon(lambda: hooks.connected(conn))
+            return peer
+        if route.kind == "host":
+            return dev.config.endpoints.open(route.port, conn, self.loop, hooks)
+        assert route.device is not None
+        target = self.devices.get(route.device)
+        ts = target.session if target is not None else None
+        if target is None or ts is None or not ts.running:
+            log.info("%s: sibling %s has no running guest", where, route.device)
+            return None
+        seen_cid, _ = self.policy.guest_view(target.name, dev.config.guest_cid)
+        a, b = pair(f"sibling:{target.name}", f"sibling:{dev.name}", self.loop.call_soon)
+        b_conn = ts.core.host_connect(
+            b, route.port, conn.type, src_cid=seen_cid, src_port=conn.guest_port,
+            # the receiving guest is told a window no larger than the sender's own
+            buf_alloc=min(ts.core.buf_alloc, max(conn.credit.peer_buf_alloc, 4096)),
+        )
+        if b_conn is None:
+            return None
+        a.attach(hooks, conn)
+        b.attach(ts, b_conn)
+        ts.kick_pump()
+        return a
+
+    def inbound_host(self, dev: Device, guest_port: int) -> int | None:
+        """A host program connects to ``dev``'s guest port: the CID the guest sees, or None if denied."""
+        route = self.policy.inbound(dev.name, HOST_CID, guest_port)
+        seen, remap = self.policy.guest_view(dev.name, HOST_CID)
+        self._count(route.rule, allowed=route.allowed, remap=remap)
+        if not route.allowed:
+            log.warning("%s: host -> %d:%d denied by %s", dev.name, dev.config.guest_cid, guest_port, route.rule)
+            return None
+        return seen
+
+    def report_lines(self) -> list[str]:
+        return [
+            f"rule {name!r}: connections={rc.connections} denials={rc.denials} rewrites={rc.rewrites}"
+            for name, rc in sorted(self.rules.items())
+        ]
