@@ -93,22 +93,35 @@ class Proxy:
         self.devices = []
         self.loop.close()
 
-    def report(self, out: TextIO = sys.stderr) -> None:
+    def snapshot(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Every counter, per device and per rule: the one interface reports, capture and the
+        TUI read. Device counters are those of the current front-end session."""
+        devices: dict[str, dict[str, int]] = {}
         for d in self.devices:
+            row = {"sessions": d.sessions_served}
             s = d.session
-            line = f"{d.name}: sessions={d.sessions_served}"
             if s is not None:
                 c = s.core.counters
                 qs = [q.counters for q in s.queues if q is not None]
-                line += (
-                    f" conns={len(s.core.conns)} tx_pkts={c.tx_packets} tx_bytes={c.tx_bytes}"
-                    f" rx_pkts={c.rx_packets} rx_bytes={c.rx_bytes} rst={c.rst_sent} spoofed={c.spoofed}"
-                    f" bad_pkts={c.bad_packets} credit_violations={c.credit_violations}"
-                    f" bad_chains={sum(q.bad_chains for q in qs)}"
+                row.update(
+                    conns=len(s.core.conns), tx_pkts=c.tx_packets, tx_bytes=c.tx_bytes, rx_pkts=c.rx_packets,
+                    rx_bytes=c.rx_bytes, rst=c.rst_sent, spoofed=c.spoofed, bad_pkts=c.bad_packets,
+                    credit_violations=c.credit_violations, bad_chains=sum(q.bad_chains for q in qs),
+                    refused=c.connections_refused,
                 )
-            print(line, file=out, flush=True)
-        for line in self.switch.report_lines():
-            print(line, file=out, flush=True)
+            devices[d.name] = row
+        rules = {
+            name: {"connections": rc.connections, "denials": rc.denials, "rewrites": rc.rewrites}
+            for name, rc in sorted(self.switch.rules.items())
+        }
+        return {"devices": devices, "rules": rules}
+
+    def report(self, out: TextIO = sys.stderr) -> None:
+        snap = self.snapshot()
+        for name, row in snap["devices"].items():
+            print(f"{name}: " + " ".join(f"{k}={v}" for k, v in row.items()), file=out, flush=True)
+        for name, row in snap["rules"].items():
+            print(f"rule {name!r}: " + " ".join(f"{k}={v}" for k, v in row.items()), file=out, flush=True)
 
     @contextmanager
     def signals(self) -> Iterator[None]:

@@ -10,9 +10,11 @@ import logging
 import re
 import sys
 
+from vsproxy import config as cfg
 from vsproxy.app import ConfigError, Proxy, raise_nofile_limit
 from vsproxy.device import DeviceConfig
 from vsproxy.endpoints.sockets import HostEndpoints, TcpForward
+from vsproxy.policy import Allow
 from vsproxy.vsock.core import DEFAULT_BUF_ALLOC
 from vsproxy.vsock.header import RESERVED_CIDS
 
@@ -83,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="vhost-user-vsock backend that routes, fences and shows vsock traffic.",
         epilog="Subcommands: 'vsproxy demo' runs a self-contained session with a simulated guest.",
     )
-    p.add_argument("--socket", required=True, metavar="PATH", help="vhost-user socket QEMU connects to")
-    p.add_argument("--guest-cid", required=True, type=parse_cid, metavar="N", help="the guest's CID (3..2^32-2)")
+    p.add_argument("--socket", metavar="PATH", help="vhost-user socket QEMU connects to (one device)")
+    p.add_argument("--guest-cid", type=parse_cid, metavar="N", help="the guest's CID (3..2^32-2)")
     p.add_argument(
         "--uds-path",
         metavar="PATH",
@@ -114,9 +116,71 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="per-connection buffer (the buf_alloc advertised to the guest), default 1048576",
     )
+    p.add_argument(
+        "--vm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE,...",
+        help="a device: guest-cid, socket, uds-path, groups, tx-buffer-size (as vhost-device-vsock), name, "
+        "forward, listen, remap, service, allow-out, allow-in; lists joined with + (repeatable)",
+    )
+    p.add_argument("--config", metavar="FILE", help="devices and rules from a TOML file ([[vm]] tables)")
+    p.add_argument(
+        "--remap",
+        action="append",
+        default=[],
+        metavar="CID[:PORT]=CID[:PORT]",
+        help="what guests dial as the first CID goes to the second, for every device (repeatable)",
+    )
+    p.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="CID:PORT=KIND",
+        help="a built-in service (nitro-heartbeat, echo, discard) at CID:PORT for every device (repeatable)",
+    )
+    p.add_argument("--allow-out", action="append", default=[], metavar="CID[:PORT]",
+                   help="with --socket: the guest may connect only to these (besides services)")
+    p.add_argument("--allow-in", action="append", default=[], metavar="CID[:PORT]",
+                   help="with --socket: only these may connect to the guest")
+    p.add_argument("--nitro", action="store_true",
+                   help="what a Nitro Enclave guest needs: heartbeat on 3:9000 and CID 3 remapped to the host")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for every message)")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     return p
+
+
+def settings_from_args(args: argparse.Namespace) -> cfg.Settings:
+    """Every device and rule from the flags and the config file, checked as a whole."""
+    settings = cfg.Settings()
+    if args.socket is not None or args.guest_cid is not None:
+        if args.socket is None or args.guest_cid is None:
+            raise UsageError("--socket and --guest-cid go together (or use --vm)")
+        if not 4096 <= args.tx_buffer_size <= 64 * 1024 * 1024:
+            raise UsageError("--tx-buffer-size must be between 4096 and 67108864")
+        name = f"cid{args.guest_cid}"
+        endpoints = HostEndpoints(uds_path=args.uds_path, forwards=dict(args.forward), listens=list(args.listen))
+        settings.devices.append(
+            DeviceConfig(args.guest_cid, args.socket, name=name, endpoints=endpoints, buf_alloc=args.tx_buffer_size)
+        )
+        for direction, items in (("out", args.allow_out), ("in", args.allow_in)):
+            for item in items:
+                acid, aport = cfg._cid_port(item, f"--allow-{direction}")
+                settings.allows.append(Allow(name, direction, acid, aport))
+    elif args.uds_path or args.forward or args.listen or args.allow_out or args.allow_in:
+        raise UsageError("--uds-path, --forward, --listen and --allow-* need --socket and --guest-cid")
+    for i, text in enumerate(args.vm):
+        cfg.add_vm(settings, cfg.parse_vm_flag(text), f"--vm #{i + 1}")
+    if args.config:
+        cfg.load_toml(args.config, settings)
+    for text in args.remap:
+        settings.remaps.append(cfg.parse_remap(text, "--remap"))
+    for text in args.service:
+        settings.services.append(cfg.parse_service(text, "--service"))
+    if args.nitro:
+        cfg.nitro(settings)
+    cfg.check(settings)
+    return settings
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:
@@ -132,16 +196,15 @@ def main(argv: list[str] | None = None) -> int:
         return demo_main(args_list[1:])
     try:
         args = build_parser().parse_args(args_list)
-        if not 4096 <= args.tx_buffer_size <= 64 * 1024 * 1024:
-            raise UsageError("--tx-buffer-size must be between 4096 and 67108864")
-    except UsageError as e:
+        settings = settings_from_args(args)
+    except (UsageError, cfg.ConfigError) as e:
         print(f"vsproxy: error: {e}", file=sys.stderr)
         return 2
     setup_logging(args.verbose, args.quiet)
     raise_nofile_limit()
-    endpoints = HostEndpoints(uds_path=args.uds_path, forwards=dict(args.forward), listens=list(args.listen))
-    config = DeviceConfig(args.guest_cid, args.socket, endpoints=endpoints, buf_alloc=args.tx_buffer_size)
-    proxy = Proxy([config])
+    for note in settings.notes:
+        print(f"vsproxy: {note}", file=sys.stderr)
+    proxy = Proxy(settings.devices, settings.policy())
     try:
         proxy.start()
     except ConfigError as e:

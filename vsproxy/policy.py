@@ -197,9 +197,11 @@ class Policy:
 
     def guest_view(self, dev: str, real_cid: int) -> tuple[int, str | None]:
         """The CID ``dev``'s guest sees for a peer really at ``real_cid``: the reverse of a
-        CID-only remap (per-device first), so a remapped peer looks like the CID dialled."""
+        CID-only remap that is in force for this device (so dialling the CID it sees leads
+        back to the same peer), per-device first."""
         candidates = [r for r in self.remaps if r.to_cid == real_cid and r.port is None and r.device in (None, dev)]
-        if not candidates:
-            return real_cid, None
-        r = max(candidates, key=lambda r: r.device == dev)
-        return r.cid, r.label()
+        for r in sorted(candidates, key=lambda r: r.device != dev):
+            effective = self._remap(dev, r.cid, -1)  # -1: a port no port-specific rule names
+            if effective is r:
+                return r.cid, r.label()
+        return real_cid, None

@@ -101,9 +101,3 @@ class Switch:
             log.warning("%s: host -> %d:%d denied by %s", dev.name, dev.config.guest_cid, guest_port, route.rule)
             return None
         return seen
-
-    def report_lines(self) -> list[str]:
-        return [
-            f"rule {name!r}: connections={rc.connections} denials={rc.denials} rewrites={rc.rewrites}"
-            for name, rc in sorted(self.rules.items())
-        ]
