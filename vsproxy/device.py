@@ -150,6 +150,7 @@ class FrontendSession(CoreHooks):
         self.mem: GuestMemory | None = None
         self.queues: list[SplitQueue | None] = [None, None]
         self._fastpaths: list[TxFastPath | None] = [None, None]
+        self._rx_fast: RxFastPath | None = None
         self.kick_fds: list[int | None] = [None, None]
         self.call_fds: list[int | None] = [None, None]
         self.err_fds: list[int | None] = [None, None]
@@ -283,11 +284,13 @@ class FrontendSession(CoreHooks):
         )
         self.queues[index] = q
         c_ok = fastpath.AVAILABLE and q.single_region is not None
+        self._close_fastpaths(index)
         self._fastpaths[index] = (
             TxFastPath(q, self.device.config.guest_cid, TX_BATCH) if index == TX_QUEUE and c_ok else None
         )
         if index == RX_QUEUE:
-            self.core.rx_fast = RxFastPath(q).fill if c_ok else None
+            self._rx_fast = RxFastPath(q) if c_ok else None
+            self.core.rx_fast = self._rx_fast.fill if self._rx_fast is not None else None
             self.core.rx_pending = q.pending
         log.info(
             "%s: vring %d started: size %d base %d event_idx=%s indirect=%s version_1=%s",
@@ -301,12 +304,24 @@ class FrontendSession(CoreHooks):
         )
         self.kick_pump()
 
+    def _close_rx_fast(self) -> None:
+        if self._rx_fast is not None:
+            self._rx_fast.close()
+            self._rx_fast = None
+        self.core.rx_fast = None
+
+    def _close_fastpaths(self, index: int) -> None:
+        fast = self._fastpaths[index]
+        if fast is not None:
+            fast.close()
+            self._fastpaths[index] = None
+        if index == RX_QUEUE:
+            self._close_rx_fast()
+
     def _stop_ring(self, index: int) -> int:
         q = self.queues[index]
         self.queues[index] = None
-        self._fastpaths[index] = None
-        if index == RX_QUEUE:
-            self.core.rx_fast = None
+        self._close_fastpaths(index)
         if q is None:
             return self.session.vrings[index].base
         # The guest driver is going away (poweroff, reboot, reset): its connections end with it.
@@ -495,7 +510,8 @@ class FrontendSession(CoreHooks):
                     os.close(fd)
                     fds[i] = None
         self.queues = [None, None]
-        self._fastpaths = [None, None]
+        self._close_fastpaths(TX_QUEUE)
+        self._close_fastpaths(RX_QUEUE)
         if self.mem is not None:
             self.mem.close()
             self.mem = None

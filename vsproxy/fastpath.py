@@ -54,7 +54,8 @@ class TxFastPath:
         self._keep: list[Any] = [view, q._desc, q._avail16]
         self._base = ffi.from_buffer("uint8_t[]", view)
         self._desc = ffi.from_buffer("uint8_t[]", q._desc)
-        self._avail = ffi.cast("uint16_t *", ffi.from_buffer("uint8_t[]", q._avail16.cast("B")))
+        self._avail_buf = ffi.from_buffer("uint8_t[]", q._avail16.cast("B"))
+        self._avail = ffi.cast("uint16_t *", self._avail_buf)
         self._gpa = gpa
         self._size = end - gpa
         self._heads = ffi.new("uint16_t[]", limit)
@@ -65,6 +66,14 @@ class TxFastPath:
         self._seg_kind = ffi.new("uint8_t[]", limit)
         self._seg_off = ffi.new("uint64_t[]", limit)
         self._seg_len = ffi.new("uint32_t[]", limit)
+
+    def close(self) -> None:
+        """Give the guest-memory buffers back now, so the mapping can be unmapped cleanly (a
+        cffi buffer left to the garbage collector can outlive its mmap at interpreter exit)."""
+        for cdata in (self._base, self._desc, self._scratch):
+            ffi.release(cdata)
+        ffi.release(self._avail_buf)
+        self._keep.clear()
 
     def batch(self) -> list[Run | Slow]:
         """Take the next chains. The scratch buffer is reused by the next call: whatever the
@@ -144,11 +153,19 @@ class RxFastPath:
         self._keep: list[Any] = [view, q._desc, q._avail16, q._used32]
         self._base = ffi.from_buffer("uint8_t[]", view)
         self._desc = ffi.from_buffer("uint8_t[]", q._desc)
-        self._avail = ffi.cast("uint16_t *", ffi.from_buffer("uint8_t[]", q._avail16.cast("B")))
-        self._used = ffi.cast("uint32_t *", ffi.from_buffer("uint8_t[]", q._used32.cast("B"))) + 1
+        self._avail_buf = ffi.from_buffer("uint8_t[]", q._avail16.cast("B"))
+        self._avail = ffi.cast("uint16_t *", self._avail_buf)
+        self._used_buf = ffi.from_buffer("uint8_t[]", q._used32.cast("B"))
+        self._used = ffi.cast("uint32_t *", self._used_buf) + 1
         self._gpa = gpa
         self._size = end - gpa
         self._res = ffi.new("vq_rx_result *")
+
+    def close(self) -> None:
+        """As TxFastPath.close."""
+        for cdata in (self._base, self._desc, self._avail_buf, self._used_buf):
+            ffi.release(cdata)
+        self._keep.clear()
 
     def fill(self, fd: int, credit: int, max_packets: int, hdr: bytes) -> RxFill:
         """Read from ``fd`` into up to ``max_packets`` chains within ``credit`` bytes; each
