@@ -202,7 +202,7 @@ def test_real_cid_3_and_an_alias_for_3_coexist(workdir: str) -> None:
         (["--vm", "guest-cid=5,socket=SOCK", "--vm", "guest-cid=6,socket=SOCK"], "given to both"),
         (["--vm", "guest-cid=2,socket=SOCK"], "reserved"),
         (["--vm", "guest-cid=5,socket=SOCK,colour=blue"], "unknown key 'colour'"),
-        (["--vm", "guest-cid=5,socket=SOCK,forward-cid=1"], "not supported yet"),
+        (["--vm", "guest-cid=5,socket=SOCK,forward-cid=0"], "cannot be dialled"),
         (["--vm", "guest-cid=5,socket=SOCK", "--remap", "3:9000=2"], "port on both sides"),
         (["--vm", "guest-cid=5,socket=SOCK", "--service", "3:9000=ftp"], "service kind 'ftp'"),
         (["--guest-cid", "5"], "go together"),
@@ -245,3 +245,111 @@ def test_bad_toml_names_the_file_and_key(workdir: str) -> None:
         f.write('[[vm]]\nguest-cid = 5\nsocket = "/tmp/x.sock"\nflavour = 1\n')
     p = subprocess.run([sys.executable, "-m", "vsproxy", "--config", conf], capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and f"{conf} vm[0]: unknown key 'flavour'" in p.stderr
+
+
+def test_af_vsock_forward_cid_and_listen_through_the_injected_factory(workdir: str) -> None:
+    """QEMU's nitro-enclave recipe, vhost-device-vsock's options unchanged. AF_VSOCK itself is
+    never opened here: --vsock-via-unix stands in for it with unix sockets."""
+    a = os.path.join(workdir, "a.sock")
+    vdir = os.path.join(workdir, "vsock")
+    os.mkdir(vdir)
+    echo = unix_server(os.path.join(vdir, "vsock-1-9001"))  # "host CID 1, port 9001"
+    vp = start_multi(workdir, "--vsock-via-unix", vdir,
+                     "--vm", f"guest-cid=4,forward-cid=1,forward-listen=9001+9002,socket={a}")
+    try:
+        with SimGuest(a) as g:
+            s = g.connect(9001, cid=3)  # the enclave dials its parent
+            assert roundtrip(s, b"to the parent") == b"to the parent"
+            s.close()
+            with pytest.raises(ConnectionResetError):
+                g.connect(9003, cid=3)  # nothing listens on 1:9003
+            lst = g.listen(9002)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as host:
+                host.settimeout(10)
+                host.connect(os.path.join(vdir, "listen-9002"))
+                c = lst.accept(timeout=10)
+                host.sendall(b"from a host vsock client")
+                assert c.recv_exactly(24, timeout=10) == b"from a host vsock client"
+        assert "default: forward-cid" in vp.report()
+    finally:
+        echo.close()
+        vp.stop()
+
+
+def test_vhost_device_vsock_yaml_file_is_accepted(workdir: str) -> None:
+    a, b = os.path.join(workdir, "a.sock"), os.path.join(workdir, "b.sock")
+    conf = os.path.join(workdir, "vms.yaml")
+    with open(conf, "w") as f:
+        f.write(f"vms:\n  - guest_cid: 5\n    socket: {a}\n    groups: g1+g2\n    queue_size: 1024\n"
+                f"  - guest_cid: 6\n    socket: {b}\n    groups: g2\n")
+    vp = start_multi(workdir, "--config", conf)
+    try:
+        with echo_guest(b, 7000) as (_, seen), SimGuest(a) as ga:
+            s = ga.connect(7000, cid=6)
+            assert roundtrip(s, b"yaml") == b"yaml"
+            s.close()
+        assert seen[0][0] == 5
+        assert "queue-size ignored" in vp.log()
+    finally:
+        vp.stop()
+
+
+def test_default_factory_is_real_af_vsock_without_opening_one() -> None:
+    from vsproxy.endpoints.vsock import AfVsockFactory
+
+    assert AfVsockFactory.family == socket.AF_VSOCK
+
+
+def test_slow_sibling_throttles_only_its_connection_and_loses_nothing(workdir: str) -> None:
+    import hashlib
+    import time
+
+    a, b = os.path.join(workdir, "a.sock"), os.path.join(workdir, "b.sock")
+    uds = os.path.join(workdir, "h.sock")
+    vp = start_multi(workdir, "--vm", f"guest-cid=5,socket={a},uds-path={uds},groups=g",
+                     "--vm", f"guest-cid=6,socket={b},groups=g")
+    echo = unix_server(f"{uds}_5000")
+    blob = os.urandom(3 << 20)
+    release = threading.Event()
+    got: list[bytes] = []
+
+    def slow_reader() -> None:
+        with SimGuest(b, timeout=30) as gb:
+            lst = gb.listen(7000)
+            c = lst.accept(timeout=15)
+            deadline = time.monotonic() + 20
+            while not release.is_set() and time.monotonic() < deadline:
+                gb.poll(0.02)  # keeps the driver alive but reads nothing
+            got.append(c.recv_all(timeout=30))
+
+    t = threading.Thread(target=slow_reader, daemon=True)
+    t.start()
+    try:
+        with SimGuest(a, timeout=30) as ga:
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    s = ga.connect(7000, cid=6, timeout=1)
+                    break
+                except (ConnectionResetError, TimeoutError):
+                    assert time.monotonic() < deadline
+            sent = 0
+            while sent < len(blob) and s.conn.peer_free():
+                n = min(s.conn.peer_free(), 65536, len(blob) - sent)
+                s.sendall(blob[sent : sent + n])
+                sent += n
+                ga.poll(0.01)
+            assert sent < len(blob)  # the sibling's window, the relay and our window are full
+            other = ga.connect(5000)  # the sender's other traffic is not held up
+            assert roundtrip(other, b"still flowing") == b"still flowing"
+            other.close()
+            release.set()
+            s.sendall(blob[sent:])
+            s.shutdown_write()
+            s.close()
+            t.join(40)
+        assert got and hashlib.sha256(got[0]).digest() == hashlib.sha256(blob).digest()
+    finally:
+        release.set()
+        echo.close()
+        vp.stop()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 
@@ -124,7 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="a device: guest-cid, socket, uds-path, groups, tx-buffer-size (as vhost-device-vsock), name, "
         "forward, listen, remap, service, allow-out, allow-in; lists joined with + (repeatable)",
     )
-    p.add_argument("--config", metavar="FILE", help="devices and rules from a TOML file ([[vm]] tables)")
+    p.add_argument("--config", metavar="FILE",
+                   help="devices and rules from a TOML file ([[vm]] tables) or vhost-device-vsock's YAML (vms:)")
+    p.add_argument("--forward-cid", type=int, metavar="CID",
+                   help="with --socket: guest connections to the host (and to CIDs no device has) go to "
+                   "AF_VSOCK CID:port on the host, as vhost-device-vsock's --forward-cid")
+    p.add_argument("--forward-listen", metavar="PORT+PORT",
+                   help="with --socket: listen on these host AF_VSOCK ports and connect into the same guest port")
+    p.add_argument("--vsock-via-unix", metavar="DIR",
+                   help="stand in for AF_VSOCK host sockets with unix sockets in DIR (tests; see README)")
     p.add_argument(
         "--remap",
         action="append",
@@ -153,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> cfg.Settings:
     """Every device and rule from the flags and the config file, checked as a whole."""
     settings = cfg.Settings()
+    if args.vsock_via_unix:
+        from vsproxy.endpoints.vsock import UnixVsockFactory
+
+        if not os.path.isdir(args.vsock_via_unix):
+            raise UsageError(f"--vsock-via-unix {args.vsock_via_unix}: not a directory")
+        settings.vsock_factory = UnixVsockFactory(args.vsock_via_unix)
     if args.socket is not None or args.guest_cid is not None:
         if args.socket is None or args.guest_cid is None:
             raise UsageError("--socket and --guest-cid go together (or use --vm)")
@@ -160,6 +175,14 @@ def settings_from_args(args: argparse.Namespace) -> cfg.Settings:
             raise UsageError("--tx-buffer-size must be between 4096 and 67108864")
         name = f"cid{args.guest_cid}"
         endpoints = HostEndpoints(uds_path=args.uds_path, forwards=dict(args.forward), listens=list(args.listen))
+        endpoints.vsock_factory = settings.vsock_factory
+        if args.forward_cid is not None:
+            if not 1 <= args.forward_cid < 0xFFFFFFFF:
+                raise UsageError(f"--forward-cid {args.forward_cid} cannot be dialled")
+            endpoints.forward_cid = args.forward_cid
+        if args.forward_listen:
+            for item in args.forward_listen.split("+"):
+                endpoints.forward_listen.append(cfg._u32(item, "port", "--forward-listen"))
         settings.devices.append(
             DeviceConfig(args.guest_cid, args.socket, name=name, endpoints=endpoints, buf_alloc=args.tx_buffer_size)
         )
@@ -167,12 +190,13 @@ def settings_from_args(args: argparse.Namespace) -> cfg.Settings:
             for item in items:
                 acid, aport = cfg._cid_port(item, f"--allow-{direction}")
                 settings.allows.append(Allow(name, direction, acid, aport))
-    elif args.uds_path or args.forward or args.listen or args.allow_out or args.allow_in:
-        raise UsageError("--uds-path, --forward, --listen and --allow-* need --socket and --guest-cid")
+    elif (args.uds_path or args.forward or args.listen or args.allow_out or args.allow_in
+          or args.forward_cid is not None or args.forward_listen):
+        raise UsageError("--uds-path, --forward*, --listen and --allow-* need --socket and --guest-cid")
     for i, text in enumerate(args.vm):
         cfg.add_vm(settings, cfg.parse_vm_flag(text), f"--vm #{i + 1}")
     if args.config:
-        cfg.load_toml(args.config, settings)
+        cfg.load_file(args.config, settings)
     for text in args.remap:
         settings.remaps.append(cfg.parse_remap(text, "--remap"))
     for text in args.service:

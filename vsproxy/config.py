@@ -17,15 +17,15 @@ from dataclasses import dataclass, field
 from vsproxy.device import DeviceConfig
 from vsproxy.endpoints.services import SERVICE_KINDS
 from vsproxy.endpoints.sockets import HostEndpoints, TcpForward
+from vsproxy.endpoints.vsock import VsockFactory
 from vsproxy.policy import Allow, DeviceSpec, Policy, Remap, Service
 from vsproxy.vsock.core import DEFAULT_BUF_ALLOC
 from vsproxy.vsock.header import RESERVED_CIDS
 
 VM_KEYS = (
-    "guest-cid", "socket", "uds-path", "groups", "tx-buffer-size", "name", "forward", "listen", "remap",
-    "service", "allow-out", "allow-in",
+    "guest-cid", "socket", "uds-path", "groups", "tx-buffer-size", "forward-cid", "forward-listen", "queue-size",
+    "name", "forward", "listen", "remap", "service", "allow-out", "allow-in",
 )
-NOT_YET = ("forward-cid", "forward-listen")  # vhost-device-vsock's AF_VSOCK backend
 
 
 class ConfigError(Exception):
@@ -39,9 +39,13 @@ class Settings:
     services: list[Service] = field(default_factory=list)
     allows: list[Allow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what shorthands such as --nitro set
+    vsock_factory: VsockFactory | None = None  # --vsock-via-unix (tests); None: real AF_VSOCK
 
     def policy(self) -> Policy:
-        specs = [DeviceSpec(d.name, d.guest_cid, d.groups) for d in self.devices]
+        specs = [
+            DeviceSpec(d.name, d.guest_cid, d.groups, forward_any=d.endpoints.forward_cid is not None)
+            for d in self.devices
+        ]
         return Policy(specs, list(self.remaps), list(self.services), list(self.allows))
 
 
@@ -127,8 +131,6 @@ def _items(value: object, where: str) -> list[str]:
 
 def add_vm(settings: Settings, values: dict[str, object], where: str) -> None:
     for key in values:
-        if key in NOT_YET:
-            raise ConfigError(f"{where}: key {key!r} (the AF_VSOCK host backend) is not supported yet")
         if key not in VM_KEYS:
             raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(VM_KEYS)})")
     for key in ("guest-cid", "socket"):
@@ -142,6 +144,16 @@ def add_vm(settings: Settings, values: dict[str, object], where: str) -> None:
         endpoints.forwards[port] = fwd
     for item in _items(values.get("listen", []), f"{where} listen"):
         endpoints.listens.append(parse_listen(item, f"{where} listen"))
+    if "forward-cid" in values:
+        fcid = _u32(str(values["forward-cid"]), "forward-cid", f"{where} forward-cid")
+        if fcid in (0, 0xFFFFFFFF):
+            raise ConfigError(f"{where} forward-cid: {fcid} cannot be dialled")
+        endpoints.forward_cid = fcid
+    for item in _items(values.get("forward-listen", []), f"{where} forward-listen"):
+        endpoints.forward_listen.append(_u32(item, "port", f"{where} forward-listen"))
+    endpoints.vsock_factory = settings.vsock_factory
+    if "queue-size" in values:
+        settings.notes.append(f"{where}: queue-size ignored (the front-end, QEMU, sets the ring size)")
     buf = values.get("tx-buffer-size", DEFAULT_BUF_ALLOC)
     if not str(buf).isdigit() or not 4096 <= int(str(buf)) <= 64 << 20:
         raise ConfigError(f"{where} tx-buffer-size: {buf!r} is not between 4096 and 67108864")
@@ -195,6 +207,32 @@ def load_toml(path: str, settings: Settings) -> None:
         settings.remaps.append(parse_remap(r, f"{path} remap"))
     for s in _items(data.get("service", []), f"{path} service"):
         settings.services.append(parse_service(s, f"{path} service"))
+
+
+def load_yaml(path: str, settings: Settings) -> None:
+    """vhost-device-vsock's configuration file: a ``vms:`` list, keys with underscores."""
+    import yaml
+
+    try:
+        with open(path, "rb") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict) or set(data) - {"vms"} or not isinstance(data.get("vms"), list):
+        raise ConfigError(f"{path}: expected a 'vms:' list (vhost-device-vsock's format)")
+    for i, vm in enumerate(data["vms"]):
+        if not isinstance(vm, dict):
+            raise ConfigError(f"{path}: vms[{i}] must be a mapping")
+        add_vm(settings, {str(k).replace("_", "-"): v for k, v in vm.items()}, f"{path} vms[{i}]")
+
+
+def load_file(path: str, settings: Settings) -> None:
+    if path.endswith((".yaml", ".yml")):
+        load_yaml(path, settings)
+    else:
+        load_toml(path, settings)
 
 
 def check(settings: Settings) -> None:

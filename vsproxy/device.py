@@ -46,6 +46,7 @@ from vsproxy.vsock.core import DEFAULT_BUF_ALLOC, SHUTDOWN_TIMEOUT, VsockCore
 from vsproxy.vsock.header import HDR_SIZE
 
 if TYPE_CHECKING:
+    from vsproxy.endpoints.vsock import VsockListener
     from vsproxy.switch import Switch
 
 log = logging.getLogger("vsproxy.device")
@@ -78,7 +79,7 @@ class Device:
         switch.register(self)
         self.session: FrontendSession | None = None
         self.sessions_served = 0
-        self.listeners: list[HybridListener | TcpListener] = []
+        self.listeners: list[HybridListener | TcpListener | VsockListener] = []
         self.sock = listen_unix(config.socket_path, 4)
         loop.set_reader(self.sock.fileno(), self._accept)
         ep = config.endpoints
@@ -86,6 +87,11 @@ class Device:
             self.listeners.append(HybridListener(ep.uds_path, loop, self._hooks, self._host_connect))
         for host, port, guest_port in ep.listens:
             self.listeners.append(TcpListener(host, port, guest_port, loop, self._hooks, self._host_connect))
+        for port in ep.forward_listen:
+            from vsproxy.endpoints.vsock import AfVsockFactory, VsockListener
+
+            factory = ep.vsock_factory or AfVsockFactory()
+            self.listeners.append(VsockListener(factory, port, loop, self._hooks, self._host_connect))
 
     @property
     def name(self) -> str:

@@ -69,6 +69,8 @@ class DeviceSpec:
     name: str
     cid: int
     groups: frozenset[str] = frozenset()
+    # forward-cid: like vhost-device-vsock, any CID that is no device goes to the host side
+    forward_any: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +144,8 @@ class Policy:
             kind, target = "host", None
         elif real_cid in self._by_cid and real_cid != src.cid:
             kind, target = "device", self._by_cid[real_cid]
+        elif src.forward_any and real_cid != src.cid and real_cid not in self._by_cid:
+            kind, target = "host", None
         else:
             why = "loop to itself" if real_cid == src.cid else "no route"
             return Route(False, "none", real_cid, real_port, why, remap=rlabel)
@@ -163,7 +167,7 @@ class Policy:
                     return True, a.label()
             return False, f"not in {src.name}'s outbound allowlist"
         if target is None:
-            return True, "default: host"
+            return True, "default: host" if cid == HOST_CID else "default: forward-cid"
         if cid in self.remap_targets(src.name):
             return True, f"default: {target.name} is {src.name}'s remap target"
         shared = src.groups & target.groups

@@ -16,8 +16,12 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from vsproxy.endpoints.base import Buffer
+
+if TYPE_CHECKING:
+    from vsproxy.endpoints.vsock import VsockFactory
 from vsproxy.loop import Loop
 from vsproxy.vsock.connection import Connection
 
@@ -157,18 +161,26 @@ class TcpForward:
 
 @dataclass
 class HostEndpoints:
-    """Where guest connections to CID 2 go, and host listeners into the guest."""
+    """Where guest connections to the host go, and host listeners into the guest."""
 
     uds_path: str | None = None
     forwards: dict[int, TcpForward] = field(default_factory=dict)
     # host TCP (host, port) -> guest port
     listens: list[tuple[str, int, int]] = field(default_factory=list)
+    # AF_VSOCK (vhost-device-vsock's forward-cid / forward-listen), through a socket factory
+    forward_cid: int | None = None
+    forward_listen: list[int] = field(default_factory=list)
+    vsock_factory: VsockFactory | None = None
 
     def open(self, port: int, conn: Connection, loop: Loop, hooks: CoreHooks) -> SocketPeer | None:
         """Connect the host side for a guest connection to host port ``port`` (after any remap)."""
         fwd = self.forwards.get(port)
         if fwd is not None:
             return _tcp_connect(fwd, conn, loop, hooks)
+        if self.forward_cid is not None:
+            from vsproxy.endpoints.vsock import AfVsockFactory, vsock_connect
+
+            return vsock_connect(self.vsock_factory or AfVsockFactory(), self.forward_cid, port, conn, loop, hooks)
         if self.uds_path is not None:
             return _unix_connect(f"{self.uds_path}_{port}", conn, loop, hooks)
         return None

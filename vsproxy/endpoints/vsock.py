@@ -1,0 +1,155 @@
+"""The AF_VSOCK host endpoint: guest connections forwarded to a host vsock CID
+(vhost-device-vsock's ``forward-cid``), and host vsock ports listened on and connected into
+the guest (``forward-listen``).
+
+Sockets come from a factory so the endpoint can be tested without AF_VSOCK: on the
+development machines AF_VSOCK belongs to the infrastructure and tests must never open one.
+``UnixVsockFactory`` stands in for it with unix sockets in a directory (``--vsock-via-unix``).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from collections.abc import Callable
+from typing import Protocol
+
+from vsproxy.endpoints.sockets import CoreHooks, SocketPeer
+from vsproxy.loop import Loop
+from vsproxy.vsock.connection import Connection
+
+log = logging.getLogger("vsproxy.endpoints")
+
+VMADDR_CID_ANY = 0xFFFFFFFF
+
+
+class VsockFactory(Protocol):
+    def connect(self, cid: int, port: int) -> tuple[socket.socket, int]:
+        """A non-blocking socket with its connect started, and the connect_ex result."""
+        ...
+
+    def listen(self, port: int) -> socket.socket:
+        ...
+
+    def describe(self, cid: int, port: int) -> str:
+        ...
+
+
+class AfVsockFactory:
+    """Real AF_VSOCK sockets (the default)."""
+
+    family = getattr(socket, "AF_VSOCK", 40)
+
+    def connect(self, cid: int, port: int) -> tuple[socket.socket, int]:
+        s = socket.socket(self.family, socket.SOCK_STREAM)
+        s.setblocking(False)
+        return s, s.connect_ex((cid, port))
+
+    def listen(self, port: int) -> socket.socket:
+        s = socket.socket(self.family, socket.SOCK_STREAM)
+        s.bind((VMADDR_CID_ANY, port))
+        s.listen(128)
+        s.setblocking(False)
+        return s
+
+    def describe(self, cid: int, port: int) -> str:
+        return f"vsock:{cid}:{port}"
+
+
+class UnixVsockFactory:
+    """AF_VSOCK emulated with unix sockets: CID:PORT is ``DIR/vsock-CID-PORT``, a listener on
+    PORT is ``DIR/listen-PORT``."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def connect(self, cid: int, port: int) -> tuple[socket.socket, int]:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        err = s.connect_ex(os.path.join(self.directory, f"vsock-{cid}-{port}"))
+        if err == errno.ENOENT:
+            err = errno.ECONNRESET  # what AF_VSOCK reports for a port nobody listens on
+        return s, err
+
+    def listen(self, port: int) -> socket.socket:
+        path = os.path.join(self.directory, f"listen-{port}")
+        if os.path.exists(path):
+            os.unlink(path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(path)
+        s.listen(128)
+        s.setblocking(False)
+        return s
+
+    def describe(self, cid: int, port: int) -> str:
+        return f"vsock-via-unix:{cid}:{port}"
+
+
+def vsock_connect(factory: VsockFactory, cid: int, port: int, conn: Connection, loop: Loop,
+                  hooks: CoreHooks) -> SocketPeer | None:
+    try:
+        sock, err = factory.connect(cid, port)
+    except OSError as e:
+        log.info("guest connect to %s failed: %s", factory.describe(cid, port), e.strerror)
+        return None
+    if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
+        log.info("guest connect to %s failed: %s", factory.describe(cid, port), os.strerror(err))
+        sock.close()
+        return None
+    peer = SocketPeer(sock, loop, hooks, factory.describe(cid, port))
+    peer.conn = conn
+    if err == 0:
+        loop.call_soon(lambda: hooks.connected(conn))
+        return peer
+
+    def on_connect() -> None:
+        peer.watch_write(False)
+        e = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if e:
+            hooks.failed(conn, os.strerror(e))
+        else:
+            hooks.connected(conn)
+
+    loop.set_writer(peer.fd, on_connect)
+    peer._writing = True
+    return peer
+
+
+class VsockListener:
+    """A host vsock port whose connections go into the same port of the guest."""
+
+    def __init__(self, factory: VsockFactory, port: int, loop: Loop, hooks_for: Callable[[], CoreHooks | None],
+                 connect: Callable[[SocketPeer, int], Connection | None]) -> None:
+        self.port = port
+        self.loop = loop
+        self.hooks_for = hooks_for
+        self.connect = connect
+        self.factory = factory
+        self.sock = factory.listen(port)
+        loop.set_reader(self.sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                s, _addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("vsock accept on port %d: %s", self.port, e)
+                return
+            hooks = self.hooks_for()
+            if hooks is None:
+                s.close()
+                continue
+            peer = SocketPeer(s, self.loop, hooks, f"{self.factory.describe(VMADDR_CID_ANY, self.port)} (accepted)")
+            conn = self.connect(peer, self.port)
+            if conn is None:
+                peer.close(reset=True)
+                continue
+            peer.conn = conn
+
+    def close(self) -> None:
+        self.loop.forget(self.sock.fileno())
+        self.sock.close()
