@@ -44,6 +44,9 @@ from vsproxy.virtq import Chain, RingSetupError, SplitQueue
 from vsproxy.vsock.connection import Connection
 from vsproxy.vsock.core import DEFAULT_BUF_ALLOC, SHUTDOWN_TIMEOUT, VsockCore
 from vsproxy.vsock.header import HDR_SIZE
+from vsproxy.vsock.header import Type as VsockType
+
+SEQPACKET = VsockType.SEQPACKET
 
 if TYPE_CHECKING:
     from vsproxy.endpoints.vsock import VsockListener
@@ -85,6 +88,9 @@ class Device:
         ep = config.endpoints
         if ep.uds_path is not None:
             self.listeners.append(HybridListener(ep.uds_path, loop, self._hooks, self._host_connect))
+            self.listeners.append(
+                HybridListener(ep.uds_path + ".seqpacket", loop, self._hooks, self._host_connect, seqpacket=True)
+            )
         for host, port, guest_port in ep.listens:
             self.listeners.append(TcpListener(host, port, guest_port, loop, self._hooks, self._host_connect))
         for port in ep.forward_listen:
@@ -101,14 +107,16 @@ class Device:
         s = self.session
         return s if s is not None and s.running else None
 
-    def _host_connect(self, peer: SocketPeer, guest_port: int) -> Connection | None:
+    def _host_connect(self, peer: SocketPeer, guest_port: int, type_: int) -> Connection | None:
         s = self.session
         if s is None or not s.running:
             return None
+        if type_ == SEQPACKET and not s.core.seqpacket:
+            return None  # the guest driver did not negotiate SEQPACKET
         seen_cid = self.switch.inbound_host(self, guest_port)
         if seen_cid is None:
             return None
-        conn = s.core.host_connect(peer, guest_port, src_cid=seen_cid)
+        conn = s.core.host_connect(peer, guest_port, type_, src_cid=seen_cid)
         s.kick_pump()
         return conn
 
@@ -289,6 +297,7 @@ class FrontendSession(CoreHooks):
             name=f"{self.name}/{'rx' if index == RX_QUEUE else 'tx'}",
         )
         self.queues[index] = q
+        self.core.seqpacket = self.session.has(codec.VIRTIO_VSOCK_F_SEQPACKET)
         c_ok = fastpath.AVAILABLE and q.single_region is not None
         self._close_fastpaths(index)
         self._fastpaths[index] = (

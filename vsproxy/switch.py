@@ -66,6 +66,9 @@ class Switch:
         log.info("%s allowed by %s", where, route.rule)
         if route.kind == "service":
             assert route.service is not None
+            if conn.type != 1:
+                log.info("%s: built-in services are STREAM only", where)
+                return None
             peer = ServicePeer(route.service, self.loop.call_soon, lambda: hooks.readable(conn),
                                lambda: hooks.writable(conn))
             self.loop.call_soon(lambda: hooks.connected(conn))

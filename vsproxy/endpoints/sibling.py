@@ -13,6 +13,7 @@ into the other core, so one core is never re-entered from inside the other.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -36,6 +37,9 @@ class SiblingEnd:
         self.schedule = schedule
         self.inbox = bytearray()
         self.inbox_max = inbox_max
+        # SEQPACKET: whole messages with their EOR mark; inbox_len counts their bytes
+        self.messages: deque[tuple[bytes, bool]] = deque()
+        self.inbox_len = 0
         self.eof = False  # the other guest shut down sending; report EOF once the inbox is read
         self.closed = False
         self.other: SiblingEnd | None = None
@@ -99,6 +103,29 @@ class SiblingEnd:
             other._notify("writable")  # room freed: data the other guest already sent moves now
         return n
 
+    def send_message(self, data: bytes, eor: bool) -> bool:
+        """SEQPACKET: a whole message or nothing; message bounds and EOR survive."""
+        other = self.other
+        if other is None or other.closed or self.closed:
+            raise BrokenPipeError("sibling connection closed")
+        if other.inbox_len and other.inbox_len + len(data) > other.inbox_max:
+            return False
+        other.messages.append((data, eor))
+        other.inbox_len += len(data)
+        if other._reading:
+            other._notify("readable")
+        return True
+
+    def recv_message(self, limit: int) -> tuple[bytes, bool] | None:
+        if not self.messages:
+            return (b"", False) if self.eof else None
+        data, eor = self.messages.popleft()
+        self.inbox_len -= len(data)
+        other = self.other
+        if other is not None and other._writing:
+            other._notify("writable")
+        return data, eor
+
     def shutdown_write(self) -> None:
         other = self.other
         if other is not None:
@@ -123,13 +150,13 @@ class SiblingEnd:
 
     def watch_read(self, on: bool) -> None:
         self._reading = on
-        if on and (self.inbox or self.eof):
+        if on and (self.inbox or self.messages or self.eof):
             self._notify("readable")
 
     def watch_write(self, on: bool) -> None:
         self._writing = on
         other = self.other
-        if on and other is not None and len(other.inbox) < other.inbox_max:
+        if on and other is not None and max(len(other.inbox), other.inbox_len) < other.inbox_max:
             self._notify("writable")
 
     def established(self, local_port: int) -> None:

@@ -30,6 +30,7 @@ log = logging.getLogger("vsproxy.endpoints")
 HANDSHAKE_MAX = 64  # "CONNECT 4294967295\n" fits easily
 HANDSHAKE_TIMEOUT = 5.0
 _LINGER_RESET = struct.pack("ii", 1, 0)
+SEQPACKET = 2  # virtio-vsock type
 SNDBUF = 1 << 20
 
 
@@ -97,6 +98,29 @@ class SocketPeer:
             return self.sock.recvmsg_into(bufs)[0]
         except (BlockingIOError, InterruptedError):
             return None
+
+    def send_message(self, data: bytes, eor: bool) -> bool:
+        """SEQPACKET: the whole message or nothing (a unix seqpacket socket has no record mark,
+        so EOR is not carried)."""
+        try:
+            self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            return False
+        return True
+
+    def recv_message(self, limit: int) -> tuple[bytes, bool] | None:
+        """SEQPACKET: the next whole message, (b"", False) at EOF, None if none is ready. A
+        message longer than ``limit`` comes back longer than it (the caller refuses it)."""
+        if self.prebuf:
+            data, self.prebuf = self.prebuf, b""
+            return data, False
+        try:
+            data, _anc, flags, _addr = self.sock.recvmsg(max(limit, 1) + 1)
+        except (BlockingIOError, InterruptedError):
+            return None
+        if flags & socket.MSG_TRUNC:
+            data += b"\0"  # longer than the limit either way
+        return data, False
 
     def shutdown_write(self) -> None:
         try:
@@ -174,6 +198,11 @@ class HostEndpoints:
 
     def open(self, port: int, conn: Connection, loop: Loop, hooks: CoreHooks) -> SocketPeer | None:
         """Connect the host side for a guest connection to host port ``port`` (after any remap)."""
+        if conn.type == SEQPACKET:
+            # Message boundaries survive only on unix SOCK_SEQPACKET sockets (not TCP).
+            if self.uds_path is None:
+                return None
+            return _unix_connect(f"{self.uds_path}_{port}", conn, loop, hooks, socket.SOCK_SEQPACKET)
         fwd = self.forwards.get(port)
         if fwd is not None:
             return _tcp_connect(fwd, conn, loop, hooks)
@@ -186,8 +215,10 @@ class HostEndpoints:
         return None
 
 
-def _unix_connect(path: str, conn: Connection, loop: Loop, hooks: CoreHooks) -> SocketPeer | None:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _unix_connect(
+    path: str, conn: Connection, loop: Loop, hooks: CoreHooks, kind: int = socket.SOCK_STREAM
+) -> SocketPeer | None:
+    sock = socket.socket(socket.AF_UNIX, kind)
     sock.setblocking(False)
     try:
         sock.connect(path)
@@ -234,11 +265,11 @@ def _tcp_connect(fwd: TcpForward, conn: Connection, loop: Loop, hooks: CoreHooks
     return peer
 
 
-def listen_unix(path: str, backlog: int) -> socket.socket:
+def listen_unix(path: str, backlog: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
     """A listening unix socket that appears at ``path`` only once it accepts: bound under a
     temporary name, then renamed, so a client that sees the file never gets ECONNREFUSED."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_UNIX, kind)
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -255,20 +286,25 @@ def listen_unix(path: str, backlog: int) -> socket.socket:
 
 
 class HybridListener:
-    """Accepts host programs on ``uds_path`` and reads their ``CONNECT <port>`` line."""
+    """Accepts host programs on ``uds_path`` and reads their ``CONNECT <port>`` line. The
+    SEQPACKET variant listens on ``uds_path.seqpacket`` (a SOCK_SEQPACKET socket): the CONNECT
+    line and the OK answer are each one message, and the connection into the guest is a
+    SEQPACKET one."""
 
     def __init__(
         self,
         path: str,
         loop: Loop,
         hooks_for: Callable[[], CoreHooks | None],
-        connect: Callable[[SocketPeer, int], Connection | None],
+        connect: Callable[[SocketPeer, int, int], Connection | None],
+        seqpacket: bool = False,
     ) -> None:
         self.path = path
         self.loop = loop
         self.hooks_for = hooks_for
         self.connect = connect
-        self.sock = listen_unix(path, 128)
+        self.seqpacket = seqpacket
+        self.sock = listen_unix(path, 128, socket.SOCK_SEQPACKET if seqpacket else socket.SOCK_STREAM)
         loop.set_reader(self.sock.fileno(), self._accept)
 
     def _accept(self) -> None:
@@ -362,7 +398,7 @@ class _Handshake:
         self._finish()
         peer = HybridPeer(self.sock, self.listener.loop, hooks, f"hybrid:{self.listener.path}")
         peer.prebuf = self.rest
-        conn = self.listener.connect(peer, self.port)
+        conn = self.listener.connect(peer, self.port, SEQPACKET if self.listener.seqpacket else 1)
         if conn is None:
             peer.close(reset=False)
             return
@@ -379,7 +415,7 @@ class TcpListener:
         guest_port: int,
         loop: Loop,
         hooks_for: Callable[[], CoreHooks | None],
-        connect: Callable[[SocketPeer, int], Connection | None],
+        connect: Callable[[SocketPeer, int, int], Connection | None],
     ) -> None:
         self.loop = loop
         self.guest_port = guest_port
@@ -411,7 +447,7 @@ class TcpListener:
                 continue
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer = SocketPeer(s, self.loop, hooks, f"tcp:{addr[0]}:{addr[1]}")
-            conn = self.connect(peer, self.guest_port)
+            conn = self.connect(peer, self.guest_port, 1)
             if conn is None:
                 peer.close(reset=True)
                 continue

@@ -121,7 +121,7 @@ class VsockListener:
     """A host vsock port whose connections go into the same port of the guest."""
 
     def __init__(self, factory: VsockFactory, port: int, loop: Loop, hooks_for: Callable[[], CoreHooks | None],
-                 connect: Callable[[SocketPeer, int], Connection | None]) -> None:
+                 connect: Callable[[SocketPeer, int, int], Connection | None]) -> None:
         self.port = port
         self.loop = loop
         self.hooks_for = hooks_for
@@ -144,7 +144,7 @@ class VsockListener:
                 s.close()
                 continue
             peer = SocketPeer(s, self.loop, hooks, f"{self.factory.describe(VMADDR_CID_ANY, self.port)} (accepted)")
-            conn = self.connect(peer, self.port)
+            conn = self.connect(peer, self.port, 1)
             if conn is None:
                 peer.close(reset=True)
                 continue

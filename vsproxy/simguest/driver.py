@@ -77,6 +77,9 @@ class Conn:
     local_shutdown: int = 0
     reset: bool = False  # the peer sent RST
     sink: Sink | None = None
+    # SEQPACKET: fragments of the message being received, and complete (data, flags) messages
+    partial: bytearray = field(default_factory=bytearray)
+    msgs: deque[tuple[bytes, int]] = field(default_factory=deque)
 
     @property
     def key(self) -> tuple[int, int, int, int]:
@@ -322,6 +325,13 @@ class VsockDriver:
                            f"{conn.last_fwd_cnt}, buf_alloc {conn.buf_alloc}): {h.describe()}")
                 return
             conn.rx_cnt = (conn.rx_cnt + h.len) & U32
+            if conn.type == vh.Type.SEQPACKET:
+                conn.partial += payload
+                if h.flags & vh.SEQ_EOM:
+                    conn.msgs.append((bytes(conn.partial), h.flags & (vh.SEQ_EOM | vh.SEQ_EOR)))
+                    conn.partial.clear()
+                    conn.rx_bytes += 0
+                return
             if conn.sink is not None:
                 conn.sink(payload)
                 self._consumed(conn, h.len)
@@ -415,6 +425,36 @@ class VsockDriver:
             self.stats.credit_requests_sent += 1
         elif op == Op.RST:
             self.stats.rst_sent += 1
+
+    def send_message(self, conn: Conn, data: bytes, eor: bool = False) -> None:
+        """One SEQPACKET message: RW fragments of at most 64 KiB, EOM (and EOR) on the last.
+        Like Linux, a message larger than the peer's buf_alloc cannot be sent."""
+        if conn.type != vh.Type.SEQPACKET:
+            raise SimGuestError("send_message needs a SEQPACKET connection")
+        if len(data) > min(conn.peer_buf_alloc, conn.buf_alloc):
+            raise OSError(90, f"message of {len(data)} bytes exceeds the window (EMSGSIZE)")
+        view = memoryview(data)
+        while True:
+            if conn.state != State.ESTABLISHED:
+                raise BrokenPipeError(f"connection {conn.key} is not open for sending")
+            credit = conn.peer_free() or self._wait_credit(conn, f"({len(view)} bytes of a message left)")
+            n = min(len(view), credit, MAX_PAYLOAD)
+            last = n == len(view)
+            flags = (vh.SEQ_EOM | (vh.SEQ_EOR if eor else 0)) if last else 0
+            self._send(conn, Op.RW, flags, view[:n])
+            view = view[n:]
+            if last:
+                return
+
+    def recv_message(self, conn: Conn, timeout: float | None) -> tuple[bytes, int]:
+        """The next complete SEQPACKET message and its flags; (b"", 0) once the peer is done."""
+        self.deadline_wait(lambda: bool(conn.msgs) or conn.peer_shutdown & vh.SHUTDOWN_SEND != 0
+                           or conn.state == State.CLOSED, timeout, f"receiving a message on {conn.key}")
+        if not conn.msgs:
+            return b"", 0
+        data, flags = conn.msgs.popleft()
+        self._consumed(conn, len(data))
+        return data, flags
 
     def _wait_credit(self, conn: Conn, what: str) -> int:
         """Wait until the peer grants credit (optionally asking with CREDIT_REQUEST); return it."""

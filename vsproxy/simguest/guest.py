@@ -45,11 +45,12 @@ class SimGuest:
         mem_size: int = DEFAULT_SIZE,
         credit_request: bool = False,
         record_limit: int = 4096,
+        seqpacket: bool = True,
     ) -> None:
         self.socket_path = socket_path
         self.ring_size = ring_size
         self.config = FrontendConfig(version_1=version_1, event_idx=event_idx, indirect=indirect,
-                                     reply_ack=reply_ack, mq=mq, qemu10=qemu10)
+                                     reply_ack=reply_ack, mq=mq, qemu10=qemu10, seqpacket=seqpacket)
         self.rx_buf_size = rx_buf_size
         self.buf_alloc = buf_alloc
         self.timeout = timeout

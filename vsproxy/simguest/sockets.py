@@ -42,6 +42,14 @@ class GuestSocket:
         """Send everything, in packets of at most 64 KiB and within the peer's credit."""
         self._drv.sendall(self.conn, data)
 
+    def send_message(self, data: bytes, eor: bool = False) -> None:
+        """SEQPACKET: one message (EOM on its last packet, EOR too if asked)."""
+        self._drv.send_message(self.conn, data, eor)
+
+    def recv_message(self, timeout: float | None = None) -> tuple[bytes, int]:
+        """SEQPACKET: the next whole message and its flags (SEQ_EOM, SEQ_EOR)."""
+        return self._drv.recv_message(self.conn, timeout)
+
     def recv(self, max_bytes: int = 65536, timeout: float | None = None) -> bytes:
         """Up to ``max_bytes``; b"" once the peer shut down sending (or reset) and the queue is empty."""
         return self._drv.recv(self.conn, max_bytes, timeout)

@@ -30,7 +30,7 @@ VIRTIO_VSOCK_CONFIG_SIZE = 8  # le64 guest_cid
 BACKEND_PROTOCOL_FEATURES = (1 << ProtocolFeature.MQ) | (1 << ProtocolFeature.REPLY_ACK) | (1 << ProtocolFeature.CONFIG)
 
 
-def default_features(*, seqpacket: bool = False) -> int:
+def default_features(*, seqpacket: bool = True) -> int:
     f = (
         (1 << codec.VIRTIO_F_VERSION_1)
         | (1 << codec.VHOST_USER_F_PROTOCOL_FEATURES)

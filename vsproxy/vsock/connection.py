@@ -90,11 +90,16 @@ class Connection:
         "host_eof",
         "host_initiated",
         "host_shut_wr",
+        "msg_buf",
+        "msg_flags",
         "out_bytes",
         "outq",
         "peer",
         "peer_cid",
         "peer_port",
+        "rx_msg",
+        "rx_msg_eor",
+        "rx_msg_off",
         "state",
         "type",
     )
@@ -123,6 +128,13 @@ class Connection:
         self.deadline = 0.0
         self.flags = 0
         self.host_initiated = False
+        # SEQPACKET: the guest message being assembled, the flags of each whole one in outq,
+        # and the host message being delivered to the guest in fragments
+        self.msg_buf = bytearray()
+        self.msg_flags: deque[int] = deque()
+        self.rx_msg: bytes | None = None
+        self.rx_msg_off = 0
+        self.rx_msg_eor = False
 
     @property
     def key(self) -> tuple[int, int, int, int]:

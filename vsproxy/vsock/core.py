@@ -189,6 +189,9 @@ class VsockCore:
         cr.peer_buf_alloc = buf_alloc
         cr.peer_fwd_cnt = fwd_cnt
         if op == Op.RW:
+            if type_ == H.Type.SEQPACKET:
+                self._guest_seq_rw(conn, length, payload, flags)
+                return
             # The hot path: credit effects are settled once per batch in flush_host.
             self._guest_rw(conn, length, payload)
             if conn.flags & Connection.WAIT_CREDIT:
@@ -301,6 +304,33 @@ class VsockCore:
             conn.flags |= Connection.IN_FLUSH
             self._flush.append(conn)
 
+    def _guest_seq_rw(self, conn: Connection, n: int, payload: Sequence[memoryview], flags: int) -> None:
+        """SEQPACKET data: fragments are assembled (bounded by the credit we gave) and each
+        whole message goes to the peer as one message, EOR kept where the peer can carry it."""
+        if conn.state is not State.ESTABLISHED or conn.guest_shut & H.SHUTDOWN_SEND:
+            self.counters.drop("rw-not-established")
+            self._reset(conn, "data on a connection that is not open for it")
+            return
+        if not conn.credit.receive(n):
+            self.counters.credit_violations += 1
+            self._reset(conn, "guest exceeded advertised credit")
+            return
+        self.counters.tx_bytes += n
+        left = n
+        for seg in payload:
+            if left <= 0:
+                break
+            conn.msg_buf += seg[:left]
+            left -= len(seg)
+        conn.out_bytes += n
+        if flags & H.SEQ_EOM:
+            conn.outq.append(bytes(conn.msg_buf))
+            conn.msg_flags.append(flags & (H.SEQ_EOM | H.SEQ_EOR))
+            conn.msg_buf.clear()
+            if not conn.flags & Connection.IN_FLUSH:
+                conn.flags |= Connection.IN_FLUSH
+                self._flush.append(conn)
+
     def _guest_shutdown(self, conn: Connection, flags: int) -> None:
         conn.guest_shut |= flags
         if conn.guest_shut == H.SHUTDOWN_BOTH:
@@ -346,7 +376,14 @@ class VsockCore:
         outq = conn.outq
         total = 0
         try:
-            while outq:
+            while outq and conn.type == H.Type.SEQPACKET:
+                msg = outq[0]
+                if not conn.peer.send_message(msg, bool(conn.msg_flags[0] & H.SEQ_EOR)):  # type: ignore[attr-defined]
+                    break
+                outq.popleft()
+                conn.msg_flags.popleft()
+                total += len(msg)
+            while outq and conn.type != H.Type.SEQPACKET:
                 bufs = [outq[i] for i in range(min(len(outq), SENDMSG_MAX_IOV))]
                 sent = conn.peer.send(bufs)
                 if sent <= 0:
@@ -593,7 +630,7 @@ class VsockCore:
                         conn.flags |= Connection.CREDIT_REQUESTED
                         self._queue(conn, Op.CREDIT_REQUEST)
                     continue
-                if rx_fast is not None:
+                if rx_fast is not None and conn.type == H.Type.STREAM:
                     fd = getattr(conn.peer, "fast_fd", _no_fd)()
                     if fd >= 0:
                         done, more = self._rx_fast(rx_fast, conn, fd, credit)
@@ -619,7 +656,8 @@ class VsockCore:
                     rxq.push(chain.head, 0)
                     self._make_ready(conn, front=True)
                     continue
-                if not self._rx_chain(rxq, chain, conn, credit):
+                rx_one = self._rx_seq_chain if conn.type == H.Type.SEQPACKET else self._rx_chain
+                if not rx_one(rxq, chain, conn, credit):
                     used -= 1
                 continue
             chain = rxq.pop()
@@ -747,6 +785,54 @@ class VsockCore:
             self._make_ready(conn)  # more may be waiting: back of the line, for fairness
         else:
             conn.peer.watch_read(True)
+        return True
+
+    def _rx_seq_chain(self, rxq: RxQueue, chain: _RxChain, conn: Connection, credit: int) -> bool:
+        """SEQPACKET to the guest: one host message at a time, in fragments sized to the rx
+        buffers and the credit, EOM (and EOR) on the last one only."""
+        if conn.rx_msg is None:
+            limit = conn.credit.peer_buf_alloc
+            try:
+                got = conn.peer.recv_message(limit)  # type: ignore[attr-defined]
+            except OSError as e:
+                rxq.unpop()
+                self._peer_error(conn, e)
+                return False
+            if got is None:
+                rxq.unpop()
+                conn.peer.watch_read(True)
+                return False
+            data, eor = got
+            if not data:
+                rxq.unpop()
+                self._host_eof(conn)
+                return False
+            if len(data) > limit:
+                # The guest could never take it whole (Linux: EMSGSIZE): the stream of messages is broken.
+                rxq.unpop()
+                self.counters.drop("message-too-large")
+                self._reset(conn, f"host message of {len(data)} bytes exceeds the guest's buf_alloc {limit}")
+                return False
+            conn.rx_msg, conn.rx_msg_off, conn.rx_msg_eor = data, 0, eor
+        msg = conn.rx_msg
+        off = conn.rx_msg_off
+        n = min(len(msg) - off, chain.write_len - HDR_SIZE, credit, H.MAX_PKT_PAYLOAD)
+        last = off + n == len(msg)
+        flags = (H.SEQ_EOM | (H.SEQ_EOR if conn.rx_msg_eor else 0)) if last else 0
+        cr = conn.credit
+        cr.tx_cnt = (cr.tx_cnt + n) & U32
+        data_hdr = self._header(conn, Op.RW, flags, n)
+        _scatter(chain.writable, data_hdr + msg[off : off + n])
+        if self.taps:
+            self._tap(True, data_hdr, [memoryview(msg)[off : off + n]])
+        rxq.push(chain.head, HDR_SIZE + n)
+        self.counters.rx_packets += 1
+        self.counters.rx_bytes += n
+        if last:
+            conn.rx_msg = None
+        else:
+            conn.rx_msg_off = off + n
+        self._make_ready(conn)  # the rest of this message, or the next one
         return True
 
     def _host_eof(self, conn: Connection) -> None:
