@@ -110,10 +110,18 @@ class Proxy:
                     refused=c.connections_refused,
                 )
             devices[d.name] = row
-        rules = {
-            name: {"connections": rc.connections, "denials": rc.denials, "rewrites": rc.rewrites}
-            for name, rc in sorted(self.switch.rules.items())
-        }
+        traffic = {k: list(v) for k, v in self.switch.rule_totals.items()}
+        for d in self.devices:
+            if d.session is not None:
+                for k, v in d.session.core.live_rule_stats().items():
+                    t = traffic.setdefault(k, [0, 0, 0, 0])
+                    for i, x in enumerate(v):
+                        t[i] += x
+        rules = {}
+        for name, rc in sorted(self.switch.rules.items()):
+            t = traffic.get(name, [0, 0, 0, 0])
+            rules[name] = {"connections": rc.connections, "denials": rc.denials, "rewrites": rc.rewrites,
+                           "packets": t[0] + t[2], "bytes": t[1] + t[3]}
         return {"devices": devices, "rules": rules}
 
     def report(self, out: TextIO = sys.stderr) -> None:

@@ -113,10 +113,13 @@ class Device:
             return None
         if type_ == SEQPACKET and not s.core.seqpacket:
             return None  # the guest driver did not negotiate SEQPACKET
-        seen_cid = self.switch.inbound_host(self, guest_port)
-        if seen_cid is None:
+        verdict = self.switch.inbound_host(self, guest_port)
+        if verdict is None:
             return None
+        seen_cid, rules = verdict
         conn = s.core.host_connect(peer, guest_port, type_, src_cid=seen_cid)
+        if conn is not None:
+            conn.rule = rules
         s.kick_pump()
         return conn
 
@@ -174,6 +177,7 @@ class FrontendSession(CoreHooks):
             buf_alloc=device.config.buf_alloc,
             name=device.name,
         )
+        self.core.rule_totals = device.switch.rule_totals
         self.closed = False
         self._pump_scheduled = False
         self.loop.set_reader(sock.fileno(), self._on_message)

@@ -40,6 +40,8 @@ class Switch:
         self.loop = loop
         self.devices: dict[str, Device] = {}
         self.rules: dict[str, RuleCounters] = {}
+        # traffic of closed connections per rule, shared by every device's core
+        self.rule_totals: dict[str, list[int]] = {}
 
     def register(self, device: Device) -> None:
         self.devices[device.name] = device
@@ -64,6 +66,7 @@ class Switch:
             log.warning("%s denied by %s", where, route.rule)
             return None
         log.info("%s allowed by %s", where, route.rule)
+        conn.rule = (route.rule,) if route.remap is None else (route.rule, route.remap)
         if route.kind == "service":
             assert route.service is not None
             if conn.type != 1:
@@ -90,17 +93,19 @@ class Switch:
         )
         if b_conn is None:
             return None
+        b_conn.rule = conn.rule
         a.attach(hooks, conn)
         b.attach(ts, b_conn)
         ts.kick_pump()
         return a
 
-    def inbound_host(self, dev: Device, guest_port: int) -> int | None:
-        """A host program connects to ``dev``'s guest port: the CID the guest sees, or None if denied."""
+    def inbound_host(self, dev: Device, guest_port: int) -> tuple[int, tuple[str, ...]] | None:
+        """A host program connects to ``dev``'s guest port: the CID the guest sees and the rules
+        that apply, or None if denied."""
         route = self.policy.inbound(dev.name, HOST_CID, guest_port)
         seen, remap = self.policy.guest_view(dev.name, HOST_CID)
         self._count(route.rule, allowed=route.allowed, remap=remap)
         if not route.allowed:
             log.warning("%s: host -> %d:%d denied by %s", dev.name, dev.config.guest_cid, guest_port, route.rule)
             return None
-        return seen
+        return seen, (route.rule,) if remap is None else (route.rule, remap)

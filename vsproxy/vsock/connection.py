@@ -97,10 +97,12 @@ class Connection:
         "peer",
         "peer_cid",
         "peer_port",
+        "rule",
         "rx_msg",
         "rx_msg_eor",
         "rx_msg_off",
         "state",
+        "stats",
         "type",
     )
 
@@ -135,6 +137,10 @@ class Connection:
         self.rx_msg: bytes | None = None
         self.rx_msg_off = 0
         self.rx_msg_eor = False
+        # The routing rules that admitted the connection (counters), and its traffic:
+        # [packets to the peer, bytes to the peer, packets to the guest, bytes to the guest]
+        self.rule: tuple[str, ...] = ()
+        self.stats = [0, 0, 0, 0]
 
     @property
     def key(self) -> tuple[int, int, int, int]:

@@ -126,6 +126,8 @@ class VsockCore:
         self.now = 0.0
         self.seqpacket = False
         self.taps: list[Tap] = []
+        # closed connections' traffic per rule; the shell may share one dict across sessions
+        self.rule_totals: dict[str, list[int]] = {}
         # Injected by the shell when the C rx path can serve this device's rx ring.
         self.rx_fast: RxFastFill | None = None
         self.rx_pending: Callable[[], int] = lambda: 0
@@ -242,6 +244,7 @@ class VsockCore:
         cr = conn.credit
         cr.peer_buf_alloc = buf_alloc
         cr.peer_fwd_cnt = fwd_cnt
+        conn.stats[0] += npackets - 1  # _guest_rw counts the run once
         self._guest_rw(conn, total, segments)
         if conn.flags & Connection.WAIT_CREDIT:
             self._credit_changed(conn)
@@ -286,6 +289,9 @@ class VsockCore:
         if n == 0:
             return
         self.counters.tx_bytes += n
+        st = conn.stats
+        st[0] += 1
+        st[1] += n
         outq = conn.outq
         first = payload[0]
         if len(first) >= n:
@@ -316,6 +322,8 @@ class VsockCore:
             self._reset(conn, "guest exceeded advertised credit")
             return
         self.counters.tx_bytes += n
+        conn.stats[0] += 1
+        conn.stats[1] += n
         left = n
         for seg in payload:
             if left <= 0:
@@ -532,6 +540,7 @@ class VsockCore:
         (the guest was given credit for it) until done or their linger deadline."""
         for conn in list(self.conns.values()):
             conn.state = State.CLOSED
+            self._account(conn)
             self._lingering.discard(conn)
             conn.outq.clear()
             conn.out_bytes = 0
@@ -579,6 +588,23 @@ class VsockCore:
         conn.state = State.CLOSED
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
+            self._account(conn)
+
+    def _account(self, conn: Connection) -> None:
+        for rule in conn.rule:
+            totals = self.rule_totals.setdefault(rule, [0, 0, 0, 0])
+            for i, v in enumerate(conn.stats):
+                totals[i] += v
+
+    def live_rule_stats(self) -> dict[str, list[int]]:
+        """Traffic per routing rule of the connections still open (closed ones are in rule_totals)."""
+        out: dict[str, list[int]] = {}
+        for conn in self.conns.values():
+            for rule in conn.rule:
+                totals = out.setdefault(rule, [0, 0, 0, 0])
+                for i, v in enumerate(conn.stats):
+                    totals[i] += v
+        return out
 
     def _forget(self, conn: Connection, reset_peer: bool) -> None:
         self._forget_vsock(conn)
@@ -711,6 +737,8 @@ class VsockCore:
             cr.adv_fwd_cnt = cr.fwd_cnt
             self.counters.rx_packets += r.packets
             self.counters.rx_bytes += r.bytes
+            conn.stats[2] += r.packets
+            conn.stats[3] += r.bytes
         status = r.status
         if status == fastpath.RX_LIMIT:
             self._make_ready(conn)  # credit or burst used up: back of the line
@@ -781,6 +809,8 @@ class VsockCore:
         rxq.push(chain.head, HDR_SIZE + n)
         self.counters.rx_packets += 1
         self.counters.rx_bytes += n
+        conn.stats[2] += 1
+        conn.stats[3] += n
         if n == want:
             self._make_ready(conn)  # more may be waiting: back of the line, for fairness
         else:
@@ -828,6 +858,8 @@ class VsockCore:
         rxq.push(chain.head, HDR_SIZE + n)
         self.counters.rx_packets += 1
         self.counters.rx_bytes += n
+        conn.stats[2] += 1
+        conn.stats[3] += n
         if last:
             conn.rx_msg = None
         else:
