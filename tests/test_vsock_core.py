@@ -377,3 +377,20 @@ def test_credit_update_threshold_follows_the_smaller_window() -> None:
     assert c.update_due()
     c.adv_fwd_cnt = c.fwd_cnt
     assert not c.update_due()
+
+
+@given(
+    st.integers(0, 2**64 - 1).filter(lambda c: c != GUEST),
+    st.sampled_from(list(Op)),
+    st.integers(0, 2**32 - 1),
+    st.binary(max_size=64),
+)
+def test_spoofed_packets_never_pass_whatever_they_carry(src_cid: int, op: int, port: int, payload: bytes) -> None:
+    t = Harness()
+    conn = t.open()
+    t.peer.sent.clear()
+    hdr = H.pack(src_cid, 2, GPORT, port, len(payload), H.Type.STREAM, op, 0, 65536, 0)
+    t.core.guest_packet(hdr, [memoryview(bytearray(payload))], len(payload))
+    t.core.flush_host()
+    assert t.peer.sent == b"" and t.drain() == []  # nothing forwarded, nothing answered
+    assert t.core.counters.spoofed == 1 and t.core.conns == {conn.key: conn}
