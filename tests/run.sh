@@ -5,10 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
-need=(qemu-system-x86 busybox-static gcc python3-venv python3-dev xz-utils cpio)
+need=(qemu-system-x86 busybox-static gcc python3-venv python3-dev xz-utils cpio tshark)
 missing=()
 for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then
+    # tshark's package asks whether non-root users may capture: answer no, without a prompt
+    echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
     apt-get update -q
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi

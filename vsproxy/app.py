@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
+from vsproxy.capture.writer import CaptureOptions, CaptureWriter
 from vsproxy.device import Device, DeviceConfig
 from vsproxy.loop import Loop
 from vsproxy.policy import DeviceSpec, Policy
@@ -65,6 +66,14 @@ class Proxy:
         if policy is None:
             policy = Policy([DeviceSpec(c.name, c.guest_cid, c.groups) for c in configs])
         self.switch = Switch(policy, self.loop)
+        self.capture: CaptureWriter | None = None
+
+    def start_capture(self, options: CaptureOptions) -> None:
+        try:
+            self.capture = CaptureWriter(options, [c.name for c in self.configs])
+        except OSError as e:
+            raise ConfigError(f"--pcap {options.path}: {e.strerror}") from None
+        self.switch.taps.append(self.capture.tap)
 
     def start(self) -> None:
         for cfg in self.configs:
@@ -90,6 +99,9 @@ class Proxy:
     def close(self) -> None:
         for d in self.devices:
             d.close()
+        if self.capture is not None:
+            self.switch.taps.clear()
+            self.capture.close()
         self.devices = []
         self.loop.close()
 
@@ -122,7 +134,12 @@ class Proxy:
             t = traffic.get(name, [0, 0, 0, 0])
             rules[name] = {"connections": rc.connections, "denials": rc.denials, "rewrites": rc.rewrites,
                            "packets": t[0] + t[2], "bytes": t[1] + t[3]}
-        return {"devices": devices, "rules": rules}
+        snap: dict[str, dict[str, dict[str, int]]] = {"devices": devices, "rules": rules}
+        if self.capture is not None:
+            cc = self.capture.counters
+            snap["capture"] = {"all": {"packets": cc.packets, "bytes": cc.bytes, "dropped": cc.dropped,
+                                       "files": cc.files}}
+        return snap
 
     def report(self, out: TextIO = sys.stderr) -> None:
         snap = self.snapshot()
@@ -130,6 +147,8 @@ class Proxy:
             print(f"{name}: " + " ".join(f"{k}={v}" for k, v in row.items()), file=out, flush=True)
         for name, row in snap["rules"].items():
             print(f"rule {name!r}: " + " ".join(f"{k}={v}" for k, v in row.items()), file=out, flush=True)
+        for row in snap.get("capture", {}).values():
+            print("capture: " + " ".join(f"{k}={v}" for k, v in row.items()), file=out, flush=True)
 
     @contextmanager
     def signals(self) -> Iterator[None]:

@@ -13,6 +13,7 @@ import sys
 
 from vsproxy import config as cfg
 from vsproxy.app import ConfigError, Proxy, raise_nofile_limit
+from vsproxy.capture.writer import CaptureOptions
 from vsproxy.device import DeviceConfig
 from vsproxy.endpoints.sockets import HostEndpoints, TcpForward
 from vsproxy.policy import Allow
@@ -154,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --socket: only these may connect to the guest")
     p.add_argument("--nitro", action="store_true",
                    help="what a Nitro Enclave guest needs: heartbeat on 3:9000 and CID 3 remapped to the host")
+    p.add_argument("--pcap", metavar="FILE",
+                   help="write every packet to FILE (- for stdout) as LINKTYPE_VSOCK, as the kernel's vsockmon")
+    p.add_argument("--pcap-format", choices=("pcapng", "pcap"), default="pcapng",
+                   help="pcapng (default: one interface per device, direction and marks) or classic pcap")
+    p.add_argument("--flush", action="store_true", help="flush the capture after every packet (like tcpdump -U)")
+    p.add_argument("--pcap-rotate-size", type=int, default=0, metavar="BYTES",
+                   help="start a new capture file (FILE.0, FILE.1, ...) past this size")
+    p.add_argument("--pcap-rotate-seconds", type=float, default=0.0, metavar="S",
+                   help="start a new capture file every S seconds")
+    p.add_argument("--pcap-files", type=int, default=0, metavar="N", help="keep only the newest N capture files")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for every message)")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     return p
@@ -230,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vsproxy: {note}", file=sys.stderr)
     proxy = Proxy(settings.devices, settings.policy())
     try:
+        if args.pcap:
+            if args.pcap_rotate_size < 0 or args.pcap_rotate_seconds < 0 or args.pcap_files < 0:
+                raise ConfigError("--pcap-rotate-size, --pcap-rotate-seconds and --pcap-files must not be negative")
+            proxy.start_capture(CaptureOptions(args.pcap, args.pcap_format, args.flush, args.pcap_rotate_size,
+                                               args.pcap_rotate_seconds, args.pcap_files))
         proxy.start()
     except ConfigError as e:
         print(f"vsproxy: error: {e}", file=sys.stderr)

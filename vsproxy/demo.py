@@ -44,7 +44,9 @@ class Transcript:
         self.packets = 0
         self.bytes = 0
 
-    def __call__(self, device: str, to_guest: bool, hdr: bytes, payload: Sequence[Buffer]) -> None:
+    def __call__(
+        self, device: str, to_guest: bool, hdr: bytes, payload: Sequence[Buffer], mark: str | None = None
+    ) -> None:
         h = H.unpack(hdr)
         with self.lock:
             self.packets += 1

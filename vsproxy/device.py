@@ -120,6 +120,8 @@ class Device:
         conn = s.core.host_connect(peer, guest_port, type_, src_cid=seen_cid)
         if conn is not None:
             conn.rule = rules
+            if seen_cid != 2:
+                conn.mark = f"rewritten ({rules[-1]}): real peer 2:{conn.peer_port}"
         s.kick_pump()
         return conn
 
@@ -178,6 +180,7 @@ class FrontendSession(CoreHooks):
             name=device.name,
         )
         self.core.rule_totals = device.switch.rule_totals
+        self.core.taps = device.switch.taps
         self.closed = False
         self._pump_scheduled = False
         self.loop.set_reader(sock.fileno(), self._on_message)

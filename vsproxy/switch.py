@@ -20,6 +20,7 @@ from vsproxy.endpoints.sibling import pair
 from vsproxy.loop import Loop
 from vsproxy.policy import HOST_CID, Policy
 from vsproxy.vsock.connection import Connection
+from vsproxy.vsock.core import Tap
 
 if TYPE_CHECKING:
     from vsproxy.device import Device, FrontendSession
@@ -42,6 +43,8 @@ class Switch:
         self.rules: dict[str, RuleCounters] = {}
         # traffic of closed connections per rule, shared by every device's core
         self.rule_totals: dict[str, list[int]] = {}
+        # taps every device's core feeds (capture, TUI): one list shared by all cores
+        self.taps: list[Tap] = []
 
     def register(self, device: Device) -> None:
         self.devices[device.name] = device
@@ -64,7 +67,10 @@ class Switch:
             where += f" (really {route.cid}:{route.port}, {route.remap})"
         if not route.allowed:
             log.warning("%s denied by %s", where, route.rule)
+            conn.mark = f"denied by {route.rule}; vsproxy answers RST"
             return None
+        if route.remap is not None:
+            conn.mark = f"rewritten ({route.remap}): real peer {route.cid}:{route.port}"
         log.info("%s allowed by %s", where, route.rule)
         conn.rule = (route.rule,) if route.remap is None else (route.rule, route.remap)
         if route.kind == "service":
@@ -94,6 +100,8 @@ class Switch:
         if b_conn is None:
             return None
         b_conn.rule = conn.rule
+        if seen_cid != dev.config.guest_cid:
+            b_conn.mark = f"rewritten: real peer {dev.config.guest_cid}:{conn.guest_port}"
         a.attach(hooks, conn)
         b.attach(ts, b_conn)
         ts.kick_pump()

@@ -90,6 +90,7 @@ class Connection:
         "host_eof",
         "host_initiated",
         "host_shut_wr",
+        "mark",
         "msg_buf",
         "msg_flags",
         "out_bytes",
@@ -141,6 +142,7 @@ class Connection:
         # [packets to the peer, bytes to the peer, packets to the guest, bytes to the guest]
         self.rule: tuple[str, ...] = ()
         self.stats = [0, 0, 0, 0]
+        self.mark: str | None = None  # capture comment for its packets (rewrite, denial)
 
     @property
     def key(self) -> tuple[int, int, int, int]:

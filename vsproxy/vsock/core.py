@@ -83,7 +83,9 @@ class Tap(Protocol):
     direction; the payload is the first ``hdr.len`` bytes of ``payload`` (the views may be
     longer), valid only during the call: a tap copies what it keeps."""
 
-    def __call__(self, device: str, to_guest: bool, hdr: bytes, payload: Sequence[Buffer]) -> None: ...
+    def __call__(
+        self, device: str, to_guest: bool, hdr: bytes, payload: Sequence[Buffer], mark: str | None = None
+    ) -> None: ...
 
 
 class RxFastFill(Protocol):
@@ -132,9 +134,9 @@ class VsockCore:
         self.rx_fast: RxFastFill | None = None
         self.rx_pending: Callable[[], int] = lambda: 0
 
-    def _tap(self, to_guest: bool, hdr: bytes, payload: Sequence[Buffer]) -> None:
+    def _tap(self, to_guest: bool, hdr: bytes, payload: Sequence[Buffer], mark: str | None = None) -> None:
         for tap in self.taps:
-            tap(self.name, to_guest, hdr, payload)
+            tap(self.name, to_guest, hdr, payload, mark)
 
     # ------------------------------------------------------------------
     # guest -> device
@@ -153,10 +155,15 @@ class VsockCore:
             # Anti-spoofing: a guest may only speak as itself.
             c.spoofed += 1
             log.warning("%s: dropped spoofed packet %s", self.name, H.unpack(hdr_bytes).describe())
+            if self.taps:
+                self._tap(False, bytes(hdr_bytes[:HDR_SIZE]), payload,
+                          f"spoofed: src_cid {src_cid} is not the guest's CID {self.guest_cid}; dropped")
             return
         c.tx_packets += 1
         if self.taps:
-            self._tap(False, bytes(hdr_bytes[:HDR_SIZE]), payload)
+            known = self.conns.get((type_, src_port, dst_cid, dst_port))
+            if known is not None or op != Op.REQUEST:  # a new REQUEST is tapped after its verdict
+                self._tap(False, bytes(hdr_bytes[:HDR_SIZE]), payload, known.mark if known is not None else None)
         if length > payload_len or length > H.MAX_PKT_PAYLOAD:
             c.bad_packets += 1
             c.drop("bad-len")
@@ -260,6 +267,8 @@ class VsockCore:
         conn = Connection(hdr.type, hdr.src_port, hdr.dst_cid, hdr.dst_port, _NO_PEER, self.buf_alloc)
         conn.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt)
         peer = self.connector(conn)
+        if self.taps:
+            self._tap(False, hdr.pack(), (), conn.mark)
         if peer is None:
             c.connections_refused += 1
             log.info(
@@ -800,12 +809,12 @@ class VsockCore:
                 cr.fwd_cnt,
             )
             if self.taps:
-                self._tap(True, bytes(first[:HDR_SIZE]), bufs)
+                self._tap(True, bytes(first[:HDR_SIZE]), bufs, conn.mark)
         else:
             data = self._header(conn, Op.RW, 0, n)
             _scatter(writable, data)
             if self.taps:
-                self._tap(True, data, bufs)
+                self._tap(True, data, bufs, conn.mark)
         rxq.push(chain.head, HDR_SIZE + n)
         self.counters.rx_packets += 1
         self.counters.rx_bytes += n
@@ -854,7 +863,7 @@ class VsockCore:
         data_hdr = self._header(conn, Op.RW, flags, n)
         _scatter(chain.writable, data_hdr + msg[off : off + n])
         if self.taps:
-            self._tap(True, data_hdr, [memoryview(msg)[off : off + n]])
+            self._tap(True, data_hdr, [memoryview(msg)[off : off + n]], conn.mark)
         rxq.push(chain.head, HDR_SIZE + n)
         self.counters.rx_packets += 1
         self.counters.rx_bytes += n
