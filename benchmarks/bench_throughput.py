@@ -22,6 +22,7 @@ import argparse
 import mmap
 import multiprocessing as mp
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -143,14 +144,14 @@ def _host_sender(uds: str, port: int, payload: int, count: int, result: Pipe) ->
 
 
 class Rig:
-    def __init__(self, tmp: str, guest_buf_alloc: int = LINUX_BUF_ALLOC) -> None:
+    def __init__(self, tmp: str, guest_buf_alloc: int = LINUX_BUF_ALLOC, extra: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
         self.vhost = os.path.join(tmp, "vhost.sock")
         self.uds = os.path.join(tmp, "uds")
         self.log = open(os.path.join(tmp, "vsproxy.log"), "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vsproxy", "--socket", self.vhost, "--guest-cid", "5", "--uds-path", self.uds,
-             "-q", *EXTRA], stderr=self.log,
+             "-v", *EXTRA, *extra], stderr=self.log,
         )
         deadline = time.monotonic() + 10
         while not os.path.exists(self.vhost):
@@ -236,16 +237,42 @@ class Rig:
         srv.close()
         return before, after
 
-    def close(self) -> None:
+    def close(self) -> str:
+        """Stop vsproxy; returns its closing report (counters)."""
         self.guest.close()
         self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(10)
+        self.proc.wait(30)
         self.log.close()
+        with open(self.log.name, errors="replace") as f:
+            return f.read()
+
+
+def capture_table(tmp: str, scale: float, repeat: int) -> None:
+    """Guest to host with capture off, then to a pcap and a pcapng file, in the same run."""
+    print(f"\n{'capture':<8} {'payload':>8} {'vsproxy':>16} {'vs off':>7} {'written':>9} {'bytes':>12} {'drops':>6}")
+    for payload, count in ((65536, int(20000 * scale)), (64, int(300000 * scale))):
+        base = 0.0
+        for mode in ("off", "pcap", "pcapng"):
+            sub = tempfile.mkdtemp(dir=tmp)
+            cap = os.path.join(sub, f"bench.{mode}")
+            extra = () if mode == "off" else ("--pcap", cap, "--pcap-format", mode)
+            rig = Rig(sub, LINUX_BUF_ALLOC, extra)
+            try:
+                el = min(rig.g2h(payload, count)[0] for _ in range(repeat))
+            finally:
+                report = rig.close()
+            rate = payload * count / el
+            base = base or rate
+            written = re.search(r"capture: packets=(\d+) bytes=(\d+) dropped=(\d+)", report)
+            w, b, d = written.groups() if written else ("-", "-", "-")
+            shown = f"{rate / 1e6:,.0f} MB/s" if payload > 64 else f"{count / el:,.0f} pay/s"
+            print(f"{mode:<8} {payload:>8} {shown:>16} {rate / base:>7.0%} {w:>9} {b:>12} {d:>6}", flush=True)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small counts (a smoke run, figures are noisy)")
+    ap.add_argument("--no-capture", action="store_true", help="skip the capture on/off table")
     ap.add_argument("--repeat", type=int, default=3, help="runs per figure, best taken (default 3)")
     ap.add_argument("--vsproxy-arg", action="append", default=[], help="extra vsproxy option (repeatable)")
     args = ap.parse_args()
@@ -293,6 +320,8 @@ def main() -> int:
         finally:
             for r in rigs.values():
                 r.close()
+        if not args.no_capture:
+            capture_table(tmp, scale, args.repeat)
     return 0
 
 

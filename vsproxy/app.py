@@ -96,12 +96,16 @@ class Proxy:
         self.loop.stopping = True
         self.loop.wakeup()
 
+    def stop_capture(self) -> None:
+        """Detach the capture and let its writer finish the queue (so its counters are final)."""
+        if self.capture is not None and self.switch.taps:
+            self.switch.taps.clear()
+            self.capture.close()
+
     def close(self) -> None:
         for d in self.devices:
             d.close()
-        if self.capture is not None:
-            self.switch.taps.clear()
-            self.capture.close()
+        self.stop_capture()
         self.devices = []
         self.loop.close()
 

@@ -254,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         with proxy.signals():
             proxy.run()
     finally:
+        proxy.stop_capture()
         proxy.report()
         proxy.close()
     return 0

@@ -33,12 +33,19 @@ _MON_OP = {
 }
 
 
-def vsockmon_frame(hdr: bytes, payload: bytes) -> bytes:
-    """af_vsockmon_hdr + the virtio header + (RW only) the payload."""
+def vsockmon_parts(hdr: bytes, payload: bytes) -> tuple[bytes, bytes]:
+    """(af_vsockmon_hdr + the virtio header, the payload for RW only): a frame in two parts,
+    so a large payload is written as it is rather than copied into one buffer."""
     src_cid, dst_cid, src_port, dst_port, _len, _type, op, _flags, _ba, _fc = H.HDR.unpack_from(hdr)
     mon = VSOCKMON.pack(src_cid, dst_cid, src_port, dst_port, _MON_OP.get(op, AF_VSOCK_OP_UNKNOWN),
                         AF_VSOCK_TRANSPORT_VIRTIO, H.HDR_SIZE)
-    return mon + bytes(hdr[: H.HDR_SIZE]) + (payload if op == H.Op.RW else b"")
+    return mon + bytes(hdr[: H.HDR_SIZE]), (payload if op == H.Op.RW else b"")
+
+
+def vsockmon_frame(hdr: bytes, payload: bytes) -> bytes:
+    """af_vsockmon_hdr + the virtio header + (RW only) the payload."""
+    head, body = vsockmon_parts(hdr, payload)
+    return head + body
 
 
 # -- classic pcap ----------------------------------------------------------------------
@@ -51,9 +58,14 @@ def pcap_header() -> bytes:
 
 
 def pcap_record(ts: float, frame: bytes) -> bytes:
+    return b"".join(pcap_record_parts(ts, frame, b""))
+
+
+def pcap_record_parts(ts: float, head: bytes, body: bytes) -> tuple[bytes, ...]:
     sec = int(ts)
     usec = int((ts - sec) * 1_000_000)
-    return PCAP_RECORD.pack(sec, usec, len(frame), len(frame)) + frame
+    n = len(head) + len(body)
+    return PCAP_RECORD.pack(sec, usec, n, n) + head, body
 
 
 # -- pcapng ------------------------------------------------------------------------------
@@ -97,9 +109,19 @@ def pcapng_idb(name: str, description: str = "") -> bytes:
 def pcapng_epb(interface: int, ts: float, frame: bytes, *, inbound: bool, comment: str | None = None) -> bytes:
     """An Enhanced Packet Block. Each interface is a device seen from the host, as a tap
     device is: what the guest sends is inbound, what it receives outbound."""
+    return b"".join(pcapng_epb_parts(interface, ts, frame, b"", inbound=inbound, comment=comment))
+
+
+def pcapng_epb_parts(
+    interface: int, ts: float, head: bytes, body: bytes, *, inbound: bool, comment: str | None = None
+) -> tuple[bytes, ...]:
+    """pcapng_epb for a frame given in two parts, returned in parts to write one after another."""
     usec = int(ts * 1_000_000)
+    n = len(head) + len(body)
     opts = [(EPB_FLAGS, struct.pack("<I", EPB_INBOUND if inbound else EPB_OUTBOUND))]
     if comment:
         opts.append((OPT_COMMENT, comment.encode()))
-    body = struct.pack("<IIIII", interface, usec >> 32, usec & 0xFFFFFFFF, len(frame), len(frame))
-    return _block(BT_EPB, body + _pad(frame) + _options(opts))
+    tail = b"\0" * (-n % 4) + _options(opts)
+    total = 12 + 20 + n + len(tail)
+    start = struct.pack("<IIIIIII", BT_EPB, total, interface, usec >> 32, usec & 0xFFFFFFFF, n, n)
+    return start + head, body, tail + struct.pack("<I", total)

@@ -69,7 +69,12 @@ class CaptureWriter:
     # -- the tap (data path) ------------------------------------------------------------
     def tap(self, device: str, to_guest: bool, hdr: bytes, payload: Sequence[Buffer], mark: str | None = None) -> None:
         n = int.from_bytes(hdr[24:28], "little")  # virtio header len
-        data = b"".join(bytes(p) for p in payload)[:n] if n and hdr[30] == H.Op.RW else b""
+        if not n or hdr[30] != H.Op.RW:
+            data = b""
+        elif len(payload) == 1:
+            data = bytes(payload[0][:n])  # one copy, out of guest memory
+        else:
+            data = b"".join(bytes(p) for p in payload)[:n]
         try:
             self._queue.put_nowait((time.time(), self._index.get(device, 0), to_guest, bytes(hdr[:44]), data, mark))
         except queue.Full:
@@ -136,13 +141,16 @@ class CaptureWriter:
 
     def _record(self, item: tuple[float, int, bool, bytes, bytes, str | None]) -> None:
         ts, iface, to_guest, hdr, data, mark = item
-        frame = fmt.vsockmon_frame(hdr, data)
+        head, body = fmt.vsockmon_parts(hdr, data)
         if self.options.fmt == "pcap":
-            self._write(fmt.pcap_record(ts, frame))
+            parts = fmt.pcap_record_parts(ts, head, body)
         else:
-            self._write(fmt.pcapng_epb(iface, ts, frame, inbound=not to_guest, comment=mark))
+            parts = fmt.pcapng_epb_parts(iface, ts, head, body, inbound=not to_guest, comment=mark)
+        for part in parts:
+            if part:
+                self._write(part)
         self.counters.packets += 1
-        self.counters.bytes += len(frame)
+        self.counters.bytes += len(head) + len(body)
         if self._rotate_due():
             assert self._out is not None
             self._out.close()
