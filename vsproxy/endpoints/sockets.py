@@ -265,6 +265,19 @@ def _tcp_connect(fwd: TcpForward, conn: Connection, loop: Loop, hooks: CoreHooks
     return peer
 
 
+def accept_all(sock: socket.socket, what: str, handle: Callable[[socket.socket, object], None]) -> None:
+    """Accept what is waiting (at most 64 at a time, so one listener cannot hog the loop)."""
+    for _ in range(64):
+        try:
+            s, addr = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            log.warning("%s: accept: %s", what, e)
+            return
+        handle(s, addr)
+
+
 def listen_unix(path: str, backlog: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
     """A listening unix socket that appears at ``path`` only once it accepts: bound under a
     temporary name, then renamed, so a client that sees the file never gets ECONNREFUSED."""
@@ -308,15 +321,10 @@ class HybridListener:
         loop.set_reader(self.sock.fileno(), self._accept)
 
     def _accept(self) -> None:
-        for _ in range(64):
-            try:
-                s, _addr = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                log.warning("hybrid accept on %s: %s", self.path, e)
-                return
-            _Handshake(s, self)
+        accept_all(self.sock, f"hybrid {self.path}", self._accepted)
+
+    def _accepted(self, s: socket.socket, _addr: object) -> None:
+        _Handshake(s, self)
 
     def close(self) -> None:
         self.loop.forget(self.sock.fileno())
@@ -432,26 +440,22 @@ class TcpListener:
         loop.set_reader(self.sock.fileno(), self._accept)
 
     def _accept(self) -> None:
-        for _ in range(64):
-            try:
-                s, addr = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                log.warning("tcp accept: %s", e)
-                return
-            hooks = self.hooks_for()
-            if hooks is None:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-                s.close()
-                continue
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = SocketPeer(s, self.loop, hooks, f"tcp:{addr[0]}:{addr[1]}")
-            conn = self.connect(peer, self.guest_port, 1)
-            if conn is None:
-                peer.close(reset=True)
-                continue
-            peer.conn = conn
+        accept_all(self.sock, "tcp listener", self._accepted)
+
+    def _accepted(self, s: socket.socket, addr: object) -> None:
+        hooks = self.hooks_for()
+        if hooks is None:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+            s.close()
+            return
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        host, port = addr[:2] if isinstance(addr, tuple) else ("?", 0)
+        peer = SocketPeer(s, self.loop, hooks, f"tcp:{host}:{port}")
+        conn = self.connect(peer, self.guest_port, 1)
+        if conn is None:
+            peer.close(reset=True)
+            return
+        peer.conn = conn
 
     def close(self) -> None:
         self.loop.forget(self.sock.fileno())

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from vsproxy.endpoints.sockets import CoreHooks, SocketPeer
+from vsproxy.endpoints.sockets import CoreHooks, SocketPeer, accept_all
 from vsproxy.loop import Loop
 from vsproxy.vsock.connection import Connection
 
@@ -131,24 +131,19 @@ class VsockListener:
         loop.set_reader(self.sock.fileno(), self._accept)
 
     def _accept(self) -> None:
-        for _ in range(64):
-            try:
-                s, _addr = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:
-                log.warning("vsock accept on port %d: %s", self.port, e)
-                return
-            hooks = self.hooks_for()
-            if hooks is None:
-                s.close()
-                continue
-            peer = SocketPeer(s, self.loop, hooks, f"{self.factory.describe(VMADDR_CID_ANY, self.port)} (accepted)")
-            conn = self.connect(peer, self.port, 1)
-            if conn is None:
-                peer.close(reset=True)
-                continue
-            peer.conn = conn
+        accept_all(self.sock, f"vsock port {self.port}", self._accepted)
+
+    def _accepted(self, s: socket.socket, _addr: object) -> None:
+        hooks = self.hooks_for()
+        if hooks is None:
+            s.close()
+            return
+        peer = SocketPeer(s, self.loop, hooks, f"{self.factory.describe(VMADDR_CID_ANY, self.port)} (accepted)")
+        conn = self.connect(peer, self.port, 1)
+        if conn is None:
+            peer.close(reset=True)
+            return
+        peer.conn = conn
 
     def close(self) -> None:
         self.loop.forget(self.sock.fileno())
