@@ -389,8 +389,12 @@ class FrontendSession(CoreHooks):
         for _ in range(PUMP_PASSES):
             n = self._process_tx(txq) if not core.tx_blocked() else 0
             m = core.fill_rx(rxq)
+            # rx first, then tx: a guest woken by the returned tx buffers also finds the credit
+            # update or data that answers them, one wake-up instead of two.
             if rxq.publish():
                 self._notify(RX_QUEUE)
+            if txq.publish():
+                self._notify(TX_QUEUE)
             if n == 0 and m == 0:
                 break
         else:
@@ -420,8 +424,6 @@ class FrontendSession(CoreHooks):
             push = txq.push
             for chain in chains:
                 push(chain.head, 0)
-            if txq.publish():
-                self._notify(TX_QUEUE)
         return len(chains)
 
     def _tx_chain(self, chain: Chain) -> None:
@@ -474,8 +476,6 @@ class FrontendSession(CoreHooks):
             push = txq.push
             for head in done:
                 push(head, 0)
-            if txq.publish():
-                self._notify(TX_QUEUE)
         return len(items)
 
     def _notify(self, index: int) -> None:
