@@ -83,7 +83,12 @@ class Proxy:
         try:
             for cfg in self.configs:
                 self.devices.append(Device(cfg, self.loop, self.switch))
-                log.info("%s: serving vhost-user on %s (guest CID %d)", cfg.name, cfg.socket_path, cfg.guest_cid)
+            # vhost-user sockets last, the first device's very last: once it exists, every
+            # host listener and every other device is ready.
+            for d in reversed(self.devices):
+                d.listen()
+                log.info("%s: serving vhost-user on %s (guest CID %d)", d.name, d.config.socket_path,
+                         d.config.guest_cid)
         except OSError as e:
             self.close()
             raise ConfigError(f"cannot listen: {e}") from None

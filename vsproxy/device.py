@@ -83,21 +83,30 @@ class Device:
         self.session: FrontendSession | None = None
         self.sessions_served = 0
         self.listeners: list[HybridListener | TcpListener | VsockListener] = []
-        self.sock = listen_unix(config.socket_path, 4)
-        loop.set_reader(self.sock.fileno(), self._accept)
+        self.sock: socket.socket | None = None
         ep = config.endpoints
-        if ep.uds_path is not None:
-            self.listeners.append(HybridListener(ep.uds_path, loop, self._hooks, self._host_connect))
-            self.listeners.append(
-                HybridListener(ep.uds_path + ".seqpacket", loop, self._hooks, self._host_connect, seqpacket=True)
-            )
-        for host, port, guest_port in ep.listens:
-            self.listeners.append(TcpListener(host, port, guest_port, loop, self._hooks, self._host_connect))
-        for port in ep.forward_listen:
-            from vsproxy.endpoints.vsock import AfVsockFactory, VsockListener
+        try:
+            if ep.uds_path is not None:
+                self.listeners.append(HybridListener(ep.uds_path, loop, self._hooks, self._host_connect))
+                self.listeners.append(
+                    HybridListener(ep.uds_path + ".seqpacket", loop, self._hooks, self._host_connect, seqpacket=True)
+                )
+            for host, port, guest_port in ep.listens:
+                self.listeners.append(TcpListener(host, port, guest_port, loop, self._hooks, self._host_connect))
+            for port in ep.forward_listen:
+                from vsproxy.endpoints.vsock import AfVsockFactory, VsockListener
 
-            factory = ep.vsock_factory or AfVsockFactory()
-            self.listeners.append(VsockListener(factory, port, loop, self._hooks, self._host_connect))
+                factory = ep.vsock_factory or AfVsockFactory()
+                self.listeners.append(VsockListener(factory, port, loop, self._hooks, self._host_connect))
+        except BaseException:
+            self.close()
+            raise
+
+    def listen(self) -> None:
+        """Open the vhost-user socket, last: once QEMU (or a test) sees it, the host-side
+        listeners already accept."""
+        self.sock = listen_unix(self.config.socket_path, 4)
+        self.loop.set_reader(self.sock.fileno(), self._accept)
 
     @property
     def name(self) -> str:
@@ -126,6 +135,8 @@ class Device:
         return conn
 
     def _accept(self) -> None:
+        if self.sock is None:
+            return
         try:
             sock, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):
@@ -149,12 +160,15 @@ class Device:
             session.core.drop_lingering()
         for listener in self.listeners:
             listener.close()
-        self.loop.forget(self.sock.fileno())
-        self.sock.close()
-        try:
-            os.unlink(self.config.socket_path)
-        except OSError:
-            pass
+        self.listeners = []
+        if self.sock is not None:
+            self.loop.forget(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+            try:
+                os.unlink(self.config.socket_path)
+            except OSError:
+                pass
 
 
 class FrontendSession(CoreHooks):
