@@ -65,6 +65,9 @@ def test_tshark_reads_what_crossed_with_the_guests_values(workdir: str, pcap_for
     payloads = [bytes.fromhex(r[5].replace(":", "")) for r in rw]
     assert payloads == [b"GET /v1/keys HTTP/1.1\r\n\r\n"] * 2
     assert ("5", "2", "4") in ops and ("2", "5", "3") in ops  # the guest's close and our RST
+    read = subprocess.run([sys.executable, "-m", "vsproxy", "read", cap], capture_output=True, text=True, timeout=60)
+    assert read.returncode == 0 and len(read.stdout.splitlines()) == len(rows)  # vsproxy read agrees with tshark
+    assert f"5:{port} > 2:5000 REQUEST" in read.stdout
     if pcap_format == "pcapng":
         flags = tshark(cap, "frame.interface_name", "frame.packet_flags_direction", "vsock.src_cid")
         assert {f[0] for f in flags} == {"cid5"}

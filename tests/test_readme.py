@@ -61,3 +61,10 @@ def test_benchmark_runs_and_prints_every_figure() -> None:
     for r in rows:
         assert r[-1].endswith("%") and float(r[-1].rstrip("%")) > 0
     assert "idle connections: vsproxy RSS" in proc.stdout
+
+
+def test_read_benchmark_runs() -> None:
+    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "benchmarks/bench_read.py", "--packets", "3000"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "vsproxy read: 3,000 packets" in proc.stdout

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="vsproxy",
         description="vhost-user-vsock backend that routes, fences and shows vsock traffic.",
-        epilog="Subcommands: 'vsproxy demo' runs a self-contained session with a simulated guest.",
+        epilog="Subcommands: 'vsproxy demo' runs a self-contained session with a simulated guest; "
+        "'vsproxy read FILE' prints a capture, one line per packet.",
     )
     p.add_argument("--socket", metavar="PATH", help="vhost-user socket QEMU connects to (one device)")
     p.add_argument("--guest-cid", type=parse_cid, metavar="N", help="the guest's CID (3..2^32-2)")
@@ -229,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         from vsproxy.demo import main as demo_main
 
         return demo_main(args_list[1:])
+    if args_list and args_list[0] == "read":
+        from vsproxy.read import main as read_main
+
+        return read_main(args_list[1:])
     try:
         args = build_parser().parse_args(args_list)
         settings = settings_from_args(args)
