@@ -8,19 +8,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 from vsproxy import config as cfg
 from vsproxy.app import ConfigError, Proxy, raise_nofile_limit
 from vsproxy.capture.writer import CaptureOptions
 from vsproxy.device import DeviceConfig
-from vsproxy.endpoints.sockets import HostEndpoints, TcpForward
+from vsproxy.endpoints.sockets import HostEndpoints
 from vsproxy.policy import Allow
 from vsproxy.vsock.core import DEFAULT_BUF_ALLOC
-from vsproxy.vsock.header import RESERVED_CIDS
 
-SUBCOMMANDS = ("demo",)
+T = TypeVar("T")
 
 
 class UsageError(Exception):
@@ -32,53 +32,22 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def parse_cid(text: str) -> int:
-    try:
-        cid = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if cid in RESERVED_CIDS:
-        raise argparse.ArgumentTypeError(f"{cid} is reserved (0, 1, 2 and 0xFFFFFFFF cannot be a guest CID)")
-    if not 3 <= cid < 0xFFFFFFFF:
-        raise argparse.ArgumentTypeError(f"{cid} is outside 3..4294967294")
-    return cid
+def _argtype(parse: Callable[[str, str], T]) -> Callable[[str], T]:
+    """An argparse type from a config.py parser: one set of parsing rules for flags and files
+    (argparse names the flag itself, so the parser's location prefix is left empty)."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text, "")
+        except cfg.ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(": ").strip()) from None
+
+    return convert
 
 
-def _port(text: str, what: str) -> int:
-    if not text.isdigit() or int(text) > 0xFFFFFFFF:
-        raise argparse.ArgumentTypeError(f"{what} {text!r} is not a port number")
-    return int(text)
-
-
-_HOSTPORT = re.compile(r"^tcp:(?P<host>\[[0-9a-fA-F:.]+\]|[^:\[\]]+):(?P<port>\d+)$")
-
-
-def _tcp_addr(text: str) -> tuple[str, int]:
-    m = _HOSTPORT.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not tcp:HOST:PORT")
-    port = int(m.group("port"))
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"TCP port {port} out of range")
-    return m.group("host").strip("[]"), port
-
-
-def parse_forward(text: str) -> tuple[int, TcpForward]:
-    """``PORT=tcp:HOST:HPORT``: guest connections to CID 2 PORT go to that TCP address."""
-    port, sep, target = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected VSOCKPORT=tcp:HOST:PORT")
-    host, hport = _tcp_addr(target)
-    return _port(port, "vsock port"), TcpForward(host, hport)
-
-
-def parse_listen(text: str) -> tuple[str, int, int]:
-    """``tcp:HOST:PORT=GUESTPORT``: host TCP connections go into the guest's GUESTPORT."""
-    addr, sep, gport = text.rpartition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected tcp:HOST:PORT=GUESTPORT")
-    host, port = _tcp_addr(addr)
-    return host, port, _port(gport, "guest port")
+parse_cid = _argtype(cfg.guest_cid)
+parse_forward = _argtype(cfg.parse_forward)
+parse_listen = _argtype(cfg.parse_listen)
 
 
 def build_parser() -> argparse.ArgumentParser:
