@@ -248,8 +248,19 @@ def _tcp_connect(fwd: TcpForward, conn: Connection, loop: Loop, hooks: CoreHooks
         log.info("guest connect to tcp:%s:%d failed: %s", fwd.host, fwd.port, os.strerror(err))
         sock.close()
         return None
-    peer = SocketPeer(sock, loop, hooks, f"tcp:{fwd.host}:{fwd.port}")
+    return connecting_peer(sock, err, f"tcp:{fwd.host}:{fwd.port}", conn, loop, hooks)
+
+
+def connecting_peer(
+    sock: socket.socket, err: int, label: str, conn: Connection, loop: Loop, hooks: CoreHooks
+) -> SocketPeer:
+    """A peer for a non-blocking connect that returned ``err`` (0 or in progress): the core
+    hears connected or failed once the socket says so."""
+    peer = SocketPeer(sock, loop, hooks, label)
     peer.conn = conn
+    if err == 0:
+        loop.call_soon(lambda: hooks.connected(conn))
+        return peer
 
     def on_connect() -> None:
         loop.set_writer(peer.fd, None)

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from vsproxy.endpoints.sockets import CoreHooks, SocketPeer, accept_all
+from vsproxy.endpoints.sockets import CoreHooks, SocketPeer, accept_all, connecting_peer
 from vsproxy.loop import Loop
 from vsproxy.vsock.connection import Connection
 
@@ -98,23 +98,7 @@ def vsock_connect(factory: VsockFactory, cid: int, port: int, conn: Connection, 
         log.info("guest connect to %s failed: %s", factory.describe(cid, port), os.strerror(err))
         sock.close()
         return None
-    peer = SocketPeer(sock, loop, hooks, factory.describe(cid, port))
-    peer.conn = conn
-    if err == 0:
-        loop.call_soon(lambda: hooks.connected(conn))
-        return peer
-
-    def on_connect() -> None:
-        peer.watch_write(False)
-        e = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if e:
-            hooks.failed(conn, os.strerror(e))
-        else:
-            hooks.connected(conn)
-
-    loop.set_writer(peer.fd, on_connect)
-    peer._writing = True
-    return peer
+    return connecting_peer(sock, err, factory.describe(cid, port), conn, loop, hooks)
 
 
 class VsockListener:

@@ -622,21 +622,16 @@ class VsockCore:
         conn.out_bytes = 0
         conn.peer.close(reset=reset_peer)
 
-    def _header(self, conn: Connection, op: int, flags: int, length: int) -> bytes:
+    def _fields(self, conn: Connection, op: int, flags: int, length: int) -> tuple[int, ...]:
+        """The header of a packet to the guest on ``conn``, as HDR fields."""
         cr = conn.credit
-        cr.adv_fwd_cnt = cr.fwd_cnt
-        return H.pack(
-            conn.peer_cid,
-            self.guest_cid,
-            conn.peer_port,
-            conn.guest_port,
-            length,
-            conn.type,
-            op,
-            flags,
-            cr.buf_alloc,
-            cr.fwd_cnt,
-        )
+        return (conn.peer_cid, self.guest_cid, conn.peer_port, conn.guest_port, length, conn.type, op, flags,
+                cr.buf_alloc, cr.fwd_cnt)
+
+    def _header(self, conn: Connection, op: int, flags: int, length: int) -> bytes:
+        """Packed header; the guest will see our fwd_cnt in it."""
+        conn.credit.adv_fwd_cnt = conn.credit.fwd_cnt
+        return HDR.pack(*self._fields(conn, op, flags, length))
 
     def fill_rx(self, rxq: RxQueue) -> int:
         """Fill posted rx buffers: control packets first, then host data round-robin.
@@ -728,18 +723,7 @@ class VsockCore:
         the connection was fully dealt with, True when the Python path should take the next
         chain (an unusual shape), False when the ring has no buffers at all."""
         cr = conn.credit
-        hdr = HDR.pack(
-            conn.peer_cid,
-            self.guest_cid,
-            conn.peer_port,
-            conn.guest_port,
-            0,
-            conn.type,
-            Op.RW,
-            0,
-            cr.buf_alloc,
-            cr.fwd_cnt,
-        )
+        hdr = HDR.pack(*self._fields(conn, Op.RW, 0, 0))  # C patches len per packet
         r = rx_fast(fd, credit, RX_FAST_BURST, hdr)
         if r.packets:
             cr.tx_cnt = (cr.tx_cnt + r.bytes) & U32
@@ -794,20 +778,7 @@ class VsockCore:
         cr.tx_cnt = (cr.tx_cnt + n) & U32
         cr.adv_fwd_cnt = cr.fwd_cnt
         if len(first) >= HDR_SIZE:
-            HDR.pack_into(
-                first,
-                0,
-                conn.peer_cid,
-                self.guest_cid,
-                conn.peer_port,
-                conn.guest_port,
-                n,
-                conn.type,
-                Op.RW,
-                0,
-                cr.buf_alloc,
-                cr.fwd_cnt,
-            )
+            HDR.pack_into(first, 0, *self._fields(conn, Op.RW, 0, n))
             if self.taps:
                 self._tap(True, bytes(first[:HDR_SIZE]), bufs, conn.mark)
         else:
