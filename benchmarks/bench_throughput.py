@@ -35,7 +35,7 @@ from vsproxy.simguest import SimGuest
 
 MiB = 1 << 20
 LINUX_BUF_ALLOC = 262144  # a Linux guest socket's default window
-EXTRA: list[str] = [a for a in os.environ.get("VSP_EXTRA", "").split() if a]
+EXTRA: list[str] = []  # --vsproxy-arg
 
 
 def _drain_server(path: str, ready: Pipe, result: Pipe, expect: int) -> None:
