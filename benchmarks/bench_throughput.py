@@ -273,6 +273,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small counts (a smoke run, figures are noisy)")
     ap.add_argument("--no-capture", action="store_true", help="skip the capture on/off table")
+    ap.add_argument("--capture-only", action="store_true", help="only the capture on/off table")
     ap.add_argument("--repeat", type=int, default=3, help="runs per figure, best taken (default 3)")
     ap.add_argument("--vsproxy-arg", action="append", default=[], help="extra vsproxy option (repeatable)")
     args = ap.parse_args()
@@ -295,6 +296,10 @@ def main() -> int:
     ]
     print(f"{'direction':<12} {'payload':>8} {'window':>7} {'vsock pkts':>10} {'vsproxy':>16} {'floor':>16} "
           f"{'ratio':>6}")
+    if args.capture_only:
+        with tempfile.TemporaryDirectory(prefix="vsp-bench-") as tmp:
+            capture_table(tmp, scale, args.repeat)
+        return 0
     with tempfile.TemporaryDirectory(prefix="vsp-bench-") as tmp:
         rigs: dict[int, Rig] = {}
         try:

@@ -163,18 +163,21 @@ def test_killed_writer_leaves_a_readable_file_and_rotation_splits_files(workdir:
     assert total >= 5 * 6  # REQUEST, RESPONSE, two RW, SHUTDOWN, RST for each of five connections
 
 
-def test_full_capture_queue_drops_and_counts_without_touching_the_data_path() -> None:
+def test_full_capture_buffer_drops_and_counts_without_touching_the_data_path() -> None:
     from vsproxy.capture.writer import CaptureOptions, CaptureWriter
 
-    path = os.devnull
-    w = CaptureWriter(CaptureOptions(path, queue_max=4), ["dev"])
     hdr = H.pack(5, 2, 1, 2, 3, 1, H.Op.RW, 0, 0, 0)
-    w._queue.put(None)  # park the writer thread so the queue fills
+    record = len(b"".join(fmt.pcapng_epb_parts(0, 0.0, *fmt.vsockmon_parts(hdr, b"abc"), inbound=True)))
+    w = CaptureWriter(CaptureOptions(os.devnull, queue_bytes=2 << 16), ["dev"])
+    w._closing = True  # stop the writer thread so the chunks fill
+    w._wake.set()
     w._thread.join(5)
-    for _ in range(10):
+    for _ in range(1500):
         w.tap("dev", False, hdr, [b"abc"])
-    assert w.counters.dropped == 10 - 4
-    assert w._queue.qsize() == 4
+    kept = 2 * ((1 << 16) // record)  # two 64 KiB chunks of whole records
+    assert w.counters.dropped == 1500 - kept
+    held = [*w._full, w._filling]
+    assert sum(c.records for c in held) == kept and sum(c.used for c in held) == kept * record
     assert w._out is not None
     w._out.close()
 

@@ -6,14 +6,21 @@ accept as such (same payload bytes), and leave everything else to Python."""
 
 from __future__ import annotations
 
+import io
+from collections.abc import Sequence
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_virtq import Rig
 
 from vsproxy import fastpath
+from vsproxy.capture import format as fmt
+from vsproxy.capture import reader
+from vsproxy.endpoints.base import Buffer
 from vsproxy.fastpath import Run, Slow, TxFastPath
 from vsproxy.simguest.ring import Buf
+from vsproxy.taps import CAP_PCAP, CAP_PCAPNG, Taps
 from vsproxy.virtq import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, Chain
 from vsproxy.vsock import header as H
 
@@ -218,5 +225,88 @@ def test_rx_fill_leaves_other_chain_shapes_to_python() -> None:
         chain = rig.q.pop()  # the Python walker takes the two-descriptor chain
         assert chain is not None and chain.write_len == 100
         assert rig.q.pop() is None and rig.q.counters.bad_chains == 1  # and rejects the bad one
+    finally:
+        t.close()
+
+
+class RecordingSink:
+    """A capture sink keeping what it is given, formatted by C (commit) or by Python (call)."""
+
+    def __init__(self, mode: int) -> None:
+        self.record_mode = mode
+        self.committed = bytearray()
+        self.count = 0
+
+    def interface(self, device: str) -> int:
+        return 3
+
+    def __call__(self, device: str, to_guest: bool, hdr: bytes, payload: Sequence[Buffer],
+                 mark: str | None = None) -> None:
+        raise AssertionError("the C path formats its own records")
+
+    def commit(self, records: Buffer, count: int) -> None:
+        self.committed += records
+        self.count += count
+
+
+def read_back(mode: int, records: bytes) -> list[tuple[bytes, bool | None, str]]:
+    head = fmt.pcap_header() if mode == CAP_PCAP else fmt.pcapng_shb() + b"".join(
+        fmt.pcapng_idb(f"if{i}") for i in range(4))
+    return [(r.frame, r.inbound, r.interface) for r in reader.records(io.BytesIO(head + records))]
+
+
+@pytest.mark.parametrize("mode", [CAP_PCAP, CAP_PCAPNG])
+def test_c_capture_records_read_back_as_the_python_writer_frames(mode: int) -> None:
+    rig = Rig(indirect=True, num=64)
+    try:
+        payloads = [bytes([i]) * (1 + 37 * i) for i in range(6)] + [b"big" * 1000]
+        for p in payloads:
+            add_packet(rig, 100, p)
+        taps = Taps()
+        sink = RecordingSink(mode)
+        taps.set_sink(sink)
+        items = TxFastPath(rig.q, GUEST, 64, taps, "dev").batch()
+        assert len(items) == 1 and isinstance(items[0], Run) and items[0].records is not None
+        got = read_back(mode, bytes(items[0].records))
+        want = [fmt.vsockmon_frame(H.pack(GUEST, 2, 100, 5000, len(p), 1, H.Op.RW, 0, 65536, 0), p)
+                for p in payloads]
+        assert [g[0] for g in got] == want
+        if mode == CAP_PCAPNG:
+            assert {(g[1], g[2]) for g in got} == {(True, "if3")}  # from the guest, the device's interface
+    finally:
+        rig.close()
+
+
+def test_full_capture_stage_ends_the_batch_and_leaves_the_rest_on_the_ring() -> None:
+    rig = Rig(indirect=True, num=64)
+    try:
+        for _ in range(8):
+            add_packet(rig, 100, b"q" * 60000)
+        taps = Taps()
+        taps.set_sink(RecordingSink(CAP_PCAPNG))
+        fast = TxFastPath(rig.q, GUEST, 64, taps, "dev")
+        fast._stage = fastpath.CaptureStage(3 * 61000)  # room for three records
+        items = fast.batch()
+        assert isinstance(items[0], Run) and len(items[0].heads) == 3
+        assert rig.q.pending() == 5
+        assert items[0].records is not None and len(read_back(CAP_PCAPNG, bytes(items[0].records))) == 3
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("mode", [CAP_PCAP, CAP_PCAPNG])
+def test_rx_fill_commits_one_record_per_packet_to_the_sink(mode: int) -> None:
+    t = RxRig()
+    try:
+        sink = RecordingSink(mode)
+        t.fast.taps.set_sink(sink)
+        data = bytes(range(256)) * 40
+        t.host.sendall(data)
+        r = t.fast.fill(t.peer.fileno(), 1 << 20, 16, t.hdr)
+        assert r.packets == 3 and sink.count == 3
+        got = read_back(mode, bytes(sink.committed))
+        assert [g[0] for g in got] == [fmt.vsockmon_frame(hdr, payload) for _, hdr, payload in t.used()]
+        if mode == CAP_PCAPNG:
+            assert {g[1] for g in got} == {False}  # to the guest
     finally:
         t.close()

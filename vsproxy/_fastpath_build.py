@@ -25,14 +25,27 @@ typedef struct {
     uint32_t total;      /* payload bytes in the run */
     uint32_t seg_first;
     uint32_t nseg;
+    uint32_t cap_off;    /* the run's capture records in the capture buffer */
+    uint32_t cap_len;
 } vq_item;
+
+typedef struct {
+    uint8_t *buf;        /* capture records are appended here, formatted for the file */
+    uint32_t size;
+    uint32_t used;
+    uint32_t mode;       /* 0: no capture, 1: classic pcap, 2: pcapng */
+    uint32_t iface;      /* pcapng interface id of the device */
+    uint64_t ts_us;      /* timestamp of every record of this call, microseconds */
+    uint32_t records;
+} vq_cap;
 
 int vq_tx_batch(const uint8_t *base, uint64_t region_gpa, uint64_t region_size,
                 const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail,
                 uint32_t n, int indirect_ok, uint64_t guest_cid,
                 uint16_t *heads, vq_item *items, uint32_t max_items,
                 uint8_t *scratch, uint32_t scratch_size,
-                uint8_t *seg_kind, uint64_t *seg_off, uint32_t *seg_len, uint32_t max_segs);
+                uint8_t *seg_kind, uint64_t *seg_off, uint32_t *seg_len, uint32_t max_segs,
+                vq_cap *cap, uint32_t *taken);
 
 typedef struct {
     uint32_t packets;    /* rx chains filled and added to the used ring */
@@ -45,7 +58,7 @@ int vq_rx_fill(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
                const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,
                uint32_t *used_ring, uint16_t used_idx,
                int fd, uint32_t credit, uint32_t max_packets, const uint8_t *hdr,
-               vq_rx_result *res);
+               vq_rx_result *res, vq_cap *cap);
 """
 
 SOURCE = r"""
@@ -55,8 +68,9 @@ SOURCE = r"""
 typedef struct {
     uint32_t kind, chain, nchains, src_port, dst_port;
     uint64_t dst_cid;
-    uint32_t buf_alloc, fwd_cnt, total, seg_first, nseg;
+    uint32_t buf_alloc, fwd_cnt, total, seg_first, nseg, cap_off, cap_len;
 } vq_item;
+
 
 #define F_NEXT 1
 #define F_WRITE 2
@@ -64,6 +78,58 @@ typedef struct {
 #define HDR 44
 #define MAX_PKT 65536
 #define COPY_MAX 1024   /* payloads up to this size are copied into scratch, merged per run */
+
+typedef struct {
+    uint8_t *buf;
+    uint32_t size, used, mode, iface;
+    uint64_t ts_us;
+    uint32_t records;
+} vq_cap;
+
+/* Capture records, laid out as vsproxy/capture/format.py writes them: af_vsockmon_hdr
+   (include/uapi/linux/vsockmon.h), the 44-byte virtio header, the RW payload; wrapped in a
+   classic pcap record header or a pcapng Enhanced Packet Block with epb_flags. */
+#define MON 32
+#define CAP_PCAP 1
+#define CAP_PCAPNG 2
+
+static inline uint32_t cap_record_size(const vq_cap *cap, uint32_t plen) {
+    uint32_t frame = MON + HDR + plen;
+    if (cap->mode == CAP_PCAP) return 16 + frame;
+    /* EPB: 28 fixed + frame padded to 4 + epb_flags option (8) + end of options (4) + trailing length */
+    return 28 + ((frame + 3) & ~3u) + 8 + 4 + 4;
+}
+
+static inline void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+
+/* Writes one record: h is the header as vsproxy read it (never re-read from guest memory). */
+static void cap_record(vq_cap *cap, const uint8_t *h, const uint8_t *payload, uint32_t plen, int inbound) {
+    uint8_t *p = cap->buf + cap->used;
+    uint32_t frame = MON + HDR + plen, rec = cap_record_size(cap, plen);
+    uint8_t *f;
+    if (cap->mode == CAP_PCAP) {
+        put32(p, (uint32_t)(cap->ts_us / 1000000)); put32(p + 4, (uint32_t)(cap->ts_us % 1000000));
+        put32(p + 8, frame); put32(p + 12, frame);
+        f = p + 16;
+    } else {
+        put32(p, 6); put32(p + 4, rec); put32(p + 8, cap->iface);
+        put32(p + 12, (uint32_t)(cap->ts_us >> 32)); put32(p + 16, (uint32_t)cap->ts_us);
+        put32(p + 20, frame); put32(p + 24, frame);
+        f = p + 28;
+        uint8_t *o = f + ((frame + 3) & ~3u);
+        memset(f + frame, 0, ((frame + 3) & ~3u) - frame);
+        put32(o, 2 | (4u << 16)); put32(o + 4, inbound ? 1 : 2); put32(o + 8, 0);
+        put32(o + 12, rec);
+    }
+    /* af_vsockmon_hdr: cids and ports from the virtio header, op PAYLOAD (4), transport VIRTIO (2) */
+    memcpy(f, h, 24);  /* src_cid, dst_cid (le64), src_port, dst_port (le32): same offsets */
+    uint16_t op = 4, tr = 2, tl = HDR, z = 0;
+    memcpy(f + 24, &op, 2); memcpy(f + 26, &tr, 2); memcpy(f + 28, &tl, 2); memcpy(f + 30, &z, 2);
+    memcpy(f + MON, h, HDR);
+    memcpy(f + MON + HDR, payload, plen);
+    cap->used += rec;
+    cap->records++;
+}
 
 static inline int in_region(uint64_t addr, uint64_t len, uint64_t gpa, uint64_t size) {
     return addr >= gpa && len <= size && addr - gpa <= size - len;
@@ -79,10 +145,12 @@ int vq_tx_batch(const uint8_t *base, uint64_t region_gpa, uint64_t region_size,
                 uint32_t n, int indirect_ok, uint64_t guest_cid,
                 uint16_t *heads, vq_item *items, uint32_t max_items,
                 uint8_t *scratch, uint32_t scratch_size,
-                uint8_t *seg_kind, uint64_t *seg_off, uint32_t *seg_len, uint32_t max_segs)
+                uint8_t *seg_kind, uint64_t *seg_off, uint32_t *seg_len, uint32_t max_segs,
+                vq_cap *cap, uint32_t *taken)
 {
     uint32_t nitems = 0, nseg = 0, scratch_used = 0;
     vq_item *run = 0;
+    *taken = n;
     for (uint32_t i = 0; i < n; i++) {
         /* one aligned 16-bit load per avail entry */
         uint16_t head = __atomic_load_n(&avail[2 + ((uint16_t)(last_avail + i) & (num - 1))], __ATOMIC_ACQUIRE);
@@ -117,6 +185,11 @@ int vq_tx_batch(const uint8_t *base, uint64_t region_gpa, uint64_t region_size,
             fast = src_cid == guest_cid && type == 1 && op == 5 && plen > 0 && plen <= pl && plen <= MAX_PKT;
         }
         if (fast && nseg + 1 > max_segs) fast = 0;
+        if (fast && cap->mode && cap->used + cap_record_size(cap, plen) > cap->size) {
+            /* capture buffer full: end the batch here (the chain stays on the ring) */
+            if (i > 0) { *taken = i; break; }
+            fast = 0;
+        }
         if (!fast) {
             if (nitems == max_items) return -1;
             vq_item *it = &items[nitems++];
@@ -133,11 +206,17 @@ int vq_tx_batch(const uint8_t *base, uint64_t region_gpa, uint64_t region_size,
             run = &items[nitems++];
             run->kind = 0; run->chain = i; run->nchains = 0; run->src_port = src_port; run->dst_port = dst_port;
             run->dst_cid = dst_cid; run->total = 0; run->seg_first = nseg; run->nseg = 0;
+            run->cap_off = cap->used; run->cap_len = 0;
         }
         run->nchains++;
         run->buf_alloc = buf_alloc; run->fwd_cnt = fwd_cnt;
         run->total += plen;
         const uint8_t *payload = base + (pa - region_gpa);
+        if (cap->mode) {
+            uint32_t before = cap->used;
+            cap_record(cap, h, payload, plen, 1);
+            run->cap_len += cap->used - before;
+        }
         if (plen <= COPY_MAX && scratch_used + plen <= scratch_size) {
             /* small payload: copy, and extend the previous scratch segment when adjacent */
             memcpy(scratch + scratch_used, payload, plen);
@@ -170,7 +249,7 @@ int vq_rx_fill(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
                const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,
                uint32_t *used_ring, uint16_t used_idx,
                int fd, uint32_t credit, uint32_t max_packets, const uint8_t *hdr,
-               vq_rx_result *res)
+               vq_rx_result *res, vq_cap *cap)
 {
     res->packets = 0; res->bytes = 0; res->status = RX_LIMIT; res->err = 0;
     while (res->packets < max_packets && credit > 0) {
@@ -184,6 +263,7 @@ int vq_rx_fill(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
         uint32_t want = l - HDR;
         if (want > credit) want = credit;
         if (want > MAX_PKT) want = MAX_PKT;
+        if (cap->mode && cap->used + cap_record_size(cap, want) > cap->size) { res->status = RX_LIMIT; return 0; }
         uint8_t *buf = base + (a - region_gpa);
         ssize_t n = recv(fd, buf + HDR, want, MSG_DONTWAIT);
         if (n < 0) {
@@ -195,6 +275,12 @@ int vq_rx_fill(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
         uint32_t len = (uint32_t)n;
         memcpy(buf, hdr, HDR);
         memcpy(buf + 24, &len, 4);
+        if (cap->mode) {
+            uint8_t h[HDR];
+            memcpy(h, hdr, HDR);
+            memcpy(h + 24, &len, 4);
+            cap_record(cap, h, buf + HDR, len, 0);
+        }
         uint32_t slot = (uint16_t)(used_idx + res->packets) & (num - 1);
         used_ring[2 * slot] = head;
         used_ring[2 * slot + 1] = HDR + len;

@@ -73,7 +73,7 @@ class Proxy:
             self.capture = CaptureWriter(options, [c.name for c in self.configs])
         except OSError as e:
             raise ConfigError(f"--pcap {options.path}: {e.strerror}") from None
-        self.switch.taps.append(self.capture.tap)
+        self.switch.taps.set_sink(self.capture)
 
     def start(self) -> None:
         for cfg in self.configs:
@@ -103,8 +103,8 @@ class Proxy:
 
     def stop_capture(self) -> None:
         """Detach the capture and let its writer finish the queue (so its counters are final)."""
-        if self.capture is not None and self.switch.taps:
-            self.switch.taps.clear()
+        if self.capture is not None and self.switch.taps.sink is self.capture:
+            self.switch.taps.set_sink(None)
             self.capture.close()
 
     def close(self) -> None:

@@ -141,7 +141,7 @@ def run_demo(out: TextIO, bulk: int = 1 << 20) -> int:
         guest.start()
         for dev in proxy.devices:
             if dev.session is not None:
-                dev.session.core.taps.append(transcript)
+                dev.session.core.taps.add(transcript)
         print(f"  simulated guest attached: CID {guest.guest_cid}, features {guest.acked_features:#x}\n", file=out)
 
         print("1. the guest connects to the host echo service and says hello", file=out)

@@ -322,10 +322,12 @@ class FrontendSession(CoreHooks):
         c_ok = fastpath.AVAILABLE and q.single_region is not None
         self._close_fastpaths(index)
         self._fastpaths[index] = (
-            TxFastPath(q, self.device.config.guest_cid, TX_BATCH) if index == TX_QUEUE and c_ok else None
+            TxFastPath(q, self.device.config.guest_cid, TX_BATCH, self.core.taps, self.name)
+            if index == TX_QUEUE and c_ok
+            else None
         )
         if index == RX_QUEUE:
-            self._rx_fast = RxFastPath(q) if c_ok else None
+            self._rx_fast = RxFastPath(q, self.core.taps, self.name) if c_ok else None
             self.core.rx_fast = self._rx_fast.fill if self._rx_fast is not None else None
             self.core.rx_pending = q.pending
         log.info(
@@ -425,7 +427,7 @@ class FrontendSession(CoreHooks):
         backlog can overshoot its bound by at most one batch."""
         core = self.core
         fast = self._fastpaths[TX_QUEUE]
-        if fast is not None and fast.q is txq and not core.taps:
+        if fast is not None and fast.q is txq and not core.taps.per_packet:
             return self._process_tx_fast(txq, fast)
         chains = txq.pop_many(TX_BATCH)
         if not chains:
@@ -473,6 +475,7 @@ class FrontendSession(CoreHooks):
                         item.total,
                         item.segments,
                         len(item.heads),
+                        item.records,
                     ):
                         txq.counters.chains += len(item.heads)
                         done.extend(item.heads)

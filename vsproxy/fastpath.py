@@ -9,8 +9,10 @@ Python walker, which stays the reference. Set ``VSPROXY_NO_C=1`` to run without 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, NamedTuple
 
+from vsproxy.taps import CAP_NONE, CaptureSink, Taps
 from vsproxy.virtq import SplitQueue
 
 try:
@@ -37,6 +39,40 @@ class Run(NamedTuple):
     total: int
     segments: list[memoryview]
     heads: list[int]
+    records: memoryview | None  # the run's capture records (one per chain), when capturing
+
+
+CAPTURE_STAGE = 1 << 20  # capture records one C call may format; a batch ends early when full
+
+
+class CaptureStage:
+    """Where a C path formats capture records (vq_cap): the sink copies them out after each
+    call. One per fast path, so nothing is shared between devices."""
+
+    def __init__(self, size: int = CAPTURE_STAGE) -> None:
+        self._buf = bytearray(size)
+        self.view = memoryview(self._buf)
+        self._cbuf = ffi.from_buffer("uint8_t[]", self._buf)
+        self.cap = ffi.new("vq_cap *")
+        self.cap.buf = self._cbuf
+        self.cap.size = size
+        self.cap.mode = 0
+
+    def arm(self, sink: CaptureSink | None, device: str) -> Any:
+        """The vq_cap for the next call: formatting on for ``sink``, or off."""
+        cap = self.cap
+        cap.used = 0
+        cap.records = 0
+        if sink is None:
+            cap.mode = CAP_NONE
+        else:
+            cap.mode = sink.record_mode
+            cap.iface = sink.interface(device)
+            cap.ts_us = int(time.time() * 1_000_000)
+        return cap
+
+    def close(self) -> None:
+        ffi.release(self._cbuf)
 
 
 class Slow(NamedTuple):
@@ -44,8 +80,12 @@ class Slow(NamedTuple):
 
 
 class TxFastPath:
-    def __init__(self, q: SplitQueue, guest_cid: int, limit: int) -> None:
+    def __init__(self, q: SplitQueue, guest_cid: int, limit: int, taps: Taps | None = None, device: str = "") -> None:
         assert AVAILABLE and q.single_region is not None
+        self.taps = taps if taps is not None else Taps()
+        self.device = device
+        self._stage = CaptureStage()
+        self._taken = ffi.new("uint32_t *")
         gpa, end, view = q.single_region
         self.q = q
         self.limit = limit
@@ -73,6 +113,7 @@ class TxFastPath:
         for cdata in (self._base, self._desc, self._scratch):
             ffi.release(cdata)
         ffi.release(self._avail_buf)
+        self._stage.close()
         self._keep.clear()
 
     def batch(self) -> list[Run | Slow]:
@@ -102,10 +143,15 @@ class TxFastPath:
             self._seg_off,
             self._seg_len,
             self.limit,
+            self._stage.arm(self.taps.sink, self.device),
+            self._taken,
         )
         if count < 0:  # pragma: no cover - MAX_ITEMS >= limit, so items cannot run out
             raise RuntimeError("vq_tx_batch: item array too small")
+        n = self._taken[0]
         q.last_avail_idx = (q.last_avail_idx + n) & 0xFFFF
+        capturing = self._stage.cap.mode != CAP_NONE
+        records = self._stage.view
         heads = list(self._heads[0:n])
         out: list[Run | Slow] = []
         view, scratch = self._view, self._scratch_view
@@ -128,6 +174,7 @@ class TxFastPath:
                     it.total,
                     segs,
                     heads[it.chain : it.chain + it.nchains],
+                    records[it.cap_off : it.cap_off + it.cap_len] if capturing else None,
                 )
             )
         return out
@@ -146,8 +193,11 @@ class RxFill(NamedTuple):
 class RxFastPath:
     """Host socket data straight into rx chains of the Linux shape, in C."""
 
-    def __init__(self, q: SplitQueue) -> None:
+    def __init__(self, q: SplitQueue, taps: Taps | None = None, device: str = "") -> None:
         assert AVAILABLE and q.single_region is not None
+        self.taps = taps if taps is not None else Taps()
+        self.device = device
+        self._stage = CaptureStage()
         gpa, end, view = q.single_region
         self.q = q
         self._keep: list[Any] = [view, q._desc, q._avail16, q._used32]
@@ -165,6 +215,7 @@ class RxFastPath:
         """As TxFastPath.close."""
         for cdata in (self._base, self._desc, self._avail_buf, self._used_buf):
             ffi.release(cdata)
+        self._stage.close()
         self._keep.clear()
 
     def fill(self, fd: int, credit: int, max_packets: int, hdr: bytes) -> RxFill:
@@ -175,6 +226,8 @@ class RxFastPath:
         if n == 0:
             return RxFill(0, 0, RX_SLOW, 0)
         r = self._res
+        sink = self.taps.sink
+        cap = self._stage.arm(sink, self.device)
         lib.vq_rx_fill(
             self._base,
             self._gpa,
@@ -191,7 +244,10 @@ class RxFastPath:
             max_packets,
             hdr,
             r,
+            cap,
         )
+        if sink is not None and cap.records:
+            sink.commit(self._stage.view[: cap.used], cap.records)
         if r.packets:
             q.last_avail_idx = (q.last_avail_idx + r.packets) & 0xFFFF
             q.used_idx = (q.used_idx + r.packets) & 0xFFFF

@@ -19,8 +19,8 @@ from vsproxy.endpoints.services import ServicePeer
 from vsproxy.endpoints.sibling import pair
 from vsproxy.loop import Loop
 from vsproxy.policy import HOST_CID, Policy
+from vsproxy.taps import Taps
 from vsproxy.vsock.connection import Connection
-from vsproxy.vsock.core import Tap
 
 if TYPE_CHECKING:
     from vsproxy.device import Device, FrontendSession
@@ -44,7 +44,7 @@ class Switch:
         # traffic of closed connections per rule, shared by every device's core
         self.rule_totals: dict[str, list[int]] = {}
         # taps every device's core feeds (capture, TUI): one list shared by all cores
-        self.taps: list[Tap] = []
+        self.taps = Taps()
 
     def register(self, device: Device) -> None:
         self.devices[device.name] = device

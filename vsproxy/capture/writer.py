@@ -1,17 +1,20 @@
-"""The capture writer: a tap on every device feeding a bounded queue, drained by a thread.
+"""The capture writer: the capture sink of every device, drained by a thread.
 
-The data path only copies the packet's bytes and puts them on the queue (``put_nowait``);
-when the queue is full the packet is dropped from the capture and counted, never waited
-for. The writer thread encodes frames and writes them to a file (or stdout, for
-``--pcap - | tshark -l -i -``), flushing per packet when asked, and rotates files by size,
-time and count like tcpdump's -C/-G/-W.
+The data path copies whole, formatted records into preallocated chunks under a lock: the C
+fast paths format them themselves (``commit``), the Python paths through ``tap``. Nothing on
+the data path waits for the file: when every chunk is full the packet is dropped from the
+capture and counted. The writer thread writes full chunks (and, after a short wait or at
+once with ``--flush``, the one being filled) to a file or stdout (``--pcap - | tshark -l -i -``)
+and gives them back; it rotates files by size, time and count like tcpdump's -C/-G/-W,
+always at record boundaries. The chunks are allocated once and reused, so the capture
+never faults in fresh memory on the data path, and its memory is bounded by ``queue_bytes``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
+import struct
 import sys
 import threading
 import time
@@ -21,11 +24,14 @@ from typing import BinaryIO
 
 from vsproxy.capture import format as fmt
 from vsproxy.endpoints.base import Buffer
+from vsproxy.taps import CAP_PCAP, CAP_PCAPNG
 from vsproxy.vsock import header as H
 
 log = logging.getLogger("vsproxy.capture")
 
-QUEUE_MAX = 65536
+QUEUE_BYTES = 64 << 20  # records waiting for the file, at most
+CHUNK = 4 << 20  # the unit handed to the writer thread; one commit is at most 1 MiB (fastpath.CAPTURE_STAGE)
+FLUSH_EVERY = 0.5  # seconds, without --flush
 
 
 @dataclass
@@ -36,15 +42,25 @@ class CaptureOptions:
     rotate_bytes: int = 0  # 0: no size rotation
     rotate_seconds: float = 0.0
     max_files: int = 0  # 0: keep every file
-    queue_max: int = QUEUE_MAX
+    queue_bytes: int = QUEUE_BYTES
 
 
 @dataclass
 class CaptureCounters:
     packets: int = 0  # written
     bytes: int = 0
-    dropped: int = 0  # queue full
+    dropped: int = 0  # buffer full
     files: int = 0
+
+
+class _Chunk:
+    __slots__ = ("records", "size", "used", "view")
+
+    def __init__(self, size: int) -> None:
+        self.view = memoryview(bytearray(size))
+        self.size = size
+        self.used = 0
+        self.records = 0
 
 
 class CaptureWriter:
@@ -54,20 +70,33 @@ class CaptureWriter:
         self.options = options
         self.devices = list(devices)
         self._index = {name: i for i, name in enumerate(self.devices)}
-        self._queue: queue.Queue[tuple[float, int, bool, bytes, bytes, str | None] | None] = queue.Queue(
-            options.queue_max
-        )
+        self.record_mode = CAP_PCAP if options.fmt == "pcap" else CAP_PCAPNG
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        chunk = max(1 << 16, min(CHUNK, options.queue_bytes // 2))
+        nchunks = max(2, options.queue_bytes // chunk)
+        self._free = [_Chunk(chunk) for _ in range(nchunks - 1)]  # guarded by _lock
+        self._full: list[_Chunk] = []  # guarded by _lock, oldest first
+        self._filling = _Chunk(chunk)  # guarded by _lock
+        self._closing = False
         self.counters = CaptureCounters()
         self._out: BinaryIO | None = None
         self._opened_at = 0.0
         self._written = 0
+        self._file_records = 0
         self._files: list[str] = []
         self._open()
         self._thread = threading.Thread(target=self._run, name="vsproxy-capture", daemon=True)
         self._thread.start()
 
-    # -- the tap (data path) ------------------------------------------------------------
-    def tap(self, device: str, to_guest: bool, hdr: bytes, payload: Sequence[Buffer], mark: str | None = None) -> None:
+    # -- the sink (data path) -------------------------------------------------------------
+    def interface(self, device: str) -> int:
+        return self._index.get(device, 0)
+
+    def __call__(
+        self, device: str, to_guest: bool, hdr: bytes, payload: Sequence[Buffer], mark: str | None = None
+    ) -> None:
+        """A packet from a Python path: formatted here, as the C paths format theirs."""
         n = int.from_bytes(hdr[24:28], "little")  # virtio header len
         if not n or hdr[30] != H.Op.RW:
             data = b""
@@ -75,10 +104,33 @@ class CaptureWriter:
             data = bytes(payload[0][:n])  # one copy, out of guest memory
         else:
             data = b"".join(bytes(p) for p in payload)[:n]
-        try:
-            self._queue.put_nowait((time.time(), self._index.get(device, 0), to_guest, bytes(hdr[:44]), data, mark))
-        except queue.Full:
-            self.counters.dropped += 1
+        head, body = fmt.vsockmon_parts(hdr, data)
+        ts = time.time()
+        if self.record_mode == CAP_PCAP:
+            parts = fmt.pcap_record_parts(ts, head, body)
+        else:
+            parts = fmt.pcapng_epb_parts(self.interface(device), ts, head, body, inbound=not to_guest, comment=mark)
+        self.commit(b"".join(parts), 1)
+
+    tap = __call__
+
+    def commit(self, records: Buffer, count: int) -> None:
+        n = len(records)
+        with self._lock:
+            c = self._filling
+            if c.used + n > c.size:
+                if not self._free or n > c.size:
+                    self.counters.dropped += count
+                    return
+                if c.used:
+                    self._full.append(c)
+                c = self._filling = self._free.pop()
+                self._wake.set()
+            c.view[c.used : c.used + n] = records
+            c.used += n
+            c.records += count
+        if self.options.flush and not self._wake.is_set():
+            self._wake.set()
 
     # -- writer thread --------------------------------------------------------------------
     def _path(self) -> str:
@@ -104,6 +156,7 @@ class CaptureWriter:
         self.counters.files += 1
         self._opened_at = time.monotonic()
         self._written = 0
+        self._file_records = 0
         if o.fmt == "pcap":
             self._write(fmt.pcap_header())
         else:
@@ -112,7 +165,7 @@ class CaptureWriter:
                 self._write(fmt.pcapng_idb(name, f"vsproxy device {name}"))
         self._out.flush()
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: Buffer) -> None:
         assert self._out is not None
         self._out.write(data)
         self._written += len(data)
@@ -125,39 +178,94 @@ class CaptureWriter:
             return True
         return bool(o.rotate_seconds and time.monotonic() - self._opened_at >= o.rotate_seconds)
 
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                break
-            try:
-                self._record(item)
-                if self.options.flush or self._queue.empty():
-                    assert self._out is not None
-                    self._out.flush()
-            except (OSError, ValueError) as e:  # e.g. the reader of stdout went away
-                log.error("capture stopped: %s", e)
-                break
+    def _take(self, partial: bool) -> list[_Chunk]:
+        """The full chunks, and with ``partial`` the one being filled too."""
+        with self._lock:
+            self._wake.clear()
+            out, self._full = self._full, []
+            c = self._filling
+            if partial and c.used and self._free:
+                out.append(c)
+                self._filling = self._free.pop()
+        return out
 
-    def _record(self, item: tuple[float, int, bool, bytes, bytes, str | None]) -> None:
-        ts, iface, to_guest, hdr, data, mark = item
-        head, body = fmt.vsockmon_parts(hdr, data)
-        if self.options.fmt == "pcap":
-            parts = fmt.pcap_record_parts(ts, head, body)
-        else:
-            parts = fmt.pcapng_epb_parts(iface, ts, head, body, inbound=not to_guest, comment=mark)
-        for part in parts:
-            if part:
-                self._write(part)
-        self.counters.packets += 1
-        self.counters.bytes += len(head) + len(body)
-        if self._rotate_due():
-            assert self._out is not None
-            self._out.close()
-            self._open()
+    def _give_back(self, chunks: list[_Chunk]) -> None:
+        for c in chunks:
+            c.used = c.records = 0
+        with self._lock:
+            self._free.extend(chunks)
+
+    def _run(self) -> None:
+        last_flush = time.monotonic()
+        try:
+            while True:
+                self._wake.wait(FLUSH_EVERY)
+                now = time.monotonic()
+                partial = self.options.flush or self._closing or now - last_flush >= FLUSH_EVERY
+                chunks = self._take(partial)
+                try:
+                    for c in chunks:
+                        self._records(c.view[: c.used], c.records)
+                finally:
+                    self._give_back(chunks)
+                assert self._out is not None
+                if partial:
+                    self._out.flush()
+                    last_flush = now
+                if self.options.rotate_seconds and self._rotate_due():
+                    self._rotate()
+                if self._closing and not chunks:
+                    return
+        except (OSError, ValueError) as e:  # e.g. the reader of stdout went away
+            log.error("capture stopped: %s", e)
+
+    def _records(self, data: memoryview, count: int) -> None:
+        """Write whole records; with size rotation, split them at record boundaries."""
+        limit = self.options.rotate_bytes if self.options.path != "-" else 0
+        while limit and self._written + len(data) > limit:
+            cut, records = self._split(data, limit - self._written)
+            if cut == 0 and self._file_records == 0:
+                cut, records = self._split(data, 1)  # one record larger than a file: alone
+            if cut:
+                self._write(data[:cut])
+                self.counters.packets += records
+                self.counters.bytes += cut
+                self._file_records += records
+                count -= records
+                data = data[cut:]
+            self._rotate()
+            if not data:
+                return
+        self._write(data)
+        self.counters.packets += count
+        self.counters.bytes += len(data)
+        self._file_records += count
+
+    def _split(self, data: memoryview, room: int) -> tuple[int, int]:
+        """(bytes, records) of the longest run of whole records within ``room`` bytes
+        (at least one record when ``room`` is 1)."""
+        off = records = 0
+        pcap = self.record_mode == CAP_PCAP
+        while off < len(data):
+            if pcap:  # record header, then incl_len bytes
+                size = 16 + struct.unpack_from("<I", data, off + 8)[0]
+            else:  # block total length
+                size = struct.unpack_from("<I", data, off + 4)[0]
+            if off + size > room and not (room == 1 and records == 0):
+                break
+            off += size
+            records += 1
+        return off, records
+
+    def _rotate(self) -> None:
+        assert self._out is not None
+        self._out.close()
+        self._open()
 
     def close(self) -> None:
-        self._queue.put(None)
+        """Write what is buffered, then close (the counters are final afterwards)."""
+        self._closing = True
+        self._wake.set()
         self._thread.join(10)
         if self._out is not None and self.options.path != "-":
             self._out.close()
@@ -166,5 +274,5 @@ class CaptureWriter:
                 self._out.flush()
             except (OSError, ValueError):
                 pass
-        log.info("capture: %d packets written, %d dropped (queue full), %d file(s)",
+        log.info("capture: %d packets written, %d dropped (buffer full), %d file(s)",
                  self.counters.packets, self.counters.dropped, self.counters.files)

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from vsproxy import fastpath
 from vsproxy.endpoints.base import Buffer, Peer
+from vsproxy.taps import Taps
 from vsproxy.vsock import header as H
 from vsproxy.vsock.connection import Connection, State
 from vsproxy.vsock.header import HDR, HDR_SIZE, U32, Header, Op
@@ -78,16 +79,6 @@ class Counters:
         self.drops[reason] = self.drops.get(reason, 0) + 1
 
 
-class Tap(Protocol):
-    """Sees every packet that crosses the device (capture, TUI, demo). ``to_guest`` is the
-    direction; the payload is the first ``hdr.len`` bytes of ``payload`` (the views may be
-    longer), valid only during the call: a tap copies what it keeps."""
-
-    def __call__(
-        self, device: str, to_guest: bool, hdr: bytes, payload: Sequence[Buffer], mark: str | None = None
-    ) -> None: ...
-
-
 class RxFastFill(Protocol):
     def __call__(self, fd: int, credit: int, max_packets: int, hdr: bytes) -> fastpath.RxFill: ...
 
@@ -127,7 +118,7 @@ class VsockCore:
         self.counters = Counters()
         self.now = 0.0
         self.seqpacket = False
-        self.taps: list[Tap] = []
+        self.taps = Taps()
         # closed connections' traffic per rule; the shell may share one dict across sessions
         self.rule_totals: dict[str, list[int]] = {}
         # Injected by the shell when the C rx path can serve this device's rx ring.
@@ -135,8 +126,7 @@ class VsockCore:
         self.rx_pending: Callable[[], int] = lambda: 0
 
     def _tap(self, to_guest: bool, hdr: bytes, payload: Sequence[Buffer], mark: str | None = None) -> None:
-        for tap in self.taps:
-            tap(self.name, to_guest, hdr, payload, mark)
+        self.taps(self.name, to_guest, hdr, payload, mark)
 
     # ------------------------------------------------------------------
     # guest -> device
@@ -155,12 +145,12 @@ class VsockCore:
             # Anti-spoofing: a guest may only speak as itself.
             c.spoofed += 1
             log.warning("%s: dropped spoofed packet %s", self.name, H.unpack(hdr_bytes).describe())
-            if self.taps:
+            if self.taps.active:
                 self._tap(False, bytes(hdr_bytes[:HDR_SIZE]), payload,
                           f"spoofed: src_cid {src_cid} is not the guest's CID {self.guest_cid}; dropped")
             return
         c.tx_packets += 1
-        if self.taps:
+        if self.taps.active:
             known = self.conns.get((type_, src_port, dst_cid, dst_port))
             if known is not None or op != Op.REQUEST:  # a new REQUEST is tapped after its verdict
                 self._tap(False, bytes(hdr_bytes[:HDR_SIZE]), payload, known.mark if known is not None else None)
@@ -240,13 +230,20 @@ class VsockCore:
         total: int,
         segments: Sequence[memoryview],
         npackets: int,
+        records: Buffer | None = None,
     ) -> bool:
         """Consecutive RW packets of one stream, already checked by the C fast path (source CID,
-        type, lengths). Same effect as guest_packet for each; False if there is no such
-        connection, and the caller then feeds the packets one by one."""
+        type, lengths), with their capture ``records`` when capturing. Same effect as
+        guest_packet for each; False if there is no such connection or its packets need a
+        capture comment, and the caller then feeds the packets one by one."""
         conn = self.conns.get((H.Type.STREAM, src_port, dst_cid, dst_port))
         if conn is None:
             return False
+        if records is not None:
+            sink = self.taps.sink
+            if sink is None or conn.mark is not None:
+                return False
+            sink.commit(records, npackets)
         self.counters.tx_packets += npackets
         cr = conn.credit
         cr.peer_buf_alloc = buf_alloc
@@ -267,7 +264,7 @@ class VsockCore:
         conn = Connection(hdr.type, hdr.src_port, hdr.dst_cid, hdr.dst_port, _NO_PEER, self.buf_alloc)
         conn.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt)
         peer = self.connector(conn)
-        if self.taps:
+        if self.taps.active:
             self._tap(False, hdr.pack(), (), conn.mark)
         if peer is None:
             c.connections_refused += 1
@@ -644,8 +641,8 @@ class VsockCore:
         control = self.control
         ready = self.ready
         c = self.counters
-        taps = self.taps
-        rx_fast = self.rx_fast if not taps else None
+        taps = self.taps.active
+        rx_fast = self.rx_fast if not self.taps.per_packet else None
         while control or ready:
             if not control:
                 conn = ready.popleft()
@@ -660,7 +657,7 @@ class VsockCore:
                         conn.flags |= Connection.CREDIT_REQUESTED
                         self._queue(conn, Op.CREDIT_REQUEST)
                     continue
-                if rx_fast is not None and conn.type == H.Type.STREAM:
+                if rx_fast is not None and conn.type == H.Type.STREAM and (conn.mark is None or not taps):
                     fd = getattr(conn.peer, "fast_fd", _no_fd)()
                     if fd >= 0:
                         done, more = self._rx_fast(rx_fast, conn, fd, credit)
@@ -779,12 +776,12 @@ class VsockCore:
         cr.adv_fwd_cnt = cr.fwd_cnt
         if len(first) >= HDR_SIZE:
             HDR.pack_into(first, 0, *self._fields(conn, Op.RW, 0, n))
-            if self.taps:
+            if self.taps.active:
                 self._tap(True, bytes(first[:HDR_SIZE]), bufs, conn.mark)
         else:
             data = self._header(conn, Op.RW, 0, n)
             _scatter(writable, data)
-            if self.taps:
+            if self.taps.active:
                 self._tap(True, data, bufs, conn.mark)
         rxq.push(chain.head, HDR_SIZE + n)
         self.counters.rx_packets += 1
@@ -833,7 +830,7 @@ class VsockCore:
         cr.tx_cnt = (cr.tx_cnt + n) & U32
         data_hdr = self._header(conn, Op.RW, flags, n)
         _scatter(chain.writable, data_hdr + msg[off : off + n])
-        if self.taps:
+        if self.taps.active:
             self._tap(True, data_hdr, [memoryview(msg)[off : off + n]], conn.mark)
         rxq.push(chain.head, HDR_SIZE + n)
         self.counters.rx_packets += 1

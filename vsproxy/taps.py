@@ -1,0 +1,75 @@
+"""What sees the packets that cross vsproxy, after the verdict: shared by every device's core.
+
+Two kinds of observer:
+
+- per-packet taps (the demo's transcript, a TUI feed): called with each packet's header and
+  payload views. While one is attached, the data path stays in Python so each packet can be
+  shown to it.
+- one capture sink (the pcap/pcapng writer): it takes the same calls from the Python paths,
+  and records the C fast paths formatted themselves (``commit``), so capturing does not turn
+  the fast paths off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from vsproxy.endpoints.base import Buffer
+
+CAP_NONE, CAP_PCAP, CAP_PCAPNG = 0, 1, 2  # record layouts the C paths write (vsproxy/_fastpath_build.py)
+
+
+class Tap(Protocol):
+    """Sees every packet that crosses the device. ``to_guest`` is the direction; the payload
+    is the first ``hdr.len`` bytes of ``payload`` (the views may be longer), valid only during
+    the call: a tap copies what it keeps. ``mark`` is the capture comment (rewrite, denial)."""
+
+    def __call__(
+        self, device: str, to_guest: bool, hdr: bytes, payload: Sequence[Buffer], mark: str | None = None
+    ) -> None: ...
+
+
+class CaptureSink(Tap, Protocol):
+    """A tap that also accepts records already formatted by the C fast paths."""
+
+    @property
+    def record_mode(self) -> int: ...  # CAP_PCAP or CAP_PCAPNG
+
+    def interface(self, device: str) -> int: ...  # pcapng interface id of a device
+
+    def commit(self, records: Buffer, count: int) -> None: ...  # whole records, in order
+
+
+class Taps:
+    __slots__ = ("_callbacks", "active", "sink")
+
+    def __init__(self) -> None:
+        self._callbacks: list[Tap] = []
+        self.sink: CaptureSink | None = None
+        self.active = False  # anything attached: the data path must call us
+
+    @property
+    def per_packet(self) -> bool:
+        """A per-packet tap is attached: the C fast paths must stand aside."""
+        return bool(self._callbacks)
+
+    def add(self, tap: Tap) -> None:
+        self._callbacks.append(tap)
+        self.active = True
+
+    def remove(self, tap: Tap) -> None:
+        self._callbacks.remove(tap)
+        self.active = bool(self._callbacks) or self.sink is not None
+
+    def set_sink(self, sink: CaptureSink | None) -> None:
+        self.sink = sink
+        self.active = bool(self._callbacks) or sink is not None
+
+    def __call__(
+        self, device: str, to_guest: bool, hdr: bytes, payload: Sequence[Buffer], mark: str | None = None
+    ) -> None:
+        for tap in self._callbacks:
+            tap(device, to_guest, hdr, payload, mark)
+        if self.sink is not None:
+            self.sink(device, to_guest, hdr, payload, mark)
