@@ -6,12 +6,12 @@
 #
 # Everything comes from Debian 12 packages: the kernel and its virtio/vsock
 # modules from the ABI package that linux-image-cloud-amd64 depends on,
-# busybox-static for /init and the shell tools, and a `gcc -static` build of
-# vsock_tool.c.  Idempotent: each step is skipped when its outputs are newer
+# busybox-static for /init and the shell tools, and `gcc -static` builds of
+# vsock_tool.c and vsockmon_cap.c.  Idempotent: each step is skipped when its outputs are newer
 # than its inputs.  Needs root for apt-get (only when something is missing).
 #
 # Also writes CACHE_DIR/kernel-version (kernel release), CACHE_DIR/kernel-package
-# (package and version) and CACHE_DIR/vsock_tool.
+# (package and version), CACHE_DIR/vsock_tool and CACHE_DIR/vsockmon_cap.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -24,8 +24,12 @@ export DEBIAN_FRONTEND=noninteractive
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
 	virtio_mmio vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport)
 # Shipped in the initramfs but not loaded by /init: a script can
-# `insmod /lib/modules/vsock_loopback.ko` to test vsock_tool over CID 1.
-EXTRA_MODULES=(vsock_loopback)
+# `insmod /lib/modules/vsock_loopback.ko` to test vsock_tool over CID 1, and
+# `insmod /lib/modules/vsockmon.ko` (needs only vsock) for
+# `ip link add name vsockmon0 type vsockmon` and vsockmon_cap.
+# The list is part of the kernel stamp (KDIR/.done): changing it re-extracts the
+# modules and so rebuilds the initramfs once.
+EXTRA_MODULES=(vsock_loopback vsockmon)
 
 log() { echo "build.sh: $*" >&2; }
 
@@ -141,13 +145,17 @@ if [ ! -e "$KDIR/.done" ] || [ "$KDEB" -nt "$KDIR/.done" ] ||
 fi
 KREL="$(cat "$KDIR/release")"
 
-# ---- 4. vsock_tool --------------------------------------------------------
+# ---- 4. guest programs ------------------------------------------------------
 TOOL="$CACHE/vsock_tool"
-if [ ! -x "$TOOL" ] || [ "$HERE/vsock_tool.c" -nt "$TOOL" ]; then
-	log "compiling vsock_tool"
-	gcc -static -O2 -Wall -o "$TOOL.new" "$HERE/vsock_tool.c"
-	mv "$TOOL.new" "$TOOL"
-fi
+CAP="$CACHE/vsockmon_cap"
+for prog in "$TOOL" "$CAP"; do
+	src="$HERE/$(basename "$prog").c"
+	if [ ! -x "$prog" ] || [ "$src" -nt "$prog" ]; then
+		log "compiling $(basename "$prog")"
+		gcc -static -O2 -Wall -o "$prog.new" "$src"
+		mv "$prog.new" "$prog"
+	fi
+done
 
 # ---- 5. initramfs ---------------------------------------------------------
 OUT="$CACHE/initramfs.cpio.gz"
@@ -155,7 +163,7 @@ stale=0
 if [ ! -s "$OUT" ]; then
 	stale=1
 else
-	for f in "$HERE/init" "$HERE/build.sh" "$TOOL" "$BUSYBOX" "$KDIR/.done"; do
+	for f in "$HERE/init" "$HERE/build.sh" "$TOOL" "$CAP" "$BUSYBOX" "$KDIR/.done"; do
 		[ "$f" -nt "$OUT" ] && stale=1
 	done
 fi
@@ -169,8 +177,9 @@ if [ "$stale" = 1 ]; then
 		[ -e "$stage/$applet" ] || ln -s /bin/busybox "$stage/$applet"
 	done
 	cp "$TOOL" "$stage/bin/vsock_tool"
+	cp "$CAP" "$stage/bin/vsockmon_cap"
 	cp "$HERE/init" "$stage/init"
-	chmod 755 "$stage/init" "$stage/bin/vsock_tool"
+	chmod 755 "$stage/init" "$stage/bin/vsock_tool" "$stage/bin/vsockmon_cap"
 	for m in "${MODULES[@]}"; do
 		if [ -f "$KDIR/modules/$m.ko" ]; then
 			cp "$KDIR/modules/$m.ko" "$stage/lib/modules/"
