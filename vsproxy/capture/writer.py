@@ -12,6 +12,7 @@ never faults in fresh memory on the data path, and its memory is bounded by ``qu
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import struct
@@ -20,7 +21,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from vsproxy.capture import format as fmt
 from vsproxy.endpoints.base import Buffer
@@ -32,6 +32,7 @@ log = logging.getLogger("vsproxy.capture")
 QUEUE_BYTES = 64 << 20  # records waiting for the file, at most
 CHUNK = 4 << 20  # the unit handed to the writer thread; one commit is at most 1 MiB (fastpath.CAPTURE_STAGE)
 FLUSH_EVERY = 0.5  # seconds, without --flush
+IOV_MAX = 1024
 
 
 @dataclass
@@ -80,7 +81,9 @@ class CaptureWriter:
         self._filling = _Chunk(chunk)  # guarded by _lock
         self._closing = False
         self.counters = CaptureCounters()
-        self._out: BinaryIO | None = None
+        self._out: io.FileIO | None = None  # the file, None for stdout
+        self._fd = -1
+        self._pending: list[memoryview] = []  # written by the next _flush
         self._opened_at = 0.0
         self._written = 0
         self._file_records = 0
@@ -142,10 +145,12 @@ class CaptureWriter:
     def _open(self) -> None:
         o = self.options
         if o.path == "-":
-            self._out = sys.stdout.buffer
+            sys.stdout.flush()
+            self._fd = sys.stdout.fileno()
         else:
             path = self._path()
-            self._out = open(path, "wb")
+            self._out = open(path, "wb", buffering=0)
+            self._fd = self._out.fileno()
             self._files.append(path)
             if o.max_files and len(self._files) > o.max_files:
                 old = self._files.pop(0)
@@ -163,12 +168,28 @@ class CaptureWriter:
             self._write(fmt.pcapng_shb())
             for name in self.devices:
                 self._write(fmt.pcapng_idb(name, f"vsproxy device {name}"))
-        self._out.flush()
+        self._flush()
 
     def _write(self, data: Buffer) -> None:
-        assert self._out is not None
-        self._out.write(data)
+        """Queue ``data`` for the next ``_flush``: whole chunks go out in one writev, which
+        holds no GIL, so the data path and the disk work at the same time."""
+        self._pending.append(memoryview(data))
         self._written += len(data)
+
+    def _flush(self) -> None:
+        pending = self._pending
+        while pending:
+            batch = pending[:IOV_MAX]
+            n = os.writev(self._fd, batch)
+            done = 0
+            for v in batch:
+                if n >= len(v):
+                    n -= len(v)
+                    done += 1
+                else:
+                    pending[done] = v[n:]  # a short write (a pipe): the rest goes next
+                    break
+            del pending[:done]
 
     def _rotate_due(self) -> bool:
         o = self.options
@@ -206,11 +227,11 @@ class CaptureWriter:
                 try:
                     for c in chunks:
                         self._records(c.view[: c.used], c.records)
+                    self._flush()
                 finally:
+                    self._pending.clear()
                     self._give_back(chunks)
-                assert self._out is not None
                 if partial:
-                    self._out.flush()
                     last_flush = now
                 if self.options.rotate_seconds and self._rotate_due():
                     self._rotate()
@@ -258,8 +279,9 @@ class CaptureWriter:
         return off, records
 
     def _rotate(self) -> None:
-        assert self._out is not None
-        self._out.close()
+        self._flush()
+        if self._out is not None:
+            self._out.close()
         self._open()
 
     def close(self) -> None:
@@ -267,12 +289,7 @@ class CaptureWriter:
         self._closing = True
         self._wake.set()
         self._thread.join(10)
-        if self._out is not None and self.options.path != "-":
+        if self._out is not None:
             self._out.close()
-        elif self._out is not None:
-            try:
-                self._out.flush()
-            except (OSError, ValueError):
-                pass
         log.info("capture: %d packets written, %d dropped (buffer full), %d file(s)",
                  self.counters.packets, self.counters.dropped, self.counters.files)
