@@ -141,3 +141,26 @@ def test_vsproxy_reader_and_scapy_agree_on_every_field(tmp_path: Path) -> None:
                                    v.buf_alloc, v.fwd_cnt)
         assert mine.payload == (bytes(v[Raw].load) if Raw in v else b"")
         assert mine.mon_op == pkt[VsockMon].op
+
+
+CAPTURES = sorted((Path(__file__).resolve().parent.parent / "captures").glob("*.pcap*"))
+
+
+def test_the_fixture_captures_are_there() -> None:
+    names = {p.name for p in CAPTURES}
+    assert "kernel-vsockmon-loopback.pcap" in names and "nitro-heartbeat.pcapng" in names
+
+
+@pytest.mark.parametrize("path", CAPTURES, ids=lambda p: p.name)
+def test_scapy_and_vsproxys_reader_agree_on_every_fixture_including_the_kernels(path: Path) -> None:
+    ours = [dissect(r) for r in records(io.BytesIO(path.read_bytes()))]
+    theirs = rdpcap(str(path))
+    assert len(ours) == len(theirs) > 0
+    for mine, pkt in zip(ours, theirs, strict=True):
+        assert VsockMon in pkt and mine.hdr is not None
+        v = pkt[VirtioVsock]
+        assert tuple(mine.hdr) == (v.src_cid, v.dst_cid, v.src_port, v.dst_port, v.len, v.type, v.op, int(v.flags),
+                                   v.buf_alloc, v.fwd_cnt)
+        assert mine.payload == (bytes(v[Raw].load) if Raw in v else b"")
+        assert (pkt[VsockMon].src_cid, pkt[VsockMon].dst_cid, pkt[VsockMon].op) == (
+            mine.hdr.src_cid, mine.hdr.dst_cid, mine.mon_op)
