@@ -61,6 +61,20 @@ def test_benchmark_runs_and_prints_every_figure() -> None:
     for r in rows:
         assert r[-1].endswith("%") and float(r[-1].rstrip("%")) > 0
     assert "idle connections: vsproxy RSS" in proc.stdout
+    cap = [line.split() for line in proc.stdout.splitlines() if line.startswith(("off ", "pcap ", "pcapng ", "null "))]
+    assert [(r[0], r[1]) for r in cap] == [(m, p) for p in ("65536", "64") for m in ("off", "pcap", "pcapng", "null")]
+    for r in cap:
+        if r[0] != "off":  # packets written, bytes, drops: the writer wrote what crossed, or counted it
+            assert int(r[-3]) > 0 and int(r[-2]) > 0 and int(r[-1]) >= 0
+    assert "a new file there takes" in proc.stdout
+
+
+def test_filter_benchmark_runs() -> None:
+    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "benchmarks/bench_filter.py"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rates = [line for line in proc.stdout.splitlines() if line.endswith("packets/s")]
+    assert len(rates) == 8
 
 
 def test_read_benchmark_runs() -> None:
