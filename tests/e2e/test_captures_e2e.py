@@ -41,12 +41,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import harness
 import pytest
 
-from vsproxy.capture.reader import dissect, records
 from vsproxy.vsock import header as H
 
 pytestmark = pytest.mark.e2e
@@ -64,8 +63,8 @@ REGENERATE = "VSPROXY_UPDATE_CAPTURES=1 .venv/bin/pytest tests/e2e/test_captures
 # the fast fixture test's checks, applied to every fresh capture too
 
 
-def _load_fixture_facts() -> Callable[[str, Path], None]:
-    """check_capture_facts(name, path) from tests/test_capture_fixtures.py.
+def _load_fixture_module() -> Any:
+    """tests/test_capture_fixtures.py: its check_capture_facts(name, path) and its reader.
 
     A fresh capture must pass the very checks the committed fixtures are held to on every
     CI run, so a regenerated fixture can never break the fast test.  Loaded by file name:
@@ -76,11 +75,11 @@ def _load_fixture_facts() -> Callable[[str, Path], None]:
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
-    check: Callable[[str, Path], None] = mod.check_capture_facts
-    return check
+    return mod
 
 
-check_capture_facts = _load_fixture_facts()
+_fixtures = _load_fixture_module()
+check_capture_facts: Callable[[str, Path], None] = _fixtures.check_capture_facts
 
 
 # --------------------------------------------------------------------------
@@ -315,37 +314,21 @@ def make_seqpacket(guest: Guest, d: Path) -> tuple[Made, list[bytes]]:
 # structure: what the comparison with the committed fixture looks at
 
 
-@dataclasses.dataclass(frozen=True)
-class Row:
+class Row(Protocol):
+    """A packet as tests/test_capture_fixtures.py's read_packets gives it."""
+
     device: str
     src: tuple[int, int]  # (cid, port)
     dst: tuple[int, int]
     op: int
+    type: int
     flags: int
     payload: bytes
     comment: str
-    type: int
 
 
 def reader_rows(path: Path) -> list[Row]:
-    rows = []
-    with open(path, "rb") as f:
-        for rec in records(f):
-            pkt = dissect(rec)
-            h = pkt.hdr
-            assert h is not None, rec
-            rows.append(
-                Row(
-                    rec.interface,
-                    (h.src_cid, h.src_port),
-                    (h.dst_cid, h.dst_port),
-                    h.op,
-                    h.flags,
-                    pkt.payload,
-                    rec.comment or "",
-                    h.type,
-                )
-            )
+    rows: list[Row] = _fixtures.read_packets(path)
     return rows
 
 
