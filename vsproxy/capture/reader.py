@@ -5,6 +5,7 @@ from a stream; a damaged file ends in a ``CaptureError`` naming the offset, neve
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -164,27 +165,54 @@ def dissect(record: Record) -> Packet:
     return Packet(record, mon_op, hdr, frame[start + tlen :])
 
 
-def summary_line(p: Packet) -> str:
+# Per-packet text, looked up rather than built: summary_line runs once per printed packet.
+_OP_TEXT = {int(op): op.name for op in H.Op}
+_TYPE_TEXT = {int(H.Type.STREAM): "", int(H.Type.SEQPACKET): " SEQPACKET"}
+
+
+def summary_line(p: Packet, tail: str = "") -> str:
+    """One line per packet, as ``vsproxy read`` prints it. ``tail`` (the reader's
+    ``"  #1 HTTP GET /v1/keys"``) goes before the capture comment, which stays last."""
     r = p.record
     t = time_text(r.ts)
-    dev = f"{r.interface} " if r.interface else ""
-    if p.hdr is None:
-        return f"{t} {dev}vsockmon op {p.mon_op}, {len(p.payload)} bytes"
+    name = r.interface
+    dev = (f"{name} " if name.isprintable() else f"{printable(name)} ") if name else ""
     h = p.hdr
-    op = H.Op(h.op).name if h.op in H.Op._value2member_map_ else f"op{h.op}"
-    kind = "" if h.type == H.Type.STREAM else " SEQPACKET" if h.type == H.Type.SEQPACKET else f" type{h.type}"
-    flags = f" flags={h.flags:#x}" if h.flags else ""
-    line = (f"{t} {dev}{h.src_cid}:{h.src_port} > {h.dst_cid}:{h.dst_port} {op}{kind}{flags} "
-            f"len={h.len} buf_alloc={h.buf_alloc} fwd_cnt={h.fwd_cnt}")
+    if h is None:
+        line = f"{t} {dev}vsockmon op {p.mon_op}, {len(p.payload)} bytes{tail}"
+    else:
+        op = _OP_TEXT.get(h.op) or f"op{h.op}"
+        kind = _TYPE_TEXT.get(h.type)
+        if kind is None:
+            kind = f" type{h.type}"
+        flags = f" flags={h.flags:#x}" if h.flags else ""
+        line = (f"{t} {dev}{h.src_cid}:{h.src_port} > {h.dst_cid}:{h.dst_port} {op}{kind}{flags} "
+                f"len={h.len} buf_alloc={h.buf_alloc} fwd_cnt={h.fwd_cnt}{tail}")
     if r.comment:
-        line += f"  [{r.comment}]"
+        line += f"  [{printable(r.comment)}]"
     return line
+
+
+def printable(text: str) -> str:
+    """``text`` with control and other non-printable characters escaped (``\\n``, ``\\x1b``):
+    names and comments come from the file, and a line must stay one line and never drive
+    the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def time_text(ts: float) -> str:
     """Time of day (UTC), as tcpdump prints it."""
-    t = ts % 86400
-    return f"{int(t // 3600):02d}:{int(t % 3600 // 60):02d}:{t % 60:09.6f}"
+    # whole microseconds first, so 59.9999996 s rounds to the next minute, never to ":60.000000"
+    sec, us = divmod(round(ts * 1_000_000) % 86_400_000_000, 1_000_000)
+    return f"{_clock(sec)}.{us:06d}"
+
+
+@functools.lru_cache(maxsize=256)
+def _clock(sec: int) -> str:
+    """HH:MM:SS of a second of the day; packets come many to a second."""
+    return f"{sec // 3600:02d}:{sec % 3600 // 60:02d}:{sec % 60:02d}"
 
 
 def as_json(p: Packet) -> dict[str, object]:
