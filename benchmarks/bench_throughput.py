@@ -275,11 +275,16 @@ def capture_table(tmp: str, scale: float, repeat: int, capture_dir: str) -> None
     print(f"{'capture':<8} {'payload':>8} {'vsproxy':>16} {'vs off':>7} {'written':>9} {'bytes':>12} {'drops':>6}")
     for payload, count in ((65536, int(20000 * scale)), (64, int(300000 * scale))):
         base = 0.0
+        # "idle": pcapng with --pcap-idle (the writer only in idle CPU time);
         # "null": pcapng to /dev/null, what capturing costs vsproxy itself, without the file
-        for mode in ("off", "pcap", "pcapng", "null"):
+        for mode in ("off", "pcap", "pcapng", "idle", "null"):
             sub = tempfile.mkdtemp(dir=tmp)
             cap = os.devnull if mode == "null" else os.path.join(tempfile.mkdtemp(dir=capture_dir), f"bench.{mode}")
-            extra = () if mode == "off" else ("--pcap", cap, "--pcap-format", "pcap" if mode == "pcap" else "pcapng")
+            extra: tuple[str, ...] = ()
+            if mode != "off":
+                extra = ("--pcap", cap, "--pcap-format", "pcap" if mode == "pcap" else "pcapng")
+            if mode == "idle":
+                extra += ("--pcap-idle",)
             rig = Rig(sub, LINUX_BUF_ALLOC, extra)
             try:
                 el = min(rig.g2h(payload, count)[0] for _ in range(repeat))

@@ -187,3 +187,17 @@ def test_socket_pcap_to_missing_directory_is_a_clear_error(workdir: str) -> None
                         "5", "--pcap", os.path.join(workdir, "no", "x.pcapng")], capture_output=True, text=True,
                        timeout=30)
     assert p.returncode == 2 and "--pcap" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize(("idle", "policy"), [(True, os.SCHED_IDLE), (False, os.SCHED_OTHER)])
+def test_pcap_idle_runs_the_writer_thread_in_idle_time_only(idle: bool, policy: int) -> None:
+    from vsproxy.capture.writer import CaptureOptions, CaptureWriter
+
+    w = CaptureWriter(CaptureOptions(os.devnull, idle=idle), ["dev"])
+    try:
+        tid = w._thread.native_id
+        assert tid is not None
+        wait_for(lambda: os.sched_getscheduler(tid) == policy, 5, f"writer thread policy {policy}")
+    finally:
+        w.close()
+    assert not w._thread.is_alive()

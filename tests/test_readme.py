@@ -61,8 +61,9 @@ def test_benchmark_runs_and_prints_every_figure() -> None:
     for r in rows:
         assert r[-1].endswith("%") and float(r[-1].rstrip("%")) > 0
     assert "idle connections: vsproxy RSS" in proc.stdout
-    cap = [line.split() for line in proc.stdout.splitlines() if line.startswith(("off ", "pcap ", "pcapng ", "null "))]
-    assert [(r[0], r[1]) for r in cap] == [(m, p) for p in ("65536", "64") for m in ("off", "pcap", "pcapng", "null")]
+    modes = ("off", "pcap", "pcapng", "idle", "null")
+    cap = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] and line.split()[0] in modes]
+    assert [(r[0], r[1]) for r in cap] == [(m, p) for p in ("65536", "64") for m in modes]
     for r in cap:
         if r[0] != "off":  # packets written, bytes, drops: the writer wrote what crossed, or counted it
             assert int(r[-3]) > 0 and int(r[-2]) > 0 and int(r[-1]) >= 0

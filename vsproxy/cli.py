@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pcap-rotate-seconds", type=float, default=0.0, metavar="S",
                    help="start a new capture file every S seconds")
     p.add_argument("--pcap-files", type=int, default=0, metavar="N", help="keep only the newest N capture files")
+    p.add_argument("--pcap-idle", action="store_true",
+                   help="write the capture only in idle CPU time: the data path never competes with the writer, "
+                   "and a capture that cannot keep up drops more (counted)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for every message)")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     return p
@@ -220,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.pcap_rotate_size < 0 or args.pcap_rotate_seconds < 0 or args.pcap_files < 0:
                 raise ConfigError("--pcap-rotate-size, --pcap-rotate-seconds and --pcap-files must not be negative")
             proxy.start_capture(CaptureOptions(args.pcap, args.pcap_format, args.flush, args.pcap_rotate_size,
-                                               args.pcap_rotate_seconds, args.pcap_files))
+                                               args.pcap_rotate_seconds, args.pcap_files,
+                                               idle=args.pcap_idle))
         proxy.start()
     except ConfigError as e:
         print(f"vsproxy: error: {e}", file=sys.stderr)

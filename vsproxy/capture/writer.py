@@ -44,6 +44,7 @@ class CaptureOptions:
     rotate_seconds: float = 0.0
     max_files: int = 0  # 0: keep every file
     queue_bytes: int = QUEUE_BYTES
+    idle: bool = False  # the writer thread runs as SCHED_IDLE (--pcap-idle)
 
 
 @dataclass
@@ -217,6 +218,14 @@ class CaptureWriter:
             self._free.extend(chunks)
 
     def _run(self) -> None:
+        if self.options.idle:
+            # Only when a CPU would otherwise be idle (SCHED_IDLE, this thread only): copying
+            # records into the page cache then never delays the data path's wake-ups, which set
+            # its throughput; if idle time runs short, chunks fill and the capture drops, counted.
+            try:
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            except (OSError, AttributeError):  # not Linux, or refused: an ordinary thread then
+                log.warning("capture: cannot run the writer in idle time; it runs as usual")
         last_flush = time.monotonic()
         try:
             while True:
@@ -287,6 +296,12 @@ class CaptureWriter:
     def close(self) -> None:
         """Write what is buffered, then close (the counters are final afterwards)."""
         self._closing = True
+        tid = self._thread.native_id
+        if tid is not None and self.options.idle:
+            try:  # what is left goes out now, at full priority, not in idle time
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            except (OSError, AttributeError):
+                pass
         self._wake.set()
         self._thread.join(10)
         if self._out is not None:
