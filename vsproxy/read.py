@@ -153,7 +153,8 @@ def main(argv: list[str]) -> int:
             out.flush()
     except CaptureError as e:
         _flush_quietly(out)
-        print(f"{PROG}: {args.file}: {e} (after {progress.read} packets)", file=sys.stderr)
+        n = progress.read
+        print(f"{PROG}: {args.file}: {e} (after {n} packet{'' if n == 1 else 's'})", file=sys.stderr)
         return 1
     except BrokenPipeError:
         return _reader_went_away()
