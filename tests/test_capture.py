@@ -201,3 +201,59 @@ def test_pcap_idle_runs_the_writer_thread_in_idle_time_only(idle: bool, policy: 
     finally:
         w.close()
     assert not w._thread.is_alive()
+
+
+def test_a_capture_reader_that_stops_reading_never_blocks_the_data_path(workdir: str) -> None:
+    """``--pcap -`` into a pipe nobody reads: the writer blocks on the pipe, its 2 MiB buffer
+    fills, and 16 MiB still cross vsproxy; the capture drops what did not fit, counted, and
+    what it did write is whole records."""
+    import io
+    import re
+
+    from helpers import echo_many
+
+    from vsproxy.capture.reader import records
+
+    uds = os.path.join(workdir, "h.sock")
+    sock = os.path.join(workdir, "a.sock")
+    log_path = os.path.join(workdir, "log")
+
+    def counters() -> re.Match[str] | None:
+        with open(log_path, "rb") as f:
+            return re.search(r"capture: packets=(\d+) bytes=(\d+) dropped=(\d+)", f.read().decode(errors="replace"))
+
+    payload = os.urandom(16 << 20)
+    with open(log_path, "wb") as log, subprocess.Popen(
+        [sys.executable, "-m", "vsproxy", "--socket", sock, "--guest-cid", "5", "--uds-path", uds, "--pcap", "-",
+         "--pcap-buffer", str(2 << 20)], stdout=subprocess.PIPE, stderr=log) as proxy:
+        assert proxy.stdout is not None
+        try:
+            wait_for(lambda: os.path.exists(sock), what="vsproxy socket")
+            echo = unix_server(f"{uds}_5000")
+            try:
+                with SimGuest(sock) as g:
+                    s = g.connect(5000)
+                    start = time.monotonic()
+                    (got,) = echo_many(g, [s], [payload], timeout=120)
+                    elapsed = time.monotonic() - start
+                    s.close()
+            finally:
+                echo.close()
+            proxy.send_signal(signal.SIGUSR1)
+            wait_for(lambda: counters() is not None, 10, "the counters report")
+        finally:
+            proxy.send_signal(signal.SIGTERM)
+        stream = proxy.stdout.read()  # now the pipe is read: the writer finishes what it holds
+        proxy.wait(30)
+    assert got == payload and elapsed < 60
+    m = counters()
+    assert m is not None and int(m.group(3)) > 0, m  # dropped, and counted
+    recs = list(records(io.BytesIO(stream)))  # whole records: no CaptureError
+    assert 0 < len(recs) < 2 * len(payload) // 3776  # fewer than crossed: some were dropped
+
+
+def test_a_pcap_buffer_below_two_mib_is_a_clear_error(workdir: str) -> None:
+    p = subprocess.run([sys.executable, "-m", "vsproxy", "--socket", os.path.join(workdir, "a.sock"), "--guest-cid",
+                        "5", "--pcap", os.path.join(workdir, "x.pcapng"), "--pcap-buffer", "1000"],
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "--pcap-buffer 1000: at least" in p.stderr and "Traceback" not in p.stderr

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 from vsproxy import config as cfg
 from vsproxy.app import ConfigError, Proxy, raise_nofile_limit
-from vsproxy.capture.writer import CaptureOptions
+from vsproxy.capture.writer import MIN_QUEUE_BYTES, QUEUE_BYTES, CaptureOptions
 from vsproxy.device import DeviceConfig
 from vsproxy.endpoints.sockets import HostEndpoints
 from vsproxy.policy import Allow
@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pcap-rotate-seconds", type=float, default=0.0, metavar="S",
                    help="start a new capture file every S seconds")
     p.add_argument("--pcap-files", type=int, default=0, metavar="N", help="keep only the newest N capture files")
+    p.add_argument("--pcap-buffer", type=int, default=QUEUE_BYTES, metavar="BYTES",
+                   help="memory for records waiting to be written (default 64 MiB, at least 2 MiB); "
+                   "when it is full, packets are dropped from the capture and counted")
     p.add_argument("--pcap-idle", action="store_true",
                    help="write the capture only in idle CPU time: the data path never competes with the writer, "
                    "and a capture that cannot keep up drops more (counted)")
@@ -222,9 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.pcap:
             if args.pcap_rotate_size < 0 or args.pcap_rotate_seconds < 0 or args.pcap_files < 0:
                 raise ConfigError("--pcap-rotate-size, --pcap-rotate-seconds and --pcap-files must not be negative")
+            if args.pcap_buffer < MIN_QUEUE_BYTES:
+                raise ConfigError(f"--pcap-buffer {args.pcap_buffer}: at least {MIN_QUEUE_BYTES} bytes (2 MiB)")
             proxy.start_capture(CaptureOptions(args.pcap, args.pcap_format, args.flush, args.pcap_rotate_size,
                                                args.pcap_rotate_seconds, args.pcap_files,
-                                               idle=args.pcap_idle))
+                                               args.pcap_buffer, idle=args.pcap_idle))
         proxy.start()
     except ConfigError as e:
         print(f"vsproxy: error: {e}", file=sys.stderr)

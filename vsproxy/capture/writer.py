@@ -30,6 +30,7 @@ from vsproxy.vsock import header as H
 log = logging.getLogger("vsproxy.capture")
 
 QUEUE_BYTES = 64 << 20  # records waiting for the file, at most
+MIN_QUEUE_BYTES = 2 << 20  # two chunks that each hold the largest commit (fastpath.CAPTURE_STAGE)
 CHUNK = 4 << 20  # the unit handed to the writer thread; one commit is at most 1 MiB (fastpath.CAPTURE_STAGE)
 FLUSH_EVERY = 0.5  # seconds, without --flush
 IOV_MAX = 1024
