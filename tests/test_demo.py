@@ -13,4 +13,7 @@ def test_demo_exits_cleanly_every_time() -> None:
                            text=True, timeout=60)
         assert p.returncode == 0, p.stderr[-2000:]
         assert "Demo OK." in p.stdout
+        # the heartbeat, answered by the built-in service, then found again in the capture
+        assert "nitro-heartbeat service answered b'\\xb7'" in p.stdout
+        assert p.stdout.count("Nitro heartbeat 0xB7") == 2
         assert "Traceback" not in p.stderr and "Exception ignored" not in p.stderr

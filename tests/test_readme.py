@@ -46,6 +46,7 @@ def test_readme_install_and_demo_command_works_in_a_clean_copy() -> None:
         assert "Demo OK." in proc.stdout
         assert "sha256 matches" in proc.stdout
         assert "refused with RST" in proc.stdout
+        assert "#4 Nitro heartbeat 0xB7" in proc.stdout  # vsproxy read of the capture, installed with pip
         assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
 
 
