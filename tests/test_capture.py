@@ -257,3 +257,36 @@ def test_a_pcap_buffer_below_two_mib_is_a_clear_error(workdir: str) -> None:
                         "5", "--pcap", os.path.join(workdir, "x.pcapng"), "--pcap-buffer", "1000"],
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and "--pcap-buffer 1000: at least" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.parametrize("fmt_name", ["pcapng", "pcap"])
+def test_size_rotation_splits_a_chunk_of_many_records_at_record_boundaries(workdir: str, fmt_name: str) -> None:
+    import io
+
+    from vsproxy.capture.reader import records
+    from vsproxy.capture.writer import CaptureOptions, CaptureWriter
+
+    path = os.path.join(workdir, f"r.{fmt_name}")
+    w = CaptureWriter(CaptureOptions(path, fmt_name, rotate_bytes=4000), ["dev"])
+    sizes = [1 + (i * 37) % 900 for i in range(60)] + [9000]  # the last is larger than a file
+    blob = bytearray()
+    for i, n in enumerate(sizes):
+        h = H.pack(5, 2, 1, 2, n, 1, H.Op.RW, 0, 0, i)
+        head, body = fmt.vsockmon_parts(h, bytes([i]) * n)
+        blob += b"".join(fmt.pcap_record_parts(1.0, head, body) if fmt_name == "pcap" else
+                         fmt.pcapng_epb_parts(0, 1.0, head, body, inbound=True))
+    w.commit(blob, len(sizes))  # one commit: the writer must cut it between records
+    w.close()
+    files = sorted((f for f in os.listdir(workdir) if f.startswith(f"r.{fmt_name}.")),
+                   key=lambda f: int(f.split(".")[-1]))
+    assert len(files) > 5
+    seen = []
+    for f in files:
+        with open(os.path.join(workdir, f), "rb") as fh:
+            data = fh.read()
+        recs = list(records(io.BytesIO(data)))
+        assert recs  # every file holds whole records, and at least one
+        assert len(data) <= 4000 or len(recs) == 1  # only a record larger than a file stands alone
+        seen += [H.unpack(r.frame, 32).fwd_cnt for r in recs]
+    assert seen == list(range(len(sizes)))  # every record once, in order
+    assert w.counters.packets == len(sizes) and w.counters.dropped == 0

@@ -264,9 +264,9 @@ class CaptureWriter:
                 self._file_records += records
                 count -= records
                 data = data[cut:]
-            self._rotate()
-            if not data:
+            if not data:  # a lone record larger than a file: the next write starts a new one
                 return
+            self._rotate()
         self._write(data)
         self.counters.packets += count
         self.counters.bytes += len(data)
