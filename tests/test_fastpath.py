@@ -20,7 +20,7 @@ from vsproxy.capture import reader
 from vsproxy.endpoints.base import Buffer
 from vsproxy.fastpath import Run, Slow, TxFastPath
 from vsproxy.simguest.ring import Buf
-from vsproxy.taps import CAP_PCAP, CAP_PCAPNG, Taps
+from vsproxy.taps import CAP_PCAP, CAP_PCAPNG, RecordChunk, Taps
 from vsproxy.virtq import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, Chain
 from vsproxy.vsock import header as H
 
@@ -229,13 +229,24 @@ def test_rx_fill_leaves_other_chain_shapes_to_python() -> None:
         t.close()
 
 
-class RecordingSink:
-    """A capture sink keeping what it is given, formatted by C (commit) or by Python (call)."""
+class Chunk:
+    def __init__(self, size: int) -> None:
+        self.view = memoryview(bytearray(size))
+        self.size = size
+        self.used = 0
+        self.records = 0
+        self.native: object = None
 
-    def __init__(self, mode: int) -> None:
+
+class RecordingSink:
+    """A capture sink lending one chunk to the C paths (reserve/release), as the writer does."""
+
+    def __init__(self, mode: int, size: int = 8 << 20) -> None:
         self.record_mode = mode
-        self.committed = bytearray()
-        self.count = 0
+        self.chunk = Chunk(size)
+        self.lent = False
+        self.dropped = 0
+        self.full = False  # every chunk waits for the file: nothing to lend
 
     def interface(self, device: str) -> int:
         return 3
@@ -244,9 +255,25 @@ class RecordingSink:
                  mark: str | None = None) -> None:
         raise AssertionError("the C path formats its own records")
 
-    def commit(self, records: Buffer, count: int) -> None:
-        self.committed += records
-        self.count += count
+    def reserve(self) -> Chunk | None:
+        assert not self.lent
+        if self.full:
+            return None
+        self.lent = True
+        return self.chunk
+
+    def release(self, chunk: RecordChunk, used: int, records: int) -> None:
+        assert self.lent and chunk is self.chunk
+        self.lent = False
+        chunk.used = used
+        chunk.records += records
+
+    def drop(self, count: int) -> None:
+        self.dropped += count
+
+    @property
+    def committed(self) -> bytes:
+        return bytes(self.chunk.view[: self.chunk.used])
 
 
 def read_back(mode: int, records: bytes) -> list[tuple[bytes, bool | None, str]]:
@@ -265,37 +292,70 @@ def test_c_capture_records_read_back_as_the_python_writer_frames(mode: int) -> N
         taps = Taps()
         sink = RecordingSink(mode)
         taps.set_sink(sink)
-        items = TxFastPath(rig.q, GUEST, 64, taps, "dev").batch()
-        assert len(items) == 1 and isinstance(items[0], Run) and items[0].records is not None
-        got = read_back(mode, bytes(items[0].records))
+        fast = TxFastPath(rig.q, GUEST, 64, taps, "dev")
+        items = fast.batch()
+        assert len(items) == 1 and isinstance(items[0], Run) and items[0].cap_off == 0
+        assert sink.lent  # the records stand in the lent chunk until the caller keeps them
+        fast.capture.went_through(len(items[0].heads))
+        fast.capture.finish()
+        got = read_back(mode, sink.committed)
         want = [fmt.vsockmon_frame(H.pack(GUEST, 2, 100, 5000, len(p), 1, H.Op.RW, 0, 65536, 0), p)
                 for p in payloads]
-        assert [g[0] for g in got] == want
+        assert [g[0] for g in got] == want and sink.chunk.records == len(payloads)
         if mode == CAP_PCAPNG:
             assert {(g[1], g[2]) for g in got} == {(True, "if3")}  # from the guest, the device's interface
     finally:
         rig.close()
 
 
-def test_full_capture_stage_ends_the_batch_and_leaves_the_rest_on_the_ring() -> None:
+def test_a_full_chunk_ends_the_batch_and_leaves_the_rest_on_the_ring() -> None:
     rig = Rig(indirect=True, num=64)
     try:
         for _ in range(8):
             add_packet(rig, 100, b"q" * 60000)
         taps = Taps()
-        taps.set_sink(RecordingSink(CAP_PCAPNG))
+        sink = RecordingSink(CAP_PCAPNG, size=3 * 61000)  # room for three records
+        taps.set_sink(sink)
         fast = TxFastPath(rig.q, GUEST, 64, taps, "dev")
-        fast._stage = fastpath.CaptureStage(3 * 61000)  # room for three records
         items = fast.batch()
         assert isinstance(items[0], Run) and len(items[0].heads) == 3
         assert rig.q.pending() == 5
-        assert items[0].records is not None and len(read_back(CAP_PCAPNG, bytes(items[0].records))) == 3
+        fast.capture.finish()
+        assert len(read_back(CAP_PCAPNG, sink.committed)) == 3
+    finally:
+        rig.close()
+
+
+def test_capturing_a_batch_is_fast_chains_then_at_most_one_slow_chain() -> None:
+    """So the records C writes during the call and those Python writes after it for the slow
+    chains come out in ring order."""
+    rig = Rig(indirect=True, num=64)
+    try:
+        add_packet(rig, 100, b"a")
+        add_packet(rig, 100, b"b")
+        add_packet(rig, 100, b"\0", op=H.Op.SHUTDOWN, length=0)  # slow
+        add_packet(rig, 100, b"c")
+        add_packet(rig, 100, b"\0", op=H.Op.CREDIT_UPDATE, length=0)  # slow
+        add_packet(rig, 100, b"d")
+        taps = Taps()
+        taps.set_sink(RecordingSink(CAP_PCAPNG))
+        fast = TxFastPath(rig.q, GUEST, 64, taps, "dev")
+        kinds = []
+        while rig.q.pending():
+            batch = fast.batch()
+            fast.capture.finish()
+            kinds.append(["run" if isinstance(i, Run) else "slow" for i in batch])
+        assert kinds == [["run", "slow"], ["run", "slow"], ["run"]]
+        for _ in range(6):  # without capture, one batch takes everything
+            add_packet(rig, 100, b"e", op=H.Op.RW if _ % 2 else H.Op.SHUTDOWN, length=None if _ % 2 else 0)
+        taps.set_sink(None)
+        assert len(fast.batch()) == 6 and rig.q.pending() == 0
     finally:
         rig.close()
 
 
 @pytest.mark.parametrize("mode", [CAP_PCAP, CAP_PCAPNG])
-def test_rx_fill_commits_one_record_per_packet_to_the_sink(mode: int) -> None:
+def test_rx_fill_writes_one_record_per_packet_into_the_sinks_chunk(mode: int) -> None:
     t = RxRig()
     try:
         sink = RecordingSink(mode)
@@ -303,10 +363,33 @@ def test_rx_fill_commits_one_record_per_packet_to_the_sink(mode: int) -> None:
         data = bytes(range(256)) * 40
         t.host.sendall(data)
         r = t.fast.fill(t.peer.fileno(), 1 << 20, 16, t.hdr)
-        assert r.packets == 3 and sink.count == 3
-        got = read_back(mode, bytes(sink.committed))
+        assert r.packets == 3 and sink.chunk.records == 3 and not sink.lent and sink.dropped == 0
+        got = read_back(mode, sink.committed)
         assert [g[0] for g in got] == [fmt.vsockmon_frame(hdr, payload) for _, hdr, payload in t.used()]
         if mode == CAP_PCAPNG:
             assert {g[1] for g in got} == {False}  # to the guest
     finally:
+        t.close()
+
+
+def test_with_no_room_in_the_sink_the_c_paths_run_on_and_count_their_packets_dropped() -> None:
+    t = RxRig()
+    rig = Rig(indirect=True, num=64)
+    try:
+        sink = RecordingSink(CAP_PCAPNG)
+        sink.full = True
+        t.fast.taps.set_sink(sink)
+        t.host.sendall(b"z" * 5000)
+        r = t.fast.fill(t.peer.fileno(), 1 << 20, 16, t.hdr)
+        assert r.packets == 2 and sink.dropped == 2 and sink.chunk.used == 0
+        for _ in range(3):
+            add_packet(rig, 100, b"y" * 100)
+        fast = TxFastPath(rig.q, GUEST, 64, t.fast.taps, "dev")
+        (run,) = fast.batch()
+        assert isinstance(run, Run) and len(run.heads) == 3  # the fast path, records or not
+        fast.capture.went_through(3)
+        fast.capture.finish()
+        assert sink.dropped == 5 and sink.chunk.used == 0
+    finally:
+        rig.close()
         t.close()

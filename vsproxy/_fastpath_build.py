@@ -149,6 +149,7 @@ int vq_tx_batch(const uint8_t *base, uint64_t region_gpa, uint64_t region_size,
                 vq_cap *cap, uint32_t *taken)
 {
     uint32_t nitems = 0, nseg = 0, scratch_used = 0;
+    int seen_fast = 0, seen_slow = 0;
     vq_item *run = 0;
     *taken = n;
     for (uint32_t i = 0; i < n; i++) {
@@ -190,14 +191,21 @@ int vq_tx_batch(const uint8_t *base, uint64_t region_gpa, uint64_t region_size,
             if (i > 0) { *taken = i; break; }
             fast = 0;
         }
+        /* Capturing, the records written here land before any record Python writes for the
+           batch's slow chains; so that the capture keeps ring order, a batch is either slow
+           chains only, or fast chains followed by at most one slow chain. */
+        if (fast && cap->mode && seen_slow) { *taken = i; break; }
         if (!fast) {
             if (nitems == max_items) return -1;
             vq_item *it = &items[nitems++];
             memset(it, 0, sizeof *it);
             it->kind = 1; it->chain = i; it->nchains = 1;
             run = 0;
+            seen_slow = 1;
+            if (cap->mode && seen_fast) { *taken = i + 1; break; }
             continue;
         }
+        seen_fast = 1;
         uint64_t dst_cid; uint32_t src_port, dst_port, buf_alloc, fwd_cnt;
         memcpy(&dst_cid, h + 8, 8); memcpy(&src_port, h + 16, 4); memcpy(&dst_port, h + 20, 4);
         memcpy(&buf_alloc, h + 36, 4); memcpy(&fwd_cnt, h + 40, 4);

@@ -462,11 +462,13 @@ class FrontendSession(CoreHooks):
     def _process_tx_fast(self, txq: SplitQueue, fast: TxFastPath) -> int:
         core = self.core
         items = fast.batch()
+        capture = fast.capture  # capturing: the runs' records already stand in its chunk
         done: list[int] = []
         try:
             for item in items:
                 if isinstance(item, Run):
-                    if core.guest_rw_run(
+                    # A run whose records were cut goes through Python, which captures it again.
+                    if not capture.was_cut and core.guest_rw_run(
                         item.src_port,
                         item.dst_cid,
                         item.dst_port,
@@ -475,13 +477,16 @@ class FrontendSession(CoreHooks):
                         item.total,
                         item.segments,
                         len(item.heads),
-                        item.records,
+                        capture.sink is not None,
                     ):
                         txq.counters.chains += len(item.heads)
                         done.extend(item.heads)
+                        capture.went_through(len(item.heads))
                         continue
+                    capture.cut(item.cap_off)  # this run's records and the later ones: Python's now
                     heads = item.heads
                 else:
+                    capture.finish()  # a slow chain is the batch's last: its record comes after
                     heads = [item.head]
                 for head in heads:  # the Python reference path, one chain at a time
                     chain = txq.take(head)
@@ -489,6 +494,7 @@ class FrontendSession(CoreHooks):
                         self._tx_chain(chain)
                         done.append(head)
         finally:
+            capture.finish()
             core.flush_host()
             push = txq.push
             for head in done:

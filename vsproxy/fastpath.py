@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any, NamedTuple
 
-from vsproxy.taps import CAP_NONE, CaptureSink, Taps
+from vsproxy.taps import CAP_NONE, CaptureSink, RecordChunk, Taps
 from vsproxy.virtq import SplitQueue
 
 try:
@@ -39,40 +39,70 @@ class Run(NamedTuple):
     total: int
     segments: list[memoryview]
     heads: list[int]
-    records: memoryview | None  # the run's capture records (one per chain), when capturing
+    cap_off: int  # where the run's capture records start in the lent chunk (one per chain)
 
 
-CAPTURE_STAGE = 1 << 20  # capture records one C call may format; a batch ends early when full
+class CaptureCall:
+    """A vq_cap for one C call: records straight into a chunk the capture sink lends, or none.
 
+    ``open`` while the chunk is lent; ``cut`` gives it back keeping the records before an
+    offset (the rest go through the Python path again), ``finish`` keeps them all."""
 
-class CaptureStage:
-    """Where a C path formats capture records (vq_cap): the sink copies them out after each
-    call. One per fast path, so nothing is shared between devices."""
-
-    def __init__(self, size: int = CAPTURE_STAGE) -> None:
-        self._buf = bytearray(size)
-        self.view = memoryview(self._buf)
-        self._cbuf = ffi.from_buffer("uint8_t[]", self._buf)
+    def __init__(self) -> None:
         self.cap = ffi.new("vq_cap *")
-        self.cap.buf = self._cbuf
-        self.cap.size = size
-        self.cap.mode = 0
+        self.cap.mode = CAP_NONE
+        self.sink: CaptureSink | None = None
+        self.chunk: RecordChunk | None = None
+        self.kept = 0  # records of runs that went through
+        self.was_cut = False  # records from some run on were cut: later runs go through Python
+        self.no_room = False  # capturing, but the sink had no chunk to lend
 
     def arm(self, sink: CaptureSink | None, device: str) -> Any:
-        """The vq_cap for the next call: formatting on for ``sink``, or off."""
         cap = self.cap
-        cap.used = 0
         cap.records = 0
-        if sink is None:
+        self.sink = sink
+        self.chunk = chunk = sink.reserve() if sink is not None else None
+        self.kept = 0
+        self.was_cut = False
+        self.no_room = sink is not None and chunk is None
+        if sink is None or chunk is None:
             cap.mode = CAP_NONE
-        else:
-            cap.mode = sink.record_mode
-            cap.iface = sink.interface(device)
-            cap.ts_us = int(time.time() * 1_000_000)
+            return cap
+        if chunk.native is None:
+            chunk.native = ffi.from_buffer("uint8_t[]", chunk.view)
+        cap.buf = chunk.native
+        cap.size = chunk.size
+        cap.used = chunk.used
+        cap.mode = sink.record_mode
+        cap.iface = sink.interface(device)
+        cap.ts_us = int(time.time() * 1_000_000)
         return cap
 
-    def close(self) -> None:
-        ffi.release(self._cbuf)
+    @property
+    def open(self) -> bool:
+        return self.chunk is not None
+
+    def dropped(self, packets: int) -> None:
+        """Packets the C path handled: with no room in the sink they count as dropped."""
+        if self.no_room and self.sink is not None and packets:
+            self.sink.drop(packets)
+
+    def went_through(self, records: int) -> None:
+        """A run's packets were handled: its records stand (or, with no room, are dropped)."""
+        if self.chunk is not None:
+            self.kept += records
+        self.dropped(records)
+
+    def cut(self, offset: int) -> None:
+        if self.sink is not None and self.chunk is not None:
+            self.sink.release(self.chunk, offset, self.kept)
+            self.chunk = None
+            self.was_cut = True
+
+    def finish(self) -> None:
+        if self.sink is not None and self.chunk is not None:
+            self.sink.release(self.chunk, self.cap.used, self.cap.records)
+            self.chunk = None
 
 
 class Slow(NamedTuple):
@@ -84,7 +114,7 @@ class TxFastPath:
         assert AVAILABLE and q.single_region is not None
         self.taps = taps if taps is not None else Taps()
         self.device = device
-        self._stage = CaptureStage()
+        self.capture = CaptureCall()
         self._taken = ffi.new("uint32_t *")
         gpa, end, view = q.single_region
         self.q = q
@@ -113,12 +143,13 @@ class TxFastPath:
         for cdata in (self._base, self._desc, self._scratch):
             ffi.release(cdata)
         ffi.release(self._avail_buf)
-        self._stage.close()
         self._keep.clear()
 
     def batch(self) -> list[Run | Slow]:
         """Take the next chains. The scratch buffer is reused by the next call: whatever the
-        caller keeps of a run's segments must be copied or sent before then."""
+        caller keeps of a run's segments must be copied or sent before then. Capturing, the
+        runs' records are already in the chunk ``self.capture`` holds: the caller keeps or
+        cuts them (``cut``/``finish``) before anything else is captured."""
         q = self.q
         n = min(q.pending(), self.limit)
         if n == 0:
@@ -143,15 +174,13 @@ class TxFastPath:
             self._seg_off,
             self._seg_len,
             self.limit,
-            self._stage.arm(self.taps.sink, self.device),
+            self.capture.arm(self.taps.sink, self.device),
             self._taken,
         )
         if count < 0:  # pragma: no cover - MAX_ITEMS >= limit, so items cannot run out
             raise RuntimeError("vq_tx_batch: item array too small")
         n = self._taken[0]
         q.last_avail_idx = (q.last_avail_idx + n) & 0xFFFF
-        capturing = self._stage.cap.mode != CAP_NONE
-        records = self._stage.view
         heads = list(self._heads[0:n])
         out: list[Run | Slow] = []
         view, scratch = self._view, self._scratch_view
@@ -174,7 +203,7 @@ class TxFastPath:
                     it.total,
                     segs,
                     heads[it.chain : it.chain + it.nchains],
-                    records[it.cap_off : it.cap_off + it.cap_len] if capturing else None,
+                    it.cap_off,
                 )
             )
         return out
@@ -197,7 +226,7 @@ class RxFastPath:
         assert AVAILABLE and q.single_region is not None
         self.taps = taps if taps is not None else Taps()
         self.device = device
-        self._stage = CaptureStage()
+        self.capture = CaptureCall()
         gpa, end, view = q.single_region
         self.q = q
         self._keep: list[Any] = [view, q._desc, q._avail16, q._used32]
@@ -215,7 +244,6 @@ class RxFastPath:
         """As TxFastPath.close."""
         for cdata in (self._base, self._desc, self._avail_buf, self._used_buf):
             ffi.release(cdata)
-        self._stage.close()
         self._keep.clear()
 
     def fill(self, fd: int, credit: int, max_packets: int, hdr: bytes) -> RxFill:
@@ -226,8 +254,8 @@ class RxFastPath:
         if n == 0:
             return RxFill(0, 0, RX_SLOW, 0)
         r = self._res
-        sink = self.taps.sink
-        cap = self._stage.arm(sink, self.device)
+        capture = self.capture
+        cap = capture.arm(self.taps.sink, self.device)
         lib.vq_rx_fill(
             self._base,
             self._gpa,
@@ -246,8 +274,8 @@ class RxFastPath:
             r,
             cap,
         )
-        if sink is not None and cap.records:
-            sink.commit(self._stage.view[: cap.used], cap.records)
+        capture.finish()
+        capture.dropped(r.packets)
         if r.packets:
             q.last_avail_idx = (q.last_avail_idx + r.packets) & 0xFFFF
             q.used_idx = (q.used_idx + r.packets) & 0xFFFF

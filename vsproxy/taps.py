@@ -13,7 +13,7 @@ Two kinds of observer:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from vsproxy.endpoints.base import Buffer
 
@@ -30,15 +30,33 @@ class Tap(Protocol):
     ) -> None: ...
 
 
+class RecordChunk(Protocol):
+    """Capture memory the C paths write records into, in place. ``native`` is the fast path's
+    handle on ``view``, kept with the chunk so it is made once."""
+
+    view: memoryview
+    size: int
+    used: int  # bytes of whole records so far
+    records: int
+    native: Any
+
+
 class CaptureSink(Tap, Protocol):
-    """A tap that also accepts records already formatted by the C fast paths."""
+    """A tap whose records the C fast paths also write, straight into its memory:
+    ``reserve`` a chunk, let C append records after ``chunk.used``, then ``release`` it with
+    how far the records that stand reach (a caller may cut records it then hands to the
+    Python path). Between the two, the caller makes no other call on the sink."""
 
     @property
     def record_mode(self) -> int: ...  # CAP_PCAP or CAP_PCAPNG
 
     def interface(self, device: str) -> int: ...  # pcapng interface id of a device
 
-    def commit(self, records: Buffer, count: int) -> None: ...  # whole records, in order
+    def reserve(self) -> RecordChunk | None: ...  # None: no room, the caller counts its packets dropped
+
+    def release(self, chunk: RecordChunk, used: int, records: int) -> None: ...
+
+    def drop(self, count: int) -> None: ...
 
 
 class Taps:

@@ -1,7 +1,8 @@
 """The capture writer: the capture sink of every device, drained by a thread.
 
-The data path copies whole, formatted records into preallocated chunks under a lock: the C
-fast paths format them themselves (``commit``), the Python paths through ``tap``. Nothing on
+The data path puts whole, formatted records into preallocated chunks: the C fast paths write
+theirs straight into a chunk lent to them (``reserve``/``release``), the Python paths copy
+theirs in (``tap``, ``commit``). Nothing on
 the data path waits for the file: when every chunk is full the packet is dropped from the
 capture and counted. The writer thread writes full chunks (and, after a short wait or at
 once with ``--flush``, the one being filled) to a file or stdout (``--pcap - | tshark -l -i -``)
@@ -21,17 +22,19 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from vsproxy.capture import format as fmt
 from vsproxy.endpoints.base import Buffer
-from vsproxy.taps import CAP_PCAP, CAP_PCAPNG
+from vsproxy.taps import CAP_PCAP, CAP_PCAPNG, RecordChunk
 from vsproxy.vsock import header as H
 
 log = logging.getLogger("vsproxy.capture")
 
 QUEUE_BYTES = 64 << 20  # records waiting for the file, at most
-MIN_QUEUE_BYTES = 2 << 20  # two chunks that each hold the largest commit (fastpath.CAPTURE_STAGE)
-CHUNK = 4 << 20  # the unit handed to the writer thread; one commit is at most 1 MiB (fastpath.CAPTURE_STAGE)
+MIN_QUEUE_BYTES = 2 << 20  # two chunks of 1 MiB
+CHUNK = 4 << 20  # the unit handed to the writer thread
+RESERVE_ROOM = 1 << 17  # a chunk lent to the C paths has room for at least one largest record
 FLUSH_EVERY = 0.5  # seconds, without --flush
 IOV_MAX = 1024
 
@@ -57,13 +60,14 @@ class CaptureCounters:
 
 
 class _Chunk:
-    __slots__ = ("records", "size", "used", "view")
+    __slots__ = ("native", "records", "size", "used", "view")
 
     def __init__(self, size: int) -> None:
         self.view = memoryview(bytearray(size))
         self.size = size
         self.used = 0
         self.records = 0
+        self.native: Any = None  # the C paths' handle on view (vsproxy.fastpath)
 
 
 class CaptureWriter:
@@ -81,6 +85,7 @@ class CaptureWriter:
         self._free = [_Chunk(chunk) for _ in range(nchunks - 1)]  # guarded by _lock
         self._full: list[_Chunk] = []  # guarded by _lock, oldest first
         self._filling = _Chunk(chunk)  # guarded by _lock
+        self._reserved = False  # the data path's C code is writing into _filling
         self._closing = False
         self.counters = CaptureCounters()
         self._out: io.FileIO | None = None  # the file, None for stdout
@@ -118,6 +123,33 @@ class CaptureWriter:
         self.commit(b"".join(parts), 1)
 
     tap = __call__
+
+    def reserve(self) -> _Chunk | None:
+        """The chunk the C paths write into, with room for at least one largest record;
+        None when every chunk waits for the file (the caller counts its packets dropped)."""
+        with self._lock:
+            c = self._filling
+            if c.size - c.used < RESERVE_ROOM:
+                if not self._free:
+                    return None
+                if c.used:
+                    self._full.append(c)
+                    self._wake.set()
+                c = self._filling = self._free.pop()
+            self._reserved = True
+            return c
+
+    def release(self, chunk: RecordChunk, used: int, records: int) -> None:
+        with self._lock:
+            self._reserved = False
+            chunk.used = used
+            chunk.records += records
+        if self.options.flush and records and not self._wake.is_set():
+            self._wake.set()
+
+    def drop(self, count: int) -> None:
+        with self._lock:
+            self.counters.dropped += count
 
     def commit(self, records: Buffer, count: int) -> None:
         n = len(records)
@@ -207,7 +239,7 @@ class CaptureWriter:
             self._wake.clear()
             out, self._full = self._full, []
             c = self._filling
-            if partial and c.used and self._free:
+            if partial and c.used and self._free and not self._reserved:
                 out.append(c)
                 self._filling = self._free.pop()
         return out

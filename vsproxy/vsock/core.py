@@ -230,20 +230,15 @@ class VsockCore:
         total: int,
         segments: Sequence[memoryview],
         npackets: int,
-        records: Buffer | None = None,
+        captured: bool = False,
     ) -> bool:
         """Consecutive RW packets of one stream, already checked by the C fast path (source CID,
-        type, lengths), with their capture ``records`` when capturing. Same effect as
-        guest_packet for each; False if there is no such connection or its packets need a
-        capture comment, and the caller then feeds the packets one by one."""
+        type, lengths), and ``captured`` by it when capturing. Same effect as guest_packet for
+        each; False if there is no such connection or its packets need a capture comment
+        (which C cannot write), and the caller then feeds the packets one by one."""
         conn = self.conns.get((H.Type.STREAM, src_port, dst_cid, dst_port))
-        if conn is None:
+        if conn is None or (captured and conn.mark is not None):
             return False
-        if records is not None:
-            sink = self.taps.sink
-            if sink is None or conn.mark is not None:
-                return False
-            sink.commit(records, npackets)
         self.counters.tx_packets += npackets
         cr = conn.credit
         cr.peer_buf_alloc = buf_alloc
