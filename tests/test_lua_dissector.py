@@ -353,3 +353,22 @@ def test_damaged_or_random_frames_never_raise_lua_errors(
     rows = [line.split("\t") for line in out.splitlines()]
     assert [r[0] for r in rows] == [str(i) for i in range(1, len(frames) + 1)]
     assert [r for r in rows if r[1:] != ["", ""]] == []
+
+
+CAPTURES = Path(__file__).resolve().parent.parent / "captures"
+
+
+def test_the_real_captures_decode_through_the_plugin(tshark: str, home: Path) -> None:
+    """The captures real guests made (captures/), not only hand-built frames."""
+    http = list(field_rows(tshark, home, CAPTURES / "http-over-vsock.pcapng").values())
+    assert [(r["vsproxy.op"], r["http.request.method"], r["http.request.uri"]) for r in http
+            if r["http.request.method"]] == [("RW", "GET", "/v1/keys")]
+    assert [r["http.response.code"] for r in http if r["http.response.code"]] == ["200"]
+    assert {r["vsproxy.app"] for r in http if r["vsproxy.op"] == "RW"} == {"http"}
+    denied = [r for r in field_rows(tshark, home, CAPTURES / "sibling-denied.pcapng").values()
+              if r["vsproxy.verdict"] == "denied"]
+    assert [(r["vsproxy.op"], r["vsproxy.rule"]) for r in denied] == [("REQUEST", "not in app's outbound allowlist")]
+    seq = [r for r in field_rows(tshark, home, CAPTURES / "seqpacket.pcapng").values() if r["vsproxy.op"] == "RW"]
+    assert seq and {r["vsproxy.type"] for r in seq} == {"SEQPACKET"} and {r["vsproxy.flags.eom"] for r in seq} == {"1"}
+    kernel = field_rows(tshark, home, CAPTURES / "kernel-vsockmon-loopback.pcap").values()
+    assert {r["vsproxy.type"] for r in kernel} == {"STREAM", "SEQPACKET"}
