@@ -25,8 +25,7 @@ typedef struct {
     uint32_t total;      /* payload bytes in the run */
     uint32_t seg_first;
     uint32_t nseg;
-    uint32_t cap_off;    /* the run's capture records in the capture buffer */
-    uint32_t cap_len;
+    uint32_t cap_off;    /* where the run's capture records start in the capture buffer */
 } vq_item;
 
 typedef struct {
@@ -61,16 +60,8 @@ int vq_rx_fill(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
                vq_rx_result *res, vq_cap *cap);
 """
 
-SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
-
-typedef struct {
-    uint32_t kind, chain, nchains, src_port, dst_port;
-    uint64_t dst_cid;
-    uint32_t buf_alloc, fwd_cnt, total, seg_first, nseg, cap_off, cap_len;
-} vq_item;
-
+# The C source starts with CDEF itself, so the types and prototypes are written once.
+SOURCE = "#include <stdint.h>\n#include <string.h>\n" + CDEF + r"""
 
 #define F_NEXT 1
 #define F_WRITE 2
@@ -78,13 +69,6 @@ typedef struct {
 #define HDR 44
 #define MAX_PKT 65536
 #define COPY_MAX 1024   /* payloads up to this size are copied into scratch, merged per run */
-
-typedef struct {
-    uint8_t *buf;
-    uint32_t size, used, mode, iface;
-    uint64_t ts_us;
-    uint32_t records;
-} vq_cap;
 
 /* Capture records, laid out as vsproxy/capture/format.py writes them: af_vsockmon_hdr
    (include/uapi/linux/vsockmon.h), the 44-byte virtio header, the RW payload; wrapped in a
@@ -214,17 +198,13 @@ int vq_tx_batch(const uint8_t *base, uint64_t region_gpa, uint64_t region_size,
             run = &items[nitems++];
             run->kind = 0; run->chain = i; run->nchains = 0; run->src_port = src_port; run->dst_port = dst_port;
             run->dst_cid = dst_cid; run->total = 0; run->seg_first = nseg; run->nseg = 0;
-            run->cap_off = cap->used; run->cap_len = 0;
+            run->cap_off = cap->used;
         }
         run->nchains++;
         run->buf_alloc = buf_alloc; run->fwd_cnt = fwd_cnt;
         run->total += plen;
         const uint8_t *payload = base + (pa - region_gpa);
-        if (cap->mode) {
-            uint32_t before = cap->used;
-            cap_record(cap, h, payload, plen, 1);
-            run->cap_len += cap->used - before;
-        }
+        if (cap->mode) cap_record(cap, h, payload, plen, 1);
         if (plen <= COPY_MAX && scratch_used + plen <= scratch_size) {
             /* small payload: copy, and extend the previous scratch segment when adjacent */
             memcpy(scratch + scratch_used, payload, plen);
@@ -244,7 +224,6 @@ int vq_tx_batch(const uint8_t *base, uint64_t region_gpa, uint64_t region_size,
 #include <errno.h>
 #include <sys/socket.h>
 
-typedef struct { uint32_t packets, bytes, status; int32_t err; } vq_rx_result;
 
 enum { RX_LIMIT = 0, RX_SLOW = 1, RX_AGAIN = 2, RX_EOF = 3, RX_ERROR = 4, RX_SHORT = 5 };
 
