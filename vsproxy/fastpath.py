@@ -109,17 +109,17 @@ class Slow(NamedTuple):
     head: int
 
 
-class TxFastPath:
-    def __init__(self, q: SplitQueue, guest_cid: int, limit: int, taps: Taps | None = None, device: str = "") -> None:
+class _RingPath:
+    """What both C paths hold of one queue: the guest memory region, the descriptor table and
+    the avail ring as cffi buffers, and the capture taps of the device."""
+
+    def __init__(self, q: SplitQueue, taps: Taps | None, device: str) -> None:
         assert AVAILABLE and q.single_region is not None
+        self.q = q
         self.taps = taps if taps is not None else Taps()
         self.device = device
         self.capture = CaptureCall()
-        self._taken = ffi.new("uint32_t *")
         gpa, end, view = q.single_region
-        self.q = q
-        self.limit = limit
-        self.guest_cid = guest_cid
         self._view = view
         self._keep: list[Any] = [view, q._desc, q._avail16]
         self._base = ffi.from_buffer("uint8_t[]", view)
@@ -128,6 +128,23 @@ class TxFastPath:
         self._avail = ffi.cast("uint16_t *", self._avail_buf)
         self._gpa = gpa
         self._size = end - gpa
+        self._release: list[Any] = [self._base, self._desc, self._avail_buf]
+
+    def close(self) -> None:
+        """Give the guest-memory buffers back now, so the mapping can be unmapped cleanly (a
+        cffi buffer left to the garbage collector can outlive its mmap at interpreter exit)."""
+        for cdata in self._release:
+            ffi.release(cdata)
+        self._release.clear()
+        self._keep.clear()
+
+
+class TxFastPath(_RingPath):
+    def __init__(self, q: SplitQueue, guest_cid: int, limit: int, taps: Taps | None = None, device: str = "") -> None:
+        super().__init__(q, taps, device)
+        self._taken = ffi.new("uint32_t *")
+        self.limit = limit
+        self.guest_cid = guest_cid
         self._heads = ffi.new("uint16_t[]", limit)
         self._items = ffi.new("vq_item[]", MAX_ITEMS)
         self._scratch_buf = bytearray(SCRATCH)
@@ -136,14 +153,7 @@ class TxFastPath:
         self._seg_kind = ffi.new("uint8_t[]", limit)
         self._seg_off = ffi.new("uint64_t[]", limit)
         self._seg_len = ffi.new("uint32_t[]", limit)
-
-    def close(self) -> None:
-        """Give the guest-memory buffers back now, so the mapping can be unmapped cleanly (a
-        cffi buffer left to the garbage collector can outlive its mmap at interpreter exit)."""
-        for cdata in (self._base, self._desc, self._scratch):
-            ffi.release(cdata)
-        ffi.release(self._avail_buf)
-        self._keep.clear()
+        self._release.append(self._scratch)
 
     def batch(self) -> list[Run | Slow]:
         """Take the next chains. The scratch buffer is reused by the next call: whatever the
@@ -219,32 +229,16 @@ class RxFill(NamedTuple):
     err: int
 
 
-class RxFastPath:
+class RxFastPath(_RingPath):
     """Host socket data straight into rx chains of the Linux shape, in C."""
 
     def __init__(self, q: SplitQueue, taps: Taps | None = None, device: str = "") -> None:
-        assert AVAILABLE and q.single_region is not None
-        self.taps = taps if taps is not None else Taps()
-        self.device = device
-        self.capture = CaptureCall()
-        gpa, end, view = q.single_region
-        self.q = q
-        self._keep: list[Any] = [view, q._desc, q._avail16, q._used32]
-        self._base = ffi.from_buffer("uint8_t[]", view)
-        self._desc = ffi.from_buffer("uint8_t[]", q._desc)
-        self._avail_buf = ffi.from_buffer("uint8_t[]", q._avail16.cast("B"))
-        self._avail = ffi.cast("uint16_t *", self._avail_buf)
+        super().__init__(q, taps, device)
+        self._keep.append(q._used32)
         self._used_buf = ffi.from_buffer("uint8_t[]", q._used32.cast("B"))
         self._used = ffi.cast("uint32_t *", self._used_buf) + 1
-        self._gpa = gpa
-        self._size = end - gpa
+        self._release.append(self._used_buf)
         self._res = ffi.new("vq_rx_result *")
-
-    def close(self) -> None:
-        """As TxFastPath.close."""
-        for cdata in (self._base, self._desc, self._avail_buf, self._used_buf):
-            ffi.release(cdata)
-        self._keep.clear()
 
     def fill(self, fd: int, credit: int, max_packets: int, hdr: bytes) -> RxFill:
         """Read from ``fd`` into up to ``max_packets`` chains within ``credit`` bytes; each
