@@ -277,17 +277,21 @@ class VsockCore:
         conn.deadline = self.now + CONNECT_TIMEOUT
         self.conns[conn.key] = conn
 
-    def _guest_rw(self, conn: Connection, n: int, payload: Sequence[memoryview]) -> None:
+    def _rw_admitted(self, conn: Connection, n: int) -> bool:
+        """What every RW of ``n`` payload bytes passes first, STREAM or SEQPACKET; counted."""
         if conn.state is not State.ESTABLISHED or conn.guest_shut & H.SHUTDOWN_SEND:
             self.counters.drop("rw-not-established")
             self._reset(conn, "data on a connection that is not open for it")
-            return
+            return False
         if not conn.credit.receive(n):
             # The guest ignored the credit we advertised: RST, never unbounded buffering.
             self.counters.credit_violations += 1
             self._reset(conn, "guest exceeded advertised credit")
-            return
-        if n == 0:
+            return False
+        return True
+
+    def _guest_rw(self, conn: Connection, n: int, payload: Sequence[memoryview]) -> None:
+        if not self._rw_admitted(conn, n) or n == 0:
             return
         self.counters.tx_bytes += n
         st = conn.stats
@@ -314,13 +318,7 @@ class VsockCore:
     def _guest_seq_rw(self, conn: Connection, n: int, payload: Sequence[memoryview], flags: int) -> None:
         """SEQPACKET data: fragments are assembled (bounded by the credit we gave) and each
         whole message goes to the peer as one message, EOR kept where the peer can carry it."""
-        if conn.state is not State.ESTABLISHED or conn.guest_shut & H.SHUTDOWN_SEND:
-            self.counters.drop("rw-not-established")
-            self._reset(conn, "data on a connection that is not open for it")
-            return
-        if not conn.credit.receive(n):
-            self.counters.credit_violations += 1
-            self._reset(conn, "guest exceeded advertised credit")
+        if not self._rw_admitted(conn, n):
             return
         self.counters.tx_bytes += n
         conn.stats[0] += 1
