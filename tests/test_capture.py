@@ -290,3 +290,25 @@ def test_size_rotation_splits_a_chunk_of_many_records_at_record_boundaries(workd
         seen += [H.unpack(r.frame, 32).fwd_cnt for r in recs]
     assert seen == list(range(len(sizes)))  # every record once, in order
     assert w.counters.packets == len(sizes) and w.counters.dropped == 0
+
+
+def test_time_rotation_starts_new_files_and_keeps_every_record(workdir: str) -> None:
+    import io
+
+    from vsproxy.capture.reader import records
+    from vsproxy.capture.writer import CaptureOptions, CaptureWriter
+
+    path = os.path.join(workdir, "t.pcapng")
+    w = CaptureWriter(CaptureOptions(path, rotate_seconds=0.3, max_files=0), ["dev"])
+    for i in range(3):
+        hdr = H.pack(5, 2, 1, 2, 4, 1, H.Op.RW, 0, 0, i)
+        w.tap("dev", False, hdr, [b"tick"])
+        time.sleep(0.9)  # past the rotation interval and the writer's half-second turn
+    w.close()
+    files = sorted((f for f in os.listdir(workdir) if f.startswith("t.pcapng.")), key=lambda f: int(f.split(".")[-1]))
+    assert len(files) >= 3
+    seen = []
+    for f in files:
+        with open(os.path.join(workdir, f), "rb") as fh:
+            seen += [H.unpack(r.frame, 32).fwd_cnt for r in records(io.BytesIO(fh.read()))]
+    assert seen == [0, 1, 2]

@@ -225,13 +225,10 @@ class CaptureWriter:
                     break
             del pending[:done]
 
-    def _rotate_due(self) -> bool:
+    def _time_to_rotate(self) -> bool:
+        """Rotation by time; rotation by size happens in _records, between records."""
         o = self.options
-        if o.path == "-":
-            return False
-        if o.rotate_bytes and self._written >= o.rotate_bytes:
-            return True
-        return bool(o.rotate_seconds and time.monotonic() - self._opened_at >= o.rotate_seconds)
+        return bool(o.path != "-" and o.rotate_seconds and time.monotonic() - self._opened_at >= o.rotate_seconds)
 
     def _take(self, partial: bool) -> list[_Chunk]:
         """The full chunks, and with ``partial`` the one being filled too."""
@@ -275,7 +272,7 @@ class CaptureWriter:
                     self._give_back(chunks)
                 if partial:
                     last_flush = now
-                if self.options.rotate_seconds and self._rotate_due():
+                if self._time_to_rotate():
                     self._rotate()
                 if self._closing and not chunks:
                     return
