@@ -309,6 +309,8 @@ def main() -> int:
                     help="where the capture files go (default: /dev/shm, a tmpfs)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per figure, best taken (default 3)")
     ap.add_argument("--vsproxy-arg", action="append", default=[], help="extra vsproxy option (repeatable)")
+    ap.add_argument("--only", action="append", default=[], metavar="DIR:PAYLOAD[:WINDOW_K]",
+                    help="run only this case, e.g. g2h:65536:256 (repeatable; skips the idle and capture tables)")
     args = ap.parse_args()
     EXTRA.extend(args.vsproxy_arg)
     scale = 0.1 if args.quick else 1.0
@@ -327,6 +329,13 @@ def main() -> int:
         ("host->guest", 4096, int(60000 * scale), LINUX_BUF_ALLOC),
         ("host->guest", 64, int(200000 * scale), LINUX_BUF_ALLOC),
     ]
+    if args.only:
+        names = {"guest->host": "g2h", "host->guest": "h2g"}
+        wanted = {tuple(o.split(":")) for o in args.only}
+        cases = [c for c in cases
+                 if (names[c[0]], str(c[1])) in wanted or (names[c[0]], str(c[1]), str(c[3] // 1024)) in wanted]
+        if not cases:
+            ap.error(f"--only matches no case: {', '.join(args.only)}")
     print(f"{'direction':<12} {'payload':>8} {'window':>7} {'vsock pkts':>10} {'vsproxy':>16} {'floor':>16} "
           f"{'ratio':>6}")
     if args.capture_only:
@@ -353,6 +362,8 @@ def main() -> int:
                     ours, base = f"{payload * count / el / 1e6:,.0f} MB/s", f"{payload * count / fl / 1e6:,.0f} MB/s"
                 print(f"{direction:<12} {payload:>8} {window // 1024:>6}K {pkts:>10} {ours:>16} {base:>16} "
                       f"{fl / el:>6.0%}", flush=True)
+            if args.only:
+                return 0
             n = 100 if args.quick else 1000
             before, after = rigs[LINUX_BUF_ALLOC].idle_connections(n)
             print(f"{n} idle connections: vsproxy RSS {before / 1024:.1f} MiB -> {after / 1024:.1f} MiB "

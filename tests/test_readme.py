@@ -84,3 +84,16 @@ def test_read_benchmark_runs() -> None:
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "vsproxy read: 3,000 packets" in proc.stdout
+
+
+def test_benchmark_only_runs_the_cases_named() -> None:
+    py = str(ROOT / ".venv" / "bin" / "python")
+    proc = subprocess.run([py, "benchmarks/bench_throughput.py", "--quick", "--only", "g2h:65536:256"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("guest->host", "host->guest"))]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("guest->host", "65536", "256K")]
+    assert "idle connections" not in proc.stdout
+    bad = subprocess.run([py, "benchmarks/bench_throughput.py", "--only", "g2h:12345"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "matches no case" in bad.stderr

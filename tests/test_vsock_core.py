@@ -394,3 +394,41 @@ def test_spoofed_packets_never_pass_whatever_they_carry(src_cid: int, op: int, p
     t.core.flush_host()
     assert t.peer.sent == b"" and t.drain() == []  # nothing forwarded, nothing answered
     assert t.core.counters.spoofed == 1 and t.core.conns == {conn.key: conn}
+
+
+def test_credit_for_a_batch_reaches_the_guest_before_the_peer_takes_the_bytes() -> None:
+    """Bytes of a pass are counted forwarded as they arrive (Credit.forward_ahead): the update
+    can go to the guest before our copy to the peer, and the copy does not count them twice."""
+    t = Harness(buf_alloc=4096)
+    conn = t.open()
+    t.core.guest_packet(*pkt(Op.RW, payload=b"a" * 3000))
+    assert t.peer.sent == b""
+    (update,) = [h for h, _ in t.drain() if h.op == Op.CREDIT_UPDATE]
+    assert update.fwd_cnt == 3000 and t.peer.sent == b""
+    t.core.flush_host()
+    assert bytes(t.peer.sent) == b"a" * 3000
+    assert conn.credit.fwd_cnt == 3000 and conn.credit.ahead == 0
+
+
+def test_bytes_the_peer_refuses_stop_counting_ahead_so_the_queue_stays_within_two_windows() -> None:
+    t = Harness(FakePeer(accept=0), buf_alloc=4096)
+    conn = t.open()
+    t.send(Op.RW, payload=b"a" * 4096)  # counted ahead, then refused by the peer: queued
+    (update,) = [h for h, _ in t.drain() if h.op == Op.CREDIT_UPDATE]
+    assert update.fwd_cnt == 4096 and conn.out_bytes == 4096
+    t.send(Op.RW, payload=b"b" * 4096, fwd_cnt=0)  # within the window the guest was given
+    assert conn.out_bytes == 8192 and conn.credit.fwd_cnt == 4096  # not counted ahead again
+    assert [h.op for h, _ in t.drain()] == []
+    t.send(Op.RW, payload=b"c")
+    assert [h.op for h, _ in t.drain()] == [Op.RST]
+    assert t.core.counters.credit_violations == 1
+
+
+def test_counting_ahead_never_counts_a_byte_twice() -> None:
+    c = Credit(1 << 20)
+    assert c.receive(5000)
+    c.forward_ahead(3000)
+    c.forwarded(1000)  # part of what was counted ahead
+    assert (c.fwd_cnt, c.ahead) == (3000, 2000)
+    c.forwarded(4000)  # the rest of it, then 2000 new
+    assert (c.fwd_cnt, c.ahead) == (5000, 0)

@@ -436,6 +436,7 @@ class FrontendSession(CoreHooks):
             for chain in chains:
                 self._tx_chain(chain)
         finally:
+            self._control_first()
             core.flush_host()
             push = txq.push
             for chain in chains:
@@ -495,11 +496,21 @@ class FrontendSession(CoreHooks):
                         done.append(head)
         finally:
             capture.finish()
+            self._control_first()
             core.flush_host()
             push = txq.push
             for head in done:
                 push(head, 0)
         return len(items)
+
+    def _control_first(self) -> None:
+        """Before the batch's data goes to the host: the credit updates it made due (bytes
+        counted ahead) go to the guest now, so it refills its window during our copy."""
+        rxq = self.queues[RX_QUEUE]
+        if self.core.control and rxq is not None:
+            self.core.fill_rx(rxq)
+            if rxq.publish():
+                self._notify(RX_QUEUE)
 
     def _notify(self, index: int) -> None:
         fd = self.call_fds[index]

@@ -24,7 +24,7 @@ class State(Enum):
 class Credit:
     """Credit state for both directions of one connection (h2's WindowManager, for vsock)."""
 
-    __slots__ = ("adv_fwd_cnt", "buf_alloc", "fwd_cnt", "peer_buf_alloc", "peer_fwd_cnt", "rx_cnt", "tx_cnt")
+    __slots__ = ("adv_fwd_cnt", "ahead", "buf_alloc", "fwd_cnt", "peer_buf_alloc", "peer_fwd_cnt", "rx_cnt", "tx_cnt")
 
     def __init__(self, buf_alloc: int) -> None:
         # guest -> vsproxy: what we advertise and what we have forwarded on
@@ -32,6 +32,7 @@ class Credit:
         self.fwd_cnt = 0
         self.rx_cnt = 0
         self.adv_fwd_cnt = 0  # the fwd_cnt the guest last saw from us
+        self.ahead = 0  # bytes counted in fwd_cnt before the peer took them (forward_ahead)
         # vsproxy -> guest: what the guest advertised
         self.peer_buf_alloc = 0
         self.peer_fwd_cnt = 0
@@ -62,6 +63,22 @@ class Credit:
         return True
 
     def forwarded(self, n: int) -> None:
+        """The peer took ``n`` more bytes; those counted ahead are not counted again."""
+        ahead = self.ahead
+        if ahead:
+            if ahead >= n:
+                self.ahead = ahead - n
+                return
+            self.ahead = 0
+            n -= ahead
+        self.fwd_cnt = (self.fwd_cnt + n) & U32
+
+    def forward_ahead(self, n: int) -> None:
+        """Count ``n`` bytes as forwarded now, while their hand-off to the peer is still to
+        come in the same pass. The guest, whose credit a Linux sender caps at its own
+        buf_alloc, learns of the room before our copy to the peer, not after it: its next
+        window overlaps our copy instead of waiting for it."""
+        self.ahead += n
         self.fwd_cnt = (self.fwd_cnt + n) & U32
 
     def guest_view_free(self) -> int:

@@ -8,7 +8,10 @@ through packets written into rx chains by ``fill_rx``. Time is passed in as
 Flow control: vsproxy terminates credit per connection. Guest data is handed to
 the peer at once (zero copy from guest memory); what the peer does not take is
 copied into the connection's queue, which the credit we advertised
-(``buf_alloc``) bounds. Host data is read straight into the guest's rx buffers
+(``buf_alloc``) bounds. A pass counts its bytes forwarded as they arrive, so the
+credit update goes out before the copy to the peer (``Credit.forward_ahead``);
+bytes the peer then refuses stop that until they drain, which keeps the queue
+within one window beyond ``buf_alloc``. Host data is read straight into the guest's rx buffers
 only while the guest has credit and has posted buffers, so a host sender is
 throttled by its own connection's window and never by the shared rings.
 """
@@ -191,9 +194,10 @@ class VsockCore:
             if type_ == H.Type.SEQPACKET:
                 self._guest_seq_rw(conn, length, payload, flags)
                 return
-            # The hot path: credit effects are settled once per batch in flush_host.
+            # The hot path: credit effects are settled once per batch in flush_host, or now
+            # for bytes counted ahead, so the update reaches the guest before our copy.
             self._guest_rw(conn, length, payload)
-            if conn.flags & Connection.WAIT_CREDIT:
+            if conn.flags & Connection.WAIT_CREDIT or cr.ahead:
                 self._credit_changed(conn)
             return
         if op == Op.CREDIT_UPDATE:
@@ -245,7 +249,7 @@ class VsockCore:
         cr.peer_fwd_cnt = fwd_cnt
         conn.stats[0] += npackets - 1  # _guest_rw counts the run once
         self._guest_rw(conn, total, segments)
-        if conn.flags & Connection.WAIT_CREDIT:
+        if conn.flags & Connection.WAIT_CREDIT or cr.ahead:
             self._credit_changed(conn)
         return True
 
@@ -293,6 +297,14 @@ class VsockCore:
     def _guest_rw(self, conn: Connection, n: int, payload: Sequence[memoryview]) -> None:
         if not self._rw_admitted(conn, n) or n == 0:
             return
+        cr = conn.credit
+        queued = conn.out_bytes
+        if queued == cr.ahead and (queued == 0 or conn.flags & Connection.IN_FLUSH):
+            # Nothing of an earlier pass is waiting for the peer, so these bytes go to it
+            # before this pass ends: count them forwarded already (Credit.forward_ahead).
+            # Data the peer then refuses stays queued and stops this until it drains, so the
+            # queue never holds more than one window beyond buf_alloc.
+            cr.forward_ahead(n)
         self.counters.tx_bytes += n
         st = conn.stats
         st[0] += 1
