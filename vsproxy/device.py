@@ -403,8 +403,8 @@ class FrontendSession(CoreHooks):
         core = self.core
         core.now = self.loop.time()
         for _ in range(PUMP_PASSES):
-            n = self._process_tx(txq) if not core.tx_blocked() else 0
-            m = core.fill_rx(rxq)
+            n = self._process_tx(txq) if txq.pending() and not core.tx_blocked() else 0
+            m = core.fill_rx(rxq) if core.control or core.ready else 0
             # rx first, then tx: a guest woken by the returned tx buffers also finds the credit
             # update or data that answers them, one wake-up instead of two.
             if rxq.publish():

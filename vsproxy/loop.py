@@ -8,19 +8,27 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import selectors
+import select
 import socket
 import time
 from collections.abc import Callable
 
 Callback = Callable[[], None]
 
+_READ = select.EPOLLIN
+_WRITE = select.EPOLLOUT
+_READ_ANY = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
+_WRITE_ANY = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+
 
 class Loop:
     def __init__(self) -> None:
-        self._sel = selectors.DefaultSelector()
+        # epoll itself, not the selectors module: one dict lookup per event, and read/write
+        # interest toggles (a connection out of credit, a full host socket) are one epoll_ctl.
+        self._ep = select.epoll()
         # fd -> [reader, writer]
         self._cbs: dict[int, list[Callback | None]] = {}
+        self._events: dict[int, int] = {}  # fd -> the epoll mask registered for it
         self._timers: list[tuple[float, int, Callback]] = []
         self._seq = itertools.count()
         self._soon: list[Callback] = []
@@ -53,21 +61,33 @@ class Loop:
         events = 0
         if cbs is not None:
             if cbs[0] is not None:
-                events |= selectors.EVENT_READ
+                events |= _READ
             if cbs[1] is not None:
-                events |= selectors.EVENT_WRITE
-        try:
-            key = self._sel.get_key(fd)
-        except KeyError:
-            key = None
+                events |= _WRITE
+        old = self._events.get(fd)
+        if events == old:
+            return
         if events == 0:
-            if key is not None:
-                self._sel.unregister(fd)
+            # Unregistered rather than a zero mask: epoll reports HUP and ERR whatever the
+            # mask says, which would spin on a closed peer nobody watches.
+            del self._events[fd]
             self._cbs.pop(fd, None)
-        elif key is None:
-            self._sel.register(fd, events)
-        elif key.events != events:
-            self._sel.modify(fd, events)
+            try:
+                self._ep.unregister(fd)
+            except OSError:
+                pass  # closed already: the kernel dropped it from the set
+        else:
+            # An fd closed and reused while still listed here: the kernel dropped the old one.
+            try:
+                if old is None:
+                    self._ep.register(fd, events)
+                else:
+                    self._ep.modify(fd, events)
+            except FileExistsError:
+                self._ep.modify(fd, events)
+            except FileNotFoundError:
+                self._ep.register(fd, events)
+            self._events[fd] = events
 
     def set_reader(self, fd: int, cb: Callback | None) -> None:
         self._cbs.setdefault(fd, [None, None])[0] = cb
@@ -94,14 +114,20 @@ class Loop:
             timeout = 0.0
         elif self._timers:
             timeout = max(0.0, min(timeout, self._timers[0][0] - self.time()))
-        for key, mask in self._sel.select(timeout):
-            cbs = self._cbs.get(key.fd)
+        try:
+            ready = self._ep.poll(timeout)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
+            ready = []
+        cbs_of = self._cbs
+        for fd, mask in ready:
+            cbs = cbs_of.get(fd)
             if cbs is None:
                 continue
-            if mask & selectors.EVENT_READ and cbs[0] is not None:
+            # As selectors does: an error or hang-up wakes both sides, which then see it.
+            if mask & _READ_ANY and cbs[0] is not None:
                 cbs[0]()
-            cbs = self._cbs.get(key.fd)
-            if mask & selectors.EVENT_WRITE and cbs is not None and cbs[1] is not None:
+                cbs = cbs_of.get(fd)
+            if mask & _WRITE_ANY and cbs is not None and cbs[1] is not None:
                 cbs[1]()
         now = self.time()
         while self._timers and self._timers[0][0] <= now:
@@ -117,6 +143,6 @@ class Loop:
             self.run_once()
 
     def close(self) -> None:
-        self._sel.close()
+        self._ep.close()
         self._wake_r.close()
         self._wake_w.close()
