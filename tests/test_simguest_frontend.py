@@ -312,3 +312,14 @@ def test_backend_gone_is_typed(make: Make) -> None:
             SimGuest(tmp + "/nothing", mem_size=4 << 20).start()
     finally:
         shutil.rmtree(tmp)
+
+
+def test_selfbench_measures_both_directions_against_the_null_backend(capsys: pytest.CaptureFixture[str]) -> None:
+    """The null backend never returns credit: the guest's own window must cover the transfer, or
+    the blast stalls (it did, once guests capped credit at their own buf_alloc)."""
+    from vsproxy.simguest import selfbench
+
+    selfbench.main(["--count", "20000", "--rx-mib", "4"])
+    out = capsys.readouterr().out
+    assert "guest->host blast: 20000 x 64 B" in out
+    assert "host->guest drain: 4194304 B" in out
