@@ -432,3 +432,37 @@ def test_counting_ahead_never_counts_a_byte_twice() -> None:
     assert (c.fwd_cnt, c.ahead) == (3000, 2000)
     c.forwarded(4000)  # the rest of it, then 2000 new
     assert (c.fwd_cnt, c.ahead) == (5000, 0)
+
+
+class FastPeer(FakePeer):
+    def fast_fd(self) -> int:
+        return 99
+
+
+def test_host_data_is_published_to_the_guest_burst_by_burst() -> None:
+    """A fill of a large window hands the guest each burst (at most 256 KiB) as it is read, so
+    the guest consumes while the rest is filled; each burst is within the guest's credit."""
+    from vsproxy import fastpath
+    from vsproxy.vsock.core import RX_FAST_BURST_BYTES
+
+    t = Harness(FastPeer())
+    conn = t.open()
+    conn.credit.update_peer(1 << 20, 0)  # the guest's window: 1 MiB
+    calls: list[tuple[int, int]] = []
+    events: list[str] = []
+
+    def rx_fast(fd: int, credit: int, max_packets: int, hdr: bytes) -> fastpath.RxFill:
+        assert fd == 99 and H.unpack(hdr).fwd_cnt == conn.credit.fwd_cnt
+        calls.append((credit, max_packets))
+        events.append("fill")
+        n = min(credit, 4 * 65536)
+        return fastpath.RxFill(n // 65536, n, fastpath.RX_LIMIT, 0)
+
+    t.core.rx_fast = rx_fast
+    t.core.rx_progress = lambda: events.append("publish")
+    t.core.peer_readable(conn)
+    t.core.fill_rx(t.rx)
+    assert all(c <= RX_FAST_BURST_BYTES for c, _ in calls)
+    assert sum(c for c, _ in calls) == 1 << 20  # the whole window, no more
+    assert events == ["fill", "publish"] * 4
+    assert conn.credit.peer_free() == 0 and conn.flags & Connection.WAIT_CREDIT

@@ -329,6 +329,7 @@ class FrontendSession(CoreHooks):
         if index == RX_QUEUE:
             self._rx_fast = RxFastPath(q, self.core.taps, self.name) if c_ok else None
             self.core.rx_fast = self._rx_fast.fill if self._rx_fast is not None else None
+            self.core.rx_progress = self._rx_progress
             self.core.rx_pending = q.pending
         log.info(
             "%s: vring %d started: size %d base %d event_idx=%s indirect=%s version_1=%s",
@@ -503,14 +504,19 @@ class FrontendSession(CoreHooks):
                 push(head, 0)
         return len(items)
 
+    def _rx_progress(self) -> None:
+        """Publish the rx buffers filled so far; interrupt the guest if it asked for one."""
+        rxq = self.queues[RX_QUEUE]
+        if rxq is not None and rxq.publish():
+            self._notify(RX_QUEUE)
+
     def _control_first(self) -> None:
         """Before the batch's data goes to the host: the credit updates it made due (bytes
         counted ahead) go to the guest now, so it refills its window during our copy."""
         rxq = self.queues[RX_QUEUE]
         if self.core.control and rxq is not None:
             self.core.fill_rx(rxq)
-            if rxq.publish():
-                self._notify(RX_QUEUE)
+            self._rx_progress()
 
     def _notify(self, index: int) -> None:
         fd = self.call_fds[index]

@@ -90,7 +90,11 @@ def _no_fd() -> int:
     return -1
 
 
-RX_FAST_BURST = 16  # rx chains one connection may fill before the next ready one gets a turn
+# What one connection may fill before the next ready one gets a turn, and before the filled
+# buffers are handed to the guest (published; an interrupt only if the guest's used_event asks):
+# 16 chains, or 256 KiB - four 64 KiB packets, so a guest consumes while we fill the rest.
+RX_FAST_BURST = 16
+RX_FAST_BURST_BYTES = 256 * 1024
 
 # A connector opens the host side of a guest-initiated connection. It returns a
 # Peer that is connecting (the shell later calls peer_connected/peer_failed), or
@@ -126,6 +130,8 @@ class VsockCore:
         self.rule_totals: dict[str, list[int]] = {}
         # Injected by the shell when the C rx path can serve this device's rx ring.
         self.rx_fast: RxFastFill | None = None
+        # The shell's "publish the rx buffers filled so far" (and interrupt if the guest asks).
+        self.rx_progress: Callable[[], None] | None = None
         self.rx_pending: Callable[[], int] = lambda: 0
 
     def _tap(self, to_guest: bool, hdr: bytes, payload: Sequence[Buffer], mark: str | None = None) -> None:
@@ -726,7 +732,10 @@ class VsockCore:
         chain (an unusual shape), False when the ring has no buffers at all."""
         cr = conn.credit
         hdr = HDR.pack(*self._fields(conn, Op.RW, 0, 0))  # C patches len per packet
-        r = rx_fast(fd, credit, RX_FAST_BURST, hdr)
+        r = rx_fast(fd, min(credit, RX_FAST_BURST_BYTES), RX_FAST_BURST, hdr)
+        if r.packets and self.rx_progress is not None:
+            # The guest may start on these while we read the next burst.
+            self.rx_progress()
         if r.packets:
             cr.tx_cnt = (cr.tx_cnt + r.bytes) & U32
             cr.adv_fwd_cnt = cr.fwd_cnt
