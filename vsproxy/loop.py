@@ -67,15 +67,17 @@ class Loop:
         old = self._events.get(fd)
         if events == old:
             return
-        if events == 0:
-            # Unregistered rather than a zero mask: epoll reports HUP and ERR whatever the
-            # mask says, which would spin on a closed peer nobody watches.
-            del self._events[fd]
+        if events == 0 and old is None:
             self._cbs.pop(fd, None)
+        elif events == 0:
+            # Interest switched off for a while (no credit, nothing to send): a zero mask is
+            # one epoll_ctl, where unregistering and registering again are two. epoll still
+            # reports HUP and ERR for it; run_once unregisters it then.
             try:
-                self._ep.unregister(fd)
-            except OSError:
-                pass  # closed already: the kernel dropped it from the set
+                self._ep.modify(fd, 0)
+                self._events[fd] = 0
+            except OSError:  # closed without forget(): the kernel dropped it already
+                self._unregister(fd)
         else:
             # An fd closed and reused while still listed here: the kernel dropped the old one.
             try:
@@ -98,9 +100,17 @@ class Loop:
         self._update(fd)
 
     def forget(self, fd: int) -> None:
-        if fd in self._cbs:
-            self._cbs[fd] = [None, None]
-            self._update(fd)
+        """The fd is about to be closed: no callbacks, out of the epoll set."""
+        self._cbs.pop(fd, None)
+        self._unregister(fd)
+
+    def _unregister(self, fd: int) -> None:
+        self._cbs.pop(fd, None)
+        if self._events.pop(fd, None) is not None:
+            try:
+                self._ep.unregister(fd)
+            except OSError:
+                pass  # closed already: the kernel dropped it from the set
 
     def call_later(self, delay: float, cb: Callback) -> None:
         heapq.heappush(self._timers, (self.time() + delay, next(self._seq), cb))
@@ -121,7 +131,8 @@ class Loop:
         cbs_of = self._cbs
         for fd, mask in ready:
             cbs = cbs_of.get(fd)
-            if cbs is None:
+            if cbs is None or (cbs[0] is None and cbs[1] is None):
+                self._unregister(fd)  # HUP or ERR on an fd nobody watches now
                 continue
             # As selectors does: an error or hang-up wakes both sides, which then see it.
             if mask & _READ_ANY and cbs[0] is not None:
