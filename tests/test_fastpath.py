@@ -18,7 +18,7 @@ from vsproxy import fastpath
 from vsproxy.capture import format as fmt
 from vsproxy.capture import reader
 from vsproxy.endpoints.base import Buffer
-from vsproxy.fastpath import Run, Slow, TxFastPath
+from vsproxy.fastpath import CreditItem, Run, Slow, TxFastPath
 from vsproxy.simguest.ring import Buf
 from vsproxy.taps import CAP_PCAP, CAP_PCAPNG, RecordChunk, Taps
 from vsproxy.virtq import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, Chain
@@ -35,12 +35,26 @@ def test_c_fast_path_is_built() -> None:
 Expected = list[tuple[str, tuple[int, int, int] | None, bytes, list[int]]]
 
 
+def _direct_single(rig: Rig, head: int) -> bool:
+    """The head descriptor stands alone: neither NEXT nor INDIRECT."""
+    flags = int.from_bytes(bytes(rig.q._desc[16 * head + 12 : 16 * head + 14]), "little")
+    return flags == 0
+
+
 def reference(rig: Rig, heads: list[int]) -> Expected:
     """What the Python walker makes of these heads, grouped as the C path groups them."""
     out: Expected = []
     for head in heads:
         result = rig.q._walk(head)
         fast = False
+        if (isinstance(result, Chain) and len(result.readable) == 1 and len(result.readable[0]) == H.HDR_SIZE
+                and result.read_len == H.HDR_SIZE and _direct_single(rig, head)):
+            h = H.unpack(result.readable[0])
+            if (h.src_cid == GUEST and h.type in (1, 2) and h.op in (H.Op.CREDIT_UPDATE, H.Op.CREDIT_REQUEST)
+                    and h.len == 0):
+                out.append(("credit", (h.src_port, h.dst_cid, h.dst_port),
+                            bytes([h.op, h.type]) + H.pack(*h)[36:44], [head]))
+                continue
         if isinstance(result, Chain) and len(result.readable) == 2 and len(result.readable[0]) == H.HDR_SIZE:
             h = H.unpack(result.readable[0])
             payload = result.readable[1]
@@ -59,11 +73,15 @@ def reference(rig: Rig, heads: list[int]) -> Expected:
     return out
 
 
-def from_c(items: list[Run | Slow]) -> Expected:
+def from_c(items: list[Run | Slow | CreditItem]) -> Expected:
     out: Expected = []
     for it in items:
         if isinstance(it, Slow):
             out.append(("slow", None, b"", [it.head]))
+        elif isinstance(it, CreditItem):
+            fields = it.buf_alloc.to_bytes(4, "little") + it.fwd_cnt.to_bytes(4, "little")
+            out.append(("credit", (it.src_port, it.dst_cid, it.dst_port), bytes([it.op, it.type]) + fields,
+                        [it.head]))
         else:
             out.append(("run", (it.src_port, it.dst_cid, it.dst_port), b"".join(bytes(s) for s in it.segments),
                         it.heads))
@@ -75,6 +93,13 @@ def add_packet(rig: Rig, src_port: int, payload: bytes, *, op: int = H.Op.RW, sr
     n = len(payload) if length is None else length
     hdr = H.pack(src_cid, 2, src_port, 5000, n, type_, op, 0, 65536, 0)
     rig.ring.add_chain([Buf(rig.buf(hdr), H.HDR_SIZE), Buf(rig.buf(payload), len(payload))])
+
+
+def add_header_only(rig: Rig, src_port: int, op: int, *, src_cid: int = GUEST, length: int = 0, type_: int = 1,
+                    fwd_cnt: int = 77) -> None:
+    """A control packet as Linux sends it: the header alone, in one descriptor."""
+    hdr = H.pack(src_cid, 2, src_port, 5000, length, type_, op, 0, 131072, fwd_cnt)
+    rig.ring.add_chain([Buf(rig.buf(hdr), H.HDR_SIZE)])
 
 
 @pytest.mark.parametrize("indirect", [True, False])
@@ -123,7 +148,11 @@ def test_c_batch_matches_the_python_walker(
     rig = Rig(indirect=True, num=16)
     try:
         for port, payload, op, cid, length in packets:
-            add_packet(rig, port, payload, op=op, src_cid=cid, length=length)
+            if len(payload) == 1 and payload[0] < 0x40:  # now and then a header-only packet
+                add_header_only(rig, port, op if payload[0] & 1 else H.Op.CREDIT_REQUEST, src_cid=cid,
+                                length=length or 0, type_=1 + (payload[0] >> 5 & 1))
+            else:
+                add_packet(rig, port, payload, op=op, src_cid=cid, length=length)
         for slot, addr, length, flags, nxt in garbage:  # hostile descriptors and avail entries
             rig.ring.write_desc(slot, addr, length, flags, nxt)
         rig.ring.set_avail_idx(len(packets) + len(garbage))
@@ -393,3 +422,47 @@ def test_with_no_room_in_the_sink_the_c_paths_run_on_and_count_their_packets_dro
     finally:
         rig.close()
         t.close()
+
+
+def test_header_only_credit_packets_come_back_as_their_fields_between_runs() -> None:
+    rig = Rig(indirect=True, num=64)
+    try:
+        add_packet(rig, 100, b"a" * 10)
+        add_header_only(rig, 100, H.Op.CREDIT_UPDATE, fwd_cnt=4096)
+        add_packet(rig, 100, b"b" * 10)
+        add_header_only(rig, 300, H.Op.CREDIT_REQUEST, type_=2)
+        add_header_only(rig, 100, H.Op.SHUTDOWN)  # other ops: Python
+        add_header_only(rig, 100, H.Op.CREDIT_UPDATE, length=5)  # a len with no payload: Python
+        add_header_only(rig, 100, H.Op.CREDIT_UPDATE, src_cid=9)  # spoofed: Python
+        add_header_only(rig, 100, H.Op.CREDIT_UPDATE, type_=3)  # unknown type: Python (RST)
+        items = TxFastPath(rig.q, GUEST, 64).batch()
+        kinds = [type(i).__name__ for i in items]
+        assert kinds == ["Run", "CreditItem", "Run", "CreditItem", "Slow", "Slow", "Slow", "Slow"]
+        upd, req = items[1], items[3]
+        assert isinstance(upd, CreditItem) and isinstance(req, CreditItem)
+        assert (upd.op, upd.type, upd.src_port, upd.dst_cid, upd.dst_port, upd.buf_alloc, upd.fwd_cnt) == (
+            H.Op.CREDIT_UPDATE, 1, 100, 2, 5000, 131072, 4096)
+        assert (req.op, req.type, req.src_port) == (H.Op.CREDIT_REQUEST, 2, 300)
+        heads = [h for e in from_c(items) for h in e[3]]
+        assert from_c(items) == reference(rig, heads)
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize("mode", [CAP_PCAP, CAP_PCAPNG])
+def test_c_capture_record_of_a_credit_packet_is_the_python_writer_frame(mode: int) -> None:
+    rig = Rig(indirect=True, num=64)
+    try:
+        add_header_only(rig, 100, H.Op.CREDIT_UPDATE, fwd_cnt=4096)
+        taps = Taps()
+        sink = RecordingSink(mode)
+        taps.set_sink(sink)
+        fast = TxFastPath(rig.q, GUEST, 64, taps, "dev")
+        (item,) = fast.batch()
+        assert isinstance(item, CreditItem) and item.cap_off == 0
+        fast.capture.went_through(1)
+        fast.capture.finish()
+        (got,) = read_back(mode, sink.committed)
+        assert got[0] == fmt.vsockmon_frame(H.pack(GUEST, 2, 100, 5000, 0, 1, H.Op.CREDIT_UPDATE, 0, 131072, 4096), b"")
+    finally:
+        rig.close()

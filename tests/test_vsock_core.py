@@ -466,3 +466,32 @@ def test_host_data_is_published_to_the_guest_burst_by_burst() -> None:
     assert sum(c for c, _ in calls) == 1 << 20  # the whole window, no more
     assert events == ["fill", "publish"] * 4
     assert conn.credit.peer_free() == 0 and conn.flags & Connection.WAIT_CREDIT
+
+
+def test_credit_packets_from_the_c_path_have_the_effect_of_the_python_path() -> None:
+    """guest_credit (fields the C batch read) against guest_packet (the reference), op by op."""
+    for op in (Op.CREDIT_UPDATE, Op.CREDIT_REQUEST):
+        ref, fast = Harness(FakePeer(data=b"x" * 5000)), Harness(FakePeer(data=b"x" * 5000))
+        conns = [ref.open(), fast.open()]
+        for t, conn in zip((ref, fast), conns, strict=True):
+            conn.credit.update_peer(0, 0)  # the guest had no room: the host side waits for credit
+            t.core.peer_readable(conn)
+            t.drain()
+        ref.core.guest_packet(*pkt(op, buf_alloc=8192, fwd_cnt=0))
+        assert fast.core.guest_credit(H.Type.STREAM, op, GPORT, 2, 1234, 8192, 0)
+        for conn in conns:
+            assert (conn.credit.peer_buf_alloc, conn.credit.peer_fwd_cnt) == (8192, 0)
+        assert ref.core.counters.tx_packets == fast.core.counters.tx_packets
+        got_ref, got_fast = ref.drain(), fast.drain()
+        assert [(h.op, h.len) for h, _ in got_ref] == [(h.op, h.len) for h, _ in got_fast]
+        assert sum(h.len for h, _ in got_fast) == 5000  # the credit let the host data through
+        if op == Op.CREDIT_REQUEST:
+            assert Op.CREDIT_UPDATE in [h.op for h, _ in got_fast]
+
+
+def test_credit_packets_the_c_path_cannot_place_go_back_to_the_python_path() -> None:
+    t = Harness()
+    t.open()
+    assert not t.core.guest_credit(H.Type.STREAM, Op.CREDIT_UPDATE, GPORT + 1, 2, 1234, 8192, 0)  # no such conn
+    assert not t.core.guest_credit(H.Type.SEQPACKET, Op.CREDIT_UPDATE, GPORT, 2, 1234, 8192, 0)  # not served
+    assert t.core.counters.tx_packets == 1  # only the REQUEST that opened the connection

@@ -14,7 +14,7 @@ from cffi import FFI
 
 CDEF = """
 typedef struct {
-    uint32_t kind;       /* 0: RW run, 1: slow chain for Python */
+    uint32_t kind;       /* 0: RW run, 1: slow chain for Python, 2: header-only CREDIT_UPDATE/REQUEST */
     uint32_t chain;      /* index of the first chain (in heads) */
     uint32_t nchains;    /* chains in the run */
     uint32_t src_port;
@@ -26,6 +26,8 @@ typedef struct {
     uint32_t seg_first;
     uint32_t nseg;
     uint32_t cap_off;    /* where the run's capture records start in the capture buffer */
+    uint16_t op;         /* kind 2: the op and the type of the packet */
+    uint16_t type;
 } vq_item;
 
 typedef struct {
@@ -105,9 +107,12 @@ static void cap_record(vq_cap *cap, const uint8_t *h, const uint8_t *payload, ui
         put32(o, 2 | (4u << 16)); put32(o + 4, inbound ? 1 : 2); put32(o + 8, 0);
         put32(o + 12, rec);
     }
-    /* af_vsockmon_hdr: cids and ports from the virtio header, op PAYLOAD (4), transport VIRTIO (2) */
+    /* af_vsockmon_hdr: cids and ports from the virtio header, transport VIRTIO (2), and the op
+       as Linux maps it: RW is PAYLOAD (4), CREDIT_UPDATE and CREDIT_REQUEST are CONTROL (3) */
     memcpy(f, h, 24);  /* src_cid, dst_cid (le64), src_port, dst_port (le32): same offsets */
-    uint16_t op = 4, tr = 2, tl = HDR, z = 0;
+    uint16_t vop;
+    memcpy(&vop, h + 30, 2);
+    uint16_t op = vop == 5 ? 4 : 3, tr = 2, tl = HDR, z = 0;
     memcpy(f + 24, &op, 2); memcpy(f + 26, &tr, 2); memcpy(f + 28, &tl, 2); memcpy(f + 30, &z, 2);
     memcpy(f + MON, h, HDR);
     memcpy(f + MON + HDR, payload, plen);
@@ -140,12 +145,15 @@ int vq_tx_batch(const uint8_t *base, uint64_t region_gpa, uint64_t region_size,
         /* one aligned 16-bit load per avail entry */
         uint16_t head = __atomic_load_n(&avail[2 + ((uint16_t)(last_avail + i) & (num - 1))], __ATOMIC_ACQUIRE);
         heads[i] = head;
-        int fast = 0;
+        int fast = 0, credit_only = 0;
         uint64_t ha = 0, pa = 0; uint32_t hl = 0, pl = 0;
         if (head < num) {
             uint64_t a; uint32_t l; uint16_t f, nx;
             rd_desc(desc + 16 * (uint64_t)head, &a, &l, &f, &nx);
-            if (f == F_INDIRECT && indirect_ok && l == 32 && in_region(a, 32, region_gpa, region_size)) {
+            if (f == 0 && l == HDR) {
+                /* a header alone in one descriptor: how Linux sends control packets */
+                ha = a; hl = l; credit_only = 1; fast = 1;
+            } else if (f == F_INDIRECT && indirect_ok && l == 32 && in_region(a, 32, region_gpa, region_size)) {
                 uint64_t a0, a1; uint32_t l0, l1; uint16_t f0, f1, n0, n1;
                 const uint8_t *t = base + (a - region_gpa);
                 rd_desc(t, &a0, &l0, &f0, &n0);
@@ -160,14 +168,18 @@ int vq_tx_batch(const uint8_t *base, uint64_t region_gpa, uint64_t region_size,
         uint8_t h[HDR];
         uint32_t plen = 0;
         if (fast) {
-            fast = hl == HDR && pl > 0 && in_region(ha, HDR, region_gpa, region_size)
-                   && in_region(pa, pl, region_gpa, region_size);
+            fast = hl == HDR && in_region(ha, HDR, region_gpa, region_size)
+                   && (credit_only || (pl > 0 && in_region(pa, pl, region_gpa, region_size)));
         }
+        uint16_t type = 0, op = 0;
         if (fast) {
             memcpy(h, base + (ha - region_gpa), HDR);
-            uint64_t src_cid; uint16_t type, op;
+            uint64_t src_cid;
             memcpy(&src_cid, h, 8); memcpy(&plen, h + 24, 4); memcpy(&type, h + 28, 2); memcpy(&op, h + 30, 2);
-            fast = src_cid == guest_cid && type == 1 && op == 5 && plen > 0 && plen <= pl && plen <= MAX_PKT;
+            if (credit_only)
+                fast = src_cid == guest_cid && (type == 1 || type == 2) && (op == 6 || op == 7) && plen == 0;
+            else
+                fast = src_cid == guest_cid && type == 1 && op == 5 && plen > 0 && plen <= pl && plen <= MAX_PKT;
         }
         if (fast && nseg + 1 > max_segs) fast = 0;
         if (fast && cap->mode && cap->used + cap_record_size(cap, plen) > cap->size) {
@@ -193,6 +205,18 @@ int vq_tx_batch(const uint8_t *base, uint64_t region_gpa, uint64_t region_size,
         uint64_t dst_cid; uint32_t src_port, dst_port, buf_alloc, fwd_cnt;
         memcpy(&dst_cid, h + 8, 8); memcpy(&src_port, h + 16, 4); memcpy(&dst_port, h + 20, 4);
         memcpy(&buf_alloc, h + 36, 4); memcpy(&fwd_cnt, h + 40, 4);
+        if (credit_only) {
+            /* an item of its own, between runs: the credit it carries applies in ring order */
+            if (nitems == max_items) return -1;
+            vq_item *it = &items[nitems++];
+            memset(it, 0, sizeof *it);
+            it->kind = 2; it->chain = i; it->nchains = 1; it->src_port = src_port; it->dst_port = dst_port;
+            it->dst_cid = dst_cid; it->buf_alloc = buf_alloc; it->fwd_cnt = fwd_cnt; it->op = op; it->type = type;
+            it->cap_off = cap->used;
+            if (cap->mode) cap_record(cap, h, h, 0, 1);
+            run = 0;
+            continue;
+        }
         if (!run || run->src_port != src_port || run->dst_port != dst_port || run->dst_cid != dst_cid) {
             if (nitems == max_items) return -1;
             run = &items[nitems++];

@@ -24,7 +24,7 @@ from vsproxy.endpoints.sockets import (
     TcpListener,
     listen_unix,
 )
-from vsproxy.fastpath import Run, RxFastPath, TxFastPath
+from vsproxy.fastpath import CreditItem, Run, RxFastPath, TxFastPath
 from vsproxy.loop import Loop
 from vsproxy.memory import GuestMemory, MemoryError_
 from vsproxy.vhost_user import codec
@@ -487,6 +487,23 @@ class FrontendSession(CoreHooks):
                         continue
                     capture.cut(item.cap_off)  # this run's records and the later ones: Python's now
                     heads = item.heads
+                elif isinstance(item, CreditItem):
+                    if not capture.was_cut and core.guest_credit(
+                        item.type,
+                        item.op,
+                        item.src_port,
+                        item.dst_cid,
+                        item.dst_port,
+                        item.buf_alloc,
+                        item.fwd_cnt,
+                        capture.sink is not None,
+                    ):
+                        txq.counters.chains += 1
+                        done.append(item.head)
+                        capture.went_through(1)
+                        continue
+                    capture.cut(item.cap_off)
+                    heads = [item.head]
                 else:
                     capture.finish()  # a slow chain is the batch's last: its record comes after
                     heads = [item.head]

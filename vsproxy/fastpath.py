@@ -2,8 +2,9 @@
 
 ``TxFastPath.batch`` takes up to ``limit`` chains off a tx queue. Linux-shaped RW packets
 of established-looking streams come back grouped in runs (one per connection and batch,
-small payloads already copied together); every other chain comes back as "slow", for the
-Python walker, which stays the reference. Set ``VSPROXY_NO_C=1`` to run without it.
+small payloads already copied together), header-only credit packets as their fields; every
+other chain comes back as "slow", for the Python walker, which stays the reference. Set
+``VSPROXY_NO_C=1`` to run without it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ except ImportError:  # pragma: no cover - exercised when the extension was not b
 SCRATCH = 256 * 1024
 MAX_ITEMS = 512
 SLOW = 1
+CREDIT = 2
 
 
 class Run(NamedTuple):
@@ -109,6 +111,20 @@ class Slow(NamedTuple):
     head: int
 
 
+class CreditItem(NamedTuple):
+    """A header-only CREDIT_UPDATE or CREDIT_REQUEST (one descriptor, as Linux sends them)."""
+
+    type: int
+    op: int
+    src_port: int
+    dst_cid: int
+    dst_port: int
+    buf_alloc: int
+    fwd_cnt: int
+    head: int
+    cap_off: int
+
+
 class _RingPath:
     """What both C paths hold of one queue: the guest memory region, the descriptor table and
     the avail ring as cffi buffers, and the capture taps of the device."""
@@ -155,7 +171,7 @@ class TxFastPath(_RingPath):
         self._seg_len = ffi.new("uint32_t[]", limit)
         self._release.append(self._scratch)
 
-    def batch(self) -> list[Run | Slow]:
+    def batch(self) -> list[Run | Slow | CreditItem]:
         """Take the next chains. The scratch buffer is reused by the next call: whatever the
         caller keeps of a run's segments must be copied or sent before then. Capturing, the
         runs' records are already in the chunk ``self.capture`` holds: the caller keeps or
@@ -192,12 +208,17 @@ class TxFastPath(_RingPath):
         n = self._taken[0]
         q.last_avail_idx = (q.last_avail_idx + n) & 0xFFFF
         heads = list(self._heads[0:n])
-        out: list[Run | Slow] = []
+        out: list[Run | Slow | CreditItem] = []
         view, scratch = self._view, self._scratch_view
         kinds, offs, lens = self._seg_kind, self._seg_off, self._seg_len
         for it in self._items[0:count]:
-            if it.kind == SLOW:
+            kind = it.kind
+            if kind == SLOW:
                 out.append(Slow(heads[it.chain]))
+                continue
+            if kind == CREDIT:
+                out.append(CreditItem(it.type, it.op, it.src_port, it.dst_cid, it.dst_port, it.buf_alloc,
+                                      it.fwd_cnt, heads[it.chain], it.cap_off))
                 continue
             segs = []
             for k in range(it.seg_first, it.seg_first + it.nseg):

@@ -259,6 +259,34 @@ class VsockCore:
             self._credit_changed(conn)
         return True
 
+    def guest_credit(
+        self,
+        type_: int,
+        op: int,
+        src_port: int,
+        dst_cid: int,
+        dst_port: int,
+        buf_alloc: int,
+        fwd_cnt: int,
+        captured: bool = False,
+    ) -> bool:
+        """A header-only CREDIT_UPDATE or CREDIT_REQUEST the C path checked (source CID, len 0),
+        with the same effect as guest_packet; False when guest_packet must take it (no such
+        connection, a type this device does not serve, a capture comment C cannot write)."""
+        if type_ != H.Type.STREAM and not (self.seqpacket and type_ == H.Type.SEQPACKET):
+            return False
+        conn = self.conns.get((type_, src_port, dst_cid, dst_port))
+        if conn is None or (captured and conn.mark is not None):
+            return False
+        self.counters.tx_packets += 1
+        cr = conn.credit
+        cr.peer_buf_alloc = buf_alloc
+        cr.peer_fwd_cnt = fwd_cnt
+        if op == Op.CREDIT_REQUEST:
+            self._queue_credit_update(conn)
+        self._credit_changed(conn)
+        return True
+
     def _guest_request(self, hdr: Header) -> None:
         c = self.counters
         if len(self.conns) >= MAX_CONNECTIONS:
