@@ -24,7 +24,7 @@ from vsproxy.endpoints.sockets import (
     TcpListener,
     listen_unix,
 )
-from vsproxy.fastpath import CreditItem, Run, RxFastPath, TxFastPath
+from vsproxy.fastpath import CreditItem, Run, RxFastPath, Slow, TxFastPath
 from vsproxy.loop import Loop
 from vsproxy.memory import GuestMemory, MemoryError_
 from vsproxy.vhost_user import codec
@@ -468,45 +468,18 @@ class FrontendSession(CoreHooks):
         done: list[int] = []
         try:
             for item in items:
-                if isinstance(item, Run):
-                    # A run whose records were cut goes through Python, which captures it again.
-                    if not capture.was_cut and core.guest_rw_run(
-                        item.src_port,
-                        item.dst_cid,
-                        item.dst_port,
-                        item.buf_alloc,
-                        item.fwd_cnt,
-                        item.total,
-                        item.segments,
-                        len(item.heads),
-                        capture.sink is not None,
-                    ):
-                        txq.counters.chains += len(item.heads)
-                        done.extend(item.heads)
-                        capture.went_through(len(item.heads))
-                        continue
-                    capture.cut(item.cap_off)  # this run's records and the later ones: Python's now
-                    heads = item.heads
-                elif isinstance(item, CreditItem):
-                    if not capture.was_cut and core.guest_credit(
-                        item.type,
-                        item.op,
-                        item.src_port,
-                        item.dst_cid,
-                        item.dst_port,
-                        item.buf_alloc,
-                        item.fwd_cnt,
-                        capture.sink is not None,
-                    ):
-                        txq.counters.chains += 1
-                        done.append(item.head)
-                        capture.went_through(1)
-                        continue
-                    capture.cut(item.cap_off)
-                    heads = [item.head]
-                else:
+                if isinstance(item, Slow):
                     capture.finish()  # a slow chain is the batch's last: its record comes after
                     heads = [item.head]
+                else:
+                    heads = item.heads if isinstance(item, Run) else [item.head]
+                    # An item whose records were cut goes through Python, which captures it again.
+                    if not capture.was_cut and self._fast_item(item, capture.sink is not None):
+                        txq.counters.chains += len(heads)
+                        done.extend(heads)
+                        capture.went_through(len(heads))
+                        continue
+                    capture.cut(item.cap_off)  # this item's records and the later ones: Python's now
                 for head in heads:  # the Python reference path, one chain at a time
                     chain = txq.take(head)
                     if chain is not None:
@@ -520,6 +493,14 @@ class FrontendSession(CoreHooks):
             for head in done:
                 push(head, 0)
         return len(items)
+
+    def _fast_item(self, item: Run | CreditItem, captured: bool) -> bool:
+        """What the C batch read, straight to the core; False if the core needs the chain."""
+        if isinstance(item, Run):
+            return self.core.guest_rw_run(item.src_port, item.dst_cid, item.dst_port, item.buf_alloc, item.fwd_cnt,
+                                          item.total, item.segments, len(item.heads), captured)
+        return self.core.guest_credit(item.type, item.op, item.src_port, item.dst_cid, item.dst_port,
+                                      item.buf_alloc, item.fwd_cnt, captured)
 
     def _rx_progress(self) -> None:
         """Publish the rx buffers filled so far; interrupt the guest if it asked for one."""
