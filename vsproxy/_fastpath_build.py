@@ -60,6 +60,33 @@ int vq_rx_fill(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
                uint32_t *used_ring, uint16_t used_idx,
                int fd, uint32_t credit, uint32_t max_packets, const uint8_t *hdr,
                vq_rx_result *res, vq_cap *cap);
+
+/* The simulated guest's side of a ring: word offsets into its memory, as SplitRing keeps them. */
+typedef struct {
+    uint32_t avail_idx_w, avail_ring_w, used_event_w, used_idx_w, used_ring_d, avail_event_w;
+    uint32_t mask;
+    uint16_t avail_idx, last_used, kicked_idx;
+    int kick_fd, call_fd;
+    uint8_t *inflight;   /* SplitRing.inflight */
+} sg_ring;
+
+typedef struct {
+    sg_ring tx, rx;
+    int event_idx;
+    const uint32_t *rx_off;  /* memory offset of each rx head's buffer */
+    uint16_t *free_heads;    /* tx heads prepared with the blast's table: a stack */
+    uint32_t nfree;
+    uint64_t guest_cid, peer_cid;
+    uint32_t local_port, peer_port, type;
+    uint32_t buf_alloc, tx_cnt, peer_buf_alloc, peer_fwd_cnt, plen;
+    uint64_t to_send, sent;
+    uint64_t tx_done, kicks, interrupts;
+    uint8_t *headers;        /* the credit updates consumed, 44 bytes each, for received_raw */
+    uint32_t nheaders, max_headers;
+    int timeout_ms;
+} sg_blast_state;
+
+int sg_blast(uint8_t *mem, sg_blast_state *s);
 """
 
 # The C source starts with CDEF itself, so the types and prototypes are written once.
@@ -301,6 +328,136 @@ int vq_rx_fill(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
         if (len < want) { res->status = RX_SHORT; return 0; }
     }
     return 0;
+}
+
+#include <poll.h>
+#include <unistd.h>
+
+/* The simulated guest's bulk sender, as a guest kernel runs it: keep the tx ring full of RW
+   chains (each head already holds the blast's indirect table) within the peer's credit, take
+   CREDIT_UPDATEs for the connection off the rx ring, reclaim used tx chains, kick and wait as
+   EVENT_IDX asks. Anything else on the rx ring stops it (SG_RX): Python handles it. */
+enum { SG_DONE = 0, SG_RX = 1, SG_TIMEOUT = 2, SG_BAD = 3, SG_HEADERS = 4 };
+
+static inline int sg_need_event(uint16_t event, uint16_t new_idx, uint16_t old) {
+    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
+}
+
+static inline uint16_t ld16(uint8_t *mem, uint32_t w) {
+    return __atomic_load_n((uint16_t *)mem + w, __ATOMIC_ACQUIRE);
+}
+
+static inline void st16(uint8_t *mem, uint32_t w, uint16_t v) {
+    __atomic_store_n((uint16_t *)mem + w, v, __ATOMIC_RELEASE);
+}
+
+static void sg_kick(uint8_t *mem, sg_ring *r, int event_idx, uint64_t *kicks) {
+    uint16_t new_idx = r->avail_idx, old = r->kicked_idx;
+    if (new_idx == old) return;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);  /* avail->idx before reading avail_event */
+    r->kicked_idx = new_idx;
+    int want = event_idx ? sg_need_event(ld16(mem, r->avail_event_w), new_idx, old)
+                         : !(ld16(mem, r->used_idx_w - 1) & 1);  /* used->flags NO_NOTIFY */
+    if (want) {
+        uint64_t one = 1;
+        if (write(r->kick_fd, &one, 8) == 8) (*kicks)++;
+    }
+}
+
+static int sg_reclaim_tx(uint8_t *mem, sg_blast_state *s) {
+    sg_ring *r = &s->tx;
+    uint16_t used = ld16(mem, r->used_idx_w);
+    uint32_t *u32 = (uint32_t *)mem;
+    while (r->last_used != used) {
+        uint32_t head = u32[r->used_ring_d + 2 * (r->last_used & r->mask)];
+        if (head > r->mask || !r->inflight[head]) return -1;
+        r->inflight[head] = 0;
+        s->free_heads[s->nfree++] = (uint16_t)head;
+        r->last_used++;
+        s->tx_done++;
+    }
+    if (s->event_idx) st16(mem, r->used_event_w, r->last_used);
+    return 0;
+}
+
+/* Credit updates for the connection; 1 when the next used entry is something else. */
+static int sg_take_rx(uint8_t *mem, sg_blast_state *s) {
+    sg_ring *r = &s->rx;
+    uint16_t used = ld16(mem, r->used_idx_w);
+    uint32_t *u32 = (uint32_t *)mem;
+    int stop = 0;
+    uint16_t before = r->avail_idx;
+    while (r->last_used != used) {
+        if (s->nheaders == s->max_headers) { stop = SG_HEADERS; break; }
+        uint32_t slot = r->used_ring_d + 2 * (r->last_used & r->mask);
+        uint32_t head = u32[slot], len = u32[slot + 1];
+        if (head > r->mask || !r->inflight[head] || len < HDR) { stop = SG_RX; break; }
+        const uint8_t *h = mem + s->rx_off[head];
+        uint64_t src_cid, dst_cid; uint32_t src_port, dst_port, plen, buf_alloc, fwd_cnt; uint16_t type, op;
+        memcpy(&src_cid, h, 8); memcpy(&dst_cid, h + 8, 8); memcpy(&src_port, h + 16, 4);
+        memcpy(&dst_port, h + 20, 4); memcpy(&plen, h + 24, 4); memcpy(&type, h + 28, 2); memcpy(&op, h + 30, 2);
+        memcpy(&buf_alloc, h + 36, 4); memcpy(&fwd_cnt, h + 40, 4);
+        if (op != 6 || plen != 0 || src_cid != s->peer_cid || dst_cid != s->guest_cid || src_port != s->peer_port
+            || dst_port != s->local_port || type != s->type) { stop = SG_RX; break; }
+        memcpy(s->headers + 44 * s->nheaders++, h, 44);
+        s->peer_buf_alloc = buf_alloc;
+        s->peer_fwd_cnt = fwd_cnt;
+        /* the buffer goes straight back, as Linux refills its rx ring */
+        ((uint16_t *)mem)[r->avail_ring_w + (r->avail_idx & r->mask)] = (uint16_t)head;
+        r->avail_idx++;
+        r->last_used++;
+    }
+    if (r->avail_idx != before) st16(mem, r->avail_idx_w, r->avail_idx);
+    if (s->event_idx) st16(mem, r->used_event_w, r->last_used);
+    return stop;
+}
+
+static inline uint32_t sg_credit(const sg_blast_state *s) {
+    uint32_t window = s->peer_buf_alloc < s->buf_alloc ? s->peer_buf_alloc : s->buf_alloc;
+    uint32_t in_flight = s->tx_cnt - s->peer_fwd_cnt;
+    return in_flight >= window ? 0 : window - in_flight;
+}
+
+int sg_blast(uint8_t *mem, sg_blast_state *s) {
+    uint16_t *u16 = (uint16_t *)mem;
+    for (;;) {
+        if (sg_reclaim_tx(mem, s) < 0) return SG_BAD;
+        int stop = sg_take_rx(mem, s);
+        sg_kick(mem, &s->rx, s->event_idx, &s->kicks);
+        if (stop) return stop;
+        if (s->sent == s->to_send) return SG_DONE;
+        uint64_t n = s->to_send - s->sent;
+        uint32_t by_credit = sg_credit(s) / s->plen;
+        if (n > by_credit) n = by_credit;
+        if (n > s->nfree) n = s->nfree;
+        if (n) {
+            sg_ring *r = &s->tx;
+            for (uint64_t k = 0; k < n; k++) {
+                uint16_t head = s->free_heads[--s->nfree];
+                r->inflight[head] = 1;
+                u16[r->avail_ring_w + (r->avail_idx & r->mask)] = head;
+                r->avail_idx++;
+            }
+            st16(mem, r->avail_idx_w, r->avail_idx);
+            s->tx_cnt += (uint32_t)n * s->plen;
+            s->sent += n;
+            sg_kick(mem, r, s->event_idx, &s->kicks);
+            continue;
+        }
+        /* Nothing to send: wait for an interrupt, having re-armed both rings above; entries
+           used since are seen by the checks at the top of the loop first. */
+        if (ld16(mem, s->tx.used_idx_w) != s->tx.last_used || ld16(mem, s->rx.used_idx_w) != s->rx.last_used)
+            continue;
+        struct pollfd p[2] = {{s->tx.call_fd, POLLIN, 0}, {s->rx.call_fd, POLLIN, 0}};
+        int got = poll(p, 2, s->timeout_ms);
+        if (got == 0) return SG_TIMEOUT;
+        for (int k = 0; k < 2; k++) {
+            if (p[k].revents & POLLIN) {
+                uint64_t v;
+                if (read(p[k].fd, &v, 8) == 8) s->interrupts++;
+            }
+        }
+    }
 }
 """
 

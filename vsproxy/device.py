@@ -439,9 +439,7 @@ class FrontendSession(CoreHooks):
         finally:
             self._control_first()
             core.flush_host()
-            push = txq.push
-            for chain in chains:
-                push(chain.head, 0)
+            txq.push_many([chain.head for chain in chains], 0)
         return len(chains)
 
     def _tx_chain(self, chain: Chain) -> None:
@@ -489,9 +487,7 @@ class FrontendSession(CoreHooks):
             capture.finish()
             self._control_first()
             core.flush_host()
-            push = txq.push
-            for head in done:
-                push(head, 0)
+            txq.push_many(done, 0)
         return len(items)
 
     def _fast_item(self, item: Run | CreditItem, captured: bool) -> bool:

@@ -26,6 +26,9 @@ except ImportError:  # pragma: no cover - exercised when the extension was not b
     ffi = lib = None
     AVAILABLE = False
 
+__all__ = ["AVAILABLE", "CREDIT", "SLOW", "CaptureCall", "CreditItem", "Run", "RxFastPath", "RxFill", "Slow",
+           "TxFastPath", "ffi", "lib"]
+
 SCRATCH = 256 * 1024
 MAX_ITEMS = 512
 SLOW = 1

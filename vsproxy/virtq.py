@@ -315,6 +315,16 @@ class SplitQueue:
         used32[2 + 2 * slot] = length
         self.used_idx = (self.used_idx + 1) & 0xFFFF
 
+    def push_many(self, heads: list[int], length: int) -> None:
+        """``push`` for several chains of the same used length (tx chains: 0)."""
+        used32, mask, idx = self._used32, self.num - 1, self.used_idx
+        for head in heads:
+            slot = idx & mask
+            used32[1 + 2 * slot] = head
+            used32[2 + 2 * slot] = length
+            idx += 1
+        self.used_idx = idx & 0xFFFF
+
     def publish(self) -> bool:
         """Publish used->idx; return True if the driver wants an interrupt."""
         new = self.used_idx

@@ -19,6 +19,7 @@ from typing import Protocol
 from vsproxy.vsock import header as vh
 from vsproxy.vsock.header import Header, Op
 
+from . import cblast
 from .errors import SimGuestError, SimGuestTimeout
 from .frontend import VsockFrontend, drain_eventfd
 from .memory import GuestMemory
@@ -144,6 +145,8 @@ class VsockDriver:
         self.stats = Stats()
         self.received_raw: deque[tuple[Header, int]] = deque(maxlen=record_limit)
         self.on_packet: Callable[[Header, memoryview], None] | None = None
+        self.use_c_blast = True  # blast through the C sender when it was built (cblast.py)
+        self._cblast: cblast.CBlast | None = None
         self.conns: dict[tuple[int, int, int, int], Conn] = {}
         self.listeners: dict[tuple[int, int], Listener] = {}
         self._next_port = LAST_RESERVED_PORT + 1 + random.randrange(U32 - LAST_RESERVED_PORT)
@@ -496,6 +499,20 @@ class VsockDriver:
         bufs = [Buf(self.blast_gpa, HDR_SIZE), Buf(pay_gpa, plen)]
         per = 1 if tx.indirect else 2
         start = time.monotonic()
+        if per == 1 and self.use_c_blast and cblast.AVAILABLE and not self.credit_request and not self.rx_paused \
+                and self.on_packet is None:
+            if self._cblast is None:
+                self._cblast = cblast.CBlast(self)
+            tx.prepare_uniform(table, BLAST_TOKEN)
+            self._cblast.run(conn, count, plen, int(self.timeout * 1000))
+        else:
+            self._blast_py(conn, count, plen, per, table, bufs)
+        self.deadline_wait(lambda: tx.n_inflight == 0, None, f"waiting for the backend to consume {count} packets")
+        return time.monotonic() - start
+
+    def _blast_py(self, conn: Conn, count: int, plen: int, per: int, table: bytes, bufs: list[Buf]) -> None:
+        """The reference bulk sender (and the one without INDIRECT_DESC)."""
+        tx = self.tx
         sent = 0
         while sent < count:
             if conn.state != State.ESTABLISHED:
@@ -517,8 +534,12 @@ class VsockDriver:
             conn.tx_cnt = (conn.tx_cnt + n * plen) & U32
             sent += n
             self._kick(tx)
-        self.deadline_wait(lambda: tx.n_inflight == 0, None, f"waiting for the backend to consume {count} packets")
-        return time.monotonic() - start
+
+    def release(self) -> None:
+        """Let go of guest memory before it is unmapped."""
+        if self._cblast is not None:
+            self._cblast.close()
+            self._cblast = None
 
     def _blast_wait_credit(self, conn: Conn, plen: int, sent: int) -> None:
         if self.credit_request:

@@ -109,6 +109,8 @@ class SimGuest:
         if self.frontend is not None:
             self.frontend.close()
             self.frontend = None
+        if self._driver is not None:
+            self._driver.release()
         self._driver = None
         self.mem.close()
 

@@ -225,6 +225,24 @@ class SplitRing:
             self.publish_avail(head)
         return head
 
+    def prepare_uniform(self, table: bytes, token: int) -> None:
+        """Give every free head ``table`` as its indirect table and ``token``, ready to be posted
+        as they are (the C bulk sender posts heads without writing descriptors)."""
+        if not self.indirect:
+            raise ValueError("prepare_uniform needs INDIRECT_DESC")
+        if table != self._uniform_table:
+            self._uniform_table = table
+            self._uniform_gen += 1
+        gen, prepared = self._uniform_gen, self._prepared
+        for head in self.free:
+            if prepared[head] != gen:
+                gpa = self.indirect_table_gpa(head)
+                self.write_table_bytes(gpa, table)
+                self.write_desc(head, gpa, len(table), VRING_DESC_F_INDIRECT, 0)
+                self._extra[head] = ()
+                prepared[head] = gen
+            self.tokens[head] = token
+
     def add_uniform_indirect(self, n: int, table: bytes, token: int) -> None:
         """Queue ``n`` chains sharing one indirect table's content: the benchmark path.
 

@@ -437,11 +437,16 @@ class VsockCore:
                 conn.msg_flags.popleft()
                 total += len(msg)
             while outq and conn.type != H.Type.SEQPACKET:
-                bufs = [outq[i] for i in range(min(len(outq), SENDMSG_MAX_IOV))]
+                whole = len(outq) <= SENDMSG_MAX_IOV
+                bufs = list(outq) if whole else [outq[i] for i in range(SENDMSG_MAX_IOV)]
+                left = conn.out_bytes - total  # what outq holds
                 sent = conn.peer.send(bufs)
                 if sent <= 0:
                     break
                 total += sent
+                if whole and sent == left:
+                    outq.clear()  # the peer took it all: the common case, no walk
+                    break
                 while sent:
                     b = outq[0]
                     if len(b) <= sent:
