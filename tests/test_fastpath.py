@@ -466,3 +466,38 @@ def test_c_capture_record_of_a_credit_packet_is_the_python_writer_frame(mode: in
         assert got[0] == fmt.vsockmon_frame(H.pack(GUEST, 2, 100, 5000, 0, 1, H.Op.CREDIT_UPDATE, 0, 131072, 4096), b"")
     finally:
         rig.close()
+
+
+def test_rx_put_writes_a_control_packet_into_a_linux_shaped_chain_only() -> None:
+    t = RxRig(nbufs=1)
+    try:
+        rig = t.rig
+        a = rig.gmem.alloc(100)
+        rig.ring.add_chain([Buf(a, 50, writable=True), Buf(a + 50, 50, writable=True)])  # two descriptors
+        upd = H.pack(2, GUEST, 1 << 30, 5000, 0, 1, H.Op.CREDIT_UPDATE, 0, 65536, 4096)
+        assert t.fast.put(upd)
+        ((length, hdr, _),) = t.used()
+        assert (length, hdr) == (H.HDR_SIZE, upd)
+        assert not t.fast.put(upd)  # the next chain has two descriptors: nothing written or taken
+        chain = rig.q.pop()
+        assert chain is not None and chain.write_len == 100
+        assert not t.fast.put(upd)  # and none is left
+    finally:
+        t.close()
+
+
+@pytest.mark.parametrize("mode", [CAP_PCAP, CAP_PCAPNG])
+def test_rx_put_records_carry_the_vsockmon_op_of_each_control_packet(mode: int) -> None:
+    t = RxRig(nbufs=4)
+    try:
+        sink = RecordingSink(mode)
+        t.fast.taps.set_sink(sink)
+        hdrs = [H.pack(2, GUEST, 1 << 30, 5000, 0, 1, op, flags, 65536, 4096)
+                for op, flags in ((H.Op.RESPONSE, 0), (H.Op.CREDIT_REQUEST, 0), (H.Op.SHUTDOWN, 3), (H.Op.RST, 0))]
+        for h in hdrs:
+            assert t.fast.put(h)
+        got = read_back(mode, sink.committed)
+        assert [g[0] for g in got] == [fmt.vsockmon_frame(h, b"") for h in hdrs]  # CONNECT, CONTROL, DISCONNECT x2
+        assert sink.chunk.records == 4 and not sink.lent
+    finally:
+        t.close()

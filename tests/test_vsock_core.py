@@ -495,3 +495,30 @@ def test_credit_packets_the_c_path_cannot_place_go_back_to_the_python_path() -> 
     assert not t.core.guest_credit(H.Type.STREAM, Op.CREDIT_UPDATE, GPORT + 1, 2, 1234, 8192, 0)  # no such conn
     assert not t.core.guest_credit(H.Type.SEQPACKET, Op.CREDIT_UPDATE, GPORT, 2, 1234, 8192, 0)  # not served
     assert t.core.counters.tx_packets == 1  # only the REQUEST that opened the connection
+
+
+def test_control_packets_go_through_the_c_writer_and_advertise_fwd_cnt_only_once_written() -> None:
+    t = Harness(buf_alloc=4096)
+    conn = t.open()
+    written: list[bytes] = []
+    full = [True]
+
+    def rx_put(data: bytes) -> bool:
+        if full[0]:
+            return False  # not the Linux shape, or no chain: the Python path takes over
+        written.append(data)
+        return True
+
+    t.core.rx_put = rx_put
+    t.core.rx_fast = lambda *a: None  # type: ignore[assignment,misc,return-value]  # the C paths are there
+    t.send(Op.RW, payload=b"a" * 3000)
+    assert conn.credit.fwd_cnt == 3000
+    full[0] = False
+    t.rx = FakeRx()
+    assert t.core.fill_rx(t.rx) == 1 and t.rx.used == []  # nothing through the Python path
+    (h,) = [H.unpack(d) for d in written]
+    assert (h.op, h.fwd_cnt) == (Op.CREDIT_UPDATE, 3000) and conn.credit.adv_fwd_cnt == 3000
+    t.send(Op.RW, payload=b"b" * 2000)  # over a quarter of the window: an update is due again
+    full[0] = True
+    ((h2, _),) = t.drain()  # the C writer declines: the Python path writes it
+    assert (h2.op, h2.fwd_cnt) == (Op.CREDIT_UPDATE, 5000) and conn.credit.adv_fwd_cnt == 5000

@@ -61,6 +61,10 @@ int vq_rx_fill(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
                int fd, uint32_t credit, uint32_t max_packets, const uint8_t *hdr,
                vq_rx_result *res, vq_cap *cap);
 
+int vq_rx_put(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
+              const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,
+              uint32_t *used_ring, uint16_t used_idx, const uint8_t *hdr, vq_cap *cap);
+
 /* The simulated guest's side of a ring: word offsets into its memory, as SplitRing keeps them. */
 typedef struct {
     uint32_t avail_idx_w, avail_ring_w, used_event_w, used_idx_w, used_ring_d, avail_event_w;
@@ -139,7 +143,10 @@ static void cap_record(vq_cap *cap, const uint8_t *h, const uint8_t *payload, ui
     memcpy(f, h, 24);  /* src_cid, dst_cid (le64), src_port, dst_port (le32): same offsets */
     uint16_t vop;
     memcpy(&vop, h + 30, 2);
-    uint16_t op = vop == 5 ? 4 : 3, tr = 2, tl = HDR, z = 0;
+    /* virtio_transport_build_skb: REQUEST/RESPONSE CONNECT, RST/SHUTDOWN DISCONNECT, RW PAYLOAD,
+       CREDIT_UPDATE/REQUEST CONTROL, anything else UNKNOWN */
+    static const uint16_t mon_op[8] = {0, 1, 1, 2, 2, 4, 3, 3};
+    uint16_t op = vop < 8 ? mon_op[vop] : 0, tr = 2, tl = HDR, z = 0;
     memcpy(f + 24, &op, 2); memcpy(f + 26, &tr, 2); memcpy(f + 28, &tl, 2); memcpy(f + 30, &z, 2);
     memcpy(f + MON, h, HDR);
     memcpy(f + MON + HDR, payload, plen);
@@ -328,6 +335,27 @@ int vq_rx_fill(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
         if (len < want) { res->status = RX_SHORT; return 0; }
     }
     return 0;
+}
+
+/* One header-only packet (a control packet) into the next rx chain, if it has the Linux
+   shape; 0 (nothing written) otherwise, and Python's walker takes the chain. */
+int vq_rx_put(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
+              const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,
+              uint32_t *used_ring, uint16_t used_idx, const uint8_t *hdr, vq_cap *cap)
+{
+    if (avail_n == 0) return 0;
+    uint16_t head = __atomic_load_n(&avail[2 + (last_avail & (num - 1))], __ATOMIC_ACQUIRE);
+    if (head >= num) return 0;
+    uint64_t a; uint32_t l; uint16_t f, nx;
+    rd_desc(desc + 16 * (uint64_t)head, &a, &l, &f, &nx);
+    if (f != F_WRITE || l < HDR || !in_region(a, HDR, region_gpa, region_size)) return 0;
+    if (cap->mode && cap->used + cap_record_size(cap, 0) > cap->size) return 0;
+    memcpy(base + (a - region_gpa), hdr, HDR);
+    if (cap->mode) cap_record(cap, hdr, hdr, 0, 0);
+    uint32_t slot = used_idx & (num - 1);
+    used_ring[2 * slot] = head;
+    used_ring[2 * slot + 1] = HDR;
+    return 1;
 }
 
 #include <poll.h>

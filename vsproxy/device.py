@@ -329,6 +329,7 @@ class FrontendSession(CoreHooks):
         if index == RX_QUEUE:
             self._rx_fast = RxFastPath(q, self.core.taps, self.name) if c_ok else None
             self.core.rx_fast = self._rx_fast.fill if self._rx_fast is not None else None
+            self.core.rx_put = self._rx_fast.put if self._rx_fast is not None else None
             self.core.rx_progress = self._rx_progress
             self.core.rx_pending = q.pending
         log.info(
@@ -348,6 +349,7 @@ class FrontendSession(CoreHooks):
             self._rx_fast.close()
             self._rx_fast = None
         self.core.rx_fast = None
+        self.core.rx_put = None
 
     def _close_fastpaths(self, index: int) -> None:
         fast = self._fastpaths[index]

@@ -299,3 +299,23 @@ class RxFastPath(_RingPath):
             q.used_idx = (q.used_idx + r.packets) & 0xFFFF
             q.counters.chains += r.packets
         return RxFill(r.packets, r.bytes, r.status, r.err)
+
+    def put(self, hdr: bytes) -> bool:
+        """A header-only packet into the next rx chain if it has the Linux shape (then it is
+        added to the used ring, to publish later); False, and nothing written, otherwise."""
+        q = self.q
+        n = q.pending()
+        if n == 0:
+            return False
+        capture = self.capture
+        cap = capture.arm(self.taps.sink, self.device)
+        ok = lib.vq_rx_put(self._base, self._gpa, self._size, self._desc, self._avail, q.num, q.last_avail_idx, n,
+                           self._used, q.used_idx, hdr, cap)
+        capture.finish()
+        if not ok:
+            return False
+        capture.dropped(1)
+        q.last_avail_idx = (q.last_avail_idx + 1) & 0xFFFF
+        q.used_idx = (q.used_idx + 1) & 0xFFFF
+        q.counters.chains += 1
+        return True

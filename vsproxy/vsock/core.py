@@ -132,6 +132,8 @@ class VsockCore:
         self.rx_fast: RxFastFill | None = None
         # The shell's "publish the rx buffers filled so far" (and interrupt if the guest asks).
         self.rx_progress: Callable[[], None] | None = None
+        # The C writer of header-only packets into Linux-shaped rx chains (RxFastPath.put).
+        self.rx_put: Callable[[bytes], bool] | None = None
         self.rx_pending: Callable[[], int] = lambda: 0
 
     def _tap(self, to_guest: bool, hdr: bytes, payload: Sequence[Buffer], mark: str | None = None) -> None:
@@ -687,6 +689,7 @@ class VsockCore:
         c = self.counters
         taps = self.taps.active
         rx_fast = self.rx_fast if not self.taps.per_packet else None
+        rx_put = self.rx_put if rx_fast is not None else None
         while control or ready:
             if not control:
                 conn = ready.popleft()
@@ -731,6 +734,26 @@ class VsockCore:
                 if not rx_one(rxq, chain, conn, credit):
                     used -= 1
                 continue
+            if rx_put is not None:
+                conn_or_none, op, flags, raw = control[0]
+                if conn_or_none is None:
+                    data = raw
+                elif conn_or_none.state is State.CLOSED and op != Op.RST:
+                    control.popleft()  # as below: nothing more goes out for a closed connection
+                    if op == Op.CREDIT_UPDATE:
+                        conn_or_none.flags &= ~Connection.UPDATE_QUEUED
+                    continue
+                else:
+                    data = HDR.pack(*self._fields(conn_or_none, op, flags, 0))
+                if rx_put(data):  # C wrote it (and its capture record) into a Linux-shaped chain
+                    control.popleft()
+                    if conn_or_none is not None:
+                        if op == Op.CREDIT_UPDATE:
+                            conn_or_none.flags &= ~Connection.UPDATE_QUEUED
+                        conn_or_none.credit.adv_fwd_cnt = conn_or_none.credit.fwd_cnt
+                    c.rx_packets += 1
+                    used += 1
+                    continue
             chain = rxq.pop()
             if chain is None:
                 for r in ready:
