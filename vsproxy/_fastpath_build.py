@@ -40,13 +40,18 @@ typedef struct {
     uint32_t records;
 } vq_cap;
 
-int vq_tx_batch(const uint8_t *base, uint64_t region_gpa, uint64_t region_size,
-                const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail,
-                uint32_t n, int indirect_ok, uint64_t guest_cid,
-                uint16_t *heads, vq_item *items, uint32_t max_items,
-                uint8_t *scratch, uint32_t scratch_size,
-                uint8_t *seg_kind, uint64_t *seg_off, uint32_t *seg_len, uint32_t max_segs,
-                vq_cap *cap, uint32_t *taken);
+/* What stays the same from one vq_tx_batch call to the next, set once per queue. */
+typedef struct {
+    const uint8_t *base; uint64_t region_gpa, region_size;
+    const uint8_t *desc; const uint16_t *avail; uint32_t num;
+    int indirect_ok; uint64_t guest_cid;
+    uint16_t *heads; vq_item *items; uint32_t max_items;
+    uint8_t *scratch; uint32_t scratch_size;
+    uint8_t *seg_kind; uint64_t *seg_off; uint32_t *seg_len; uint32_t max_segs;
+    uint32_t taken;      /* out: chains taken by the last call */
+} vq_tx_ctx;
+
+int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap);
 
 typedef struct {
     uint32_t packets;    /* rx chains filled and added to the used ring */
@@ -162,15 +167,17 @@ static inline void rd_desc(const uint8_t *p, uint64_t *addr, uint32_t *len, uint
     memcpy(addr, p, 8); memcpy(len, p + 8, 4); memcpy(flags, p + 12, 2); memcpy(next, p + 14, 2);
 }
 
-/* Returns the number of items; heads[0..n) are the chains taken. */
-int vq_tx_batch(const uint8_t *base, uint64_t region_gpa, uint64_t region_size,
-                const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail,
-                uint32_t n, int indirect_ok, uint64_t guest_cid,
-                uint16_t *heads, vq_item *items, uint32_t max_items,
-                uint8_t *scratch, uint32_t scratch_size,
-                uint8_t *seg_kind, uint64_t *seg_off, uint32_t *seg_len, uint32_t max_segs,
-                vq_cap *cap, uint32_t *taken)
+/* Returns the number of items; heads[0..ctx->taken) are the chains taken. */
+int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
 {
+    const uint8_t *base = ctx->base; uint64_t region_gpa = ctx->region_gpa, region_size = ctx->region_size;
+    const uint8_t *desc = ctx->desc; const uint16_t *avail = ctx->avail; uint32_t num = ctx->num;
+    int indirect_ok = ctx->indirect_ok; uint64_t guest_cid = ctx->guest_cid;
+    uint16_t *heads = ctx->heads; vq_item *items = ctx->items; uint32_t max_items = ctx->max_items;
+    uint8_t *scratch = ctx->scratch; uint32_t scratch_size = ctx->scratch_size;
+    uint8_t *seg_kind = ctx->seg_kind; uint64_t *seg_off = ctx->seg_off; uint32_t *seg_len = ctx->seg_len;
+    uint32_t max_segs = ctx->max_segs;
+    uint32_t *taken = &ctx->taken;
     uint32_t nitems = 0, nseg = 0, scratch_used = 0;
     int seen_fast = 0, seen_slow = 0;
     vq_item *run = 0;

@@ -408,17 +408,17 @@ class FrontendSession(CoreHooks):
         for _ in range(PUMP_PASSES):
             n = self._process_tx(txq) if txq.pending() and not core.tx_blocked() else 0
             m = core.fill_rx(rxq) if core.control or core.ready else 0
-            # rx first, then tx: a guest woken by the returned tx buffers also finds the credit
-            # update or data that answers them, one wake-up instead of two.
             if rxq.publish():
                 self._notify(RX_QUEUE)
-            if txq.publish():
-                self._notify(TX_QUEUE)
             if n == 0 and m == 0:
                 break
+            # The tx chains of this pass are published with the next pass's credit update
+            # (_control_first): the guest, woken once, finds both. The last pass publishes them.
         else:
+            self._publish_tx(txq)
             self.kick_pump()  # more work: continue after other fds had their turn
             return
+        self._publish_tx(txq)
         again = (txq.enable_kicks() and not core.tx_blocked()) or (
             rxq.enable_kicks() and bool(core.control or core.ready)
         )
@@ -508,11 +508,20 @@ class FrontendSession(CoreHooks):
 
     def _control_first(self) -> None:
         """Before the batch's data goes to the host: the credit updates it made due (bytes
-        counted ahead) go to the guest now, so it refills its window during our copy."""
+        counted ahead) go to the guest now, so it refills its window during our copy; with
+        them, the tx chains of the previous pass, for one wake-up of the guest, not two."""
         rxq = self.queues[RX_QUEUE]
+        txq = self.queues[TX_QUEUE]
         if self.core.control and rxq is not None:
             self.core.fill_rx(rxq)
+            tx_due = txq is not None and txq.publish()
             self._rx_progress()
+            if tx_due:
+                self._notify(TX_QUEUE)
+
+    def _publish_tx(self, txq: SplitQueue) -> None:
+        if txq.publish():
+            self._notify(TX_QUEUE)
 
     def _notify(self, index: int) -> None:
         fd = self.call_fds[index]

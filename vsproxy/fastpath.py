@@ -161,7 +161,6 @@ class _RingPath:
 class TxFastPath(_RingPath):
     def __init__(self, q: SplitQueue, guest_cid: int, limit: int, taps: Taps | None = None, device: str = "") -> None:
         super().__init__(q, taps, device)
-        self._taken = ffi.new("uint32_t *")
         self.limit = limit
         self.guest_cid = guest_cid
         self._heads = ffi.new("uint16_t[]", limit)
@@ -173,6 +172,13 @@ class TxFastPath(_RingPath):
         self._seg_off = ffi.new("uint64_t[]", limit)
         self._seg_len = ffi.new("uint32_t[]", limit)
         self._release.append(self._scratch)
+        c = self._ctx = ffi.new("vq_tx_ctx *")
+        c.base, c.region_gpa, c.region_size = self._base, self._gpa, self._size
+        c.desc, c.avail, c.num = self._desc, self._avail, q.num
+        c.indirect_ok, c.guest_cid = 1 if q.indirect else 0, guest_cid
+        c.heads, c.items, c.max_items = self._heads, self._items, MAX_ITEMS
+        c.scratch, c.scratch_size = self._scratch, SCRATCH
+        c.seg_kind, c.seg_off, c.seg_len, c.max_segs = self._seg_kind, self._seg_off, self._seg_len, limit
 
     def batch(self) -> list[Run | Slow | CreditItem]:
         """Take the next chains. The scratch buffer is reused by the next call: whatever the
@@ -183,34 +189,13 @@ class TxFastPath(_RingPath):
         n = min(q.pending(), self.limit)
         if n == 0:
             return []
-        count = lib.vq_tx_batch(
-            self._base,
-            self._gpa,
-            self._size,
-            self._desc,
-            self._avail,
-            q.num,
-            q.last_avail_idx,
-            n,
-            1 if q.indirect else 0,
-            self.guest_cid,
-            self._heads,
-            self._items,
-            MAX_ITEMS,
-            self._scratch,
-            SCRATCH,
-            self._seg_kind,
-            self._seg_off,
-            self._seg_len,
-            self.limit,
-            self.capture.arm(self.taps.sink, self.device),
-            self._taken,
-        )
+        ctx = self._ctx
+        count = lib.vq_tx_batch(ctx, q.last_avail_idx, n, self.capture.arm(self.taps.sink, self.device))
         if count < 0:  # pragma: no cover - MAX_ITEMS >= limit, so items cannot run out
             raise RuntimeError("vq_tx_batch: item array too small")
-        n = self._taken[0]
+        n = ctx.taken
         q.last_avail_idx = (q.last_avail_idx + n) & 0xFFFF
-        heads = list(self._heads[0:n])
+        heads = ffi.unpack(self._heads, n)
         out: list[Run | Slow | CreditItem] = []
         view, scratch = self._view, self._scratch_view
         kinds, offs, lens = self._seg_kind, self._seg_off, self._seg_len
