@@ -96,6 +96,22 @@ typedef struct {
 } sg_blast_state;
 
 int sg_blast(uint8_t *mem, sg_blast_state *s);
+
+typedef struct {
+    sg_ring rx;
+    int event_idx;
+    const uint32_t *rx_off;
+    uint32_t rx_payload;     /* payload room of each rx buffer */
+    uint64_t guest_cid, peer_cid;
+    uint32_t local_port, peer_port, type;
+    uint32_t buf_alloc, rx_cnt, fwd_cnt, last_fwd_cnt;
+    uint64_t want, got, packets, kicks, interrupts;
+    uint8_t *headers;
+    uint32_t nheaders, max_headers;
+    int timeout_ms;
+} sg_drain_state;
+
+int sg_drain(uint8_t *mem, sg_drain_state *s);
 """
 
 # The C source starts with CDEF itself, so the types and prototypes are written once.
@@ -491,6 +507,59 @@ int sg_blast(uint8_t *mem, sg_blast_state *s) {
                 uint64_t v;
                 if (read(p[k].fd, &v, 8) == 8) s->interrupts++;
             }
+        }
+    }
+}
+
+/* The simulated guest's bulk receiver, as a guest kernel with a reader that consumes at once:
+   RW packets of the connection off the rx ring (credit checked, fwd_cnt advanced, the buffer
+   posted again), until `want` bytes; SG_CREDIT when Linux 6.1 would send a CREDIT_UPDATE
+   (free space below 64 KiB), which Python sends; anything else is Python's (SG_RX). */
+enum { SG_CREDIT = 5 };
+
+int sg_drain(uint8_t *mem, sg_drain_state *s) {
+    sg_ring *r = &s->rx;
+    uint32_t *u32 = (uint32_t *)mem;
+    for (;;) {
+        uint16_t used = ld16(mem, r->used_idx_w);
+        uint16_t before = r->avail_idx;
+        int stop = 0;
+        while (r->last_used != used && s->got < s->want) {
+            if (s->nheaders == s->max_headers) { stop = SG_HEADERS; break; }
+            uint32_t slot = r->used_ring_d + 2 * (r->last_used & r->mask);
+            uint32_t head = u32[slot], len = u32[slot + 1];
+            if (head > r->mask || !r->inflight[head] || len < HDR) { stop = SG_RX; break; }
+            const uint8_t *h = mem + s->rx_off[head];
+            uint64_t src_cid, dst_cid; uint32_t src_port, dst_port, plen; uint16_t type, op;
+            memcpy(&src_cid, h, 8); memcpy(&dst_cid, h + 8, 8); memcpy(&src_port, h + 16, 4);
+            memcpy(&dst_port, h + 20, 4); memcpy(&plen, h + 24, 4); memcpy(&type, h + 28, 2); memcpy(&op, h + 30, 2);
+            if (op != 5 || type != 1 || type != s->type || plen > len - HDR || plen > s->rx_payload
+                || src_cid != s->peer_cid || dst_cid != s->guest_cid || src_port != s->peer_port
+                || dst_port != s->local_port || (uint32_t)(s->rx_cnt + plen - s->last_fwd_cnt) > s->buf_alloc) {
+                stop = SG_RX; break;
+            }
+            memcpy(s->headers + 44 * s->nheaders++, h, 44);
+            s->rx_cnt += plen;
+            s->fwd_cnt += plen;  /* the reader takes it at once */
+            s->got += plen;
+            s->packets++;
+            ((uint16_t *)mem)[r->avail_ring_w + (r->avail_idx & r->mask)] = (uint16_t)head;
+            r->avail_idx++;
+            r->last_used++;
+            if (s->buf_alloc - (s->fwd_cnt - s->last_fwd_cnt) < 65536) { stop = SG_CREDIT; break; }
+        }
+        if (r->avail_idx != before) st16(mem, r->avail_idx_w, r->avail_idx);
+        if (s->event_idx) st16(mem, r->used_event_w, r->last_used);
+        sg_kick(mem, r, s->event_idx, &s->kicks);
+        if (stop) return stop;
+        if (s->got >= s->want) return SG_DONE;
+        if (ld16(mem, r->used_idx_w) != r->last_used) continue;
+        struct pollfd p = {r->call_fd, POLLIN, 0};
+        int got = poll(&p, 1, s->timeout_ms);
+        if (got == 0) return SG_TIMEOUT;
+        if (p.revents & POLLIN) {
+            uint64_t v;
+            if (read(p.fd, &v, 8) == 8) s->interrupts++;
         }
     }
 }

@@ -1,10 +1,13 @@
-"""The simulated guest's bulk sender in C (``sg_blast`` in vsproxy._fastpath), when it was built.
+"""The simulated guest's bulk sender and receiver in C (``sg_blast`` and ``sg_drain`` in
+vsproxy._fastpath), when it was built.
 
 A guest kernel spends a few microseconds per packet where the Python driver spends tens, and on
 a two-core machine the benchmark's guest shares the cores with vsproxy: in Python it would be
-measured as much as vsproxy. The C loop keeps the tx ring full within the peer's credit, takes
-the connection's CREDIT_UPDATEs off the rx ring, and hands anything else back to the Python
-driver, which stays the reference (``VSPROXY_NO_C=1`` or ``SimGuest(c_blast=False)``).
+measured as much as vsproxy. The sender keeps the tx ring full within the peer's credit and takes
+the connection's CREDIT_UPDATEs off the rx ring; the receiver takes the connection's RW packets,
+checks and returns credit as Linux 6.1 does (the CREDIT_UPDATE itself is sent by Python). Both
+hand anything else back to the Python driver, which stays the reference (``VSPROXY_NO_C=1``, or
+``driver.use_c_blast = False``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from .ring import SplitRing
 if TYPE_CHECKING:
     from .driver import Conn, VsockDriver
 
-SG_DONE, SG_RX, SG_TIMEOUT, SG_BAD, SG_HEADERS = range(5)
+SG_DONE, SG_RX, SG_TIMEOUT, SG_BAD, SG_HEADERS, SG_CREDIT = range(6)
 MAX_HEADERS = 256
 AVAILABLE = fastpath.AVAILABLE
 
@@ -108,3 +111,52 @@ class CBlast:
             if rc == SG_RX:
                 self.handed_back += 1
                 drv.poll(0)  # the Python driver takes what C would not, then C goes on
+
+
+class CDrain:
+    """The receiver's state shared with C; rebuilt from the Python ring before each call."""
+
+    def __init__(self, drv: VsockDriver) -> None:
+        ffi = fastpath.ffi
+        self.drv = drv
+        self.s = ffi.new("sg_drain_state *")
+        self.mem = ffi.from_buffer("uint8_t[]", drv.mem.buf)
+        self.rx_off = ffi.new("uint32_t[]", drv.rx_offs)
+        self.headers = ffi.new("uint8_t[]", vh.HDR_SIZE * MAX_HEADERS)
+        self._inflight = ffi.from_buffer("uint8_t[]", drv.rx.inflight)
+        self.handed_back = 0  # rx entries C left to the Python driver
+
+    def close(self) -> None:
+        ffi = fastpath.ffi
+        for b in (self.mem, self._inflight):
+            ffi.release(b)
+
+    def run(self, conn: Conn, want: int, timeout_ms: int) -> tuple[int, int]:
+        """Take up to ``want`` bytes of ``conn``; (return code, bytes taken)."""
+        drv, s = self.drv, self.s
+        rx, fe = drv.rx, drv.fe
+        CBlast._load(s.rx, rx, self._inflight, fe.kick_fds[rx.index], fe.call_fds[rx.index])
+        s.event_idx = 1 if rx.event_idx else 0
+        s.rx_off, s.rx_payload = self.rx_off, drv.rx_buf_size - vh.HDR_SIZE
+        s.guest_cid, s.peer_cid = drv.guest_cid, conn.peer_cid
+        s.local_port, s.peer_port, s.type = conn.local_port, conn.peer_port, conn.type
+        s.buf_alloc, s.rx_cnt, s.fwd_cnt, s.last_fwd_cnt = conn.buf_alloc, conn.rx_cnt, conn.fwd_cnt, conn.last_fwd_cnt
+        s.want, s.got, s.packets = want, 0, 0
+        s.kicks = s.interrupts = 0
+        s.headers, s.nheaders, s.max_headers = self.headers, 0, MAX_HEADERS
+        s.timeout_ms = timeout_ms
+        rc = fastpath.lib.sg_drain(self.mem, s)
+        CBlast._store(s.rx, rx)
+        conn.rx_cnt, conn.fwd_cnt = s.rx_cnt, s.fwd_cnt
+        st = drv.stats
+        st.rx_packets += s.packets
+        st.rx_bytes += s.got
+        st.kicks += s.kicks
+        st.interrupts += s.interrupts
+        raw = bytes(fastpath.ffi.buffer(self.headers, vh.HDR_SIZE * s.nheaders))
+        for k in range(s.nheaders):
+            h = vh.unpack(raw, vh.HDR_SIZE * k)
+            drv.received_raw.append((h, h.len))
+        if rc == SG_RX:
+            self.handed_back += 1
+        return rc, s.got
