@@ -7,7 +7,7 @@ guest's vsock peer. The protocol logic is sans-I/O: ``vhost_user.codec`` and
 split rings over guest memory with every guest-written value checked, and
 ``vsock.core`` runs the connections and their credit, talking to host sides only
 through the ``endpoints.base.Peer`` interface. The I/O shell is thin: ``loop``
-(one selector, one thread), ``device`` (vhost-user socket, eventfds, mmap) and
+(one epoll, one thread), ``device`` (vhost-user socket, eventfds, mmap) and
 ``endpoints.sockets`` (hybrid unix and TCP). ``simguest`` is a Python front-end
 plus guest driver used by tests, benchmarks and the demo.
 """

@@ -1,4 +1,4 @@
-"""A small selector reactor: fd callbacks, timers and end-of-round hooks.
+"""A small epoll reactor: fd callbacks, timers and end-of-round hooks.
 
 Single-threaded on purpose: the data path touches guest memory and the vsock
 cores without locks, and every callback runs to completion.
