@@ -231,15 +231,14 @@ def test_header_len_beyond_chain_is_dropped_and_resets_the_connection() -> None:
 def test_host_data_is_split_to_rx_buffers_and_limited_by_guest_credit() -> None:
     data = bytes(range(256)) * 40  # 10240 bytes
     t = Harness(FakePeer(data=data))
-    t.open()
-    t.send(Op.CREDIT_UPDATE, buf_alloc=5000)
-    conn = next(iter(t.core.conns.values()))
+    conn = t.open()
+    conn.credit.update_peer(5000, 0)  # the guest's window, as its REQUEST would have said
     t.core.peer_readable(conn)
     pkts = t.drain()
     rw = [(h, p) for h, p in pkts if h.op == Op.RW]
     assert [len(p) for _, p in rw] == [3732, 1268]  # 3776-byte buffers, then credit ran out
     assert b"".join(p for _, p in rw) == data[:5000]
-    assert [h.op for h, _ in pkts][-1] == Op.CREDIT_REQUEST
+    assert [h.op for h, _ in pkts][-1] == Op.CREDIT_REQUEST  # a guest not yet seen to update unasked
     # the guest consumes and says so: data flows again
     t.send(Op.CREDIT_UPDATE, buf_alloc=5000, fwd_cnt=5000)
     rest = [p for h, p in t.drain() if h.op == Op.RW]
@@ -522,3 +521,26 @@ def test_control_packets_go_through_the_c_writer_and_advertise_fwd_cnt_only_once
     full[0] = True
     ((h2, _),) = t.drain()  # the C writer declines: the Python path writes it
     assert (h2.op, h2.fwd_cnt) == (Op.CREDIT_UPDATE, 5000) and conn.credit.adv_fwd_cnt == 5000
+
+
+def test_a_guest_that_updates_credit_unasked_is_asked_only_when_its_window_stays_shut() -> None:
+    """Linux sends CREDIT_UPDATE by itself when its free space falls below 64 KiB: asking it at
+    every exhausted window would double the control traffic. Once it has updated unasked, the
+    request waits for the tick, in case the window stays shut."""
+    from vsproxy.vsock.core import CREDIT_REQUEST_DELAY
+
+    data = b"q" * 20000
+    t = Harness(FakePeer(data=data))
+    conn = t.open()
+    t.send(Op.CREDIT_UPDATE, buf_alloc=5000)  # unasked: the guest tells by itself
+    assert conn.flags & Connection.SELF_UPDATES
+    t.core.peer_readable(conn)
+    assert Op.CREDIT_REQUEST not in [h.op for h, _ in t.drain()]
+    t.core.tick(t.core.now + CREDIT_REQUEST_DELAY / 2)
+    assert t.drain() == []
+    t.core.tick(t.core.now + CREDIT_REQUEST_DELAY)
+    assert [h.op for h, _ in t.drain()] == [Op.CREDIT_REQUEST]  # shut too long: ask after all
+    t.core.tick(t.core.now + 10)
+    assert t.drain() == []  # once per shut window
+    t.send(Op.CREDIT_UPDATE, buf_alloc=5000, fwd_cnt=5000)
+    assert sum(h.len for h, _ in t.drain() if h.op == Op.RW) == 5000

@@ -100,6 +100,7 @@ class Credit:
 class Connection:
     __slots__ = (
         "credit",
+        "credit_wait",
         "deadline",
         "flags",
         "guest_port",
@@ -130,6 +131,7 @@ class Connection:
     WAIT_CREDIT = 4
     UPDATE_QUEUED = 8
     CREDIT_REQUESTED = 16
+    SELF_UPDATES = 64  # the guest sent a CREDIT_UPDATE we had not asked for: it tells unasked
     WATCH_WRITE = 32
 
     def __init__(self, type_: int, guest_port: int, peer_cid: int, peer_port: int, peer: Peer, buf_alloc: int) -> None:
@@ -146,6 +148,7 @@ class Connection:
         self.outq: deque[Buffer] = deque()  # guest data not yet taken by the host peer
         self.out_bytes = 0
         self.deadline = 0.0
+        self.credit_wait = 0.0  # when the guest's window was last found exhausted
         self.flags = 0
         self.host_initiated = False
         # SEQPACKET: the guest message being assembled, the flags of each whole one in outq,

@@ -94,6 +94,8 @@ def _no_fd() -> int:
 # buffers are handed to the guest (published; an interrupt only if the guest's used_event asks):
 # 16 chains, or 256 KiB - four 64 KiB packets, so a guest consumes while we fill the rest.
 RX_FAST_BURST = 16
+# How long a guest that sends credit updates unasked may keep its window shut before we ask.
+CREDIT_REQUEST_DELAY = 0.05
 RX_FAST_BURST_BYTES = 256 * 1024
 
 # A connector opens the host side of a guest-initiated connection. It returns a
@@ -209,7 +211,7 @@ class VsockCore:
                 self._credit_changed(conn)
             return
         if op == Op.CREDIT_UPDATE:
-            pass
+            self._guest_credit_update(conn)
         elif op == Op.CREDIT_REQUEST:
             self._queue_credit_update(conn)
         elif op == Op.SHUTDOWN:
@@ -286,6 +288,8 @@ class VsockCore:
         cr.peer_fwd_cnt = fwd_cnt
         if op == Op.CREDIT_REQUEST:
             self._queue_credit_update(conn)
+        else:
+            self._guest_credit_update(conn)
         self._credit_changed(conn)
         return True
 
@@ -493,6 +497,14 @@ class VsockCore:
             conn.flags &= ~(Connection.WAIT_CREDIT | Connection.CREDIT_REQUESTED)
             self._make_ready(conn)
 
+    def _request_credit(self, conn: Connection) -> None:
+        conn.flags |= Connection.CREDIT_REQUESTED
+        self._queue(conn, Op.CREDIT_REQUEST)
+
+    def _guest_credit_update(self, conn: Connection) -> None:
+        if not conn.flags & Connection.CREDIT_REQUESTED:
+            conn.flags |= Connection.SELF_UPDATES
+
     def _queue_credit_update(self, conn: Connection) -> None:
         if not conn.flags & Connection.UPDATE_QUEUED:
             conn.flags |= Connection.UPDATE_QUEUED
@@ -568,13 +580,16 @@ class VsockCore:
             self._reset(conn, "host side closed")
 
     def tick(self, now: float) -> None:
-        """Expire connect and linger deadlines."""
+        """Expire connect and linger deadlines; ask for credit a window shut too long."""
         self.now = now
+        wait = Connection.WAIT_CREDIT | Connection.CREDIT_REQUESTED
         for conn in list(self.conns.values()):
             if conn.state in (State.CONNECTING, State.REQUESTED) and conn.deadline <= now:
                 self.counters.timeouts += 1
                 log.info("%s: connect timed out: %s", self.name, conn.describe())
                 self._reset(conn, "connect timeout")
+            elif conn.flags & wait == Connection.WAIT_CREDIT and now - conn.credit_wait >= CREDIT_REQUEST_DELAY:
+                self._request_credit(conn)
         for conn in list(self._lingering):
             if conn.deadline <= now:
                 self.counters.timeouts += 1
@@ -698,11 +713,15 @@ class VsockCore:
                     continue
                 credit = conn.credit.peer_free()
                 if credit == 0:
-                    conn.flags |= Connection.WAIT_CREDIT
+                    if not conn.flags & Connection.WAIT_CREDIT:
+                        conn.flags |= Connection.WAIT_CREDIT
+                        conn.credit_wait = self.now
                     conn.peer.watch_read(False)
-                    if not conn.flags & Connection.CREDIT_REQUESTED:
-                        conn.flags |= Connection.CREDIT_REQUESTED
-                        self._queue(conn, Op.CREDIT_REQUEST)
+                    if not conn.flags & (Connection.CREDIT_REQUESTED | Connection.SELF_UPDATES):
+                        # A guest that has not shown it sends updates unasked is asked at once;
+                        # one that has (Linux: when its free space falls below 64 KiB) is asked
+                        # only if its window stays shut (tick), not once a window.
+                        self._request_credit(conn)
                     continue
                 if rx_fast is not None and conn.type == H.Type.STREAM and (conn.mark is None or not taps):
                     fd = getattr(conn.peer, "fast_fd", _no_fd)()
