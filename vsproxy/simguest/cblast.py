@@ -28,19 +28,19 @@ MAX_HEADERS = 256
 AVAILABLE = fastpath.AVAILABLE
 
 
-class CBlast:
-    """State shared with C across calls; rebuilt from the Python rings before each call."""
+class _CPath:
+    """What the C sender and receiver share: guest memory, the rx buffers' offsets, the buffer
+    the consumed headers come back in (for ``received_raw``)."""
 
-    def __init__(self, drv: VsockDriver) -> None:
+    def __init__(self, drv: VsockDriver, state: str, inflight: list[bytearray]) -> None:
         ffi = fastpath.ffi
         self.drv = drv
-        self.s = ffi.new("sg_blast_state *")
+        self.s = ffi.new(state)
         self.mem = ffi.from_buffer("uint8_t[]", drv.mem.buf)
         self.rx_off = ffi.new("uint32_t[]", drv.rx_offs)
-        self.free = ffi.new("uint16_t[]", drv.tx.size)
         self.headers = ffi.new("uint8_t[]", vh.HDR_SIZE * MAX_HEADERS)
+        self._inflight = [ffi.from_buffer("uint8_t[]", b) for b in inflight]
         self.handed_back = 0  # rx entries C left to the Python driver
-        self._inflight = [ffi.from_buffer("uint8_t[]", drv.tx.inflight), ffi.from_buffer("uint8_t[]", drv.rx.inflight)]
 
     def close(self) -> None:
         ffi = fastpath.ffi
@@ -59,6 +59,21 @@ class CBlast:
     @staticmethod
     def _store(r: Any, ring: SplitRing) -> None:
         ring.avail_idx, ring.last_used, ring._kicked_idx = r.avail_idx, r.last_used, r.kicked_idx
+
+    def _record(self, n: int, with_len: bool) -> None:
+        """The ``n`` headers C consumed, into received_raw as the Python driver records them."""
+        raw = bytes(fastpath.ffi.buffer(self.headers, vh.HDR_SIZE * n))
+        for k in range(n):
+            h = vh.unpack(raw, vh.HDR_SIZE * k)
+            self.drv.received_raw.append((h, h.len if with_len else 0))
+
+
+class CBlast(_CPath):
+    """State shared with C across calls; rebuilt from the Python rings before each call."""
+
+    def __init__(self, drv: VsockDriver) -> None:
+        super().__init__(drv, "sg_blast_state *", [drv.tx.inflight, drv.rx.inflight])
+        self.free = fastpath.ffi.new("uint16_t[]", drv.tx.size)
 
     def run(self, conn: Conn, count: int, plen: int, deadline_ms: int) -> None:
         """Send ``count`` packets of ``plen`` bytes on ``conn`` (heads already prepared)."""
@@ -99,9 +114,7 @@ class CBlast:
             st.kicks += s.kicks
             st.interrupts += s.interrupts
             st.rx_packets += s.nheaders
-            raw = bytes(fastpath.ffi.buffer(self.headers, vh.HDR_SIZE * s.nheaders))
-            for k in range(s.nheaders):
-                drv.received_raw.append((vh.unpack(raw, vh.HDR_SIZE * k), 0))
+            self._record(s.nheaders, False)
             if rc == SG_DONE:
                 return
             if rc == SG_TIMEOUT:
@@ -113,29 +126,17 @@ class CBlast:
                 drv.poll(0)  # the Python driver takes what C would not, then C goes on
 
 
-class CDrain:
+class CDrain(_CPath):
     """The receiver's state shared with C; rebuilt from the Python ring before each call."""
 
     def __init__(self, drv: VsockDriver) -> None:
-        ffi = fastpath.ffi
-        self.drv = drv
-        self.s = ffi.new("sg_drain_state *")
-        self.mem = ffi.from_buffer("uint8_t[]", drv.mem.buf)
-        self.rx_off = ffi.new("uint32_t[]", drv.rx_offs)
-        self.headers = ffi.new("uint8_t[]", vh.HDR_SIZE * MAX_HEADERS)
-        self._inflight = ffi.from_buffer("uint8_t[]", drv.rx.inflight)
-        self.handed_back = 0  # rx entries C left to the Python driver
-
-    def close(self) -> None:
-        ffi = fastpath.ffi
-        for b in (self.mem, self._inflight):
-            ffi.release(b)
+        super().__init__(drv, "sg_drain_state *", [drv.rx.inflight])
 
     def run(self, conn: Conn, want: int, timeout_ms: int) -> tuple[int, int]:
         """Take up to ``want`` bytes of ``conn``; (return code, bytes taken)."""
         drv, s = self.drv, self.s
         rx, fe = drv.rx, drv.fe
-        CBlast._load(s.rx, rx, self._inflight, fe.kick_fds[rx.index], fe.call_fds[rx.index])
+        self._load(s.rx, rx, self._inflight[0], fe.kick_fds[rx.index], fe.call_fds[rx.index])
         s.event_idx = 1 if rx.event_idx else 0
         s.rx_off, s.rx_payload = self.rx_off, drv.rx_buf_size - vh.HDR_SIZE
         s.guest_cid, s.peer_cid = drv.guest_cid, conn.peer_cid
@@ -146,17 +147,14 @@ class CDrain:
         s.headers, s.nheaders, s.max_headers = self.headers, 0, MAX_HEADERS
         s.timeout_ms = timeout_ms
         rc = fastpath.lib.sg_drain(self.mem, s)
-        CBlast._store(s.rx, rx)
+        self._store(s.rx, rx)
         conn.rx_cnt, conn.fwd_cnt = s.rx_cnt, s.fwd_cnt
         st = drv.stats
         st.rx_packets += s.packets
         st.rx_bytes += s.got
         st.kicks += s.kicks
         st.interrupts += s.interrupts
-        raw = bytes(fastpath.ffi.buffer(self.headers, vh.HDR_SIZE * s.nheaders))
-        for k in range(s.nheaders):
-            h = vh.unpack(raw, vh.HDR_SIZE * k)
-            drv.received_raw.append((h, h.len))
+        self._record(s.nheaders, True)
         if rc == SG_RX:
             self.handed_back += 1
         return rc, s.got

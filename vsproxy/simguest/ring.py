@@ -228,20 +228,28 @@ class SplitRing:
     def prepare_uniform(self, table: bytes, token: int) -> None:
         """Give every free head ``table`` as its indirect table and ``token``, ready to be posted
         as they are (the C bulk sender posts heads without writing descriptors)."""
+        gen = self._uniform(table, "prepare_uniform")
+        for head in self.free:
+            self._give_table(head, table, gen)
+            self.tokens[head] = token
+
+    def _uniform(self, table: bytes, what: str) -> int:
+        """The generation of ``table`` among the uniform tables (a new one when it changed)."""
         if not self.indirect:
-            raise ValueError("prepare_uniform needs INDIRECT_DESC")
+            raise ValueError(f"{what} needs INDIRECT_DESC")
         if table != self._uniform_table:
             self._uniform_table = table
             self._uniform_gen += 1
-        gen, prepared = self._uniform_gen, self._prepared
-        for head in self.free:
-            if prepared[head] != gen:
-                gpa = self.indirect_table_gpa(head)
-                self.write_table_bytes(gpa, table)
-                self.write_desc(head, gpa, len(table), VRING_DESC_F_INDIRECT, 0)
-                self._extra[head] = ()
-                prepared[head] = gen
-            self.tokens[head] = token
+        return self._uniform_gen
+
+    def _give_table(self, head: int, table: bytes, gen: int) -> None:
+        """``head`` carries ``table`` in its own indirect table, written only if it changed."""
+        if self._prepared[head] != gen:
+            gpa = self.indirect_table_gpa(head)
+            self.write_table_bytes(gpa, table)
+            self.write_desc(head, gpa, len(table), VRING_DESC_F_INDIRECT, 0)
+            self._extra[head] = ()
+            self._prepared[head] = gen
 
     def add_uniform_indirect(self, n: int, table: bytes, token: int) -> None:
         """Queue ``n`` chains sharing one indirect table's content: the benchmark path.
@@ -249,23 +257,15 @@ class SplitRing:
         Each head keeps its own table, rewritten only when ``table`` changed since that head last
         carried it, so steady state costs one avail entry per packet and one index store per batch.
         """
-        if not self.indirect:
-            raise ValueError("add_uniform_indirect needs INDIRECT_DESC")
-        if table != self._uniform_table:
-            self._uniform_table = table
-            self._uniform_gen += 1
+        gen = self._uniform(table, "add_uniform_indirect")
         if n > len(self.free):
             raise RingFull(f"queue {self.index}: {len(self.free)} free descriptors, batch needs {n}")
-        gen, prepared, free, tokens, inflight = self._uniform_gen, self._prepared, self.free, self.tokens, self.inflight
+        prepared, free, tokens, inflight = self._prepared, self.free, self.tokens, self.inflight
         u16, w, mask, a = self.mem.u16, self._avail_ring_w, self.mask, self.avail_idx
         for k in range(n):
             head = free.pop()
             if prepared[head] != gen:
-                gpa = self.indirect_table_gpa(head)
-                self.write_table_bytes(gpa, table)
-                self.write_desc(head, gpa, len(table), VRING_DESC_F_INDIRECT, 0)
-                self._extra[head] = ()
-                prepared[head] = gen
+                self._give_table(head, table, gen)
             tokens[head] = token
             inflight[head] = 1
             u16[w + ((a + k) & mask)] = head
