@@ -11,9 +11,10 @@ copied into the connection's queue, which the credit we advertised
 (``buf_alloc``) bounds. A pass counts its bytes forwarded as they arrive, so the
 credit update goes out before the copy to the peer (``Credit.forward_ahead``);
 bytes the peer then refuses stop that until they drain, which keeps the queue
-within one window beyond ``buf_alloc``. Host data is read straight into the guest's rx buffers
-only while the guest has credit and has posted buffers, so a host sender is
-throttled by its own connection's window and never by the shared rings.
+within one window beyond ``buf_alloc``. Host data is read straight into the
+guest's rx buffers only while the guest has credit and has posted buffers, so a
+host sender is throttled by its own connection's window and never by the shared
+rings.
 """
 
 from __future__ import annotations
@@ -94,9 +95,9 @@ def _no_fd() -> int:
 # buffers are handed to the guest (published; an interrupt only if the guest's used_event asks):
 # 16 chains, or 256 KiB - four 64 KiB packets, so a guest consumes while we fill the rest.
 RX_FAST_BURST = 16
+RX_FAST_BURST_BYTES = 256 * 1024
 # How long a guest that sends credit updates unasked may keep its window shut before we ask.
 CREDIT_REQUEST_DELAY = 0.05
-RX_FAST_BURST_BYTES = 256 * 1024
 
 # A connector opens the host side of a guest-initiated connection. It returns a
 # Peer that is connecting (the shell later calls peer_connected/peer_failed), or
