@@ -93,6 +93,8 @@ typedef struct {
     uint8_t *headers;        /* the credit updates consumed, 44 bytes each, for received_raw */
     uint32_t nheaders, max_headers;
     int timeout_ms;
+    int wait_fds[16];        /* call eventfds to wait on: the rings' and the retired ones, which a */
+    uint32_t nwait;          /* back-end may still signal until it takes SET_VRING_CALL in */
 } sg_blast_state;
 
 int sg_blast(uint8_t *mem, sg_blast_state *s);
@@ -109,6 +111,8 @@ typedef struct {
     uint8_t *headers;
     uint32_t nheaders, max_headers;
     int timeout_ms;
+    int wait_fds[16];
+    uint32_t nwait;
 } sg_drain_state;
 
 int sg_drain(uint8_t *mem, sg_drain_state *s);
@@ -415,6 +419,22 @@ static void sg_kick(uint8_t *mem, sg_ring *r, int event_idx, uint64_t *kicks) {
     }
 }
 
+/* Wait for an interrupt on any of the call eventfds; 1 on timeout. */
+static int sg_wait(const int *fds, uint32_t n, int timeout_ms, uint64_t *interrupts) {
+    struct pollfd p[16];
+    if (n > 16) n = 16;
+    for (uint32_t k = 0; k < n; k++) { p[k].fd = fds[k]; p[k].events = POLLIN; p[k].revents = 0; }
+    int got = poll(p, n, timeout_ms);
+    if (got == 0) return 1;
+    for (uint32_t k = 0; k < n; k++) {
+        if (p[k].revents & POLLIN) {
+            uint64_t v;
+            if (read(p[k].fd, &v, 8) == 8) (*interrupts)++;
+        }
+    }
+    return 0;
+}
+
 static int sg_reclaim_tx(uint8_t *mem, sg_blast_state *s) {
     sg_ring *r = &s->tx;
     uint16_t used = ld16(mem, r->used_idx_w);
@@ -499,15 +519,7 @@ int sg_blast(uint8_t *mem, sg_blast_state *s) {
            used since are seen by the checks at the top of the loop first. */
         if (ld16(mem, s->tx.used_idx_w) != s->tx.last_used || ld16(mem, s->rx.used_idx_w) != s->rx.last_used)
             continue;
-        struct pollfd p[2] = {{s->tx.call_fd, POLLIN, 0}, {s->rx.call_fd, POLLIN, 0}};
-        int got = poll(p, 2, s->timeout_ms);
-        if (got == 0) return SG_TIMEOUT;
-        for (int k = 0; k < 2; k++) {
-            if (p[k].revents & POLLIN) {
-                uint64_t v;
-                if (read(p[k].fd, &v, 8) == 8) s->interrupts++;
-            }
-        }
+        if (sg_wait(s->wait_fds, s->nwait, s->timeout_ms, &s->interrupts)) return SG_TIMEOUT;
     }
 }
 
@@ -554,13 +566,7 @@ int sg_drain(uint8_t *mem, sg_drain_state *s) {
         if (stop) return stop;
         if (s->got >= s->want) return SG_DONE;
         if (ld16(mem, r->used_idx_w) != r->last_used) continue;
-        struct pollfd p = {r->call_fd, POLLIN, 0};
-        int got = poll(&p, 1, s->timeout_ms);
-        if (got == 0) return SG_TIMEOUT;
-        if (p.revents & POLLIN) {
-            uint64_t v;
-            if (read(p.fd, &v, 8) == 8) s->interrupts++;
-        }
+        if (sg_wait(s->wait_fds, s->nwait, s->timeout_ms, &s->interrupts)) return SG_TIMEOUT;
     }
 }
 """

@@ -60,6 +60,15 @@ class _CPath:
     def _store(r: Any, ring: SplitRing) -> None:
         ring.avail_idx, ring.last_used, ring._kicked_idx = r.avail_idx, r.last_used, r.kicked_idx
 
+    def _wait_on(self, s: Any) -> None:
+        """The call eventfds C waits on: the rings' own and the retired ones (a back-end may
+        signal a retired one until it has taken the SET_VRING_CALL that replaced it)."""
+        fe = self.drv.fe
+        fds = [fd for fd in (*fe.call_fds, *fe.retired_call_fds) if fd >= 0][:16]
+        for k, fd in enumerate(fds):
+            s.wait_fds[k] = fd
+        s.nwait = len(fds)
+
     def _record(self, n: int, with_len: bool) -> None:
         """The ``n`` headers C consumed, into received_raw as the Python driver records them."""
         raw = bytes(fastpath.ffi.buffer(self.headers, vh.HDR_SIZE * n))
@@ -99,6 +108,7 @@ class CBlast(_CPath):
             s.tx_done = s.kicks = s.interrupts = 0
             s.headers, s.nheaders, s.max_headers = self.headers, 0, MAX_HEADERS
             s.timeout_ms = deadline_ms
+            self._wait_on(s)
             rc = fastpath.lib.sg_blast(self.mem, s)
             # back into the Python rings and connection, whatever happened
             self._store(s.tx, tx)
@@ -146,6 +156,7 @@ class CDrain(_CPath):
         s.kicks = s.interrupts = 0
         s.headers, s.nheaders, s.max_headers = self.headers, 0, MAX_HEADERS
         s.timeout_ms = timeout_ms
+        self._wait_on(s)
         rc = fastpath.lib.sg_drain(self.mem, s)
         self._store(s.rx, rx)
         conn.rx_cnt, conn.fwd_cnt = s.rx_cnt, s.fwd_cnt
