@@ -754,50 +754,34 @@ class VsockCore:
                 if not rx_one(rxq, chain, conn, credit):
                     used -= 1
                 continue
-            if rx_put is not None:
-                conn_or_none, op, flags, raw = control[0]
-                if conn_or_none is None:
-                    data = raw
-                elif conn_or_none.state is State.CLOSED and op != Op.RST:
-                    control.popleft()  # as below: nothing more goes out for a closed connection
-                    if op == Op.CREDIT_UPDATE:
-                        conn_or_none.flags &= ~Connection.UPDATE_QUEUED
-                    continue
-                else:
-                    data = HDR.pack(*self._fields(conn_or_none, op, flags, 0))
-                if rx_put(data):  # C wrote it (and its capture record) into a Linux-shaped chain
-                    control.popleft()
-                    if conn_or_none is not None:
-                        if op == Op.CREDIT_UPDATE:
-                            conn_or_none.flags &= ~Connection.UPDATE_QUEUED
-                        conn_or_none.credit.adv_fwd_cnt = conn_or_none.credit.fwd_cnt
-                    c.rx_packets += 1
-                    used += 1
-                    continue
-            chain = rxq.pop()
-            if chain is None:
-                for r in ready:
-                    r.peer.watch_read(False)
-                break
-            if chain.write_len < HDR_SIZE:
-                c.short_rx_buffers += 1
-                rxq.push(chain.head, 0)
-                used += 1
-                continue
-            conn_or_none, op, flags, raw = control.popleft()
-            if conn_or_none is None:
-                data = raw
-            else:
+            conn_or_none, op, flags, raw = control[0]
+            if conn_or_none is not None and conn_or_none.state is State.CLOSED and op != Op.RST:
+                control.popleft()  # nothing more goes out for a closed connection
                 if op == Op.CREDIT_UPDATE:
                     conn_or_none.flags &= ~Connection.UPDATE_QUEUED
-                if conn_or_none.state is State.CLOSED and op != Op.RST:
-                    rxq.unpop()
+                continue
+            data = raw if conn_or_none is None else HDR.pack(*self._fields(conn_or_none, op, flags, 0))
+            # C writes it, and its capture record, into a Linux-shaped chain; else the walker.
+            if rx_put is None or not rx_put(data):
+                chain = rxq.pop()
+                if chain is None:
+                    for r in ready:
+                        r.peer.watch_read(False)
+                    break
+                if chain.write_len < HDR_SIZE:
+                    c.short_rx_buffers += 1
+                    rxq.push(chain.head, 0)
+                    used += 1
                     continue
-                data = self._header(conn_or_none, op, flags, 0)
-            _scatter(chain.writable, data)
-            if taps:
-                self._tap(True, data, ())
-            rxq.push(chain.head, HDR_SIZE)
+                _scatter(chain.writable, data)
+                if taps:
+                    self._tap(True, data, ())
+                rxq.push(chain.head, HDR_SIZE)
+            control.popleft()
+            if conn_or_none is not None:
+                if op == Op.CREDIT_UPDATE:
+                    conn_or_none.flags &= ~Connection.UPDATE_QUEUED
+                conn_or_none.credit.adv_fwd_cnt = conn_or_none.credit.fwd_cnt  # the guest sees it now
             c.rx_packets += 1
             used += 1
         return used
