@@ -394,6 +394,25 @@ int vq_rx_put(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
    EVENT_IDX asks. Anything else on the rx ring stops it (SG_RX): Python handles it. */
 enum { SG_DONE = 0, SG_RX = 1, SG_TIMEOUT = 2, SG_BAD = 3, SG_HEADERS = 4 };
 
+/* The fields of a virtio-vsock header the simulated guest's loops look at. */
+typedef struct {
+    uint64_t src_cid, dst_cid;
+    uint32_t src_port, dst_port, len, buf_alloc, fwd_cnt;
+    uint16_t type, op;
+} sg_hdr;
+
+static inline void sg_read_hdr(const uint8_t *h, sg_hdr *x) {
+    memcpy(&x->src_cid, h, 8); memcpy(&x->dst_cid, h + 8, 8); memcpy(&x->src_port, h + 16, 4);
+    memcpy(&x->dst_port, h + 20, 4); memcpy(&x->len, h + 24, 4); memcpy(&x->type, h + 28, 2);
+    memcpy(&x->op, h + 30, 2); memcpy(&x->buf_alloc, h + 36, 4); memcpy(&x->fwd_cnt, h + 40, 4);
+}
+
+static inline int sg_hdr_ours(const sg_hdr *x, uint64_t guest_cid, uint64_t peer_cid, uint32_t local_port,
+                              uint32_t peer_port, uint32_t type) {
+    return x->src_cid == peer_cid && x->dst_cid == guest_cid && x->src_port == peer_port
+           && x->dst_port == local_port && x->type == type;
+}
+
 static inline int sg_need_event(uint16_t event, uint16_t new_idx, uint16_t old) {
     return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
 }
@@ -464,15 +483,15 @@ static int sg_take_rx(uint8_t *mem, sg_blast_state *s) {
         uint32_t head = u32[slot], len = u32[slot + 1];
         if (head > r->mask || !r->inflight[head] || len < HDR) { stop = SG_RX; break; }
         const uint8_t *h = mem + s->rx_off[head];
-        uint64_t src_cid, dst_cid; uint32_t src_port, dst_port, plen, buf_alloc, fwd_cnt; uint16_t type, op;
-        memcpy(&src_cid, h, 8); memcpy(&dst_cid, h + 8, 8); memcpy(&src_port, h + 16, 4);
-        memcpy(&dst_port, h + 20, 4); memcpy(&plen, h + 24, 4); memcpy(&type, h + 28, 2); memcpy(&op, h + 30, 2);
-        memcpy(&buf_alloc, h + 36, 4); memcpy(&fwd_cnt, h + 40, 4);
-        if (op != 6 || plen != 0 || src_cid != s->peer_cid || dst_cid != s->guest_cid || src_port != s->peer_port
-            || dst_port != s->local_port || type != s->type) { stop = SG_RX; break; }
+        sg_hdr x;
+        sg_read_hdr(h, &x);
+        if (x.op != 6 || x.len != 0
+            || !sg_hdr_ours(&x, s->guest_cid, s->peer_cid, s->local_port, s->peer_port, s->type)) {
+            stop = SG_RX; break;
+        }
         memcpy(s->headers + 44 * s->nheaders++, h, 44);
-        s->peer_buf_alloc = buf_alloc;
-        s->peer_fwd_cnt = fwd_cnt;
+        s->peer_buf_alloc = x.buf_alloc;
+        s->peer_fwd_cnt = x.fwd_cnt;
         /* the buffer goes straight back, as Linux refills its rx ring */
         ((uint16_t *)mem)[r->avail_ring_w + (r->avail_idx & r->mask)] = (uint16_t)head;
         r->avail_idx++;
@@ -542,12 +561,12 @@ int sg_drain(uint8_t *mem, sg_drain_state *s) {
             uint32_t head = u32[slot], len = u32[slot + 1];
             if (head > r->mask || !r->inflight[head] || len < HDR) { stop = SG_RX; break; }
             const uint8_t *h = mem + s->rx_off[head];
-            uint64_t src_cid, dst_cid; uint32_t src_port, dst_port, plen; uint16_t type, op;
-            memcpy(&src_cid, h, 8); memcpy(&dst_cid, h + 8, 8); memcpy(&src_port, h + 16, 4);
-            memcpy(&dst_port, h + 20, 4); memcpy(&plen, h + 24, 4); memcpy(&type, h + 28, 2); memcpy(&op, h + 30, 2);
-            if (op != 5 || type != 1 || type != s->type || plen > len - HDR || plen > s->rx_payload
-                || src_cid != s->peer_cid || dst_cid != s->guest_cid || src_port != s->peer_port
-                || dst_port != s->local_port || (uint32_t)(s->rx_cnt + plen - s->last_fwd_cnt) > s->buf_alloc) {
+            sg_hdr x;
+            sg_read_hdr(h, &x);
+            uint32_t plen = x.len;
+            if (x.op != 5 || x.type != 1 || plen > len - HDR || plen > s->rx_payload
+                || !sg_hdr_ours(&x, s->guest_cid, s->peer_cid, s->local_port, s->peer_port, s->type)
+                || (uint32_t)(s->rx_cnt + plen - s->last_fwd_cnt) > s->buf_alloc) {
                 stop = SG_RX; break;
             }
             memcpy(s->headers + 44 * s->nheaders++, h, 44);

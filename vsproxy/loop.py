@@ -101,7 +101,6 @@ class Loop:
 
     def forget(self, fd: int) -> None:
         """The fd is about to be closed: no callbacks, out of the epoll set."""
-        self._cbs.pop(fd, None)
         self._unregister(fd)
 
     def _unregister(self, fd: int) -> None:

@@ -592,16 +592,15 @@ class VsockDriver:
         deadline = time.monotonic() + self.timeout
         while counter[0] < nbytes and not conn.peer_shutdown & vh.SHUTDOWN_SEND:
             left = deadline - time.monotonic()
-            if left <= 0:
-                raise SimGuestTimeout(f"timed out after {self.timeout}s draining {nbytes} bytes")
-            rc, got = self._cdrain.run(conn, nbytes - counter[0], max(1, int(left * 1000)))
+            rc, got = (cblast.SG_TIMEOUT, 0) if left <= 0 else self._cdrain.run(conn, nbytes - counter[0],
+                                                                                 max(1, int(left * 1000)))
             counter[0] += got
+            if rc == cblast.SG_TIMEOUT:
+                raise SimGuestTimeout(f"timed out after {self.timeout}s draining {nbytes} bytes")
             if rc == cblast.SG_CREDIT:
                 self._send(conn, Op.CREDIT_UPDATE)
             elif rc == cblast.SG_RX:
                 self.poll(0)  # the Python driver takes the entry C would not (conn.sink counts RW)
-            elif rc == cblast.SG_TIMEOUT:
-                raise SimGuestTimeout(f"timed out after {self.timeout}s draining {nbytes} bytes")
             self._reclaim_tx()
 
     # -- connection control ------------------------------------------------------------------------

@@ -131,8 +131,8 @@ class Connection:
     WAIT_CREDIT = 4
     UPDATE_QUEUED = 8
     CREDIT_REQUESTED = 16
-    SELF_UPDATES = 64  # the guest sent a CREDIT_UPDATE we had not asked for: it tells unasked
     WATCH_WRITE = 32
+    SELF_UPDATES = 64  # the guest sent a CREDIT_UPDATE we had not asked for: it tells unasked
 
     def __init__(self, type_: int, guest_port: int, peer_cid: int, peer_port: int, peer: Peer, buf_alloc: int) -> None:
         self.type = type_
