@@ -40,6 +40,23 @@ typedef struct {
     uint32_t records;
 } vq_cap;
 
+/* A connection whose guest-bound side C runs while it waits for the guest's credit: its
+   CREDIT_UPDATEs are taken in vq_tx_batch, which reads the host socket into the rx ring at
+   once (see fastpath.TxFastPath.own). Python's state is the truth; this is lent. */
+typedef struct {
+    uint64_t peer_cid; uint32_t guest_port, peer_port, type;   /* the key, as the guest sends it */
+    int32_t fd;
+    uint32_t tx_cnt, peer_buf_alloc, peer_fwd_cnt;
+    uint8_t hdr[44];       /* RW header to the guest; len is patched per packet */
+    uint32_t flags;        /* OWN_F_REQUESTED: credit was asked for; OWN_F_SELF: updates unasked */
+    uint32_t active;       /* 1 while C runs it */
+    uint32_t release;      /* 0, or why C gave it back (OWN_*) */
+    int32_t err;
+    uint32_t updates;      /* every CREDIT_UPDATE C took: Python sees progress by it */
+    uint32_t credit_items, packets;   /* counts Python has not folded into its own yet */
+    uint64_t bytes;
+} vq_own;
+
 /* What stays the same from one vq_tx_batch call to the next, set once per queue. */
 typedef struct {
     const uint8_t *base; uint64_t region_gpa, region_size;
@@ -49,6 +66,16 @@ typedef struct {
     uint8_t *scratch; uint32_t scratch_size;
     uint8_t *seg_kind; uint64_t *seg_off; uint32_t *seg_len; uint32_t max_segs;
     uint32_t taken;      /* out: chains taken by the last call */
+    /* owned connections, and the rx queue C fills for them (same memory region) */
+    vq_own *own; uint32_t nown;
+    uint32_t owned;      /* entries active */
+    uint32_t own_ok;     /* 0 while anything is captured or tapped: C then only gives back */
+    uint32_t released;   /* out: entries this call gave back */
+    uint16_t *consumed; uint32_t nconsumed;   /* out: heads of chains C handled entirely */
+    const uint8_t *rx_desc; const uint16_t *rx_avail; uint32_t *rx_used; uint16_t *rx_used_idx_p;
+    uint32_t rx_num; int rx_event_idx; int rx_call_fd; uint32_t rx_burst, rx_max_packets;
+    uint16_t rx_last_avail, rx_used_idx, rx_signalled;   /* Python's shadows, in and out */
+    uint32_t rx_chains, rx_notifications;                /* out: added by this call */
 } vq_tx_ctx;
 
 int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap);
@@ -60,7 +87,7 @@ typedef struct {
     int32_t err;         /* errno for RX_ERROR */
 } vq_rx_result;
 
-int vq_rx_fill(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
+int vq_rx_fill(const uint8_t *base, uint64_t region_gpa, uint64_t region_size,
                const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,
                uint32_t *used_ring, uint16_t used_idx,
                int fd, uint32_t credit, uint32_t max_packets, const uint8_t *hdr,
@@ -100,10 +127,13 @@ typedef struct {
 int sg_blast(uint8_t *mem, sg_blast_state *s);
 
 typedef struct {
-    sg_ring rx;
+    sg_ring rx, tx;
     int event_idx;
     const uint32_t *rx_off;
     uint32_t rx_payload;     /* payload room of each rx buffer */
+    const uint16_t *ctl_heads;  /* tx heads written as one 44-byte direct descriptor each, */
+    const uint32_t *ctl_off;    /* at these memory offsets: C sends CREDIT_UPDATEs in them */
+    uint32_t nctl, ctl_used;
     uint64_t guest_cid, peer_cid;
     uint32_t local_port, peer_port, type;
     uint32_t buf_alloc, rx_cnt, fwd_cnt, last_fwd_cnt;
@@ -119,7 +149,7 @@ int sg_drain(uint8_t *mem, sg_drain_state *s);
 """
 
 # The C source starts with CDEF itself, so the types and prototypes are written once.
-SOURCE = "#include <stdint.h>\n#include <string.h>\n" + CDEF + r"""
+SOURCE = "#include <stdint.h>\n#include <string.h>\n#include <unistd.h>\n" + CDEF + r"""
 
 #define F_NEXT 1
 #define F_WRITE 2
@@ -187,6 +217,27 @@ static inline void rd_desc(const uint8_t *p, uint64_t *addr, uint32_t *len, uint
     memcpy(addr, p, 8); memcpy(len, p + 8, 4); memcpy(flags, p + 12, 2); memcpy(next, p + 14, 2);
 }
 
+enum { OWN_F_REQUESTED = 1, OWN_F_SELF = 2 };
+enum { OWN_GUEST = 1, OWN_AGAIN = 2, OWN_EOF = 3, OWN_ERROR = 4, OWN_SLOW = 5, OWN_LIMIT = 6, OWN_ALL = 7 };
+static void own_release(vq_tx_ctx *ctx, vq_own *e, uint32_t why) {
+    e->active = 0; e->release = why; ctx->owned--; ctx->released++;
+}
+static vq_own *own_find(vq_tx_ctx *ctx, uint16_t type, uint32_t src_port, uint64_t dst_cid, uint32_t dst_port) {
+    for (uint32_t k = 0, seen = 0; k < ctx->nown && seen < ctx->owned; k++) {
+        vq_own *e = &ctx->own[k];
+        if (!e->active) continue;
+        seen++;
+        if (e->type == type && e->guest_port == src_port && e->peer_cid == dst_cid && e->peer_port == dst_port)
+            return e;
+    }
+    return 0;
+}
+static void own_release_all(vq_tx_ctx *ctx) {
+    for (uint32_t k = 0; k < ctx->nown && ctx->owned; k++)
+        if (ctx->own[k].active) own_release(ctx, &ctx->own[k], OWN_ALL);
+}
+static void own_credit(vq_tx_ctx *ctx, vq_own *e, uint32_t buf_alloc, uint32_t fwd_cnt);
+
 /* Returns the number of items; heads[0..ctx->taken) are the chains taken. */
 int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
 {
@@ -202,6 +253,7 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
     int seen_fast = 0, seen_slow = 0;
     vq_item *run = 0;
     *taken = n;
+    ctx->released = ctx->nconsumed = ctx->rx_chains = ctx->rx_notifications = 0;
     for (uint32_t i = 0; i < n; i++) {
         /* one aligned 16-bit load per avail entry */
         uint16_t head = __atomic_load_n(&avail[2 + ((uint16_t)(last_avail + i) & (num - 1))], __ATOMIC_ACQUIRE);
@@ -254,6 +306,8 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
         if (fast && cap->mode && seen_slow) { *taken = i; break; }
         if (!fast) {
             if (nitems == max_items) return -1;
+            /* C cannot tell whose it is: every owned connection goes back to Python first */
+            if (ctx->owned) own_release_all(ctx);
             vq_item *it = &items[nitems++];
             memset(it, 0, sizeof *it);
             it->kind = 1; it->chain = i; it->nchains = 1;
@@ -266,6 +320,16 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
         uint64_t dst_cid; uint32_t src_port, dst_port, buf_alloc, fwd_cnt;
         memcpy(&dst_cid, h + 8, 8); memcpy(&src_port, h + 16, 4); memcpy(&dst_port, h + 20, 4);
         memcpy(&buf_alloc, h + 36, 4); memcpy(&fwd_cnt, h + 40, 4);
+        if (ctx->owned) {
+            vq_own *e = own_find(ctx, type, src_port, dst_cid, dst_port);
+            if (e && credit_only && op == 6 && ctx->own_ok) {
+                own_credit(ctx, e, buf_alloc, fwd_cnt);
+                ctx->consumed[ctx->nconsumed++] = head;
+                run = 0;
+                continue;
+            }
+            if (e) own_release(ctx, e, OWN_GUEST);  /* anything else on it is Python's */
+        }
         if (credit_only) {
             /* an item of its own, between runs: the credit it carries applies in ring order */
             if (nitems == max_items) return -1;
@@ -317,12 +381,13 @@ enum { RX_LIMIT = 0, RX_SLOW = 1, RX_AGAIN = 2, RX_EOF = 3, RX_ERROR = 4, RX_SHO
    (RX_SLOW, left on the ring for Python), when the socket has no more (RX_AGAIN after a
    short read, RX_EOF, RX_ERROR), or at the credit / packet limit (RX_LIMIT). Used
    elements are written; Python publishes used->idx and advances its indices. */
-int vq_rx_fill(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
+int vq_rx_fill(const uint8_t *base_, uint64_t region_gpa, uint64_t region_size,
                const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,
                uint32_t *used_ring, uint16_t used_idx,
                int fd, uint32_t credit, uint32_t max_packets, const uint8_t *hdr,
                vq_rx_result *res, vq_cap *cap)
 {
+    uint8_t *base = (uint8_t *)base_;  /* guest memory, writable: the tx context keeps it const */
     res->packets = 0; res->bytes = 0; res->status = RX_LIMIT; res->err = 0;
     while (res->packets < max_packets && credit > 0) {
         if (res->packets >= avail_n) { res->status = RX_SLOW; return 0; }
@@ -362,6 +427,73 @@ int vq_rx_fill(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
         if (len < want) { res->status = RX_SHORT; return 0; }
     }
     return 0;
+}
+
+/* used->idx published for what C added, and the guest interrupted if it asked (as
+   SplitQueue.publish). */
+static void own_publish(vq_tx_ctx *ctx) {
+    uint16_t new_idx = ctx->rx_used_idx, old = ctx->rx_signalled;
+    if (new_idx == old) return;
+    __atomic_store_n(ctx->rx_used_idx_p, new_idx, __ATOMIC_RELEASE);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    ctx->rx_signalled = new_idx;
+    int need;
+    if (ctx->rx_event_idx) {
+        uint16_t ev = __atomic_load_n(&ctx->rx_avail[2 + ctx->rx_num], __ATOMIC_ACQUIRE);
+        need = (uint16_t)(new_idx - ev - 1) < (uint16_t)(new_idx - old);
+    } else {
+        need = !(__atomic_load_n(&ctx->rx_avail[0], __ATOMIC_ACQUIRE) & 1);
+    }
+    if (need) {
+        uint64_t one = 1;
+        ssize_t w = write(ctx->rx_call_fd, &one, 8);  /* EAGAIN: the counter is full, an interrupt is pending */
+        (void)w;
+        ctx->rx_notifications++;
+    }
+}
+
+/* A CREDIT_UPDATE for an owned connection, with the effect VsockCore.guest_credit has: the
+   guest's credit taken, and if its window opened, host data read into the rx ring at once and
+   published. The connection goes back to Python whenever anything but a shut window is next. */
+static void own_credit(vq_tx_ctx *ctx, vq_own *e, uint32_t buf_alloc, uint32_t fwd_cnt) {
+    e->updates++;
+    e->credit_items++;
+    e->peer_buf_alloc = buf_alloc;
+    e->peer_fwd_cnt = fwd_cnt;
+    if (!(e->flags & OWN_F_REQUESTED)) e->flags |= OWN_F_SELF;
+    uint32_t in_flight = e->tx_cnt - fwd_cnt;
+    if (in_flight >= buf_alloc) return;  /* still shut (or a claim beyond what it could have consumed) */
+    uint32_t credit = buf_alloc - in_flight;
+    e->flags &= ~OWN_F_REQUESTED;
+    uint16_t avail_idx = __atomic_load_n(&ctx->rx_avail[1], __ATOMIC_ACQUIRE);
+    uint32_t n = (uint16_t)(avail_idx - ctx->rx_last_avail);
+    if (n == 0 || n > ctx->rx_num) { own_release(ctx, e, OWN_SLOW); return; }  /* Python decides */
+    vq_rx_result res;
+    static vq_cap nocap;  /* owned connections are never captured */
+    vq_rx_fill(ctx->base, ctx->region_gpa, ctx->region_size, ctx->rx_desc, ctx->rx_avail, ctx->rx_num,
+               ctx->rx_last_avail, n, ctx->rx_used, ctx->rx_used_idx, e->fd,
+               credit < ctx->rx_burst ? credit : ctx->rx_burst, ctx->rx_max_packets, e->hdr, &res, &nocap);
+    if (res.packets) {
+        ctx->rx_last_avail += res.packets;
+        ctx->rx_used_idx += res.packets;
+        ctx->rx_chains += res.packets;
+        e->tx_cnt += res.bytes;
+        e->packets += res.packets;
+        e->bytes += res.bytes;
+        own_publish(ctx);
+    }
+    switch (res.status) {
+    case RX_LIMIT:
+        /* The window is shut again: C keeps a connection whose guest updates unasked; one that
+           must be asked goes back, for Python asks (VsockCore.fill_rx). */
+        if (e->tx_cnt - e->peer_fwd_cnt < e->peer_buf_alloc || !(e->flags & OWN_F_SELF))
+            own_release(ctx, e, OWN_LIMIT);
+        break;
+    case RX_SLOW: own_release(ctx, e, OWN_SLOW); break;
+    case RX_EOF: own_release(ctx, e, OWN_EOF); break;
+    case RX_ERROR: e->err = res.err; own_release(ctx, e, OWN_ERROR); break;
+    default: own_release(ctx, e, OWN_AGAIN); break;  /* RX_AGAIN, RX_SHORT: the socket ran dry */
+    }
 }
 
 /* One header-only packet (a control packet) into the next rx chain, if it has the Linux
@@ -545,8 +677,33 @@ int sg_blast(uint8_t *mem, sg_blast_state *s) {
 /* The simulated guest's bulk receiver, as a guest kernel with a reader that consumes at once:
    RW packets of the connection off the rx ring (credit checked, fwd_cnt advanced, the buffer
    posted again), until `want` bytes; SG_CREDIT when Linux 6.1 would send a CREDIT_UPDATE
-   (free space below 64 KiB), which Python sends; anything else is Python's (SG_RX). */
+   (free space below 64 KiB), sent from C in a prepared tx chain, or by Python once those ran
+   out; a CREDIT_REQUEST for the connection is answered the same way; anything else is
+   Python's (SG_RX). */
 enum { SG_CREDIT = 5 };
+
+/* A header-only CREDIT_UPDATE in the next prepared tx chain, posted and kicked as Linux sends
+   it (one direct descriptor); 0 when no prepared chain is left. */
+static int sg_send_credit(uint8_t *mem, sg_drain_state *s) {
+    if (s->ctl_used == s->nctl) return 0;
+    uint16_t head = s->ctl_heads[s->ctl_used];
+    uint8_t *h = mem + s->ctl_off[s->ctl_used];
+    s->ctl_used++;
+    uint32_t zero = 0;
+    uint16_t type = (uint16_t)s->type, op = 6;
+    memcpy(h, &s->guest_cid, 8); memcpy(h + 8, &s->peer_cid, 8);
+    memcpy(h + 16, &s->local_port, 4); memcpy(h + 20, &s->peer_port, 4);
+    memcpy(h + 24, &zero, 4); memcpy(h + 28, &type, 2); memcpy(h + 30, &op, 2);
+    memcpy(h + 32, &zero, 4); memcpy(h + 36, &s->buf_alloc, 4); memcpy(h + 40, &s->fwd_cnt, 4);
+    s->last_fwd_cnt = s->fwd_cnt;
+    sg_ring *t = &s->tx;
+    t->inflight[head] = 1;
+    ((uint16_t *)mem)[t->avail_ring_w + (t->avail_idx & t->mask)] = head;
+    t->avail_idx++;
+    st16(mem, t->avail_idx_w, t->avail_idx);
+    sg_kick(mem, t, s->event_idx, &s->kicks);
+    return 1;
+}
 
 int sg_drain(uint8_t *mem, sg_drain_state *s) {
     sg_ring *r = &s->rx;
@@ -564,6 +721,19 @@ int sg_drain(uint8_t *mem, sg_drain_state *s) {
             sg_hdr x;
             sg_read_hdr(h, &x);
             uint32_t plen = x.len;
+            if (x.op == 7 && x.len == 0
+                && sg_hdr_ours(&x, s->guest_cid, s->peer_cid, s->local_port, s->peer_port, s->type)) {
+                /* CREDIT_REQUEST: answered at once with what the reader has taken (Linux 6.1
+                   virtio_transport_recv_connected), the buffer reposted first */
+                if (s->ctl_used == s->nctl) { stop = SG_RX; break; }
+                memcpy(s->headers + 44 * s->nheaders++, h, 44);
+                ((uint16_t *)mem)[r->avail_ring_w + (r->avail_idx & r->mask)] = (uint16_t)head;
+                r->avail_idx++;
+                r->last_used++;
+                st16(mem, r->avail_idx_w, r->avail_idx);
+                sg_send_credit(mem, s);
+                continue;
+            }
             if (x.op != 5 || x.type != 1 || plen > len - HDR || plen > s->rx_payload
                 || !sg_hdr_ours(&x, s->guest_cid, s->peer_cid, s->local_port, s->peer_port, s->type)
                 || (uint32_t)(s->rx_cnt + plen - s->last_fwd_cnt) > s->buf_alloc) {
@@ -577,7 +747,10 @@ int sg_drain(uint8_t *mem, sg_drain_state *s) {
             ((uint16_t *)mem)[r->avail_ring_w + (r->avail_idx & r->mask)] = (uint16_t)head;
             r->avail_idx++;
             r->last_used++;
-            if (s->buf_alloc - (s->fwd_cnt - s->last_fwd_cnt) < 65536) { stop = SG_CREDIT; break; }
+            if (s->buf_alloc - (s->fwd_cnt - s->last_fwd_cnt) < 65536) {
+                st16(mem, r->avail_idx_w, r->avail_idx);  /* the buffers back before the credit */
+                if (!sg_send_credit(mem, s)) { stop = SG_CREDIT; break; }
+            }
         }
         if (r->avail_idx != before) st16(mem, r->avail_idx_w, r->avail_idx);
         if (s->event_idx) st16(mem, r->used_event_w, r->last_used);

@@ -122,13 +122,14 @@ class Proxy:
             row = {"sessions": d.sessions_served}
             s = d.session
             if s is not None:
+                s.core.sync_owned()
                 c = s.core.counters
                 qs = [q.counters for q in s.queues if q is not None]
                 row.update(
                     conns=len(s.core.conns), tx_pkts=c.tx_packets, tx_bytes=c.tx_bytes, rx_pkts=c.rx_packets,
                     rx_bytes=c.rx_bytes, rst=c.rst_sent, spoofed=c.spoofed, bad_pkts=c.bad_packets,
                     credit_violations=c.credit_violations, bad_chains=sum(q.bad_chains for q in qs),
-                    refused=c.connections_refused,
+                    refused=c.connections_refused, c_pump_updates=c.pump_updates,
                 )
             devices[d.name] = row
         traffic = {k: list(v) for k, v in self.switch.rule_totals.items()}

@@ -42,7 +42,7 @@ from vsproxy.vhost_user.session import (
 )
 from vsproxy.virtq import Chain, RingSetupError, SplitQueue
 from vsproxy.vsock.connection import Connection
-from vsproxy.vsock.core import DEFAULT_BUF_ALLOC, SHUTDOWN_TIMEOUT, VsockCore
+from vsproxy.vsock.core import DEFAULT_BUF_ALLOC, RX_FAST_BURST, RX_FAST_BURST_BYTES, SHUTDOWN_TIMEOUT, VsockCore
 from vsproxy.vsock.header import HDR_SIZE
 from vsproxy.vsock.header import Type as VsockType
 
@@ -332,6 +332,10 @@ class FrontendSession(CoreHooks):
             self.core.rx_put = self._rx_fast.put if self._rx_fast is not None else None
             self.core.rx_progress = self._rx_progress
             self.core.rx_pending = q.pending
+        tx_fast, rx_fast = self._fastpaths[TX_QUEUE], self._rx_fast
+        if tx_fast is not None and rx_fast is not None and tx_fast.attach_rx(
+                rx_fast, self._rx_call_fd, RX_FAST_BURST_BYTES, RX_FAST_BURST):
+            self.core.owner = tx_fast
         log.info(
             "%s: vring %d started: size %d base %d event_idx=%s indirect=%s version_1=%s",
             self.name,
@@ -351,7 +355,16 @@ class FrontendSession(CoreHooks):
         self.core.rx_fast = None
         self.core.rx_put = None
 
+    def _rx_call_fd(self) -> int:
+        fd = self.call_fds[RX_QUEUE]
+        return -1 if fd is None else fd
+
     def _close_fastpaths(self, index: int) -> None:
+        # The C pump needs both queues: the connections it runs come back first.
+        self.core.detach_owner()
+        tx_fast = self._fastpaths[TX_QUEUE]
+        if tx_fast is not None:
+            tx_fast.detach_rx()
         fast = self._fastpaths[index]
         if fast is not None:
             fast.close()
@@ -393,6 +406,7 @@ class FrontendSession(CoreHooks):
         if self.closed:
             return
         self.core.tick(self.loop.time())
+        self.core.sync_owned()  # counters lag what C does by at most one sweep
         if self.running:
             self.pump()
         self.loop.call_later(SWEEP_INTERVAL, self._sweep)
@@ -465,7 +479,13 @@ class FrontendSession(CoreHooks):
         core = self.core
         items = fast.batch()
         capture = fast.capture  # capturing: the runs' records already stand in its chunk
-        done: list[int] = []
+        # Chains C handled itself (credit updates of connections it runs), and connections it
+        # gave back, which must be Python's again before any item of theirs is looked at.
+        done: list[int] = fast.consumed
+        if done:
+            txq.counters.chains += len(done)
+        for conn, back in fast.released:
+            core.owned_back(conn, back)  # type: ignore[arg-type]
         try:
             for item in items:
                 if isinstance(item, Slow):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from vsproxy.taps import CAP_NONE, CaptureSink, RecordChunk, Taps
@@ -33,6 +34,25 @@ SCRATCH = 256 * 1024
 MAX_ITEMS = 512
 SLOW = 1
 CREDIT = 2
+# Connections C may run at once between credit updates; more wait for a free slot in Python.
+OWN_SLOTS = 64
+OWN_F_REQUESTED, OWN_F_SELF = 1, 2
+# Why C gave a connection back (vq_own.release); OWN_TAKEN: Python took it.
+OWN_TAKEN, OWN_GUEST, OWN_AGAIN, OWN_EOF, OWN_ERROR, OWN_SLOW, OWN_LIMIT, OWN_ALL = range(8)
+
+
+class OwnedBack(NamedTuple):
+    """An owned connection's state as C gives it back, with what it did meanwhile."""
+
+    why: int
+    err: int
+    tx_cnt: int
+    peer_buf_alloc: int
+    peer_fwd_cnt: int
+    flags: int
+    credit_items: int  # CREDIT_UPDATEs C took
+    packets: int  # RW packets C wrote to the guest, and their payload bytes
+    bytes: int
 
 
 class Run(NamedTuple):
@@ -45,6 +65,10 @@ class Run(NamedTuple):
     segments: list[memoryview]
     heads: list[int]
     cap_off: int  # where the run's capture records start in the lent chunk (one per chain)
+
+
+def _no_fd() -> int:
+    return -1
 
 
 class CaptureCall:
@@ -179,6 +203,79 @@ class TxFastPath(_RingPath):
         c.heads, c.items, c.max_items = self._heads, self._items, MAX_ITEMS
         c.scratch, c.scratch_size = self._scratch, SCRATCH
         c.seg_kind, c.seg_off, c.seg_len, c.max_segs = self._seg_kind, self._seg_off, self._seg_len, limit
+        self._own = ffi.new("vq_own[]", OWN_SLOTS)
+        self._consumed = ffi.new("uint16_t[]", limit)
+        c.own, c.nown, c.owned, c.consumed = self._own, OWN_SLOTS, 0, self._consumed
+        self._tokens: list[object | None] = [None] * OWN_SLOTS
+        self._free_slots = list(range(OWN_SLOTS - 1, -1, -1))
+        self._rx: RxFastPath | None = None
+        self._call_fd: Callable[[], int] = _no_fd
+        self.consumed: list[int] = []  # heads of the last batch's chains C handled entirely
+        self.released: list[tuple[object, OwnedBack]] = []  # what the last batch gave back
+
+    # -- owned connections: C takes their credit updates and refills the rx ring itself ------------
+    def attach_rx(self, rx: RxFastPath, call_fd: Callable[[], int], burst: int, max_packets: int) -> bool:
+        """Let batches fill ``rx`` for owned connections (both queues in the one region)."""
+        if rx._gpa != self._gpa or rx._size != self._size:
+            return False
+        c = self._ctx
+        c.rx_desc, c.rx_avail, c.rx_used = rx._desc, rx._avail, rx._used
+        c.rx_used_idx_p = ffi.cast("uint16_t *", rx._used_buf) + 1
+        c.rx_num, c.rx_event_idx = rx.q.num, 1 if rx.q.event_idx else 0
+        c.rx_burst, c.rx_max_packets = burst, max_packets
+        self._rx, self._call_fd = rx, call_fd
+        return True
+
+    def detach_rx(self) -> list[tuple[object, OwnedBack]]:
+        """The rx queue goes away: every owned connection comes back."""
+        back = [(self._tokens[k], self._back(k, OWN_TAKEN)) for k in range(OWN_SLOTS) if self._tokens[k] is not None]
+        self._rx = None
+        return back
+
+    def own(self, token: object, key: tuple[int, int, int, int], fd: int, tx_cnt: int, peer_buf_alloc: int,
+            peer_fwd_cnt: int, hdr: bytes, flags: int) -> int:
+        """Lend C a connection whose guest window is shut; its slot, or -1 (no room, no rx)."""
+        if self._rx is None or not self._free_slots:
+            return -1
+        k = self._free_slots.pop()
+        e = self._own[k]
+        e.type, e.guest_port, e.peer_cid, e.peer_port = key
+        e.fd, e.tx_cnt, e.peer_buf_alloc, e.peer_fwd_cnt = fd, tx_cnt, peer_buf_alloc, peer_fwd_cnt
+        ffi.memmove(e.hdr, hdr, 44)
+        e.flags, e.release, e.err = flags, 0, 0
+        e.updates = e.credit_items = e.packets = e.bytes = 0
+        e.active = 1
+        self._ctx.owned += 1
+        self._tokens[k] = token
+        return k
+
+    def progress(self, slot: int) -> int:
+        """Changes with every credit update C took for the slot."""
+        return int(self._own[slot].updates)
+
+    def counts(self, slot: int) -> tuple[int, int, int]:
+        """(credit updates taken, packets, bytes to the guest) since the last call, for Python's
+        counters while C keeps the connection."""
+        e = self._own[slot]
+        got = (int(e.credit_items), int(e.packets), int(e.bytes))
+        e.credit_items = e.packets = e.bytes = 0
+        return got
+
+    def take_back(self, slot: int) -> OwnedBack:
+        """Python needs the connection: C lets go of it."""
+        return self._back(slot, OWN_TAKEN)
+
+    def _back(self, k: int, why: int) -> OwnedBack:
+        e = self._own[k]
+        if e.active:
+            e.active = 0
+            self._ctx.owned -= 1
+        else:
+            why = e.release
+        self._tokens[k] = None
+        self._free_slots.append(k)
+        return OwnedBack(why, e.err, e.tx_cnt, e.peer_buf_alloc, e.peer_fwd_cnt, e.flags, e.credit_items,
+                         e.packets, e.bytes)
 
     def batch(self) -> list[Run | Slow | CreditItem]:
         """Take the next chains. The scratch buffer is reused by the next call: whatever the
@@ -190,9 +287,25 @@ class TxFastPath(_RingPath):
         if n == 0:
             return []
         ctx = self._ctx
+        rx = self._rx.q if ctx.owned and self._rx is not None else None
+        if rx is not None:
+            ctx.rx_last_avail, ctx.rx_used_idx, ctx.rx_signalled = rx.last_avail_idx, rx.used_idx, rx._signalled_used
+            ctx.rx_call_fd = self._call_fd()
+            ctx.own_ok = 0 if self.taps.active else 1  # C writes no capture records for them
         count = lib.vq_tx_batch(ctx, q.last_avail_idx, n, self.capture.arm(self.taps.sink, self.device))
         if count < 0:  # pragma: no cover - MAX_ITEMS >= limit, so items cannot run out
             raise RuntimeError("vq_tx_batch: item array too small")
+        if rx is not None:
+            if ctx.rx_chains:
+                rx.last_avail_idx, rx.used_idx = ctx.rx_last_avail, ctx.rx_used_idx
+                rx._signalled_used = ctx.rx_signalled
+                rx.counters.chains += ctx.rx_chains
+                rx.counters.notifications += ctx.rx_notifications
+            self.consumed = ffi.unpack(self._consumed, ctx.nconsumed) if ctx.nconsumed else []
+            self.released = ([(self._tokens[k], self._back(k, 0)) for k in range(OWN_SLOTS)
+                              if self._tokens[k] is not None and not self._own[k].active] if ctx.released else [])
+        else:
+            self.consumed, self.released = [], []
         n = ctx.taken
         q.last_avail_idx = (q.last_avail_idx + n) & 0xFFFF
         heads = ffi.unpack(self._heads, n)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 SG_DONE, SG_RX, SG_TIMEOUT, SG_BAD, SG_HEADERS, SG_CREDIT = range(6)
 MAX_HEADERS = 256
+CTL_CHAINS = 16  # tx chains lent to one sg_drain call for its credit updates
 AVAILABLE = fastpath.AVAILABLE
 
 
@@ -137,16 +138,49 @@ class CBlast(_CPath):
 
 
 class CDrain(_CPath):
-    """The receiver's state shared with C; rebuilt from the Python ring before each call."""
+    """The receiver's state shared with C; rebuilt from the Python rings before each call.
+
+    Each call lends C up to ``CTL_CHAINS`` tx chains, written as one 44-byte descriptor each, to
+    send the credit updates in, as a guest kernel does without waking the reader; once they ran
+    out C returns SG_CREDIT and Python sends the update."""
 
     def __init__(self, drv: VsockDriver) -> None:
-        super().__init__(drv, "sg_drain_state *", [drv.rx.inflight])
+        super().__init__(drv, "sg_drain_state *", [drv.rx.inflight, drv.tx.inflight])
+        self.ctl_heads = fastpath.ffi.new("uint16_t[]", CTL_CHAINS)
+        self.ctl_off = fastpath.ffi.new("uint32_t[]", CTL_CHAINS)
+
+    def _lend_tx(self) -> list[tuple[int, int]]:
+        """Reserve tx chains for C's credit updates: (head, slot) each."""
+        drv = self.drv
+        tx, slots = drv.tx, drv.tx_free_slots
+        lent: list[tuple[int, int]] = []
+        while len(lent) < CTL_CHAINS and tx.free and slots:
+            slot = slots.pop()
+            gpa = drv.tx_slot_gpa(slot)
+            head = tx.reserve_direct(gpa, vh.HDR_SIZE)
+            self.ctl_heads[len(lent)] = head
+            self.ctl_off[len(lent)] = drv.mem.offset(gpa, vh.HDR_SIZE)
+            lent.append((head, slot))
+        return lent
+
+    def _settle_tx(self, lent: list[tuple[int, int]], used: int) -> None:
+        drv = self.drv
+        for head, slot in lent[:used]:
+            drv.tx.posted_by_c(head, slot)
+            drv.tx_slot_len[slot] = 0
+        for head, slot in reversed(lent[used:]):
+            drv.tx.unreserve(head)
+            drv.tx_free_slots.append(slot)
+        drv.stats.credit_updates_sent += used
 
     def run(self, conn: Conn, want: int, timeout_ms: int) -> tuple[int, int]:
         """Take up to ``want`` bytes of ``conn``; (return code, bytes taken)."""
         drv, s = self.drv, self.s
-        rx, fe = drv.rx, drv.fe
+        rx, tx, fe = drv.rx, drv.tx, drv.fe
         self._load(s.rx, rx, self._inflight[0], fe.kick_fds[rx.index], fe.call_fds[rx.index])
+        self._load(s.tx, tx, self._inflight[1], fe.kick_fds[tx.index], fe.call_fds[tx.index])
+        lent = self._lend_tx()
+        s.ctl_heads, s.ctl_off, s.nctl, s.ctl_used = self.ctl_heads, self.ctl_off, len(lent), 0
         s.event_idx = 1 if rx.event_idx else 0
         s.rx_off, s.rx_payload = self.rx_off, drv.rx_buf_size - vh.HDR_SIZE
         s.guest_cid, s.peer_cid = drv.guest_cid, conn.peer_cid
@@ -159,7 +193,9 @@ class CDrain(_CPath):
         self._wait_on(s)
         rc = fastpath.lib.sg_drain(self.mem, s)
         self._store(s.rx, rx)
-        conn.rx_cnt, conn.fwd_cnt = s.rx_cnt, s.fwd_cnt
+        self._store(s.tx, tx)
+        self._settle_tx(lent, s.ctl_used)
+        conn.rx_cnt, conn.fwd_cnt, conn.last_fwd_cnt = s.rx_cnt, s.fwd_cnt, s.last_fwd_cnt
         st = drv.stats
         st.rx_packets += s.packets
         st.rx_bytes += s.got

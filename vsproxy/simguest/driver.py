@@ -398,12 +398,15 @@ class VsockDriver:
                                "waiting for the backend to return tx buffers (tx ring full)")
         return self.tx_free_slots.pop()
 
+    def tx_slot_gpa(self, slot: int) -> int:
+        return self.tx_base + slot * TX_SLOT_SIZE
+
     def send_raw(self, header: bytes, payload: bytes | bytearray | memoryview = b"") -> None:
         """Put any header bytes (normally 44) and payload on the tx queue as the header + payload chain."""
         if len(header) > TX_SLOT_HDR or len(payload) > MAX_PAYLOAD:
             raise ValueError(f"raw packet too large: header {len(header)}, payload {len(payload)}")
         slot = self._take_slot()
-        gpa = self.tx_base + slot * TX_SLOT_SIZE
+        gpa = self.tx_slot_gpa(slot)
         self.mem.write(gpa, header)
         bufs = [Buf(gpa, len(header))]
         if payload:

@@ -225,6 +225,25 @@ class SplitRing:
             self.publish_avail(head)
         return head
 
+    def reserve_direct(self, addr: int, length: int) -> int:
+        """A free head written as one device-readable descriptor but not posted: the C receiver
+        posts it (a credit update). ``posted_by_c`` or ``unreserve`` settles it afterwards."""
+        if not self.free:
+            raise RingFull(f"queue {self.index}: no free descriptor")
+        head = self.free.pop()
+        self.write_desc(head, addr, length, 0, 0)
+        self._extra[head] = ()
+        self._prepared[head] = -1
+        return head
+
+    def posted_by_c(self, head: int, token: int) -> None:
+        """C posted reserved ``head`` (its avail entry and inflight mark are written)."""
+        self.tokens[head] = token
+        self.n_inflight += 1
+
+    def unreserve(self, head: int) -> None:
+        self.free.append(head)
+
     def prepare_uniform(self, table: bytes, token: int) -> None:
         """Give every free head ``table`` as its indirect table and ``token``, ready to be posted
         as they are (the C bulk sender posts heads without writing descriptors)."""

@@ -113,6 +113,8 @@ class Connection:
         "msg_flags",
         "out_bytes",
         "outq",
+        "own",
+        "own_seen",
         "peer",
         "peer_cid",
         "peer_port",
@@ -150,6 +152,8 @@ class Connection:
         self.deadline = 0.0
         self.credit_wait = 0.0  # when the guest's window was last found exhausted
         self.flags = 0
+        self.own = -1  # the slot of the C pump's table while C runs it (VsockCore._lend)
+        self.own_seen = 0  # the C pump's progress count last seen by tick
         self.host_initiated = False
         # SEQPACKET: the guest message being assembled, the flags of each whole one in outq,
         # and the host message being delivered to the guest in fragments

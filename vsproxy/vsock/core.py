@@ -77,10 +77,21 @@ class Counters:
     connections_refused: int = 0
     timeouts: int = 0
     short_rx_buffers: int = 0
+    pump_updates: int = 0  # CREDIT_UPDATEs the C pump took (and refilled from) without Python
     drops: dict[str, int] = field(default_factory=dict)
 
     def drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1
+
+
+class Owner(Protocol):
+    """The C pump (fastpath.TxFastPath) that runs connections whose guest window is shut."""
+
+    def own(self, token: object, key: tuple[int, int, int, int], fd: int, tx_cnt: int, peer_buf_alloc: int,
+            peer_fwd_cnt: int, hdr: bytes, flags: int) -> int: ...
+    def take_back(self, slot: int) -> fastpath.OwnedBack: ...
+    def progress(self, slot: int) -> int: ...
+    def counts(self, slot: int) -> tuple[int, int, int]: ...
 
 
 class RxFastFill(Protocol):
@@ -138,6 +149,10 @@ class VsockCore:
         # The C writer of header-only packets into Linux-shaped rx chains (RxFastPath.put).
         self.rx_put: Callable[[bytes], bool] | None = None
         self.rx_pending: Callable[[], int] = lambda: 0
+        # Injected by the shell when C can run a connection while its guest window is shut:
+        # take the guest's CREDIT_UPDATE and read the host socket into the rx ring at once.
+        self.owner: Owner | None = None
+        self.owned = 0
 
     def _tap(self, to_guest: bool, hdr: bytes, payload: Sequence[Buffer], mark: str | None = None) -> None:
         self.taps(self.name, to_guest, hdr, payload, mark)
@@ -198,6 +213,8 @@ class VsockCore:
                 c.drop("unknown-connection")
                 self._rst_reply(hdr)
             return
+        if conn.own >= 0:
+            self._reclaim(conn)
         cr = conn.credit
         cr.peer_buf_alloc = buf_alloc
         cr.peer_fwd_cnt = fwd_cnt
@@ -254,6 +271,8 @@ class VsockCore:
         conn = self.conns.get((H.Type.STREAM, src_port, dst_cid, dst_port))
         if conn is None or (captured and conn.mark is not None):
             return False
+        if conn.own >= 0:
+            self._reclaim(conn)
         self.counters.tx_packets += npackets
         cr = conn.credit
         cr.peer_buf_alloc = buf_alloc
@@ -283,6 +302,8 @@ class VsockCore:
         conn = self.conns.get((type_, src_port, dst_cid, dst_port))
         if conn is None or (captured and conn.mark is not None):
             return False
+        if conn.own >= 0:
+            self._reclaim(conn)
         self.counters.tx_packets += 1
         cr = conn.credit
         cr.peer_buf_alloc = buf_alloc
@@ -514,9 +535,13 @@ class VsockCore:
     # ------------------------------------------------------------------
     # events from the I/O shell
     def peer_readable(self, conn: Connection) -> None:
+        if conn.own >= 0:
+            self._reclaim(conn)
         self._make_ready(conn)
 
     def peer_writable(self, conn: Connection) -> None:
+        if conn.own >= 0:
+            self._reclaim(conn)
         self._flush_conn(conn)
 
     def peer_connected(self, conn: Connection) -> None:
@@ -589,8 +614,17 @@ class VsockCore:
                 self.counters.timeouts += 1
                 log.info("%s: connect timed out: %s", self.name, conn.describe())
                 self._reset(conn, "connect timeout")
-            elif conn.flags & wait == Connection.WAIT_CREDIT and now - conn.credit_wait >= CREDIT_REQUEST_DELAY:
-                self._request_credit(conn)
+            elif conn.flags & Connection.WAIT_CREDIT and now - conn.credit_wait >= CREDIT_REQUEST_DELAY:
+                if conn.own >= 0 and self.owner is not None:
+                    # Python's flags are C's to change while it runs the connection
+                    seen = self.owner.progress(conn.own)
+                    if seen != conn.own_seen:  # C took credit updates meanwhile: not shut all along
+                        conn.own_seen = seen
+                        conn.credit_wait = now
+                        continue
+                    self._reclaim(conn)
+                if conn.flags & wait == Connection.WAIT_CREDIT:
+                    self._request_credit(conn)
         for conn in list(self._lingering):
             if conn.deadline <= now:
                 self.counters.timeouts += 1
@@ -607,6 +641,8 @@ class VsockCore:
         clean EOF. Connections the guest already closed cleanly keep flushing what it sent
         (the guest was given credit for it) until done or their linger deadline."""
         for conn in list(self.conns.values()):
+            if conn.own >= 0:
+                self._reclaim(conn, act=False)
             conn.state = State.CLOSED
             self._account(conn)
             self._lingering.discard(conn)
@@ -653,6 +689,8 @@ class VsockCore:
         self._forget(conn, reset_peer=True)
 
     def _forget_vsock(self, conn: Connection) -> None:
+        if conn.own >= 0:
+            self._reclaim(conn, act=False)
         conn.state = State.CLOSED
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
@@ -666,6 +704,7 @@ class VsockCore:
 
     def live_rule_stats(self) -> dict[str, list[int]]:
         """Traffic per routing rule of the connections still open (closed ones are in rule_totals)."""
+        self.sync_owned()
         out: dict[str, list[int]] = {}
         for conn in self.conns.values():
             for rule in conn.rule:
@@ -723,6 +762,8 @@ class VsockCore:
                         # one that has (Linux: when its free space falls below 64 KiB) is asked
                         # only if its window stays shut (tick), not once a window.
                         self._request_credit(conn)
+                    if self.owner is not None and conn.own < 0:
+                        self._lend(conn)
                     continue
                 if rx_fast is not None and conn.type == H.Type.STREAM and (conn.mark is None or not taps):
                     fd = getattr(conn.peer, "fast_fd", _no_fd)()
@@ -785,6 +826,92 @@ class VsockCore:
             c.rx_packets += 1
             used += 1
         return used
+
+    # ------------------------------------------------------------------
+    # the C pump: connections it runs while their guest window is shut
+    def _lend(self, conn: Connection) -> None:
+        """Let C take this connection's next CREDIT_UPDATEs and refill the rx ring from its host
+        socket without coming back here, for as long as nothing else happens on it. Only a
+        plain stream qualifies: nothing owed to or queued for the peer, no credit update due,
+        nothing captured (C writes no capture records for it)."""
+        assert self.owner is not None
+        cr = conn.credit
+        if (conn.type != H.Type.STREAM or self.taps.active or conn.out_bytes or cr.fwd_cnt != cr.adv_fwd_cnt
+                or conn.flags & Connection.UPDATE_QUEUED):
+            return
+        fd = getattr(conn.peer, "fast_fd", _no_fd)()
+        if fd < 0:
+            return
+        flags = (fastpath.OWN_F_REQUESTED if conn.flags & Connection.CREDIT_REQUESTED else 0) | (
+            fastpath.OWN_F_SELF if conn.flags & Connection.SELF_UPDATES else 0)
+        hdr = HDR.pack(*self._fields(conn, Op.RW, 0, 0))
+        conn.own = self.owner.own(conn, conn.key, fd, cr.tx_cnt, cr.peer_buf_alloc, cr.peer_fwd_cnt, hdr, flags)
+        if conn.own >= 0:
+            self.owned += 1
+            conn.own_seen = 0
+
+    def _reclaim(self, conn: Connection, act: bool = True) -> None:
+        """Python needs the connection: take it back from C first."""
+        assert self.owner is not None
+        self.owned_back(conn, self.owner.take_back(conn.own), act)
+
+    def owned_back(self, conn: Connection, back: fastpath.OwnedBack, act: bool = True) -> None:
+        """C gave the connection back (or Python took it): its credit state and counts become
+        Python's again, and what made C stop is dealt with as the Python path would."""
+        conn.own = -1
+        self.owned -= 1
+        cr = conn.credit
+        cr.tx_cnt, cr.peer_buf_alloc, cr.peer_fwd_cnt = back.tx_cnt, back.peer_buf_alloc, back.peer_fwd_cnt
+        flags = conn.flags & ~(Connection.CREDIT_REQUESTED | Connection.SELF_UPDATES)
+        if back.flags & fastpath.OWN_F_REQUESTED:
+            flags |= Connection.CREDIT_REQUESTED
+        if back.flags & fastpath.OWN_F_SELF:
+            flags |= Connection.SELF_UPDATES
+        conn.flags = flags
+        self._fold(conn, back.credit_items, back.packets, back.bytes)
+        if not act or conn.state is not State.ESTABLISHED:
+            return
+        why = back.why
+        if why == fastpath.OWN_EOF:
+            conn.flags &= ~(Connection.WAIT_CREDIT | Connection.CREDIT_REQUESTED)
+            self._host_eof(conn)
+        elif why == fastpath.OWN_ERROR:
+            self._peer_error(conn, OSError(back.err, os.strerror(back.err)))
+        elif why == fastpath.OWN_AGAIN:
+            # the socket ran dry: wait for it, with whatever credit is left
+            if cr.peer_free() > 0:
+                conn.flags &= ~(Connection.WAIT_CREDIT | Connection.CREDIT_REQUESTED)
+            conn.peer.watch_read(True)
+        else:
+            self._credit_changed(conn)  # credit left: ready again; else still waiting, asked at tick
+            if conn.flags & Connection.WAIT_CREDIT:
+                conn.credit_wait = self.now
+
+    def _fold(self, conn: Connection, credit_items: int, packets: int, nbytes: int) -> None:
+        c = self.counters
+        c.tx_packets += credit_items
+        c.pump_updates += credit_items
+        if packets:
+            c.rx_packets += packets
+            c.rx_bytes += nbytes
+            conn.stats[2] += packets
+            conn.stats[3] += nbytes
+            conn.credit.adv_fwd_cnt = conn.credit.fwd_cnt  # what C's headers carried
+
+    def sync_owned(self) -> None:
+        """Fold what C did for the connections it still runs into the counters."""
+        if self.owned and self.owner is not None:
+            for conn in self.conns.values():
+                if conn.own >= 0:
+                    self._fold(conn, *self.owner.counts(conn.own))
+
+    def detach_owner(self) -> None:
+        """The C pump goes away (a ring stops): every connection it runs comes back."""
+        if self.owner is not None and self.owned:
+            for conn in list(self.conns.values()):
+                if conn.own >= 0:
+                    self._reclaim(conn)
+        self.owner = None
 
     def _rx_fast(self, rx_fast: RxFastFill, conn: Connection, fd: int, credit: int) -> tuple[int, bool | None]:
         """Serve ``conn`` through the C path. Returns (chains used, more): more is None when

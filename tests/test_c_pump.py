@@ -1,0 +1,229 @@
+"""The C pump: connections C runs while the guest's window is shut (VsockCore._lend,
+fastpath.TxFastPath.own). The core's side with plain bytes and a fake owner; then the real
+thing through vsproxy and the simulated guest, hash-checked."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+from collections.abc import Callable
+
+import pytest
+from helpers import VsproxyProcess, unix_server
+from test_vsock_core import FakePeer, Harness
+
+from vsproxy import fastpath
+from vsproxy.fastpath import OwnedBack
+from vsproxy.simguest import SimGuest
+from vsproxy.vsock import header as H
+from vsproxy.vsock.connection import Connection
+from vsproxy.vsock.core import CREDIT_REQUEST_DELAY
+from vsproxy.vsock.header import Op
+
+Start = Callable[..., VsproxyProcess]
+MiB = 1 << 20
+
+
+class FastPeer(FakePeer):
+    def fast_fd(self) -> int:
+        return 99
+
+
+class FakeOwner:
+    """Stands in for TxFastPath: remembers what was lent and gives back what a test sets."""
+
+    def __init__(self) -> None:
+        self.lent: dict[str, object] = {}
+        self.back: OwnedBack | None = None
+        self.taken = 0
+        self.steps = 0
+        self.pending = (0, 0, 0)
+
+    def own(self, token: object, key: tuple[int, int, int, int], fd: int, tx_cnt: int, peer_buf_alloc: int,
+            peer_fwd_cnt: int, hdr: bytes, flags: int) -> int:
+        self.lent = {"token": token, "key": key, "fd": fd, "tx_cnt": tx_cnt, "peer_buf_alloc": peer_buf_alloc,
+                     "peer_fwd_cnt": peer_fwd_cnt, "hdr": H.unpack(hdr), "flags": flags}
+        return 0
+
+    def take_back(self, slot: int) -> OwnedBack:
+        self.taken += 1
+        if self.back is not None:
+            return self.back
+        lent = self.lent
+        return OwnedBack(fastpath.OWN_TAKEN, 0, int(lent["tx_cnt"]), int(lent["peer_buf_alloc"]),  # type: ignore[call-overload]
+                         int(lent["peer_fwd_cnt"]), int(lent["flags"]), 0, 0, 0)  # type: ignore[call-overload]
+
+    def progress(self, slot: int) -> int:
+        return self.steps
+
+    def counts(self, slot: int) -> tuple[int, int, int]:
+        got, self.pending = self.pending, (0, 0, 0)
+        return got
+
+
+def shut_window(data: bytes = b"x" * 10000, window: int = 3000) -> tuple[Harness, FakeOwner, Connection]:
+    """A connection whose guest window (``window`` bytes) the host data has filled."""
+    t = Harness(peer=FastPeer(data=data))
+    owner = FakeOwner()
+    t.core.owner = owner
+    t.send(Op.REQUEST, buf_alloc=window)
+    (conn,) = t.core.conns.values()
+    t.core.peer_connected(conn)
+    t.core.peer_readable(conn)
+    t.drain()
+    return t, owner, conn
+
+
+def test_window_shut_lends_the_stream_with_its_credit_and_header() -> None:
+    t, owner, conn = shut_window()
+    assert conn.own == 0 and t.core.owned == 1
+    assert owner.lent["key"] == conn.key and owner.lent["fd"] == 99
+    assert owner.lent["tx_cnt"] == 3000 and owner.lent["peer_buf_alloc"] == 3000
+    hdr = owner.lent["hdr"]
+    assert isinstance(hdr, H.Header)
+    assert (hdr.op, hdr.src_cid, hdr.dst_cid, hdr.dst_port, hdr.buf_alloc, hdr.fwd_cnt) == (
+        Op.RW, 2, 5, conn.guest_port, conn.credit.buf_alloc, conn.credit.fwd_cnt)
+    # a guest not yet seen to update unasked was asked: the C pump knows, so its answer is not "unasked"
+    assert owner.lent["flags"] == fastpath.OWN_F_REQUESTED
+
+
+def test_capture_or_data_owed_to_the_peer_keeps_the_connection_in_python() -> None:
+    t = Harness(peer=FastPeer(data=b"x" * 10000))
+    t.core.owner = FakeOwner()
+    t.core.taps.add(lambda *a: None)  # a tap: C writes no records, so it runs nothing
+    t.send(Op.REQUEST, buf_alloc=3000)
+    (conn,) = t.core.conns.values()
+    t.core.peer_connected(conn)
+    t.core.peer_readable(conn)
+    t.drain()
+    assert conn.flags & Connection.WAIT_CREDIT and conn.own == -1
+
+    t2 = Harness(peer=FastPeer(data=b"x" * 10000))
+    t2.core.owner = FakeOwner()
+    t2.peer.accept = 0  # the host takes nothing: guest data stays queued
+    t2.send(Op.REQUEST, buf_alloc=3000)
+    (conn2,) = t2.core.conns.values()
+    t2.core.peer_connected(conn2)
+    t2.drain()
+    t2.send(Op.RW, payload=b"abc", buf_alloc=3000)
+    t2.core.peer_readable(conn2)
+    t2.drain()
+    assert conn2.out_bytes == 3 and conn2.own == -1
+
+
+def test_given_back_with_credit_left_the_connection_is_served_again_and_counted() -> None:
+    t, owner, conn = shut_window(data=b"y" * 20000)
+    # C took two updates and wrote 2 packets (2000 bytes); the guest's window is open by 1000 more
+    owner.back = OwnedBack(fastpath.OWN_LIMIT, 0, 5000, 3000, 3000, fastpath.OWN_F_SELF, 2, 2, 2000)
+    rx_before = t.core.counters.rx_packets
+    t.send(Op.CREDIT_UPDATE, buf_alloc=3000, fwd_cnt=3000)  # Python sees a packet: takes it back first
+    assert owner.taken == 1 and conn.own == -1 and t.core.owned == 0
+    # Python wrote one 3000-byte packet before lending; C wrote two more (2000 bytes)
+    assert t.core.counters.rx_packets == rx_before + 2 and conn.stats[2:] == [3, 5000]
+    assert t.core.counters.pump_updates == 2
+    assert conn.flags & Connection.SELF_UPDATES
+    # the update Python then read says fwd_cnt 3000: 2000 of tx_cnt 5000 in flight, 1000 free
+    pkts = t.drain()
+    rw = [h for h, _ in pkts if h.op == Op.RW]
+    assert sum(h.len for h in rw) == 1000 and conn.credit.tx_cnt == 6000
+
+
+@pytest.mark.parametrize("why", [fastpath.OWN_EOF, fastpath.OWN_AGAIN, fastpath.OWN_ERROR])
+def test_what_stopped_the_c_pump_is_dealt_with_as_python_would(why: int) -> None:
+    t, owner, conn = shut_window()
+    owner.back = OwnedBack(why, 104, 4000, 3000, 2000, 0, 1, 1, 1000)
+    t.peer.reading = False
+    t.core.owned_back(conn, owner.take_back(0))
+    ops = [h.op for h, _ in t.drain()]
+    if why == fastpath.OWN_EOF:
+        assert conn.host_eof and Op.SHUTDOWN in ops
+    elif why == fastpath.OWN_AGAIN:
+        assert t.peer.reading and not conn.flags & Connection.WAIT_CREDIT
+    else:
+        assert ops == [Op.RST] and t.peer.closed is True and not t.core.conns
+    assert conn.credit.tx_cnt == 4000 and t.core.counters.rx_bytes == 3000 + 1000
+
+
+def test_tick_asks_for_credit_only_when_the_c_pump_saw_no_update() -> None:
+    t, owner, conn = shut_window()
+    t.drain()
+    owner.lent["flags"] = fastpath.OWN_F_SELF  # C saw the guest update unasked: it is not asked at once
+    now = t.core.now + CREDIT_REQUEST_DELAY * 2
+    owner.steps = 3  # C took updates meanwhile: the window was not shut all along
+    t.core.tick(now)
+    assert conn.own == 0 and Op.CREDIT_REQUEST not in [h.op for h, _ in t.drain()]
+    t.core.tick(now + CREDIT_REQUEST_DELAY * 2)  # nothing since: taken back and asked
+    assert conn.own == -1 and [h.op for h, _ in t.drain()] == [Op.CREDIT_REQUEST]
+
+
+def test_guest_reset_of_a_lent_connection_folds_its_counts_and_closes() -> None:
+    t, owner, conn = shut_window()
+    owner.back = OwnedBack(fastpath.OWN_TAKEN, 0, 7000, 3000, 3000, 0, 2, 4, 4000)
+    t.send(Op.RST)
+    assert not t.core.conns and t.peer.closed is True and t.core.owned == 0
+    assert t.core.counters.pump_updates == 2 and conn.stats[3] == 3000 + 4000
+
+
+def test_counters_follow_the_c_pump_while_it_keeps_the_connection() -> None:
+    t, owner, conn = shut_window()
+    owner.pending = (5, 10, 10000)
+    before = t.core.counters.rx_bytes
+    t.core.sync_owned()
+    assert conn.own == 0 and t.core.counters.rx_bytes == before + 10000 and t.core.counters.pump_updates == 5
+    t.core.sync_owned()
+    assert t.core.counters.rx_bytes == before + 10000  # folded once
+
+
+# -- the real C pump ---------------------------------------------------------------------------
+
+def _pump_updates(vp: VsproxyProcess) -> int:
+    report = vp.report()
+    return int(report.split("c_pump_updates=")[1].split()[0])
+
+
+def test_c_pump_carries_host_data_hash_checked_and_python_sees_every_byte(start_vsproxy: Start,
+                                                                           workdir: str) -> None:
+    uds = os.path.join(workdir, "v.sock")
+    vp = start_vsproxy("--uds-path", uds)
+    data = os.urandom(8 * MiB)
+    with SimGuest(vp.socket_path, buf_alloc=256 * 1024, rx_buf_size=64 * 1024 + 44) as g:
+        lst = g.listen(6100)
+        host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        host.connect(uds)
+        host.sendall(b"CONNECT 6100\n")
+        gs = lst.accept(timeout=10)
+        assert host.recv(64).startswith(b"OK ")
+        def send() -> None:
+            host.sendall(data)
+            host.shutdown(socket.SHUT_WR)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        got = bytearray()
+        gs.drain(len(data), sink=lambda b: got.extend(b))
+        sender.join()
+        assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+        assert _pump_updates(vp) > 0
+        assert f"rx_bytes={len(data)}" in vp.report()  # what C wrote is in Python's counters
+        gs.close()
+        host.close()
+
+
+def test_c_pump_with_guest_data_on_the_same_connection_echoes_hash_checked(start_vsproxy: Start,
+                                                                            workdir: str) -> None:
+    from helpers import echo_many
+
+    uds = os.path.join(workdir, "v.sock")
+    vp = start_vsproxy("--uds-path", uds)
+    echo = unix_server(f"{uds}_5000")
+    payloads = [os.urandom(4 * MiB) for _ in range(3)]
+    with SimGuest(vp.socket_path, timeout=30, buf_alloc=64 * 1024) as g:
+        socks = [g.connect(5000) for _ in range(3)]
+        got = echo_many(g, socks, payloads, timeout=120)
+        assert _pump_updates(vp) > 0
+        for s in socks:
+            s.close()
+    assert [hashlib.sha256(x).digest() for x in got] == [hashlib.sha256(p).digest() for p in payloads]
+    echo.close()
