@@ -132,6 +132,19 @@ def tcp_server(**kw: object) -> EchoServer:
     return EchoServer(s, **kw)  # type: ignore[arg-type]
 
 
+def hybrid_connect(uds: str, guest: SimGuest, port: int) -> tuple[socket.socket, GuestSocket]:
+    """A host program's hybrid CONNECT into a guest listener on ``port``: the host socket (past
+    its OK line) and the guest's accepted socket."""
+    lst = guest.listen(port)
+    host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    host.connect(uds)
+    host.sendall(b"CONNECT %d\n" % port)
+    gs = lst.accept(timeout=10)
+    line = host.recv(64)
+    assert line.startswith(b"OK "), line
+    return host, gs
+
+
 def echo_many(guest: SimGuest, socks: list[GuestSocket], payloads: list[bytes], chunk: int = 32768,
               timeout: float = 60.0) -> list[bytes]:
     """Send each payload on its socket and read the echo back, interleaved so no one blocks."""

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 
 import pytest
-from helpers import VsproxyProcess, unix_server
+from helpers import VsproxyProcess, hybrid_connect, unix_server
 from test_vsock_core import FakePeer, Harness
 
 from vsproxy import fastpath
@@ -189,12 +189,7 @@ def test_c_pump_carries_host_data_hash_checked_and_python_sees_every_byte(start_
     vp = start_vsproxy("--uds-path", uds)
     data = os.urandom(8 * MiB)
     with SimGuest(vp.socket_path, buf_alloc=256 * 1024, rx_buf_size=64 * 1024 + 44) as g:
-        lst = g.listen(6100)
-        host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        host.connect(uds)
-        host.sendall(b"CONNECT 6100\n")
-        gs = lst.accept(timeout=10)
-        assert host.recv(64).startswith(b"OK ")
+        host, gs = hybrid_connect(uds, g, 6100)
         def send() -> None:
             host.sendall(data)
             host.shutdown(socket.SHUT_WR)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 import pytest
-from helpers import VsproxyProcess, echo_many, tcp_server, unix_server, wait_for
+from helpers import VsproxyProcess, echo_many, hybrid_connect, tcp_server, unix_server, wait_for
 
 from vsproxy.simguest import SimGuest
 from vsproxy.vhost_user import codec
@@ -443,12 +443,7 @@ def test_guest_posting_no_rx_buffers_pauses_host_reads_without_spinning(start_vs
     data = os.urandom(4 * MiB)
     # A guest window larger than its posted buffers (128 x 3776 bytes): the ring runs dry first.
     with SimGuest(vp.socket_path, buf_alloc=2 * MiB) as g:
-        lst = g.listen(6000)
-        host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        host.connect(uds)
-        host.sendall(b"CONNECT 6000\n")
-        gs = lst.accept(timeout=10)
-        assert host.recv(64).startswith(b"OK ")
+        host, gs = hybrid_connect(uds, g, 6000)
         g.driver.pause_rx()
         host.setblocking(False)
         sent = 0
