@@ -557,6 +557,13 @@ static inline void st16(uint8_t *mem, uint32_t w, uint16_t v) {
     __atomic_store_n((uint16_t *)mem + w, v, __ATOMIC_RELEASE);
 }
 
+/* The rx buffer of a used entry taken goes straight back, as Linux refills its rx ring. */
+static inline void sg_repost(uint8_t *mem, sg_ring *r, uint32_t head) {
+    ((uint16_t *)mem)[r->avail_ring_w + (r->avail_idx & r->mask)] = (uint16_t)head;
+    r->avail_idx++;
+    r->last_used++;
+}
+
 static void sg_kick(uint8_t *mem, sg_ring *r, int event_idx, uint64_t *kicks) {
     uint16_t new_idx = r->avail_idx, old = r->kicked_idx;
     if (new_idx == old) return;
@@ -625,9 +632,7 @@ static int sg_take_rx(uint8_t *mem, sg_blast_state *s) {
         s->peer_buf_alloc = x.buf_alloc;
         s->peer_fwd_cnt = x.fwd_cnt;
         /* the buffer goes straight back, as Linux refills its rx ring */
-        ((uint16_t *)mem)[r->avail_ring_w + (r->avail_idx & r->mask)] = (uint16_t)head;
-        r->avail_idx++;
-        r->last_used++;
+        sg_repost(mem, r, head);
     }
     if (r->avail_idx != before) st16(mem, r->avail_idx_w, r->avail_idx);
     if (s->event_idx) st16(mem, r->used_event_w, r->last_used);
@@ -727,9 +732,7 @@ int sg_drain(uint8_t *mem, sg_drain_state *s) {
                    virtio_transport_recv_connected), the buffer reposted first */
                 if (s->ctl_used == s->nctl) { stop = SG_RX; break; }
                 memcpy(s->headers + 44 * s->nheaders++, h, 44);
-                ((uint16_t *)mem)[r->avail_ring_w + (r->avail_idx & r->mask)] = (uint16_t)head;
-                r->avail_idx++;
-                r->last_used++;
+                sg_repost(mem, r, head);
                 st16(mem, r->avail_idx_w, r->avail_idx);
                 sg_send_credit(mem, s);
                 continue;
@@ -744,9 +747,7 @@ int sg_drain(uint8_t *mem, sg_drain_state *s) {
             s->fwd_cnt += plen;  /* the reader takes it at once */
             s->got += plen;
             s->packets++;
-            ((uint16_t *)mem)[r->avail_ring_w + (r->avail_idx & r->mask)] = (uint16_t)head;
-            r->avail_idx++;
-            r->last_used++;
+            sg_repost(mem, r, head);
             if (s->buf_alloc - (s->fwd_cnt - s->last_fwd_cnt) < 65536) {
                 st16(mem, r->avail_idx_w, r->avail_idx);  /* the buffers back before the credit */
                 if (!sg_send_credit(mem, s)) { stop = SG_CREDIT; break; }
