@@ -48,7 +48,8 @@ typedef struct {
     int32_t fd;
     uint32_t tx_cnt, peer_buf_alloc, peer_fwd_cnt;
     uint8_t hdr[44];       /* RW header to the guest; len is patched per packet */
-    uint32_t flags;        /* OWN_F_REQUESTED: credit was asked for; OWN_F_SELF: updates unasked */
+    uint32_t flags;        /* OWN_F_REQUESTED: credit was asked for; OWN_F_SELF: updates unasked;
+                              OWN_F_WAIT: the window is open and C waits for the host socket */
     uint32_t active;       /* 1 while C runs it */
     uint32_t release;      /* 0, or why C gave it back (OWN_*) */
     int32_t err;
@@ -71,6 +72,7 @@ typedef struct {
     uint32_t owned;      /* entries active */
     uint32_t own_ok;     /* 0 while anything is captured or tapped: C then only gives back */
     uint32_t released;   /* out: entries this call gave back */
+    uint32_t waits;      /* out: entries that began waiting for their host socket (OWN_F_WAIT) */
     uint16_t *consumed; uint32_t nconsumed;   /* out: heads of chains C handled entirely */
     const uint8_t *rx_desc; const uint16_t *rx_avail; uint32_t *rx_used; uint16_t *rx_used_idx_p;
     uint32_t rx_num; int rx_event_idx; int rx_call_fd; uint32_t rx_burst, rx_max_packets;
@@ -79,6 +81,7 @@ typedef struct {
 } vq_tx_ctx;
 
 int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap);
+int vq_own_fill(vq_tx_ctx *ctx, uint32_t slot);
 
 typedef struct {
     uint32_t packets;    /* rx chains filled and added to the used ring */
@@ -217,8 +220,8 @@ static inline void rd_desc(const uint8_t *p, uint64_t *addr, uint32_t *len, uint
     memcpy(addr, p, 8); memcpy(len, p + 8, 4); memcpy(flags, p + 12, 2); memcpy(next, p + 14, 2);
 }
 
-enum { OWN_F_REQUESTED = 1, OWN_F_SELF = 2 };
-enum { OWN_GUEST = 1, OWN_AGAIN = 2, OWN_EOF = 3, OWN_ERROR = 4, OWN_SLOW = 5, OWN_LIMIT = 6, OWN_ALL = 7 };
+enum { OWN_F_REQUESTED = 1, OWN_F_SELF = 2, OWN_F_WAIT = 4 };
+enum { OWN_GUEST = 1, OWN_EOF = 2, OWN_ERROR = 3, OWN_SLOW = 4, OWN_LIMIT = 5, OWN_ALL = 6 };
 static void own_release(vq_tx_ctx *ctx, vq_own *e, uint32_t why) {
     e->active = 0; e->release = why; ctx->owned--; ctx->released++;
 }
@@ -253,7 +256,7 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
     int seen_fast = 0, seen_slow = 0;
     vq_item *run = 0;
     *taken = n;
-    ctx->released = ctx->nconsumed = ctx->rx_chains = ctx->rx_notifications = 0;
+    ctx->released = ctx->nconsumed = ctx->rx_chains = ctx->rx_notifications = ctx->waits = 0;
     for (uint32_t i = 0; i < n; i++) {
         /* one aligned 16-bit load per avail entry */
         uint16_t head = __atomic_load_n(&avail[2 + ((uint16_t)(last_avail + i) & (num - 1))], __ATOMIC_ACQUIRE);
@@ -452,19 +455,14 @@ static void own_publish(vq_tx_ctx *ctx) {
     }
 }
 
-/* A CREDIT_UPDATE for an owned connection, with the effect VsockCore.guest_credit has: the
-   guest's credit taken, and if its window opened, host data read into the rx ring at once and
-   published. The connection goes back to Python whenever anything but a shut window is next. */
-static void own_credit(vq_tx_ctx *ctx, vq_own *e, uint32_t buf_alloc, uint32_t fwd_cnt) {
-    e->updates++;
-    e->credit_items++;
-    e->peer_buf_alloc = buf_alloc;
-    e->peer_fwd_cnt = fwd_cnt;
-    if (!(e->flags & OWN_F_REQUESTED)) e->flags |= OWN_F_SELF;
-    uint32_t in_flight = e->tx_cnt - fwd_cnt;
-    if (in_flight >= buf_alloc) return;  /* still shut (or a claim beyond what it could have consumed) */
-    uint32_t credit = buf_alloc - in_flight;
-    e->flags &= ~OWN_F_REQUESTED;
+/* Host data for an owned connection into the rx ring, as far as its credit, the burst and the
+   socket go, published at once. C keeps the connection while only its guest window (for a
+   guest that updates unasked) or its host socket (OWN_F_WAIT: Python watches the fd and calls
+   vq_own_fill when it is readable) holds it up; anything else gives it back. */
+static void own_fill(vq_tx_ctx *ctx, vq_own *e) {
+    uint32_t in_flight = e->tx_cnt - e->peer_fwd_cnt;
+    if (in_flight >= e->peer_buf_alloc) { e->flags &= ~OWN_F_WAIT; return; }  /* shut: wait for the guest */
+    uint32_t credit = e->peer_buf_alloc - in_flight;
     uint16_t avail_idx = __atomic_load_n(&ctx->rx_avail[1], __ATOMIC_ACQUIRE);
     uint32_t n = (uint16_t)(avail_idx - ctx->rx_last_avail);
     if (n == 0 || n > ctx->rx_num) { own_release(ctx, e, OWN_SLOW); return; }  /* Python decides */
@@ -485,15 +483,47 @@ static void own_credit(vq_tx_ctx *ctx, vq_own *e, uint32_t buf_alloc, uint32_t f
     switch (res.status) {
     case RX_LIMIT:
         /* The window is shut again: C keeps a connection whose guest updates unasked; one that
-           must be asked goes back, for Python asks (VsockCore.fill_rx). */
+           must be asked goes back, for Python asks (VsockCore.fill_rx). Credit left after a
+           burst goes back too: Python serves connections in turn. */
         if (e->tx_cnt - e->peer_fwd_cnt < e->peer_buf_alloc || !(e->flags & OWN_F_SELF))
             own_release(ctx, e, OWN_LIMIT);
+        else
+            e->flags &= ~OWN_F_WAIT;
         break;
     case RX_SLOW: own_release(ctx, e, OWN_SLOW); break;
     case RX_EOF: own_release(ctx, e, OWN_EOF); break;
     case RX_ERROR: e->err = res.err; own_release(ctx, e, OWN_ERROR); break;
-    default: own_release(ctx, e, OWN_AGAIN); break;  /* RX_AGAIN, RX_SHORT: the socket ran dry */
+    default:
+        /* RX_AGAIN, RX_SHORT: the socket ran dry with credit left. C keeps the connection and
+           Python watches the socket for it. */
+        if (!(e->flags & OWN_F_WAIT)) { e->flags |= OWN_F_WAIT; ctx->waits++; }
+        break;
     }
+}
+
+/* A CREDIT_UPDATE for an owned connection, with the effect VsockCore.guest_credit has: the
+   guest's credit taken, and if its window opened, host data read into the rx ring at once. */
+static void own_credit(vq_tx_ctx *ctx, vq_own *e, uint32_t buf_alloc, uint32_t fwd_cnt) {
+    e->updates++;
+    e->credit_items++;
+    e->peer_buf_alloc = buf_alloc;
+    e->peer_fwd_cnt = fwd_cnt;
+    if (!(e->flags & OWN_F_REQUESTED)) e->flags |= OWN_F_SELF;
+    if (e->tx_cnt - fwd_cnt >= buf_alloc) return;  /* still shut (or a claim beyond what it could have consumed) */
+    e->flags &= ~OWN_F_REQUESTED;
+    own_fill(ctx, e);
+}
+
+/* The host socket of an owned connection waiting for data (OWN_F_WAIT) became readable.
+   Returns 1 if C still waits for the socket, 0 if it keeps the connection but waits for the
+   guest's credit (Python stops watching), -1 if it gave the connection back. */
+int vq_own_fill(vq_tx_ctx *ctx, uint32_t slot) {
+    ctx->released = ctx->rx_chains = ctx->rx_notifications = ctx->waits = 0;
+    if (slot >= ctx->nown || !ctx->own[slot].active) return -1;
+    vq_own *e = &ctx->own[slot];
+    own_fill(ctx, e);
+    if (!e->active) return -1;
+    return (e->flags & OWN_F_WAIT) ? 1 : 0;
 }
 
 /* One header-only packet (a control packet) into the next rx chain, if it has the Linux

@@ -486,6 +486,8 @@ class FrontendSession(CoreHooks):
             txq.counters.chains += len(done)
         for conn, back in fast.released:
             core.owned_back(conn, back)  # type: ignore[arg-type]
+        for conn in fast.waiting:
+            core.owned_waiting(conn)  # type: ignore[arg-type]
         try:
             for item in items:
                 if isinstance(item, Slow):
@@ -556,8 +558,8 @@ class FrontendSession(CoreHooks):
 
     # -- CoreHooks ---------------------------------------------------------------
     def readable(self, conn: Connection) -> None:
-        self.core.peer_readable(conn)
-        self.kick_pump()
+        if self.core.peer_readable(conn):
+            self.kick_pump()
 
     def writable(self, conn: Connection) -> None:
         self.core.peer_writable(conn)

@@ -36,9 +36,11 @@ SLOW = 1
 CREDIT = 2
 # Connections C may run at once between credit updates; more wait for a free slot in Python.
 OWN_SLOTS = 64
-OWN_F_REQUESTED, OWN_F_SELF = 1, 2
+OWN_F_REQUESTED, OWN_F_SELF, OWN_F_WAIT = 1, 2, 4
+# What vq_own_fill left: C waits for the host socket, for the guest's credit, or gave it back.
+FILL_WAIT_HOST, FILL_WAIT_GUEST, FILL_BACK = 1, 0, -1
 # Why C gave a connection back (vq_own.release); OWN_TAKEN: Python took it.
-OWN_TAKEN, OWN_GUEST, OWN_AGAIN, OWN_EOF, OWN_ERROR, OWN_SLOW, OWN_LIMIT, OWN_ALL = range(8)
+OWN_TAKEN, OWN_GUEST, OWN_EOF, OWN_ERROR, OWN_SLOW, OWN_LIMIT, OWN_ALL = range(7)
 
 
 class OwnedBack(NamedTuple):
@@ -212,6 +214,7 @@ class TxFastPath(_RingPath):
         self._call_fd: Callable[[], int] = _no_fd
         self.consumed: list[int] = []  # heads of the last batch's chains C handled entirely
         self.released: list[tuple[object, OwnedBack]] = []  # what the last batch gave back
+        self.waiting: list[object] = []  # owned connections whose host socket the last call found dry
 
     # -- owned connections: C takes their credit updates and refills the rx ring itself ------------
     def attach_rx(self, rx: RxFastPath, call_fd: Callable[[], int], burst: int, max_packets: int) -> bool:
@@ -277,6 +280,40 @@ class TxFastPath(_RingPath):
         return OwnedBack(why, e.err, e.tx_cnt, e.peer_buf_alloc, e.peer_fwd_cnt, e.flags, e.credit_items,
                          e.packets, e.bytes)
 
+    def fill(self, slot: int) -> OwnedBack | bool:
+        """The host socket of a connection C waits for (``waiting``) is readable: C reads it into
+        the rx ring. True: C still waits for the socket; False: it keeps the connection but
+        waits for the guest's credit (stop watching the socket); else it gave it back: why."""
+        rx = self._rx
+        if rx is None:
+            return self.take_back(slot)
+        self._load_rx(rx.q)
+        r = int(lib.vq_own_fill(self._ctx, slot))
+        self._store_rx(rx.q)
+        if r == FILL_BACK:
+            released, self.released = self.released, []
+            return released[0][1] if released else self.take_back(slot)
+        return r == FILL_WAIT_HOST
+
+    def _load_rx(self, rx: SplitQueue) -> None:
+        ctx = self._ctx
+        ctx.rx_last_avail, ctx.rx_used_idx, ctx.rx_signalled = rx.last_avail_idx, rx.used_idx, rx._signalled_used
+        ctx.rx_call_fd = self._call_fd()
+
+    def _store_rx(self, rx: SplitQueue) -> None:
+        """What C did to the rx queue and the owned connections, in Python's shadows."""
+        ctx = self._ctx
+        if ctx.rx_chains:
+            rx.last_avail_idx, rx.used_idx = ctx.rx_last_avail, ctx.rx_used_idx
+            rx._signalled_used = ctx.rx_signalled
+            rx.counters.chains += ctx.rx_chains
+            rx.counters.notifications += ctx.rx_notifications
+        own, tokens = self._own, self._tokens
+        self.released = ([(tokens[k], self._back(k, 0)) for k in range(OWN_SLOTS)
+                          if tokens[k] is not None and not own[k].active] if ctx.released else [])
+        self.waiting = ([tokens[k] for k in range(OWN_SLOTS) if tokens[k] is not None and own[k].active
+                         and own[k].flags & OWN_F_WAIT] if ctx.waits else [])
+
     def batch(self) -> list[Run | Slow | CreditItem]:
         """Take the next chains. The scratch buffer is reused by the next call: whatever the
         caller keeps of a run's segments must be copied or sent before then. Capturing, the
@@ -289,23 +326,16 @@ class TxFastPath(_RingPath):
         ctx = self._ctx
         rx = self._rx.q if ctx.owned and self._rx is not None else None
         if rx is not None:
-            ctx.rx_last_avail, ctx.rx_used_idx, ctx.rx_signalled = rx.last_avail_idx, rx.used_idx, rx._signalled_used
-            ctx.rx_call_fd = self._call_fd()
+            self._load_rx(rx)
             ctx.own_ok = 0 if self.taps.active else 1  # C writes no capture records for them
         count = lib.vq_tx_batch(ctx, q.last_avail_idx, n, self.capture.arm(self.taps.sink, self.device))
         if count < 0:  # pragma: no cover - MAX_ITEMS >= limit, so items cannot run out
             raise RuntimeError("vq_tx_batch: item array too small")
         if rx is not None:
-            if ctx.rx_chains:
-                rx.last_avail_idx, rx.used_idx = ctx.rx_last_avail, ctx.rx_used_idx
-                rx._signalled_used = ctx.rx_signalled
-                rx.counters.chains += ctx.rx_chains
-                rx.counters.notifications += ctx.rx_notifications
+            self._store_rx(rx)
             self.consumed = ffi.unpack(self._consumed, ctx.nconsumed) if ctx.nconsumed else []
-            self.released = ([(self._tokens[k], self._back(k, 0)) for k in range(OWN_SLOTS)
-                              if self._tokens[k] is not None and not self._own[k].active] if ctx.released else [])
         else:
-            self.consumed, self.released = [], []
+            self.consumed, self.released, self.waiting = [], [], []
         n = ctx.taken
         q.last_avail_idx = (q.last_avail_idx + n) & 0xFFFF
         heads = ffi.unpack(self._heads, n)

@@ -78,6 +78,7 @@ class Counters:
     timeouts: int = 0
     short_rx_buffers: int = 0
     pump_updates: int = 0  # CREDIT_UPDATEs the C pump took (and refilled from) without Python
+    pump_reads: int = 0  # host socket wake-ups the C pump served, Python only passing them on
     drops: dict[str, int] = field(default_factory=dict)
 
     def drop(self, reason: str) -> None:
@@ -90,6 +91,7 @@ class Owner(Protocol):
     def own(self, token: object, key: tuple[int, int, int, int], fd: int, tx_cnt: int, peer_buf_alloc: int,
             peer_fwd_cnt: int, hdr: bytes, flags: int) -> int: ...
     def take_back(self, slot: int) -> fastpath.OwnedBack: ...
+    def fill(self, slot: int) -> fastpath.OwnedBack | bool: ...
     def progress(self, slot: int) -> int: ...
     def counts(self, slot: int) -> tuple[int, int, int]: ...
 
@@ -534,10 +536,20 @@ class VsockCore:
 
     # ------------------------------------------------------------------
     # events from the I/O shell
-    def peer_readable(self, conn: Connection) -> None:
-        if conn.own >= 0:
-            self._reclaim(conn)
+    def peer_readable(self, conn: Connection) -> bool:
+        """The host socket has data (or EOF). False when C served it: nothing for the pump."""
+        if conn.own >= 0 and self.owner is not None:
+            # C runs it and waited for this socket (owned_waiting): C reads it, without Python
+            got = self.owner.fill(conn.own)
+            self.counters.pump_reads += 1
+            if got is True:
+                return False
+            if got is False:  # the guest's window shut again: C waits for its credit update
+                conn.peer.watch_read(False)
+                return False
+            self.owned_back(conn, got)
         self._make_ready(conn)
+        return True
 
     def peer_writable(self, conn: Connection) -> None:
         if conn.own >= 0:
@@ -877,15 +889,15 @@ class VsockCore:
             self._host_eof(conn)
         elif why == fastpath.OWN_ERROR:
             self._peer_error(conn, OSError(back.err, os.strerror(back.err)))
-        elif why == fastpath.OWN_AGAIN:
-            # the socket ran dry: wait for it, with whatever credit is left
-            if cr.peer_free() > 0:
-                conn.flags &= ~(Connection.WAIT_CREDIT | Connection.CREDIT_REQUESTED)
-            conn.peer.watch_read(True)
         else:
             self._credit_changed(conn)  # credit left: ready again; else still waiting, asked at tick
             if conn.flags & Connection.WAIT_CREDIT:
                 conn.credit_wait = self.now
+
+    def owned_waiting(self, conn: Connection) -> None:
+        """C keeps the connection with credit left and its host socket dry: Python watches the
+        socket for C (peer_readable)."""
+        conn.peer.watch_read(True)
 
     def _fold(self, conn: Connection, credit_items: int, packets: int, nbytes: int) -> None:
         c = self.counters
