@@ -228,6 +228,7 @@ def test_c_pump_carries_host_data_hash_checked_and_python_sees_every_byte(start_
         sender.join()
         assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
         assert _pump_updates(vp) > 0
+        assert _pump_updates(vp, "c_pump_kicks") > 0  # kicks C took to the end, no Python pump turn
         assert f"rx_bytes={len(data)}" in vp.report()  # what C wrote is in Python's counters
         gs.close()
         host.close()

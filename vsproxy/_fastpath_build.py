@@ -78,10 +78,17 @@ typedef struct {
     uint32_t rx_num; int rx_event_idx; int rx_call_fd; uint32_t rx_burst, rx_max_packets;
     uint16_t rx_last_avail, rx_used_idx, rx_signalled;   /* Python's shadows, in and out */
     uint32_t rx_chains, rx_notifications;                /* out: added by this call */
+    /* the tx queue's used side, for vq_tx_kick */
+    uint32_t *tx_used; uint16_t *tx_used_idx_p; uint16_t *tx_avail_event_p; int tx_event_idx;
+    int tx_call_fd, kick_fd; uint32_t limit;
+    uint16_t tx_last_avail, tx_used_idx, tx_signalled;   /* Python's shadows, in and out */
+    uint32_t tx_chains, tx_notifications;                /* out: added by vq_tx_kick */
+    int32_t kick_items;  /* out: items of the batch vq_tx_kick left for Python */
 } vq_tx_ctx;
 
 int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap);
 int vq_own_fill(vq_tx_ctx *ctx, uint32_t slot);
+int vq_tx_kick(vq_tx_ctx *ctx);
 
 typedef struct {
     uint32_t packets;    /* rx chains filled and added to the used ring */
@@ -432,27 +439,33 @@ int vq_rx_fill(const uint8_t *base_, uint64_t region_gpa, uint64_t region_size,
     return 0;
 }
 
-/* used->idx published for what C added, and the guest interrupted if it asked (as
-   SplitQueue.publish). */
-static void own_publish(vq_tx_ctx *ctx) {
-    uint16_t new_idx = ctx->rx_used_idx, old = ctx->rx_signalled;
-    if (new_idx == old) return;
-    __atomic_store_n(ctx->rx_used_idx_p, new_idx, __ATOMIC_RELEASE);
+/* used->idx published, and the guest interrupted if it asked (as SplitQueue.publish).
+   Returns 1 if it was interrupted. */
+static int ring_publish(uint16_t *used_idx_p, const uint16_t *avail, uint32_t num, int event_idx, int call_fd,
+                        uint16_t new_idx, uint16_t *signalled) {
+    uint16_t old = *signalled;
+    if (new_idx == old) return 0;
+    __atomic_store_n(used_idx_p, new_idx, __ATOMIC_RELEASE);
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    ctx->rx_signalled = new_idx;
+    *signalled = new_idx;
     int need;
-    if (ctx->rx_event_idx) {
-        uint16_t ev = __atomic_load_n(&ctx->rx_avail[2 + ctx->rx_num], __ATOMIC_ACQUIRE);
+    if (event_idx) {
+        uint16_t ev = __atomic_load_n(&avail[2 + num], __ATOMIC_ACQUIRE);
         need = (uint16_t)(new_idx - ev - 1) < (uint16_t)(new_idx - old);
     } else {
-        need = !(__atomic_load_n(&ctx->rx_avail[0], __ATOMIC_ACQUIRE) & 1);
+        need = !(__atomic_load_n(&avail[0], __ATOMIC_ACQUIRE) & 1);
     }
     if (need) {
         uint64_t one = 1;
-        ssize_t w = write(ctx->rx_call_fd, &one, 8);  /* EAGAIN: the counter is full, an interrupt is pending */
+        ssize_t w = write(call_fd, &one, 8);  /* EAGAIN: the counter is full, an interrupt is pending */
         (void)w;
-        ctx->rx_notifications++;
     }
+    return need;
+}
+
+static void own_publish(vq_tx_ctx *ctx) {
+    ctx->rx_notifications += ring_publish(ctx->rx_used_idx_p, ctx->rx_avail, ctx->rx_num, ctx->rx_event_idx,
+                                          ctx->rx_call_fd, ctx->rx_used_idx, &ctx->rx_signalled);
 }
 
 /* Host data for an owned connection into the rx ring, as far as its credit, the burst and the
@@ -524,6 +537,60 @@ int vq_own_fill(vq_tx_ctx *ctx, uint32_t slot) {
     own_fill(ctx, e);
     if (!e->active) return -1;
     return (e->flags & OWN_F_WAIT) ? 1 : 0;
+}
+
+/* The guest kicked the tx queue of a device whose connections C runs, nothing captured: C
+   reads the kick, takes the chains, and as long as every chain is a credit update it handles
+   itself, returns them, publishes, re-enables kicks and looks again, with no turn through
+   Python. Returns 0 when the ring is empty and kicks are on again; 1 when the last batch has
+   something for Python (items, kick_items of them, or connections given back: its consumed
+   heads are Python's to return); 2 when Python's pump must look (an avail index
+   jump, or a guest still sending after 16 batches). The tx shadows and counters are stored
+   back in every case, and waits counts the connections that began waiting for their socket. */
+int vq_tx_kick(vq_tx_ctx *ctx) {
+    uint64_t v;
+    ssize_t r = read(ctx->kick_fd, &v, 8);  /* EAGAIN: a kick read already, or a look without one */
+    (void)r;
+    uint32_t rx_chains = 0, rx_notifications = 0, waits = 0, num = ctx->num, status = 0;
+    static vq_cap nocap;
+    ctx->tx_chains = ctx->tx_notifications = 0;
+    ctx->kick_items = 0;
+    for (int armed = 0, rounds = 0;;) {
+        if (++rounds > 16) { status = 2; break; }  /* a guest that never stops: the loop's other fds get a turn */
+        uint16_t avail_idx = __atomic_load_n(&ctx->avail[1], __ATOMIC_ACQUIRE);
+        uint32_t n = (uint16_t)(avail_idx - ctx->tx_last_avail);
+        if (n > num) { status = 2; break; }
+        if (n == 0) {
+            if (armed) break;
+            /* as SplitQueue.enable_kicks: ask for a kick at the next entry, then look again */
+            if (ctx->tx_event_idx) __atomic_store_n(ctx->tx_avail_event_p, ctx->tx_last_avail, __ATOMIC_RELEASE);
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            armed = 1;
+            continue;
+        }
+        armed = 0;
+        if (n > ctx->limit) n = ctx->limit;
+        int count = vq_tx_batch(ctx, ctx->tx_last_avail, n, &nocap);
+        rx_chains += ctx->rx_chains;
+        rx_notifications += ctx->rx_notifications;
+        ctx->tx_last_avail += ctx->taken;
+        waits += ctx->waits;
+        if (count != 0 || ctx->released) { ctx->kick_items = count; status = 1; break; }
+        for (uint32_t k = 0; k < ctx->nconsumed; k++) {
+            uint32_t slot = (uint16_t)(ctx->tx_used_idx + k) & (num - 1);
+            ctx->tx_used[2 * slot] = ctx->consumed[k];
+            ctx->tx_used[2 * slot + 1] = 0;
+        }
+        ctx->tx_used_idx += ctx->nconsumed;
+        ctx->tx_chains += ctx->nconsumed;
+        ctx->nconsumed = 0;
+    }
+    ctx->tx_notifications += ring_publish(ctx->tx_used_idx_p, ctx->avail, num, ctx->tx_event_idx, ctx->tx_call_fd,
+                                          ctx->tx_used_idx, &ctx->tx_signalled);
+    ctx->rx_chains = rx_chains;
+    ctx->rx_notifications = rx_notifications;
+    ctx->waits = waits;
+    return (int)status;
 }
 
 /* One header-only packet (a control packet) into the next rx chain, if it has the Linux

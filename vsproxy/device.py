@@ -388,6 +388,8 @@ class FrontendSession(CoreHooks):
         fd = self.kick_fds[index]
         if fd is None:
             return
+        if index == TX_QUEUE and self._c_kick(fd):
+            return
         try:
             os.read(fd, 8)
         except (BlockingIOError, InterruptedError):
@@ -396,6 +398,26 @@ class FrontendSession(CoreHooks):
             self.end(f"kick fd of vring {index}: {e}", error=True)
             return
         self.kick_pump()
+
+    def _c_kick(self, kick_fd: int) -> bool:
+        """A tx kick while C runs connections and nothing else waits for Python: C takes the
+        guest's credit updates, refills the rx ring and re-enables kicks itself (vq_tx_kick);
+        Python steps in only for what C leaves. False: the ordinary pump takes the kick."""
+        core, txq, fast = self.core, self.queues[TX_QUEUE], self._fastpaths[TX_QUEUE]
+        if (not core.owned or fast is None or txq is None or fast.q is not txq or self._pump_scheduled
+                or self.closed or core.control or core.ready or core.taps.active or txq.broken):
+            return False
+        call_fd = self.call_fds[TX_QUEUE]
+        items = fast.kick(kick_fd, -1 if call_fd is None else call_fd)
+        if items is None:
+            core.counters.pump_kicks += 1
+            for conn in fast.waiting:
+                core.owned_waiting(conn)  # type: ignore[arg-type]
+        else:
+            core.now = self.loop.time()
+            self._process_tx_fast(txq, fast, items)
+            self.pump()
+        return True
 
     def kick_pump(self) -> None:
         if not self._pump_scheduled and not self.closed:
@@ -475,9 +497,12 @@ class FrontendSession(CoreHooks):
             hdr, payload = _split_header(segs)
             self.core.guest_packet(hdr, payload, chain.read_len - HDR_SIZE)
 
-    def _process_tx_fast(self, txq: SplitQueue, fast: TxFastPath) -> int:
+    def _process_tx_fast(self, txq: SplitQueue, fast: TxFastPath,
+                         items: list[Run | Slow | CreditItem] | None = None) -> int:
+        """One batch of the C path, or what ``fast.kick`` left (``items``)."""
         core = self.core
-        items = fast.batch()
+        if items is None:
+            items = fast.batch()
         capture = fast.capture  # capturing: the runs' records already stand in its chunk
         # Chains C handled itself (credit updates of connections it runs), and connections it
         # gave back, which must be Python's again before any item of theirs is looked at.

@@ -208,6 +208,13 @@ class TxFastPath(_RingPath):
         self._own = ffi.new("vq_own[]", OWN_SLOTS)
         self._consumed = ffi.new("uint16_t[]", limit)
         c.own, c.nown, c.owned, c.consumed = self._own, OWN_SLOTS, 0, self._consumed
+        # the used side, for kick()
+        self._keep.append(q._used16)
+        used = self._used_buf = ffi.from_buffer("uint8_t[]", q._used16.cast("B"))
+        self._release.append(used)
+        c.tx_used, c.tx_used_idx_p = ffi.cast("uint32_t *", used) + 1, ffi.cast("uint16_t *", used) + 1
+        c.tx_avail_event_p = ffi.cast("uint16_t *", used) + 2 + 4 * q.num
+        c.tx_event_idx, c.limit = 1 if q.event_idx else 0, limit
         self._tokens: list[object | None] = [None] * OWN_SLOTS
         self._free_slots = list(range(OWN_SLOTS - 1, -1, -1))
         self._rx: RxFastPath | None = None
@@ -336,9 +343,40 @@ class TxFastPath(_RingPath):
             self.consumed = ffi.unpack(self._consumed, ctx.nconsumed) if ctx.nconsumed else []
         else:
             self.consumed, self.released, self.waiting = [], [], []
-        n = ctx.taken
-        q.last_avail_idx = (q.last_avail_idx + n) & 0xFFFF
-        heads = ffi.unpack(self._heads, n)
+        q.last_avail_idx = (q.last_avail_idx + ctx.taken) & 0xFFFF
+        return self._records(count)
+
+    def kick(self, kick_fd: int, call_fd: int) -> list[Run | Slow | CreditItem] | None:
+        """The guest kicked the tx queue while C runs connections and nothing is captured or
+        tapped: C reads the kick and handles what it can alone (vq_tx_kick). None: every chain
+        was handled and returned, kicks are on again (``waiting`` still to be watched).
+        Otherwise the caller goes on as after ``batch``, with these items (maybe none) and
+        ``consumed``/``released``/``waiting``, then runs the pump."""
+        q, ctx = self.q, self._ctx
+        rx = self._rx.q if self._rx is not None else None
+        if rx is not None:
+            self._load_rx(rx)
+        ctx.own_ok = 1
+        self.capture.arm(None, self.device)  # nothing captured: C writes no records (and the caller checked)
+        ctx.kick_fd, ctx.tx_call_fd = kick_fd, call_fd
+        ctx.tx_last_avail, ctx.tx_used_idx, ctx.tx_signalled = q.last_avail_idx, q.used_idx, q._signalled_used
+        status = lib.vq_tx_kick(ctx)
+        q.last_avail_idx, q.used_idx, q._signalled_used = ctx.tx_last_avail, ctx.tx_used_idx, ctx.tx_signalled
+        q.counters.chains += ctx.tx_chains
+        q.counters.notifications += ctx.tx_notifications
+        if rx is not None:
+            self._store_rx(rx)
+        if status == 0:
+            return None
+        if status != 1:
+            self.consumed = []
+            return []
+        self.consumed = ffi.unpack(self._consumed, ctx.nconsumed) if ctx.nconsumed else []
+        return self._records(ctx.kick_items)
+
+    def _records(self, count: int) -> list[Run | Slow | CreditItem]:
+        """The last vq_tx_batch call's items, as records."""
+        heads = ffi.unpack(self._heads, self._ctx.taken)
         out: list[Run | Slow | CreditItem] = []
         view, scratch = self._view, self._scratch_view
         kinds, offs, lens = self._seg_kind, self._seg_off, self._seg_len

@@ -79,6 +79,7 @@ class Counters:
     short_rx_buffers: int = 0
     pump_updates: int = 0  # CREDIT_UPDATEs the C pump took (and refilled from) without Python
     pump_reads: int = 0  # host socket wake-ups the C pump served, Python only passing them on
+    pump_kicks: int = 0  # tx kicks C took to the end (vq_tx_kick), with no Python pump turn
     drops: dict[str, int] = field(default_factory=dict)
 
     def drop(self, reason: str) -> None:
