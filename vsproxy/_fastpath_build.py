@@ -81,6 +81,7 @@ typedef struct {
     /* the tx queue's used side, for vq_tx_kick */
     uint32_t *tx_used; uint16_t *tx_used_idx_p; uint16_t *tx_avail_event_p; int tx_event_idx;
     int tx_call_fd, kick_fd; uint32_t limit;
+    uint32_t spin_ns;    /* how long vq_tx_kick watches the avail ring before it re-enables kicks */
     uint16_t tx_last_avail, tx_used_idx, tx_signalled;   /* Python's shadows, in and out */
     uint32_t tx_chains, tx_notifications;                /* out: added by vq_tx_kick */
     int32_t kick_items;  /* out: items of the batch vq_tx_kick left for Python */
@@ -547,6 +548,24 @@ int vq_own_fill(vq_tx_ctx *ctx, uint32_t slot) {
    heads are Python's to return); 2 when Python's pump must look (an avail index
    jump, or a guest still sending after 16 batches). The tx shadows and counters are stored
    back in every case, and waits counts the connections that began waiting for their socket. */
+#include <time.h>
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+/* 1 if the guest made a new tx entry available within spin_ns */
+static int tx_spin(vq_tx_ctx *ctx) {
+    uint64_t end = now_ns() + ctx->spin_ns;
+    do {
+        for (int k = 0; k < 64; k++) {
+            if (__atomic_load_n(&ctx->avail[1], __ATOMIC_ACQUIRE) != ctx->tx_last_avail) return 1;
+            __builtin_ia32_pause();
+        }
+    } while (now_ns() < end);
+    return 0;
+}
+
 int vq_tx_kick(vq_tx_ctx *ctx) {
     uint64_t v;
     ssize_t r = read(ctx->kick_fd, &v, 8);  /* EAGAIN: a kick read already, or a look without one */
@@ -555,13 +574,19 @@ int vq_tx_kick(vq_tx_ctx *ctx) {
     static vq_cap nocap;
     ctx->tx_chains = ctx->tx_notifications = 0;
     ctx->kick_items = 0;
-    for (int armed = 0, rounds = 0;;) {
+    for (int armed = 0, rounds = 0, spun = 0;;) {
         if (++rounds > 16) { status = 2; break; }  /* a guest that never stops: the loop's other fds get a turn */
         uint16_t avail_idx = __atomic_load_n(&ctx->avail[1], __ATOMIC_ACQUIRE);
         uint32_t n = (uint16_t)(avail_idx - ctx->tx_last_avail);
         if (n > num) { status = 2; break; }
         if (n == 0) {
             if (armed) break;
+            if (ctx->spin_ns && !spun) {
+                /* The guest's next credit update is usually a window's drain away: watching for
+                   it saves the kick (and the wake-up) it would cost. */
+                spun = 1;
+                if (tx_spin(ctx)) continue;
+            }
             /* as SplitQueue.enable_kicks: ask for a kick at the next entry, then look again */
             if (ctx->tx_event_idx) __atomic_store_n(ctx->tx_avail_event_p, ctx->tx_last_avail, __ATOMIC_RELEASE);
             __atomic_thread_fence(__ATOMIC_SEQ_CST);
