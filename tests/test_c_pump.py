@@ -283,3 +283,28 @@ def test_c_pump_with_guest_data_on_the_same_connection_echoes_hash_checked(start
             s.close()
     assert [hashlib.sha256(x).digest() for x in got] == [hashlib.sha256(p).digest() for p in payloads]
     echo.close()
+
+
+def test_an_avail_index_jump_while_c_runs_a_connection_breaks_only_that_queue(start_vsproxy: Start,
+                                                                              workdir: str) -> None:
+    """A hostile guest kicks with a tx avail index past the queue size while C runs one of its
+    connections (vq_tx_kick): C hands the ring to Python's check, which counts it; vsproxy lives."""
+    import time
+
+    uds = os.path.join(workdir, "v.sock")
+    vp = start_vsproxy("--uds-path", uds)
+    with SimGuest(vp.socket_path, buf_alloc=64 * 1024, rx_buf_size=64 * 1024 + 44) as g:
+        host, _gs = hybrid_connect(uds, g, 6102)
+        host.sendall(os.urandom(160 * 1024))  # more than the guest's window, which it does not read
+        time.sleep(0.3)  # vsproxy fills the window and lends the connection to C
+        assert "bad_chains=0" in vp.report()
+        tx = g.rings[1]
+        tx.set_avail_idx(tx.avail_idx + 1000)
+        assert g.frontend is not None
+        g.frontend.kick(1)
+        deadline = time.monotonic() + 10
+        while "bad_chains=0" in vp.report() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "bad_chains=1" in vp.report()
+        assert vp.proc.poll() is None
+        host.close()
