@@ -679,6 +679,19 @@ static inline void st16(uint8_t *mem, uint32_t w, uint16_t v) {
     __atomic_store_n((uint16_t *)mem + w, v, __ATOMIC_RELEASE);
 }
 
+/* The next used rx entry, checked as a guest driver checks it (a head it posted, room for a
+   header): its head, used length and buffer, or 0 for SG_RX (Python's to look at). */
+static inline const uint8_t *sg_next_rx(uint8_t *mem, const sg_ring *r, const uint32_t *rx_off, uint32_t *head,
+                                        uint32_t *len) {
+    const uint32_t *u32 = (const uint32_t *)mem;
+    uint32_t slot = r->used_ring_d + 2 * (r->last_used & r->mask);
+    uint32_t h = u32[slot], l = u32[slot + 1];
+    if (h > r->mask || !r->inflight[h] || l < HDR) return 0;
+    *head = h;
+    *len = l;
+    return mem + rx_off[h];
+}
+
 /* The rx buffer of a used entry taken goes straight back, as Linux refills its rx ring. */
 static inline void sg_repost(uint8_t *mem, sg_ring *r, uint32_t head) {
     ((uint16_t *)mem)[r->avail_ring_w + (r->avail_idx & r->mask)] = (uint16_t)head;
@@ -735,15 +748,13 @@ static int sg_reclaim_tx(uint8_t *mem, sg_blast_state *s) {
 static int sg_take_rx(uint8_t *mem, sg_blast_state *s) {
     sg_ring *r = &s->rx;
     uint16_t used = ld16(mem, r->used_idx_w);
-    uint32_t *u32 = (uint32_t *)mem;
     int stop = 0;
     uint16_t before = r->avail_idx;
     while (r->last_used != used) {
         if (s->nheaders == s->max_headers) { stop = SG_HEADERS; break; }
-        uint32_t slot = r->used_ring_d + 2 * (r->last_used & r->mask);
-        uint32_t head = u32[slot], len = u32[slot + 1];
-        if (head > r->mask || !r->inflight[head] || len < HDR) { stop = SG_RX; break; }
-        const uint8_t *h = mem + s->rx_off[head];
+        uint32_t head, len;
+        const uint8_t *h = sg_next_rx(mem, r, s->rx_off, &head, &len);
+        if (!h) { stop = SG_RX; break; }
         sg_hdr x;
         sg_read_hdr(h, &x);
         if (x.op != 6 || x.len != 0
@@ -834,17 +845,15 @@ static int sg_send_credit(uint8_t *mem, sg_drain_state *s) {
 
 int sg_drain(uint8_t *mem, sg_drain_state *s) {
     sg_ring *r = &s->rx;
-    uint32_t *u32 = (uint32_t *)mem;
     for (;;) {
         uint16_t used = ld16(mem, r->used_idx_w);
         uint16_t before = r->avail_idx;
         int stop = 0;
         while (r->last_used != used && s->got < s->want) {
             if (s->nheaders == s->max_headers) { stop = SG_HEADERS; break; }
-            uint32_t slot = r->used_ring_d + 2 * (r->last_used & r->mask);
-            uint32_t head = u32[slot], len = u32[slot + 1];
-            if (head > r->mask || !r->inflight[head] || len < HDR) { stop = SG_RX; break; }
-            const uint8_t *h = mem + s->rx_off[head];
+            uint32_t head, len;
+            const uint8_t *h = sg_next_rx(mem, r, s->rx_off, &head, &len);
+            if (!h) { stop = SG_RX; break; }
             sg_hdr x;
             sg_read_hdr(h, &x);
             uint32_t plen = x.len;
