@@ -411,8 +411,7 @@ class FrontendSession(CoreHooks):
         items = fast.kick(kick_fd, -1 if call_fd is None else call_fd)
         if items is None:
             core.counters.pump_kicks += 1
-            for conn in fast.waiting:
-                core.owned_waiting(conn)  # type: ignore[arg-type]
+            self._owned_news(fast)
         else:
             core.now = self.loop.time()
             self._process_tx_fast(txq, fast, items)
@@ -509,10 +508,7 @@ class FrontendSession(CoreHooks):
         done: list[int] = fast.consumed
         if done:
             txq.counters.chains += len(done)
-        for conn, back in fast.released:
-            core.owned_back(conn, back)  # type: ignore[arg-type]
-        for conn in fast.waiting:
-            core.owned_waiting(conn)  # type: ignore[arg-type]
+        self._owned_news(fast)
         try:
             for item in items:
                 if isinstance(item, Slow):
@@ -538,6 +534,15 @@ class FrontendSession(CoreHooks):
             core.flush_host()
             txq.push_many(done, 0)
         return len(items)
+
+    def _owned_news(self, fast: TxFastPath) -> None:
+        """What C's last call did to the connections it runs: those it gave back are Python's
+        again; those whose host socket ran dry are watched for it."""
+        core = self.core
+        for conn, back in fast.released:
+            core.owned_back(conn, back)  # type: ignore[arg-type]
+        for conn in fast.waiting:
+            core.owned_waiting(conn)  # type: ignore[arg-type]
 
     def _fast_item(self, item: Run | CreditItem, captured: bool) -> bool:
         """What the C batch read, straight to the core; False if the core needs the chain."""
