@@ -44,6 +44,8 @@ OWN_F_REQUESTED, OWN_F_SELF, OWN_F_WAIT = 1, 2, 4
 TX_SPIN_NS = 30_000
 # What vq_own_fill left: C waits for the host socket, for the guest's credit, or gave it back.
 FILL_WAIT_HOST, FILL_WAIT_GUEST, FILL_BACK = 1, 0, -1
+# What vq_tx_kick left: nothing (kicks on again), its last batch's items, the pump's turn.
+KICK_DONE, KICK_ITEMS, KICK_PUMP = 0, 1, 2
 # Why C gave a connection back (vq_own.release); OWN_TAKEN: Python took it.
 OWN_TAKEN, OWN_GUEST, OWN_EOF, OWN_ERROR, OWN_SLOW, OWN_LIMIT, OWN_ALL = range(7)
 
@@ -372,9 +374,9 @@ class TxFastPath(_RingPath):
         q.counters.notifications += ctx.tx_notifications
         if rx is not None:
             self._store_rx(rx)
-        if status == 0:
+        if status == KICK_DONE:
             return None
-        if status != 1:
+        if status == KICK_PUMP:
             self.consumed = []
             return []
         self.consumed = ffi.unpack(self._consumed, ctx.nconsumed) if ctx.nconsumed else []
