@@ -44,9 +44,9 @@ class FakeOwner:
         self.filled = 0
 
     def own(self, token: object, key: tuple[int, int, int, int], fd: int, tx_cnt: int, peer_buf_alloc: int,
-            peer_fwd_cnt: int, hdr: bytes, flags: int) -> int:
+            peer_fwd_cnt: int, hdr: bytes, flags: int, tx: tuple[int, int, int, int] | None = None) -> int:
         self.lent = {"token": token, "key": key, "fd": fd, "tx_cnt": tx_cnt, "peer_buf_alloc": peer_buf_alloc,
-                     "peer_fwd_cnt": peer_fwd_cnt, "hdr": H.unpack(hdr), "flags": flags}
+                     "peer_fwd_cnt": peer_fwd_cnt, "hdr": H.unpack(hdr), "flags": flags, "tx": tx}
         return 0
 
     def take_back(self, slot: int) -> OwnedBack:
@@ -64,7 +64,7 @@ class FakeOwner:
     def progress(self, slot: int) -> int:
         return self.steps
 
-    def counts(self, slot: int) -> tuple[int, int, int]:
+    def counts(self, slot: int) -> tuple[int, ...]:
         got, self.pending = self.pending, (0, 0, 0)
         return got
 

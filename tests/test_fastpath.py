@@ -18,7 +18,7 @@ from vsproxy import fastpath
 from vsproxy.capture import format as fmt
 from vsproxy.capture import reader
 from vsproxy.endpoints.base import Buffer
-from vsproxy.fastpath import CreditItem, Run, Slow, TxFastPath
+from vsproxy.fastpath import CreditItem, Run, Slow, Tail, TxFastPath
 from vsproxy.simguest.ring import Buf
 from vsproxy.taps import CAP_PCAP, CAP_PCAPNG, RecordChunk, Taps
 from vsproxy.virtq import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, Chain
@@ -73,7 +73,7 @@ def reference(rig: Rig, heads: list[int]) -> Expected:
     return out
 
 
-def from_c(items: list[Run | Slow | CreditItem]) -> Expected:
+def from_c(items: Sequence[Run | Slow | CreditItem | Tail]) -> Expected:
     out: Expected = []
     for it in items:
         if isinstance(it, Slow):
@@ -83,8 +83,8 @@ def from_c(items: list[Run | Slow | CreditItem]) -> Expected:
             out.append(("credit", (it.src_port, it.dst_cid, it.dst_port), bytes([it.op, it.type]) + fields,
                         [it.head]))
         else:
-            out.append(("run", (it.src_port, it.dst_cid, it.dst_port), b"".join(bytes(s) for s in it.segments),
-                        it.heads))
+            out.append(("tail" if isinstance(it, Tail) else "run", (it.src_port, it.dst_cid, it.dst_port),
+                        b"".join(bytes(s) for s in it.segments), it.heads))
     return out
 
 

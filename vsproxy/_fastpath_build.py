@@ -14,7 +14,9 @@ from cffi import FFI
 
 CDEF = """
 typedef struct {
-    uint32_t kind;       /* 0: RW run, 1: slow chain for Python, 2: header-only CREDIT_UPDATE/REQUEST */
+    uint32_t kind;       /* 0: RW run, 1: slow chain for Python, 2: header-only CREDIT_UPDATE/REQUEST,
+                            3: the unsent tail of a run C took for an owned connection (OWN_F_TX):
+                            received and counted already, Python queues it for the peer */
     uint32_t chain;      /* index of the first chain (in heads) */
     uint32_t nchains;    /* chains in the run */
     uint32_t src_port;
@@ -40,22 +42,27 @@ typedef struct {
     uint32_t records;
 } vq_cap;
 
-/* A connection whose guest-bound side C runs while it waits for the guest's credit: its
+/* A connection C runs between Python's turns (see fastpath.TxFastPath.own): its
    CREDIT_UPDATEs are taken in vq_tx_batch, which reads the host socket into the rx ring at
-   once (see fastpath.TxFastPath.own). Python's state is the truth; this is lent. */
+   once; with OWN_F_TX, its RW packets are sent to the host socket from C too, and C sends
+   the guest the CREDIT_UPDATEs they make due. Python's state is the truth; this is lent. */
 typedef struct {
     uint64_t peer_cid; uint32_t guest_port, peer_port, type;   /* the key, as the guest sends it */
     int32_t fd;
     uint32_t tx_cnt, peer_buf_alloc, peer_fwd_cnt;
-    uint8_t hdr[44];       /* RW header to the guest; len is patched per packet */
+    uint8_t hdr[44];       /* RW header to the guest; len and fwd_cnt are patched per packet */
     uint32_t flags;        /* OWN_F_REQUESTED: credit was asked for; OWN_F_SELF: updates unasked;
-                              OWN_F_WAIT: the window is open and C waits for the host socket */
+                              OWN_F_WAIT: the window is open and C waits for the host socket;
+                              OWN_F_TX: C takes the guest's data too */
+    uint32_t buf_alloc, rx_cnt, fwd_cnt, adv_fwd_cnt, ahead;   /* guest -> host credit (Credit) */
     uint32_t active;       /* 1 while C runs it */
     uint32_t release;      /* 0, or why C gave it back (OWN_*) */
     int32_t err;
     uint32_t updates;      /* every CREDIT_UPDATE C took: Python sees progress by it */
     uint32_t credit_items, packets;   /* counts Python has not folded into its own yet */
     uint64_t bytes;
+    uint32_t tx_packets, updates_sent, sends;   /* RW packets taken, CREDIT_UPDATEs written, runs sent */
+    uint64_t tx_bytes;
 } vq_own;
 
 /* What stays the same from one vq_tx_batch call to the next, set once per queue. */
@@ -228,8 +235,9 @@ static inline void rd_desc(const uint8_t *p, uint64_t *addr, uint32_t *len, uint
     memcpy(addr, p, 8); memcpy(len, p + 8, 4); memcpy(flags, p + 12, 2); memcpy(next, p + 14, 2);
 }
 
-enum { OWN_F_REQUESTED = 1, OWN_F_SELF = 2, OWN_F_WAIT = 4 };
-enum { OWN_GUEST = 1, OWN_EOF = 2, OWN_ERROR = 3, OWN_SLOW = 4, OWN_LIMIT = 5, OWN_ALL = 6 };
+enum { OWN_F_REQUESTED = 1, OWN_F_SELF = 2, OWN_F_WAIT = 4, OWN_F_TX = 8 };
+enum { OWN_GUEST = 1, OWN_EOF = 2, OWN_ERROR = 3, OWN_SLOW = 4, OWN_LIMIT = 5, OWN_ALL = 6, OWN_BLOCKED = 7 };
+enum { ITEM_RUN = 0, ITEM_SLOW = 1, ITEM_CREDIT = 2, ITEM_TAIL = 3 };
 static void own_release(vq_tx_ctx *ctx, vq_own *e, uint32_t why) {
     e->active = 0; e->release = why; ctx->owned--; ctx->released++;
 }
@@ -248,6 +256,7 @@ static void own_release_all(vq_tx_ctx *ctx) {
         if (ctx->own[k].active) own_release(ctx, &ctx->own[k], OWN_ALL);
 }
 static void own_credit(vq_tx_ctx *ctx, vq_own *e, uint32_t buf_alloc, uint32_t fwd_cnt);
+static int own_tx_run(vq_tx_ctx *ctx, vq_own *e, vq_item *run);
 
 /* Returns the number of items; heads[0..ctx->taken) are the chains taken. */
 int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
@@ -263,6 +272,17 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
     uint32_t nitems = 0, nseg = 0, scratch_used = 0;
     int seen_fast = 0, seen_slow = 0;
     vq_item *run = 0;
+    vq_own *run_e = 0;          /* the owned connection whose run C takes itself (OWN_F_TX), or 0 */
+    uint32_t run_scratch = 0;   /* scratch_used when the run began */
+    /* A run C takes is sent when it ends (its item is always the last one then); done with,
+       its chains are consumed and its item, segments and scratch are free again. */
+#define CLOSE_RUN() do { \
+        if (run && run_e && run_e->active && own_tx_run(ctx, run_e, run)) { \
+            for (uint32_t k_ = 0; k_ < run->nchains; k_++) ctx->consumed[ctx->nconsumed++] = heads[run->chain + k_]; \
+            nseg = run->seg_first; scratch_used = run_scratch; nitems--; \
+        } \
+        run = 0; run_e = 0; \
+    } while (0)
     *taken = n;
     ctx->released = ctx->nconsumed = ctx->rx_chains = ctx->rx_notifications = ctx->waits = 0;
     for (uint32_t i = 0; i < n; i++) {
@@ -316,13 +336,13 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
            chains only, or fast chains followed by at most one slow chain. */
         if (fast && cap->mode && seen_slow) { *taken = i; break; }
         if (!fast) {
+            CLOSE_RUN();
             if (nitems == max_items) return -1;
             /* C cannot tell whose it is: every owned connection goes back to Python first */
             if (ctx->owned) own_release_all(ctx);
             vq_item *it = &items[nitems++];
             memset(it, 0, sizeof *it);
-            it->kind = 1; it->chain = i; it->nchains = 1;
-            run = 0;
+            it->kind = ITEM_SLOW; it->chain = i; it->nchains = 1;
             seen_slow = 1;
             if (cap->mode && seen_fast) { *taken = i + 1; break; }
             continue;
@@ -331,32 +351,39 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
         uint64_t dst_cid; uint32_t src_port, dst_port, buf_alloc, fwd_cnt;
         memcpy(&dst_cid, h + 8, 8); memcpy(&src_port, h + 16, 4); memcpy(&dst_port, h + 20, 4);
         memcpy(&buf_alloc, h + 36, 4); memcpy(&fwd_cnt, h + 40, 4);
+        vq_own *tx_e = 0;
         if (ctx->owned) {
             vq_own *e = own_find(ctx, type, src_port, dst_cid, dst_port);
             if (e && credit_only && op == 6 && ctx->own_ok) {
+                CLOSE_RUN();
                 own_credit(ctx, e, buf_alloc, fwd_cnt);
                 ctx->consumed[ctx->nconsumed++] = head;
-                run = 0;
                 continue;
             }
-            if (e) own_release(ctx, e, OWN_GUEST);  /* anything else on it is Python's */
+            if (e && !credit_only && (e->flags & OWN_F_TX) && ctx->own_ok)
+                tx_e = e;                           /* its data C sends itself */
+            else if (e)
+                own_release(ctx, e, OWN_GUEST);     /* anything else on it is Python's */
         }
         if (credit_only) {
+            CLOSE_RUN();
             /* an item of its own, between runs: the credit it carries applies in ring order */
             if (nitems == max_items) return -1;
             vq_item *it = &items[nitems++];
             memset(it, 0, sizeof *it);
-            it->kind = 2; it->chain = i; it->nchains = 1; it->src_port = src_port; it->dst_port = dst_port;
+            it->kind = ITEM_CREDIT; it->chain = i; it->nchains = 1; it->src_port = src_port; it->dst_port = dst_port;
             it->dst_cid = dst_cid; it->buf_alloc = buf_alloc; it->fwd_cnt = fwd_cnt; it->op = op; it->type = type;
             it->cap_off = cap->used;
             if (cap->mode) cap_record(cap, h, h, 0, 1);
-            run = 0;
             continue;
         }
-        if (!run || run->src_port != src_port || run->dst_port != dst_port || run->dst_cid != dst_cid) {
+        if (!run || run_e != tx_e || run->src_port != src_port || run->dst_port != dst_port
+            || run->dst_cid != dst_cid) {
+            CLOSE_RUN();
             if (nitems == max_items) return -1;
             run = &items[nitems++];
-            run->kind = 0; run->chain = i; run->nchains = 0; run->src_port = src_port; run->dst_port = dst_port;
+            run_e = tx_e; run_scratch = scratch_used;
+            run->kind = ITEM_RUN; run->chain = i; run->nchains = 0; run->src_port = src_port; run->dst_port = dst_port;
             run->dst_cid = dst_cid; run->total = 0; run->seg_first = nseg; run->nseg = 0;
             run->cap_off = cap->used;
         }
@@ -378,11 +405,14 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
             seg_kind[nseg] = 0; seg_off[nseg] = pa - region_gpa; seg_len[nseg] = plen; nseg++; run->nseg++;
         }
     }
+    CLOSE_RUN();
+#undef CLOSE_RUN
     return (int)nitems;
 }
 
 #include <errno.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 
 
 enum { RX_LIMIT = 0, RX_SLOW = 1, RX_AGAIN = 2, RX_EOF = 3, RX_ERROR = 4, RX_SHORT = 5 };
@@ -482,6 +512,7 @@ static void own_fill(vq_tx_ctx *ctx, vq_own *e) {
     if (n == 0 || n > ctx->rx_num) { own_release(ctx, e, OWN_SLOW); return; }  /* Python decides */
     vq_rx_result res;
     static vq_cap nocap;  /* owned connections are never captured */
+    memcpy(e->hdr + 40, &e->fwd_cnt, 4);  /* the guest sees our fwd_cnt in every packet */
     vq_rx_fill(ctx->base, ctx->region_gpa, ctx->region_size, ctx->rx_desc, ctx->rx_avail, ctx->rx_num,
                ctx->rx_last_avail, n, ctx->rx_used, ctx->rx_used_idx, e->fd,
                credit < ctx->rx_burst ? credit : ctx->rx_burst, ctx->rx_max_packets, e->hdr, &res, &nocap);
@@ -492,6 +523,7 @@ static void own_fill(vq_tx_ctx *ctx, vq_own *e) {
         e->tx_cnt += res.bytes;
         e->packets += res.packets;
         e->bytes += res.bytes;
+        e->adv_fwd_cnt = e->fwd_cnt;
         own_publish(ctx);
     }
     switch (res.status) {
@@ -526,6 +558,119 @@ static void own_credit(vq_tx_ctx *ctx, vq_own *e, uint32_t buf_alloc, uint32_t f
     if (e->tx_cnt - fwd_cnt >= buf_alloc) return;  /* still shut (or a claim beyond what it could have consumed) */
     e->flags &= ~OWN_F_REQUESTED;
     own_fill(ctx, e);
+}
+
+/* Credit.update_due: the guest counts more than a quarter of the usable window (the smaller
+   of the two buf_allocs: a Linux sender caps its credit at its own) as outstanding, and we
+   have news for it. */
+static int own_update_due(const vq_own *e) {
+    if (e->fwd_cnt == e->adv_fwd_cnt) return 0;
+    uint32_t window = e->peer_buf_alloc && e->peer_buf_alloc < e->buf_alloc ? e->peer_buf_alloc : e->buf_alloc;
+    return (uint32_t)(e->rx_cnt - e->adv_fwd_cnt) > window / 4;
+}
+
+/* A CREDIT_UPDATE for e into the next rx chain (the Linux shape), published at once.
+   0 if there is no such chain: Python then queues it (VsockCore._credit_changed). */
+static int own_put_update(vq_tx_ctx *ctx, vq_own *e) {
+    uint16_t avail_idx = __atomic_load_n(&ctx->rx_avail[1], __ATOMIC_ACQUIRE);
+    uint32_t n = (uint16_t)(avail_idx - ctx->rx_last_avail);
+    if (n == 0 || n > ctx->rx_num) return 0;
+    uint8_t h[HDR];
+    uint32_t zero = 0; uint16_t op = 6;
+    memcpy(h, e->hdr, HDR);
+    memcpy(h + 24, &zero, 4); memcpy(h + 30, &op, 2); memcpy(h + 40, &e->fwd_cnt, 4);
+    static vq_cap nocap;
+    if (!vq_rx_put((uint8_t *)ctx->base, ctx->region_gpa, ctx->region_size, ctx->rx_desc, ctx->rx_avail,
+                   ctx->rx_num, ctx->rx_last_avail, n, ctx->rx_used, ctx->rx_used_idx, h, &nocap))
+        return 0;
+    ctx->rx_last_avail++;
+    ctx->rx_used_idx++;
+    ctx->rx_chains++;
+    e->adv_fwd_cnt = e->fwd_cnt;
+    e->updates_sent++;
+    own_publish(ctx);
+    return 1;
+}
+
+/* The run's payload to the host socket, without waiting. Returns the bytes the socket took;
+   *err is set (an errno) only for a failure other than a full socket. */
+#define SEND_IOV 64
+static uint64_t own_send(vq_tx_ctx *ctx, vq_own *e, const vq_item *run, int *err) {
+    struct iovec iov[SEND_IOV];
+    uint64_t sent = 0;
+    uint32_t k = run->seg_first, end = run->seg_first + run->nseg;
+    *err = 0;
+    while (k < end) {
+        uint32_t m = 0;
+        uint64_t want = 0;
+        for (; k < end && m < SEND_IOV; k++, m++) {
+            iov[m].iov_base = (void *)((ctx->seg_kind[k] ? ctx->scratch : ctx->base) + ctx->seg_off[k]);
+            iov[m].iov_len = ctx->seg_len[k];
+            want += ctx->seg_len[k];
+        }
+        struct msghdr msg;
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = iov; msg.msg_iovlen = m;
+        ssize_t n;
+        do n = sendmsg(e->fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL); while (n < 0 && errno == EINTR);
+        if (n < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK) *err = errno;
+            break;
+        }
+        sent += (uint64_t)n;
+        if ((uint64_t)n < want) break;
+    }
+    return sent;
+}
+
+/* A run of RW packets of an owned connection with OWN_F_TX, as VsockCore._guest_rw and
+   _flush_conn take it: credit checked, the bytes counted forwarded ahead so the update they
+   make due reaches the guest before our copy, then sent. Returns 1 when the run is done with
+   (sent, or dropped with the connection on a socket error); 0 when it stays an item for
+   Python, which then has the connection back: a run beyond the credit we gave (Python resets
+   it), or the tail the socket did not take (ITEM_TAIL, trimmed to the unsent bytes). */
+static int own_tx_run(vq_tx_ctx *ctx, vq_own *e, vq_item *run) {
+    uint32_t total = run->total;
+    if ((uint64_t)(uint32_t)(e->rx_cnt - e->adv_fwd_cnt) + total > e->buf_alloc) {
+        own_release(ctx, e, OWN_GUEST);
+        return 0;
+    }
+    e->rx_cnt += total;
+    e->tx_packets += run->nchains;
+    e->tx_bytes += total;
+    e->peer_buf_alloc = run->buf_alloc;
+    e->peer_fwd_cnt = run->fwd_cnt;
+    e->fwd_cnt += total;
+    int stuck = own_update_due(e) && !own_put_update(ctx, e);   /* no rx chain for it: Python's */
+    int err;
+    uint64_t sent = own_send(ctx, e, run, &err);
+    if (err) {
+        e->err = err;
+        own_release(ctx, e, OWN_ERROR);   /* Python resets the connection: the data goes with it */
+        return 1;
+    }
+    if (sent < total) {
+        e->ahead = total - (uint32_t)sent;   /* counted forwarded, still to go (Credit.ahead) */
+        uint32_t k = run->seg_first;
+        while (sent >= ctx->seg_len[k]) { sent -= ctx->seg_len[k]; k++; run->nseg--; }
+        ctx->seg_off[k] += sent; ctx->seg_len[k] -= (uint32_t)sent;
+        run->seg_first = k;
+        run->total = e->ahead;
+        run->kind = ITEM_TAIL;
+        own_release(ctx, e, OWN_BLOCKED);
+        return 0;
+    }
+    e->sends++;
+    if (stuck) {
+        own_release(ctx, e, OWN_SLOW);
+        return 1;
+    }
+    if (!(e->flags & OWN_F_WAIT) && e->tx_cnt - e->peer_fwd_cnt < e->peer_buf_alloc) {
+        /* its packets opened the guest's window (VsockCore._credit_changed): host data goes */
+        e->flags &= ~OWN_F_REQUESTED;
+        own_fill(ctx, e);
+    }
+    return 1;
 }
 
 /* The host socket of an owned connection waiting for data (OWN_F_WAIT) became readable.

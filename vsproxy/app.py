@@ -130,7 +130,7 @@ class Proxy:
                     rx_bytes=c.rx_bytes, rst=c.rst_sent, spoofed=c.spoofed, bad_pkts=c.bad_packets,
                     credit_violations=c.credit_violations, bad_chains=sum(q.bad_chains for q in qs),
                     refused=c.connections_refused, c_pump_updates=c.pump_updates,
-                    c_pump_reads=c.pump_reads, c_pump_kicks=c.pump_kicks,
+                    c_pump_reads=c.pump_reads, c_pump_kicks=c.pump_kicks, c_pump_sends=c.pump_sends,
                 )
             devices[d.name] = row
         traffic = {k: list(v) for k, v in self.switch.rule_totals.items()}

@@ -24,7 +24,7 @@ from vsproxy.endpoints.sockets import (
     TcpListener,
     listen_unix,
 )
-from vsproxy.fastpath import CreditItem, Run, RxFastPath, Slow, TxFastPath
+from vsproxy.fastpath import CreditItem, Run, RxFastPath, Slow, Tail, TxFastPath
 from vsproxy.loop import Loop
 from vsproxy.memory import GuestMemory, MemoryError_
 from vsproxy.vhost_user import codec
@@ -497,7 +497,7 @@ class FrontendSession(CoreHooks):
             self.core.guest_packet(hdr, payload, chain.read_len - HDR_SIZE)
 
     def _process_tx_fast(self, txq: SplitQueue, fast: TxFastPath,
-                         items: list[Run | Slow | CreditItem] | None = None) -> int:
+                         items: list[Run | Slow | CreditItem | Tail] | None = None) -> int:
         """One batch of the C path, or what ``fast.kick`` left (``items``)."""
         core = self.core
         if items is None:
@@ -511,6 +511,13 @@ class FrontendSession(CoreHooks):
         self._owned_news(fast)
         try:
             for item in items:
+                if isinstance(item, Tail):
+                    # C took these chains for a connection it ran, and gave it back with them
+                    # (nothing is captured while C runs connections)
+                    core.guest_rw_tail(item.src_port, item.dst_cid, item.dst_port, item.total, item.segments)
+                    txq.counters.chains += len(item.heads)
+                    done.extend(item.heads)
+                    continue
                 if isinstance(item, Slow):
                     capture.finish()  # a slow chain is the batch's last: its record comes after
                     heads = [item.head]

@@ -27,16 +27,17 @@ except ImportError:  # pragma: no cover - exercised when the extension was not b
     ffi = lib = None
     AVAILABLE = False
 
-__all__ = ["AVAILABLE", "CREDIT", "SLOW", "CaptureCall", "CreditItem", "Run", "RxFastPath", "RxFill", "Slow",
-           "TxFastPath", "ffi", "lib"]
+__all__ = ["AVAILABLE", "CREDIT", "SLOW", "TAIL", "CaptureCall", "CreditItem", "Run", "RxFastPath", "RxFill", "Slow",
+           "Tail", "TxFastPath", "ffi", "lib"]
 
 SCRATCH = 256 * 1024
 MAX_ITEMS = 512
 SLOW = 1
 CREDIT = 2
+TAIL = 3
 # Connections C may run at once between credit updates; more wait for a free slot in Python.
 OWN_SLOTS = 64
-OWN_F_REQUESTED, OWN_F_SELF, OWN_F_WAIT = 1, 2, 4
+OWN_F_REQUESTED, OWN_F_SELF, OWN_F_WAIT, OWN_F_TX = 1, 2, 4, 8
 # How long vq_tx_kick watches the tx avail ring for the guest's next credit update before it
 # re-enables kicks and returns to the loop: the kick and wake-up it saves cost more than this
 # on a 2-vCPU machine (host->guest 64 KiB at 256K: 1.6-1.9 GB/s without, 1.9-2.3 GB/s with).
@@ -46,8 +47,9 @@ TX_SPIN_NS = 30_000
 FILL_WAIT_HOST, FILL_WAIT_GUEST, FILL_BACK = 1, 0, -1
 # What vq_tx_kick left: nothing (kicks on again), its last batch's items, the pump's turn.
 KICK_DONE, KICK_ITEMS, KICK_PUMP = 0, 1, 2
-# Why C gave a connection back (vq_own.release); OWN_TAKEN: Python took it.
-OWN_TAKEN, OWN_GUEST, OWN_EOF, OWN_ERROR, OWN_SLOW, OWN_LIMIT, OWN_ALL = range(7)
+# Why C gave a connection back (vq_own.release); OWN_TAKEN: Python took it; OWN_BLOCKED: the
+# host socket did not take all of the guest's data (the rest comes as a Tail item).
+OWN_TAKEN, OWN_GUEST, OWN_EOF, OWN_ERROR, OWN_SLOW, OWN_LIMIT, OWN_ALL, OWN_BLOCKED = range(8)
 
 
 class OwnedBack(NamedTuple):
@@ -62,6 +64,28 @@ class OwnedBack(NamedTuple):
     credit_items: int  # CREDIT_UPDATEs C took
     packets: int  # RW packets C wrote to the guest, and their payload bytes
     bytes: int
+    # with OWN_F_TX: the guest -> host credit (Credit's fields), what C took from the guest
+    # (RW packets, payload bytes), CREDIT_UPDATEs it wrote and runs it sent
+    rx_cnt: int = 0
+    fwd_cnt: int = 0
+    adv_fwd_cnt: int = 0
+    ahead: int = 0
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    updates_sent: int = 0
+    sends: int = 0
+
+
+class OwnedCounts(NamedTuple):
+    """What C did for a connection it still runs, since the last look."""
+
+    credit_items: int
+    packets: int
+    bytes: int
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    updates_sent: int = 0
+    sends: int = 0
 
 
 class Run(NamedTuple):
@@ -74,6 +98,18 @@ class Run(NamedTuple):
     segments: list[memoryview]
     heads: list[int]
     cap_off: int  # where the run's capture records start in the lent chunk (one per chain)
+
+
+class Tail(NamedTuple):
+    """What the host socket did not take of a run C sent for a connection it ran: received
+    and counted already (the connection is Python's again), to be queued for the peer."""
+
+    src_port: int
+    dst_cid: int
+    dst_port: int
+    total: int
+    segments: list[memoryview]
+    heads: list[int]
 
 
 def _no_fd() -> int:
@@ -251,8 +287,9 @@ class TxFastPath(_RingPath):
         return back
 
     def own(self, token: object, key: tuple[int, int, int, int], fd: int, tx_cnt: int, peer_buf_alloc: int,
-            peer_fwd_cnt: int, hdr: bytes, flags: int) -> int:
-        """Lend C a connection whose guest window is shut; its slot, or -1 (no room, no rx)."""
+            peer_fwd_cnt: int, hdr: bytes, flags: int, tx: tuple[int, int, int, int] | None = None) -> int:
+        """Lend C a connection; its slot, or -1 (no room, no rx). ``tx``: C takes the guest's
+        data too, with this guest -> host credit (buf_alloc, rx_cnt, fwd_cnt, adv_fwd_cnt)."""
         if self._rx is None or not self._free_slots:
             return -1
         k = self._free_slots.pop()
@@ -260,8 +297,15 @@ class TxFastPath(_RingPath):
         e.type, e.guest_port, e.peer_cid, e.peer_port = key
         e.fd, e.tx_cnt, e.peer_buf_alloc, e.peer_fwd_cnt = fd, tx_cnt, peer_buf_alloc, peer_fwd_cnt
         ffi.memmove(e.hdr, hdr, 44)
-        e.flags, e.release, e.err = flags, 0, 0
+        if tx is not None:
+            flags |= OWN_F_TX
+            e.buf_alloc, e.rx_cnt, e.fwd_cnt, e.adv_fwd_cnt = tx
+        else:
+            flags &= ~OWN_F_TX
+            e.fwd_cnt = e.adv_fwd_cnt = int.from_bytes(hdr[40:44], "little")  # as the header says
+        e.flags, e.release, e.err, e.ahead = flags, 0, 0, 0
         e.updates = e.credit_items = e.packets = e.bytes = 0
+        e.tx_packets = e.tx_bytes = e.updates_sent = e.sends = 0
         e.active = 1
         self._ctx.owned += 1
         self._tokens[k] = token
@@ -271,12 +315,13 @@ class TxFastPath(_RingPath):
         """Changes with every credit update C took for the slot."""
         return int(self._own[slot].updates)
 
-    def counts(self, slot: int) -> tuple[int, int, int]:
-        """(credit updates taken, packets, bytes to the guest) since the last call, for Python's
-        counters while C keeps the connection."""
+    def counts(self, slot: int) -> OwnedCounts:
+        """What C did since the last call, for Python's counters while C keeps the connection."""
         e = self._own[slot]
-        got = (int(e.credit_items), int(e.packets), int(e.bytes))
+        got = OwnedCounts(int(e.credit_items), int(e.packets), int(e.bytes), int(e.tx_packets), int(e.tx_bytes),
+                          int(e.updates_sent), int(e.sends))
         e.credit_items = e.packets = e.bytes = 0
+        e.tx_packets = e.tx_bytes = e.updates_sent = e.sends = 0
         return got
 
     def take_back(self, slot: int) -> OwnedBack:
@@ -293,7 +338,8 @@ class TxFastPath(_RingPath):
         self._tokens[k] = None
         self._free_slots.append(k)
         return OwnedBack(why, e.err, e.tx_cnt, e.peer_buf_alloc, e.peer_fwd_cnt, e.flags, e.credit_items,
-                         e.packets, e.bytes)
+                         e.packets, e.bytes, e.rx_cnt, e.fwd_cnt, e.adv_fwd_cnt, e.ahead, e.tx_packets, e.tx_bytes,
+                         e.updates_sent, e.sends)
 
     def fill(self, slot: int) -> OwnedBack | bool:
         """The host socket of a connection C waits for (``waiting``) is readable: C reads it into
@@ -329,7 +375,7 @@ class TxFastPath(_RingPath):
         self.waiting = ([tokens[k] for k in range(OWN_SLOTS) if tokens[k] is not None and own[k].active
                          and own[k].flags & OWN_F_WAIT] if ctx.waits else [])
 
-    def batch(self) -> list[Run | Slow | CreditItem]:
+    def batch(self) -> list[Run | Slow | CreditItem | Tail]:
         """Take the next chains. The scratch buffer is reused by the next call: whatever the
         caller keeps of a run's segments must be copied or sent before then. Capturing, the
         runs' records are already in the chunk ``self.capture`` holds: the caller keeps or
@@ -354,7 +400,7 @@ class TxFastPath(_RingPath):
         q.last_avail_idx = (q.last_avail_idx + ctx.taken) & 0xFFFF
         return self._records(count)
 
-    def kick(self, kick_fd: int, call_fd: int) -> list[Run | Slow | CreditItem] | None:
+    def kick(self, kick_fd: int, call_fd: int) -> list[Run | Slow | CreditItem | Tail] | None:
         """The guest kicked the tx queue while C runs connections and nothing is captured or
         tapped: C reads the kick and handles what it can alone (vq_tx_kick). None: every chain
         was handled and returned, kicks are on again (``waiting`` still to be watched).
@@ -382,10 +428,10 @@ class TxFastPath(_RingPath):
         self.consumed = ffi.unpack(self._consumed, ctx.nconsumed) if ctx.nconsumed else []
         return self._records(ctx.kick_items)
 
-    def _records(self, count: int) -> list[Run | Slow | CreditItem]:
+    def _records(self, count: int) -> list[Run | Slow | CreditItem | Tail]:
         """The last vq_tx_batch call's items, as records."""
         heads = ffi.unpack(self._heads, self._ctx.taken)
-        out: list[Run | Slow | CreditItem] = []
+        out: list[Run | Slow | CreditItem | Tail] = []
         view, scratch = self._view, self._scratch_view
         kinds, offs, lens = self._seg_kind, self._seg_off, self._seg_len
         for it in self._items[0:count]:
@@ -401,6 +447,10 @@ class TxFastPath(_RingPath):
             for k in range(it.seg_first, it.seg_first + it.nseg):
                 o, ln = offs[k], lens[k]
                 segs.append(scratch[o : o + ln] if kinds[k] else view[o : o + ln])
+            if kind == TAIL:
+                out.append(Tail(it.src_port, it.dst_cid, it.dst_port, it.total, segs,
+                                heads[it.chain : it.chain + it.nchains]))
+                continue
             out.append(
                 Run(
                     it.src_port,

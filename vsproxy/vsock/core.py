@@ -80,6 +80,7 @@ class Counters:
     pump_updates: int = 0  # CREDIT_UPDATEs the C pump took (and refilled from) without Python
     pump_reads: int = 0  # host socket wake-ups the C pump served, Python only passing them on
     pump_kicks: int = 0  # tx kicks C took to the end (vq_tx_kick), with no Python pump turn
+    pump_sends: int = 0  # runs of guest data C sent to the host socket itself (OWN_F_TX)
     drops: dict[str, int] = field(default_factory=dict)
 
     def drop(self, reason: str) -> None:
@@ -87,14 +88,14 @@ class Counters:
 
 
 class Owner(Protocol):
-    """The C pump (fastpath.TxFastPath) that runs connections whose guest window is shut."""
+    """The C pump (fastpath.TxFastPath) that runs connections between Python's turns."""
 
     def own(self, token: object, key: tuple[int, int, int, int], fd: int, tx_cnt: int, peer_buf_alloc: int,
-            peer_fwd_cnt: int, hdr: bytes, flags: int) -> int: ...
+            peer_fwd_cnt: int, hdr: bytes, flags: int, tx: tuple[int, int, int, int] | None = None) -> int: ...
     def take_back(self, slot: int) -> fastpath.OwnedBack: ...
     def fill(self, slot: int) -> fastpath.OwnedBack | bool: ...
     def progress(self, slot: int) -> int: ...
-    def counts(self, slot: int) -> tuple[int, int, int]: ...
+    def counts(self, slot: int) -> tuple[int, ...]: ...
 
 
 class RxFastFill(Protocol):
@@ -286,6 +287,20 @@ class VsockCore:
             self._credit_changed(conn)
         return True
 
+    def guest_rw_tail(self, src_port: int, dst_cid: int, dst_port: int, total: int,
+                      segments: Sequence[memoryview]) -> None:
+        """What a host socket did not take of a run C sent (fastpath.Tail): C received and
+        counted it, and gave the connection back (OWN_BLOCKED) with these bytes counted ahead;
+        they are queued for the peer like the rest of an unsent run."""
+        conn = self.conns.get((H.Type.STREAM, src_port, dst_cid, dst_port))
+        if conn is None or conn.state is not State.ESTABLISHED:
+            return  # reset meanwhile: the data goes with the connection
+        conn.outq.extend(segments)
+        conn.out_bytes += total
+        if not conn.flags & Connection.IN_FLUSH:
+            conn.flags |= Connection.IN_FLUSH
+            self._flush.append(conn)
+
     def guest_credit(
         self,
         type_: int,
@@ -447,6 +462,8 @@ class VsockCore:
             if conn.state is not State.CLOSED or conn in self._lingering:
                 self._flush_conn(conn)
             self._own_outq(conn)
+            if conn.own < 0 and self.owner is not None and not conn.out_bytes:
+                self._lend_sender(conn)
 
     def _own_outq(self, conn: Connection) -> None:
         # Copy what is left out of guest memory: the chain is about to be returned.
@@ -844,24 +861,42 @@ class VsockCore:
     # the C pump: connections it runs while their guest window is shut
     def _lend(self, conn: Connection) -> None:
         """Let C take this connection's next CREDIT_UPDATEs and refill the rx ring from its host
-        socket without coming back here, for as long as nothing else happens on it. Only a
-        plain stream qualifies: nothing owed to or queued for the peer, no credit update due,
-        nothing captured (C writes no capture records for it)."""
+        socket without coming back here, for as long as nothing else happens on it; and, while
+        both directions are open, send the guest's data to the host socket and the credit
+        updates that makes due (OWN_F_TX). Only a plain stream qualifies: nothing queued for
+        the peer, no control packet of its own queued, nothing captured (C writes no capture
+        records for it)."""
         assert self.owner is not None
         cr = conn.credit
-        if (conn.type != H.Type.STREAM or self.taps.active or conn.out_bytes or cr.fwd_cnt != cr.adv_fwd_cnt
-                or conn.flags & Connection.UPDATE_QUEUED):
+        if conn.type != H.Type.STREAM or self.taps.active or conn.out_bytes or conn.flags & Connection.UPDATE_QUEUED:
             return
+        tx: tuple[int, int, int, int] | None = None
+        if conn.state is State.ESTABLISHED and not conn.guest_shut and not conn.host_shut_wr and not cr.ahead:
+            tx = (cr.buf_alloc, cr.rx_cnt, cr.fwd_cnt, cr.adv_fwd_cnt)
+        elif cr.fwd_cnt != cr.adv_fwd_cnt:
+            return  # an update may be due, and C would not send it
         fd = getattr(conn.peer, "fast_fd", _no_fd)()
         if fd < 0:
             return
         flags = (fastpath.OWN_F_REQUESTED if conn.flags & Connection.CREDIT_REQUESTED else 0) | (
             fastpath.OWN_F_SELF if conn.flags & Connection.SELF_UPDATES else 0)
+        if not conn.flags & Connection.WAIT_CREDIT:
+            flags |= fastpath.OWN_F_WAIT  # the guest's window is open: C waits for the host socket
         hdr = HDR.pack(*self._fields(conn, Op.RW, 0, 0))
-        conn.own = self.owner.own(conn, conn.key, fd, cr.tx_cnt, cr.peer_buf_alloc, cr.peer_fwd_cnt, hdr, flags)
+        conn.own = self.owner.own(conn, conn.key, fd, cr.tx_cnt, cr.peer_buf_alloc, cr.peer_fwd_cnt, hdr, flags, tx)
         if conn.own >= 0:
             self.owned += 1
             conn.own_seen = 0
+            if flags & fastpath.OWN_F_WAIT:
+                conn.peer.watch_read(True)  # Python watches the socket for C (peer_readable)
+
+    def _lend_sender(self, conn: Connection) -> None:
+        """After a flush that left nothing queued for the peer: a connection with nothing else
+        going on (its guest window open, not waiting for rx buffers, its host socket watched)
+        goes to C, which then sends the guest's next data itself, with no turn through here."""
+        if (conn.state is State.ESTABLISHED and not conn.host_eof
+                and not conn.flags & (Connection.IN_READY | Connection.WAIT_CREDIT | Connection.WATCH_WRITE)):
+            self._lend(conn)
 
     def _reclaim(self, conn: Connection, act: bool = True) -> None:
         """Python needs the connection: take it back from C first."""
@@ -881,7 +916,12 @@ class VsockCore:
         if back.flags & fastpath.OWN_F_SELF:
             flags |= Connection.SELF_UPDATES
         conn.flags = flags
-        self._fold(conn, back.credit_items, back.packets, back.bytes)
+        if back.flags & fastpath.OWN_F_TX:
+            cr.rx_cnt, cr.fwd_cnt, cr.adv_fwd_cnt, cr.ahead = back.rx_cnt, back.fwd_cnt, back.adv_fwd_cnt, back.ahead
+        elif back.packets:
+            cr.adv_fwd_cnt = cr.fwd_cnt  # what C's headers carried
+        self._fold(conn, back.credit_items, back.packets, back.bytes, back.tx_packets, back.tx_bytes,
+                   back.updates_sent, back.sends)
         if not act or conn.state is not State.ESTABLISHED:
             return
         why = back.why
@@ -900,16 +940,22 @@ class VsockCore:
         socket for C (peer_readable)."""
         conn.peer.watch_read(True)
 
-    def _fold(self, conn: Connection, credit_items: int, packets: int, nbytes: int) -> None:
+    def _fold(self, conn: Connection, credit_items: int, packets: int, nbytes: int, tx_packets: int = 0,
+              tx_bytes: int = 0, updates_sent: int = 0, sends: int = 0) -> None:
         c = self.counters
-        c.tx_packets += credit_items
+        c.tx_packets += credit_items + tx_packets
+        c.tx_bytes += tx_bytes
         c.pump_updates += credit_items
+        c.pump_sends += sends
+        c.rx_packets += packets + updates_sent
+        st = conn.stats
+        if tx_packets:
+            st[0] += tx_packets
+            st[1] += tx_bytes
         if packets:
-            c.rx_packets += packets
             c.rx_bytes += nbytes
-            conn.stats[2] += packets
-            conn.stats[3] += nbytes
-            conn.credit.adv_fwd_cnt = conn.credit.fwd_cnt  # what C's headers carried
+            st[2] += packets
+            st[3] += nbytes
 
     def sync_owned(self) -> None:
         """Fold what C did for the connections it still runs into the counters."""
