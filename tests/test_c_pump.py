@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 from helpers import VsproxyProcess, hybrid_connect, unix_server
-from test_vsock_core import FakePeer, Harness
+from test_vsock_core import FakePeer, Harness, pkt
 
 from vsproxy import fastpath
 from vsproxy.fastpath import OwnedBack
@@ -42,6 +42,7 @@ class FakeOwner:
         self.pending = (0, 0, 0)
         self.fills: list[OwnedBack | bool] = []  # what fill answers, in turn
         self.filled = 0
+        self.window_shut = True
 
     def own(self, token: object, key: tuple[int, int, int, int], fd: int, tx_cnt: int, peer_buf_alloc: int,
             peer_fwd_cnt: int, hdr: bytes, flags: int, tx: tuple[int, int, int, int] | None = None) -> int:
@@ -63,6 +64,9 @@ class FakeOwner:
 
     def progress(self, slot: int) -> int:
         return self.steps
+
+    def shut(self, slot: int) -> bool:
+        return self.window_shut
 
     def counts(self, slot: int) -> tuple[int, ...]:
         got, self.pending = self.pending, (0, 0, 0)
@@ -203,6 +207,103 @@ def test_counters_follow_the_c_pump_while_it_keeps_the_connection() -> None:
     assert t.core.counters.rx_bytes == before + 10000  # folded once
 
 
+def open_sender(accept: int = 1 << 30) -> tuple[Harness, FakeOwner, Connection]:
+    """An open connection whose guest sent 5000 bytes, of which the host takes ``accept``."""
+    t = Harness(peer=FastPeer())
+    owner = FakeOwner()
+    t.core.owner = owner
+    conn = t.open()
+    t.peer.reading = False
+    t.peer.accept = accept
+    # as the device runs a batch: the packet, the credit update it made due, then the flush
+    t.core.guest_packet(*pkt(Op.RW, payload=b"a" * 5000, buf_alloc=3000))
+    assert [h.op for h, _ in t.drain()] == [Op.CREDIT_UPDATE]
+    t.core.flush_host()
+    return t, owner, conn
+
+
+def test_a_flush_that_leaves_nothing_queued_lends_the_sender_with_its_credit_both_ways() -> None:
+    t, owner, conn = open_sender()
+    assert bytes(t.peer.sent) == b"a" * 5000
+    cr = conn.credit
+    assert conn.own == 0 and t.core.owned == 1
+    assert owner.lent["tx"] == (cr.buf_alloc, 5000, cr.fwd_cnt, cr.adv_fwd_cnt)
+    assert cr.fwd_cnt == cr.adv_fwd_cnt == 5000  # forwarded, and the guest was told
+    # the guest's window is open: C waits for the host socket, which Python watches for it
+    assert owner.lent["flags"] == fastpath.OWN_F_WAIT and t.peer.reading
+
+
+def test_a_host_that_does_not_take_everything_keeps_the_sender_in_python() -> None:
+    t, _owner, conn = open_sender(accept=1000)
+    assert conn.out_bytes == 4000 and conn.own == -1 and t.core.owned == 0 and t.peer.writing
+
+
+def test_given_back_with_guest_data_counted_python_takes_c_s_credit_and_counts() -> None:
+    t, owner, conn = open_sender()
+    cr = conn.credit
+    tx_packets, tx_bytes = t.core.counters.tx_packets, t.core.counters.tx_bytes
+    # C took 3 packets (150000 bytes), sent 2 credit updates, and the socket left 20000 unsent
+    owner.back = OwnedBack(fastpath.OWN_BLOCKED, 0, cr.tx_cnt, 3000, 0, fastpath.OWN_F_TX | fastpath.OWN_F_WAIT,
+                           0, 0, 0, rx_cnt=155000, fwd_cnt=155000, adv_fwd_cnt=150000, ahead=20000, tx_packets=3,
+                           tx_bytes=150000, updates_sent=2, sends=1)
+    t.core.owned_back(conn, owner.take_back(0))
+    assert conn.own == -1 and t.core.owned == 0
+    assert (cr.rx_cnt, cr.fwd_cnt, cr.adv_fwd_cnt, cr.ahead) == (155000, 155000, 150000, 20000)
+    c = t.core.counters
+    assert (c.tx_packets - tx_packets, c.tx_bytes - tx_bytes) == (3, 150000)
+    assert c.pump_sends == 1 and c.pump_blocked == 1 and conn.stats[:2] == [1 + 3, 5000 + 150000]
+    # the tail C could not send is queued; the host takes 8000 now: the rest waits for POLLOUT
+    t.peer.accept = 8000
+    t.core.guest_rw_tail(conn.guest_port, conn.peer_cid, conn.peer_port, 20000, [memoryview(b"t" * 20000)])
+    t.core.flush_host()
+    assert bytes(t.peer.sent[5000:]) == b"t" * 8000 and conn.out_bytes == 12000 and t.peer.writing
+    assert cr.ahead == 12000 and cr.fwd_cnt == 155000  # counted once, ahead: not again
+    t.peer.accept = 1 << 30
+    t.core.peer_writable(conn)
+    assert conn.out_bytes == 0 and cr.ahead == 0 and cr.fwd_cnt == 155000 and not t.peer.writing
+
+
+@pytest.mark.parametrize("window_open", [True, False])
+def test_a_sender_given_back_is_served_or_waits_by_the_window_c_left(window_open: bool) -> None:
+    """C took the connection with the guest's window open; whatever it did to the window
+    meanwhile, Python's view comes from the credit C gives back, not from its flags at lending."""
+    t, owner, conn = open_sender()
+    t.peer.data += b"h" * 10000  # host data waiting
+    # C wrote 3000 bytes to the guest; the guest has consumed them (window open) or not (shut)
+    owner.back = OwnedBack(fastpath.OWN_GUEST, 0, 3000, 3000, 3000 if window_open else 0,
+                           fastpath.OWN_F_TX | fastpath.OWN_F_SELF, 0, 1, 3000, rx_cnt=5000, fwd_cnt=5000,
+                           adv_fwd_cnt=5000)
+    t.core.owned_back(conn, owner.take_back(0))
+    assert bool(conn.flags & Connection.WAIT_CREDIT) is not window_open
+    rw = [h for h, _ in t.drain() if h.op == Op.RW]
+    assert sum(h.len for h in rw) == (3000 if window_open else 0)
+    if not window_open:  # lent again, waiting for the guest; asked when it stays shut
+        assert conn.own == 0
+        owner.steps, owner.window_shut = 0, True
+        t.core.tick(t.core.now + CREDIT_REQUEST_DELAY * 2)
+        t.core.tick(t.core.now + CREDIT_REQUEST_DELAY * 4)
+        assert conn.own == -1 and [h.op for h, _ in t.drain()] == [Op.CREDIT_REQUEST]
+
+
+def test_tick_leaves_c_a_connection_whose_window_is_open() -> None:
+    t, owner, conn = open_sender()
+    owner.window_shut = False
+    for k in range(1, 5):
+        t.core.tick(t.core.now + CREDIT_REQUEST_DELAY * 2 * k)
+    assert conn.own == 0 and owner.taken == 0
+
+
+def test_a_tail_for_a_connection_reset_meanwhile_is_dropped() -> None:
+    t, owner, conn = open_sender()
+    owner.back = OwnedBack(fastpath.OWN_ERROR, 32, 0, 3000, 0, fastpath.OWN_F_TX, 0, 0, 0, rx_cnt=9000,
+                           fwd_cnt=9000, adv_fwd_cnt=5000, tx_packets=1, tx_bytes=4000)
+    t.core.owned_back(conn, owner.take_back(0))  # EPIPE from C's send: reset, as Python's send would
+    assert not t.core.conns and t.peer.closed is True
+    t.core.guest_rw_tail(conn.guest_port, conn.peer_cid, conn.peer_port, 100, [memoryview(b"x" * 100)])
+    t.core.flush_host()
+    assert conn.out_bytes == 0 and [h.op for h, _ in t.drain()] == [Op.RST]
+
+
 # -- the real C pump ---------------------------------------------------------------------------
 
 def _pump_updates(vp: VsproxyProcess, name: str = "c_pump_updates") -> int:
@@ -308,3 +409,125 @@ def test_an_avail_index_jump_while_c_runs_a_connection_breaks_only_that_queue(st
         assert "bad_chains=1" in vp.report()
         assert vp.proc.poll() is None
         host.close()
+
+
+class HostReader(threading.Thread):
+    """A host program on the hybrid socket ``path``: takes one connection and reads it to EOF
+    (``pause`` seconds after each read), or hangs up after ``close_after`` bytes."""
+
+    def __init__(self, path: str, chunk: int = 1 << 20, pause: float = 0.0, close_after: int = 0) -> None:
+        super().__init__(daemon=True)
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(path)
+        self.srv.listen(1)
+        self.srv.settimeout(30)
+        self.chunk, self.pause, self.close_after = chunk, pause, close_after
+        self.digest = hashlib.sha256()
+        self.n = 0
+        self.start()
+
+    def run(self) -> None:
+        import time
+
+        conn, _ = self.srv.accept()
+        conn.settimeout(60)
+        with conn:
+            while True:
+                b = conn.recv(self.chunk)
+                if not b:
+                    break
+                self.digest.update(b)
+                self.n += len(b)
+                if self.close_after and self.n >= self.close_after:
+                    break
+                if self.pause:
+                    time.sleep(self.pause)
+        self.srv.close()
+
+
+def _guest_sends(g: SimGuest, port: int, data: bytes) -> None:
+    s = g.connect(port)
+    s.sendall(data)
+    s.shutdown_write()
+
+
+def test_c_sends_guest_data_to_the_host_hash_checked_and_python_counts_every_byte(start_vsproxy: Start,
+                                                                                   workdir: str) -> None:
+    uds = os.path.join(workdir, "v.sock")
+    vp = start_vsproxy("--uds-path", uds)
+    data = os.urandom(8 * MiB)
+    reader = HostReader(f"{uds}_6200")
+    with SimGuest(vp.socket_path, timeout=60) as g:
+        _guest_sends(g, 6200, data)
+        reader.join(60)
+        assert not reader.is_alive() and reader.n == len(data)
+        assert reader.digest.digest() == hashlib.sha256(data).digest()
+        assert _pump_updates(vp, "c_pump_sends") > 0  # runs C sent itself, with no Python turn
+        report = vp.report()
+        assert f"tx_bytes={len(data)}" in report and "credit_violations=0" in report
+        assert g.stats.credit_violations == 0 and g.stats.protocol_errors == []
+
+
+def test_a_host_reader_slower_than_the_guest_gets_every_byte_as_c_and_python_hand_over(start_vsproxy: Start,
+                                                                                     workdir: str) -> None:
+    """The host socket fills up under C's sends: C gives the connection back with the unsent
+    tail (at whatever byte the socket stopped), Python queues it and waits for POLLOUT, and
+    lends the connection again once its queue is empty."""
+    uds = os.path.join(workdir, "v.sock")
+    vp = start_vsproxy("--uds-path", uds)
+    data = os.urandom(6 * MiB)
+    reader = HostReader(f"{uds}_6201", chunk=48 * 1024 + 7, pause=0.001)
+    with SimGuest(vp.socket_path, timeout=60) as g:
+        _guest_sends(g, 6201, data)
+        reader.join(60)
+        assert not reader.is_alive() and reader.n == len(data)
+        assert reader.digest.digest() == hashlib.sha256(data).digest()
+        assert _pump_updates(vp, "c_pump_blocked") > 0 and _pump_updates(vp, "c_pump_sends") > 0
+        assert f"tx_bytes={len(data)}" in vp.report()
+        assert g.stats.credit_violations == 0 and g.stats.protocol_errors == []
+
+
+def test_a_guest_past_its_credit_on_a_connection_c_runs_is_reset(start_vsproxy: Start, workdir: str) -> None:
+    import time
+
+    uds = os.path.join(workdir, "v.sock")
+    vp = start_vsproxy("--uds-path", uds, "--tx-buffer-size", "16384")
+    reader = HostReader(f"{uds}_6202")
+    with SimGuest(vp.socket_path, timeout=30) as g:
+        s = g.connect(6202)
+        s.sendall(os.urandom(8192))
+        deadline = time.monotonic() + 10
+        while _pump_updates(vp, "c_pump_sends") == 0:  # C runs it after Python's first flush
+            s.sendall(os.urandom(1024))
+            g.poll(0.05)
+            assert time.monotonic() < deadline, vp.report()
+        port = s.local_port
+        hdr = H.pack(g.guest_cid, 2, port, 6202, 32768, 1, Op.RW, 0, 262144, s.conn.fwd_cnt)
+        g.send_raw(hdr, b"x" * 32768)  # twice the 16 KiB window in one packet
+        for _ in range(100):
+            g.poll(0.02)
+            if any(h.op == Op.RST and h.dst_port == port for h, _ in g.received_raw):
+                break
+        else:
+            pytest.fail(f"no RST for a credit violation: {vp.report()}")
+        assert "credit_violations=1" in vp.report()
+    reader.join(10)
+    assert reader.n < 8192 + 16384  # the packet past the window never reached the host
+
+
+def test_a_host_reader_hanging_up_while_c_sends_resets_only_that_connection(start_vsproxy: Start,
+                                                                          workdir: str) -> None:
+    uds = os.path.join(workdir, "v.sock")
+    vp = start_vsproxy("--uds-path", uds)
+    gone = HostReader(f"{uds}_6203", close_after=256 * 1024)
+    with SimGuest(vp.socket_path, timeout=30) as g:
+        with pytest.raises(BrokenPipeError):
+            _guest_sends(g, 6203, os.urandom(8 * MiB))  # more than one window: the error shows
+        gone.join(10)
+        assert _pump_updates(vp, "rst") >= 1
+        # vsproxy and the device go on: a new connection is served, hash-checked
+        data = os.urandom(2 * MiB)
+        reader = HostReader(f"{uds}_6204")
+        _guest_sends(g, 6204, data)
+        reader.join(30)
+        assert reader.digest.digest() == hashlib.sha256(data).digest()

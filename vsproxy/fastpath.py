@@ -315,6 +315,11 @@ class TxFastPath(_RingPath):
         """Changes with every credit update C took for the slot."""
         return int(self._own[slot].updates)
 
+    def shut(self, slot: int) -> bool:
+        """True while the guest's window of the slot's connection is shut."""
+        e = self._own[slot]
+        return bool((e.tx_cnt - e.peer_fwd_cnt) & 0xFFFFFFFF >= e.peer_buf_alloc)
+
     def counts(self, slot: int) -> OwnedCounts:
         """What C did since the last call, for Python's counters while C keeps the connection."""
         e = self._own[slot]

@@ -81,6 +81,7 @@ class Counters:
     pump_reads: int = 0  # host socket wake-ups the C pump served, Python only passing them on
     pump_kicks: int = 0  # tx kicks C took to the end (vq_tx_kick), with no Python pump turn
     pump_sends: int = 0  # runs of guest data C sent to the host socket itself (OWN_F_TX)
+    pump_blocked: int = 0  # connections C gave back because their host socket was full
     drops: dict[str, int] = field(default_factory=dict)
 
     def drop(self, reason: str) -> None:
@@ -95,6 +96,7 @@ class Owner(Protocol):
     def take_back(self, slot: int) -> fastpath.OwnedBack: ...
     def fill(self, slot: int) -> fastpath.OwnedBack | bool: ...
     def progress(self, slot: int) -> int: ...
+    def shut(self, slot: int) -> bool: ...
     def counts(self, slot: int) -> tuple[int, ...]: ...
 
 
@@ -644,15 +646,17 @@ class VsockCore:
                 self.counters.timeouts += 1
                 log.info("%s: connect timed out: %s", self.name, conn.describe())
                 self._reset(conn, "connect timeout")
+            elif conn.own >= 0 and self.owner is not None:
+                # Python's flags are C's to change while it runs the connection
+                seen = self.owner.progress(conn.own)
+                if seen != conn.own_seen or not self.owner.shut(conn.own):
+                    conn.own_seen = seen  # C took credit updates meanwhile, or the window is open
+                    conn.credit_wait = now
+                elif now - conn.credit_wait >= CREDIT_REQUEST_DELAY:
+                    self._reclaim(conn)  # shut all along: Python asks, if the guest must be asked
+                    if conn.flags & wait == Connection.WAIT_CREDIT:
+                        self._request_credit(conn)
             elif conn.flags & Connection.WAIT_CREDIT and now - conn.credit_wait >= CREDIT_REQUEST_DELAY:
-                if conn.own >= 0 and self.owner is not None:
-                    # Python's flags are C's to change while it runs the connection
-                    seen = self.owner.progress(conn.own)
-                    if seen != conn.own_seen:  # C took credit updates meanwhile: not shut all along
-                        conn.own_seen = seen
-                        conn.credit_wait = now
-                        continue
-                    self._reclaim(conn)
                 if conn.flags & wait == Connection.WAIT_CREDIT:
                     self._request_credit(conn)
         for conn in list(self._lingering):
@@ -925,15 +929,24 @@ class VsockCore:
         if not act or conn.state is not State.ESTABLISHED:
             return
         why = back.why
+        if why == fastpath.OWN_BLOCKED:
+            self.counters.pump_blocked += 1
         if why == fastpath.OWN_EOF:
             conn.flags &= ~(Connection.WAIT_CREDIT | Connection.CREDIT_REQUESTED)
             self._host_eof(conn)
         elif why == fastpath.OWN_ERROR:
             self._peer_error(conn, OSError(back.err, os.strerror(back.err)))
         else:
-            self._credit_changed(conn)  # credit left: ready again; else still waiting, asked at tick
-            if conn.flags & Connection.WAIT_CREDIT:
+            # Python's WAIT_CREDIT is from when C took the connection; the guest's window may have
+            # opened or shut since. The pump finds out: it serves the connection, or finds the
+            # window shut and waits (asking if it must) and lends it again.
+            if cr.peer_free():
+                conn.flags &= ~(Connection.WAIT_CREDIT | Connection.CREDIT_REQUESTED)
+            elif not conn.flags & Connection.WAIT_CREDIT:
+                conn.flags |= Connection.WAIT_CREDIT
                 conn.credit_wait = self.now
+            self._credit_changed(conn)
+            self._make_ready(conn)
 
     def owned_waiting(self, conn: Connection) -> None:
         """C keeps the connection with credit left and its host socket dry: Python watches the
