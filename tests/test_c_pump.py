@@ -503,7 +503,15 @@ def test_a_guest_past_its_credit_on_a_connection_c_runs_is_reset(start_vsproxy: 
             assert time.monotonic() < deadline, vp.report()
         port = s.local_port
         hdr = H.pack(g.guest_cid, 2, port, 6202, 32768, 1, Op.RW, 0, 262144, s.conn.fwd_cnt)
-        g.send_raw(hdr, b"x" * 32768)  # twice the 16 KiB window in one packet
+        update = H.pack(g.guest_cid, 2, port, 6202, 0, 1, Op.CREDIT_UPDATE, 0, 262144, s.conn.fwd_cnt)
+        # Twice the 16 KiB window in one packet, and a credit update after it in the same
+        # batch: C gives the connection back for the first; the second is Python's then.
+        time.sleep(0.05)
+        kick, g.driver._kick = g.driver._kick, lambda ring: None  # type: ignore[method-assign]
+        g.send_raw(hdr, b"x" * 32768)
+        g.send_raw(update)
+        g.driver._kick = kick  # type: ignore[method-assign]
+        kick(g.driver.tx)
         for _ in range(100):
             g.poll(0.02)
             if any(h.op == Op.RST and h.dst_port == port for h, _ in g.received_raw):
@@ -511,6 +519,12 @@ def test_a_guest_past_its_credit_on_a_connection_c_runs_is_reset(start_vsproxy: 
         else:
             pytest.fail(f"no RST for a credit violation: {vp.report()}")
         assert "credit_violations=1" in vp.report()
+        # vsproxy goes on: the C pump's bookkeeping held
+        data = os.urandom(MiB)
+        reader2 = HostReader(f"{uds}_6205")
+        _guest_sends(g, 6205, data)
+        reader2.join(30)
+        assert reader2.digest.digest() == hashlib.sha256(data).digest()
     reader.join(10)
     assert reader.n < 8192 + 16384  # the packet past the window never reached the host
 

@@ -355,15 +355,17 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
         if (ctx->owned) {
             vq_own *e = own_find(ctx, type, src_port, dst_cid, dst_port);
             if (e && credit_only && op == 6 && ctx->own_ok) {
-                CLOSE_RUN();
-                own_credit(ctx, e, buf_alloc, fwd_cnt);
-                ctx->consumed[ctx->nconsumed++] = head;
-                continue;
-            }
-            if (e && !credit_only && (e->flags & OWN_F_TX) && ctx->own_ok)
+                CLOSE_RUN();  /* the run before it may be this connection's, and give it back */
+                if (e->active) {
+                    own_credit(ctx, e, buf_alloc, fwd_cnt);
+                    ctx->consumed[ctx->nconsumed++] = head;
+                    continue;
+                }
+            } else if (e && !credit_only && (e->flags & OWN_F_TX) && ctx->own_ok) {
                 tx_e = e;                           /* its data C sends itself */
-            else if (e)
+            } else if (e) {
                 own_release(ctx, e, OWN_GUEST);     /* anything else on it is Python's */
+            }
         }
         if (credit_only) {
             CLOSE_RUN();
