@@ -36,6 +36,8 @@ from vsproxy.simguest import SimGuest
 
 MiB = 1 << 20
 LINUX_BUF_ALLOC = 262144  # a Linux guest socket's default window
+BIG_RX_BUF = 64 * 1024 + 44  # rx buffers that hold a whole 64 KiB packet
+LINUX_RX_BUF = 3776  # the rx buffers a Linux guest posts, header included
 EXTRA: list[str] = []  # --vsproxy-arg
 
 
@@ -145,7 +147,8 @@ def _host_sender(uds: str, port: int, payload: int, count: int, result: Pipe) ->
 
 
 class Rig:
-    def __init__(self, tmp: str, guest_buf_alloc: int = LINUX_BUF_ALLOC, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, tmp: str, guest_buf_alloc: int = LINUX_BUF_ALLOC, extra: tuple[str, ...] = (),
+                 rx_buf: int = BIG_RX_BUF) -> None:
         self.tmp = tmp
         self.vhost = os.path.join(tmp, "vhost.sock")
         self.uds = os.path.join(tmp, "uds")
@@ -159,7 +162,7 @@ class Rig:
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise SystemExit("vsproxy did not start")
             time.sleep(0.02)
-        self.guest = SimGuest(self.vhost, timeout=60, rx_buf_size=64 * 1024 + 44, buf_alloc=guest_buf_alloc)
+        self.guest = SimGuest(self.vhost, timeout=60, rx_buf_size=rx_buf, buf_alloc=guest_buf_alloc)
         self.guest.start()
         self.port = 10000
         self.guest_buf_alloc = guest_buf_alloc
@@ -324,48 +327,53 @@ def main() -> int:
                     help="where the capture files go (default: /dev/shm, a tmpfs)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per figure, best taken (default 3)")
     ap.add_argument("--vsproxy-arg", action="append", default=[], help="extra vsproxy option (repeatable)")
-    ap.add_argument("--only", action="append", default=[], metavar="DIR:PAYLOAD[:WINDOW_K]",
-                    help="run only this case, e.g. g2h:65536:256 (repeatable; skips the idle and capture tables)")
+    ap.add_argument("--only", action="append", default=[], metavar="DIR:PAYLOAD[:WINDOW_K[:RX_BUF]]",
+                    help="run only this case, e.g. g2h:65536:256 or h2g:65536:256:3776 (repeatable; skips the "
+                         "idle and capture tables)")
     args = ap.parse_args()
     EXTRA.extend(args.vsproxy_arg)
     scale = 0.1 if args.quick else 1.0
     if args.quick:
         args.repeat = 1
-    # (direction, payload, count, guest window): the guest window is a Linux socket's default
-    # 256 KiB (a Linux 6.1.192+ sender also caps its credit at it, CVE-2026-23086), and for
-    # 64 KiB also 2 MiB, what SO_VM_SOCKETS_BUFFER_SIZE allows.
+    # (direction, payload, count, guest window, guest rx buffer size): the guest window is a
+    # Linux socket's default 256 KiB (a Linux 6.1.192+ sender also caps its credit at it,
+    # CVE-2026-23086), and for 64 KiB also 2 MiB, what SO_VM_SOCKETS_BUFFER_SIZE allows. The
+    # guest's rx buffers hold a whole 64 KiB packet, and for host->guest 64 KiB also the 3776
+    # bytes a Linux guest posts (its data then crosses in 70 packets a window).
     cases = [
-        ("guest->host", 65536, int(20000 * scale), LINUX_BUF_ALLOC),
-        ("guest->host", 65536, int(20000 * scale), 2 * MiB),
-        ("guest->host", 4096, int(100000 * scale), LINUX_BUF_ALLOC),
-        ("guest->host", 64, int(600000 * scale), LINUX_BUF_ALLOC),
-        ("host->guest", 65536, int(10000 * scale), LINUX_BUF_ALLOC),
-        ("host->guest", 65536, int(10000 * scale), 2 * MiB),
-        ("host->guest", 4096, int(60000 * scale), LINUX_BUF_ALLOC),
-        ("host->guest", 64, int(200000 * scale), LINUX_BUF_ALLOC),
+        ("guest->host", 65536, int(20000 * scale), LINUX_BUF_ALLOC, BIG_RX_BUF),
+        ("guest->host", 65536, int(20000 * scale), 2 * MiB, BIG_RX_BUF),
+        ("guest->host", 4096, int(100000 * scale), LINUX_BUF_ALLOC, BIG_RX_BUF),
+        ("guest->host", 64, int(600000 * scale), LINUX_BUF_ALLOC, BIG_RX_BUF),
+        ("host->guest", 65536, int(10000 * scale), LINUX_BUF_ALLOC, BIG_RX_BUF),
+        ("host->guest", 65536, int(10000 * scale), LINUX_BUF_ALLOC, LINUX_RX_BUF),
+        ("host->guest", 65536, int(10000 * scale), 2 * MiB, BIG_RX_BUF),
+        ("host->guest", 4096, int(60000 * scale), LINUX_BUF_ALLOC, BIG_RX_BUF),
+        ("host->guest", 64, int(200000 * scale), LINUX_BUF_ALLOC, BIG_RX_BUF),
     ]
     if args.only:
         names = {"guest->host": "g2h", "host->guest": "h2g"}
         wanted = {tuple(o.split(":")) for o in args.only}
         cases = [c for c in cases
-                 if (names[c[0]], str(c[1])) in wanted or (names[c[0]], str(c[1]), str(c[3] // 1024)) in wanted]
+                 if (names[c[0]], str(c[1])) in wanted or (names[c[0]], str(c[1]), str(c[3] // 1024)) in wanted
+                 or (names[c[0]], str(c[1]), str(c[3] // 1024), str(c[4])) in wanted]
         if not cases:
             ap.error(f"--only matches no case: {', '.join(args.only)}")
     # cpu: the share of one core vsproxy and the simulated guest used during the best run; on a
     # 2-vCPU machine the two of them and the host reader share two cores.
-    print(f"{'direction':<12} {'payload':>8} {'window':>7} {'vsock pkts':>10} {'vsproxy':>16} {'floor':>16} "
-          f"{'ratio':>6} {'cpu vsp':>8} {'guest':>6}")
+    print(f"{'direction':<12} {'payload':>8} {'window':>7} {'rx buf':>6} {'vsock pkts':>10} {'vsproxy':>16} "
+          f"{'floor':>16} {'ratio':>6} {'cpu vsp':>8} {'guest':>6}")
     if args.capture_only:
         with tempfile.TemporaryDirectory(prefix="vsp-bench-") as tmp:
             capture_table(tmp, scale, args.repeat, args.capture_dir)
         return 0
     with tempfile.TemporaryDirectory(prefix="vsp-bench-") as tmp:
-        rigs: dict[int, Rig] = {}
+        rigs: dict[tuple[int, int], Rig] = {}
         try:
-            for direction, payload, count, window in cases:
-                if window not in rigs:
-                    rigs[window] = Rig(tmp, window) if not rigs else Rig(tempfile.mkdtemp(dir=tmp), window)
-                rig = rigs[window]
+            for direction, payload, count, window, rx_buf in cases:
+                if (window, rx_buf) not in rigs:
+                    rigs[window, rx_buf] = Rig(tempfile.mkdtemp(dir=tmp), window, rx_buf=rx_buf)
+                rig = rigs[window, rx_buf]
                 # Best of `repeat` for both sides: these 2-core machines are noisy.
                 fl = min(floor(tmp, payload, count) for _ in range(args.repeat))
                 el, pkts, vcpu, gcpu = min(rig.run(direction, payload, count) for _ in range(args.repeat))
@@ -375,12 +383,12 @@ def main() -> int:
                     ours, base = f"{count / el:,.0f} pay/s", f"{count / fl:,.0f} pay/s"
                 else:
                     ours, base = f"{payload * count / el / 1e6:,.0f} MB/s", f"{payload * count / fl / 1e6:,.0f} MB/s"
-                print(f"{direction:<12} {payload:>8} {window // 1024:>6}K {pkts:>10} {ours:>16} {base:>16} "
+                print(f"{direction:<12} {payload:>8} {window // 1024:>6}K {rx_buf:>6} {pkts:>10} {ours:>16} {base:>16} "
                       f"{fl / el:>6.0%} {vcpu:>8.0%} {gcpu:>6.0%}", flush=True)
             if args.only:
                 return 0
             n = 100 if args.quick else 1000
-            before, after = rigs[LINUX_BUF_ALLOC].idle_connections(n)
+            before, after = rigs[LINUX_BUF_ALLOC, BIG_RX_BUF].idle_connections(n)
             print(f"{n} idle connections: vsproxy RSS {before / 1024:.1f} MiB -> {after / 1024:.1f} MiB "
                   f"(+{(after - before) / 1024:.1f} MiB, {(after - before) * 1024 / n:,.0f} bytes each)")
         finally:

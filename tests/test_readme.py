@@ -57,8 +57,10 @@ def test_benchmark_runs_and_prints_every_figure() -> None:
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("guest->host", "host->guest"))]
     assert [(r[0], r[1]) for r in rows] == [
         ("guest->host", "65536"), ("guest->host", "65536"), ("guest->host", "4096"), ("guest->host", "64"),
-        ("host->guest", "65536"), ("host->guest", "65536"), ("host->guest", "4096"), ("host->guest", "64"),
+        ("host->guest", "65536"), ("host->guest", "65536"), ("host->guest", "65536"), ("host->guest", "4096"),
+        ("host->guest", "64"),
     ]
+    assert [r[3] for r in rows if r[:2] == ["host->guest", "65536"]] == ["65580", "3776", "65580"]  # rx buffers
     for r in rows:  # ratio to the floor, then the CPU shares of vsproxy and of the guest
         ratio, vsp, guest = (float(f.rstrip("%")) for f in r[-3:])
         assert all(f.endswith("%") for f in r[-3:]) and ratio > 0 and vsp > 0 and guest >= 0  # C guest: ~0

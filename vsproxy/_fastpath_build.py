@@ -421,9 +421,12 @@ enum { RX_LIMIT = 0, RX_SLOW = 1, RX_AGAIN = 2, RX_EOF = 3, RX_ERROR = 4, RX_SHO
 
 /* Host data straight from a socket into rx chains of the one shape Linux posts (a single
    writable descriptor inside the region). Stops at the first chain of any other shape
-   (RX_SLOW, left on the ring for Python), when the socket has no more (RX_AGAIN after a
-   short read, RX_EOF, RX_ERROR), or at the credit / packet limit (RX_LIMIT). Used
-   elements are written; Python publishes used->idx and advances its indices. */
+   (RX_SLOW, left on the ring for Python), when the socket has no more (RX_AGAIN, or RX_SHORT
+   after a short read), at EOF or an error (RX_EOF, RX_ERROR), or at the credit / packet limit
+   (RX_LIMIT). One recvmsg fills up to RX_IOV chains: Linux posts 3776-byte buffers, and a
+   syscall per buffer would cost more than the copy. Used elements are written; Python
+   publishes used->idx and advances its indices. */
+#define RX_IOV 64
 int vq_rx_fill(const uint8_t *base_, uint64_t region_gpa, uint64_t region_size,
                const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,
                uint32_t *used_ring, uint16_t used_idx,
@@ -433,41 +436,67 @@ int vq_rx_fill(const uint8_t *base_, uint64_t region_gpa, uint64_t region_size,
     uint8_t *base = (uint8_t *)base_;  /* guest memory, writable: the tx context keeps it const */
     res->packets = 0; res->bytes = 0; res->status = RX_LIMIT; res->err = 0;
     while (res->packets < max_packets && credit > 0) {
-        if (res->packets >= avail_n) { res->status = RX_SLOW; return 0; }
-        uint16_t head = __atomic_load_n(&avail[2 + ((uint16_t)(last_avail + res->packets) & (num - 1))],
-                                        __ATOMIC_ACQUIRE);
-        if (head >= num) { res->status = RX_SLOW; return 0; }
-        uint64_t a; uint32_t l; uint16_t f, nx;
-        rd_desc(desc + 16 * (uint64_t)head, &a, &l, &f, &nx);
-        if (f != F_WRITE || l <= HDR || !in_region(a, l, region_gpa, region_size)) { res->status = RX_SLOW; return 0; }
-        uint32_t want = l - HDR;
-        if (want > credit) want = credit;
-        if (want > MAX_PKT) want = MAX_PKT;
-        if (cap->mode && cap->used + cap_record_size(cap, want) > cap->size) { res->status = RX_LIMIT; return 0; }
-        uint8_t *buf = base + (a - region_gpa);
-        ssize_t n = recv(fd, buf + HDR, want, MSG_DONTWAIT);
+        struct iovec iov[RX_IOV];
+        uint16_t heads[RX_IOV];
+        uint32_t m = 0, cap_need = cap->used;
+        uint64_t want = 0;
+        int slow = 0;
+        /* the next chains, each checked, within the credit and the capture buffer */
+        while (m < RX_IOV && res->packets + m < max_packets && want < credit) {
+            if (res->packets + m >= avail_n) { slow = 1; break; }
+            uint16_t head = __atomic_load_n(&avail[2 + ((uint16_t)(last_avail + res->packets + m) & (num - 1))],
+                                            __ATOMIC_ACQUIRE);
+            if (head >= num) { slow = 1; break; }
+            uint64_t a; uint32_t l; uint16_t f, nx;
+            rd_desc(desc + 16 * (uint64_t)head, &a, &l, &f, &nx);
+            if (f != F_WRITE || l <= HDR || !in_region(a, l, region_gpa, region_size)) { slow = 1; break; }
+            uint32_t room = l - HDR;
+            if (room > MAX_PKT) room = MAX_PKT;
+            if (room > credit - want) room = (uint32_t)(credit - want);
+            if (cap->mode) {
+                if (cap_need + cap_record_size(cap, room) > cap->size) break;
+                cap_need += cap_record_size(cap, room);
+            }
+            iov[m].iov_base = base + (a - region_gpa) + HDR;
+            iov[m].iov_len = room;
+            heads[m] = head;
+            want += room;
+            m++;
+        }
+        if (m == 0) { res->status = slow ? RX_SLOW : RX_LIMIT; return 0; }
+        struct msghdr msg;
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = iov; msg.msg_iovlen = m;
+        ssize_t n;
+        do n = recvmsg(fd, &msg, MSG_DONTWAIT); while (n < 0 && errno == EINTR);
         if (n < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK) { res->status = RX_AGAIN; return 0; }
-            if (errno == EINTR) continue;
             res->status = RX_ERROR; res->err = errno; return 0;
         }
         if (n == 0) { res->status = RX_EOF; return 0; }
-        uint32_t len = (uint32_t)n;
-        memcpy(buf, hdr, HDR);
-        memcpy(buf + 24, &len, 4);
-        if (cap->mode) {
-            uint8_t h[HDR];
-            memcpy(h, hdr, HDR);
-            memcpy(h + 24, &len, 4);
-            cap_record(cap, h, buf + HDR, len, 0);
+        /* the bytes fill the chains in order: one packet per chain they reached */
+        uint64_t left = (uint64_t)n;
+        for (uint32_t k = 0; k < m && left; k++) {
+            uint32_t len = left < iov[k].iov_len ? (uint32_t)left : (uint32_t)iov[k].iov_len;
+            uint8_t *buf = (uint8_t *)iov[k].iov_base - HDR;
+            memcpy(buf, hdr, HDR);
+            memcpy(buf + 24, &len, 4);
+            if (cap->mode) {
+                uint8_t h[HDR];
+                memcpy(h, hdr, HDR);
+                memcpy(h + 24, &len, 4);
+                cap_record(cap, h, buf + HDR, len, 0);
+            }
+            uint32_t slot = (uint16_t)(used_idx + res->packets) & (num - 1);
+            used_ring[2 * slot] = heads[k];
+            used_ring[2 * slot + 1] = HDR + len;
+            res->packets++;
+            res->bytes += len;
+            credit -= len;
+            left -= len;
         }
-        uint32_t slot = (uint16_t)(used_idx + res->packets) & (num - 1);
-        used_ring[2 * slot] = head;
-        used_ring[2 * slot + 1] = HDR + len;
-        res->packets++;
-        res->bytes += len;
-        credit -= len;
-        if (len < want) { res->status = RX_SHORT; return 0; }
+        if ((uint64_t)n < want) { res->status = RX_SHORT; return 0; }
+        if (slow) { res->status = RX_SLOW; return 0; }
     }
     return 0;
 }
