@@ -162,7 +162,8 @@ class Rig:
             if time.monotonic() > deadline or self.proc.poll() is not None:
                 raise SystemExit("vsproxy did not start")
             time.sleep(0.02)
-        self.guest = SimGuest(self.vhost, timeout=60, rx_buf_size=rx_buf, buf_alloc=guest_buf_alloc)
+        # no packet log (record_limit=0): a guest only counts what it gets
+        self.guest = SimGuest(self.vhost, timeout=60, rx_buf_size=rx_buf, buf_alloc=guest_buf_alloc, record_limit=0)
         self.guest.start()
         self.port = 10000
         self.guest_buf_alloc = guest_buf_alloc

@@ -73,7 +73,8 @@ class _CPath:
     def _record(self, n: int, with_len: bool) -> None:
         """The ``n`` headers C consumed, into received_raw as the Python driver records them."""
         raw = bytes(fastpath.ffi.buffer(self.headers, vh.HDR_SIZE * n))
-        for k in range(n):
+        limit = self.drv.received_raw.maxlen
+        for k in range(n if limit is None else max(0, n - limit), n):  # only what the deque keeps
             h = vh.unpack(raw, vh.HDR_SIZE * k)
             self.drv.received_raw.append((h, h.len if with_len else 0))
 
