@@ -166,3 +166,21 @@ def test_other_traffic_during_a_c_drain_goes_to_the_python_driver(
         assert g.stats.protocol_errors == []
         s.close()
         other.close()
+
+
+@pytest.mark.parametrize("limit", [0, 3])
+def test_a_c_drain_logs_only_the_packets_the_guest_keeps(start_vsproxy: Start, workdir: str, limit: int,
+                                                         host_socks: list[socket.socket]) -> None:
+    uds = os.path.join(workdir, "v.sock")
+    vp = start_vsproxy("--uds-path", uds)
+    with SimGuest(vp.socket_path, buf_alloc=131072, record_limit=limit) as g:
+        host, s = _hybrid(uds, 6001, g, host_socks)
+        t = threading.Thread(target=lambda: host.sendall(b"d" * 600_000))  # 161 packets of 3732 bytes
+        t.start()
+        assert s.drain(600_000) == 600_000
+        t.join(10)
+        log = list(g.received_raw)
+        assert len(log) == limit
+        assert all(h.op == H.Op.RW and h.dst_port == 6001 and n == h.len > 0 for h, n in log)
+        assert g.stats.rx_bytes >= 600_000
+        s.close()
