@@ -15,7 +15,7 @@ from helpers import VsproxyProcess, hybrid_connect, unix_server
 from test_vsock_core import FakePeer, Harness, pkt
 
 from vsproxy import fastpath
-from vsproxy.fastpath import OwnedBack
+from vsproxy.fastpath import OwnedBack, OwnedCounts
 from vsproxy.simguest import SimGuest
 from vsproxy.vsock import header as H
 from vsproxy.vsock.connection import Connection
@@ -39,7 +39,7 @@ class FakeOwner:
         self.back: OwnedBack | None = None
         self.taken = 0
         self.steps = 0
-        self.pending = (0, 0, 0)
+        self.pending = OwnedCounts()
         self.fills: list[OwnedBack | bool] = []  # what fill answers, in turn
         self.filled = 0
         self.window_shut = True
@@ -56,7 +56,7 @@ class FakeOwner:
             return self.back
         lent = self.lent
         return OwnedBack(fastpath.OWN_TAKEN, 0, int(lent["tx_cnt"]), int(lent["peer_buf_alloc"]),  # type: ignore[call-overload]
-                         int(lent["peer_fwd_cnt"]), int(lent["flags"]), 0, 0, 0)  # type: ignore[call-overload]
+                         int(lent["peer_fwd_cnt"]), int(lent["flags"]))  # type: ignore[call-overload]
 
     def fill(self, slot: int) -> OwnedBack | bool:
         self.filled += 1
@@ -68,8 +68,8 @@ class FakeOwner:
     def shut(self, slot: int) -> bool:
         return self.window_shut
 
-    def counts(self, slot: int) -> tuple[int, ...]:
-        got, self.pending = self.pending, (0, 0, 0)
+    def counts(self, slot: int) -> OwnedCounts:
+        got, self.pending = self.pending, OwnedCounts()
         return got
 
 
@@ -126,7 +126,7 @@ def test_capture_or_data_owed_to_the_peer_keeps_the_connection_in_python() -> No
 def test_given_back_with_credit_left_the_connection_is_served_again_and_counted() -> None:
     t, owner, conn = shut_window(data=b"y" * 20000)
     # C took two updates and wrote 2 packets (2000 bytes); the guest's window is open by 1000 more
-    owner.back = OwnedBack(fastpath.OWN_LIMIT, 0, 5000, 3000, 3000, fastpath.OWN_F_SELF, 2, 2, 2000)
+    owner.back = OwnedBack(fastpath.OWN_LIMIT, 0, 5000, 3000, 3000, fastpath.OWN_F_SELF, OwnedCounts(2, 2, 2000))
     rx_before = t.core.counters.rx_packets
     t.send(Op.CREDIT_UPDATE, buf_alloc=3000, fwd_cnt=3000)  # Python sees a packet: takes it back first
     assert owner.taken == 1 and conn.own == -1 and t.core.owned == 0
@@ -143,7 +143,7 @@ def test_given_back_with_credit_left_the_connection_is_served_again_and_counted(
 @pytest.mark.parametrize("why", [fastpath.OWN_EOF, fastpath.OWN_ERROR])
 def test_what_stopped_the_c_pump_is_dealt_with_as_python_would(why: int) -> None:
     t, owner, conn = shut_window()
-    owner.back = OwnedBack(why, 104, 4000, 3000, 2000, 0, 1, 1, 1000)
+    owner.back = OwnedBack(why, 104, 4000, 3000, 2000, 0, OwnedCounts(1, 1, 1000))
     t.peer.reading = False
     t.core.owned_back(conn, owner.take_back(0))
     ops = [h.op for h, _ in t.drain()]
@@ -171,7 +171,7 @@ def test_a_dry_socket_c_keeps_is_watched_by_python_and_its_wakeups_go_to_c() -> 
 def test_a_wakeup_that_makes_c_give_back_is_dealt_with_by_python() -> None:
     t, owner, conn = shut_window()
     t.drain()
-    owner.fills = [OwnedBack(fastpath.OWN_EOF, 0, 4000, 3000, 2000, fastpath.OWN_F_WAIT, 0, 1, 1000)]
+    owner.fills = [OwnedBack(fastpath.OWN_EOF, 0, 4000, 3000, 2000, fastpath.OWN_F_WAIT, OwnedCounts(0, 1, 1000))]
     assert t.core.peer_readable(conn) is True
     assert conn.own == -1 and t.core.owned == 0 and conn.host_eof and conn.credit.tx_cnt == 4000
     assert Op.SHUTDOWN in [h.op for h, _ in t.drain()]
@@ -191,7 +191,7 @@ def test_tick_asks_for_credit_only_when_the_c_pump_saw_no_update() -> None:
 
 def test_guest_reset_of_a_lent_connection_folds_its_counts_and_closes() -> None:
     t, owner, conn = shut_window()
-    owner.back = OwnedBack(fastpath.OWN_TAKEN, 0, 7000, 3000, 3000, 0, 2, 4, 4000)
+    owner.back = OwnedBack(fastpath.OWN_TAKEN, 0, 7000, 3000, 3000, 0, OwnedCounts(2, 4, 4000))
     t.send(Op.RST)
     assert not t.core.conns and t.peer.closed is True and t.core.owned == 0
     assert t.core.counters.pump_updates == 2 and conn.stats[3] == 3000 + 4000
@@ -199,7 +199,7 @@ def test_guest_reset_of_a_lent_connection_folds_its_counts_and_closes() -> None:
 
 def test_counters_follow_the_c_pump_while_it_keeps_the_connection() -> None:
     t, owner, conn = shut_window()
-    owner.pending = (5, 10, 10000)
+    owner.pending = OwnedCounts(5, 10, 10000)
     before = t.core.counters.rx_bytes
     t.core.sync_owned()
     assert conn.own == 0 and t.core.counters.rx_bytes == before + 10000 and t.core.counters.pump_updates == 5
@@ -244,8 +244,8 @@ def test_given_back_with_guest_data_counted_python_takes_c_s_credit_and_counts()
     tx_packets, tx_bytes = t.core.counters.tx_packets, t.core.counters.tx_bytes
     # C took 3 packets (150000 bytes), sent 2 credit updates, and the socket left 20000 unsent
     owner.back = OwnedBack(fastpath.OWN_BLOCKED, 0, cr.tx_cnt, 3000, 0, fastpath.OWN_F_TX | fastpath.OWN_F_WAIT,
-                           0, 0, 0, rx_cnt=155000, fwd_cnt=155000, adv_fwd_cnt=150000, ahead=20000, tx_packets=3,
-                           tx_bytes=150000, updates_sent=2, sends=1)
+                           OwnedCounts(tx_packets=3, tx_bytes=150000, updates_sent=2, sends=1), rx_cnt=155000,
+                           fwd_cnt=155000, adv_fwd_cnt=150000, ahead=20000)
     t.core.owned_back(conn, owner.take_back(0))
     assert conn.own == -1 and t.core.owned == 0
     assert (cr.rx_cnt, cr.fwd_cnt, cr.adv_fwd_cnt, cr.ahead) == (155000, 155000, 150000, 20000)
@@ -271,8 +271,8 @@ def test_a_sender_given_back_is_served_or_waits_by_the_window_c_left(window_open
     t.peer.data += b"h" * 10000  # host data waiting
     # C wrote 3000 bytes to the guest; the guest has consumed them (window open) or not (shut)
     owner.back = OwnedBack(fastpath.OWN_GUEST, 0, 3000, 3000, 3000 if window_open else 0,
-                           fastpath.OWN_F_TX | fastpath.OWN_F_SELF, 0, 1, 3000, rx_cnt=5000, fwd_cnt=5000,
-                           adv_fwd_cnt=5000)
+                           fastpath.OWN_F_TX | fastpath.OWN_F_SELF, OwnedCounts(0, 1, 3000), rx_cnt=5000,
+                           fwd_cnt=5000, adv_fwd_cnt=5000)
     t.core.owned_back(conn, owner.take_back(0))
     assert bool(conn.flags & Connection.WAIT_CREDIT) is not window_open
     rw = [h for h, _ in t.drain() if h.op == Op.RW]
@@ -295,8 +295,8 @@ def test_tick_leaves_c_a_connection_whose_window_is_open() -> None:
 
 def test_a_tail_for_a_connection_reset_meanwhile_is_dropped() -> None:
     t, owner, conn = open_sender()
-    owner.back = OwnedBack(fastpath.OWN_ERROR, 32, 0, 3000, 0, fastpath.OWN_F_TX, 0, 0, 0, rx_cnt=9000,
-                           fwd_cnt=9000, adv_fwd_cnt=5000, tx_packets=1, tx_bytes=4000)
+    owner.back = OwnedBack(fastpath.OWN_ERROR, 32, 0, 3000, 0, fastpath.OWN_F_TX,
+                           OwnedCounts(tx_packets=1, tx_bytes=4000), rx_cnt=9000, fwd_cnt=9000, adv_fwd_cnt=5000)
     t.core.owned_back(conn, owner.take_back(0))  # EPIPE from C's send: reset, as Python's send would
     assert not t.core.conns and t.peer.closed is True
     t.core.guest_rw_tail(conn.guest_port, conn.peer_cid, conn.peer_port, 100, [memoryview(b"x" * 100)])

@@ -109,7 +109,7 @@ def test_a_run_is_sent_from_guest_memory_and_its_chains_consumed(rings: Rings) -
     assert items == [] and len(rings.tx.consumed) == 4 and rings.tx.released == []
     assert rings.host_got() == b"".join(payloads)
     back = rings.tx.take_back(rings.slot)
-    assert (back.rx_cnt, back.fwd_cnt, back.ahead, back.tx_packets, back.tx_bytes, back.sends) == (
+    assert (back.rx_cnt, back.fwd_cnt, back.ahead, back.counts.tx_packets, back.counts.tx_bytes, back.counts.sends) == (
         12000, 12000, 0, 4, 12000, 1)
 
 
@@ -125,7 +125,7 @@ def test_the_update_a_run_makes_due_is_written_to_the_rx_ring_with_our_counts(ri
     rings.tx.batch()
     assert len(rings.to_guest()) == 1
     back = rings.tx.take_back(rings.slot)
-    assert (back.rx_cnt, back.fwd_cnt, back.adv_fwd_cnt, back.updates_sent) == (21100, 21100, 20100, 1)
+    assert (back.rx_cnt, back.fwd_cnt, back.adv_fwd_cnt, back.counts.updates_sent) == (21100, 21100, 20100, 1)
 
 
 def test_a_socket_that_takes_part_gives_back_the_exact_unsent_tail(rings: Rings) -> None:
@@ -144,7 +144,7 @@ def test_a_socket_that_takes_part_gives_back_the_exact_unsent_tail(rings: Rings)
     assert len(tail.heads) == 3 and rings.tx.consumed == []
     ((_, back),) = rings.tx.released
     assert back.why == fastpath.OWN_BLOCKED and back.ahead == tail.total
-    assert (back.rx_cnt, back.fwd_cnt, back.tx_bytes) == (len(data), len(data), len(data))
+    assert (back.rx_cnt, back.fwd_cnt, back.counts.tx_bytes) == (len(data), len(data), len(data))
 
 
 def test_a_run_past_the_credit_we_gave_goes_to_python_untouched(rings: Rings) -> None:
@@ -153,7 +153,7 @@ def test_a_run_past_the_credit_we_gave_goes_to_python_untouched(rings: Rings) ->
     (run,) = rings.tx.batch()
     assert isinstance(run, Run) and run.total == 8000 and rings.host_got() == b""
     ((_, back),) = rings.tx.released
-    assert back.why == fastpath.OWN_GUEST and back.rx_cnt == 60000 and back.tx_bytes == 0
+    assert back.why == fastpath.OWN_GUEST and back.rx_cnt == 60000 and back.counts.tx_bytes == 0
 
 
 def test_a_socket_error_drops_the_run_with_the_connection(rings: Rings) -> None:
@@ -179,5 +179,5 @@ def test_a_run_that_gives_the_connection_back_leaves_the_next_update_to_python(r
     ((_, back),) = rings.tx.released
     assert isinstance(back, OwnedBack) and back.why == fastpath.OWN_LIMIT
     # two rx buffers of 4096 bytes, headers included, filled the reopened 4 KiB window
-    assert (back.tx_cnt, back.packets, back.bytes, back.credit_items) == (8192, 2, 4096, 0)
+    assert (back.tx_cnt, back.counts.packets, back.counts.bytes, back.counts.credit_items) == (8192, 2, 4096, 0)
     assert rings.tx._ctx.owned == 0  # counted once

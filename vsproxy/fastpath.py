@@ -52,6 +52,18 @@ KICK_DONE, KICK_ITEMS, KICK_PUMP = 0, 1, 2
 OWN_TAKEN, OWN_GUEST, OWN_EOF, OWN_ERROR, OWN_SLOW, OWN_LIMIT, OWN_ALL, OWN_BLOCKED = range(8)
 
 
+class OwnedCounts(NamedTuple):
+    """What C did for a connection it runs, since Python last looked."""
+
+    credit_items: int = 0  # CREDIT_UPDATEs C took
+    packets: int = 0  # RW packets C wrote to the guest, and their payload bytes
+    bytes: int = 0
+    tx_packets: int = 0  # RW packets C took from the guest (OWN_F_TX), and their payload bytes
+    tx_bytes: int = 0
+    updates_sent: int = 0  # CREDIT_UPDATEs C wrote to the guest
+    sends: int = 0  # runs C sent to the host socket
+
+
 class OwnedBack(NamedTuple):
     """An owned connection's state as C gives it back, with what it did meanwhile."""
 
@@ -61,31 +73,12 @@ class OwnedBack(NamedTuple):
     peer_buf_alloc: int
     peer_fwd_cnt: int
     flags: int
-    credit_items: int  # CREDIT_UPDATEs C took
-    packets: int  # RW packets C wrote to the guest, and their payload bytes
-    bytes: int
-    # with OWN_F_TX: the guest -> host credit (Credit's fields), what C took from the guest
-    # (RW packets, payload bytes), CREDIT_UPDATEs it wrote and runs it sent
+    counts: OwnedCounts = OwnedCounts()
+    # with OWN_F_TX: the guest -> host credit (Credit's fields)
     rx_cnt: int = 0
     fwd_cnt: int = 0
     adv_fwd_cnt: int = 0
     ahead: int = 0
-    tx_packets: int = 0
-    tx_bytes: int = 0
-    updates_sent: int = 0
-    sends: int = 0
-
-
-class OwnedCounts(NamedTuple):
-    """What C did for a connection it still runs, since the last look."""
-
-    credit_items: int
-    packets: int
-    bytes: int
-    tx_packets: int = 0
-    tx_bytes: int = 0
-    updates_sent: int = 0
-    sends: int = 0
 
 
 class Run(NamedTuple):
@@ -114,6 +107,12 @@ class Tail(NamedTuple):
 
 def _no_fd() -> int:
     return -1
+
+
+def _counts(e: Any) -> OwnedCounts:
+    """The counts of a vq_own entry."""
+    return OwnedCounts(int(e.credit_items), int(e.packets), int(e.bytes), int(e.tx_packets), int(e.tx_bytes),
+                       int(e.updates_sent), int(e.sends))
 
 
 class CaptureCall:
@@ -323,8 +322,7 @@ class TxFastPath(_RingPath):
     def counts(self, slot: int) -> OwnedCounts:
         """What C did since the last call, for Python's counters while C keeps the connection."""
         e = self._own[slot]
-        got = OwnedCounts(int(e.credit_items), int(e.packets), int(e.bytes), int(e.tx_packets), int(e.tx_bytes),
-                          int(e.updates_sent), int(e.sends))
+        got = _counts(e)
         e.credit_items = e.packets = e.bytes = 0
         e.tx_packets = e.tx_bytes = e.updates_sent = e.sends = 0
         return got
@@ -342,9 +340,8 @@ class TxFastPath(_RingPath):
             why = e.release
         self._tokens[k] = None
         self._free_slots.append(k)
-        return OwnedBack(why, e.err, e.tx_cnt, e.peer_buf_alloc, e.peer_fwd_cnt, e.flags, e.credit_items,
-                         e.packets, e.bytes, e.rx_cnt, e.fwd_cnt, e.adv_fwd_cnt, e.ahead, e.tx_packets, e.tx_bytes,
-                         e.updates_sent, e.sends)
+        return OwnedBack(why, e.err, e.tx_cnt, e.peer_buf_alloc, e.peer_fwd_cnt, e.flags, _counts(e), e.rx_cnt,
+                         e.fwd_cnt, e.adv_fwd_cnt, e.ahead)
 
     def fill(self, slot: int) -> OwnedBack | bool:
         """The host socket of a connection C waits for (``waiting``) is readable: C reads it into

@@ -97,7 +97,7 @@ class Owner(Protocol):
     def fill(self, slot: int) -> fastpath.OwnedBack | bool: ...
     def progress(self, slot: int) -> int: ...
     def shut(self, slot: int) -> bool: ...
-    def counts(self, slot: int) -> tuple[int, ...]: ...
+    def counts(self, slot: int) -> fastpath.OwnedCounts: ...
 
 
 class RxFastFill(Protocol):
@@ -863,7 +863,7 @@ class VsockCore:
         return used
 
     # ------------------------------------------------------------------
-    # the C pump: connections it runs while their guest window is shut
+    # the C pump: connections it runs between Python's turns
     def _lend(self, conn: Connection) -> None:
         """Let C take this connection's next CREDIT_UPDATEs and refill the rx ring from its host
         socket without coming back here, for as long as nothing else happens on it; and, while
@@ -923,10 +923,9 @@ class VsockCore:
         conn.flags = flags
         if back.flags & fastpath.OWN_F_TX:
             cr.rx_cnt, cr.fwd_cnt, cr.adv_fwd_cnt, cr.ahead = back.rx_cnt, back.fwd_cnt, back.adv_fwd_cnt, back.ahead
-        elif back.packets:
+        elif back.counts.packets:
             cr.adv_fwd_cnt = cr.fwd_cnt  # what C's headers carried
-        self._fold(conn, back.credit_items, back.packets, back.bytes, back.tx_packets, back.tx_bytes,
-                   back.updates_sent, back.sends)
+        self._fold(conn, back.counts)
         if not act or conn.state is not State.ESTABLISHED:
             return
         why = back.why
@@ -954,29 +953,26 @@ class VsockCore:
         socket for C (peer_readable)."""
         conn.peer.watch_read(True)
 
-    def _fold(self, conn: Connection, credit_items: int, packets: int, nbytes: int, tx_packets: int = 0,
-              tx_bytes: int = 0, updates_sent: int = 0, sends: int = 0) -> None:
+    def _fold(self, conn: Connection, n: fastpath.OwnedCounts) -> None:
         c = self.counters
-        c.tx_packets += credit_items + tx_packets
-        c.tx_bytes += tx_bytes
-        c.pump_updates += credit_items
-        c.pump_sends += sends
-        c.rx_packets += packets + updates_sent
+        c.tx_packets += n.credit_items + n.tx_packets
+        c.tx_bytes += n.tx_bytes
+        c.pump_updates += n.credit_items
+        c.pump_sends += n.sends
+        c.rx_packets += n.packets + n.updates_sent
+        c.rx_bytes += n.bytes
         st = conn.stats
-        if tx_packets:
-            st[0] += tx_packets
-            st[1] += tx_bytes
-        if packets:
-            c.rx_bytes += nbytes
-            st[2] += packets
-            st[3] += nbytes
+        st[0] += n.tx_packets
+        st[1] += n.tx_bytes
+        st[2] += n.packets
+        st[3] += n.bytes
 
     def sync_owned(self) -> None:
         """Fold what C did for the connections it still runs into the counters."""
         if self.owned and self.owner is not None:
             for conn in self.conns.values():
                 if conn.own >= 0:
-                    self._fold(conn, *self.owner.counts(conn.own))
+                    self._fold(conn, self.owner.counts(conn.own))
 
     def detach_owner(self) -> None:
         """The C pump goes away (a ring stops): every connection it runs comes back."""
