@@ -525,6 +525,14 @@ static int ring_publish(uint16_t *used_idx_p, const uint16_t *avail, uint32_t nu
     return need;
 }
 
+/* rx chains the guest made available to C, or 0 when there are none or the index jumped
+   (Python's walker then looks at the ring) */
+static uint32_t own_rx_avail(const vq_tx_ctx *ctx) {
+    uint16_t avail_idx = __atomic_load_n(&ctx->rx_avail[1], __ATOMIC_ACQUIRE);
+    uint32_t n = (uint16_t)(avail_idx - ctx->rx_last_avail);
+    return n > ctx->rx_num ? 0 : n;
+}
+
 static void own_publish(vq_tx_ctx *ctx) {
     ctx->rx_notifications += ring_publish(ctx->rx_used_idx_p, ctx->rx_avail, ctx->rx_num, ctx->rx_event_idx,
                                           ctx->rx_call_fd, ctx->rx_used_idx, &ctx->rx_signalled);
@@ -538,9 +546,8 @@ static void own_fill(vq_tx_ctx *ctx, vq_own *e) {
     uint32_t in_flight = e->tx_cnt - e->peer_fwd_cnt;
     if (in_flight >= e->peer_buf_alloc) { e->flags &= ~OWN_F_WAIT; return; }  /* shut: wait for the guest */
     uint32_t credit = e->peer_buf_alloc - in_flight;
-    uint16_t avail_idx = __atomic_load_n(&ctx->rx_avail[1], __ATOMIC_ACQUIRE);
-    uint32_t n = (uint16_t)(avail_idx - ctx->rx_last_avail);
-    if (n == 0 || n > ctx->rx_num) { own_release(ctx, e, OWN_SLOW); return; }  /* Python decides */
+    uint32_t n = own_rx_avail(ctx);
+    if (n == 0) { own_release(ctx, e, OWN_SLOW); return; }  /* Python decides */
     vq_rx_result res;
     static vq_cap nocap;  /* owned connections are never captured */
     memcpy(e->hdr + 40, &e->fwd_cnt, 4);  /* the guest sees our fwd_cnt in every packet */
@@ -603,9 +610,8 @@ static int own_update_due(const vq_own *e) {
 /* A CREDIT_UPDATE for e into the next rx chain (the Linux shape), published at once.
    0 if there is no such chain: Python then queues it (VsockCore._credit_changed). */
 static int own_put_update(vq_tx_ctx *ctx, vq_own *e) {
-    uint16_t avail_idx = __atomic_load_n(&ctx->rx_avail[1], __ATOMIC_ACQUIRE);
-    uint32_t n = (uint16_t)(avail_idx - ctx->rx_last_avail);
-    if (n == 0 || n > ctx->rx_num) return 0;
+    uint32_t n = own_rx_avail(ctx);
+    if (n == 0) return 0;
     uint8_t h[HDR];
     uint32_t zero = 0; uint16_t op = 6;
     memcpy(h, e->hdr, HDR);
