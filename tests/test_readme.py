@@ -97,6 +97,11 @@ def test_benchmark_only_runs_the_cases_named() -> None:
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("guest->host", "host->guest"))]
     assert [(r[0], r[1], r[2]) for r in rows] == [("guest->host", "65536", "256K")]
     assert "idle connections" not in proc.stdout
+    one = subprocess.run([py, "benchmarks/bench_throughput.py", "--quick", "--only", "h2g:65536:256:3776"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    rows = [line.split() for line in one.stdout.splitlines() if line.startswith(("guest->host", "host->guest"))]
+    assert [tuple(r[:4]) for r in rows] == [("host->guest", "65536", "256K", "3776")]
     bad = subprocess.run([py, "benchmarks/bench_throughput.py", "--only", "g2h:12345"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "matches no case" in bad.stderr
