@@ -736,6 +736,17 @@ static uint64_t now_ns(void) {
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
+/* 1 if a connection C runs waits for the guest's credit (its window shut) */
+static int own_awaits_guest(const vq_tx_ctx *ctx) {
+    for (uint32_t k = 0, seen = 0; k < ctx->nown && seen < ctx->owned; k++) {
+        const vq_own *e = &ctx->own[k];
+        if (!e->active) continue;
+        seen++;
+        if (!(e->flags & OWN_F_WAIT) && e->tx_cnt - e->peer_fwd_cnt >= e->peer_buf_alloc) return 1;
+    }
+    return 0;
+}
+
 /* 1 if the guest made a new tx entry available within spin_ns */
 static int tx_spin(vq_tx_ctx *ctx) {
     uint64_t end = now_ns() + ctx->spin_ns;
@@ -763,9 +774,11 @@ int vq_tx_kick(vq_tx_ctx *ctx) {
         if (n > num) { status = 2; break; }
         if (n == 0) {
             if (armed) break;
-            if (ctx->spin_ns && !spun) {
+            if (ctx->spin_ns && !spun && own_awaits_guest(ctx)) {
                 /* The guest's next credit update is usually a window's drain away: watching for
-                   it saves the kick (and the wake-up) it would cost. */
+                   it saves the kick (and the wake-up) it would cost. Only for that: a guest
+                   sending data is better left to fill the ring for one big batch, and the CPU
+                   the watch would take is the guest's. */
                 spun = 1;
                 if (tx_spin(ctx)) continue;
             }
