@@ -238,6 +238,11 @@ static inline void rd_desc(const uint8_t *p, uint64_t *addr, uint32_t *len, uint
 enum { OWN_F_REQUESTED = 1, OWN_F_SELF = 2, OWN_F_WAIT = 4, OWN_F_TX = 8 };
 enum { OWN_GUEST = 1, OWN_EOF = 2, OWN_ERROR = 3, OWN_SLOW = 4, OWN_LIMIT = 5, OWN_ALL = 6, OWN_BLOCKED = 7 };
 enum { ITEM_RUN = 0, ITEM_SLOW = 1, ITEM_CREDIT = 2, ITEM_TAIL = 3 };
+/* The guest's window of e is shut: as much in flight as it allows, or a fwd_cnt claiming more
+   than it could have consumed (Credit.peer_free gives such a guest no credit either) */
+static inline int own_shut(const vq_own *e) {
+    return e->tx_cnt - e->peer_fwd_cnt >= e->peer_buf_alloc;
+}
 static void own_release(vq_tx_ctx *ctx, vq_own *e, uint32_t why) {
     e->active = 0; e->release = why; ctx->owned--; ctx->released++;
 }
@@ -569,7 +574,7 @@ static void own_fill(vq_tx_ctx *ctx, vq_own *e) {
         /* The window is shut again: C keeps a connection whose guest updates unasked; one that
            must be asked goes back, for Python asks (VsockCore.fill_rx). Credit left after a
            burst goes back too: Python serves connections in turn. */
-        if (e->tx_cnt - e->peer_fwd_cnt < e->peer_buf_alloc || !(e->flags & OWN_F_SELF))
+        if (!own_shut(e) || !(e->flags & OWN_F_SELF))
             own_release(ctx, e, OWN_LIMIT);
         else
             e->flags &= ~OWN_F_WAIT;
@@ -593,7 +598,7 @@ static void own_credit(vq_tx_ctx *ctx, vq_own *e, uint32_t buf_alloc, uint32_t f
     e->peer_buf_alloc = buf_alloc;
     e->peer_fwd_cnt = fwd_cnt;
     if (!(e->flags & OWN_F_REQUESTED)) e->flags |= OWN_F_SELF;
-    if (e->tx_cnt - fwd_cnt >= buf_alloc) return;  /* still shut (or a claim beyond what it could have consumed) */
+    if (own_shut(e)) return;  /* still shut */
     e->flags &= ~OWN_F_REQUESTED;
     own_fill(ctx, e);
 }
@@ -702,7 +707,7 @@ static int own_tx_run(vq_tx_ctx *ctx, vq_own *e, vq_item *run) {
         own_release(ctx, e, OWN_SLOW);
         return 1;
     }
-    if (!(e->flags & OWN_F_WAIT) && e->tx_cnt - e->peer_fwd_cnt < e->peer_buf_alloc) {
+    if (!(e->flags & OWN_F_WAIT) && !own_shut(e)) {
         /* its packets opened the guest's window (VsockCore._credit_changed): host data goes */
         e->flags &= ~OWN_F_REQUESTED;
         own_fill(ctx, e);
@@ -742,7 +747,7 @@ static int own_awaits_guest(const vq_tx_ctx *ctx) {
         const vq_own *e = &ctx->own[k];
         if (!e->active) continue;
         seen++;
-        if (!(e->flags & OWN_F_WAIT) && e->tx_cnt - e->peer_fwd_cnt >= e->peer_buf_alloc) return 1;
+        if (!(e->flags & OWN_F_WAIT) && own_shut(e)) return 1;
     }
     return 0;
 }
