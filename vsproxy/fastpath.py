@@ -281,11 +281,13 @@ class TxFastPath(_RingPath):
         self._rx, self._call_fd = rx, call_fd
         return True
 
-    def detach_rx(self) -> list[tuple[object, OwnedBack]]:
-        """The rx queue goes away: every owned connection comes back."""
-        back = [(self._tokens[k], self._back(k, OWN_TAKEN)) for k in range(OWN_SLOTS) if self._tokens[k] is not None]
+    def detach_rx(self) -> None:
+        """The rx queue goes away: every slot is freed (VsockCore.detach_owner took the
+        connections back first)."""
+        for k in range(OWN_SLOTS):
+            if self._tokens[k] is not None:
+                self._back(k, OWN_TAKEN)
         self._rx = None
-        return back
 
     def own(self, token: object, key: tuple[int, int, int, int], fd: int, tx_cnt: int, peer_buf_alloc: int,
             peer_fwd_cnt: int, hdr: bytes, flags: int, tx: tuple[int, int, int, int] | None = None) -> int:
