@@ -156,8 +156,8 @@ class VsockCore:
         # The C writer of header-only packets into Linux-shaped rx chains (RxFastPath.put).
         self.rx_put: Callable[[bytes], bool] | None = None
         self.rx_pending: Callable[[], int] = lambda: 0
-        # Injected by the shell when C can run a connection while its guest window is shut:
-        # take the guest's CREDIT_UPDATE and read the host socket into the rx ring at once.
+        # Injected by the shell when C can run connections between Python's turns (_lend): take
+        # the guest's CREDIT_UPDATEs, read the host socket into the rx ring, send the guest's data.
         self.owner: Owner | None = None
         self.owned = 0
 
