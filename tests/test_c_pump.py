@@ -8,7 +8,7 @@ import hashlib
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 from helpers import VsproxyProcess, hybrid_connect, unix_server
@@ -27,8 +27,23 @@ MiB = 1 << 20
 
 
 class FastPeer(FakePeer):
+    """A peer C may read directly, with SocketPeer's prebuf: bytes that go before the socket's."""
+
+    prebuf = b""
+
     def fast_fd(self) -> int:
-        return 99
+        return -1 if self.prebuf else 99
+
+    def recv_into(self, bufs: Sequence[memoryview]) -> int | None:
+        if not self.prebuf:
+            return super().recv_into(bufs)
+        n = 0
+        for b in bufs:
+            k = min(len(b), len(self.prebuf) - n)
+            b[:k] = self.prebuf[n : n + k]
+            n += k
+        self.prebuf = self.prebuf[n:]
+        return n
 
 
 class FakeOwner:
@@ -138,6 +153,20 @@ def test_given_back_with_credit_left_the_connection_is_served_again_and_counted(
     pkts = t.drain()
     rw = [h for h, _ in pkts if h.op == Op.RW]
     assert sum(h.len for h in rw) == 1000 and conn.credit.tx_cnt == 6000
+
+
+def test_bytes_c_read_ahead_go_to_the_guest_before_the_socket_s_when_python_takes_over() -> None:
+    t, owner, conn = shut_window(data=b"s" * 5000)
+    t.drain()
+    # C held 1500 bytes read ahead when it gave the connection back with the window open
+    owner.back = OwnedBack(fastpath.OWN_LIMIT, 0, 3000, 3000, 2000, fastpath.OWN_F_SELF, OwnedCounts(read_ahead=1500),
+                           prebuf=b"r" * 1500)
+    t.core.owned_back(conn, owner.take_back(0))
+    assert t.core.counters.pump_read_ahead == 1500
+    assert b"".join(p for h, p in t.drain() if h.op == Op.RW) == b"r" * 1500  # the held bytes first
+    assert t.peer.reading  # then the socket's, when it is readable
+    t.core.peer_readable(conn)
+    assert b"".join(p for h, p in t.drain() if h.op == Op.RW) == b"s" * 500  # the rest of the 2000 of credit
 
 
 @pytest.mark.parametrize("why", [fastpath.OWN_EOF, fastpath.OWN_ERROR])

@@ -63,6 +63,16 @@ typedef struct {
     uint64_t bytes;
     uint32_t tx_packets, updates_sent, sends;   /* RW packets taken, CREDIT_UPDATEs written, runs sent */
     uint64_t tx_bytes;
+    uint64_t ra_bytes;     /* host bytes read ahead into reserved rx chains */
+    /* Read-ahead (own_reserve): rx chains C took from the avail ring while the guest's window
+       was shut and read host bytes into, not yet published; [rs_first, rs_n) still held, in
+       order, each with its buffer's offset in the region and its payload length. */
+    uint32_t rs_first, rs_n;
+    uint16_t rs_head[64];
+    uint32_t rs_len[64];
+    uint64_t rs_off[64];
+    uint8_t *ra;           /* what C gives back: the held bytes, copied out (ra_len), for Python */
+    uint32_t ra_len;
 } vq_own;
 
 /* What stays the same from one vq_tx_batch call to the next, set once per queue. */
@@ -97,6 +107,8 @@ typedef struct {
 int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap);
 int vq_own_fill(vq_tx_ctx *ctx, uint32_t slot);
 int vq_tx_kick(vq_tx_ctx *ctx);
+void vq_own_take(vq_tx_ctx *ctx, uint32_t slot);
+void vq_own_free_ra(vq_own *e);
 
 typedef struct {
     uint32_t packets;    /* rx chains filled and added to the used ring */
@@ -243,7 +255,9 @@ enum { ITEM_RUN = 0, ITEM_SLOW = 1, ITEM_CREDIT = 2, ITEM_TAIL = 3 };
 static inline int own_shut(const vq_own *e) {
     return e->tx_cnt - e->peer_fwd_cnt >= e->peer_buf_alloc;
 }
+static void own_unreserve(vq_tx_ctx *ctx, vq_own *e);
 static void own_release(vq_tx_ctx *ctx, vq_own *e, uint32_t why) {
+    own_unreserve(ctx, e);
     e->active = 0; e->release = why; ctx->owned--; ctx->released++;
 }
 static vq_own *own_find(vq_tx_ctx *ctx, uint16_t type, uint32_t src_port, uint64_t dst_cid, uint32_t dst_port) {
@@ -543,41 +557,213 @@ static void own_publish(vq_tx_ctx *ctx) {
                                           ctx->rx_call_fd, ctx->rx_used_idx, &ctx->rx_signalled);
 }
 
-/* Host data for an owned connection into the rx ring, as far as its credit, the burst and the
-   socket go, published at once. C keeps the connection while only its guest window (for a
-   guest that updates unasked) or its host socket (OWN_F_WAIT: Python watches the fd and calls
-   vq_own_fill when it is readable) holds it up; anything else gives it back. */
+/* Read-ahead. While the guest's window of an owned connection is shut, C reads what its host
+   socket holds into the next posted rx chains, without publishing them: the device owns a
+   chain from when it is made available until it is used, so the bytes wait in the guest's own
+   buffers (no copy of ours) and go out, header written and used entry added, the moment the
+   guest's update opens the window. Meanwhile the host sender goes on writing. Without it, a
+   sender whose socket buffer is smaller than the window (a unix socket's default, 212,992
+   bytes, against Linux's 256 KiB) stalls every window, and vsproxy reads each window in two
+   pieces after the guest's update. Bounded: one window (at most RA_MAX), at most half of the
+   chains posted (the rest stay for control packets and other connections), RS_MAX chains. */
+#define RA_MAX (256 * 1024)
+#define RS_MAX 64
+#include <stdlib.h>
+void vq_own_free_ra(vq_own *e) {
+    free(e->ra);
+    e->ra = 0;
+    e->ra_len = 0;
+}
+
+/* The next avail chain, if it has the Linux shape (one writable descriptor in the region,
+   room for more than a header): its head and its buffer's offset and length; 0 if not. */
+static int own_rx_chain(const vq_tx_ctx *ctx, uint32_t k, uint16_t *head, uint64_t *off, uint32_t *len) {
+    uint16_t h = __atomic_load_n(&ctx->rx_avail[2 + ((uint16_t)(ctx->rx_last_avail + k) & (ctx->rx_num - 1))],
+                                 __ATOMIC_ACQUIRE);
+    if (h >= ctx->rx_num) return 0;
+    uint64_t a; uint32_t l; uint16_t f, nx;
+    rd_desc(ctx->rx_desc + 16 * (uint64_t)h, &a, &l, &f, &nx);
+    if (f != F_WRITE || l <= HDR || !in_region(a, l, ctx->region_gpa, ctx->region_size)) return 0;
+    *head = h; *off = a - ctx->region_gpa; *len = l;
+    return 1;
+}
+
+static void own_reserve(vq_tx_ctx *ctx, vq_own *e) {
+    if (e->rs_n) return;   /* one read-ahead per shut window */
+    uint32_t n = own_rx_avail(ctx) / 2;
+    if (n > RS_MAX) n = RS_MAX;
+    uint32_t cap = e->peer_buf_alloc < RA_MAX ? e->peer_buf_alloc : RA_MAX;
+    if (n == 0 || cap == 0) return;
+    /* room to copy the bytes out if C must give the connection back before they went */
+    if (!e->ra && !(e->ra = malloc(RA_MAX))) return;
+    struct iovec iov[RS_MAX];
+    uint64_t want = 0;
+    uint32_t m = 0;
+    while (m < n && want < cap) {
+        uint16_t head; uint64_t off; uint32_t l;
+        if (!own_rx_chain(ctx, m, &head, &off, &l)) break;
+        uint32_t room = l - HDR;
+        if (room > MAX_PKT) room = MAX_PKT;
+        if (room > cap - want) room = (uint32_t)(cap - want);
+        iov[m].iov_base = (uint8_t *)ctx->base + off + HDR;
+        iov[m].iov_len = room;
+        e->rs_head[m] = head; e->rs_off[m] = off;
+        want += room;
+        m++;
+    }
+    if (m == 0) return;
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = iov; msg.msg_iovlen = m;
+    ssize_t got;
+    do got = recvmsg(e->fd, &msg, MSG_DONTWAIT); while (got < 0 && errno == EINTR);
+    if (got < 0) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK) {
+            e->err = errno;
+            own_release(ctx, e, OWN_ERROR);
+        }
+        return;
+    }
+    /* got == 0, EOF: nothing held; the socket says so again when C next reads it */
+    uint64_t left = (uint64_t)got;
+    uint32_t k = 0;
+    for (; k < m && left; k++) {
+        e->rs_len[k] = left < iov[k].iov_len ? (uint32_t)left : (uint32_t)iov[k].iov_len;
+        left -= e->rs_len[k];
+    }
+    e->rs_first = 0; e->rs_n = k;
+    ctx->rx_last_avail += k;   /* taken from the ring, in flight until used */
+    e->ra_bytes += (uint64_t)got;
+}
+
+/* A chain to the used ring, with used_len bytes written into it */
+static void own_put(vq_tx_ctx *ctx, uint16_t head, uint32_t used_len) {
+    uint32_t slot = ctx->rx_used_idx & (ctx->rx_num - 1);
+    ctx->rx_used[2 * slot] = head;
+    ctx->rx_used[2 * slot + 1] = used_len;
+    ctx->rx_used_idx++;
+    ctx->rx_chains++;
+}
+
+/* The held chains go out as far as the credit goes (their bytes come before the socket's).
+   Returns the bytes sent; *packets counts the chains. Where the credit ends inside a chain,
+   the chain goes out with the part the credit allows and the rest of its bytes move into the
+   next posted chain, which takes its place at the head of what is held; if there is no such
+   chain, *stuck is set (C gives the connection back). */
+static uint32_t own_deliver(vq_tx_ctx *ctx, vq_own *e, uint32_t credit, uint32_t *packets, int *stuck) {
+    uint32_t bytes = 0;
+    *stuck = 0;
+    while (e->rs_first < e->rs_n && *packets < ctx->rx_max_packets && bytes < credit) {
+        uint32_t i = e->rs_first, len = e->rs_len[i], left = credit - bytes;
+        uint8_t *buf = (uint8_t *)ctx->base + e->rs_off[i];
+        if (len > left) {
+            uint16_t head; uint64_t off; uint32_t l;
+            if (!own_rx_avail(ctx) || !own_rx_chain(ctx, 0, &head, &off, &l) || l - HDR < len - left) {
+                *stuck = 1;
+                break;
+            }
+            memcpy((uint8_t *)ctx->base + off + HDR, buf + HDR + left, len - left);
+            ctx->rx_last_avail++;
+            memcpy(buf, e->hdr, HDR);
+            memcpy(buf + 24, &left, 4);
+            own_put(ctx, e->rs_head[i], HDR + left);
+            e->rs_head[i] = head; e->rs_off[i] = off; e->rs_len[i] = len - left;
+            (*packets)++;
+            bytes += left;
+            break;
+        }
+        memcpy(buf, e->hdr, HDR);
+        memcpy(buf + 24, &len, 4);
+        own_put(ctx, e->rs_head[i], HDR + len);
+        e->rs_first++;
+        (*packets)++;
+        bytes += len;
+    }
+    if (e->rs_first == e->rs_n) e->rs_first = e->rs_n = 0;
+    return bytes;
+}
+
+/* C gives the connection back with chains held: their bytes are copied out for Python (the
+   peer's prebuf: they go to the guest before the socket's), and each chain goes to the guest
+   as a CREDIT_UPDATE, which tells it only what it knows. */
+static void own_unreserve(vq_tx_ctx *ctx, vq_own *e) {
+    if (e->rs_first >= e->rs_n) return;
+    uint8_t h[HDR];
+    uint32_t zero = 0; uint16_t op = 6;
+    memcpy(h, e->hdr, HDR);
+    memcpy(h + 24, &zero, 4); memcpy(h + 30, &op, 2); memcpy(h + 40, &e->fwd_cnt, 4);
+    for (uint32_t i = e->rs_first; i < e->rs_n; i++) {
+        uint8_t *buf = (uint8_t *)ctx->base + e->rs_off[i];
+        memcpy(e->ra + e->ra_len, buf + HDR, e->rs_len[i]);   /* at most RA_MAX in all */
+        e->ra_len += e->rs_len[i];
+        memcpy(buf, h, HDR);
+        own_put(ctx, e->rs_head[i], HDR);
+        e->updates_sent++;
+    }
+    e->rs_first = e->rs_n = 0;
+    e->adv_fwd_cnt = e->fwd_cnt;
+    own_publish(ctx);
+}
+
+/* Python takes the connection back: what C holds for it goes first (ring shadows loaded). */
+void vq_own_take(vq_tx_ctx *ctx, uint32_t slot) {
+    ctx->released = ctx->rx_chains = ctx->rx_notifications = ctx->waits = 0;
+    if (slot < ctx->nown && ctx->own[slot].active) own_unreserve(ctx, &ctx->own[slot]);
+}
+
+/* Host data for an owned connection into the rx ring, the chains it holds first, as far as
+   its credit, the burst and the socket go, published at once. C keeps the connection while
+   only its guest window (for a guest that updates unasked; C reads ahead for it meanwhile) or
+   its host socket (OWN_F_WAIT: Python watches the fd and calls vq_own_fill when it is
+   readable) holds it up; anything else gives it back. */
 static void own_fill(vq_tx_ctx *ctx, vq_own *e) {
     uint32_t in_flight = e->tx_cnt - e->peer_fwd_cnt;
     if (in_flight >= e->peer_buf_alloc) { e->flags &= ~OWN_F_WAIT; return; }  /* shut: wait for the guest */
     uint32_t credit = e->peer_buf_alloc - in_flight;
-    uint32_t n = own_rx_avail(ctx);
-    if (n == 0) { own_release(ctx, e, OWN_SLOW); return; }  /* Python decides */
-    vq_rx_result res;
-    static vq_cap nocap;  /* owned connections are never captured */
+    if (credit > ctx->rx_burst) credit = ctx->rx_burst;
     memcpy(e->hdr + 40, &e->fwd_cnt, 4);  /* the guest sees our fwd_cnt in every packet */
-    vq_rx_fill(ctx->base, ctx->region_gpa, ctx->region_size, ctx->rx_desc, ctx->rx_avail, ctx->rx_num,
-               ctx->rx_last_avail, n, ctx->rx_used, ctx->rx_used_idx, e->fd,
-               credit < ctx->rx_burst ? credit : ctx->rx_burst, ctx->rx_max_packets, e->hdr, &res, &nocap);
-    if (res.packets) {
-        ctx->rx_last_avail += res.packets;
-        ctx->rx_used_idx += res.packets;
-        ctx->rx_chains += res.packets;
-        e->tx_cnt += res.bytes;
-        e->packets += res.packets;
-        e->bytes += res.bytes;
+    uint32_t packets = 0, bytes = 0, status = RX_SHORT;
+    int stuck = 0;
+    if (e->rs_n) {
+        bytes = own_deliver(ctx, e, credit, &packets, &stuck);
+        if (stuck) status = RX_SLOW;
+        else if (e->rs_n) status = RX_LIMIT;   /* credit or burst used up with chains still held */
+    }
+    vq_rx_result res;
+    res.err = 0;
+    if (status == RX_SHORT) {
+        uint32_t n = own_rx_avail(ctx);
+        if (n == 0) {
+            status = RX_SLOW;  /* Python decides */
+        } else {
+            static vq_cap nocap;  /* owned connections are never captured */
+            vq_rx_fill(ctx->base, ctx->region_gpa, ctx->region_size, ctx->rx_desc, ctx->rx_avail, ctx->rx_num,
+                       ctx->rx_last_avail, n, ctx->rx_used, ctx->rx_used_idx, e->fd, credit - bytes,
+                       ctx->rx_max_packets - packets, e->hdr, &res, &nocap);
+            ctx->rx_last_avail += res.packets;
+            ctx->rx_used_idx += res.packets;
+            ctx->rx_chains += res.packets;
+            packets += res.packets; bytes += res.bytes; status = res.status;
+        }
+    }
+    if (packets) {
+        e->tx_cnt += bytes;
+        e->packets += packets;
+        e->bytes += bytes;
         e->adv_fwd_cnt = e->fwd_cnt;
         own_publish(ctx);
     }
-    switch (res.status) {
+    switch (status) {
     case RX_LIMIT:
-        /* The window is shut again: C keeps a connection whose guest updates unasked; one that
-           must be asked goes back, for Python asks (VsockCore.fill_rx). Credit left after a
-           burst goes back too: Python serves connections in turn. */
-        if (!own_shut(e) || !(e->flags & OWN_F_SELF))
+        /* The window is shut again: C keeps a connection whose guest updates unasked, and reads
+           ahead for it; one that must be asked goes back, for Python asks (VsockCore.fill_rx).
+           Credit left after a burst goes back too: Python serves connections in turn. */
+        if (!own_shut(e) || !(e->flags & OWN_F_SELF)) {
             own_release(ctx, e, OWN_LIMIT);
-        else
+        } else {
             e->flags &= ~OWN_F_WAIT;
+            own_reserve(ctx, e);
+        }
         break;
     case RX_SLOW: own_release(ctx, e, OWN_SLOW); break;
     case RX_EOF: own_release(ctx, e, OWN_EOF); break;

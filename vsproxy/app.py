@@ -131,7 +131,7 @@ class Proxy:
                     credit_violations=c.credit_violations, bad_chains=sum(q.bad_chains for q in qs),
                     refused=c.connections_refused, c_pump_updates=c.pump_updates,
                     c_pump_reads=c.pump_reads, c_pump_kicks=c.pump_kicks, c_pump_sends=c.pump_sends,
-                    c_pump_blocked=c.pump_blocked,
+                    c_pump_blocked=c.pump_blocked, c_pump_read_ahead=c.pump_read_ahead,
                 )
             devices[d.name] = row
         traffic = {k: list(v) for k, v in self.switch.rule_totals.items()}

@@ -64,6 +64,7 @@ class OwnedCounts(NamedTuple):
     tx_bytes: int = 0
     updates_sent: int = 0  # CREDIT_UPDATEs C wrote to the guest
     sends: int = 0  # runs C sent to the host socket
+    read_ahead: int = 0  # host bytes C read ahead while the guest's window was shut
 
 
 class OwnedBack(NamedTuple):
@@ -81,6 +82,8 @@ class OwnedBack(NamedTuple):
     fwd_cnt: int = 0
     adv_fwd_cnt: int = 0
     ahead: int = 0
+    # host bytes C read ahead and the guest has not had yet: they go before the socket's
+    prebuf: bytes = b""
 
 
 class Run(NamedTuple):
@@ -114,7 +117,7 @@ def _no_fd() -> int:
 def _counts(e: Any) -> OwnedCounts:
     """The counts of a vq_own entry."""
     return OwnedCounts(int(e.credit_items), int(e.packets), int(e.bytes), int(e.tx_packets), int(e.tx_bytes),
-                       int(e.updates_sent), int(e.sends))
+                       int(e.updates_sent), int(e.sends), int(e.ra_bytes))
 
 
 class CaptureCall:
@@ -268,6 +271,11 @@ class TxFastPath(_RingPath):
         self.released: list[tuple[object, OwnedBack]] = []  # what the last batch gave back
         self.waiting: list[object] = []  # owned connections whose host socket the last call found dry
 
+    def close(self) -> None:
+        for k in range(OWN_SLOTS):
+            lib.vq_own_free_ra(self._own + k)  # a slot's read-ahead buffer is C's malloc
+        super().close()
+
     # -- owned connections: C takes their credit updates and refills the rx ring itself ------------
     def attach_rx(self, rx: RxFastPath, call_fd: Callable[[], int], burst: int, max_packets: int) -> bool:
         """Let batches fill ``rx`` for owned connections (both queues in the one region)."""
@@ -308,7 +316,7 @@ class TxFastPath(_RingPath):
             e.fwd_cnt = e.adv_fwd_cnt = int.from_bytes(hdr[40:44], "little")  # as the header says
         e.flags, e.release, e.err, e.ahead = flags, 0, 0, 0
         e.updates = e.credit_items = e.packets = e.bytes = 0
-        e.tx_packets = e.tx_bytes = e.updates_sent = e.sends = 0
+        e.tx_packets = e.tx_bytes = e.updates_sent = e.sends = e.ra_bytes = 0
         e.active = 1
         self._ctx.owned += 1
         self._tokens[k] = token
@@ -328,11 +336,17 @@ class TxFastPath(_RingPath):
         e = self._own[slot]
         got = _counts(e)
         e.credit_items = e.packets = e.bytes = 0
-        e.tx_packets = e.tx_bytes = e.updates_sent = e.sends = 0
+        e.tx_packets = e.tx_bytes = e.updates_sent = e.sends = e.ra_bytes = 0
         return got
 
     def take_back(self, slot: int) -> OwnedBack:
-        """Python needs the connection: C lets go of it."""
+        """Python needs the connection: C lets go of it, and of the rx chains it holds for
+        it (their bytes come back as ``prebuf``)."""
+        rx = self._rx
+        if rx is not None and self._own[slot].rs_n:
+            self._load_rx(rx.q)
+            lib.vq_own_take(self._ctx, slot)
+            self._store_ring(rx.q)
         return self._back(slot, OWN_TAKEN)
 
     def _back(self, k: int, why: int) -> OwnedBack:
@@ -344,8 +358,14 @@ class TxFastPath(_RingPath):
             why = e.release
         self._tokens[k] = None
         self._free_slots.append(k)
+        prebuf = b""
+        if e.ra != ffi.NULL:
+            if e.ra_len:
+                prebuf = ffi.buffer(e.ra, e.ra_len)[:]
+            lib.vq_own_free_ra(self._own + k)
+        e.rs_first = e.rs_n = 0  # chains still held here go with the ring (detach_rx)
         return OwnedBack(why, e.err, e.tx_cnt, e.peer_buf_alloc, e.peer_fwd_cnt, e.flags, _counts(e), e.rx_cnt,
-                         e.fwd_cnt, e.adv_fwd_cnt, e.ahead)
+                         e.fwd_cnt, e.adv_fwd_cnt, e.ahead, prebuf)
 
     def fill(self, slot: int) -> OwnedBack | bool:
         """The host socket of a connection C waits for (``waiting``) is readable: C reads it into
@@ -367,14 +387,20 @@ class TxFastPath(_RingPath):
         ctx.rx_last_avail, ctx.rx_used_idx, ctx.rx_signalled = rx.last_avail_idx, rx.used_idx, rx._signalled_used
         ctx.rx_call_fd = self._call_fd()
 
-    def _store_rx(self, rx: SplitQueue) -> None:
-        """What C did to the rx queue and the owned connections, in Python's shadows."""
+    def _store_ring(self, rx: SplitQueue) -> None:
         ctx = self._ctx
+        # last_avail moves without a used chain too: C reads ahead into chains it holds
+        rx.last_avail_idx = ctx.rx_last_avail
         if ctx.rx_chains:
-            rx.last_avail_idx, rx.used_idx = ctx.rx_last_avail, ctx.rx_used_idx
+            rx.used_idx = ctx.rx_used_idx
             rx._signalled_used = ctx.rx_signalled
             rx.counters.chains += ctx.rx_chains
             rx.counters.notifications += ctx.rx_notifications
+
+    def _store_rx(self, rx: SplitQueue) -> None:
+        """What C did to the rx queue and the owned connections, in Python's shadows."""
+        self._store_ring(rx)
+        ctx = self._ctx
         own, tokens = self._own, self._tokens
         self.released = ([(tokens[k], self._back(k, 0)) for k in range(OWN_SLOTS)
                           if tokens[k] is not None and not own[k].active] if ctx.released else [])

@@ -82,6 +82,7 @@ class Counters:
     pump_kicks: int = 0  # tx kicks C took to the end (vq_tx_kick), with no Python pump turn
     pump_sends: int = 0  # runs of guest data C sent to the host socket itself (OWN_F_TX)
     pump_blocked: int = 0  # connections C gave back because their host socket was full
+    pump_read_ahead: int = 0  # host bytes C read ahead while the guest's window was shut
     drops: dict[str, int] = field(default_factory=dict)
 
     def drop(self, reason: str) -> None:
@@ -926,6 +927,9 @@ class VsockCore:
         elif back.counts.packets:
             cr.adv_fwd_cnt = cr.fwd_cnt  # what C's headers carried
         self._fold(conn, back.counts)
+        if back.prebuf:
+            # what C read ahead goes to the guest first: fast_fd is -1 until the Python path sent it
+            conn.peer.prebuf = back.prebuf + conn.peer.prebuf  # type: ignore[attr-defined]
         if not act or conn.state is not State.ESTABLISHED:
             return
         why = back.why
@@ -959,6 +963,7 @@ class VsockCore:
         c.tx_bytes += n.tx_bytes
         c.pump_updates += n.credit_items
         c.pump_sends += n.sends
+        c.pump_read_ahead += n.read_ahead
         c.rx_packets += n.packets + n.updates_sent
         c.rx_bytes += n.bytes
         st = conn.stats
