@@ -303,6 +303,9 @@ class FrontendSession(CoreHooks):
         v = self.session.vrings[index]
         if self.mem is None or v.addr is None:
             raise RingSetupError(f"vring {index}: started without memory or addresses")
+        # C gives its connections back first: it may still write the old queue's used ring (the
+        # rx chains it holds for them), and the new queue reads used->idx from memory.
+        self._close_fastpaths(index)
         old = self.queues[index]
         base = old.last_avail_idx if old is not None else v.base
         q = SplitQueue(
@@ -320,7 +323,6 @@ class FrontendSession(CoreHooks):
         self.queues[index] = q
         self.core.seqpacket = self.session.has(codec.VIRTIO_VSOCK_F_SEQPACKET)
         c_ok = fastpath.AVAILABLE and q.single_region is not None
-        self._close_fastpaths(index)
         self._fastpaths[index] = (
             TxFastPath(q, self.device.config.guest_cid, TX_BATCH, self.core.taps, self.name)
             if index == TX_QUEUE and c_ok

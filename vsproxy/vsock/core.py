@@ -982,9 +982,14 @@ class VsockCore:
     def detach_owner(self) -> None:
         """The C pump goes away (a ring stops): every connection it runs comes back."""
         if self.owner is not None and self.owned:
+            held = 0
             for conn in list(self.conns.values()):
                 if conn.own >= 0:
-                    self._reclaim(conn)
+                    back = self.owner.take_back(conn.own)
+                    held += len(back.prebuf)
+                    self.owned_back(conn, back)
+            if held:
+                log.info("C pump detached: %d bytes it had read ahead go to the guest from Python", held)
         self.owner = None
 
     def _rx_fast(self, rx_fast: RxFastFill, conn: Connection, fd: int, credit: int) -> tuple[int, bool | None]:
