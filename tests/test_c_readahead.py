@@ -210,3 +210,24 @@ def test_a_memory_table_resent_while_c_holds_chains_loses_and_repeats_nothing(st
         assert "bytes it had read ahead go to the guest from Python" in vp.log()
         gs.close()
         host.close()
+
+
+def test_all_connections_together_hold_at_most_half_of_the_ring() -> None:
+    rings = Rings(num=64, rx_bufs=64)
+    other, other_peer = socket.socketpair()
+    try:
+        window = 256 * 1024
+        fills = []
+        for port, host, peer in ((PORT, rings.host, rings.peer), (PORT + 1, other, other_peer)):
+            peer.sendall(os.urandom(140000))
+            hdr = H.pack(2, GUEST, HOST_PORT, port, 0, 1, H.Op.RW, 0, 65536, 0)
+            # one rx buffer of credit left in a 256 KiB window: C fills it, then reads ahead
+            slot = rings.tx.own(port, (1, port, 2, HOST_PORT), host.fileno(), window, window, PAYLOAD, hdr, SELF)
+            assert rings.tx.fill(slot) is False
+            fills.append(rings.tx.counts(slot).read_ahead)
+        # the first holds 31 chains (half of the 63 posted); the second only what is left of 32
+        assert fills == [31 * PAYLOAD, 1 * PAYLOAD]
+    finally:
+        other.close()
+        other_peer.close()
+        rings.close()

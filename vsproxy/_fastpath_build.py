@@ -565,7 +565,8 @@ static void own_publish(vq_tx_ctx *ctx) {
    sender whose socket buffer is smaller than the window (a unix socket's default, 212,992
    bytes, against Linux's 256 KiB) stalls every window, and vsproxy reads each window in two
    pieces after the guest's update. Bounded: one window (at most RA_MAX), at most half of the
-   chains posted (the rest stay for control packets and other connections), RS_MAX chains. */
+   chains posted, RS_MAX chains, and all connections together at most half of the ring (the
+   rest stay for control packets and the connections Python serves). */
 #define RA_MAX (256 * 1024)
 #define RS_MAX 64
 #include <stdlib.h>
@@ -588,9 +589,23 @@ static int own_rx_chain(const vq_tx_ctx *ctx, uint32_t k, uint16_t *head, uint64
     return 1;
 }
 
+/* rx chains every connection C runs holds */
+static uint32_t own_held(const vq_tx_ctx *ctx) {
+    uint32_t held = 0;
+    for (uint32_t k = 0, seen = 0; k < ctx->nown && seen < ctx->owned; k++) {
+        const vq_own *e = &ctx->own[k];
+        if (!e->active) continue;
+        seen++;
+        held += e->rs_n - e->rs_first;
+    }
+    return held;
+}
+
 static void own_reserve(vq_tx_ctx *ctx, vq_own *e) {
     if (e->rs_n) return;   /* one read-ahead per shut window */
-    uint32_t n = own_rx_avail(ctx) / 2;
+    uint32_t n = own_rx_avail(ctx) / 2, held = own_held(ctx);
+    if (held >= ctx->rx_num / 2) return;
+    if (n > ctx->rx_num / 2 - held) n = ctx->rx_num / 2 - held;
     if (n > RS_MAX) n = RS_MAX;
     uint32_t cap = e->peer_buf_alloc < RA_MAX ? e->peer_buf_alloc : RA_MAX;
     if (n == 0 || cap == 0) return;
