@@ -145,6 +145,18 @@ def hybrid_connect(uds: str, guest: SimGuest, port: int) -> tuple[socket.socket,
     return host, gs
 
 
+def send_then_shut(sock: socket.socket, data: bytes) -> threading.Thread:
+    """A host program in a thread: sends ``data``, then half-closes (the guest sees EOF)."""
+
+    def send() -> None:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+
+    t = threading.Thread(target=send)
+    t.start()
+    return t
+
+
 def echo_many(guest: SimGuest, socks: list[GuestSocket], payloads: list[bytes], chunk: int = 32768,
               timeout: float = 60.0) -> list[bytes]:
     """Send each payload on its socket and read the echo back, interleaved so no one blocks."""

@@ -11,10 +11,11 @@ import threading
 from collections.abc import Callable, Sequence
 
 import pytest
-from helpers import VsproxyProcess, hybrid_connect, unix_server
+from helpers import VsproxyProcess, hybrid_connect, send_then_shut, unix_server
 from test_vsock_core import FakePeer, Harness, pkt
 
 from vsproxy import fastpath
+from vsproxy.endpoints.sockets import scatter_prefix
 from vsproxy.fastpath import OwnedBack, OwnedCounts
 from vsproxy.simguest import SimGuest
 from vsproxy.vsock import header as H
@@ -37,11 +38,7 @@ class FastPeer(FakePeer):
     def recv_into(self, bufs: Sequence[memoryview]) -> int | None:
         if not self.prebuf:
             return super().recv_into(bufs)
-        n = 0
-        for b in bufs:
-            k = min(len(b), len(self.prebuf) - n)
-            b[:k] = self.prebuf[n : n + k]
-            n += k
+        n = scatter_prefix(self.prebuf, bufs)
         self.prebuf = self.prebuf[n:]
         return n
 
@@ -347,12 +344,7 @@ def test_c_pump_carries_host_data_hash_checked_and_python_sees_every_byte(start_
     data = os.urandom(8 * MiB)
     with SimGuest(vp.socket_path, buf_alloc=256 * 1024, rx_buf_size=64 * 1024 + 44) as g:
         host, gs = hybrid_connect(uds, g, 6100)
-        def send() -> None:
-            host.sendall(data)
-            host.shutdown(socket.SHUT_WR)
-
-        sender = threading.Thread(target=send)
-        sender.start()
+        sender = send_then_shut(host, data)
         got = bytearray()
         gs.drain(len(data), sink=lambda b: got.extend(b))
         sender.join()

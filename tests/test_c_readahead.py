@@ -9,9 +9,10 @@ import hashlib
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from helpers import VsproxyProcess, hybrid_connect
+import pytest
+from helpers import VsproxyProcess, hybrid_connect, send_then_shut
 from ringkit import GUEST, HOST_PORT, PORT, Rings
 
 from vsproxy import fastpath
@@ -22,6 +23,20 @@ from vsproxy.vsock import header as H
 PAYLOAD = 4096 - H.HDR_SIZE  # what one of the harness's rx buffers holds
 SELF = fastpath.OWN_F_WAIT | fastpath.OWN_F_SELF  # a guest that sends its updates unasked
 Start = Callable[..., VsproxyProcess]
+MakeRings = Callable[..., Rings]
+
+
+@pytest.fixture
+def make_rings() -> Iterator[MakeRings]:
+    made: list[Rings] = []
+
+    def make(**kw: int) -> Rings:
+        made.append(Rings(**kw))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
 
 
 def rw_payloads(rings: Rings) -> bytes:
@@ -41,112 +56,94 @@ def shut_with_chains_held(rings: Rings, data: bytes, window: int) -> None:
     assert rings.tx.fill(rings.slot) is False  # C keeps it: the window is shut, it waits for the guest
 
 
-def test_while_the_window_is_shut_c_holds_rx_chains_with_the_next_bytes_unpublished() -> None:
-    rings = Rings(rx_bufs=16)
-    try:
-        data = os.urandom(30000)
-        shut_with_chains_held(rings, data, 8192)
-        assert rw_payloads(rings) == data[:8192] and rings.rx_ring.used_idx() == 3
-        # three more chains taken from the ring (8192 bytes: 4052 + 4052 + 88), none used yet
-        assert rings.rxq.last_avail_idx == 6
-        assert rings.tx.counts(rings.slot).read_ahead == 8192
-        # the held bytes are in the guest's buffers already, after the 8192 sent
-        spots = ((3, PAYLOAD), (4, PAYLOAD), (5, 88))
-        held = b"".join(rings.gmem.read(rings.rx_gpa[h] + H.HDR_SIZE, n) for h, n in spots)
-        assert held == data[8192:16384]
-    finally:
-        rings.close()
+def test_while_the_window_is_shut_c_holds_rx_chains_with_the_next_bytes_unpublished(make_rings: MakeRings) -> None:
+    rings = make_rings(rx_bufs=16)
+    data = os.urandom(30000)
+    shut_with_chains_held(rings, data, 8192)
+    assert rw_payloads(rings) == data[:8192] and rings.rx_ring.used_idx() == 3
+    # three more chains taken from the ring (8192 bytes: 4052 + 4052 + 88), none used yet
+    assert rings.rxq.last_avail_idx == 6
+    assert rings.tx.counts(rings.slot).read_ahead == 8192
+    # the held bytes are in the guest's buffers already, after the 8192 sent
+    spots = ((3, PAYLOAD), (4, PAYLOAD), (5, 88))
+    held = b"".join(rings.gmem.read(rings.rx_gpa[h] + H.HDR_SIZE, n) for h, n in spots)
+    assert held == data[8192:16384]
 
 
-def test_the_held_chains_go_out_in_order_the_moment_the_guest_s_update_comes() -> None:
-    rings = Rings(rx_bufs=16)
-    try:
-        data = os.urandom(30000)
-        shut_with_chains_held(rings, data, 8192)
-        rings.send_update(fwd_cnt=8192, buf_alloc=8192)
-        assert rings.tx.batch() == [] and rings.tx.released == []  # C took the update itself
-        assert rw_payloads(rings) == data[:16384]
-        # and it read ahead again for the next window
-        assert rings.rxq.last_avail_idx == rings.rx_ring.used_idx() + 3
-        back = rings.tx.take_back(rings.slot)
-        assert back.tx_cnt == 16384 and back.counts.read_ahead == 16384
-        # what it held comes back for the peer's prebuf; its chains reach the guest as updates
-        assert back.prebuf == data[16384:24576]
-        updates = [h for h, _ in rings.to_guest() if h.op == H.Op.CREDIT_UPDATE]
-        assert len(updates) == 3 and all(h.len == 0 and h.fwd_cnt == back.fwd_cnt for h in updates)
-        assert back.counts.updates_sent == 3
-        assert rings.rxq.last_avail_idx == rings.rx_ring.used_idx()  # nothing held any more
-    finally:
-        rings.close()
+def test_the_held_chains_go_out_in_order_the_moment_the_guest_s_update_comes(make_rings: MakeRings) -> None:
+    rings = make_rings(rx_bufs=16)
+    data = os.urandom(30000)
+    shut_with_chains_held(rings, data, 8192)
+    rings.send_update(fwd_cnt=8192, buf_alloc=8192)
+    assert rings.tx.batch() == [] and rings.tx.released == []  # C took the update itself
+    assert rw_payloads(rings) == data[:16384]
+    # and it read ahead again for the next window
+    assert rings.rxq.last_avail_idx == rings.rx_ring.used_idx() + 3
+    back = rings.tx.take_back(rings.slot)
+    assert back.tx_cnt == 16384 and back.counts.read_ahead == 16384
+    # what it held comes back for the peer's prebuf; its chains reach the guest as updates
+    assert back.prebuf == data[16384:24576]
+    updates = [h for h, _ in rings.to_guest() if h.op == H.Op.CREDIT_UPDATE]
+    assert len(updates) == 3 and all(h.len == 0 and h.fwd_cnt == back.fwd_cnt for h in updates)
+    assert back.counts.updates_sent == 3
+    assert rings.rxq.last_avail_idx == rings.rx_ring.used_idx()  # nothing held any more
 
 
-def test_credit_that_ends_inside_a_held_chain_moves_the_rest_to_the_next_chain_in_order() -> None:
-    rings = Rings(rx_bufs=16)
-    try:
-        data = os.urandom(30000)
-        shut_with_chains_held(rings, data, 8192)
-        rings.send_update(fwd_cnt=5000, buf_alloc=8192)  # 5000 of credit: 4052 + 948 of the next 4052
-        rings.tx.batch()
-        assert rw_payloads(rings) == data[:8192 + 5000]
-        assert [h.len for h, _ in rings.to_guest()][-2:] == [PAYLOAD, 948]
-        rings.send_update(fwd_cnt=8192, buf_alloc=8192)  # the rest: 3104 moved, then 88
-        rings.tx.batch()
-        assert rw_payloads(rings) == data[:16384]
-        assert rings.tx.take_back(rings.slot).prebuf == data[16384:24576]
-    finally:
-        rings.close()
+def test_credit_that_ends_inside_a_held_chain_moves_the_rest_to_the_next_chain_in_order(make_rings: MakeRings) -> None:
+    rings = make_rings(rx_bufs=16)
+    data = os.urandom(30000)
+    shut_with_chains_held(rings, data, 8192)
+    rings.send_update(fwd_cnt=5000, buf_alloc=8192)  # 5000 of credit: 4052 + 948 of the next 4052
+    rings.tx.batch()
+    assert rw_payloads(rings) == data[:8192 + 5000]
+    assert [h.len for h, _ in rings.to_guest()][-2:] == [PAYLOAD, 948]
+    rings.send_update(fwd_cnt=8192, buf_alloc=8192)  # the rest: 3104 moved, then 88
+    rings.tx.batch()
+    assert rw_payloads(rings) == data[:16384]
+    assert rings.tx.take_back(rings.slot).prebuf == data[16384:24576]
 
 
-def test_with_no_chain_for_the_rest_c_gives_the_connection_back_and_loses_nothing() -> None:
-    rings = Rings(rx_bufs=5)
-    try:
-        data = os.urandom(20000)
-        shut_with_chains_held(rings, data, 2 * PAYLOAD)  # 2 chains used, 1 of 3 held, 2 left
-        assert rings.rxq.last_avail_idx == 3
-        fwd = 0
-        for _ in range(2):  # each update ends inside the held chain: a posted chain takes the rest
-            fwd += 1000
-            rings.send_update(fwd_cnt=fwd, buf_alloc=2 * PAYLOAD)
-            rings.tx.batch()
-            assert rings.tx.released == []
+def test_with_no_chain_for_the_rest_c_gives_the_connection_back_and_loses_nothing(make_rings: MakeRings) -> None:
+    rings = make_rings(rx_bufs=5)
+    data = os.urandom(20000)
+    shut_with_chains_held(rings, data, 2 * PAYLOAD)  # 2 chains used, 1 of 3 held, 2 left
+    assert rings.rxq.last_avail_idx == 3
+    fwd = 0
+    for _ in range(2):  # each update ends inside the held chain: a posted chain takes the rest
         fwd += 1000
         rings.send_update(fwd_cnt=fwd, buf_alloc=2 * PAYLOAD)
-        rings.tx.batch()  # no chain left for the rest
-        ((_, back),) = rings.tx.released
-        assert isinstance(back, OwnedBack) and back.why == fastpath.OWN_SLOW
-        got = rw_payloads(rings)
-        assert got + back.prebuf == data[: len(got) + len(back.prebuf)]
-        assert len(got) == 2 * PAYLOAD + 2000 and back.tx_cnt == len(got)
-        assert rings.to_guest()[-1][0].op == H.Op.CREDIT_UPDATE  # the chain it held
-    finally:
-        rings.close()
-
-
-def test_half_of_the_posted_chains_stay_for_everything_else() -> None:
-    rings = Rings(rx_bufs=6)
-    try:
-        shut_with_chains_held(rings, os.urandom(40000), 4 * PAYLOAD)  # 4 used, 2 posted: 1 held
-        assert rings.rxq.last_avail_idx == 5 and rings.tx.counts(rings.slot).read_ahead == PAYLOAD
-    finally:
-        rings.close()
-
-
-def test_held_bytes_then_end_of_stream_reach_the_guest_in_that_order() -> None:
-    rings = Rings(rx_bufs=16)
-    try:
-        data = os.urandom(6000)
-        rings.peer.sendall(data)
-        rings.peer.shutdown(socket.SHUT_WR)
-        rings.lend(peer_buf_alloc=PAYLOAD, flags=SELF)
-        assert rings.tx.fill(rings.slot) is False
-        assert rings.tx.counts(rings.slot).read_ahead == 6000 - PAYLOAD
-        rings.send_update(fwd_cnt=PAYLOAD, buf_alloc=PAYLOAD)
         rings.tx.batch()
-        ((_, back),) = rings.tx.released
-        assert back.why == fastpath.OWN_EOF and back.prebuf == b""
-        assert rw_payloads(rings) == data
-    finally:
-        rings.close()
+        assert rings.tx.released == []
+    fwd += 1000
+    rings.send_update(fwd_cnt=fwd, buf_alloc=2 * PAYLOAD)
+    rings.tx.batch()  # no chain left for the rest
+    ((_, back),) = rings.tx.released
+    assert isinstance(back, OwnedBack) and back.why == fastpath.OWN_SLOW
+    got = rw_payloads(rings)
+    assert got + back.prebuf == data[: len(got) + len(back.prebuf)]
+    assert len(got) == 2 * PAYLOAD + 2000 and back.tx_cnt == len(got)
+    assert rings.to_guest()[-1][0].op == H.Op.CREDIT_UPDATE  # the chain it held
+
+
+def test_half_of_the_posted_chains_stay_for_everything_else(make_rings: MakeRings) -> None:
+    rings = make_rings(rx_bufs=6)
+    shut_with_chains_held(rings, os.urandom(40000), 4 * PAYLOAD)  # 4 used, 2 posted: 1 held
+    assert rings.rxq.last_avail_idx == 5 and rings.tx.counts(rings.slot).read_ahead == PAYLOAD
+
+
+def test_held_bytes_then_end_of_stream_reach_the_guest_in_that_order(make_rings: MakeRings) -> None:
+    rings = make_rings(rx_bufs=16)
+    data = os.urandom(6000)
+    rings.peer.sendall(data)
+    rings.peer.shutdown(socket.SHUT_WR)
+    rings.lend(peer_buf_alloc=PAYLOAD, flags=SELF)
+    assert rings.tx.fill(rings.slot) is False
+    assert rings.tx.counts(rings.slot).read_ahead == 6000 - PAYLOAD
+    rings.send_update(fwd_cnt=PAYLOAD, buf_alloc=PAYLOAD)
+    rings.tx.batch()
+    ((_, back),) = rings.tx.released
+    assert back.why == fastpath.OWN_EOF and back.prebuf == b""
+    assert rw_payloads(rings) == data
 
 
 def _counter(vp: VsproxyProcess, name: str) -> int:
@@ -163,13 +160,7 @@ def test_a_guest_that_half_closes_while_c_holds_its_chains_still_gets_every_byte
     data = os.urandom(3 << 20)
     with SimGuest(vp.socket_path, buf_alloc=256 * 1024, rx_buf_size=64 * 1024 + 44) as g:
         host, gs = hybrid_connect(uds, g, 6200)
-
-        def send() -> None:
-            host.sendall(data)
-            host.shutdown(socket.SHUT_WR)
-
-        sender = threading.Thread(target=send)
-        sender.start()
+        sender = send_then_shut(host, data)
         got = bytearray(gs.recv_exactly(1 << 20, timeout=30))
         for _ in range(20):
             g.poll(0.01)  # the window shuts; C holds chains for what the host sends next
@@ -212,8 +203,8 @@ def test_a_memory_table_resent_while_c_holds_chains_loses_and_repeats_nothing(st
         host.close()
 
 
-def test_all_connections_together_hold_at_most_half_of_the_ring() -> None:
-    rings = Rings(num=64, rx_bufs=64)
+def test_all_connections_together_hold_at_most_half_of_the_ring(make_rings: MakeRings) -> None:
+    rings = make_rings(num=64, rx_bufs=64)
     other, other_peer = socket.socketpair()
     try:
         window = 256 * 1024
@@ -230,4 +221,3 @@ def test_all_connections_together_hold_at_most_half_of_the_ring() -> None:
     finally:
         other.close()
         other_peer.close()
-        rings.close()

@@ -43,6 +43,16 @@ class CoreHooks:
     def failed(self, conn: Connection, reason: str) -> None: ...
 
 
+def scatter_prefix(data: bytes, bufs: Sequence[memoryview]) -> int:
+    """Copy as much of ``data`` as ``bufs`` hold, in order; the number of bytes copied."""
+    n = 0
+    for b in bufs:
+        k = min(len(b), len(data) - n)
+        b[:k] = data[n : n + k]
+        n += k
+    return n
+
+
 class SocketPeer:
     """A Peer over a non-blocking stream socket."""
 
@@ -85,11 +95,7 @@ class SocketPeer:
 
     def recv_into(self, bufs: Sequence[memoryview]) -> int | None:
         if self.prebuf:
-            n = 0
-            for b in bufs:
-                k = min(len(b), len(self.prebuf) - n)
-                b[:k] = self.prebuf[n : n + k]
-                n += k
+            n = scatter_prefix(self.prebuf, bufs)
             self.prebuf = self.prebuf[n:]
             return n
         try:
