@@ -13,11 +13,14 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from helpers import VsproxyProcess, hybrid_connect, send_then_shut
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from ringkit import GUEST, HOST_PORT, PORT, Rings
 
 from vsproxy import fastpath
 from vsproxy.fastpath import OwnedBack
 from vsproxy.simguest import SimGuest
+from vsproxy.simguest.ring import Buf
 from vsproxy.vsock import header as H
 
 PAYLOAD = 4096 - H.HDR_SIZE  # what one of the harness's rx buffers holds
@@ -221,3 +224,80 @@ def test_all_connections_together_hold_at_most_half_of_the_ring(make_rings: Make
     finally:
         other.close()
         other_peer.close()
+
+
+MEM = 8 << 20  # the harness's guest memory: one region from gpa 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    sizes=st.lists(st.sampled_from([45, 200, 4096, 70000]), min_size=1, max_size=14),
+    hostile=st.lists(
+        st.tuples(st.integers(0, 15), st.sampled_from([0, MEM - 100, MEM - 4096, MEM, 1 << 40, (1 << 64) - 64]),
+                  st.sampled_from([0, 44, 45, 4096, 1 << 20, 0xFFFFFFFF]),
+                  st.sampled_from([2, 2 | 1, 2 | 4, 0, 7]), st.integers(0, 20)),
+        max_size=4),
+    window=st.integers(1, 40000),
+    data_len=st.integers(1, 120000),  # what a socketpair holds
+    updates=st.lists(st.integers(-5000, 30000), max_size=5),
+)
+def test_hostile_rx_descriptors_never_lose_repeat_or_misplace_a_byte(
+        sizes: list[int], hostile: list[tuple[int, int, int, int, int]], window: int, data_len: int,
+        updates: list[int]) -> None:
+    """Whatever the guest posts (buffers too small or too big, addresses outside its memory,
+    lengths that wrap, chained or indirect flags, heads past the table) and whatever fwd_cnt it
+    claims, C uses only Linux-shaped buffers inside the region, each at most once, and every host
+    byte reaches the guest or comes back as prebuf, once and in order."""
+    rings = Rings(num=16, rx_bufs=0)
+    try:
+        _hostile_run(rings, sizes, hostile, window, data_len, updates)
+    finally:
+        rings.close()
+
+
+def _hostile_run(rings: Rings, sizes: list[int], hostile: list[tuple[int, int, int, int, int]], window: int,
+                 data_len: int, updates: list[int]) -> None:
+    ring = rings.rx_ring
+    for size in sizes:
+        ring.add_chain([Buf(rings.gmem.alloc(size), size, writable=True)])
+    for slot, addr, length, flags, nxt in hostile:  # overwrite descriptors, post heads of any value
+        ring.write_desc(slot, addr & 0xFFFFFFFFFFFFFFFF, length, flags, nxt)
+        ring.publish_avail(nxt)
+    descs = {h: ring.read_desc(h) for h in range(16)}
+    posted = [rings.rxq._avail16[2 + (i & 15)] for i in range(ring.avail_idx)]
+    data = os.urandom(data_len)
+    rings.peer.sendall(data)
+    rings.lend(peer_buf_alloc=window, flags=SELF)
+    back: OwnedBack | None = None
+    r = rings.tx.fill(rings.slot)
+    if isinstance(r, OwnedBack):
+        back = r
+    fwd = 0
+    for step in updates:
+        if back is not None:
+            break
+        fwd = (fwd + step) & 0xFFFFFFFF
+        rings.send_update(fwd_cnt=fwd, buf_alloc=window)
+        rings.tx.batch()
+        if rings.tx.released:
+            ((_, back),) = rings.tx.released
+    if back is None:
+        back = rings.tx.take_back(rings.slot)
+    got = b""
+    used_heads = []
+    for i in range(ring.used_idx()):
+        head, length = ring.read_used(i)
+        used_heads.append(head)
+        addr, dlen, flags, _ = descs[head]
+        assert flags == 2 and H.HDR_SIZE < dlen and addr + dlen <= MEM and length <= dlen
+        hdr = H.unpack(rings.gmem.read(addr, H.HDR_SIZE))
+        assert length == H.HDR_SIZE + hdr.len
+        if hdr.op == H.Op.RW:
+            got += rings.gmem.read(addr + H.HDR_SIZE, hdr.len)
+        else:
+            assert hdr.op == H.Op.CREDIT_UPDATE and hdr.len == 0
+    assert back.tx_cnt == len(got)
+    if len(set(posted)) == len(posted):
+        # (a guest that posts one buffer twice gets what it asked for: the same memory written twice)
+        assert used_heads == posted[: len(used_heads)]  # one connection: used in the order posted
+        assert got + back.prebuf == data[: len(got) + len(back.prebuf)]
