@@ -445,6 +445,20 @@ enum { RX_LIMIT = 0, RX_SLOW = 1, RX_AGAIN = 2, RX_EOF = 3, RX_ERROR = 4, RX_SHO
    (RX_LIMIT). One recvmsg fills up to RX_IOV chains: Linux posts 3776-byte buffers, and a
    syscall per buffer would cost more than the copy. Used elements are written; Python
    publishes used->idx and advances its indices. */
+/* Avail entry idx, if it names a chain of the Linux rx shape: one writable descriptor inside
+   the region with room for more than a header. Its head, guest address and length; 0 if not. */
+static inline int rx_linux_chain(const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t idx,
+                                 uint64_t region_gpa, uint64_t region_size, uint16_t *head, uint64_t *addr,
+                                 uint32_t *len) {
+    uint16_t h = __atomic_load_n(&avail[2 + (idx & (num - 1))], __ATOMIC_ACQUIRE);
+    if (h >= num) return 0;
+    uint64_t a; uint32_t l; uint16_t f, nx;
+    rd_desc(desc + 16 * (uint64_t)h, &a, &l, &f, &nx);
+    if (f != F_WRITE || l <= HDR || !in_region(a, l, region_gpa, region_size)) return 0;
+    *head = h; *addr = a; *len = l;
+    return 1;
+}
+
 #define RX_IOV 64
 int vq_rx_fill(const uint8_t *base_, uint64_t region_gpa, uint64_t region_size,
                const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,
@@ -463,12 +477,9 @@ int vq_rx_fill(const uint8_t *base_, uint64_t region_gpa, uint64_t region_size,
         /* the next chains, each checked, within the credit and the capture buffer */
         while (m < RX_IOV && res->packets + m < max_packets && want < credit) {
             if (res->packets + m >= avail_n) { slow = 1; break; }
-            uint16_t head = __atomic_load_n(&avail[2 + ((uint16_t)(last_avail + res->packets + m) & (num - 1))],
-                                            __ATOMIC_ACQUIRE);
-            if (head >= num) { slow = 1; break; }
-            uint64_t a; uint32_t l; uint16_t f, nx;
-            rd_desc(desc + 16 * (uint64_t)head, &a, &l, &f, &nx);
-            if (f != F_WRITE || l <= HDR || !in_region(a, l, region_gpa, region_size)) { slow = 1; break; }
+            uint16_t head; uint64_t a; uint32_t l;
+            if (!rx_linux_chain(desc, avail, num, (uint16_t)(last_avail + res->packets + m), region_gpa, region_size,
+                                &head, &a, &l)) { slow = 1; break; }
             uint32_t room = l - HDR;
             if (room > MAX_PKT) room = MAX_PKT;
             if (room > credit - want) room = (uint32_t)(credit - want);
@@ -576,16 +587,14 @@ void vq_own_free_ra(vq_own *e) {
     e->ra_len = 0;
 }
 
-/* The next avail chain, if it has the Linux shape (one writable descriptor in the region,
-   room for more than a header): its head and its buffer's offset and length; 0 if not. */
+/* The k-th avail chain past C's position, if it has the Linux shape (rx_linux_chain): its head
+   and its buffer's offset in the region and length; 0 if not. */
 static int own_rx_chain(const vq_tx_ctx *ctx, uint32_t k, uint16_t *head, uint64_t *off, uint32_t *len) {
-    uint16_t h = __atomic_load_n(&ctx->rx_avail[2 + ((uint16_t)(ctx->rx_last_avail + k) & (ctx->rx_num - 1))],
-                                 __ATOMIC_ACQUIRE);
-    if (h >= ctx->rx_num) return 0;
-    uint64_t a; uint32_t l; uint16_t f, nx;
-    rd_desc(ctx->rx_desc + 16 * (uint64_t)h, &a, &l, &f, &nx);
-    if (f != F_WRITE || l <= HDR || !in_region(a, l, ctx->region_gpa, ctx->region_size)) return 0;
-    *head = h; *off = a - ctx->region_gpa; *len = l;
+    uint64_t a;
+    if (!rx_linux_chain(ctx->rx_desc, ctx->rx_avail, ctx->rx_num, (uint16_t)(ctx->rx_last_avail + k),
+                        ctx->region_gpa, ctx->region_size, head, &a, len))
+        return 0;
+    *off = a - ctx->region_gpa;
     return 1;
 }
 
@@ -669,33 +678,39 @@ static uint32_t own_deliver(vq_tx_ctx *ctx, vq_own *e, uint32_t credit, uint32_t
     uint32_t bytes = 0;
     *stuck = 0;
     while (e->rs_first < e->rs_n && *packets < ctx->rx_max_packets && bytes < credit) {
-        uint32_t i = e->rs_first, len = e->rs_len[i], left = credit - bytes;
+        uint32_t i = e->rs_first, len = e->rs_len[i], send = len;
         uint8_t *buf = (uint8_t *)ctx->base + e->rs_off[i];
-        if (len > left) {
-            uint16_t head; uint64_t off; uint32_t l;
-            if (!own_rx_avail(ctx) || !own_rx_chain(ctx, 0, &head, &off, &l) || l - HDR < len - left) {
+        uint16_t head = 0; uint64_t off = 0;
+        if (len > credit - bytes) {
+            send = credit - bytes;
+            uint32_t l;
+            if (!own_rx_avail(ctx) || !own_rx_chain(ctx, 0, &head, &off, &l) || l - HDR < len - send) {
                 *stuck = 1;
                 break;
             }
-            memcpy((uint8_t *)ctx->base + off + HDR, buf + HDR + left, len - left);
+            memcpy((uint8_t *)ctx->base + off + HDR, buf + HDR + send, len - send);
             ctx->rx_last_avail++;
-            memcpy(buf, e->hdr, HDR);
-            memcpy(buf + 24, &left, 4);
-            own_put(ctx, e->rs_head[i], HDR + left);
-            e->rs_head[i] = head; e->rs_off[i] = off; e->rs_len[i] = len - left;
-            (*packets)++;
-            bytes += left;
-            break;
         }
         memcpy(buf, e->hdr, HDR);
-        memcpy(buf + 24, &len, 4);
-        own_put(ctx, e->rs_head[i], HDR + len);
-        e->rs_first++;
+        memcpy(buf + 24, &send, 4);
+        own_put(ctx, e->rs_head[i], HDR + send);
         (*packets)++;
-        bytes += len;
+        bytes += send;
+        if (send < len) {   /* the credit is used up: the chain with the rest is held in its place */
+            e->rs_head[i] = head; e->rs_off[i] = off; e->rs_len[i] = len - send;
+            break;
+        }
+        e->rs_first++;
     }
     if (e->rs_first == e->rs_n) e->rs_first = e->rs_n = 0;
     return bytes;
+}
+
+/* e's CREDIT_UPDATE header: its RW header with len 0, op 6 and our fwd_cnt */
+static void own_update_hdr(const vq_own *e, uint8_t *h) {
+    uint32_t zero = 0; uint16_t op = 6;
+    memcpy(h, e->hdr, HDR);
+    memcpy(h + 24, &zero, 4); memcpy(h + 30, &op, 2); memcpy(h + 40, &e->fwd_cnt, 4);
 }
 
 /* C gives the connection back with chains held: their bytes are copied out for Python (the
@@ -704,9 +719,7 @@ static uint32_t own_deliver(vq_tx_ctx *ctx, vq_own *e, uint32_t credit, uint32_t
 static void own_unreserve(vq_tx_ctx *ctx, vq_own *e) {
     if (e->rs_first >= e->rs_n) return;
     uint8_t h[HDR];
-    uint32_t zero = 0; uint16_t op = 6;
-    memcpy(h, e->hdr, HDR);
-    memcpy(h + 24, &zero, 4); memcpy(h + 30, &op, 2); memcpy(h + 40, &e->fwd_cnt, 4);
+    own_update_hdr(e, h);
     for (uint32_t i = e->rs_first; i < e->rs_n; i++) {
         uint8_t *buf = (uint8_t *)ctx->base + e->rs_off[i];
         memcpy(e->ra + e->ra_len, buf + HDR, e->rs_len[i]);   /* at most RA_MAX in all */
@@ -819,9 +832,7 @@ static int own_put_update(vq_tx_ctx *ctx, vq_own *e) {
     uint32_t n = own_rx_avail(ctx);
     if (n == 0) return 0;
     uint8_t h[HDR];
-    uint32_t zero = 0; uint16_t op = 6;
-    memcpy(h, e->hdr, HDR);
-    memcpy(h + 24, &zero, 4); memcpy(h + 30, &op, 2); memcpy(h + 40, &e->fwd_cnt, 4);
+    own_update_hdr(e, h);
     static vq_cap nocap;
     if (!vq_rx_put((uint8_t *)ctx->base, ctx->region_gpa, ctx->region_size, ctx->rx_desc, ctx->rx_avail,
                    ctx->rx_num, ctx->rx_last_avail, n, ctx->rx_used, ctx->rx_used_idx, h, &nocap))
