@@ -904,10 +904,12 @@ class VsockCore:
                 and not conn.flags & (Connection.IN_READY | Connection.WAIT_CREDIT | Connection.WATCH_WRITE)):
             self._lend(conn)
 
-    def _reclaim(self, conn: Connection, act: bool = True) -> None:
-        """Python needs the connection: take it back from C first."""
+    def _reclaim(self, conn: Connection, act: bool = True) -> fastpath.OwnedBack:
+        """Python needs the connection: take it back from C first. Returns what C gave back."""
         assert self.owner is not None
-        self.owned_back(conn, self.owner.take_back(conn.own), act)
+        back = self.owner.take_back(conn.own)
+        self.owned_back(conn, back, act)
+        return back
 
     def owned_back(self, conn: Connection, back: fastpath.OwnedBack, act: bool = True) -> None:
         """C gave the connection back (or Python took it): its credit state and counts become
@@ -985,9 +987,7 @@ class VsockCore:
             held = 0
             for conn in list(self.conns.values()):
                 if conn.own >= 0:
-                    back = self.owner.take_back(conn.own)
-                    held += len(back.prebuf)
-                    self.owned_back(conn, back)
+                    held += len(self._reclaim(conn).prebuf)
             if held:
                 log.info("C pump detached: %d bytes it had read ahead go to the guest from Python", held)
         self.owner = None
