@@ -14,6 +14,7 @@ from typing import TextIO
 
 from vsproxy.capture.writer import CaptureOptions, CaptureWriter
 from vsproxy.device import Device, DeviceConfig
+from vsproxy.limits import Limits, default_limits, fds_needed, nofile_limit
 from vsproxy.loop import Loop
 from vsproxy.policy import DeviceSpec, Policy
 from vsproxy.switch import Switch
@@ -47,15 +48,10 @@ def check_socket_path(path: str, what: str) -> None:
     raise ConfigError(f"{what} {path}: already served by another process")
 
 
-def raise_nofile_limit() -> None:
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (ImportError, ValueError, OSError) as e:  # pragma: no cover - platform dependent
-        log.warning("could not raise the open-file limit: %s", e)
+def _figures(values: Iterator[int]) -> str:
+    """``65536``, or ``100..400`` when devices differ."""
+    vs = sorted(set(values))
+    return str(vs[0]) if len(vs) == 1 else f"{vs[0]}..{vs[-1]}"
 
 
 class Proxy:
@@ -67,6 +63,7 @@ class Proxy:
             policy = Policy([DeviceSpec(c.name, c.guest_cid, c.groups) for c in configs])
         self.switch = Switch(policy, self.loop)
         self.capture: CaptureWriter | None = None
+        self.limits: list[Limits] = []
 
     def start_capture(self, options: CaptureOptions) -> None:
         try:
@@ -80,9 +77,19 @@ class Proxy:
             check_socket_path(cfg.socket_path, "--socket")
             if cfg.endpoints.uds_path is not None:
                 check_socket_path(cfg.endpoints.uds_path, "--uds-path")
+        nofile = nofile_limit()
+        default = default_limits(nofile, len(self.configs))
+        self.limits = [cfg.limits(default) for cfg in self.configs]
+        need = fds_needed(self.limits)
+        log.info("open-file limit %d; per device at most %s connections, %s pending connects, %s connections "
+                 "in a hybrid handshake", nofile, _figures(x.max_connections for x in self.limits),
+                 _figures(x.max_pending for x in self.limits), _figures(x.max_handshakes for x in self.limits))
+        if need > nofile:
+            log.warning("the limits set allow %d descriptors, more than the open-file limit %d: past it, new "
+                        "connections are refused (counted as fd_exhausted)", need, nofile)
         try:
-            for cfg in self.configs:
-                self.devices.append(Device(cfg, self.loop, self.switch))
+            for cfg, lim in zip(self.configs, self.limits, strict=True):
+                self.devices.append(Device(cfg, self.loop, self.switch, lim))
             # vhost-user sockets last, the first device's very last: once it exists, every
             # host listener and every other device is ready.
             for d in reversed(self.devices):
@@ -132,6 +139,7 @@ class Proxy:
                     refused=c.connections_refused, c_pump_updates=c.pump_updates,
                     c_pump_reads=c.pump_reads, c_pump_kicks=c.pump_kicks, c_pump_sends=c.pump_sends,
                     c_pump_blocked=c.pump_blocked, c_pump_read_ahead=c.pump_read_ahead,
+                    limit_refused=c.limit_refused, faults=c.faults,
                 )
             devices[d.name] = row
         traffic = {k: list(v) for k, v in self.switch.rule_totals.items()}
@@ -146,7 +154,12 @@ class Proxy:
             t = traffic.get(name, [0, 0, 0, 0])
             rules[name] = {"connections": rc.connections, "denials": rc.denials, "rewrites": rc.rewrites,
                            "packets": t[0] + t[2], "bytes": t[1] + t[3]}
-        snap: dict[str, dict[str, dict[str, int]]] = {"devices": devices, "rules": rules}
+        h = self.loop.health
+        snap: dict[str, dict[str, dict[str, int]]] = {
+            "devices": devices, "rules": rules,
+            "process": {"all": {"fd_exhausted": h.fd_exhausted, "accept_pauses": h.accept_pauses,
+                                "handshakes_dropped": h.handshakes_dropped, "faults": h.faults}},
+        }
         if self.capture is not None:
             cc = self.capture.counters
             snap["capture"] = {"all": {"packets": cc.packets, "bytes": cc.bytes, "dropped": cc.dropped,
@@ -159,6 +172,8 @@ class Proxy:
             print(f"{name}: " + " ".join(f"{k}={v}" for k, v in row.items()), file=out, flush=True)
         for name, row in snap["rules"].items():
             print(f"rule {name!r}: " + " ".join(f"{k}={v}" for k, v in row.items()), file=out, flush=True)
+        for row in snap["process"].values():
+            print("process: " + " ".join(f"{k}={v}" for k, v in row.items()), file=out, flush=True)
         for row in snap.get("capture", {}).values():
             print("capture: " + " ".join(f"{k}={v}" for k, v in row.items()), file=out, flush=True)
 

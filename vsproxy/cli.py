@@ -13,10 +13,11 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from vsproxy import config as cfg
-from vsproxy.app import ConfigError, Proxy, raise_nofile_limit
+from vsproxy.app import ConfigError, Proxy
 from vsproxy.capture.writer import MIN_QUEUE_BYTES, QUEUE_BYTES, CaptureOptions
 from vsproxy.device import DeviceConfig
 from vsproxy.endpoints.sockets import HostEndpoints
+from vsproxy.limits import raise_nofile_limit
 from vsproxy.policy import Allow
 from vsproxy.vsock.core import DEFAULT_BUF_ALLOC
 
@@ -48,6 +49,7 @@ def _argtype(parse: Callable[[str, str], T]) -> Callable[[str], T]:
 parse_cid = _argtype(cfg.guest_cid)
 parse_forward = _argtype(cfg.parse_forward)
 parse_listen = _argtype(cfg.parse_listen)
+parse_limit = _argtype(cfg.parse_limit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE,...",
         help="a device: guest-cid, socket, uds-path, groups, tx-buffer-size (as vhost-device-vsock), name, "
-        "forward, listen, remap, service, allow-out, allow-in; lists joined with + (repeatable)",
+        "forward, listen, remap, service, allow-out, allow-in, max-connections, max-pending, max-handshakes; "
+        "lists joined with + (repeatable)",
     )
     p.add_argument("--config", metavar="FILE",
                    help="devices and rules from a TOML file ([[vm]] tables) or vhost-device-vsock's YAML (vms:)")
@@ -126,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --socket: only these may connect to the guest")
     p.add_argument("--nitro", action="store_true",
                    help="what a Nitro Enclave guest needs: heartbeat on 3:9000 and CID 3 remapped to the host")
+    p.add_argument("--max-connections", type=parse_limit, metavar="N",
+                   help="per device: connections open at once (host resources held); more get RST "
+                   "(default: the device's share of the open-file limit, at most 65536)")
+    p.add_argument("--max-pending", type=parse_limit, metavar="N",
+                   help="per device: connections still connecting; more get RST (default: a quarter of "
+                   "--max-connections, at least 64)")
+    p.add_argument("--max-handshakes", type=parse_limit, metavar="N",
+                   help="per hybrid socket: host connections that have not finished their CONNECT line; "
+                   "one more drops the oldest (default: a 16th of the device's share, 2..1024)")
     p.add_argument("--pcap", metavar="FILE",
                    help="write every packet to FILE (- for stdout) as LINKTYPE_VSOCK, as the kernel's vsockmon")
     p.add_argument("--pcap-format", choices=("pcapng", "pcap"), default="pcapng",
@@ -191,6 +203,10 @@ def settings_from_args(args: argparse.Namespace) -> cfg.Settings:
         settings.services.append(cfg.parse_service(text, "--service"))
     if args.nitro:
         cfg.nitro(settings)
+    for d in settings.devices:  # the flags apply to every device that does not set its own
+        d.max_connections = d.max_connections or args.max_connections
+        d.max_pending = d.max_pending or args.max_pending
+        d.max_handshakes = d.max_handshakes or args.max_handshakes
     cfg.check(settings)
     return settings
 
@@ -217,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vsproxy: error: {e}", file=sys.stderr)
         return 2
     setup_logging(args.verbose, args.quiet)
-    raise_nofile_limit()
+    raise_nofile_limit()  # the figure is logged with the limits it gives, at start
     for note in settings.notes:
         print(f"vsproxy: {note}", file=sys.stderr)
     proxy = Proxy(settings.devices, settings.policy())

@@ -25,7 +25,10 @@ from vsproxy.vsock.header import RESERVED_CIDS
 VM_KEYS = (
     "guest-cid", "socket", "uds-path", "groups", "tx-buffer-size", "forward-cid", "forward-listen", "queue-size",
     "name", "forward", "listen", "remap", "service", "allow-out", "allow-in",
+    "max-connections", "max-pending", "max-handshakes",
 )
+LIMIT_KEYS = ("max-connections", "max-pending", "max-handshakes")
+LIMIT_MAX = 1 << 20
 
 
 class ConfigError(Exception):
@@ -121,6 +124,13 @@ def parse_listen(text: str, where: str) -> tuple[str, int, int]:
     return host, port, _u32(gport, "guest port", where)
 
 
+def parse_limit(text: str, where: str) -> int:
+    """A per-device limit: a count from 1 to 2^20."""
+    if not text.isdigit() or not 1 <= int(text) <= LIMIT_MAX:
+        raise ConfigError(f"{where}: {text!r} is not a number in 1..{LIMIT_MAX}")
+    return int(text)
+
+
 def _items(value: object, where: str) -> list[str]:
     if isinstance(value, list):
         return [str(v) for v in value]
@@ -158,9 +168,11 @@ def add_vm(settings: Settings, values: dict[str, object], where: str) -> None:
     if not str(buf).isdigit() or not 4096 <= int(str(buf)) <= 64 << 20:
         raise ConfigError(f"{where} tx-buffer-size: {buf!r} is not between 4096 and 67108864")
     groups = frozenset(_items(values.get("groups", []), f"{where} groups"))
+    limits = {key: parse_limit(str(values[key]), f"{where} {key}") for key in LIMIT_KEYS if key in values}
     settings.devices.append(
         DeviceConfig(cid, str(values["socket"]), name=name, endpoints=endpoints, buf_alloc=int(str(buf)),
-                     groups=groups)
+                     groups=groups, max_connections=limits.get("max-connections"),
+                     max_pending=limits.get("max-pending"), max_handshakes=limits.get("max-handshakes"))
     )
     for r in _items(values.get("remap", []), f"{where} remap"):
         settings.remaps.append(parse_remap(r, f"{where} remap", name))

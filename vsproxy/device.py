@@ -8,6 +8,7 @@ front-end ends its session with a logged error; the device keeps listening.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -17,6 +18,8 @@ from typing import TYPE_CHECKING
 from vsproxy import fastpath
 from vsproxy.endpoints.base import Peer
 from vsproxy.endpoints.sockets import (
+    DEFAULT_MAX_HANDSHAKES,
+    Acceptor,
     CoreHooks,
     HostEndpoints,
     HybridListener,
@@ -25,6 +28,7 @@ from vsproxy.endpoints.sockets import (
     listen_unix,
 )
 from vsproxy.fastpath import CreditItem, Run, RxFastPath, Slow, Tail, TxFastPath
+from vsproxy.limits import Limits, ratelog
 from vsproxy.loop import Loop
 from vsproxy.memory import GuestMemory, MemoryError_
 from vsproxy.vhost_user import codec
@@ -42,7 +46,14 @@ from vsproxy.vhost_user.session import (
 )
 from vsproxy.virtq import Chain, RingSetupError, SplitQueue
 from vsproxy.vsock.connection import Connection
-from vsproxy.vsock.core import DEFAULT_BUF_ALLOC, RX_FAST_BURST, RX_FAST_BURST_BYTES, SHUTDOWN_TIMEOUT, VsockCore
+from vsproxy.vsock.core import (
+    DEFAULT_BUF_ALLOC,
+    MAX_CONNECTIONS,
+    RX_FAST_BURST,
+    RX_FAST_BURST_BYTES,
+    SHUTDOWN_TIMEOUT,
+    VsockCore,
+)
 from vsproxy.vsock.header import HDR_SIZE
 from vsproxy.vsock.header import Type as VsockType
 
@@ -68,29 +79,43 @@ class DeviceConfig:
     endpoints: HostEndpoints = field(default_factory=HostEndpoints)
     buf_alloc: int = DEFAULT_BUF_ALLOC
     groups: frozenset[str] = frozenset()
+    # None: the device's share of the file limit (limits.default_limits), set at start
+    max_connections: int | None = None
+    max_pending: int | None = None
+    max_handshakes: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
             self.name = f"cid{self.guest_cid}"
 
+    def limits(self, default: Limits | None = None) -> Limits:
+        """This device's limits: those set, the rest from ``default``."""
+        return Limits(
+            self.max_connections or (default.max_connections if default else MAX_CONNECTIONS),
+            self.max_pending or (default.max_pending if default else MAX_CONNECTIONS),
+            self.max_handshakes or (default.max_handshakes if default else DEFAULT_MAX_HANDSHAKES),
+        )
+
 
 class Device:
-    def __init__(self, config: DeviceConfig, loop: Loop, switch: Switch) -> None:
+    def __init__(self, config: DeviceConfig, loop: Loop, switch: Switch, limits: Limits | None = None) -> None:
         self.config = config
         self.loop = loop
         self.switch = switch
+        self.limits = limits if limits is not None else config.limits()
         switch.register(self)
         self.session: FrontendSession | None = None
         self.sessions_served = 0
         self.listeners: list[HybridListener | TcpListener | VsockListener] = []
-        self.sock: socket.socket | None = None
+        self.acceptor: Acceptor | None = None
         ep = config.endpoints
+        hs = self.limits.max_handshakes
         try:
             if ep.uds_path is not None:
-                self.listeners.append(HybridListener(ep.uds_path, loop, self._hooks, self._host_connect))
-                self.listeners.append(
-                    HybridListener(ep.uds_path + ".seqpacket", loop, self._hooks, self._host_connect, seqpacket=True)
-                )
+                self.listeners.append(HybridListener(ep.uds_path, loop, self._hooks, self._host_connect,
+                                                     max_handshakes=hs))
+                self.listeners.append(HybridListener(ep.uds_path + ".seqpacket", loop, self._hooks,
+                                                     self._host_connect, seqpacket=True, max_handshakes=hs))
             for host, port, guest_port in ep.listens:
                 self.listeners.append(TcpListener(host, port, guest_port, loop, self._hooks, self._host_connect))
             for port in ep.forward_listen:
@@ -105,8 +130,8 @@ class Device:
     def listen(self) -> None:
         """Open the vhost-user socket, last: once QEMU (or a test) sees it, the host-side
         listeners already accept."""
-        self.sock = listen_unix(self.config.socket_path, 4)
-        self.loop.set_reader(self.sock.fileno(), self._accept)
+        sock = listen_unix(self.config.socket_path, 4)
+        self.acceptor = Acceptor(sock, self.loop, f"{self.name}: vhost-user socket", self._accepted)
 
     @property
     def name(self) -> str:
@@ -134,15 +159,10 @@ class Device:
         s.kick_pump()
         return conn
 
-    def _accept(self) -> None:
-        if self.sock is None:
-            return
-        try:
-            sock, _ = self.sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
+    def _accepted(self, sock: socket.socket, _addr: object) -> None:
         if self.session is not None:
-            log.error("%s: a second front-end connected while one is active; refused", self.name)
+            ratelog(log, logging.ERROR, f"{self.name}: second front-end",
+                    "%s: a second front-end connected while one is active; refused", self.name)
             sock.close()
             return
         self.sessions_served += 1
@@ -161,10 +181,9 @@ class Device:
         for listener in self.listeners:
             listener.close()
         self.listeners = []
-        if self.sock is not None:
-            self.loop.forget(self.sock.fileno())
-            self.sock.close()
-            self.sock = None
+        if self.acceptor is not None:
+            self.acceptor.close()
+            self.acceptor = None
             try:
                 os.unlink(self.config.socket_path)
             except OSError:
@@ -192,6 +211,8 @@ class FrontendSession(CoreHooks):
             self._connector,
             buf_alloc=device.config.buf_alloc,
             name=device.name,
+            max_connections=device.limits.max_connections,
+            max_pending=device.limits.max_pending,
         )
         self.core.rule_totals = device.switch.rule_totals
         self.core.taps = device.switch.taps
@@ -215,7 +236,10 @@ class FrontendSession(CoreHooks):
             return
         if msg_flags & socket.MSG_CTRUNC:
             _close_fds(fds)
-            self.end("front-end sent more fds than a message may carry", error=True)
+            # the kernel drops fds that did not fit: too many for one message, or this process
+            # is out of descriptors (EMFILE); either way the message cannot be carried out
+            self.end("front-end's fds were cut (more than a message may carry, or vsproxy is out of descriptors)",
+                     error=True)
             return
         if not data:
             _close_fds(fds)
@@ -280,7 +304,7 @@ class FrontendSession(CoreHooks):
             if action.kind == "kick" and action.fd is not None:
                 os.set_blocking(action.fd, False)
                 idx = action.index
-                self.loop.set_reader(action.fd, lambda: self._on_kick(idx))
+                self.loop.set_reader(action.fd, functools.partial(self._on_kick, idx))
         elif isinstance(action, StartRing):
             self._start_ring(action.index)
         elif isinstance(action, StopRing):
@@ -596,28 +620,63 @@ class FrontendSession(CoreHooks):
             log.warning("%s: call fd of vring %d: %s", self.name, index, e)
 
     # -- CoreHooks ---------------------------------------------------------------
+    # Each one is about one connection: an unexpected error in it ends that connection
+    # (fault), never the session or the process.
     def readable(self, conn: Connection) -> None:
-        if self.core.peer_readable(conn):
-            self.kick_pump()
+        try:
+            if self.core.peer_readable(conn):
+                self.kick_pump()
+        except Exception as e:
+            self.fault(conn, e)
 
     def writable(self, conn: Connection) -> None:
-        self.core.peer_writable(conn)
-        self.kick_pump()
+        try:
+            self.core.peer_writable(conn)
+            self.kick_pump()
+        except Exception as e:
+            self.fault(conn, e)
 
     def connected(self, conn: Connection) -> None:
-        self.core.peer_connected(conn)
-        self.kick_pump()
+        try:
+            self.core.peer_connected(conn)
+            self.kick_pump()
+        except Exception as e:
+            self.fault(conn, e)
 
     def failed(self, conn: Connection, reason: str) -> None:
-        self.core.peer_failed(conn, reason)
-        self.kick_pump()
+        try:
+            self.core.peer_failed(conn, reason)
+            self.kick_pump()
+        except Exception as e:
+            self.fault(conn, e)
 
     def _connector(self, conn: Connection) -> Peer | None:
         return self.device.switch.open(self.device, conn, self)
 
     def aborted(self, conn: Connection) -> None:
-        self.core.host_abort(conn)
-        self.kick_pump()
+        try:
+            self.core.host_abort(conn)
+            self.kick_pump()
+        except Exception as e:
+            self.fault(conn, e)
+
+    def fault(self, conn: Connection, exc: Exception) -> None:
+        """The last line of defence for one connection: reset it, count it, log it (at a
+        bounded rate); if even that fails, the session ends (the device resets)."""
+        self.loop.health.faults += 1
+        ratelog(log, logging.ERROR, "unexpected error", "%s: unexpected error on %s: %r; connection reset",
+                self.name, conn.describe(), exc, exc_info=exc)
+        try:
+            self.core.abandon(conn)
+            self.kick_pump()
+        except Exception as e:
+            self.on_fault(e)
+
+    def on_fault(self, exc: Exception) -> None:
+        """An unexpected error in the session's own handlers (vhost-user messages, kicks, the
+        pump): the guest's rings can no longer be trusted, so this session ends; QEMU may
+        connect again, and every other device goes on."""
+        self.end(f"internal error: {exc!r}", error=True)
 
     # -- teardown ----------------------------------------------------------------
     def end(self, reason: str, *, error: bool) -> None:

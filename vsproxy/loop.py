@@ -1,24 +1,73 @@
-"""A small epoll reactor: fd callbacks, timers and end-of-round hooks.
+"""A small epoll reactor: fd callbacks, cancellable timers and end-of-round hooks.
 
 Single-threaded on purpose: the data path touches guest memory and the vsock
 cores without locks, and every callback runs to completion.
+
+The loop is the last line of defence: an unexpected exception in a callback never ends the
+process serving every guest. It is counted and logged (rate-limited), and handed to the
+callback's owner, the object a bound method belongs to, if that owner has ``on_fault``: a
+connection's peer resets that connection, a front-end session ends that session. A fd
+callback without such an owner is taken off the loop, so a handler that fails every time
+cannot spin.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
+import logging
 import select
 import socket
 import time
 from collections.abc import Callable
 
+from vsproxy.limits import Health, ratelog
+
+log = logging.getLogger("vsproxy.loop")
+
 Callback = Callable[[], None]
+# Cancelled timers are dropped from the heap once they are this many and half of it.
+_COMPACT_MIN = 256
 
 _READ = select.EPOLLIN
 _WRITE = select.EPOLLOUT
 _READ_ANY = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP | select.EPOLLRDHUP
 _WRITE_ANY = select.EPOLLOUT | select.EPOLLERR | select.EPOLLHUP
+
+
+class TimerHandle:
+    """What ``call_later`` returns: ``cancel()`` drops the callback (and what it holds) now."""
+
+    __slots__ = ("_loop", "cancelled", "cb", "when")
+
+    def __init__(self, loop: Loop, when: float, cb: Callback) -> None:
+        self._loop: Loop | None = loop
+        self.when = when
+        self.cb: Callback | None = cb
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        if self.cancelled:
+            return
+        self.cancelled = True
+        self.cb = None
+        loop, self._loop = self._loop, None
+        if loop is not None:
+            loop._timer_cancelled()
+
+
+def _owner(cb: object) -> object | None:
+    """The object a bound method (or a partial of one) belongs to."""
+    if isinstance(cb, functools.partial):
+        cb = cb.func
+    return getattr(cb, "__self__", None)
+
+
+def _name(cb: object) -> str:
+    if isinstance(cb, functools.partial):
+        cb = cb.func
+    return getattr(cb, "__qualname__", None) or repr(cb)
 
 
 class Loop:
@@ -29,8 +78,10 @@ class Loop:
         # fd -> [reader, writer]
         self._cbs: dict[int, list[Callback | None]] = {}
         self._events: dict[int, int] = {}  # fd -> the epoll mask registered for it
-        self._timers: list[tuple[float, int, Callback]] = []
+        self._timers: list[tuple[float, int, TimerHandle]] = []
+        self._cancelled = 0  # cancelled handles still in _timers
         self._seq = itertools.count()
+        self.health = Health()
         self._soon: list[Callback] = []
         self.stopping = False
         # Lets another thread (demo, tests) wake the loop, e.g. to stop it.
@@ -111,8 +162,37 @@ class Loop:
             except OSError:
                 pass  # closed already: the kernel dropped it from the set
 
-    def call_later(self, delay: float, cb: Callback) -> None:
-        heapq.heappush(self._timers, (self.time() + delay, next(self._seq), cb))
+    def call_later(self, delay: float, cb: Callback) -> TimerHandle:
+        h = TimerHandle(self, self.time() + delay, cb)
+        heapq.heappush(self._timers, (h.when, next(self._seq), h))
+        return h
+
+    def _timer_cancelled(self) -> None:
+        self._cancelled += 1
+        if self._cancelled >= _COMPACT_MIN and self._cancelled * 2 >= len(self._timers):
+            # A flood of short-lived timers (hybrid handshakes) must not keep its entries.
+            self._timers = [t for t in self._timers if not t[2].cancelled]
+            heapq.heapify(self._timers)
+            self._cancelled = 0
+
+    def pending_timers(self) -> int:
+        return len(self._timers) - self._cancelled
+
+    def _fault(self, cb: object, exc: Exception, fd: int | None = None) -> None:
+        """An unexpected exception in ``cb``: counted, logged, handed to its owner."""
+        self.health.faults += 1
+        ratelog(log, logging.ERROR, "unexpected error", "unexpected error in %s: %r", _name(cb), exc, exc_info=exc)
+        on_fault = getattr(_owner(cb), "on_fault", None)
+        if on_fault is not None:
+            try:
+                on_fault(exc)
+                return
+            except Exception as e:  # the recovery failed too: fall back to isolating the fd
+                self.health.faults += 1
+                ratelog(log, logging.ERROR, "unexpected error", "recovering from it in %s failed: %r",
+                        _name(on_fault), e, exc_info=e)
+        if fd is not None and self._cbs.get(fd) is not None:
+            self._unregister(fd)  # nobody to recover it: it must not spin the loop
 
     def call_soon(self, cb: Callback) -> None:
         self._soon.append(cb)
@@ -122,6 +202,7 @@ class Loop:
         if self._soon:
             timeout = 0.0
         elif self._timers:
+            # a cancelled head only makes this pass wake early, once
             timeout = max(0.0, min(timeout, self._timers[0][0] - self.time()))
         try:
             ready = self._ep.poll(timeout)
@@ -134,19 +215,38 @@ class Loop:
                 self._unregister(fd)  # HUP or ERR on an fd nobody watches now
                 continue
             # As selectors does: an error or hang-up wakes both sides, which then see it.
-            if mask & _READ_ANY and cbs[0] is not None:
-                cbs[0]()
-                cbs = cbs_of.get(fd)
-            if mask & _WRITE_ANY and cbs is not None and cbs[1] is not None:
-                cbs[1]()
+            cb = cbs[0]
+            try:
+                if mask & _READ_ANY and cb is not None:
+                    cb()
+                    cbs = cbs_of.get(fd)
+                if mask & _WRITE_ANY and cbs is not None and cbs[1] is not None:
+                    cb = cbs[1]
+                    cb()
+            except Exception as e:
+                self._fault(cb, e, fd)
         now = self.time()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, cb = heapq.heappop(self._timers)
-            cb()
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            h = heapq.heappop(timers)[2]
+            tcb = h.cb
+            if tcb is None:  # cancelled
+                self._cancelled -= 1
+                continue
+            h.cb = None
+            h._loop = None
+            try:
+                tcb()
+            except Exception as e:
+                self._fault(tcb, e)
+            timers = self._timers  # a compaction may have replaced the list
         # One pass only: work that re-schedules itself waits for the next select.
         soon, self._soon = self._soon, []
-        for cb in soon:
-            cb()
+        for scb in soon:
+            try:
+                scb()
+            except Exception as e:
+                self._fault(scb, e)
 
     def run(self) -> None:
         while not self.stopping:

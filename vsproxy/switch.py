@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from vsproxy.endpoints.base import Peer
 from vsproxy.endpoints.services import ServicePeer
 from vsproxy.endpoints.sibling import pair
+from vsproxy.limits import ratelog
 from vsproxy.loop import Loop
 from vsproxy.policy import HOST_CID, Policy
 from vsproxy.taps import Taps
@@ -66,12 +67,13 @@ class Switch:
         if route.remap is not None:
             where += f" (really {route.cid}:{route.port}, {route.remap})"
         if not route.allowed:
-            log.warning("%s denied by %s", where, route.rule)
+            ratelog(log, logging.WARNING, f"{dev.name}: denied", "%s denied by %s", where, route.rule)
             conn.mark = f"denied by {route.rule}; vsproxy answers RST"
             return None
         if route.remap is not None:
             conn.mark = f"rewritten ({route.remap}): real peer {route.cid}:{route.port}"
-        log.info("%s allowed by %s", where, route.rule)
+        # every connection is in the capture; the log keeps a sample, so a flood cannot flood it
+        ratelog(log, logging.INFO, f"{dev.name}: allowed", "%s allowed by %s", where, route.rule)
         conn.rule = (route.rule,) if route.remap is None else (route.rule, route.remap)
         if route.kind == "service":
             assert route.service is not None
@@ -88,7 +90,8 @@ class Switch:
         target = self.devices.get(route.device)
         ts = target.session if target is not None else None
         if target is None or ts is None or not ts.running:
-            log.info("%s: sibling %s has no running guest", where, route.device)
+            ratelog(log, logging.INFO, f"{dev.name}: no sibling", "%s: sibling %s has no running guest", where,
+                    route.device)
             return None
         seen_cid, _ = self.policy.guest_view(target.name, dev.config.guest_cid)
         a, b = pair(f"sibling:{target.name}", f"sibling:{dev.name}", self.loop.call_soon)
@@ -114,6 +117,7 @@ class Switch:
         seen, remap = self.policy.guest_view(dev.name, HOST_CID)
         self._count(route.rule, allowed=route.allowed, remap=remap)
         if not route.allowed:
-            log.warning("%s: host -> %d:%d denied by %s", dev.name, dev.config.guest_cid, guest_port, route.rule)
+            ratelog(log, logging.WARNING, f"{dev.name}: denied", "%s: host -> %d:%d denied by %s", dev.name,
+                    dev.config.guest_cid, guest_port, route.rule)
             return None
         return seen, (route.rule,) if remap is None else (route.rule, remap)

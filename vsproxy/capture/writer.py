@@ -26,6 +26,7 @@ from typing import Any
 
 from vsproxy.capture import format as fmt
 from vsproxy.endpoints.base import Buffer
+from vsproxy.limits import exhausted, ratelog
 from vsproxy.taps import CAP_PCAP, CAP_PCAPNG, RecordChunk
 from vsproxy.vsock import header as H
 
@@ -57,6 +58,7 @@ class CaptureCounters:
     bytes: int = 0
     dropped: int = 0  # buffer full
     files: int = 0
+    rotate_failed: int = 0  # a new file could not be made (out of descriptors): the current one went on
 
 
 class _Chunk:
@@ -319,9 +321,20 @@ class CaptureWriter:
 
     def _rotate(self) -> None:
         self._flush()
-        if self._out is not None:
-            self._out.close()
-        self._open()
+        old = self._out
+        try:
+            self._open()  # the new file first: if it cannot be made, the old one goes on
+        except OSError as e:
+            if not exhausted(e):
+                raise
+            self.counters.rotate_failed += 1
+            ratelog(log, logging.WARNING, "capture rotation", "capture: cannot start a new file (%s); the current "
+                    "one goes on and rotation is tried again later", e.strerror or e)
+            self._written = 0
+            self._opened_at = time.monotonic()
+            return
+        if old is not None:
+            old.close()
 
     def close(self) -> None:
         """Write what is buffered, then close (the counters are final afterwards)."""

@@ -14,21 +14,28 @@ import logging
 import os
 import socket
 import struct
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vsproxy.endpoints.base import Buffer
+from vsproxy.limits import exhausted, ratelog
 
 if TYPE_CHECKING:
     from vsproxy.endpoints.vsock import VsockFactory
-from vsproxy.loop import Loop
+from vsproxy.loop import Loop, TimerHandle
 from vsproxy.vsock.connection import Connection
 
 log = logging.getLogger("vsproxy.endpoints")
 
 HANDSHAKE_MAX = 64  # "CONNECT 4294967295\n" fits easily
 HANDSHAKE_TIMEOUT = 5.0
+DEFAULT_MAX_HANDSHAKES = 1024
+# A listener whose accept() failed for want of descriptors waits this long before trying
+# again: level-triggered epoll would otherwise wake it at once, for ever (a busy loop).
+ACCEPT_PAUSE = 0.1
+ACCEPT_BATCH = 64  # accepts per wake-up, so one listener cannot hog the loop
 _LINGER_RESET = struct.pack("ii", 1, 0)
 SEQPACKET = 2  # virtio-vsock type
 SNDBUF = 1 << 20
@@ -41,6 +48,14 @@ class CoreHooks:
     def writable(self, conn: Connection) -> None: ...
     def connected(self, conn: Connection) -> None: ...
     def failed(self, conn: Connection, reason: str) -> None: ...
+    def fault(self, conn: Connection, exc: Exception) -> None: ...
+
+
+def refused_for_descriptors(loop: Loop, what: str, e: OSError) -> None:
+    """A descriptor could not be made for ``what``: counted, logged at most a few times."""
+    loop.health.fd_exhausted += 1
+    ratelog(log, logging.WARNING, "out of descriptors", "%s: %s (refused; counted as fd_exhausted)",
+            what, e.strerror or e)
 
 
 def scatter_prefix(data: bytes, bufs: Sequence[memoryview]) -> int:
@@ -170,6 +185,30 @@ class SocketPeer:
         if self.conn is not None:
             self.hooks.writable(self.conn)
 
+    def _report_connected(self) -> None:
+        if self.conn is not None:
+            self.hooks.connected(self.conn)
+
+    def _on_connect(self) -> None:
+        """A non-blocking connect finished, one way or the other."""
+        self.loop.set_writer(self.fd, None)
+        self._writing = False
+        if self.conn is None:
+            return
+        e = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if e:
+            self.hooks.failed(self.conn, os.strerror(e))
+        else:
+            self.hooks.connected(self.conn)
+
+    def on_fault(self, exc: Exception) -> None:
+        """The loop caught an unexpected exception in one of this peer's callbacks: that
+        connection ends, the others go on."""
+        if self.conn is not None:
+            self.hooks.fault(self.conn, exc)
+        else:
+            self.close(reset=True)
+
 
 class HybridPeer(SocketPeer):
     """Host side of a hybrid-unix CONNECT: answers OK once the guest accepts."""
@@ -224,18 +263,25 @@ class HostEndpoints:
 def _unix_connect(
     path: str, conn: Connection, loop: Loop, hooks: CoreHooks, kind: int = socket.SOCK_STREAM
 ) -> SocketPeer | None:
-    sock = socket.socket(socket.AF_UNIX, kind)
+    try:
+        sock = socket.socket(socket.AF_UNIX, kind)
+    except OSError as e:
+        refused_for_descriptors(loop, f"guest connect to {path}", e)
+        return None
     sock.setblocking(False)
     try:
         sock.connect(path)
     except OSError as e:
         # ENOENT, ECONNREFUSED, or EAGAIN (backlog full): the guest gets RST.
-        log.info("guest connect to %s failed: %s", path, e.strerror)
+        if exhausted(e):
+            refused_for_descriptors(loop, f"guest connect to {path}", e)
+        else:
+            ratelog(log, logging.INFO, "guest connect failed", "guest connect to %s failed: %s", path, e.strerror)
         sock.close()
         return None
     peer = SocketPeer(sock, loop, hooks, f"unix:{path}")
     peer.conn = conn
-    loop.call_soon(lambda: hooks.connected(conn))
+    loop.call_soon(peer._report_connected)
     return peer
 
 
@@ -246,12 +292,20 @@ def _tcp_connect(fwd: TcpForward, conn: Connection, loop: Loop, hooks: CoreHooks
         log.warning("bad forward address %s:%d: %s", fwd.host, fwd.port, e)
         return None
     family, type_, proto, _, addr = infos[0]
-    sock = socket.socket(family, type_, proto)
+    what = f"guest connect to tcp:{fwd.host}:{fwd.port}"
+    try:
+        sock = socket.socket(family, type_, proto)
+    except OSError as e:
+        refused_for_descriptors(loop, what, e)
+        return None
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     err = sock.connect_ex(addr)
     if err not in (0, errno.EINPROGRESS):
-        log.info("guest connect to tcp:%s:%d failed: %s", fwd.host, fwd.port, os.strerror(err))
+        if err in (errno.ENOBUFS, errno.ENOMEM, errno.EMFILE, errno.ENFILE):
+            refused_for_descriptors(loop, what, OSError(err, os.strerror(err)))
+        else:
+            ratelog(log, logging.INFO, "guest connect failed", "%s failed: %s", what, os.strerror(err))
         sock.close()
         return None
     return connecting_peer(sock, err, f"tcp:{fwd.host}:{fwd.port}", conn, loop, hooks)
@@ -265,34 +319,76 @@ def connecting_peer(
     peer = SocketPeer(sock, loop, hooks, label)
     peer.conn = conn
     if err == 0:
-        loop.call_soon(lambda: hooks.connected(conn))
+        loop.call_soon(peer._report_connected)
         return peer
-
-    def on_connect() -> None:
-        loop.set_writer(peer.fd, None)
-        peer._writing = False
-        e = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if e:
-            hooks.failed(conn, os.strerror(e))
-        else:
-            hooks.connected(conn)
-
-    loop.set_writer(peer.fd, on_connect)
+    loop.set_writer(peer.fd, peer._on_connect)
     peer._writing = True
     return peer
 
 
-def accept_all(sock: socket.socket, what: str, handle: Callable[[socket.socket, object], None]) -> None:
-    """Accept what is waiting (at most 64 at a time, so one listener cannot hog the loop)."""
-    for _ in range(64):
-        try:
-            s, addr = sock.accept()
-        except (BlockingIOError, InterruptedError):
+class Acceptor:
+    """A listening socket on the loop whose accept() survives running out of descriptors:
+    on EMFILE, ENFILE, ENOBUFS or ENOMEM it stops watching the socket for ``ACCEPT_PAUSE``
+    (the connections wait in the backlog) instead of waking again at once, for ever."""
+
+    def __init__(self, sock: socket.socket, loop: Loop, what: str,
+                 handle: Callable[[socket.socket, object], None]) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.loop = loop
+        self.what = what
+        self.handle = handle
+        self.paused: TimerHandle | None = None
+        self.closed = False
+        loop.set_reader(self.fd, self._ready)
+
+    def _ready(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                s, addr = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if exhausted(e):
+                    self.loop.health.accept_pauses += 1
+                    refused_for_descriptors(self.loop, f"{self.what}: accept", e)
+                    self.pause()
+                else:  # ECONNABORTED and the like: that one client, not the listener
+                    ratelog(log, logging.INFO, "accept failed", "%s: accept: %s", self.what, e)
+                continue
+            try:
+                self.handle(s, addr)
+            except Exception:
+                # the handler failed half way: whatever it registered goes with the socket
+                self.loop.forget(s.fileno())
+                s.close()
+                raise
+            if self.closed or self.paused is not None:
+                return
+
+    def pause(self, seconds: float = ACCEPT_PAUSE) -> None:
+        if self.closed or self.paused is not None:
             return
-        except OSError as e:
-            log.warning("%s: accept: %s", what, e)
+        self.loop.set_reader(self.fd, None)
+        self.paused = self.loop.call_later(seconds, self._resume)
+
+    def _resume(self) -> None:
+        self.paused = None
+        if not self.closed:
+            self.loop.set_reader(self.fd, self._ready)
+
+    def on_fault(self, exc: Exception) -> None:
+        """The handler failed unexpectedly (logged by the loop): the listener goes on."""
+
+    def close(self) -> None:
+        if self.closed:
             return
-        handle(s, addr)
+        self.closed = True
+        if self.paused is not None:
+            self.paused.cancel()
+            self.paused = None
+        self.loop.forget(self.fd)
+        self.sock.close()
 
 
 def listen_unix(path: str, backlog: int, kind: int = socket.SOCK_STREAM) -> socket.socket:
@@ -319,7 +415,11 @@ class HybridListener:
     """Accepts host programs on ``uds_path`` and reads their ``CONNECT <port>`` line. The
     SEQPACKET variant listens on ``uds_path.seqpacket`` (a SOCK_SEQPACKET socket): the CONNECT
     line and the OK answer are each one message, and the connection into the guest is a
-    SEQPACKET one."""
+    SEQPACKET one.
+
+    At most ``max_handshakes`` connections wait in their handshake (for their line, or for a
+    guest to attach); one more drops the oldest, so idle connections cannot hold the socket
+    while a client that sends its line at once still gets through."""
 
     def __init__(
         self,
@@ -328,24 +428,34 @@ class HybridListener:
         hooks_for: Callable[[], CoreHooks | None],
         connect: Callable[[SocketPeer, int, int], Connection | None],
         seqpacket: bool = False,
+        max_handshakes: int = DEFAULT_MAX_HANDSHAKES,
     ) -> None:
         self.path = path
         self.loop = loop
         self.hooks_for = hooks_for
         self.connect = connect
         self.seqpacket = seqpacket
-        self.sock = listen_unix(path, 128, socket.SOCK_SEQPACKET if seqpacket else socket.SOCK_STREAM)
-        loop.set_reader(self.sock.fileno(), self._accept)
-
-    def _accept(self) -> None:
-        accept_all(self.sock, f"hybrid {self.path}", self._accepted)
+        self.max_handshakes = max(1, max_handshakes)
+        self.handshakes: OrderedDict[_Handshake, None] = OrderedDict()
+        self.dropped = 0
+        sock = listen_unix(path, 128, socket.SOCK_SEQPACKET if seqpacket else socket.SOCK_STREAM)
+        self.acceptor = Acceptor(sock, loop, f"hybrid {path}", self._accepted)
 
     def _accepted(self, s: socket.socket, _addr: object) -> None:
-        _Handshake(s, self)
+        if len(self.handshakes) >= self.max_handshakes:
+            oldest = next(iter(self.handshakes))
+            self.dropped += 1
+            self.loop.health.handshakes_dropped += 1
+            ratelog(log, logging.WARNING, "handshake limit",
+                    "hybrid %s: %d connections in their handshake (the limit): the oldest dropped",
+                    self.path, self.max_handshakes)
+            oldest.fail("dropped: too many connections in their handshake", quiet=True)
+        self.handshakes[_Handshake(s, self)] = None
 
     def close(self) -> None:
-        self.loop.forget(self.sock.fileno())
-        self.sock.close()
+        for h in list(self.handshakes):
+            h.fail("vsproxy closing", quiet=True)
+        self.acceptor.close()
         try:
             os.unlink(self.path)
         except OSError:
@@ -353,6 +463,10 @@ class HybridListener:
 
 
 class _Handshake:
+    """One host connection between accept and its connection into the guest."""
+
+    __slots__ = ("_retry", "_timer", "buf", "done", "have_line", "listener", "port", "rest", "sock", "started")
+
     def __init__(self, sock: socket.socket, listener: HybridListener) -> None:
         sock.setblocking(False)
         self.sock = sock
@@ -364,22 +478,37 @@ class _Handshake:
         self.have_line = False
         loop = listener.loop
         self.started = loop.time()
+        self._retry: TimerHandle | None = None
         loop.set_reader(sock.fileno(), self._read)
-        loop.call_later(HANDSHAKE_TIMEOUT, self._timeout)
+        self._timer: TimerHandle | None = loop.call_later(HANDSHAKE_TIMEOUT, self._timeout)
 
     def _finish(self) -> None:
+        """Out of the handshake: its timers, its place in the listener and its fd's callbacks
+        go now, so nothing of it outlives it (memory follows the handshakes in flight)."""
         self.done = True
+        self.listener.handshakes.pop(self, None)
+        for t in (self._timer, self._retry):
+            if t is not None:
+                t.cancel()
+        self._timer = self._retry = None
         self.listener.loop.forget(self.sock.fileno())
 
-    def _fail(self, why: str) -> None:
-        log.info("hybrid %s: %s", self.listener.path, why)
+    def fail(self, why: str, quiet: bool = False) -> None:
+        if self.done:
+            return
+        if not quiet:
+            ratelog(log, logging.INFO, "hybrid handshake failed", "hybrid %s: %s", self.listener.path, why)
         self._finish()
         self.sock.close()
 
+    def on_fault(self, exc: Exception) -> None:
+        self.fail(f"internal error: {exc!r}", quiet=True)
+
     def _timeout(self) -> None:
+        self._timer = None
         if not self.done:
             why = "no guest attached" if self.have_line else f"no CONNECT line within {HANDSHAKE_TIMEOUT:.0f} s"
-            self._fail(why)
+            self.fail(why)
 
     def _read(self) -> None:
         try:
@@ -387,21 +516,21 @@ class _Handshake:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            self._fail(str(e))
+            self.fail(str(e))
             return
         if not data:
-            self._fail("client closed before CONNECT")
+            self.fail("client closed before CONNECT")
             return
         self.buf += data
         nl = self.buf.find(b"\n")
         if nl < 0:
             if len(self.buf) > HANDSHAKE_MAX:
-                self._fail("CONNECT line too long")
+                self.fail("CONNECT line too long")
             return
         line, rest = self.buf[:nl], self.buf[nl + 1 :]
         parts = line.strip().split()
         if len(parts) != 2 or parts[0] != b"CONNECT" or not parts[1].isdigit() or int(parts[1]) > 0xFFFFFFFF:
-            self._fail(f"bad handshake line {line[:40]!r}")
+            self.fail(f"bad handshake line {line[:40]!r}")
             return
         self.listener.loop.forget(self.sock.fileno())
         self.port = int(parts[1])
@@ -411,14 +540,15 @@ class _Handshake:
 
     def _attach(self) -> None:
         """Connect once the guest's driver is up: a host program may dial before it is."""
+        self._retry = None
         if self.done:
             return
         hooks = self.listener.hooks_for()
         if hooks is None:
             if self.listener.loop.time() - self.started < HANDSHAKE_TIMEOUT:
-                self.listener.loop.call_later(0.05, self._attach)
+                self._retry = self.listener.loop.call_later(0.05, self._attach)
             else:
-                self._fail("no guest attached")
+                self.fail("no guest attached")
             return
         self._finish()
         peer = HybridPeer(self.sock, self.listener.loop, hooks, f"hybrid:{self.listener.path}")
@@ -448,16 +578,17 @@ class TcpListener:
         self.connect = connect
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
         family, type_, proto, _, addr = infos[0]
-        self.sock = socket.socket(family, type_, proto)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(addr)
-        self.sock.listen(128)
-        self.sock.setblocking(False)
-        self.address = self.sock.getsockname()
-        loop.set_reader(self.sock.fileno(), self._accept)
-
-    def _accept(self) -> None:
-        accept_all(self.sock, "tcp listener", self._accepted)
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(128)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self.address = sock.getsockname()
+        self.acceptor = Acceptor(sock, loop, f"tcp listener {host}:{port}", self._accepted)
 
     def _accepted(self, s: socket.socket, addr: object) -> None:
         hooks = self.hooks_for()
@@ -475,5 +606,4 @@ class TcpListener:
         peer.conn = conn
 
     def close(self) -> None:
-        self.loop.forget(self.sock.fileno())
-        self.sock.close()
+        self.acceptor.close()

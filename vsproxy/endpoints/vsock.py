@@ -16,7 +16,8 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from vsproxy.endpoints.sockets import CoreHooks, SocketPeer, accept_all, connecting_peer
+from vsproxy.endpoints.sockets import Acceptor, CoreHooks, SocketPeer, connecting_peer, refused_for_descriptors
+from vsproxy.limits import exhausted, ratelog
 from vsproxy.loop import Loop
 from vsproxy.vsock.connection import Connection
 
@@ -89,13 +90,20 @@ class UnixVsockFactory:
 
 def vsock_connect(factory: VsockFactory, cid: int, port: int, conn: Connection, loop: Loop,
                   hooks: CoreHooks) -> SocketPeer | None:
+    what = f"guest connect to {factory.describe(cid, port)}"
     try:
         sock, err = factory.connect(cid, port)
     except OSError as e:
-        log.info("guest connect to %s failed: %s", factory.describe(cid, port), e.strerror)
+        if exhausted(e):
+            refused_for_descriptors(loop, what, e)
+        else:
+            ratelog(log, logging.INFO, "guest connect failed", "%s failed: %s", what, e.strerror)
         return None
     if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
-        log.info("guest connect to %s failed: %s", factory.describe(cid, port), os.strerror(err))
+        if err in (errno.ENOBUFS, errno.ENOMEM):
+            refused_for_descriptors(loop, what, OSError(err, os.strerror(err)))
+        else:
+            ratelog(log, logging.INFO, "guest connect failed", "%s failed: %s", what, os.strerror(err))
         sock.close()
         return None
     return connecting_peer(sock, err, factory.describe(cid, port), conn, loop, hooks)
@@ -111,11 +119,7 @@ class VsockListener:
         self.hooks_for = hooks_for
         self.connect = connect
         self.factory = factory
-        self.sock = factory.listen(port)
-        loop.set_reader(self.sock.fileno(), self._accept)
-
-    def _accept(self) -> None:
-        accept_all(self.sock, f"vsock port {self.port}", self._accepted)
+        self.acceptor = Acceptor(factory.listen(port), loop, f"vsock port {port}", self._accepted)
 
     def _accepted(self, s: socket.socket, _addr: object) -> None:
         hooks = self.hooks_for()
@@ -130,5 +134,4 @@ class VsockListener:
         peer.conn = conn
 
     def close(self) -> None:
-        self.loop.forget(self.sock.fileno())
-        self.sock.close()
+        self.acceptor.close()

@@ -15,6 +15,11 @@ within one window beyond ``buf_alloc``. Host data is read straight into the
 guest's rx buffers only while the guest has credit and has posted buffers, so a
 host sender is throttled by its own connection's window and never by the shared
 rings.
+
+Limits: ``max_connections`` bounds the connections that hold a host resource (open,
+connecting, or still handing the host what the guest sent before it closed) and
+``max_pending`` those still connecting; past either, a guest REQUEST gets RST and a host
+connection is refused. Both are counted (``limit_refused``) and logged at a bounded rate.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from typing import Protocol
 
 from vsproxy import fastpath
 from vsproxy.endpoints.base import Buffer, Peer
+from vsproxy.limits import ratelog
 from vsproxy.taps import Taps
 from vsproxy.vsock import header as H
 from vsproxy.vsock.connection import Connection, State
@@ -75,6 +81,8 @@ class Counters:
     credit_violations: int = 0
     connections_opened: int = 0
     connections_refused: int = 0
+    limit_refused: int = 0  # refused at max_connections or max_pending
+    faults: int = 0  # connections reset after an unexpected error in their handling
     timeouts: int = 0
     short_rx_buffers: int = 0
     pump_updates: int = 0  # CREDIT_UPDATEs the C pump took (and refilled from) without Python
@@ -132,8 +140,13 @@ class VsockCore:
         *,
         buf_alloc: int = DEFAULT_BUF_ALLOC,
         name: str = "vm",
+        max_connections: int = MAX_CONNECTIONS,
+        max_pending: int = MAX_CONNECTIONS,
     ) -> None:
         self.guest_cid = guest_cid
+        self.max_connections = max_connections
+        self.max_pending = max_pending
+        self.pending = 0  # connections CONNECTING or REQUESTED
         self.connector = connector
         self.buf_alloc = buf_alloc
         self.name = name
@@ -181,7 +194,8 @@ class VsockCore:
         if src_cid != self.guest_cid:
             # Anti-spoofing: a guest may only speak as itself.
             c.spoofed += 1
-            log.warning("%s: dropped spoofed packet %s", self.name, H.unpack(hdr_bytes).describe())
+            ratelog(log, logging.WARNING, f"{self.name}: spoofed", "%s: dropped spoofed packet %s", self.name,
+                    H.unpack(hdr_bytes).describe())
             if self.taps.active:
                 self._tap(False, bytes(hdr_bytes[:HDR_SIZE]), payload,
                           f"spoofed: src_cid {src_cid} is not the guest's CID {self.guest_cid}; dropped")
@@ -194,13 +208,8 @@ class VsockCore:
         if length > payload_len or length > H.MAX_PKT_PAYLOAD:
             c.bad_packets += 1
             c.drop("bad-len")
-            log.warning(
-                "%s: bad packet length %d (chain holds %d): %s",
-                self.name,
-                length,
-                payload_len,
-                H.unpack(hdr_bytes).describe(),
-            )
+            ratelog(log, logging.WARNING, f"{self.name}: bad length", "%s: bad packet length %d (chain holds %d): %s",
+                    self.name, length, payload_len, H.unpack(hdr_bytes).describe())
             conn = self.conns.get((type_, src_port, dst_cid, dst_port))
             if conn is not None:
                 self._reset(conn, "bad packet length")
@@ -247,6 +256,7 @@ class VsockCore:
         elif op == Op.RESPONSE:
             if conn.state is State.REQUESTED:
                 conn.state = State.ESTABLISHED
+                self.pending -= 1
                 conn.peer.established(conn.peer_port)
                 conn.peer.watch_read(True)
             else:
@@ -337,11 +347,29 @@ class VsockCore:
         self._credit_changed(conn)
         return True
 
+    def at_limit(self) -> str | None:
+        """Why a new connection must be refused now, or None."""
+        if len(self.conns) + len(self._lingering) >= self.max_connections:
+            return f"max-connections ({self.max_connections})"
+        if self.pending >= self.max_pending:
+            return f"max-pending ({self.max_pending})"
+        return None
+
+    def _refuse_at_limit(self, why: str, what: str) -> None:
+        c = self.counters
+        c.connections_refused += 1
+        c.limit_refused += 1
+        c.drop("too-many-pending" if why.startswith("max-pending") else "too-many-connections")
+        ratelog(log, logging.WARNING, f"{self.name}: connection limit",
+                "%s: %s refused: the device is at its %s", self.name, what, why)
+
     def _guest_request(self, hdr: Header) -> None:
         c = self.counters
-        if len(self.conns) >= MAX_CONNECTIONS:
-            c.connections_refused += 1
-            c.drop("too-many-connections")
+        why = self.at_limit()
+        if why is not None:
+            self._refuse_at_limit(why, f"{hdr.src_cid}:{hdr.src_port} -> {hdr.dst_cid}:{hdr.dst_port}")
+            if self.taps.active:
+                self._tap(False, hdr.pack(), (), f"refused: the device is at its {why}; vsproxy answers RST")
             self._rst_reply(hdr)
             return
         conn = Connection(hdr.type, hdr.src_port, hdr.dst_cid, hdr.dst_port, _NO_PEER, self.buf_alloc)
@@ -351,19 +379,14 @@ class VsockCore:
             self._tap(False, hdr.pack(), (), conn.mark)
         if peer is None:
             c.connections_refused += 1
-            log.info(
-                "%s: refused %s:%d -> %d:%d: no endpoint",
-                self.name,
-                hdr.src_cid,
-                hdr.src_port,
-                hdr.dst_cid,
-                hdr.dst_port,
-            )
+            ratelog(log, logging.INFO, f"{self.name}: refused", "%s: refused %s:%d -> %d:%d: no endpoint",
+                    self.name, hdr.src_cid, hdr.src_port, hdr.dst_cid, hdr.dst_port)
             self._rst_reply(hdr)
             return
         conn.peer = peer
         conn.deadline = self.now + CONNECT_TIMEOUT
         self.conns[conn.key] = conn
+        self.pending += 1
 
     def _rw_admitted(self, conn: Connection, n: int) -> bool:
         """What every RW of ``n`` payload bytes passes first, STREAM or SEQPACKET; counted."""
@@ -582,6 +605,7 @@ class VsockCore:
         if conn.state is not State.CONNECTING:
             return
         conn.state = State.ESTABLISHED
+        self.pending -= 1
         self.counters.connections_opened += 1
         self._queue(conn, Op.RESPONSE)
         conn.peer.watch_read(True)
@@ -590,7 +614,8 @@ class VsockCore:
         if conn.state is State.CLOSED:
             return
         self.counters.connections_refused += 1
-        log.info("%s: host side of %s failed: %s", self.name, conn.describe(), reason)
+        ratelog(log, logging.INFO, f"{self.name}: host side failed", "%s: host side of %s failed: %s", self.name,
+                conn.describe(), reason)
         self._reset(conn, reason)
 
     def _peer_error(self, conn: Connection, e: OSError) -> None:
@@ -598,7 +623,8 @@ class VsockCore:
             self._lingering.discard(conn)
             conn.peer.close(reset=True)
             return
-        log.info("%s: host side of %s: %s", self.name, conn.describe(), e.strerror or e)
+        ratelog(log, logging.INFO, f"{self.name}: host side error", "%s: host side of %s: %s", self.name,
+                conn.describe(), e.strerror or e)
         self._reset(conn, "host peer error")
 
     def host_connect(
@@ -612,7 +638,9 @@ class VsockCore:
     ) -> Connection | None:
         """Something outside the guest asks for a connection into it: a host program (hybrid
         CONNECT, TCP listener) or a sibling. ``src_cid``/``src_port`` are what the guest sees."""
-        if len(self.conns) >= MAX_CONNECTIONS:
+        why = self.at_limit()
+        if why is not None:
+            self._refuse_at_limit(why, f"host connection into port {guest_port}")
             return None
         if src_port is not None:
             port = src_port
@@ -631,6 +659,7 @@ class VsockCore:
         conn.host_initiated = True
         conn.deadline = self.now + CONNECT_TIMEOUT
         self.conns[conn.key] = conn
+        self.pending += 1
         self._queue(conn, Op.REQUEST)
         return conn
 
@@ -639,6 +668,18 @@ class VsockCore:
         if conn.state is not State.CLOSED:
             self._reset(conn, "host side closed")
 
+    def abandon(self, conn: Connection) -> None:
+        """The last resort after an unexpected error while handling ``conn``: RST to the guest
+        if it still has the connection, a reset for the host side either way."""
+        self.counters.faults += 1
+        if conn.state is not State.CLOSED:
+            self._reset(conn, "internal error")
+        else:
+            self._lingering.discard(conn)
+            conn.outq.clear()
+            conn.out_bytes = 0
+            conn.peer.close(reset=True)
+
     def tick(self, now: float) -> None:
         """Expire connect and linger deadlines; ask for credit a window shut too long."""
         self.now = now
@@ -646,7 +687,8 @@ class VsockCore:
         for conn in list(self.conns.values()):
             if conn.state in (State.CONNECTING, State.REQUESTED) and conn.deadline <= now:
                 self.counters.timeouts += 1
-                log.info("%s: connect timed out: %s", self.name, conn.describe())
+                ratelog(log, logging.INFO, f"{self.name}: connect timeout", "%s: connect timed out: %s", self.name,
+                        conn.describe())
                 self._reset(conn, "connect timeout")
             elif conn.own >= 0 and self.owner is not None:
                 # Python's flags are C's to change while it runs the connection
@@ -686,6 +728,7 @@ class VsockCore:
             conn.out_bytes = 0
             conn.peer.close(reset=True)
         self.conns.clear()
+        self.pending = 0
         self.control.clear()
         self.ready.clear()
         self._flush = []
@@ -727,6 +770,8 @@ class VsockCore:
     def _forget_vsock(self, conn: Connection) -> None:
         if conn.own >= 0:
             self._reclaim(conn, act=False)
+        if conn.state is State.CONNECTING or conn.state is State.REQUESTED:
+            self.pending -= 1
         conn.state = State.CLOSED
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
