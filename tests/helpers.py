@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -18,12 +19,18 @@ from vsproxy.simguest import GuestSocket, SimGuest
 class VsproxyProcess:
     """``python -m vsproxy`` as a real process, stopped by its own pid."""
 
-    def __init__(self, args: list[str], socket_path: str, log_path: str) -> None:
+    def __init__(self, args: list[str], socket_path: str, log_path: str, nofile: int | None = None) -> None:
         self.socket_path = socket_path
         self.log_path = log_path
         self._log = open(log_path, "wb")
+
+        def limit() -> None:  # in the child, before exec: soft and hard, so vsproxy cannot raise it
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vsproxy", *args], stdout=subprocess.DEVNULL, stderr=self._log
+            [sys.executable, "-m", "vsproxy", *args], stdout=subprocess.DEVNULL, stderr=self._log,
+            preexec_fn=limit if nofile is not None else None,
         )
         deadline = time.monotonic() + 15
         while not os.path.exists(socket_path):
@@ -49,6 +56,16 @@ class VsproxyProcess:
                 return text
             time.sleep(0.02)
         raise AssertionError("no counters report after SIGUSR1")
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
 
     def stop(self) -> int:
         if self.proc.poll() is None:

@@ -353,6 +353,7 @@ class Acceptor:
                     self.loop.health.accept_pauses += 1
                     refused_for_descriptors(self.loop, f"{self.what}: accept", e)
                     self.pause()
+                    return
                 else:  # ECONNABORTED and the like: that one client, not the listener
                     ratelog(log, logging.INFO, "accept failed", "%s: accept: %s", self.what, e)
                 continue
