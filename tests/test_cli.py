@@ -39,6 +39,10 @@ def test_reserved_or_bad_guest_cid_is_refused_in_one_line(workdir: str, cid: str
         ["--listen", "tcp:127.0.0.1:99999=5000"],
         ["--tx-buffer-size", "12"],
         ["--no-such-option"],
+        ["--max-connections", "0"],
+        ["--max-pending", "lots"],
+        ["--max-handshakes", "9999999999"],
+        ["--vm", "guest-cid=6,socket=/tmp/x6.sock,max-connections=-1"],
     ],
 )
 def test_bad_options_are_refused_in_one_line(workdir: str, args: list[str]) -> None:
@@ -119,3 +123,33 @@ def test_help_lists_the_options() -> None:
     assert p.returncode == 0
     for opt in ("--socket", "--guest-cid", "--uds-path", "--forward", "--listen", "--tx-buffer-size"):
         assert opt in p.stdout
+
+
+def test_limits_come_from_flags_keys_and_files_and_the_rest_from_the_file_limit_share(workdir: str) -> None:
+    from vsproxy import config as cfg
+    from vsproxy.cli import build_parser, settings_from_args
+    from vsproxy.limits import default_limits
+
+    toml = os.path.join(workdir, "v.toml")
+    with open(toml, "w") as f:
+        f.write('[[vm]]\nguest-cid = 7\nsocket = "/tmp/x7.sock"\nmax-handshakes = 9\n')
+    args = build_parser().parse_args(["--vm", "guest-cid=5,socket=/tmp/x5.sock,max-connections=300",
+                                      "--vm", "guest-cid=6,socket=/tmp/x6.sock", "--config", toml,
+                                      "--max-pending", "40"])
+    devs = settings_from_args(args).devices
+    share = default_limits(1024, 3)
+    got = [d.limits(share) for d in devs]
+    assert [(x.max_connections, x.max_pending, x.max_handshakes) for x in got] == [
+        (300, 40, share.max_handshakes),
+        (share.max_connections, 40, share.max_handshakes),
+        (share.max_connections, 40, 9),
+    ]
+    with pytest.raises(cfg.ConfigError, match="max-pending"):
+        cfg.add_vm(cfg.Settings(), {"guest-cid": 5, "socket": "/s", "max-pending": 0}, "t")
+
+
+def test_start_logs_the_file_limit_and_the_limits_it_gives(start_vsproxy: Start) -> None:
+    vp = start_vsproxy("--max-connections", "123")
+    wait_for(lambda: "open-file limit" in vp.log(), what="the limits line")
+    line = next(ln for ln in vp.log().splitlines() if "open-file limit" in ln)
+    assert "at most 123 connections" in line

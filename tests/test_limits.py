@@ -143,7 +143,7 @@ def test_default_limits_keep_every_device_together_below_the_file_limit(nofile: 
 
 
 def test_default_limits_leave_a_busy_guest_room_at_common_file_limits() -> None:
-    assert default_limits(1024, 1).max_connections >= 800  # a shell's soft limit, one guest
+    assert default_limits(1024, 1).max_connections == 820  # a shell's soft limit, one guest (README)
     assert default_limits(524288, 4).max_connections == 65536  # systemd's hard limit: the cap
     assert default_limits(524288, 4).max_handshakes == 1024
 

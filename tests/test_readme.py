@@ -74,6 +74,18 @@ def test_benchmark_runs_and_prints_every_figure() -> None:
     assert "a new file there takes" in proc.stdout
 
 
+def test_flood_benchmark_runs_and_prints_each_flood_beside_the_rate_alone() -> None:
+    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "benchmarks/bench_flood.py", "--quick"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line[:18].strip(): line[18:].split() for line in proc.stdout.splitlines()
+            if line.startswith(("(nothing)", "guest connections", "idle host conns", "CONNECT flood"))}
+    assert list(rows) == ["(nothing)", "guest connections", "idle host conns", "CONNECT flood"]
+    for r in rows.values():
+        assert float(r[0].replace(",", "")) > 0 and r[1].endswith("%")
+    assert "handshakes_dropped=" in proc.stdout and "worst: B kept" in proc.stdout
+
+
 def test_filter_benchmark_runs() -> None:
     proc = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "benchmarks/bench_filter.py"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
