@@ -628,3 +628,21 @@ def test_readme_read_example_prints_what_the_readme_shows(command: str, output: 
     )
     assert r.returncode == (2 if r.stderr.startswith("vsproxy read: bad filter") else 0), r.stderr
     assert (r.stdout + r.stderr).rstrip("\n") == output.rstrip("\n")
+
+
+def test_an_interface_block_with_an_empty_or_short_timestamp_resolution_is_a_capture_error() -> None:
+    """Found by the corruption property: an if_tsresol option of length 0 raised IndexError."""
+    import io
+    import struct
+
+    from vsproxy.capture import format as cfmt
+    from vsproxy.capture.reader import CaptureError, records
+
+    def idb(options: bytes) -> bytes:
+        body = struct.pack("<HHI", cfmt.LINKTYPE_VSOCK, 0, 0) + options
+        return struct.pack("<II", cfmt.BT_IDB, len(body) + 12) + body + struct.pack("<I", len(body) + 12)
+
+    empty_tsresol = struct.pack("<HH", cfmt.IF_TSRESOL, 0) + struct.pack("<HH", 0, 0)
+    for block in (idb(empty_tsresol), struct.pack("<II", cfmt.BT_IDB, 16) + b"\0" * 4 + struct.pack("<I", 16)):
+        with pytest.raises(CaptureError):
+            list(records(io.BytesIO(cfmt.pcapng_shb() + block)))

@@ -112,10 +112,15 @@ def _pcapng(f: BinaryIO, magic: bytes) -> Iterator[Record]:
         if struct.unpack("<I", trailer)[0] != length:
             raise CaptureError(f"block at byte {off}: trailing length does not match")
         if btype == fmt.BT_IDB:
+            if len(body) < 8:
+                raise CaptureError(f"interface block at byte {off} is too short")
             linktype, _res, _snap = struct.unpack_from("<HHI", body)
             opts = _parse_options(body[8:], off)
             name = opts.get(fmt.IF_NAME, b"").decode(errors="replace") or f"if{len(interfaces)}"
-            res = opts.get(fmt.IF_TSRESOL, bytes([6]))[0]
+            tsresol = opts.get(fmt.IF_TSRESOL, bytes([6]))
+            if len(tsresol) != 1:
+                raise CaptureError(f"interface block at byte {off}: if_tsresol is {len(tsresol)} bytes, not 1")
+            res = tsresol[0]
             ticks = 2 ** (res & 0x7F) if res & 0x80 else 10 ** res
             interfaces.append((name, linktype, float(ticks)))
         elif btype == fmt.BT_EPB:
