@@ -11,6 +11,7 @@ from vsproxy.simguest.memory import GuestMemory
 from vsproxy.simguest.ring import Buf, SplitRing
 from vsproxy.virtq import SplitQueue
 from vsproxy.vsock import header as H
+from vsproxy.vsock import lending
 
 GUEST, PORT, HOST_PORT = 5, 1000, 5000
 KEY = (1, PORT, 2, HOST_PORT)
@@ -40,7 +41,7 @@ class Rings:
         self.slot = -1
 
     def lend(self, *, rx_cnt: int = 0, fwd_cnt: int = 0, adv_fwd_cnt: int = 0, tx_cnt: int = 0,
-             peer_buf_alloc: int = BUF_ALLOC, peer_fwd_cnt: int = 0, flags: int = fastpath.OWN_F_WAIT) -> None:
+             peer_buf_alloc: int = BUF_ALLOC, peer_fwd_cnt: int = 0, flags: int = lending.OWN_F_WAIT) -> None:
         hdr = H.pack(2, GUEST, HOST_PORT, PORT, 0, 1, H.Op.RW, 0, BUF_ALLOC, fwd_cnt)
         self.slot = self.tx.own("conn", KEY, self.host.fileno(), tx_cnt, peer_buf_alloc, peer_fwd_cnt, hdr, flags,
                                 (BUF_ALLOC, rx_cnt, fwd_cnt, adv_fwd_cnt))

@@ -14,14 +14,14 @@ import pytest
 from helpers import VsproxyProcess, hybrid_connect, send_then_shut, unix_server
 from test_vsock_core import FakePeer, Harness, pkt
 
-from vsproxy import fastpath
 from vsproxy.endpoints.sockets import scatter_prefix
-from vsproxy.fastpath import OwnedBack, OwnedCounts
 from vsproxy.simguest import SimGuest
 from vsproxy.vsock import header as H
+from vsproxy.vsock import lending
 from vsproxy.vsock.connection import Connection
 from vsproxy.vsock.core import CREDIT_REQUEST_DELAY
 from vsproxy.vsock.header import Op
+from vsproxy.vsock.lending import OwnedBack, OwnedCounts
 
 Start = Callable[..., VsproxyProcess]
 MiB = 1 << 20
@@ -34,6 +34,9 @@ class FastPeer(FakePeer):
 
     def fast_fd(self) -> int:
         return -1 if self.prebuf else 99
+
+    def unread(self, data: bytes) -> None:
+        self.prebuf = data + self.prebuf
 
     def recv_into(self, bufs: Sequence[memoryview]) -> int | None:
         if not self.prebuf:
@@ -67,7 +70,7 @@ class FakeOwner:
         if self.back is not None:
             return self.back
         lent = self.lent
-        return OwnedBack(fastpath.OWN_TAKEN, 0, int(lent["tx_cnt"]), int(lent["peer_buf_alloc"]),  # type: ignore[call-overload]
+        return OwnedBack(lending.OWN_TAKEN, 0, int(lent["tx_cnt"]), int(lent["peer_buf_alloc"]),  # type: ignore[call-overload]
                          int(lent["peer_fwd_cnt"]), int(lent["flags"]))  # type: ignore[call-overload]
 
     def fill(self, slot: int) -> OwnedBack | bool:
@@ -108,7 +111,7 @@ def test_window_shut_lends_the_stream_with_its_credit_and_header() -> None:
     assert (hdr.op, hdr.src_cid, hdr.dst_cid, hdr.dst_port, hdr.buf_alloc, hdr.fwd_cnt) == (
         Op.RW, 2, 5, conn.guest_port, conn.credit.buf_alloc, conn.credit.fwd_cnt)
     # a guest not yet seen to update unasked was asked: the C pump knows, so its answer is not "unasked"
-    assert owner.lent["flags"] == fastpath.OWN_F_REQUESTED
+    assert owner.lent["flags"] == lending.OWN_F_REQUESTED
 
 
 def test_capture_or_data_owed_to_the_peer_keeps_the_connection_in_python() -> None:
@@ -138,7 +141,7 @@ def test_capture_or_data_owed_to_the_peer_keeps_the_connection_in_python() -> No
 def test_given_back_with_credit_left_the_connection_is_served_again_and_counted() -> None:
     t, owner, conn = shut_window(data=b"y" * 20000)
     # C took two updates and wrote 2 packets (2000 bytes); the guest's window is open by 1000 more
-    owner.back = OwnedBack(fastpath.OWN_LIMIT, 0, 5000, 3000, 3000, fastpath.OWN_F_SELF, OwnedCounts(2, 2, 2000))
+    owner.back = OwnedBack(lending.OWN_LIMIT, 0, 5000, 3000, 3000, lending.OWN_F_SELF, OwnedCounts(2, 2, 2000))
     rx_before = t.core.counters.rx_packets
     t.send(Op.CREDIT_UPDATE, buf_alloc=3000, fwd_cnt=3000)  # Python sees a packet: takes it back first
     assert owner.taken == 1 and conn.own == -1 and t.core.owned == 0
@@ -156,7 +159,7 @@ def test_bytes_c_read_ahead_go_to_the_guest_before_the_socket_s_when_python_take
     t, owner, conn = shut_window(data=b"s" * 5000)
     t.drain()
     # C held 1500 bytes read ahead when it gave the connection back with the window open
-    owner.back = OwnedBack(fastpath.OWN_LIMIT, 0, 3000, 3000, 2000, fastpath.OWN_F_SELF, OwnedCounts(read_ahead=1500),
+    owner.back = OwnedBack(lending.OWN_LIMIT, 0, 3000, 3000, 2000, lending.OWN_F_SELF, OwnedCounts(read_ahead=1500),
                            prebuf=b"r" * 1500)
     t.core.owned_back(conn, owner.take_back(0))
     assert t.core.counters.pump_read_ahead == 1500
@@ -166,14 +169,14 @@ def test_bytes_c_read_ahead_go_to_the_guest_before_the_socket_s_when_python_take
     assert b"".join(p for h, p in t.drain() if h.op == Op.RW) == b"s" * 500  # the rest of the 2000 of credit
 
 
-@pytest.mark.parametrize("why", [fastpath.OWN_EOF, fastpath.OWN_ERROR])
+@pytest.mark.parametrize("why", [lending.OWN_EOF, lending.OWN_ERROR])
 def test_what_stopped_the_c_pump_is_dealt_with_as_python_would(why: int) -> None:
     t, owner, conn = shut_window()
     owner.back = OwnedBack(why, 104, 4000, 3000, 2000, 0, OwnedCounts(1, 1, 1000))
     t.peer.reading = False
     t.core.owned_back(conn, owner.take_back(0))
     ops = [h.op for h, _ in t.drain()]
-    if why == fastpath.OWN_EOF:
+    if why == lending.OWN_EOF:
         assert conn.host_eof and Op.SHUTDOWN in ops
     else:
         assert ops == [Op.RST] and t.peer.closed is True and not t.core.conns
@@ -197,7 +200,7 @@ def test_a_dry_socket_c_keeps_is_watched_by_python_and_its_wakeups_go_to_c() -> 
 def test_a_wakeup_that_makes_c_give_back_is_dealt_with_by_python() -> None:
     t, owner, conn = shut_window()
     t.drain()
-    owner.fills = [OwnedBack(fastpath.OWN_EOF, 0, 4000, 3000, 2000, fastpath.OWN_F_WAIT, OwnedCounts(0, 1, 1000))]
+    owner.fills = [OwnedBack(lending.OWN_EOF, 0, 4000, 3000, 2000, lending.OWN_F_WAIT, OwnedCounts(0, 1, 1000))]
     assert t.core.peer_readable(conn) is True
     assert conn.own == -1 and t.core.owned == 0 and conn.host_eof and conn.credit.tx_cnt == 4000
     assert Op.SHUTDOWN in [h.op for h, _ in t.drain()]
@@ -206,7 +209,7 @@ def test_a_wakeup_that_makes_c_give_back_is_dealt_with_by_python() -> None:
 def test_tick_asks_for_credit_only_when_the_c_pump_saw_no_update() -> None:
     t, owner, conn = shut_window()
     t.drain()
-    owner.lent["flags"] = fastpath.OWN_F_SELF  # C saw the guest update unasked: it is not asked at once
+    owner.lent["flags"] = lending.OWN_F_SELF  # C saw the guest update unasked: it is not asked at once
     now = t.core.now + CREDIT_REQUEST_DELAY * 2
     owner.steps = 3  # C took updates meanwhile: the window was not shut all along
     t.core.tick(now)
@@ -217,7 +220,7 @@ def test_tick_asks_for_credit_only_when_the_c_pump_saw_no_update() -> None:
 
 def test_guest_reset_of_a_lent_connection_folds_its_counts_and_closes() -> None:
     t, owner, conn = shut_window()
-    owner.back = OwnedBack(fastpath.OWN_TAKEN, 0, 7000, 3000, 3000, 0, OwnedCounts(2, 4, 4000))
+    owner.back = OwnedBack(lending.OWN_TAKEN, 0, 7000, 3000, 3000, 0, OwnedCounts(2, 4, 4000))
     t.send(Op.RST)
     assert not t.core.conns and t.peer.closed is True and t.core.owned == 0
     assert t.core.counters.pump_updates == 2 and conn.stats[3] == 3000 + 4000
@@ -256,7 +259,7 @@ def test_a_flush_that_leaves_nothing_queued_lends_the_sender_with_its_credit_bot
     assert owner.lent["tx"] == (cr.buf_alloc, 5000, cr.fwd_cnt, cr.adv_fwd_cnt)
     assert cr.fwd_cnt == cr.adv_fwd_cnt == 5000  # forwarded, and the guest was told
     # the guest's window is open: C waits for the host socket, which Python watches for it
-    assert owner.lent["flags"] == fastpath.OWN_F_WAIT and t.peer.reading
+    assert owner.lent["flags"] == lending.OWN_F_WAIT and t.peer.reading
 
 
 def test_a_host_that_does_not_take_everything_keeps_the_sender_in_python() -> None:
@@ -269,7 +272,7 @@ def test_given_back_with_guest_data_counted_python_takes_c_s_credit_and_counts()
     cr = conn.credit
     tx_packets, tx_bytes = t.core.counters.tx_packets, t.core.counters.tx_bytes
     # C took 3 packets (150000 bytes), sent 2 credit updates, and the socket left 20000 unsent
-    owner.back = OwnedBack(fastpath.OWN_BLOCKED, 0, cr.tx_cnt, 3000, 0, fastpath.OWN_F_TX | fastpath.OWN_F_WAIT,
+    owner.back = OwnedBack(lending.OWN_BLOCKED, 0, cr.tx_cnt, 3000, 0, lending.OWN_F_TX | lending.OWN_F_WAIT,
                            OwnedCounts(tx_packets=3, tx_bytes=150000, updates_sent=2, sends=1), rx_cnt=155000,
                            fwd_cnt=155000, adv_fwd_cnt=150000, ahead=20000)
     t.core.owned_back(conn, owner.take_back(0))
@@ -296,8 +299,8 @@ def test_a_sender_given_back_is_served_or_waits_by_the_window_c_left(window_open
     t, owner, conn = open_sender()
     t.peer.data += b"h" * 10000  # host data waiting
     # C wrote 3000 bytes to the guest; the guest has consumed them (window open) or not (shut)
-    owner.back = OwnedBack(fastpath.OWN_GUEST, 0, 3000, 3000, 3000 if window_open else 0,
-                           fastpath.OWN_F_TX | fastpath.OWN_F_SELF, OwnedCounts(0, 1, 3000), rx_cnt=5000,
+    owner.back = OwnedBack(lending.OWN_GUEST, 0, 3000, 3000, 3000 if window_open else 0,
+                           lending.OWN_F_TX | lending.OWN_F_SELF, OwnedCounts(0, 1, 3000), rx_cnt=5000,
                            fwd_cnt=5000, adv_fwd_cnt=5000)
     t.core.owned_back(conn, owner.take_back(0))
     assert bool(conn.flags & Connection.WAIT_CREDIT) is not window_open
@@ -321,7 +324,7 @@ def test_tick_leaves_c_a_connection_whose_window_is_open() -> None:
 
 def test_a_tail_for_a_connection_reset_meanwhile_is_dropped() -> None:
     t, owner, conn = open_sender()
-    owner.back = OwnedBack(fastpath.OWN_ERROR, 32, 0, 3000, 0, fastpath.OWN_F_TX,
+    owner.back = OwnedBack(lending.OWN_ERROR, 32, 0, 3000, 0, lending.OWN_F_TX,
                            OwnedCounts(tx_packets=1, tx_bytes=4000), rx_cnt=9000, fwd_cnt=9000, adv_fwd_cnt=5000)
     t.core.owned_back(conn, owner.take_back(0))  # EPIPE from C's send: reset, as Python's send would
     assert not t.core.conns and t.peer.closed is True

@@ -17,14 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ringkit import GUEST, HOST_PORT, PORT, Rings
 
-from vsproxy import fastpath
-from vsproxy.fastpath import OwnedBack
 from vsproxy.simguest import SimGuest
 from vsproxy.simguest.ring import Buf
 from vsproxy.vsock import header as H
+from vsproxy.vsock import lending
+from vsproxy.vsock.lending import OwnedBack
 
 PAYLOAD = 4096 - H.HDR_SIZE  # what one of the harness's rx buffers holds
-SELF = fastpath.OWN_F_WAIT | fastpath.OWN_F_SELF  # a guest that sends its updates unasked
+SELF = lending.OWN_F_WAIT | lending.OWN_F_SELF  # a guest that sends its updates unasked
 Start = Callable[..., VsproxyProcess]
 MakeRings = Callable[..., Rings]
 
@@ -121,7 +121,7 @@ def test_with_no_chain_for_the_rest_c_gives_the_connection_back_and_loses_nothin
     rings.send_update(fwd_cnt=fwd, buf_alloc=2 * PAYLOAD)
     rings.tx.batch()  # no chain left for the rest
     ((_, back),) = rings.tx.released
-    assert isinstance(back, OwnedBack) and back.why == fastpath.OWN_SLOW
+    assert isinstance(back, OwnedBack) and back.why == lending.OWN_SLOW
     got = rw_payloads(rings)
     assert got + back.prebuf == data[: len(got) + len(back.prebuf)]
     assert len(got) == 2 * PAYLOAD + 2000 and back.tx_cnt == len(got)
@@ -145,7 +145,7 @@ def test_held_bytes_then_end_of_stream_reach_the_guest_in_that_order(make_rings:
     rings.send_update(fwd_cnt=PAYLOAD, buf_alloc=PAYLOAD)
     rings.tx.batch()
     ((_, back),) = rings.tx.released
-    assert back.why == fastpath.OWN_EOF and back.prebuf == b""
+    assert back.why == lending.OWN_EOF and back.prebuf == b""
     assert rw_payloads(rings) == data
 
 

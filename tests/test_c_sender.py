@@ -11,9 +11,10 @@ from collections.abc import Iterator
 import pytest
 from ringkit import BUF_ALLOC, GUEST, HOST_PORT, PORT, Rings
 
-from vsproxy import fastpath
-from vsproxy.fastpath import CreditItem, OwnedBack, Run, Tail
+from vsproxy.fastpath import CreditItem, Run, Tail
 from vsproxy.vsock import header as H
+from vsproxy.vsock import lending
+from vsproxy.vsock.lending import OwnedBack
 
 
 @pytest.fixture
@@ -66,7 +67,7 @@ def test_a_socket_that_takes_part_gives_back_the_exact_unsent_tail(rings: Rings)
     assert tail.total == len(data) - len(got) and b"".join(bytes(s) for s in tail.segments) == data[len(got):]
     assert len(tail.heads) == 3 and rings.tx.consumed == []
     ((_, back),) = rings.tx.released
-    assert back.why == fastpath.OWN_BLOCKED and back.ahead == tail.total
+    assert back.why == lending.OWN_BLOCKED and back.ahead == tail.total
     assert (back.rx_cnt, back.fwd_cnt, back.counts.tx_bytes) == (len(data), len(data), len(data))
 
 
@@ -76,7 +77,7 @@ def test_a_run_past_the_credit_we_gave_goes_to_python_untouched(rings: Rings) ->
     (run,) = rings.tx.batch()
     assert isinstance(run, Run) and run.total == 8000 and rings.host_got() == b""
     ((_, back),) = rings.tx.released
-    assert back.why == fastpath.OWN_GUEST and back.rx_cnt == 60000 and back.counts.tx_bytes == 0
+    assert back.why == lending.OWN_GUEST and back.rx_cnt == 60000 and back.counts.tx_bytes == 0
 
 
 def test_a_socket_error_drops_the_run_with_the_connection(rings: Rings) -> None:
@@ -85,7 +86,7 @@ def test_a_socket_error_drops_the_run_with_the_connection(rings: Rings) -> None:
     rings.send_rw(b"x" * 100)
     assert rings.tx.batch() == [] and len(rings.tx.consumed) == 1
     ((_, back),) = rings.tx.released
-    assert back.why == fastpath.OWN_ERROR and back.err != 0
+    assert back.why == lending.OWN_ERROR and back.err != 0
 
 
 def test_a_run_that_gives_the_connection_back_leaves_the_next_update_to_python(rings: Rings) -> None:
@@ -100,7 +101,7 @@ def test_a_run_that_gives_the_connection_back_leaves_the_next_update_to_python(r
     assert [type(i) for i in items] == [CreditItem]
     assert rings.host_got() == b"g" * 100
     ((_, back),) = rings.tx.released
-    assert isinstance(back, OwnedBack) and back.why == fastpath.OWN_LIMIT
+    assert isinstance(back, OwnedBack) and back.why == lending.OWN_LIMIT
     # two rx buffers of 4096 bytes, headers included, filled the reopened 4 KiB window
     assert (back.tx_cnt, back.counts.packets, back.counts.bytes, back.counts.credit_items) == (8192, 2, 4096, 0)
     assert rings.tx._ctx.owned == 0  # counted once

@@ -23,6 +23,7 @@ from vsproxy.simguest.ring import Buf
 from vsproxy.taps import CAP_PCAP, CAP_PCAPNG, RecordChunk, Taps
 from vsproxy.virtq import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, Chain
 from vsproxy.vsock import header as H
+from vsproxy.vsock import rx
 
 GUEST = 5
 
@@ -208,7 +209,7 @@ def test_rx_fill_splits_host_data_into_buffers_with_patched_headers() -> None:
         data = bytes(range(256)) * 40  # 10240 bytes: 3732 + 3732 + 2776
         t.host.sendall(data)
         r = t.fast.fill(t.peer.fileno(), 1 << 20, 16, t.hdr)
-        assert (r.packets, r.bytes, r.status) == (3, 10240, fastpath.RX_SHORT)
+        assert (r.packets, r.bytes, r.status) == (3, 10240, rx.RX_SHORT)
         used = t.used()
         assert b"".join(p for _, _, p in used) == data
         for length, hdr, payload in used:
@@ -225,16 +226,16 @@ def test_rx_fill_stops_at_credit_burst_eof_and_empty_socket() -> None:
     try:
         t.host.sendall(b"x" * 5000)
         r = t.fast.fill(t.peer.fileno(), 1000, 16, t.hdr)  # credit
-        assert (r.packets, r.bytes, r.status) == (1, 1000, fastpath.RX_LIMIT)
+        assert (r.packets, r.bytes, r.status) == (1, 1000, rx.RX_LIMIT)
         r = t.fast.fill(t.peer.fileno(), 1 << 20, 1, t.hdr)  # burst of one
-        assert (r.packets, r.bytes, r.status) == (1, 3732, fastpath.RX_LIMIT)
+        assert (r.packets, r.bytes, r.status) == (1, 3732, rx.RX_LIMIT)
         r = t.fast.fill(t.peer.fileno(), 1 << 20, 16, t.hdr)
-        assert (r.packets, r.bytes, r.status) == (1, 268, fastpath.RX_SHORT)
+        assert (r.packets, r.bytes, r.status) == (1, 268, rx.RX_SHORT)
         r = t.fast.fill(t.peer.fileno(), 1 << 20, 16, t.hdr)
-        assert (r.packets, r.status) == (0, fastpath.RX_AGAIN)
+        assert (r.packets, r.status) == (0, rx.RX_AGAIN)
         t.host.shutdown(1)
         r = t.fast.fill(t.peer.fileno(), 1 << 20, 16, t.hdr)
-        assert (r.packets, r.status) == (0, fastpath.RX_EOF)
+        assert (r.packets, r.status) == (0, rx.RX_EOF)
     finally:
         t.close()
 
@@ -248,9 +249,9 @@ def test_rx_fill_leaves_other_chain_shapes_to_python() -> None:
         rig.ring.add_chain([Buf(1 << 40, 100, writable=True)])  # outside memory
         t.host.sendall(b"y" * 8000)
         r = t.fast.fill(t.peer.fileno(), 1 << 20, 16, t.hdr)
-        assert (r.packets, r.status) == (1, fastpath.RX_SLOW)
+        assert (r.packets, r.status) == (1, rx.RX_SLOW)
         r = t.fast.fill(t.peer.fileno(), 1 << 20, 16, t.hdr)
-        assert (r.packets, r.status) == (0, fastpath.RX_SLOW)
+        assert (r.packets, r.status) == (0, rx.RX_SLOW)
         chain = rig.q.pop()  # the Python walker takes the two-descriptor chain
         assert chain is not None and chain.write_len == 100
         assert rig.q.pop() is None and rig.q.counters.bad_chains == 1  # and rejects the bad one

@@ -8,17 +8,19 @@ from typing import NamedTuple
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vsproxy.endpoints.base import Buffer
+from vsproxy.endpoints.base import Buffer, PeerBase
 from vsproxy.vsock import header as H
-from vsproxy.vsock.connection import Connection, Credit
+from vsproxy.vsock.connection import Connection
 from vsproxy.vsock.core import CONNECT_TIMEOUT, MAX_CONTROL_BACKLOG, VsockCore
+from vsproxy.vsock.credit import Credit
 from vsproxy.vsock.header import Header, Op
+from vsproxy.vsock.rx import RX_LIMIT, RxFill
 
 GUEST = 5
 GPORT = 40000
 
 
-class FakePeer:
+class FakePeer(PeerBase):
     def __init__(self, accept: int = 1 << 30, data: bytes = b"") -> None:
         self.accept = accept  # bytes send() takes before reporting full
         self.sent = bytearray()
@@ -455,7 +457,7 @@ def test_host_data_is_published_to_the_guest_burst_by_burst() -> None:
         calls.append((credit, max_packets))
         events.append("fill")
         n = min(credit, 4 * 65536)
-        return fastpath.RxFill(n // 65536, n, fastpath.RX_LIMIT, 0)
+        return RxFill(n // 65536, n, RX_LIMIT, 0)
 
     t.core.rx_fast = rx_fast
     t.core.rx_progress = lambda: events.append("publish")

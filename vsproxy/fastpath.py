@@ -16,6 +16,14 @@ from typing import Any, NamedTuple
 
 from vsproxy.taps import CAP_NONE, CaptureSink, RecordChunk, Taps
 from vsproxy.virtq import SplitQueue
+from vsproxy.vsock.lending import (  # the records and flags C shares with the core, defined sans-I/O
+    OWN_F_TX,
+    OWN_F_WAIT,
+    OWN_TAKEN,
+    OwnedBack,
+    OwnedCounts,
+)
+from vsproxy.vsock.rx import RX_SLOW, RxFill
 
 try:
     if os.environ.get("VSPROXY_NO_C"):
@@ -37,7 +45,6 @@ CREDIT = 2
 TAIL = 3
 # Connections C may run at once between credit updates; more wait for a free slot in Python.
 OWN_SLOTS = 64
-OWN_F_REQUESTED, OWN_F_SELF, OWN_F_WAIT, OWN_F_TX = 1, 2, 4, 8
 # How long vq_tx_kick watches the tx avail ring for the guest's next credit update before it
 # re-enables kicks and returns to the loop: the kick and wake-up it saves cost more than this
 # on a 2-vCPU machine (host->guest 64 KiB at 256K: 1.6-1.9 GB/s without, 1.9-2.3 GB/s with).
@@ -49,41 +56,6 @@ TX_SPIN_NS = 30_000
 FILL_WAIT_HOST, FILL_WAIT_GUEST, FILL_BACK = 1, 0, -1
 # What vq_tx_kick left: nothing (kicks on again), its last batch's items, the pump's turn.
 KICK_DONE, KICK_ITEMS, KICK_PUMP = 0, 1, 2
-# Why C gave a connection back (vq_own.release); OWN_TAKEN: Python took it; OWN_BLOCKED: the
-# host socket did not take all of the guest's data (the rest comes as a Tail item).
-OWN_TAKEN, OWN_GUEST, OWN_EOF, OWN_ERROR, OWN_SLOW, OWN_LIMIT, OWN_ALL, OWN_BLOCKED = range(8)
-
-
-class OwnedCounts(NamedTuple):
-    """What C did for a connection it runs, since Python last looked."""
-
-    credit_items: int = 0  # CREDIT_UPDATEs C took
-    packets: int = 0  # RW packets C wrote to the guest, and their payload bytes
-    bytes: int = 0
-    tx_packets: int = 0  # RW packets C took from the guest (OWN_F_TX), and their payload bytes
-    tx_bytes: int = 0
-    updates_sent: int = 0  # CREDIT_UPDATEs C wrote to the guest
-    sends: int = 0  # runs C sent to the host socket
-    read_ahead: int = 0  # host bytes C read ahead while the guest's window was shut
-
-
-class OwnedBack(NamedTuple):
-    """An owned connection's state as C gives it back, with what it did meanwhile."""
-
-    why: int
-    err: int
-    tx_cnt: int
-    peer_buf_alloc: int
-    peer_fwd_cnt: int
-    flags: int
-    counts: OwnedCounts = OwnedCounts()
-    # with OWN_F_TX: the guest -> host credit (Credit's fields)
-    rx_cnt: int = 0
-    fwd_cnt: int = 0
-    adv_fwd_cnt: int = 0
-    ahead: int = 0
-    # host bytes C read ahead and the guest has not had yet: they go before the socket's
-    prebuf: bytes = b""
 
 
 class Run(NamedTuple):
@@ -497,16 +469,6 @@ class TxFastPath(_RingPath):
                 )
             )
         return out
-
-
-RX_LIMIT, RX_SLOW, RX_AGAIN, RX_EOF, RX_ERROR, RX_SHORT = range(6)
-
-
-class RxFill(NamedTuple):
-    packets: int
-    bytes: int
-    status: int
-    err: int
 
 
 class RxFastPath(_RingPath):

@@ -1,9 +1,10 @@
 """The endpoint interface: what a connection's far side must offer the core.
 
-A ``Peer`` is the host-side half of one vsock connection: a unix or TCP socket
-today, an AF_VSOCK socket, a built-in service or a sibling device later. The
-vsock core drives it through these few non-blocking calls and never sees a
-socket. Peers report back through ``PeerEvents`` (implemented by the core).
+A ``Peer`` is the host-side half of one vsock connection: a unix, TCP or AF_VSOCK socket, a
+built-in service or a sibling device's end. The vsock core drives it through these
+non-blocking calls and never sees a socket; a peer reports back through the hooks it was
+made with (the device's session), never by calling the core directly. ``PeerBase`` gives
+the calls a stream-only peer without a descriptor of its own does not need.
 """
 
 from __future__ import annotations
@@ -23,6 +24,15 @@ class Peer(Protocol):
         """Fill bufs in order; return bytes read, 0 at EOF, None if nothing is ready. Raises OSError."""
         ...
 
+    def send_message(self, data: bytes, eor: bool) -> bool:
+        """SEQPACKET: the whole message or nothing (False: full, try again when writable)."""
+        ...
+
+    def recv_message(self, limit: int) -> tuple[bytes, bool] | None:
+        """SEQPACKET: the next whole message and its EOR mark, (b"", False) at EOF, None if none
+        is ready. A message longer than ``limit`` comes back longer than it (the core refuses it)."""
+        ...
+
     def shutdown_write(self) -> None:
         """No more data will come from the guest (half-close)."""
         ...
@@ -32,15 +42,41 @@ class Peer(Protocol):
         ...
 
     def watch_read(self, on: bool) -> None:
-        """Report readability through PeerEvents.peer_readable while on."""
+        """Report readability to the hooks while on."""
         ...
 
     def watch_write(self, on: bool) -> None:
-        """Report writability through PeerEvents.peer_writable while on."""
+        """Report writability to the hooks while on."""
         ...
 
     def established(self, local_port: int) -> None:
         """The guest accepted a host-initiated connection (hybrid unix answers ``OK <port>``)."""
         ...
 
+    def fast_fd(self) -> int:
+        """The descriptor C may read and write directly for this peer, or -1 (not a socket, or
+        bytes of our own must come first)."""
+        ...
+
+    def unread(self, data: bytes) -> None:
+        """Bytes read ahead from this peer on its behalf (by C) that the guest has not had:
+        they come before anything else the peer gives. Only peers with a ``fast_fd`` get them."""
+        ...
+
     def describe(self) -> str: ...
+
+
+class PeerBase:
+    """Defaults for a stream-only peer that has no descriptor C could use."""
+
+    def send_message(self, data: bytes, eor: bool) -> bool:
+        raise OSError("this peer carries streams only")
+
+    def recv_message(self, limit: int) -> tuple[bytes, bool] | None:
+        raise OSError("this peer carries streams only")
+
+    def fast_fd(self) -> int:
+        return -1
+
+    def unread(self, data: bytes) -> None:
+        raise RuntimeError(f"{type(self).__name__} has no descriptor, so nothing is read ahead for it")

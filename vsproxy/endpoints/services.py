@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from vsproxy.endpoints.base import Buffer
+from vsproxy.endpoints.base import Buffer, PeerBase
 
 NITRO_HEARTBEAT = 0xB7
 SERVICE_KINDS = ("nitro-heartbeat", "echo", "discard")
 PENDING_MAX = 256 * 1024
 
 
-class ServicePeer:
+class ServicePeer(PeerBase):
     def __init__(self, kind: str, schedule: Callable[[Callable[[], None]], None], on_readable: Callable[[], None],
                  on_writable: Callable[[], None]) -> None:
         if kind not in SERVICE_KINDS:

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from vsproxy.endpoints.base import Buffer
+from vsproxy.endpoints.base import Buffer, PeerBase
 from vsproxy.vsock.connection import Connection
 
 INBOX_MAX = 256 * 1024
@@ -31,7 +31,7 @@ class SiblingHooks(Protocol):
     def aborted(self, conn: Connection) -> None: ...
 
 
-class SiblingEnd:
+class SiblingEnd(PeerBase):
     def __init__(self, label: str, schedule: Callable[[Callable[[], None]], None], inbox_max: int = INBOX_MAX) -> None:
         self.label = label
         self.schedule = schedule
@@ -164,7 +164,7 @@ class SiblingEnd:
         other = self.other
         if other is not None and self.conn is not None and other.conn is not None:
             # A receiver's window bounds what the dialling guest is told it may send.
-            other.conn.credit.buf_alloc = min(other.conn.credit.buf_alloc, max(self.conn.credit.peer_buf_alloc, 4096))
+            other.conn.credit.limit_window(max(self.conn.credit.peer_buf_alloc, 4096))
             other._notify("connected")
 
 

@@ -100,6 +100,9 @@ class SocketPeer:
         """The fd the C rx path may read directly, or -1 (bytes of our own still come first)."""
         return -1 if self.prebuf or self.closed else self.fd
 
+    def unread(self, data: bytes) -> None:
+        self.prebuf = data + self.prebuf
+
     def send(self, bufs: Sequence[Buffer]) -> int:
         try:
             if len(bufs) == 1:

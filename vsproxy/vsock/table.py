@@ -1,0 +1,301 @@
+"""The connection table of one device: connections by their 4-tuple, their states, the
+control packets queued for the guest, and the limits. Every state change goes through
+``_enter``, which checks it against ``TRANSITIONS`` (as h11 keeps one table per role) and
+keeps the count of connections still connecting; every RST to the guest goes through
+``_send_rst``. Sans-I/O: host sides are reached only through their ``Peer``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from vsproxy.endpoints.base import Buffer, Peer, PeerBase
+from vsproxy.limits import ratelog
+from vsproxy.taps import Taps
+from vsproxy.vsock import header as H
+from vsproxy.vsock.connection import Connection, State
+from vsproxy.vsock.header import HDR, Header, Op
+
+log = logging.getLogger("vsproxy.vsock")
+
+CONNECT_TIMEOUT = 2.0  # Linux and Firecracker
+SHUTDOWN_TIMEOUT = 2.0
+DEFAULT_BUF_ALLOC = 1024 * 1024
+MAX_CONNECTIONS = 65536
+# Control packets queued for the guest while it posts no rx buffers. Past this
+# the tx ring is left alone (resources ran out), which bounds memory.
+MAX_CONTROL_BACKLOG = 4096
+HOST_PORT_FIRST = 1 << 30  # Firecracker assigns host ports from 2^30 up
+
+# Which state may follow which. A connection starts CONNECTING (the guest's REQUEST) or
+# REQUESTED (a host-initiated one); it is ESTABLISHED by the host side's connect or the
+# guest's RESPONSE; any state may close. Half-closes are the SHUTDOWN flags on the connection
+# (guest_shut, host_eof, host_shut_wr), not states: each direction closes on its own.
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.CONNECTING: frozenset({State.ESTABLISHED, State.CLOSED}),
+    State.REQUESTED: frozenset({State.ESTABLISHED, State.CLOSED}),
+    State.ESTABLISHED: frozenset({State.CLOSED}),
+    State.CLOSED: frozenset(),
+}
+PENDING = frozenset({State.CONNECTING, State.REQUESTED})
+
+
+class StateError(Exception):
+    """A state change the table does not allow: a bug in the core, never the guest's doing."""
+
+
+@dataclass(slots=True)
+class Counters:
+    tx_packets: int = 0
+    tx_bytes: int = 0  # payload bytes from the guest
+    rx_packets: int = 0
+    rx_bytes: int = 0  # payload bytes to the guest
+    spoofed: int = 0
+    bad_packets: int = 0
+    rst_sent: int = 0
+    credit_violations: int = 0
+    connections_opened: int = 0
+    connections_refused: int = 0
+    limit_refused: int = 0  # refused at max_connections or max_pending
+    faults: int = 0  # connections reset after an unexpected error in their handling
+    timeouts: int = 0
+    short_rx_buffers: int = 0
+    pump_updates: int = 0  # CREDIT_UPDATEs the C pump took (and refilled from) without Python
+    pump_reads: int = 0  # host socket wake-ups the C pump served, Python only passing them on
+    pump_kicks: int = 0  # tx kicks C took to the end (vq_tx_kick), with no Python pump turn
+    pump_sends: int = 0  # runs of guest data C sent to the host socket itself (OWN_F_TX)
+    pump_blocked: int = 0  # connections C gave back because their host socket was full
+    pump_read_ahead: int = 0  # host bytes C read ahead while the guest's window was shut
+    drops: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + 1
+
+
+# A connector opens the host side of a guest-initiated connection. It returns a
+# Peer that is connecting (the shell later calls peer_connected/peer_failed), or
+# None when nothing can serve the destination (the guest gets RST).
+Connector = Callable[[Connection], Peer | None]
+
+
+class ConnTable:
+    def __init__(
+        self,
+        guest_cid: int,
+        connector: Connector,
+        *,
+        buf_alloc: int = DEFAULT_BUF_ALLOC,
+        name: str = "vm",
+        max_connections: int = MAX_CONNECTIONS,
+        max_pending: int = MAX_CONNECTIONS,
+    ) -> None:
+        self.guest_cid = guest_cid
+        self.max_connections = max_connections
+        self.max_pending = max_pending
+        self.pending = 0  # connections CONNECTING or REQUESTED
+        self.connector = connector
+        self.buf_alloc = buf_alloc
+        self.name = name
+        self.conns: dict[tuple[int, int, int, int], Connection] = {}
+        # (connection or None, op, flags, raw header for connection-less RSTs)
+        self.control: deque[tuple[Connection | None, int, int, bytes]] = deque()
+        self.ready: deque[Connection] = deque()
+        self._flush: list[Connection] = []
+        self._lingering: set[Connection] = set()
+        self._next_host_port = HOST_PORT_FIRST
+        self.counters = Counters()
+        self.now = 0.0
+        self.seqpacket = False
+        self.taps = Taps()
+        # closed connections' traffic per rule; the shell may share one dict across sessions
+        self.rule_totals: dict[str, list[int]] = {}
+        self.owned = 0  # connections the C pump runs (lending.Lending)
+
+    # -- hooks the layers above fill in ------------------------------------------------------
+    def _reclaim_if_lent(self, conn: Connection) -> None:
+        """Take ``conn`` back from the C pump if it runs it (lending.Lending)."""
+
+    def sync_owned(self) -> None:
+        """Fold what the C pump did for the connections it runs into the counters (lending)."""
+
+    # -- states ----------------------------------------------------------------------------------
+    def _add(self, conn: Connection) -> None:
+        """A new connection, CONNECTING or REQUESTED, into the table."""
+        if conn.state not in PENDING:
+            raise StateError(f"a new connection cannot start {conn.state.value}")
+        self.conns[conn.key] = conn
+        self.pending += 1
+
+    def _enter(self, conn: Connection, state: State) -> None:
+        old = conn.state
+        if state not in TRANSITIONS[old]:
+            raise StateError(f"{conn.describe()}: {old.value} -> {state.value}")
+        if old in PENDING:
+            self.pending -= 1
+        conn.state = state
+
+    def at_limit(self) -> str | None:
+        """Why a new connection must be refused now, or None."""
+        if len(self.conns) + len(self._lingering) >= self.max_connections:
+            return f"max-connections ({self.max_connections})"
+        if self.pending >= self.max_pending:
+            return f"max-pending ({self.max_pending})"
+        return None
+
+    def _tap(self, to_guest: bool, hdr: bytes, payload: Sequence[Buffer], mark: str | None = None) -> None:
+        self.taps(self.name, to_guest, hdr, payload, mark)
+
+    def tx_blocked(self) -> bool:
+        """True while control replies pile up for a guest that posts no rx buffers."""
+        return len(self.control) >= MAX_CONTROL_BACKLOG
+
+    def lingering(self) -> int:
+        return len(self._lingering)
+
+    def drop_lingering(self) -> None:
+        """vsproxy itself is exiting: no more waiting for slow host readers."""
+        for conn in list(self._lingering):
+            conn.peer.close(reset=True)
+        self._lingering.clear()
+
+    def _queue(self, conn: Connection, op: int, flags: int = 0) -> None:
+        self.control.append((conn, op, flags, b""))
+
+    def _send_rst(self, conn: Connection | None, hdr: Header | None = None) -> None:
+        """RST to the guest, the one way every RST goes out (and is counted): on ``conn``, or
+        in answer to ``hdr`` when there is no connection for it."""
+        self.counters.rst_sent += 1
+        if conn is not None:
+            self._queue(conn, Op.RST)
+        elif hdr is not None:
+            raw = H.pack(hdr.dst_cid, hdr.src_cid, hdr.dst_port, hdr.src_port, 0, hdr.type, Op.RST, 0, 0, 0)
+            self.control.append((None, Op.RST, 0, raw))
+
+    def _rst_reply(self, hdr: Header) -> None:
+        self._send_rst(None, hdr)
+
+    def _make_ready(self, conn: Connection, front: bool = False) -> None:
+        if not conn.flags & Connection.IN_READY:
+            conn.flags |= Connection.IN_READY
+            if front:
+                self.ready.appendleft(conn)
+            else:
+                self.ready.append(conn)
+
+    def _reset(self, conn: Connection, reason: str) -> None:
+        """RST to the guest and a reset of the host side."""
+        log.debug("%s: reset %s: %s", self.name, conn.describe(), reason)
+        self._send_rst(conn)
+        self._forget(conn, reset_peer=True)
+
+    def _forget_vsock(self, conn: Connection) -> None:
+        self._reclaim_if_lent(conn)
+        if conn.state is not State.CLOSED:
+            self._enter(conn, State.CLOSED)
+        if self.conns.get(conn.key) is conn:
+            del self.conns[conn.key]
+            self._account(conn)
+
+    def _account(self, conn: Connection) -> None:
+        for rule in conn.rule:
+            totals = self.rule_totals.setdefault(rule, [0, 0, 0, 0])
+            for i, v in enumerate(conn.stats):
+                totals[i] += v
+
+    def live_rule_stats(self) -> dict[str, list[int]]:
+        """Traffic per routing rule of the connections still open (closed ones are in rule_totals)."""
+        self.sync_owned()
+        out: dict[str, list[int]] = {}
+        for conn in self.conns.values():
+            for rule in conn.rule:
+                totals = out.setdefault(rule, [0, 0, 0, 0])
+                for i, v in enumerate(conn.stats):
+                    totals[i] += v
+        return out
+
+    def _forget(self, conn: Connection, reset_peer: bool) -> None:
+        self._forget_vsock(conn)
+        self._lingering.discard(conn)
+        conn.outq.clear()
+        conn.out_bytes = 0
+        conn.peer.close(reset=reset_peer)
+
+    def _fields(self, conn: Connection, op: int, flags: int, length: int) -> tuple[int, ...]:
+        """The header of a packet to the guest on ``conn``, as HDR fields."""
+        cr = conn.credit
+        return (conn.peer_cid, self.guest_cid, conn.peer_port, conn.guest_port, length, conn.type, op, flags,
+                cr.buf_alloc, cr.fwd_cnt)
+
+    def _header(self, conn: Connection, op: int, flags: int, length: int) -> bytes:
+        """Packed header; the guest will see our fwd_cnt in it."""
+        conn.credit.advertised()
+        return HDR.pack(*self._fields(conn, op, flags, length))
+
+    def _peer_error(self, conn: Connection, e: OSError) -> None:
+        if conn in self._lingering:
+            self._lingering.discard(conn)
+            conn.peer.close(reset=True)
+            return
+        ratelog(log, logging.INFO, f"{self.name}: host side error", "%s: host side of %s: %s", self.name,
+                conn.describe(), e.strerror or e)
+        self._reset(conn, "host peer error")
+
+    def _host_eof(self, conn: Connection) -> None:
+        conn.host_eof = True
+        conn.peer.watch_read(False)
+        self._queue(conn, Op.SHUTDOWN, H.SHUTDOWN_SEND)
+        if conn.host_shut_wr:
+            conn.peer.close(reset=False)
+
+
+    def close_all(self) -> None:
+        """The front-end is gone: every host peer of an open connection sees a reset, not a
+        clean EOF. Connections the guest already closed cleanly keep flushing what it sent
+        (the guest was given credit for it) until done or their linger deadline."""
+        for conn in list(self.conns.values()):
+            self._reclaim_if_lent(conn)
+            if conn.state is not State.CLOSED:
+                self._enter(conn, State.CLOSED)
+            self._account(conn)
+            self._lingering.discard(conn)
+            conn.outq.clear()
+            conn.out_bytes = 0
+            conn.peer.close(reset=True)
+        self.conns.clear()
+        self.control.clear()
+        self.ready.clear()
+        self._flush = []
+
+
+class _NoPeer(PeerBase):
+    """Placeholder peer while a connector runs."""
+
+    def send(self, bufs: Sequence[Buffer]) -> int:
+        return 0
+
+    def recv_into(self, bufs: Sequence[memoryview]) -> int | None:
+        return None
+
+    def shutdown_write(self) -> None:
+        pass
+
+    def close(self, reset: bool) -> None:
+        pass
+
+    def watch_read(self, on: bool) -> None:
+        pass
+
+    def watch_write(self, on: bool) -> None:
+        pass
+
+    def established(self, local_port: int) -> None:
+        pass
+
+    def describe(self) -> str:
+        return "-"
+
+
+NO_PEER = _NoPeer()
