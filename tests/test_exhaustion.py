@@ -215,6 +215,19 @@ def dial_hybrid(rig: Rig, port: int) -> socket.socket:
     return s
 
 
+def closed_by_vsproxy(host: socket.socket) -> bool:
+    """True if vsproxy closed or reset ``host`` (without waiting)."""
+    host.setblocking(False)
+    try:
+        return host.recv(64, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+    finally:
+        host.settimeout(10)
+
+
 def refused(host: socket.socket) -> bool:
     """True once vsproxy closed (or reset) a host connection it did not take."""
     host.settimeout(5)
@@ -234,11 +247,17 @@ def test_host_connections_into_a_guest_listener_stop_at_the_device_limit(rig_fac
     guests: list[GuestSocket] = []
 
     def dial() -> tuple[socket.socket, GuestSocket | None]:
+        """A host connection, and the guest's end of it, or None once vsproxy closed it."""
         host = dial_tcp(rig, tcp_port) if how == "tcp-listen" else dial_hybrid(rig, 7000)
-        try:
-            return host, lst.accept(timeout=3)
-        except TimeoutError:
-            return host, None
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # whichever comes first; neither hangs on a slow machine
+            try:
+                return host, lst.accept(timeout=0.05)
+            except TimeoutError:
+                pass
+            if closed_by_vsproxy(host):
+                return host, None
+        raise AssertionError("the host connection was neither accepted nor refused")
 
     try:
         with SimGuest(rig.a_sock, timeout=15) as ga, SimGuest(rig.b_sock, timeout=15) as gb:

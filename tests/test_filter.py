@@ -146,7 +146,7 @@ def test_every_field_in_the_table_is_exercised_and_documented() -> None:
 def test_field_table_describes_types_names_and_header_origin() -> None:
     assert FIELDS["op"].type is FieldType.NUMBER and FIELDS["op"].names["credit_request"] == 7
     assert FIELDS["cid"].header and not FIELDS["device"].header
-    assert FIELDS["verdict"].choices == ("allowed", "denied", "spoofed")
+    assert FIELDS["verdict"].choices == ("allowed", "denied", "spoofed", "refused")
     assert FIELDS["payload"].type is FieldType.BYTES and FIELDS["app"].type is FieldType.STRINGS
     assert all(info.description for info in FIELDS.values())
     with pytest.raises(TypeError):

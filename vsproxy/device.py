@@ -31,6 +31,7 @@ from vsproxy.fastpath import CreditItem, Run, RxFastPath, Slow, Tail, TxFastPath
 from vsproxy.limits import Limits, ratelog
 from vsproxy.loop import Loop
 from vsproxy.memory import GuestMemory, MemoryError_
+from vsproxy.verdict import Mark
 from vsproxy.vhost_user import codec
 from vsproxy.vhost_user.codec import MessageReader, ProtocolError
 from vsproxy.vhost_user.session import (
@@ -155,7 +156,7 @@ class Device:
         if conn is not None:
             conn.rule = rules
             if seen_cid != 2:
-                conn.mark = f"rewritten ({rules[-1]}): real peer 2:{conn.peer_port}"
+                conn.mark = Mark.rewritten_to(rules[-1], 2, conn.peer_port)
         s.kick_pump()
         return conn
 

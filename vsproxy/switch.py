@@ -21,6 +21,7 @@ from vsproxy.limits import ratelog
 from vsproxy.loop import Loop
 from vsproxy.policy import HOST_CID, Policy
 from vsproxy.taps import Taps
+from vsproxy.verdict import Mark
 from vsproxy.vsock.connection import Connection
 
 if TYPE_CHECKING:
@@ -68,10 +69,10 @@ class Switch:
             where += f" (really {route.cid}:{route.port}, {route.remap})"
         if not route.allowed:
             ratelog(log, logging.WARNING, f"{dev.name}: denied", "%s denied by %s", where, route.rule)
-            conn.mark = f"denied by {route.rule}; vsproxy answers RST"
+            conn.mark = Mark.denied(route.rule)
             return None
         if route.remap is not None:
-            conn.mark = f"rewritten ({route.remap}): real peer {route.cid}:{route.port}"
+            conn.mark = Mark.rewritten_to(route.remap, route.cid, route.port)
         # every connection is in the capture; the log keeps a sample, so a flood cannot flood it
         ratelog(log, logging.INFO, f"{dev.name}: allowed", "%s allowed by %s", where, route.rule)
         conn.rule = (route.rule,) if route.remap is None else (route.rule, route.remap)
@@ -104,7 +105,7 @@ class Switch:
             return None
         b_conn.rule = conn.rule
         if seen_cid != dev.config.guest_cid:
-            b_conn.mark = f"rewritten: real peer {dev.config.guest_cid}:{conn.guest_port}"
+            b_conn.mark = Mark.rewritten_to(None, dev.config.guest_cid, conn.guest_port)
         a.attach(hooks, conn)
         b.attach(ts, b_conn)
         ts.kick_pump()

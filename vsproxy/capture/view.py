@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vsproxy.verdict import rewritten_in, verdict_of
 from vsproxy.vsock import header as H
-
-# vsproxy's capture comments start with these words (vsproxy/switch.py, vsock/core.py).
-_VERDICT_PREFIXES = (("denied", "denied"), ("spoofed", "spoofed"))
 
 
 @dataclass(slots=True)
@@ -29,16 +27,12 @@ class PacketView:
 
     @property
     def verdict(self) -> str:
-        """``allowed``, ``denied`` or ``spoofed``, from vsproxy's capture comment."""
-        c = self.comment or ""
-        for prefix, verdict in _VERDICT_PREFIXES:
-            if c.startswith(prefix):
-                return verdict
-        return "allowed"
+        """``allowed``, ``denied``, ``spoofed`` or ``refused``, from vsproxy's capture comment."""
+        return verdict_of(self.comment).word
 
     @property
     def rewritten(self) -> bool:
-        return (self.comment or "").startswith("rewritten")
+        return rewritten_in(self.comment)
 
     @property
     def op_name(self) -> str:

@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from vsproxy.capture.view import PacketView
 from vsproxy.filter.predicates import Predicate, ValueTest
+from vsproxy.verdict import Verdict
 from vsproxy.vsock import header as H
 
 
@@ -176,7 +177,7 @@ _FIELD_LIST: Final = (
     _view_field("dir", _S, "direction; bare: the direction is known", _dir,
                 choices=("from_guest", "to_guest", "unknown"), truth=lambda v: v != "unknown"),
     _view_field("verdict", _S, "vsproxy's verdict; bare: not allowed", operator.attrgetter("verdict"),
-                choices=("allowed", "denied", "spoofed"), truth=lambda v: v != "allowed"),
+                choices=tuple(v.word for v in Verdict), truth=lambda v: v != "allowed"),
     _view_field("rewritten", FieldType.BOOL, "vsproxy rewrote the packet's addresses",
                 operator.attrgetter("rewritten")),
     _view_field("proto", _S, "application protocol of the stream (http, tls, nitro, ...) or none; bare: known",

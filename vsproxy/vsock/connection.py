@@ -11,6 +11,7 @@ from collections import deque
 from enum import Enum
 
 from vsproxy.endpoints.base import Buffer, Peer
+from vsproxy.verdict import Mark
 from vsproxy.vsock.credit import Credit
 
 
@@ -90,7 +91,7 @@ class Connection:
         # [packets to the peer, bytes to the peer, packets to the guest, bytes to the guest]
         self.rule: tuple[str, ...] = ()
         self.stats = [0, 0, 0, 0]
-        self.mark: str | None = None  # capture comment for its packets (rewrite, denial)
+        self.mark: Mark | None = None  # what vsproxy decided of it (rewrite, denial): its capture comment
 
     @property
     def key(self) -> tuple[int, int, int, int]:

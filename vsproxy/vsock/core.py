@@ -29,6 +29,7 @@ from collections.abc import Sequence
 
 from vsproxy.endpoints.base import Buffer, Peer
 from vsproxy.limits import ratelog
+from vsproxy.verdict import Mark
 from vsproxy.vsock import header as H
 from vsproxy.vsock.connection import Connection, State
 from vsproxy.vsock.header import HDR, HDR_SIZE, Header, Op
@@ -75,7 +76,7 @@ class VsockCore(Lending):
                     H.unpack(hdr_bytes).describe())
             if self.taps.active:
                 self._tap(False, bytes(hdr_bytes[:HDR_SIZE]), payload,
-                          f"spoofed: src_cid {src_cid} is not the guest's CID {self.guest_cid}; dropped")
+                          Mark.spoofed(src_cid, self.guest_cid))
             return
         c.tx_packets += 1
         if self.taps.active:
@@ -234,7 +235,7 @@ class VsockCore(Lending):
         if why is not None:
             self._refuse_at_limit(why, f"{hdr.src_cid}:{hdr.src_port} -> {hdr.dst_cid}:{hdr.dst_port}")
             if self.taps.active:
-                self._tap(False, hdr.pack(), (), f"refused: the device is at its {why}; vsproxy answers RST")
+                self._tap(False, hdr.pack(), (), Mark.refused(why))
             self._rst_reply(hdr)
             return
         conn = Connection(hdr.type, hdr.src_port, hdr.dst_cid, hdr.dst_port, NO_PEER, self.buf_alloc)
