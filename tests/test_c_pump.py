@@ -14,7 +14,7 @@ import pytest
 from helpers import VsproxyProcess, hybrid_connect, send_then_shut, unix_server
 from test_vsock_core import FakePeer, Harness, pkt
 
-from vsproxy.endpoints.sockets import scatter_prefix
+from vsproxy.endpoints.base import scatter
 from vsproxy.simguest import SimGuest
 from vsproxy.vsock import header as H
 from vsproxy.vsock import lending
@@ -41,7 +41,7 @@ class FastPeer(FakePeer):
     def recv_into(self, bufs: Sequence[memoryview]) -> int | None:
         if not self.prebuf:
             return super().recv_into(bufs)
-        n = scatter_prefix(self.prebuf, bufs)
+        n = scatter(self.prebuf, bufs)
         self.prebuf = self.prebuf[n:]
         return n
 

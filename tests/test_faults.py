@@ -13,7 +13,7 @@ from helpers import unix_server
 
 from vsproxy.app import Proxy
 from vsproxy.device import DeviceConfig, FrontendSession
-from vsproxy.endpoints.sockets import HostEndpoints
+from vsproxy.endpoints.host import HostEndpoints
 from vsproxy.simguest import BackendClosed, SimGuest, SimGuestError
 from vsproxy.vsock.connection import Connection
 from vsproxy.vsock.core import VsockCore

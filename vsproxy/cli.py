@@ -16,7 +16,7 @@ from vsproxy import config as cfg
 from vsproxy.app import ConfigError, Proxy
 from vsproxy.capture.writer import MIN_QUEUE_BYTES, QUEUE_BYTES, CaptureOptions
 from vsproxy.device import DeviceConfig
-from vsproxy.endpoints.sockets import HostEndpoints
+from vsproxy.endpoints.host import HostEndpoints
 from vsproxy.limits import raise_nofile_limit
 from vsproxy.policy import Allow
 from vsproxy.vsock.core import DEFAULT_BUF_ALLOC

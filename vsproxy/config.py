@@ -15,8 +15,8 @@ import tomllib
 from dataclasses import dataclass, field
 
 from vsproxy.device import DeviceConfig
-from vsproxy.endpoints.services import SERVICE_KINDS
-from vsproxy.endpoints.sockets import HostEndpoints, TcpForward
+from vsproxy.endpoints.host import HostEndpoints, TcpForward
+from vsproxy.endpoints.services import service_kinds
 from vsproxy.endpoints.vsock import VsockFactory
 from vsproxy.policy import Allow, DeviceSpec, Policy, Remap, Service
 from vsproxy.vsock.core import DEFAULT_BUF_ALLOC
@@ -93,8 +93,8 @@ def parse_service(text: str, where: str, device: str | None = None) -> Service:
     cid, port = _cid_port(addr, where)
     if not sep or port is None:
         raise ConfigError(f"{where}: service {text!r} is not CID:PORT=KIND")
-    if kind not in SERVICE_KINDS:
-        raise ConfigError(f"{where}: service kind {kind!r} unknown (known: {', '.join(SERVICE_KINDS)})")
+    if kind not in service_kinds():
+        raise ConfigError(f"{where}: service kind {kind!r} unknown (known: {', '.join(service_kinds())})")
     return Service(cid, port, kind, device)
 
 

@@ -27,7 +27,7 @@ from vsproxy.app import Proxy
 from vsproxy.capture.writer import CaptureOptions
 from vsproxy.device import DeviceConfig
 from vsproxy.endpoints.base import Buffer
-from vsproxy.endpoints.sockets import HostEndpoints
+from vsproxy.endpoints.host import HostEndpoints
 from vsproxy.policy import Service
 from vsproxy.simguest import SimGuest
 from vsproxy.vsock import header as H

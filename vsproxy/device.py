@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING
 
 from vsproxy import fastpath
 from vsproxy.endpoints.base import Peer
+from vsproxy.endpoints.host import HostEndpoints
+from vsproxy.endpoints.sibling import SiblingEnd
 from vsproxy.endpoints.sockets import (
     DEFAULT_MAX_HANDSHAKES,
     Acceptor,
     CoreHooks,
-    HostEndpoints,
     HybridListener,
     SocketPeer,
     TcpListener,
@@ -137,6 +138,28 @@ class Device:
     @property
     def name(self) -> str:
         return self.config.name
+
+    @property
+    def running(self) -> bool:
+        s = self.session
+        return s is not None and s.running
+
+    def connect_sibling(self, end: SiblingEnd, guest_port: int, type_: int, src_cid: int, src_port: int,
+                        window: int, rule: tuple[str, ...], mark: Mark | None) -> bool:
+        """A sibling device's connection into this guest's ``guest_port``, seen as coming from
+        ``src_cid:src_port``, advertising at most ``window``: True once its REQUEST is queued."""
+        s = self.session
+        if s is None or not s.running:
+            return False
+        conn = s.core.host_connect(end, guest_port, type_, src_cid=src_cid, src_port=src_port,
+                                   buf_alloc=min(s.core.buf_alloc, window))
+        if conn is None:
+            return False
+        conn.rule = rule
+        conn.mark = mark
+        end.attach(s, conn)
+        s.kick_pump()
+        return True
 
     def _hooks(self) -> CoreHooks | None:
         s = self.session

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from vsproxy.endpoints.base import Peer
 from vsproxy.endpoints.services import ServicePeer
-from vsproxy.endpoints.sibling import pair
+from vsproxy.endpoints.sibling import SiblingEnd, pair
+from vsproxy.endpoints.sockets import CoreHooks
 from vsproxy.limits import ratelog
 from vsproxy.loop import Loop
 from vsproxy.policy import HOST_CID, Policy
@@ -25,7 +26,7 @@ from vsproxy.verdict import Mark
 from vsproxy.vsock.connection import Connection
 
 if TYPE_CHECKING:
-    from vsproxy.device import Device, FrontendSession
+    from vsproxy.device import DeviceConfig
 
 log = logging.getLogger("vsproxy.switch")
 
@@ -37,18 +38,32 @@ class RuleCounters:
     rewrites: int = 0
 
 
+class SwitchedDevice(Protocol):
+    """What the switch needs of a device: its name and settings, whether a guest is up, and a
+    way in for a sibling's connection. It never reaches into a device's session or core."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def config(self) -> DeviceConfig: ...
+    @property
+    def running(self) -> bool: ...
+    def connect_sibling(self, end: SiblingEnd, guest_port: int, type_: int, src_cid: int, src_port: int,
+                        window: int, rule: tuple[str, ...], mark: Mark | None) -> bool: ...
+
+
 class Switch:
     def __init__(self, policy: Policy, loop: Loop) -> None:
         self.policy = policy
         self.loop = loop
-        self.devices: dict[str, Device] = {}
+        self.devices: dict[str, SwitchedDevice] = {}
         self.rules: dict[str, RuleCounters] = {}
         # traffic of closed connections per rule, shared by every device's core
         self.rule_totals: dict[str, list[int]] = {}
         # taps every device's core feeds (capture, TUI): one list shared by all cores
         self.taps = Taps()
 
-    def register(self, device: Device) -> None:
+    def register(self, device: SwitchedDevice) -> None:
         self.devices[device.name] = device
 
     def _count(self, rule: str, *, allowed: bool, remap: str | None) -> None:
@@ -60,7 +75,7 @@ class Switch:
         if remap is not None and allowed:
             self.rules.setdefault(remap, RuleCounters()).rewrites += 1
 
-    def open(self, dev: Device, conn: Connection, hooks: FrontendSession) -> Peer | None:
+    def open(self, dev: SwitchedDevice, conn: Connection, hooks: CoreHooks) -> Peer | None:
         """The guest of ``dev`` sent REQUEST to conn.peer_cid:conn.peer_port (as it sees them)."""
         route = self.policy.outbound(dev.name, conn.peer_cid, conn.peer_port)
         self._count(route.rule, allowed=route.allowed, remap=route.remap)
@@ -89,29 +104,22 @@ class Switch:
             return dev.config.endpoints.open(route.port, conn, self.loop, hooks)
         assert route.device is not None
         target = self.devices.get(route.device)
-        ts = target.session if target is not None else None
-        if target is None or ts is None or not ts.running:
+        if target is None or not target.running:
             ratelog(log, logging.INFO, f"{dev.name}: no sibling", "%s: sibling %s has no running guest", where,
                     route.device)
             return None
         seen_cid, _ = self.policy.guest_view(target.name, dev.config.guest_cid)
         a, b = pair(f"sibling:{target.name}", f"sibling:{dev.name}", self.loop.call_soon)
-        b_conn = ts.core.host_connect(
-            b, route.port, conn.type, src_cid=seen_cid, src_port=conn.guest_port,
-            # the receiving guest is told a window no larger than the sender's own
-            buf_alloc=min(ts.core.buf_alloc, max(conn.credit.peer_buf_alloc, 4096)),
-        )
-        if b_conn is None:
+        mark = Mark.rewritten_to(None, dev.config.guest_cid, conn.guest_port) if seen_cid != dev.config.guest_cid \
+            else None
+        # the receiving guest is told a window no larger than the sender's own
+        if not target.connect_sibling(b, route.port, conn.type, seen_cid, conn.guest_port,
+                                      max(conn.credit.peer_buf_alloc, 4096), conn.rule, mark):
             return None
-        b_conn.rule = conn.rule
-        if seen_cid != dev.config.guest_cid:
-            b_conn.mark = Mark.rewritten_to(None, dev.config.guest_cid, conn.guest_port)
         a.attach(hooks, conn)
-        b.attach(ts, b_conn)
-        ts.kick_pump()
         return a
 
-    def inbound_host(self, dev: Device, guest_port: int) -> tuple[int, tuple[str, ...]] | None:
+    def inbound_host(self, dev: SwitchedDevice, guest_port: int) -> tuple[int, tuple[str, ...]] | None:
         """A host program connects to ``dev``'s guest port: the CID the guest sees and the rules
         that apply, or None if denied."""
         route = self.policy.inbound(dev.name, HOST_CID, guest_port)

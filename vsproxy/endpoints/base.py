@@ -15,6 +15,23 @@ from typing import Protocol
 Buffer = bytes | bytearray | memoryview
 
 
+def scatter(data: Buffer, bufs: Sequence[memoryview]) -> int:
+    """Copy as much of ``data`` as ``bufs`` hold, in order; the number of bytes copied. The one
+    loop every peer and the rx path use to write into scattered buffers."""
+    first = bufs[0] if bufs else None
+    if first is not None and len(first) >= len(data):
+        first[: len(data)] = data  # the usual case: one buffer holds it all
+        return len(data)
+    n = 0
+    for b in bufs:
+        k = min(len(b), len(data) - n)
+        b[:k] = data[n : n + k]
+        n += k
+        if n == len(data):
+            break
+    return n
+
+
 class Peer(Protocol):
     def send(self, bufs: Sequence[Buffer]) -> int:
         """Write what the peer takes now; return the byte count (0 if full). Raises OSError on reset."""

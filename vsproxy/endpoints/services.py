@@ -1,28 +1,86 @@
 """Built-in services answered inside vsproxy: ``nitro-heartbeat``, ``echo``, ``discard``.
 
-Each is a ``Peer``: the vsock core hands it the guest's bytes with ``send`` and reads its
-answers with ``recv_into``, exactly as for a socket, so services need no special case in
-the core. Answers wait in a bounded buffer; a guest that does not read them stops the
-service from taking more (``send`` returns 0), which throttles only that connection.
+A service kind is one class registered under its name (``register``): what it answers to the
+guest's bytes. ``ServicePeer`` is the ``Peer`` every kind runs behind: the vsock core hands it
+the guest's bytes with ``send`` and reads the answers with ``recv_into``, exactly as for a
+socket, so services need no special case in the core. Answers wait in a bounded buffer; a
+guest that does not read them stops the service from taking more (``send`` returns 0), which
+throttles only that connection.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
-from vsproxy.endpoints.base import Buffer, PeerBase
+from vsproxy.endpoints.base import Buffer, PeerBase, scatter
 
 NITRO_HEARTBEAT = 0xB7
-SERVICE_KINDS = ("nitro-heartbeat", "echo", "discard")
 PENDING_MAX = 256 * 1024
+
+
+class Service:
+    """One kind of built-in service. A new kind is a subclass and ``@register``."""
+
+    kind: ClassVar[str]
+    # Answers wait in the peer's bounded buffer, so input is taken only while it has room;
+    # a service that never answers takes everything.
+    answers: ClassVar[bool] = True
+
+    def answer(self, data: bytes) -> bytes:
+        """What goes back to the guest for ``data`` (may be empty)."""
+        raise NotImplementedError
+
+
+SERVICES: dict[str, type[Service]] = {}
+
+
+def register(cls: type[Service]) -> type[Service]:
+    if cls.kind in SERVICES:
+        raise ValueError(f"service kind {cls.kind!r} registered twice")
+    SERVICES[cls.kind] = cls
+    return cls
+
+
+@register
+class NitroHeartbeat(Service):
+    """An AWS Nitro Enclave's parent: each heartbeat byte 0xB7 is answered with 0xB7."""
+
+    kind = "nitro-heartbeat"
+
+    def answer(self, data: bytes) -> bytes:
+        return bytes([NITRO_HEARTBEAT]) * data.count(NITRO_HEARTBEAT)
+
+
+@register
+class Echo(Service):
+    kind = "echo"
+
+    def answer(self, data: bytes) -> bytes:
+        return data
+
+
+@register
+class Discard(Service):
+    kind = "discard"
+    answers = False
+
+    def answer(self, data: bytes) -> bytes:
+        return b""
+
+
+def service_kinds() -> tuple[str, ...]:
+    return tuple(SERVICES)
 
 
 class ServicePeer(PeerBase):
     def __init__(self, kind: str, schedule: Callable[[Callable[[], None]], None], on_readable: Callable[[], None],
                  on_writable: Callable[[], None]) -> None:
-        if kind not in SERVICE_KINDS:
-            raise ValueError(f"unknown service {kind!r} (known: {', '.join(SERVICE_KINDS)})")
+        cls = SERVICES.get(kind)
+        if cls is None:
+            raise ValueError(f"unknown service {kind!r} (known: {', '.join(SERVICES)})")
         self.kind = kind
+        self.service = cls()
         self._schedule = schedule
         self._on_readable = on_readable
         self._on_writable = on_writable
@@ -40,19 +98,14 @@ class ServicePeer(PeerBase):
         if self.closed:
             raise BrokenPipeError("service closed")
         taken = 0
+        bounded = self.service.answers
         for b in bufs:
-            room = PENDING_MAX - len(self._out)
-            if self.kind == "discard":
-                taken += len(b)
-                continue
+            room = PENDING_MAX - len(self._out) if bounded else len(b)
             if room <= 0:
                 break
             chunk = bytes(b[:room])
             taken += len(chunk)
-            if self.kind == "echo":
-                self._out += chunk
-            else:  # nitro-heartbeat: each 0xB7 is answered with 0xB7, anything else is ignored
-                self._out += bytes([NITRO_HEARTBEAT]) * chunk.count(NITRO_HEARTBEAT)
+            self._out += self.service.answer(chunk)
             if len(chunk) < len(b):
                 break
         self.received += taken
@@ -63,11 +116,7 @@ class ServicePeer(PeerBase):
     def recv_into(self, bufs: Sequence[memoryview]) -> int | None:
         if not self._out:
             return 0 if self._eof_in or self.closed else None
-        n = 0
-        for b in bufs:
-            k = min(len(b), len(self._out) - n)
-            b[:k] = self._out[n : n + k]
-            n += k
+        n = scatter(self._out, bufs)
         del self._out[:n]
         if self._writing:
             self._schedule(self._on_writable)

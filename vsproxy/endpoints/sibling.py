@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from vsproxy.endpoints.base import Buffer, PeerBase
+from vsproxy.endpoints.base import Buffer, PeerBase, scatter
 from vsproxy.vsock.connection import Connection
 
 INBOX_MAX = 256 * 1024
@@ -92,11 +92,7 @@ class SiblingEnd(PeerBase):
     def recv_into(self, bufs: Sequence[memoryview]) -> int | None:
         if not self.inbox:
             return 0 if self.eof else None
-        n = 0
-        for b in bufs:
-            k = min(len(b), len(self.inbox) - n)
-            b[:k] = self.inbox[n : n + k]
-            n += k
+        n = scatter(self.inbox, bufs)
         del self.inbox[:n]
         other = self.other
         if other is not None and other._writing:

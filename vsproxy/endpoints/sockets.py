@@ -16,14 +16,9 @@ import socket
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from vsproxy.endpoints.base import Buffer
+from vsproxy.endpoints.base import Buffer, scatter
 from vsproxy.limits import exhausted, ratelog
-
-if TYPE_CHECKING:
-    from vsproxy.endpoints.vsock import VsockFactory
 from vsproxy.loop import Loop, TimerHandle
 from vsproxy.vsock.connection import Connection
 
@@ -48,6 +43,7 @@ class CoreHooks:
     def writable(self, conn: Connection) -> None: ...
     def connected(self, conn: Connection) -> None: ...
     def failed(self, conn: Connection, reason: str) -> None: ...
+    def aborted(self, conn: Connection) -> None: ...
     def fault(self, conn: Connection, exc: Exception) -> None: ...
 
 
@@ -56,16 +52,6 @@ def refused_for_descriptors(loop: Loop, what: str, e: OSError) -> None:
     loop.health.fd_exhausted += 1
     ratelog(log, logging.WARNING, "out of descriptors", "%s: %s (refused; counted as fd_exhausted)",
             what, e.strerror or e)
-
-
-def scatter_prefix(data: bytes, bufs: Sequence[memoryview]) -> int:
-    """Copy as much of ``data`` as ``bufs`` hold, in order; the number of bytes copied."""
-    n = 0
-    for b in bufs:
-        k = min(len(b), len(data) - n)
-        b[:k] = data[n : n + k]
-        n += k
-    return n
 
 
 class SocketPeer:
@@ -113,7 +99,7 @@ class SocketPeer:
 
     def recv_into(self, bufs: Sequence[memoryview]) -> int | None:
         if self.prebuf:
-            n = scatter_prefix(self.prebuf, bufs)
+            n = scatter(self.prebuf, bufs)
             self.prebuf = self.prebuf[n:]
             return n
         try:
@@ -225,45 +211,7 @@ class HybridPeer(SocketPeer):
             pass  # the next read or write reports it
 
 
-@dataclass
-class TcpForward:
-    host: str
-    port: int
-
-
-@dataclass
-class HostEndpoints:
-    """Where guest connections to the host go, and host listeners into the guest."""
-
-    uds_path: str | None = None
-    forwards: dict[int, TcpForward] = field(default_factory=dict)
-    # host TCP (host, port) -> guest port
-    listens: list[tuple[str, int, int]] = field(default_factory=list)
-    # AF_VSOCK (vhost-device-vsock's forward-cid / forward-listen), through a socket factory
-    forward_cid: int | None = None
-    forward_listen: list[int] = field(default_factory=list)
-    vsock_factory: VsockFactory | None = None
-
-    def open(self, port: int, conn: Connection, loop: Loop, hooks: CoreHooks) -> SocketPeer | None:
-        """Connect the host side for a guest connection to host port ``port`` (after any remap)."""
-        if conn.type == SEQPACKET:
-            # Message boundaries survive only on unix SOCK_SEQPACKET sockets (not TCP).
-            if self.uds_path is None:
-                return None
-            return _unix_connect(f"{self.uds_path}_{port}", conn, loop, hooks, socket.SOCK_SEQPACKET)
-        fwd = self.forwards.get(port)
-        if fwd is not None:
-            return _tcp_connect(fwd, conn, loop, hooks)
-        if self.forward_cid is not None:
-            from vsproxy.endpoints.vsock import AfVsockFactory, vsock_connect
-
-            return vsock_connect(self.vsock_factory or AfVsockFactory(), self.forward_cid, port, conn, loop, hooks)
-        if self.uds_path is not None:
-            return _unix_connect(f"{self.uds_path}_{port}", conn, loop, hooks)
-        return None
-
-
-def _unix_connect(
+def unix_connect(
     path: str, conn: Connection, loop: Loop, hooks: CoreHooks, kind: int = socket.SOCK_STREAM
 ) -> SocketPeer | None:
     try:
@@ -288,14 +236,14 @@ def _unix_connect(
     return peer
 
 
-def _tcp_connect(fwd: TcpForward, conn: Connection, loop: Loop, hooks: CoreHooks) -> SocketPeer | None:
+def tcp_connect(host: str, port: int, conn: Connection, loop: Loop, hooks: CoreHooks) -> SocketPeer | None:
     try:
-        infos = socket.getaddrinfo(fwd.host, fwd.port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
     except socket.gaierror as e:
-        log.warning("bad forward address %s:%d: %s", fwd.host, fwd.port, e)
+        log.warning("bad forward address %s:%d: %s", host, port, e)
         return None
     family, type_, proto, _, addr = infos[0]
-    what = f"guest connect to tcp:{fwd.host}:{fwd.port}"
+    what = f"guest connect to tcp:{host}:{port}"
     try:
         sock = socket.socket(family, type_, proto)
     except OSError as e:
@@ -311,7 +259,7 @@ def _tcp_connect(fwd: TcpForward, conn: Connection, loop: Loop, hooks: CoreHooks
             ratelog(log, logging.INFO, "guest connect failed", "%s failed: %s", what, os.strerror(err))
         sock.close()
         return None
-    return connecting_peer(sock, err, f"tcp:{fwd.host}:{fwd.port}", conn, loop, hooks)
+    return connecting_peer(sock, err, f"tcp:{host}:{port}", conn, loop, hooks)
 
 
 def connecting_peer(

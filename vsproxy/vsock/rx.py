@@ -7,10 +7,11 @@ import os
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
+from vsproxy.endpoints.base import scatter
 from vsproxy.vsock import header as H
 from vsproxy.vsock.connection import Connection, State
 from vsproxy.vsock.header import HDR, HDR_SIZE, Op
-from vsproxy.vsock.rxbuf import RxChain, RxQueue, payload_views, scatter
+from vsproxy.vsock.rxbuf import RxChain, RxQueue, payload_views
 from vsproxy.vsock.tohost import HostFlush
 
 # What one connection may fill before the next ready one gets a turn, and before the filled
@@ -132,7 +133,7 @@ class RxPath(HostFlush):
                     rxq.push(chain.head, 0)
                     used += 1
                     continue
-                scatter(chain.writable, data)
+                scatter(data, chain.writable)
                 if taps:
                     self._tap(True, data, ())
                 rxq.push(chain.head, HDR_SIZE)
@@ -213,7 +214,7 @@ class RxPath(HostFlush):
                 self._tap(True, bytes(first[:HDR_SIZE]), bufs, conn.mark)
         else:
             data = self._header(conn, Op.RW, 0, n)
-            scatter(writable, data)
+            scatter(data, writable)
             if self.taps.active:
                 self._tap(True, data, bufs, conn.mark)
         rxq.push(chain.head, HDR_SIZE + n)

@@ -1,5 +1,5 @@
 """The guest's rx buffers as the core sees them: the queue and chain interfaces it needs of
-the virtqueue walker, and the two loops that write into a chain's scattered segments."""
+the virtqueue walker, and the views of a chain's payload room after the header."""
 
 from __future__ import annotations
 
@@ -23,20 +23,6 @@ class RxChain(Protocol):
     def writable(self) -> list[memoryview]: ...
     @property
     def write_len(self) -> int: ...
-
-
-def scatter(segs: list[memoryview], data: bytes) -> None:
-    first = segs[0]
-    if len(first) >= len(data):
-        first[: len(data)] = data
-        return
-    off = 0
-    for seg in segs:
-        k = min(len(seg), len(data) - off)
-        seg[:k] = data[off : off + k]
-        off += k
-        if off == len(data):
-            return
 
 
 def payload_views(segs: list[memoryview], want: int) -> list[memoryview]:

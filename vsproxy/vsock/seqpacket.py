@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from vsproxy.endpoints.base import scatter
 from vsproxy.vsock import header as H
 from vsproxy.vsock.connection import Connection
 from vsproxy.vsock.credit_flow import CreditFlow
 from vsproxy.vsock.header import HDR_SIZE, Op
-from vsproxy.vsock.rxbuf import RxChain, RxQueue, scatter
+from vsproxy.vsock.rxbuf import RxChain, RxQueue
 
 
 class SeqPacket(CreditFlow):
@@ -72,7 +73,7 @@ class SeqPacket(CreditFlow):
         cr = conn.credit
         cr.sent(n)
         data_hdr = self._header(conn, Op.RW, flags, n)
-        scatter(chain.writable, data_hdr + msg[off : off + n])
+        scatter(data_hdr + msg[off : off + n], chain.writable)
         if self.taps.active:
             self._tap(True, data_hdr, [memoryview(msg)[off : off + n]], conn.mark)
         rxq.push(chain.head, HDR_SIZE + n)
