@@ -459,7 +459,7 @@ def test_host_data_is_published_to_the_guest_burst_by_burst() -> None:
         n = min(credit, 4 * 65536)
         return RxFill(n // 65536, n, RX_LIMIT, 0)
 
-    t.core.rx_fast = rx_fast
+    t.core.rx_fill_c = rx_fast
     t.core.rx_progress = lambda: events.append("publish")
     t.core.peer_readable(conn)
     t.core.fill_rx(t.rx)
@@ -511,7 +511,7 @@ def test_control_packets_go_through_the_c_writer_and_advertise_fwd_cnt_only_once
         return True
 
     t.core.rx_put = rx_put
-    t.core.rx_fast = lambda *a: None  # type: ignore[assignment]  # the C paths are there
+    t.core.rx_fill_c = lambda *a: None  # type: ignore[assignment]  # the C paths are there
     t.send(Op.RW, payload=b"a" * 3000)
     assert conn.credit.fwd_cnt == 3000
     full[0] = False

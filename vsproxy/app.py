@@ -18,6 +18,7 @@ from vsproxy.limits import Limits, default_limits, fds_needed, nofile_limit
 from vsproxy.loop import Loop
 from vsproxy.policy import DeviceSpec, Policy
 from vsproxy.switch import Switch
+from vsproxy.vsock.table import Traffic
 
 log = logging.getLogger("vsproxy")
 
@@ -142,18 +143,18 @@ class Proxy:
                     limit_refused=c.limit_refused, faults=c.faults,
                 )
             devices[d.name] = row
-        traffic = {k: list(v) for k, v in self.switch.rule_totals.items()}
+        traffic: dict[str, Traffic] = {}
+        for k, v in self.switch.rule_totals.items():
+            traffic.setdefault(k, Traffic()).add(v)
         for d in self.devices:
             if d.session is not None:
                 for k, v in d.session.core.live_rule_stats().items():
-                    t = traffic.setdefault(k, [0, 0, 0, 0])
-                    for i, x in enumerate(v):
-                        t[i] += x
+                    traffic.setdefault(k, Traffic()).add(v)
         rules = {}
         for name, rc in sorted(self.switch.rules.items()):
-            t = traffic.get(name, [0, 0, 0, 0])
+            t = traffic.get(name, Traffic())
             rules[name] = {"connections": rc.connections, "denials": rc.denials, "rewrites": rc.rewrites,
-                           "packets": t[0] + t[2], "bytes": t[1] + t[3]}
+                           "packets": t.packets, "bytes": t.bytes}
         h = self.loop.health
         snap: dict[str, dict[str, dict[str, int]]] = {
             "devices": devices, "rules": rules,

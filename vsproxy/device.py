@@ -226,7 +226,7 @@ class FrontendSession(CoreHooks):
         self.mem: GuestMemory | None = None
         self.queues: list[SplitQueue | None] = [None, None]
         self._fastpaths: list[TxFastPath | None] = [None, None]
-        self._rx_fast: RxFastPath | None = None
+        self._rx_path: RxFastPath | None = None
         self.kick_fds: list[int | None] = [None, None]
         self.call_fds: list[int | None] = [None, None]
         self.err_fds: list[int | None] = [None, None]
@@ -377,14 +377,14 @@ class FrontendSession(CoreHooks):
             else None
         )
         if index == RX_QUEUE:
-            self._rx_fast = RxFastPath(q, self.core.taps, self.name) if c_ok else None
-            self.core.rx_fast = self._rx_fast.fill if self._rx_fast is not None else None
-            self.core.rx_put = self._rx_fast.put if self._rx_fast is not None else None
+            self._rx_path = RxFastPath(q, self.core.taps, self.name) if c_ok else None
+            self.core.rx_fill_c = self._rx_path.fill if self._rx_path is not None else None
+            self.core.rx_put = self._rx_path.put if self._rx_path is not None else None
             self.core.rx_progress = self._rx_progress
             self.core.rx_pending = q.pending
-        tx_fast, rx_fast = self._fastpaths[TX_QUEUE], self._rx_fast
-        if tx_fast is not None and rx_fast is not None and tx_fast.attach_rx(
-                rx_fast, self._rx_call_fd, RX_FAST_BURST_BYTES, RX_FAST_BURST):
+        tx_fast, rx_path = self._fastpaths[TX_QUEUE], self._rx_path
+        if tx_fast is not None and rx_path is not None and tx_fast.attach_rx(
+                rx_path, self._rx_call_fd, RX_FAST_BURST_BYTES, RX_FAST_BURST):
             self.core.owner = tx_fast
         log.info(
             "%s: vring %d started: size %d base %d event_idx=%s indirect=%s version_1=%s",
@@ -398,11 +398,11 @@ class FrontendSession(CoreHooks):
         )
         self.kick_pump()
 
-    def _close_rx_fast(self) -> None:
-        if self._rx_fast is not None:
-            self._rx_fast.close()
-            self._rx_fast = None
-        self.core.rx_fast = None
+    def _close_rx_path(self) -> None:
+        if self._rx_path is not None:
+            self._rx_path.close()
+            self._rx_path = None
+        self.core.rx_fill_c = None
         self.core.rx_put = None
 
     def _rx_call_fd(self) -> int:
@@ -420,7 +420,7 @@ class FrontendSession(CoreHooks):
             fast.close()
             self._fastpaths[index] = None
         if index == RX_QUEUE:
-            self._close_rx_fast()
+            self._close_rx_path()
 
     def _stop_ring(self, index: int) -> int:
         q = self.queues[index]

@@ -24,6 +24,7 @@ from vsproxy.policy import HOST_CID, Policy
 from vsproxy.taps import Taps
 from vsproxy.verdict import Mark
 from vsproxy.vsock.connection import Connection
+from vsproxy.vsock.table import Traffic
 
 if TYPE_CHECKING:
     from vsproxy.device import DeviceConfig
@@ -59,7 +60,7 @@ class Switch:
         self.devices: dict[str, SwitchedDevice] = {}
         self.rules: dict[str, RuleCounters] = {}
         # traffic of closed connections per rule, shared by every device's core
-        self.rule_totals: dict[str, list[int]] = {}
+        self.rule_totals: dict[str, Traffic] = {}
         # taps every device's core feeds (capture, TUI): one list shared by all cores
         self.taps = Taps()
 

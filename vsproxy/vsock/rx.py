@@ -40,7 +40,7 @@ class RxPath(HostFlush):
     def __init__(self, *args: object, **kw: object) -> None:
         super().__init__(*args, **kw)  # type: ignore[arg-type]
         # Injected by the shell when the C rx path can serve this device's rx ring.
-        self.rx_fast: RxFastFill | None = None
+        self.rx_fill_c: RxFastFill | None = None
         # The shell's "publish the rx buffers filled so far" (and interrupt if the guest asks).
         self.rx_progress: Callable[[], None] | None = None
         # The C writer of header-only packets into Linux-shaped rx chains (RxFastPath.put).
@@ -62,8 +62,8 @@ class RxPath(HostFlush):
         ready = self.ready
         c = self.counters
         taps = self.taps.active
-        rx_fast = self.rx_fast if not self.taps.per_packet else None
-        rx_put = self.rx_put if rx_fast is not None else None
+        fill_c = self.rx_fill_c if not self.taps.per_packet else None
+        rx_put = self.rx_put if fill_c is not None else None
         while control or ready:
             if not control:
                 conn = ready.popleft()
@@ -84,10 +84,10 @@ class RxPath(HostFlush):
                     if conn.own < 0:
                         self._lend(conn)
                     continue
-                if rx_fast is not None and conn.type == H.Type.STREAM and (conn.mark is None or not taps):
+                if fill_c is not None and conn.type == H.Type.STREAM and (conn.mark is None or not taps):
                     fd = conn.peer.fast_fd()
                     if fd >= 0:
-                        done, more = self._rx_fast(rx_fast, conn, fd, credit)
+                        done, more = self._fill_from_c(fill_c, conn, fd, credit)
                         used += done
                         if more is None:
                             continue
@@ -146,13 +146,13 @@ class RxPath(HostFlush):
             used += 1
         return used
 
-    def _rx_fast(self, rx_fast: RxFastFill, conn: Connection, fd: int, credit: int) -> tuple[int, bool | None]:
+    def _fill_from_c(self, fill_c: RxFastFill, conn: Connection, fd: int, credit: int) -> tuple[int, bool | None]:
         """Serve ``conn`` through the C path. Returns (chains used, more): more is None when
         the connection was fully dealt with, True when the Python path should take the next
         chain (an unusual shape), False when the ring has no buffers at all."""
         cr = conn.credit
         hdr = HDR.pack(*self._fields(conn, Op.RW, 0, 0))  # C patches len per packet
-        r = rx_fast(fd, min(credit, RX_FAST_BURST_BYTES), RX_FAST_BURST, hdr)
+        r = fill_c(fd, min(credit, RX_FAST_BURST_BYTES), RX_FAST_BURST, hdr)
         if r.packets and self.rx_progress is not None:
             # The guest may start on these while we read the next burst.
             self.rx_progress()

@@ -75,6 +75,34 @@ class Counters:
         self.drops[reason] = self.drops.get(reason, 0) + 1
 
 
+@dataclass(slots=True)
+class Traffic:
+    """Packets and payload bytes each way, summed over connections (per routing rule)."""
+
+    to_peer_packets: int = 0
+    to_peer_bytes: int = 0
+    to_guest_packets: int = 0
+    to_guest_bytes: int = 0
+
+    def add(self, stats: Sequence[int] | Traffic) -> None:
+        """Add a connection's ``stats`` ([packets, bytes] to the peer, then to the guest: a list,
+        because the data path counts into it per packet) or another total."""
+        if isinstance(stats, Traffic):
+            stats = (stats.to_peer_packets, stats.to_peer_bytes, stats.to_guest_packets, stats.to_guest_bytes)
+        self.to_peer_packets += stats[0]
+        self.to_peer_bytes += stats[1]
+        self.to_guest_packets += stats[2]
+        self.to_guest_bytes += stats[3]
+
+    @property
+    def packets(self) -> int:
+        return self.to_peer_packets + self.to_guest_packets
+
+    @property
+    def bytes(self) -> int:
+        return self.to_peer_bytes + self.to_guest_bytes
+
+
 # A connector opens the host side of a guest-initiated connection. It returns a
 # Peer that is connecting (the shell later calls peer_connected/peer_failed), or
 # None when nothing can serve the destination (the guest gets RST).
@@ -111,7 +139,7 @@ class ConnTable:
         self.seqpacket = False
         self.taps = Taps()
         # closed connections' traffic per rule; the shell may share one dict across sessions
-        self.rule_totals: dict[str, list[int]] = {}
+        self.rule_totals: dict[str, Traffic] = {}
         self.owned = 0  # connections the C pump runs (lending.Lending)
 
     # -- hooks the layers above fill in ------------------------------------------------------
@@ -201,19 +229,15 @@ class ConnTable:
 
     def _account(self, conn: Connection) -> None:
         for rule in conn.rule:
-            totals = self.rule_totals.setdefault(rule, [0, 0, 0, 0])
-            for i, v in enumerate(conn.stats):
-                totals[i] += v
+            self.rule_totals.setdefault(rule, Traffic()).add(conn.stats)
 
-    def live_rule_stats(self) -> dict[str, list[int]]:
+    def live_rule_stats(self) -> dict[str, Traffic]:
         """Traffic per routing rule of the connections still open (closed ones are in rule_totals)."""
         self.sync_owned()
-        out: dict[str, list[int]] = {}
+        out: dict[str, Traffic] = {}
         for conn in self.conns.values():
             for rule in conn.rule:
-                totals = out.setdefault(rule, [0, 0, 0, 0])
-                for i, v in enumerate(conn.stats):
-                    totals[i] += v
+                out.setdefault(rule, Traffic()).add(conn.stats)
         return out
 
     def _forget(self, conn: Connection, reset_peer: bool) -> None:
