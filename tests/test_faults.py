@@ -12,8 +12,9 @@ import pytest
 from helpers import unix_server
 
 from vsproxy.app import Proxy
-from vsproxy.device import DeviceConfig, FrontendSession
+from vsproxy.device import DeviceConfig
 from vsproxy.endpoints.host import HostEndpoints
+from vsproxy.frontend import FrontendSession
 from vsproxy.simguest import BackendClosed, SimGuest, SimGuestError
 from vsproxy.vsock.connection import Connection
 from vsproxy.vsock.core import VsockCore

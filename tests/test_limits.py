@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from test_vsock_core import FakePeer, Harness
 
 from vsproxy import limits
-from vsproxy.endpoints.sockets import ACCEPT_PAUSE, Acceptor
+from vsproxy.endpoints.listeners import ACCEPT_PAUSE, Acceptor
 from vsproxy.limits import RATE_BURST, default_limits, fds_needed, ratelog
 from vsproxy.loop import Loop
 from vsproxy.vsock import header as H

@@ -16,7 +16,8 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from vsproxy.endpoints.sockets import Acceptor, CoreHooks, SocketPeer, connecting_peer, refused_for_descriptors
+from vsproxy.endpoints.listeners import Acceptor
+from vsproxy.endpoints.sockets import CoreHooks, SocketPeer, connecting_peer, refused_for_descriptors
 from vsproxy.limits import exhausted, ratelog
 from vsproxy.loop import Loop
 from vsproxy.vsock.connection import Connection
