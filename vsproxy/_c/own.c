@@ -11,18 +11,6 @@
 #include "own.h"
 #include "ring.h"
 
-static void own_unreserve(vq_tx_ctx *ctx, vq_own *e);
-
-void own_release(vq_tx_ctx *ctx, vq_own *e, uint32_t why) {
-    own_unreserve(ctx, e);
-    e->active = 0; e->release = why; ctx->owned--; ctx->released++;
-}
-
-void own_release_all(vq_tx_ctx *ctx) {
-    for (uint32_t k = 0; k < ctx->nown && ctx->owned; k++)
-        if (ctx->own[k].active) own_release(ctx, &ctx->own[k], OWN_ALL);
-}
-
 /* rx chains the guest made available to C, or 0 when there are none or the index jumped
    (Python's walker then looks at the ring) */
 static uint32_t own_rx_avail(const vq_tx_ctx *ctx) {
@@ -56,7 +44,7 @@ void vq_own_free_ra(vq_own *e) {
 
 /* The k-th avail chain past C's position, if it has the Linux shape (rx_linux_chain): its head
    and its buffer's offset in the region and length; 0 if not. */
-static int own_rx_chain(const vq_tx_ctx *ctx, uint32_t k, uint16_t *head, uint64_t *off, uint32_t *len) {
+static inline int own_rx_chain(const vq_tx_ctx *ctx, uint32_t k, uint16_t *head, uint64_t *off, uint32_t *len) {
     uint64_t a;
     if (!rx_linux_chain(ctx->rx_desc, ctx->rx_avail, ctx->rx_num, (uint16_t)(ctx->rx_last_avail + k),
                         ctx->region_gpa, ctx->region_size, head, &a, len))
@@ -183,7 +171,7 @@ static void own_update_hdr(const vq_own *e, uint8_t *h) {
 /* C gives the connection back with chains held: their bytes are copied out for Python (the
    peer's prebuf: they go to the guest before the socket's), and each chain goes to the guest
    as a CREDIT_UPDATE, which tells it only what it knows. */
-static void own_unreserve(vq_tx_ctx *ctx, vq_own *e) {
+void own_unreserve(vq_tx_ctx *ctx, vq_own *e) {
     if (e->rs_first >= e->rs_n) return;
     uint8_t h[HDR];
     own_update_hdr(e, h);
@@ -211,7 +199,7 @@ void vq_own_take(vq_tx_ctx *ctx, uint32_t slot) {
    only its guest window (for a guest that updates unasked; C reads ahead for it meanwhile) or
    its host socket (OWN_F_WAIT: Python watches the fd and calls vq_own_fill when it is
    readable) holds it up; anything else gives it back. */
-static void own_fill(vq_tx_ctx *ctx, vq_own *e) {
+void own_fill(vq_tx_ctx *ctx, vq_own *e) {
     uint32_t in_flight = e->tx_cnt - e->peer_fwd_cnt;
     if (in_flight >= e->peer_buf_alloc) { e->flags &= ~OWN_F_WAIT; return; }  /* shut: wait for the guest */
     uint32_t credit = e->peer_buf_alloc - in_flight;
@@ -269,19 +257,6 @@ static void own_fill(vq_tx_ctx *ctx, vq_own *e) {
         if (!(e->flags & OWN_F_WAIT)) { e->flags |= OWN_F_WAIT; ctx->waits++; }
         break;
     }
-}
-
-/* A CREDIT_UPDATE for an owned connection, with the effect VsockCore.guest_credit has: the
-   guest's credit taken, and if its window opened, host data read into the rx ring at once. */
-void own_credit(vq_tx_ctx *ctx, vq_own *e, uint32_t buf_alloc, uint32_t fwd_cnt) {
-    e->updates++;
-    e->credit_items++;
-    e->peer_buf_alloc = buf_alloc;
-    e->peer_fwd_cnt = fwd_cnt;
-    if (!(e->flags & OWN_F_REQUESTED)) e->flags |= OWN_F_SELF;
-    if (own_shut(e)) return;  /* still shut */
-    e->flags &= ~OWN_F_REQUESTED;
-    own_fill(ctx, e);
 }
 
 /* Credit.update_due: the guest counts more than a quarter of the usable window (the smaller

@@ -1,5 +1,6 @@
-/* The connections C runs between Python's turns (vq_own, see fastpath.TxFastPath.own):
-   lookups the tx paths make in the table, and what tx_batch.c calls in own.c. */
+/* The connections C runs between Python's turns (vq_own, see fastpath.TxFastPath.own): the
+   lookups the tx paths make in the table, and the small steps of the pump that tx_batch.c takes
+   too (inline here, as they were inlined when the C was one file); the rest is in own.c. */
 #ifndef VSPROXY_OWN_H
 #define VSPROXY_OWN_H
 
@@ -34,13 +35,37 @@ static inline int own_awaits_guest(const vq_tx_ctx *ctx) {
     return 0;
 }
 
-/* C gives e back to Python (why: OWN_*), with what it holds for it */
-VSP_INTERNAL void own_release(vq_tx_ctx *ctx, vq_own *e, uint32_t why);
-VSP_INTERNAL void own_release_all(vq_tx_ctx *ctx);
-/* A CREDIT_UPDATE for e, taken from the tx ring */
-VSP_INTERNAL void own_credit(vq_tx_ctx *ctx, vq_own *e, uint32_t buf_alloc, uint32_t fwd_cnt);
+/* C gives the connection back with chains held: their bytes are copied out for Python, and each
+   chain goes to the guest as a CREDIT_UPDATE (own.c) */
+VSP_INTERNAL void own_unreserve(vq_tx_ctx *ctx, vq_own *e);
+/* Host data for e into the rx ring, as far as its credit, the burst and the socket go (own.c) */
+VSP_INTERNAL void own_fill(vq_tx_ctx *ctx, vq_own *e);
 /* A run of e's RW packets (OWN_F_TX) to its host socket; 1 when done with, 0 when it stays an
-   item for Python */
+   item for Python (own.c) */
 VSP_INTERNAL int own_tx_run(vq_tx_ctx *ctx, vq_own *e, vq_item *run);
+
+/* C gives e back to Python (why: OWN_*), with what it holds for it */
+static inline void own_release(vq_tx_ctx *ctx, vq_own *e, uint32_t why) {
+    own_unreserve(ctx, e);
+    e->active = 0; e->release = why; ctx->owned--; ctx->released++;
+}
+
+static inline void own_release_all(vq_tx_ctx *ctx) {
+    for (uint32_t k = 0; k < ctx->nown && ctx->owned; k++)
+        if (ctx->own[k].active) own_release(ctx, &ctx->own[k], OWN_ALL);
+}
+
+/* A CREDIT_UPDATE for an owned connection, with the effect VsockCore.guest_credit has: the
+   guest's credit taken, and if its window opened, host data read into the rx ring at once. */
+static inline void own_credit(vq_tx_ctx *ctx, vq_own *e, uint32_t buf_alloc, uint32_t fwd_cnt) {
+    e->updates++;
+    e->credit_items++;
+    e->peer_buf_alloc = buf_alloc;
+    e->peer_fwd_cnt = fwd_cnt;
+    if (!(e->flags & OWN_F_REQUESTED)) e->flags |= OWN_F_SELF;
+    if (own_shut(e)) return;  /* still shut */
+    e->flags &= ~OWN_F_REQUESTED;
+    own_fill(ctx, e);
+}
 
 #endif

@@ -3,8 +3,9 @@
 fast path; the simulated guest runs without it (the Python driver).
 
 Test and benchmark code, kept out of vsproxy's hot module: the C lives in
-``vsproxy/simguest/_c/`` (``cblast_cdef.h``, the declarations cffi reads; ``sg.h``, the ring
-helpers; ``blast.c``, ``drain.c``) and takes the virtio names from ``vsproxy/_c/virtio_vsock.h``.
+``vsproxy/simguest/_c/`` (``cblast_cdef.h``, the declarations cffi reads; ``sg.h`` and
+``sg_ring.c``, the ring helpers; ``blast.c``, ``drain.c``) and takes the virtio names from
+``vsproxy/_c/virtio_vsock.h``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent  # where setup.py is
 C_DIR = HERE / "_c"
 SHARED_C_DIR = HERE.parent / "_c"  # virtio_vsock.h
-SOURCES = ["blast.c", "drain.c"]
+SOURCES = ["blast.c", "drain.c", "sg_ring.c"]
 CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror"]
 
 

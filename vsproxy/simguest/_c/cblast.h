@@ -1,4 +1,4 @@
-/* The simulated guest's bulk sender (blast.c) and receiver (drain.c) in C
+/* The simulated guest's bulk sender (blast.c) and receiver (drain.c) in C, with sg_ring.c
    (vsproxy.simguest._cblast): a benchmark's guest, as a guest kernel runs them, so that a
    benchmark measures vsproxy rather than a Python guest. Test and benchmark code: it is not part
    of vsproxy's own fast path (vsproxy/_c). The cffi module includes this header. */

@@ -3,14 +3,15 @@
 #ifndef VSPROXY_SIMGUEST_SG_H
 #define VSPROXY_SIMGUEST_SG_H
 
-#include <poll.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "cblast.h"
 #include "virtio_vsock.h"
 
 #define HDR VIRTIO_VSOCK_HDR_LEN
+/* Functions one C file calls in another: not exported from the module (built with -fPIC), so
+   calls to them are direct, as calls to static functions. */
+#define VSP_INTERNAL __attribute__((visibility("hidden")))
 
 /* The fields of a virtio-vsock header the simulated guest's loops look at. */
 typedef struct {
@@ -63,33 +64,9 @@ static inline void sg_repost(uint8_t *mem, sg_ring *r, uint32_t head) {
     r->last_used++;
 }
 
-static inline void sg_kick(uint8_t *mem, sg_ring *r, int event_idx, uint64_t *kicks) {
-    uint16_t new_idx = r->avail_idx, old = r->kicked_idx;
-    if (new_idx == old) return;
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);  /* avail->idx before reading avail_event */
-    r->kicked_idx = new_idx;
-    int want = event_idx ? sg_need_event(ld16(mem, r->avail_event_w), new_idx, old)
-                         : !(ld16(mem, r->used_idx_w - 1) & VRING_USED_F_NO_NOTIFY);  /* used->flags */
-    if (want) {
-        uint64_t one = 1;
-        if (write(r->kick_fd, &one, 8) == 8) (*kicks)++;
-    }
-}
-
+/* The avail ring's new entries, kicked if the device asked (EVENT_IDX or used->flags) */
+VSP_INTERNAL void sg_kick(uint8_t *mem, sg_ring *r, int event_idx, uint64_t *kicks);
 /* Wait for an interrupt on any of the call eventfds; 1 on timeout. */
-static inline int sg_wait(const int *fds, uint32_t n, int timeout_ms, uint64_t *interrupts) {
-    struct pollfd p[16];
-    if (n > 16) n = 16;
-    for (uint32_t k = 0; k < n; k++) { p[k].fd = fds[k]; p[k].events = POLLIN; p[k].revents = 0; }
-    int got = poll(p, n, timeout_ms);
-    if (got == 0) return 1;
-    for (uint32_t k = 0; k < n; k++) {
-        if (p[k].revents & POLLIN) {
-            uint64_t v;
-            if (read(p[k].fd, &v, 8) == 8) (*interrupts)++;
-        }
-    }
-    return 0;
-}
+VSP_INTERNAL int sg_wait(const int *fds, uint32_t n, int timeout_ms, uint64_t *interrupts);
 
 #endif
