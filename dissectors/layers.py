@@ -25,21 +25,20 @@ from scapy.fields import (
 )
 from scapy.packet import Packet, bind_layers
 
-DLT_VSOCK = 271
-VIRTIO_VSOCK_HDR_LEN = 44
+from vsproxy.capture import format as fmt
+from vsproxy.vsock import header as H
+
+DLT_VSOCK = fmt.LINKTYPE_VSOCK
+VIRTIO_VSOCK_HDR_LEN = H.HDR_SIZE
 
 # vsockmon.h: enum af_vsockmon_op, enum af_vsockmon_transport
-MON_OPS = {0: "UNKNOWN", 1: "CONNECT", 2: "DISCONNECT", 3: "CONTROL", 4: "PAYLOAD"}
-MON_TRANSPORTS = {0: "UNKNOWN", 1: "NO_INFO", 2: "VIRTIO"}
+MON_OPS = {int(op): op.name for op in fmt.MonOp}
+MON_TRANSPORTS = {int(t): t.name for t in fmt.MonTransport}
 
 # virtio_vsock.h: enum virtio_vsock_type, enum virtio_vsock_op
-VIRTIO_TYPES = {1: "STREAM", 2: "SEQPACKET"}
-VIRTIO_OPS = {0: "INVALID", 1: "REQUEST", 2: "RESPONSE", 3: "RST", 4: "SHUTDOWN", 5: "RW",
-              6: "CREDIT_UPDATE", 7: "CREDIT_REQUEST"}
-OP_SHUTDOWN, OP_RW = 4, 5
-
-# virtio_transport_build_skb: the vsockmon op the kernel writes for each virtio op.
-_MON_OP_OF_VIRTIO = {1: 1, 2: 1, 3: 2, 4: 2, 5: 4, 6: 3, 7: 3}
+VIRTIO_TYPES = {int(t): t.name for t in H.Type}
+VIRTIO_OPS = {int(op): op.name for op in H.Op}
+OP_SHUTDOWN, OP_RW = int(H.Op.SHUTDOWN), int(H.Op.RW)
 
 # The flags word means different things per op: VIRTIO_VSOCK_SEQ_EOM/EOR on SEQPACKET RW,
 # VIRTIO_VSOCK_SHUTDOWN_RCV/SEND on SHUTDOWN. The field is named after the RW bits; its
@@ -80,7 +79,7 @@ class VsockMon(Packet):
     def post_build(self, p: bytes, pay: bytes) -> bytes:
         virtio = self.payload if isinstance(self.payload, VirtioVsock) else None
         if self.op is None:
-            op = _MON_OP_OF_VIRTIO.get(int(virtio.op), 0) if virtio is not None else 0
+            op = fmt.mon_op(int(virtio.op)) if virtio is not None else fmt.AF_VSOCK_OP_UNKNOWN
             p = p[:24] + op.to_bytes(2, "little") + p[26:]
         if self.len is None:
             tlen = VIRTIO_VSOCK_HDR_LEN if virtio is not None else 0

@@ -15,7 +15,8 @@ if ((${#missing[@]})); then
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
+# The C extensions must build here: a failed build fails the install instead of falling back to Python.
+VSPROXY_REQUIRE_C=1 .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
 bash tests/guest/build.sh
 bash tests/guest/qemu10.sh >/dev/null
 .venv/bin/ruff check .

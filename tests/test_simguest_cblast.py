@@ -19,7 +19,7 @@ Start = Callable[..., VsproxyProcess]
 
 
 def test_the_c_sender_is_built() -> None:
-    assert cblast.AVAILABLE, "vsproxy._fastpath was not built: the benchmark's guest would be Python"
+    assert cblast.AVAILABLE, "vsproxy.simguest._cblast was not built: the benchmark's guest would be Python"
 
 
 @pytest.mark.parametrize("use_c", [True, False])

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from vsproxy.endpoints.base import Buffer
 
-CAP_NONE, CAP_PCAP, CAP_PCAPNG = 0, 1, 2  # record layouts the C paths write (vsproxy/_fastpath_build.py)
+CAP_NONE, CAP_PCAP, CAP_PCAPNG = 0, 1, 2  # record layouts the C paths write (vsproxy/_c/capture.c)
 
 
 class Tap(Protocol):

@@ -11,6 +11,10 @@ pcapng adds one interface per device, the direction in ``epb_flags`` and a comme
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
+from enum import IntEnum
+from types import MappingProxyType
+from typing import Final
 
 from vsproxy.vsock import header as H
 
@@ -18,11 +22,38 @@ LINKTYPE_VSOCK = 271
 SNAPLEN = 0x40000
 
 VSOCKMON = struct.Struct("<QQIIHHH2x")  # src_cid dst_cid src_port dst_port op transport len
-AF_VSOCK_OP_UNKNOWN, AF_VSOCK_OP_CONNECT, AF_VSOCK_OP_DISCONNECT, AF_VSOCK_OP_CONTROL, AF_VSOCK_OP_PAYLOAD = range(5)
-AF_VSOCK_TRANSPORT_VIRTIO = 2
 
-# virtio op -> vsockmon op, as virtio_transport_build_skb maps them
-_MON_OP = {
+
+class MonOp(IntEnum):
+    """enum af_vsockmon_op (include/uapi/linux/vsockmon.h): the op of an af_vsockmon_hdr."""
+
+    UNKNOWN = 0
+    CONNECT = 1
+    DISCONNECT = 2
+    CONTROL = 3
+    PAYLOAD = 4
+
+
+class MonTransport(IntEnum):
+    """enum af_vsockmon_transport: the transport header that follows an af_vsockmon_hdr."""
+
+    UNKNOWN = 0
+    NO_INFO = 1
+    VIRTIO = 2  # struct virtio_vsock_hdr
+
+
+AF_VSOCK_OP_UNKNOWN = int(MonOp.UNKNOWN)
+AF_VSOCK_OP_CONNECT = int(MonOp.CONNECT)
+AF_VSOCK_OP_DISCONNECT = int(MonOp.DISCONNECT)
+AF_VSOCK_OP_CONTROL = int(MonOp.CONTROL)
+AF_VSOCK_OP_PAYLOAD = int(MonOp.PAYLOAD)
+AF_VSOCK_TRANSPORT_VIRTIO = int(MonTransport.VIRTIO)
+
+# The vsockmon op of each virtio op, as the kernel maps them (virtio_transport_build_skb in
+# net/vmw_vsock/virtio_transport_common.c); any other op is UNKNOWN (mon_op). The one table,
+# MON_OP_OF_VIRTIO: the scapy layers (dissectors/layers.py) use it, and the C that writes capture
+# records mirrors it (vsproxy/_c/vsockmon.h; tests/test_c_headers.py checks that they agree).
+_MON_OP: Final[dict[int, int]] = {
     H.Op.REQUEST: AF_VSOCK_OP_CONNECT,
     H.Op.RESPONSE: AF_VSOCK_OP_CONNECT,
     H.Op.RST: AF_VSOCK_OP_DISCONNECT,
@@ -31,6 +62,12 @@ _MON_OP = {
     H.Op.CREDIT_UPDATE: AF_VSOCK_OP_CONTROL,
     H.Op.CREDIT_REQUEST: AF_VSOCK_OP_CONTROL,
 }
+MON_OP_OF_VIRTIO: Final[Mapping[int, int]] = MappingProxyType(_MON_OP)
+
+
+def mon_op(virtio_op: int) -> int:
+    """The af_vsockmon_hdr op the kernel writes for a packet with this virtio op."""
+    return _MON_OP.get(virtio_op, AF_VSOCK_OP_UNKNOWN)
 
 
 def vsockmon_parts(hdr: bytes, payload: bytes) -> tuple[bytes, bytes]:

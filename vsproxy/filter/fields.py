@@ -13,6 +13,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, Final
 
+from vsproxy.capture import format as fmt
 from vsproxy.capture.view import PacketView
 from vsproxy.filter.predicates import Predicate, ValueTest
 from vsproxy.verdict import Verdict
@@ -127,7 +128,7 @@ _CID_NAMES: Final = {
 _OP_NAMES: Final = {op.name.lower(): int(op) for op in H.Op}
 _TYPE_NAMES: Final = {t.name.lower(): int(t) for t in H.Type}
 # af_vsockmon_hdr op (linux/vsockmon.h)
-_MON_OP_NAMES: Final = {"unknown": 0, "connect": 1, "disconnect": 2, "control": 3, "payload": 4}
+_MON_OP_NAMES: Final = {op.name.lower(): int(op) for op in fmt.MonOp}
 
 
 def _hdr_field(name: str, description: str, names: Mapping[str, int] | None = None) -> FieldSpec:

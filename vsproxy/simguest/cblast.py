@@ -1,5 +1,5 @@
 """The simulated guest's bulk sender and receiver in C (``sg_blast`` and ``sg_drain`` in
-vsproxy._fastpath), when it was built.
+vsproxy.simguest._cblast, built from vsproxy/simguest/_c/), when it was built.
 
 A guest kernel spends a few microseconds per packet where the Python driver spends tens, and on
 a two-core machine the benchmark's guest shares the cores with vsproxy: in Python it would be
@@ -12,9 +12,9 @@ hand anything else back to the Python driver, which stays the reference (``VSPRO
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
-from vsproxy import fastpath
 from vsproxy.vsock import header as vh
 
 from .errors import RingError, SimGuestTimeout
@@ -23,10 +23,19 @@ from .ring import SplitRing
 if TYPE_CHECKING:
     from .driver import Conn, VsockDriver
 
-SG_DONE, SG_RX, SG_TIMEOUT, SG_BAD, SG_HEADERS, SG_CREDIT = range(6)
+try:
+    if os.environ.get("VSPROXY_NO_C"):
+        raise ImportError("disabled by VSPROXY_NO_C")
+    from vsproxy.simguest._cblast import ffi, lib  # type: ignore[import-not-found]
+
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - exercised when the extension was not built
+    ffi = lib = None
+    AVAILABLE = False
+
+SG_DONE, SG_RX, SG_TIMEOUT, SG_BAD, SG_HEADERS, SG_CREDIT = range(6)  # _c/cblast.h
 MAX_HEADERS = 256
 CTL_CHAINS = 16  # tx chains lent to one sg_drain call for its credit updates
-AVAILABLE = fastpath.AVAILABLE
 
 
 class _CPath:
@@ -34,7 +43,6 @@ class _CPath:
     the consumed headers come back in (for ``received_raw``)."""
 
     def __init__(self, drv: VsockDriver, state: str, inflight: list[bytearray]) -> None:
-        ffi = fastpath.ffi
         self.drv = drv
         self.s = ffi.new(state)
         self.mem = ffi.from_buffer("uint8_t[]", drv.mem.buf)
@@ -44,7 +52,6 @@ class _CPath:
         self.handed_back = 0  # rx entries C left to the Python driver
 
     def close(self) -> None:
-        ffi = fastpath.ffi
         for b in (self.mem, *self._inflight):
             ffi.release(b)
 
@@ -72,7 +79,7 @@ class _CPath:
 
     def _record(self, n: int, with_len: bool) -> None:
         """The ``n`` headers C consumed, into received_raw as the Python driver records them."""
-        raw = bytes(fastpath.ffi.buffer(self.headers, vh.HDR_SIZE * n))
+        raw = bytes(ffi.buffer(self.headers, vh.HDR_SIZE * n))
         limit = self.drv.received_raw.maxlen
         for k in range(n if limit is None else max(0, n - limit), n):  # only what the deque keeps
             h = vh.unpack(raw, vh.HDR_SIZE * k)
@@ -84,7 +91,7 @@ class CBlast(_CPath):
 
     def __init__(self, drv: VsockDriver) -> None:
         super().__init__(drv, "sg_blast_state *", [drv.tx.inflight, drv.rx.inflight])
-        self.free = fastpath.ffi.new("uint16_t[]", drv.tx.size)
+        self.free = ffi.new("uint16_t[]", drv.tx.size)
 
     def run(self, conn: Conn, count: int, plen: int, deadline_ms: int) -> None:
         """Send ``count`` packets of ``plen`` bytes on ``conn`` (heads already prepared)."""
@@ -111,7 +118,7 @@ class CBlast(_CPath):
             s.headers, s.nheaders, s.max_headers = self.headers, 0, MAX_HEADERS
             s.timeout_ms = deadline_ms
             self._wait_on(s)
-            rc = fastpath.lib.sg_blast(self.mem, s)
+            rc = lib.sg_blast(self.mem, s)
             # back into the Python rings and connection, whatever happened
             self._store(s.tx, tx)
             self._store(s.rx, rx)
@@ -147,8 +154,8 @@ class CDrain(_CPath):
 
     def __init__(self, drv: VsockDriver) -> None:
         super().__init__(drv, "sg_drain_state *", [drv.rx.inflight, drv.tx.inflight])
-        self.ctl_heads = fastpath.ffi.new("uint16_t[]", CTL_CHAINS)
-        self.ctl_off = fastpath.ffi.new("uint32_t[]", CTL_CHAINS)
+        self.ctl_heads = ffi.new("uint16_t[]", CTL_CHAINS)
+        self.ctl_off = ffi.new("uint32_t[]", CTL_CHAINS)
 
     def _lend_tx(self) -> list[tuple[int, int]]:
         """Reserve tx chains for C's credit updates: (head, slot) each."""
@@ -192,7 +199,7 @@ class CDrain(_CPath):
         s.headers, s.nheaders, s.max_headers = self.headers, 0, MAX_HEADERS
         s.timeout_ms = timeout_ms
         self._wait_on(s)
-        rc = fastpath.lib.sg_drain(self.mem, s)
+        rc = lib.sg_drain(self.mem, s)
         self._store(s.rx, rx)
         self._store(s.tx, tx)
         self._settle_tx(lent, s.ctl_used)
