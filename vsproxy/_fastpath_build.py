@@ -9,6 +9,7 @@ tx kick, rx fill, the lent connections, capture records), ``virtio_vsock.h`` and
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cffi import FFI
@@ -17,8 +18,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent  # where setup.py is
 C_DIR = HERE / "_c"
 SOURCES = ["tx_batch.c", "tx_kick.c", "rx_fill.c", "own.c", "capture.c"]
-# Warnings are errors: the C is kept free of them (tests/run.sh builds with VSPROXY_REQUIRE_C=1).
-CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror"]
+# Warnings are errors where the C build is required (CI: tests/run.sh sets VSPROXY_REQUIRE_C=1),
+# so the C stays free of them; elsewhere a newer compiler's new warning must not silently leave a
+# user on the pure-Python path.
+CFLAGS = ["-O2", "-Wall", "-Wextra"] + (["-Werror"] if os.environ.get("VSPROXY_REQUIRE_C") == "1" else [])
 
 
 def _rel(path: Path) -> str:

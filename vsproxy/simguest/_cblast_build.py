@@ -10,6 +10,7 @@ Test and benchmark code, kept out of vsproxy's hot module: the C lives in
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cffi import FFI
@@ -19,7 +20,8 @@ ROOT = HERE.parent.parent  # where setup.py is
 C_DIR = HERE / "_c"
 SHARED_C_DIR = HERE.parent / "_c"  # virtio_vsock.h
 SOURCES = ["blast.c", "drain.c", "sg_ring.c"]
-CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror"]
+# -Werror only where the C build is required (as vsproxy/_fastpath_build.py says why).
+CFLAGS = ["-O2", "-Wall", "-Wextra"] + (["-Werror"] if os.environ.get("VSPROXY_REQUIRE_C") == "1" else [])
 
 
 def _rel(path: Path) -> str:
