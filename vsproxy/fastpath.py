@@ -47,10 +47,10 @@ TAIL = 3
 OWN_SLOTS = 64
 # How long vq_tx_kick watches the tx avail ring for the guest's next credit update before it
 # re-enables kicks and returns to the loop: the kick and wake-up it saves cost more than this
-# on a 2-vCPU machine (host->guest 64 KiB at 256K: 1.6-1.9 GB/s without, 1.9-2.3 GB/s with).
-# Only while a connection C runs waits for the guest's credit; other fds wait at most this long.
-# A guest sending data is not watched for: left alone it fills the ring for one big batch (64-byte
-# guest->host: 1.5-1.7M payloads/s watched, 2.5-2.8M not), and the CPU the watch takes is its.
+# (the host->guest rows of benchmarks/bench_throughput.py show it). Only while a connection C
+# runs waits for the guest's credit; other fds wait at most this long. A guest sending data is
+# not watched for: left alone it fills the ring for one big batch, which small payloads gain
+# more from than from the watch, and the CPU the watch takes is its.
 TX_SPIN_NS = 30_000
 # What vq_own_fill left: C waits for the host socket, for the guest's credit, or gave it back.
 FILL_WAIT_HOST, FILL_WAIT_GUEST, FILL_BACK = 1, 0, -1
