@@ -33,30 +33,14 @@ import time
 from multiprocessing.connection import Connection as Pipe
 from multiprocessing.synchronize import Event
 
+from bench_throughput import _drain_server  # the same host reader as the throughput rows
+
 from vsproxy.limits import default_limits, nofile_limit
 from vsproxy.simguest import SimGuest
 
 MiB = 1 << 20
 PAYLOAD = 65536
 TARGET = 0.80
-
-
-def _drain(path: str, ready: Pipe, result: Pipe, expect: int) -> None:
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    srv.bind(path)
-    srv.listen(4)
-    ready.send(True)
-    c, _ = srv.accept()
-    view = memoryview(bytearray(1 << 20))
-    got = 0
-    while got < expect:
-        n = c.recv_into(view)
-        if n == 0:
-            break
-        got += n
-    result.send((got, time.monotonic()))
-    c.close()
-    srv.close()
 
 
 def _guest_connection_flood(vhost: str, uds: str, stop: Event, result: Pipe) -> None:
@@ -164,7 +148,7 @@ class Rig:
         path = f"{self.hb}_{self.port}"
         r_ready, w_ready = mp.Pipe()
         r_res, w_res = mp.Pipe()
-        p = mp.Process(target=_drain, args=(path, w_ready, w_res, PAYLOAD * count))
+        p = mp.Process(target=_drain_server, args=(path, w_ready, w_res, PAYLOAD * count))
         p.start()
         r_ready.recv()
         s = self.guest.connect(self.port)

@@ -269,6 +269,23 @@ class _Handshake:
         peer.conn = conn
 
 
+def into_guest(s: socket.socket, loop: Loop, hooks_for: Callable[[], CoreHooks | None],
+               connect: Callable[[SocketPeer, int, int], Connection | None], label: str, guest_port: int) -> None:
+    """An accepted host socket becomes a STREAM connection into the guest's ``guest_port``, or
+    is reset (no guest attached, a rule or a limit refused it)."""
+    hooks = hooks_for()
+    if hooks is None:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+        s.close()
+        return
+    peer = SocketPeer(s, loop, hooks, label)
+    conn = connect(peer, guest_port, 1)
+    if conn is None:
+        peer.close(reset=True)
+        return
+    peer.conn = conn
+
+
 class TcpListener:
     """Host TCP port that connects into a fixed guest port."""
 
@@ -300,19 +317,9 @@ class TcpListener:
         self.acceptor = Acceptor(sock, loop, f"tcp listener {host}:{port}", self._accepted)
 
     def _accepted(self, s: socket.socket, addr: object) -> None:
-        hooks = self.hooks_for()
-        if hooks is None:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-            s.close()
-            return
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         host, port = addr[:2] if isinstance(addr, tuple) else ("?", 0)
-        peer = SocketPeer(s, self.loop, hooks, f"tcp:{host}:{port}")
-        conn = self.connect(peer, self.guest_port, 1)
-        if conn is None:
-            peer.close(reset=True)
-            return
-        peer.conn = conn
+        into_guest(s, self.loop, self.hooks_for, self.connect, f"tcp:{host}:{port}", self.guest_port)
 
     def close(self) -> None:
         self.acceptor.close()

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable
 from typing import Protocol
 
-from vsproxy.endpoints.listeners import Acceptor
+from vsproxy.endpoints.listeners import Acceptor, into_guest
 from vsproxy.endpoints.sockets import CoreHooks, SocketPeer, connecting_peer, refused_for_descriptors
 from vsproxy.limits import exhausted, ratelog
 from vsproxy.loop import Loop
@@ -123,16 +123,8 @@ class VsockListener:
         self.acceptor = Acceptor(factory.listen(port), loop, f"vsock port {port}", self._accepted)
 
     def _accepted(self, s: socket.socket, _addr: object) -> None:
-        hooks = self.hooks_for()
-        if hooks is None:
-            s.close()
-            return
-        peer = SocketPeer(s, self.loop, hooks, f"{self.factory.describe(VMADDR_CID_ANY, self.port)} (accepted)")
-        conn = self.connect(peer, self.port, 1)
-        if conn is None:
-            peer.close(reset=True)
-            return
-        peer.conn = conn
+        into_guest(s, self.loop, self.hooks_for, self.connect,
+                   f"{self.factory.describe(VMADDR_CID_ANY, self.port)} (accepted)", self.port)
 
     def close(self) -> None:
         self.acceptor.close()

@@ -194,17 +194,9 @@ class RxPath(HostFlush):
         try:
             n = conn.peer.recv_into(bufs)
         except OSError as e:
-            rxq.unpop()
-            self._peer_error(conn, e)
-            return False
-        if n is None:
-            rxq.unpop()
-            conn.peer.watch_read(True)
-            return False
-        if n == 0:
-            rxq.unpop()
-            self._host_eof(conn)
-            return False
+            return self._chain_unused(rxq, conn, e)
+        if not n:
+            return self._chain_unused(rxq, conn, n == 0)
         cr = conn.credit
         cr.sent(n)
         cr.advertised()

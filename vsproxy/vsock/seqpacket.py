@@ -46,18 +46,10 @@ class SeqPacket(CreditFlow):
             try:
                 got = conn.peer.recv_message(limit)
             except OSError as e:
-                rxq.unpop()
-                self._peer_error(conn, e)
-                return False
-            if got is None:
-                rxq.unpop()
-                conn.peer.watch_read(True)
-                return False
+                return self._chain_unused(rxq, conn, e)
+            if got is None or not got[0]:
+                return self._chain_unused(rxq, conn, got is not None)
             data, eor = got
-            if not data:
-                rxq.unpop()
-                self._host_eof(conn)
-                return False
             if len(data) > limit:
                 # The guest could never take it whole (Linux: EMSGSIZE): the stream of messages is broken.
                 rxq.unpop()

@@ -18,6 +18,7 @@ from vsproxy.taps import Taps
 from vsproxy.vsock import header as H
 from vsproxy.vsock.connection import Connection, State
 from vsproxy.vsock.header import HDR, Header, Op
+from vsproxy.vsock.rxbuf import RxQueue
 
 log = logging.getLogger("vsproxy.vsock")
 
@@ -266,6 +267,18 @@ class ConnTable:
         ratelog(log, logging.INFO, f"{self.name}: host side error", "%s: host side of %s: %s", self.name,
                 conn.describe(), e.strerror or e)
         self._reset(conn, "host peer error")
+
+    def _chain_unused(self, rxq: RxQueue, conn: Connection, why: OSError | bool) -> bool:
+        """The rx chain popped for ``conn`` stays the guest's, because the host side had nothing
+        (False: watch it), ended (True: EOF) or failed. Always False: no chain used."""
+        rxq.unpop()
+        if isinstance(why, OSError):
+            self._peer_error(conn, why)
+        elif why:
+            self._host_eof(conn)
+        else:
+            conn.peer.watch_read(True)
+        return False
 
     def _host_eof(self, conn: Connection) -> None:
         conn.host_eof = True
