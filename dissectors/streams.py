@@ -61,8 +61,9 @@ class _Direction:
 
 
 @dataclass(slots=True, eq=False)
-class Connection:
-    """A connection as the tracker knows it. ``client`` sent the REQUEST (for a connection
+class TrackedConnection:
+    """A connection as the tracker knows it, from the packets of a capture (not the data path's
+    ``vsproxy.vsock.connection.Connection``). ``client`` sent the REQUEST (for a connection
     first seen mid-stream: the first sender seen, or the receiver of a RESPONSE)."""
 
     id: int  # 1, 2, ... in order of first appearance in the capture
@@ -102,13 +103,13 @@ class StreamTracker:
         for cls in self._dissectors:
             for port in cls.ports:
                 self._by_port.setdefault(port, cls)
-        self._conns: OrderedDict[ConnKey, Connection] = OrderedDict()
+        self._conns: OrderedDict[ConnKey, TrackedConnection] = OrderedDict()
         self._max_connections = max(1, max_connections)
         self._max_buffered = max_buffered
         self._buffered = 0
         self._next_id = 1
-        self.current: Connection | None = None  # the connection of the packet fed last
-        self.closed: list[Connection] = []  # connections the packet fed last ended (or evicted)
+        self.current: TrackedConnection | None = None  # the connection of the packet fed last
+        self.closed: list[TrackedConnection] = []  # connections the packet fed last ended (or evicted)
 
     @property
     def live(self) -> int:
@@ -170,17 +171,17 @@ class StreamTracker:
             view.app = tuple(m.summary for m in msgs)
         return msgs
 
-    def connections(self) -> list[Connection]:
+    def connections(self) -> list[TrackedConnection]:
         """The live connections, least recently active first."""
         return list(self._conns.values())
 
     # -- connections -------------------------------------------------------------------------
-    def _open(self, key: ConnKey, device: str, src: Endpoint, dst: Endpoint, kind: int, op: int) -> Connection:
+    def _open(self, key: ConnKey, device: str, src: Endpoint, dst: Endpoint, kind: int, op: int) -> TrackedConnection:
         client, server = (dst, src) if op == _RESPONSE else (src, dst)
         while len(self._conns) >= self._max_connections:
             old_key, old = next(iter(self._conns.items()))
             self._forget(old_key, old)
-        conn = Connection(self._next_id, device, client, server, kind, op == _REQUEST)
+        conn = TrackedConnection(self._next_id, device, client, server, kind, op == _REQUEST)
         self._next_id += 1
         conn._port_choice = self._by_port.get(server[1]) or self._by_port.get(client[1])
         cands = [c for c in self._detectors if c is not conn._port_choice]
@@ -190,14 +191,14 @@ class StreamTracker:
         self._conns[key] = conn
         return conn
 
-    def _forget(self, key: ConnKey, conn: Connection) -> None:
+    def _forget(self, key: ConnKey, conn: TrackedConnection) -> None:
         self._buffered -= conn._dirs[0].buffered + conn._dirs[1].buffered
         conn._dirs[0].buffered = conn._dirs[1].buffered = 0
         del self._conns[key]
         self.closed.append(conn)
 
     # -- data --------------------------------------------------------------------------------
-    def _data(self, conn: Connection, from_client: bool, data: bytes, eom: bool) -> list[AppMessage]:
+    def _data(self, conn: TrackedConnection, from_client: bool, data: bytes, eom: bool) -> list[AppMessage]:
         d = conn._dirs[0 if from_client else 1]
         if conn.decided:
             return self._feed(conn, d, data, eom)
@@ -220,7 +221,7 @@ class StreamTracker:
             return []
         return self._start(conn, chosen, d)
 
-    def _choose(self, conn: Connection, d: _Direction) -> type[AppDissector] | None:
+    def _choose(self, conn: TrackedConnection, d: _Direction) -> type[AppDissector] | None:
         port_cls = conn._port_choice
         if port_cls is not None:
             conn._port_choice = None
@@ -238,7 +239,7 @@ class StreamTracker:
         d.candidates = still
         return None
 
-    def _start(self, conn: Connection, cls: type[AppDissector], current: _Direction) -> list[AppMessage]:
+    def _start(self, conn: TrackedConnection, cls: type[AppDissector], current: _Direction) -> list[AppMessage]:
         """Dissector chosen: replay what each direction sent so far, the other one first."""
         conn.dissector, conn.decided = cls, True
         pendings = []
@@ -263,7 +264,7 @@ class StreamTracker:
                 out += self._feed(conn, d, b"", True)
         return out
 
-    def _feed(self, conn: Connection, d: _Direction, data: bytes, eom: bool) -> list[AppMessage]:
+    def _feed(self, conn: TrackedConnection, d: _Direction, data: bytes, eom: bool) -> list[AppMessage]:
         dis = d.dissector
         if dis is None:
             return []
@@ -284,14 +285,14 @@ class StreamTracker:
                 self._shed(conn)
         return msgs
 
-    def _end(self, conn: Connection, from_client: bool) -> list[AppMessage]:
+    def _end(self, conn: TrackedConnection, from_client: bool) -> list[AppMessage]:
         d = conn._dirs[0 if from_client else 1]
         if d.ended:
             return []
         d.ended = True
         return self._feed(conn, d, b"", True) if conn.decided else []
 
-    def _shed(self, keep: Connection) -> None:
+    def _shed(self, keep: TrackedConnection) -> None:
         """Over the buffer budget: forget the least recently active connections."""
         for key, conn in list(self._conns.items()):
             if self._buffered <= self._max_buffered:
@@ -311,7 +312,7 @@ def _detect(cls: type[AppDissector], first: bytes) -> bool | None:
 class FollowChunk(NamedTuple):
     """Payload of the followed connection(s), in capture order."""
 
-    conn: Connection
+    conn: TrackedConnection
     time: float
     from_client: bool
     from_guest: bool | None  # from the capture's direction flag; None when the file does not say
@@ -323,13 +324,13 @@ class SelectorError(ValueError):
     pass
 
 
-Selector = Callable[[Connection], bool]
+Selector = Callable[[TrackedConnection], bool]
 _ENDPOINT = re.compile(r"(\d+):(\d+)")
 
 
 def parse_selector(text: str) -> int | Selector:
-    """``N`` (a connection id, as ``Connection.id`` counts), ``CID:PORT`` (connections with
-    that endpoint) or ``CID:PORT,CID:PORT`` (both endpoints, either order)."""
+    """``N`` (a connection id, as ``TrackedConnection.id`` counts), ``CID:PORT`` (connections
+    with that endpoint) or ``CID:PORT,CID:PORT`` (both endpoints, either order)."""
     text = text.strip()
     if text.lstrip("#").isdigit():
         return int(text.lstrip("#"))

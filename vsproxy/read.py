@@ -31,7 +31,15 @@ from datetime import UTC, datetime
 from typing import IO, Any, BinaryIO, Final
 
 from dissectors.app import AppMessage, PluginError, load_plugins
-from dissectors.streams import Connection, FollowChunk, Selector, SelectorError, StreamTracker, follow, parse_selector
+from dissectors.streams import (
+    FollowChunk,
+    Selector,
+    SelectorError,
+    StreamTracker,
+    TrackedConnection,
+    follow,
+    parse_selector,
+)
 from vsproxy.capture.reader import CaptureError, Packet, Record, as_json, dissect, printable, records, summary_line
 from vsproxy.capture.view import PacketView
 from vsproxy.filter import FilterError, Predicate, compile_filter
@@ -215,8 +223,8 @@ def _reader_went_away() -> int:
 
 @dataclass(frozen=True, slots=True)
 class _Ended:
-    """A connection the tracker has closed, kept small: the tracker's ``Connection`` would keep
-    its dissectors' buffers alive."""
+    """A connection the tracker has closed, kept small: the tracker's ``TrackedConnection``
+    would keep its dissectors' buffers alive."""
 
     id: int
     device: str
@@ -226,7 +234,7 @@ class _Ended:
     proto: str | None
 
 
-def describe(conn: Connection | _Ended) -> str:
+def describe(conn: TrackedConnection | _Ended) -> str:
     """``#1 app 5:1024 > 2:8080 STREAM http``: id, device, client > server, type, protocol."""
     dev = f"{printable(conn.device)} " if conn.device else ""
     kind = _TYPE_NAMES.get(conn.sock_type, f"type{conn.sock_type}")
@@ -487,7 +495,7 @@ def _follow(
 
     write = out.write
     printed = 0
-    shown: Connection | None = None
+    shown: TrackedConnection | None = None
     for chunk in follow(packets(), select):
         if not cur.matched:
             continue
