@@ -16,7 +16,8 @@ bytes kept for detection are capped per direction, and the dissectors' buffers t
 capped (``max_buffered``) by forgetting the least recently active connections. Packets of a
 connection without a dissector cost one dictionary lookup.
 
-``follow`` replays one connection's payload in order, for ``vsproxy read --follow``.
+``follow`` replays one connection's payload in order (``follow_chunk`` does it one packet at a
+time, beside a tracker that dissects, for ``vsproxy read --follow``).
 """
 
 from __future__ import annotations
@@ -192,8 +193,13 @@ class StreamTracker:
         return conn
 
     def _forget(self, key: ConnKey, conn: TrackedConnection) -> None:
-        self._buffered -= conn._dirs[0].buffered + conn._dirs[1].buffered
-        conn._dirs[0].buffered = conn._dirs[1].buffered = 0
+        """Done with ``conn``: its dissectors and the bytes kept for detection are let go here,
+        so a caller that keeps the connection object (a decoded packet names it) keeps only
+        its identity, and forgetting connections to stay under ``max_buffered`` frees memory."""
+        for d in conn._dirs:
+            self._buffered -= d.buffered
+            d.buffered = d.pending_size = 0
+            d.dissector, d.pending, d.first, d.candidates = None, [], b"", []
         del self._conns[key]
         self.closed.append(conn)
 
@@ -347,18 +353,42 @@ def parse_selector(text: str) -> int | Selector:
     return lambda c: {c.client, c.server} == want
 
 
+def as_selector(select: int | Selector) -> Selector:
+    """A connection id (``parse_selector``'s ``N``) as a selector; a selector as it is."""
+    if isinstance(select, int):
+        return lambda c: c.id == select
+    return select
+
+
+def follow_chunk(tracker: StreamTracker, view: PacketView, select: Selector) -> FollowChunk | None:
+    """The payload ``view`` adds to a connection ``select`` picks, after ``tracker.feed(view)``:
+    an RW packet's bytes, or an empty SEQPACKET message end; None for any other packet."""
+    conn, h = tracker.current, view.hdr
+    if conn is None or h is None or h.op != _RW or not select(conn):
+        return None
+    eom = h.type == _SEQPACKET and bool(h.flags & H.SEQ_EOM)
+    if not (view.payload or eom):
+        return None
+    return FollowChunk(conn, view.time, (h.src_cid, h.src_port) == conn.client, view.from_guest, view.payload, eom)
+
+
+def ended(tracker: StreamTracker, conn_id: int) -> bool:
+    """Whether the packet fed last ended (or evicted) connection ``conn_id``: following that
+    id, no later packet can add to it."""
+    return any(c.id == conn_id for c in tracker.closed)
+
+
 def follow(views: Iterable[PacketView], select: int | Selector) -> Iterator[FollowChunk]:
     """The payload of the selected connection(s), chunk by chunk in capture order; nothing is
-    kept between packets. With a connection id, stops once that connection has ended."""
+    kept between packets. With a connection id, stops once that connection has ended.
+    Tracks connections itself, without dissectors; ``vsproxy.decode.Decoder`` follows with
+    the tracker it dissects with."""
     tracker = StreamTracker(dissectors=())
-    match: Selector = (lambda c: c.id == select) if isinstance(select, int) else select
+    match = as_selector(select)
     for view in views:
         tracker.feed(view)
-        conn, h = tracker.current, view.hdr
-        if conn is not None and h is not None and h.op == _RW and match(conn):
-            eom = h.type == _SEQPACKET and bool(h.flags & H.SEQ_EOM)
-            if view.payload or eom:
-                src = (h.src_cid, h.src_port)
-                yield FollowChunk(conn, view.time, src == conn.client, view.from_guest, view.payload, eom)
-        if isinstance(select, int) and any(c.id == select for c in tracker.closed):
+        chunk = follow_chunk(tracker, view, match)
+        if chunk is not None:
+            yield chunk
+        if isinstance(select, int) and ended(tracker, select):
             return
