@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from dissectors.app import Http1
-from dissectors.streams import SelectorError, TrackedConnection
+from dissectors.streams import SelectorError, StreamTracker, TrackedConnection
 from vsproxy.capture import format as fmt
 from vsproxy.capture.reader import CaptureError, Record, records, summary_line
 from vsproxy.capture.view import PacketView
@@ -372,3 +372,22 @@ def test_vsproxy_reads_one_line_output_is_rebuilt_from_the_decoded_packets(capsy
         assert read.main([str(path)]) == 0
         assert capsys.readouterr().out.splitlines() == lines
 
+
+def test_vsproxy_read_follow_runs_one_tracker(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import dissectors.streams
+    import vsproxy.decode
+    from vsproxy import read
+
+    made: list[StreamTracker] = []
+
+    class Counted(StreamTracker):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(dissectors.streams, "StreamTracker", Counted)
+    monkeypatch.setattr(vsproxy.decode, "StreamTracker", Counted)
+    assert read.main(["--follow", "all", str(HTTP)]) == 0
+    assert capsys.readouterr().out.startswith("=== #1 app 5:2157979543 > 2:8080 STREAM http ===\n")
+    assert len(made) == 1  # the one that dissects also cuts the payload
