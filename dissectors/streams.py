@@ -16,7 +16,8 @@ bytes kept for detection are capped per direction, and the dissectors' buffers t
 capped (``max_buffered``) by forgetting the least recently active connections. Packets of a
 connection without a dissector cost one dictionary lookup.
 
-``follow`` replays one connection's payload in order, for ``vsproxy read --follow``.
+``follow`` replays one connection's payload in order (``follow_chunk`` does it one packet at a
+time, beside a tracker that dissects, for ``vsproxy read --follow``).
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ class _Direction:
 
 
 @dataclass(slots=True, eq=False)
-class Connection:
-    """A connection as the tracker knows it. ``client`` sent the REQUEST (for a connection
+class TrackedConnection:
+    """A connection as the tracker knows it, from the packets of a capture (not the data path's
+    ``vsproxy.vsock.connection.Connection``). ``client`` sent the REQUEST (for a connection
     first seen mid-stream: the first sender seen, or the receiver of a RESPONSE)."""
 
     id: int  # 1, 2, ... in order of first appearance in the capture
@@ -102,13 +104,13 @@ class StreamTracker:
         for cls in self._dissectors:
             for port in cls.ports:
                 self._by_port.setdefault(port, cls)
-        self._conns: OrderedDict[ConnKey, Connection] = OrderedDict()
+        self._conns: OrderedDict[ConnKey, TrackedConnection] = OrderedDict()
         self._max_connections = max(1, max_connections)
         self._max_buffered = max_buffered
         self._buffered = 0
         self._next_id = 1
-        self.current: Connection | None = None  # the connection of the packet fed last
-        self.closed: list[Connection] = []  # connections the packet fed last ended (or evicted)
+        self.current: TrackedConnection | None = None  # the connection of the packet fed last
+        self.closed: list[TrackedConnection] = []  # connections the packet fed last ended (or evicted)
 
     @property
     def live(self) -> int:
@@ -170,17 +172,17 @@ class StreamTracker:
             view.app = tuple(m.summary for m in msgs)
         return msgs
 
-    def connections(self) -> list[Connection]:
+    def connections(self) -> list[TrackedConnection]:
         """The live connections, least recently active first."""
         return list(self._conns.values())
 
     # -- connections -------------------------------------------------------------------------
-    def _open(self, key: ConnKey, device: str, src: Endpoint, dst: Endpoint, kind: int, op: int) -> Connection:
+    def _open(self, key: ConnKey, device: str, src: Endpoint, dst: Endpoint, kind: int, op: int) -> TrackedConnection:
         client, server = (dst, src) if op == _RESPONSE else (src, dst)
         while len(self._conns) >= self._max_connections:
             old_key, old = next(iter(self._conns.items()))
             self._forget(old_key, old)
-        conn = Connection(self._next_id, device, client, server, kind, op == _REQUEST)
+        conn = TrackedConnection(self._next_id, device, client, server, kind, op == _REQUEST)
         self._next_id += 1
         conn._port_choice = self._by_port.get(server[1]) or self._by_port.get(client[1])
         cands = [c for c in self._detectors if c is not conn._port_choice]
@@ -190,14 +192,19 @@ class StreamTracker:
         self._conns[key] = conn
         return conn
 
-    def _forget(self, key: ConnKey, conn: Connection) -> None:
-        self._buffered -= conn._dirs[0].buffered + conn._dirs[1].buffered
-        conn._dirs[0].buffered = conn._dirs[1].buffered = 0
+    def _forget(self, key: ConnKey, conn: TrackedConnection) -> None:
+        """Done with ``conn``: its dissectors and the bytes kept for detection are let go here,
+        so a caller that keeps the connection object (a decoded packet names it) keeps only
+        its identity, and forgetting connections to stay under ``max_buffered`` frees memory."""
+        for d in conn._dirs:
+            self._buffered -= d.buffered
+            d.buffered = d.pending_size = 0
+            d.dissector, d.pending, d.first, d.candidates = None, [], b"", []
         del self._conns[key]
         self.closed.append(conn)
 
     # -- data --------------------------------------------------------------------------------
-    def _data(self, conn: Connection, from_client: bool, data: bytes, eom: bool) -> list[AppMessage]:
+    def _data(self, conn: TrackedConnection, from_client: bool, data: bytes, eom: bool) -> list[AppMessage]:
         d = conn._dirs[0 if from_client else 1]
         if conn.decided:
             return self._feed(conn, d, data, eom)
@@ -220,7 +227,7 @@ class StreamTracker:
             return []
         return self._start(conn, chosen, d)
 
-    def _choose(self, conn: Connection, d: _Direction) -> type[AppDissector] | None:
+    def _choose(self, conn: TrackedConnection, d: _Direction) -> type[AppDissector] | None:
         port_cls = conn._port_choice
         if port_cls is not None:
             conn._port_choice = None
@@ -238,7 +245,7 @@ class StreamTracker:
         d.candidates = still
         return None
 
-    def _start(self, conn: Connection, cls: type[AppDissector], current: _Direction) -> list[AppMessage]:
+    def _start(self, conn: TrackedConnection, cls: type[AppDissector], current: _Direction) -> list[AppMessage]:
         """Dissector chosen: replay what each direction sent so far, the other one first."""
         conn.dissector, conn.decided = cls, True
         pendings = []
@@ -263,7 +270,7 @@ class StreamTracker:
                 out += self._feed(conn, d, b"", True)
         return out
 
-    def _feed(self, conn: Connection, d: _Direction, data: bytes, eom: bool) -> list[AppMessage]:
+    def _feed(self, conn: TrackedConnection, d: _Direction, data: bytes, eom: bool) -> list[AppMessage]:
         dis = d.dissector
         if dis is None:
             return []
@@ -284,14 +291,14 @@ class StreamTracker:
                 self._shed(conn)
         return msgs
 
-    def _end(self, conn: Connection, from_client: bool) -> list[AppMessage]:
+    def _end(self, conn: TrackedConnection, from_client: bool) -> list[AppMessage]:
         d = conn._dirs[0 if from_client else 1]
         if d.ended:
             return []
         d.ended = True
         return self._feed(conn, d, b"", True) if conn.decided else []
 
-    def _shed(self, keep: Connection) -> None:
+    def _shed(self, keep: TrackedConnection) -> None:
         """Over the buffer budget: forget the least recently active connections."""
         for key, conn in list(self._conns.items()):
             if self._buffered <= self._max_buffered:
@@ -311,7 +318,7 @@ def _detect(cls: type[AppDissector], first: bytes) -> bool | None:
 class FollowChunk(NamedTuple):
     """Payload of the followed connection(s), in capture order."""
 
-    conn: Connection
+    conn: TrackedConnection
     time: float
     from_client: bool
     from_guest: bool | None  # from the capture's direction flag; None when the file does not say
@@ -323,13 +330,13 @@ class SelectorError(ValueError):
     pass
 
 
-Selector = Callable[[Connection], bool]
+Selector = Callable[[TrackedConnection], bool]
 _ENDPOINT = re.compile(r"(\d+):(\d+)")
 
 
 def parse_selector(text: str) -> int | Selector:
-    """``N`` (a connection id, as ``Connection.id`` counts), ``CID:PORT`` (connections with
-    that endpoint) or ``CID:PORT,CID:PORT`` (both endpoints, either order)."""
+    """``N`` (a connection id, as ``TrackedConnection.id`` counts), ``CID:PORT`` (connections
+    with that endpoint) or ``CID:PORT,CID:PORT`` (both endpoints, either order)."""
     text = text.strip()
     if text.lstrip("#").isdigit():
         return int(text.lstrip("#"))
@@ -346,18 +353,42 @@ def parse_selector(text: str) -> int | Selector:
     return lambda c: {c.client, c.server} == want
 
 
+def as_selector(select: int | Selector) -> Selector:
+    """A connection id (``parse_selector``'s ``N``) as a selector; a selector as it is."""
+    if isinstance(select, int):
+        return lambda c: c.id == select
+    return select
+
+
+def follow_chunk(tracker: StreamTracker, view: PacketView, select: Selector) -> FollowChunk | None:
+    """The payload ``view`` adds to a connection ``select`` picks, after ``tracker.feed(view)``:
+    an RW packet's bytes, or an empty SEQPACKET message end; None for any other packet."""
+    conn, h = tracker.current, view.hdr
+    if conn is None or h is None or h.op != _RW or not select(conn):
+        return None
+    eom = h.type == _SEQPACKET and bool(h.flags & H.SEQ_EOM)
+    if not (view.payload or eom):
+        return None
+    return FollowChunk(conn, view.time, (h.src_cid, h.src_port) == conn.client, view.from_guest, view.payload, eom)
+
+
+def ended(tracker: StreamTracker, conn_id: int) -> bool:
+    """Whether the packet fed last ended (or evicted) connection ``conn_id``: following that
+    id, no later packet can add to it."""
+    return any(c.id == conn_id for c in tracker.closed)
+
+
 def follow(views: Iterable[PacketView], select: int | Selector) -> Iterator[FollowChunk]:
     """The payload of the selected connection(s), chunk by chunk in capture order; nothing is
-    kept between packets. With a connection id, stops once that connection has ended."""
+    kept between packets. With a connection id, stops once that connection has ended.
+    Tracks connections itself, without dissectors; ``vsproxy.decode.Decoder`` follows with
+    the tracker it dissects with."""
     tracker = StreamTracker(dissectors=())
-    match: Selector = (lambda c: c.id == select) if isinstance(select, int) else select
+    match = as_selector(select)
     for view in views:
         tracker.feed(view)
-        conn, h = tracker.current, view.hdr
-        if conn is not None and h is not None and h.op == _RW and match(conn):
-            eom = h.type == _SEQPACKET and bool(h.flags & H.SEQ_EOM)
-            if view.payload or eom:
-                src = (h.src_cid, h.src_port)
-                yield FollowChunk(conn, view.time, src == conn.client, view.from_guest, view.payload, eom)
-        if isinstance(select, int) and any(c.id == select for c in tracker.closed):
+        chunk = follow_chunk(tracker, view, match)
+        if chunk is not None:
+            yield chunk
+        if isinstance(select, int) and ended(tracker, select):
             return

@@ -4,8 +4,10 @@ first, then first bytes), SEQPACKET messages, memory bounds, follow."""
 
 from __future__ import annotations
 
+import gc
 import io
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -28,7 +30,10 @@ from dissectors.streams import (
     FollowChunk,
     SelectorError,
     StreamTracker,
+    as_selector,
+    ended,
     follow,
+    follow_chunk,
     parse_selector,
 )
 from vsproxy.capture import format as fmt
@@ -335,6 +340,40 @@ def test_buffered_bytes_are_capped_across_connections() -> None:
     assert tracker.live < 100
 
 
+def test_a_forgotten_connection_lets_its_dissectors_go_even_while_someone_holds_it() -> None:
+    made: weakref.WeakSet[AppDissector] = weakref.WeakSet()
+
+    class Held(AppDissector):
+        """Never completes a message: everything stays in the buffer."""
+
+        name = "held"
+        ports = frozenset({4545})
+
+        def __init__(self) -> None:
+            super().__init__()
+            made.add(self)
+
+        def parse(self, buf: bytearray, eom: bool) -> Step | None:
+            return None
+
+    cap = Capture()
+    for i in range(6):
+        c = (GUEST, 3000 + i)
+        cap.connect(c, (HOST, 4545))
+        cap.send(c, (HOST, 4545), b"x" * 3000)
+    cap.close((GUEST, 3005), (HOST, 4545))
+    tracker = StreamTracker([Held], max_buffered=10000)
+    held = []  # every connection object, as a consumer that keeps decoded packets would
+    for v in cap.views():
+        tracker.feed(v)
+        held += tracker.closed
+    gc.collect()
+    # three were shed to stay under 10,000 bytes and one closed: only the two live ones' remain
+    assert len(held) == 4 and tracker.live == 2 and tracker.buffered == 6000
+    assert len(made) == 2 * tracker.live
+    assert [c.proto for c in held] == ["held"] * 4  # what the connection was stays known
+
+
 def test_a_failing_plugin_is_reported_once_and_does_not_stop_the_read() -> None:
     class Boom(AppDissector):
         name = "boom"
@@ -447,6 +486,29 @@ def test_follow_by_id_stops_once_the_connection_has_ended() -> None:
     assert len(list(follow(source(), 1))) == 6
     # it stopped at the both-way SHUTDOWN: the RST and connection 2's last packet were not read
     assert len(consumed) == len(views) - 2
+
+
+def test_follow_chunk_beside_a_dissecting_tracker_gives_what_follow_gives() -> None:
+    views = _two_connections().views()
+    for select in (1, 2, parse_selector("2:8080")):
+        tracker = StreamTracker()
+        match = as_selector(select)
+        chunks, stopped_at = [], None
+        for i, v in enumerate(views):
+            tracker.feed(v)
+            chunk = follow_chunk(tracker, v, match)
+            if chunk is not None:
+                chunks.append(chunk)
+            if isinstance(select, int) and stopped_at is None and ended(tracker, select):
+                stopped_at = i
+        alone = list(follow(views, select))
+        assert [(c.conn.id, c.time, c.from_client, c.from_guest, c.data, c.eom) for c in chunks] == [
+            (c.conn.id, c.time, c.from_client, c.from_guest, c.data, c.eom) for c in alone
+        ]
+        assert {c.conn.proto for c in chunks} == {"http"}  # the dissecting tracker names the protocol
+        assert {c.conn.proto for c in alone} == {None}
+        assert stopped_at == (len(views) - 3 if select == 1 else None)  # connection 1's both-way SHUTDOWN
+    assert follow_chunk(StreamTracker(), views[0], as_selector(1)) is None  # a REQUEST carries no payload
 
 
 # -- cost ---------------------------------------------------------------------------------------------------

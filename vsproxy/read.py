@@ -1,10 +1,11 @@
 """``vsproxy read [options] FILE [FILTER ...]``: print a vsock capture, like ``tcpdump -r`` and
 ``tshark -r`` (``-`` reads stdin).
 
-Reads vsproxy's captures and the kernel's vsockmon ones (pcap or pcapng, LINKTYPE_VSOCK). Every
-packet goes through the stream tracker (``dissectors.streams``), which reassembles connections
-and names what they carry; the filter (``vsproxy.filter``, docs/filter.md), the rest of the
-command line joined by spaces, then picks the packets to print, in one of four forms:
+Reads vsproxy's captures and the kernel's vsockmon ones (pcap or pcapng, LINKTYPE_VSOCK). The
+decoding is ``vsproxy.decode.Decoder``'s: every packet goes through the stream tracker
+(``dissectors.streams``), which reassembles connections and names what they carry; the filter
+(``vsproxy.filter``, docs/filter.md), the rest of the command line joined by spaces, then picks
+the packets to print. This module parses the command line and prints, in one of four forms:
 
 - one line per packet (default): the capture's summary line, and when application messages end
   in the packet, two spaces, the connection id and their summaries (``  #1 HTTP GET /v1/keys``);
@@ -24,17 +25,16 @@ import argparse
 import json
 import os
 import sys
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
-from typing import IO, Any, BinaryIO, Final
+from typing import IO, Any, Final
 
-from dissectors.app import AppMessage, PluginError, load_plugins
-from dissectors.streams import Connection, FollowChunk, Selector, SelectorError, StreamTracker, follow, parse_selector
-from vsproxy.capture.reader import CaptureError, Packet, Record, as_json, dissect, printable, records, summary_line
+from dissectors.app import PluginError, load_plugins
+from dissectors.streams import FollowChunk, Selector, SelectorError
+from vsproxy.capture.reader import CaptureError, as_json, printable, records, summary_line
 from vsproxy.capture.view import PacketView
-from vsproxy.filter import FilterError, Predicate, compile_filter
+from vsproxy.decode import Decoded, Decoder, describe, follow_selector, open_capture
+from vsproxy.filter import Filter, FilterError, compile_filter
 from vsproxy.vsock import header as H
 
 PROG: Final = "vsproxy read"
@@ -46,12 +46,8 @@ MAX_SUMMARY: Final = 100
 # -V: the payload dump stops after this many bytes, a field value after this many characters.
 VERBOSE_PAYLOAD: Final = 256
 MAX_FIELD: Final = 200
-# Connections that ended stay known for their trailing packets (a CREDIT_UPDATE after both
-# SHUTDOWNs, the last RST) while this many newer ones have not ended since.
-RECENT_CONNECTIONS: Final = 4096
 
 _SEQPACKET: Final = int(H.Type.SEQPACKET)
-_TYPE_NAMES: Final = {int(t): t.name for t in H.Type}
 
 
 class _Usage(Exception):
@@ -110,17 +106,10 @@ def _positive(text: str) -> int:
     return n
 
 
-@dataclass(slots=True)
-class _Progress:
-    """Packets read so far, for the message a damaged capture ends with."""
-
-    read: int = 0
-
-
 def main(argv: list[str]) -> int:
     args = build_parser().parse_intermixed_args(argv)
     try:
-        pred = _compile(" ".join(args.filter))
+        flt = _compile(" ".join(args.filter))
         select = _selector(args.follow) if args.follow is not None else None
         if args.hex and select is None:
             raise _Usage("--hex goes with --follow")
@@ -132,28 +121,26 @@ def main(argv: list[str]) -> int:
         print(f"{PROG}: {_one_line(str(e))}", file=sys.stderr)
         return 2
     try:
-        f: BinaryIO = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")
+        f = open_capture(args.file)
     except OSError as e:
         print(f"{PROG}: {args.file}: {e.strerror}", file=sys.stderr)
         return 2
+    decoder = Decoder(flt, follow=select)  # after load_plugins: it takes the registered dissectors
     out = sys.stdout
-    progress = _Progress()
     try:
         with f:
-            packets = records(f)
+            packets = decoder.packets(records(f))
             if select is not None:
-                printed = _follow(packets, pred, select, args.count, args.hex, out, progress)
+                printed = _follow(packets, args.count, args.hex, out)
                 if not printed:
                     print(f"{PROG}: --follow {args.follow}: no payload to show", file=sys.stderr)
             else:
                 render = _json if args.json else _verbose if args.verbose else _line
-                # one-line mode needs a connection only for a packet that ends messages, and
-                # such a packet's connection is the tracker's current one
-                _print_packets(packets, pred, args.count, render, args.json or args.verbose, out, progress)
+                _print_packets(packets, args.count, render, out)
             out.flush()
     except CaptureError as e:
         _flush_quietly(out)
-        n = progress.read
+        n = decoder.count
         print(f"{PROG}: {args.file}: {e} (after {n} packet{'' if n == 1 else 's'})", file=sys.stderr)
         return 1
     except BrokenPipeError:
@@ -167,20 +154,16 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _compile(text: str) -> Predicate | None:
-    """The filter's predicate, or None when it matches every packet (the loop skips the call)."""
+def _compile(text: str) -> Filter:
     try:
-        flt = compile_filter(text)
+        return compile_filter(text)
     except FilterError as e:
         raise _Usage(f"bad filter: {e}\n{e.render()}") from None
-    return None if flt.matches_all else flt.predicate
 
 
 def _selector(text: str) -> Selector | int:
-    if text.strip().lower() == "all":
-        return lambda conn: True
     try:
-        return parse_selector(text)
+        return follow_selector(text)
     except SelectorError as e:
         raise _Usage(f"--follow: {e}, or all") from None
 
@@ -212,102 +195,15 @@ def _reader_went_away() -> int:
 
 # --- the packets -----------------------------------------------------------------------------
 
-
-@dataclass(frozen=True, slots=True)
-class _Ended:
-    """A connection the tracker has closed, kept small: the tracker's ``Connection`` would keep
-    its dissectors' buffers alive."""
-
-    id: int
-    device: str
-    client: tuple[int, int]
-    server: tuple[int, int]
-    sock_type: int
-    proto: str | None
+_Render = Callable[[Decoded], str]
 
 
-def describe(conn: Connection | _Ended) -> str:
-    """``#1 app 5:1024 > 2:8080 STREAM http``: id, device, client > server, type, protocol."""
-    dev = f"{printable(conn.device)} " if conn.device else ""
-    kind = _TYPE_NAMES.get(conn.sock_type, f"type{conn.sock_type}")
-    proto = f" {conn.proto}" if conn.proto else ""
-    return f"#{conn.id} {dev}{conn.client[0]}:{conn.client[1]} > {conn.server[0]}:{conn.server[1]} {kind}{proto}"
-
-
-class _Connections:
-    """Each packet's connection: the tracker's current one or, for the trailing packets of a
-    connection the tracker has already closed (a CREDIT_UPDATE after both SHUTDOWNs, the last
-    RST), that connection, remembered while RECENT_CONNECTIONS newer ones have not ended."""
-
-    def __init__(self, tracker: StreamTracker) -> None:
-        self._tracker = tracker
-        self._recent: OrderedDict[tuple[str, tuple[int, int], tuple[int, int], int], _Ended] = OrderedDict()
-
-    def fed(self) -> None:
-        """Call after each ``tracker.feed``: remember the connections that packet ended."""
-        for c in self._tracker.closed:
-            lo, hi = sorted((c.client, c.server))
-            self._recent[(c.device, lo, hi, c.sock_type)] = _Ended(
-                c.id, c.device, c.client, c.server, c.sock_type, c.proto
-            )
-            while len(self._recent) > RECENT_CONNECTIONS:
-                self._recent.popitem(last=False)
-
-    def id_of(self, view: PacketView) -> int | None:
-        conn = self._tracker.current
-        if conn is not None:
-            return conn.id
-        ended = self._ended(view)
-        return ended.id if ended is not None else None
-
-    def text_of(self, view: PacketView) -> str | None:
-        conn = self._tracker.current
-        if conn is not None:
-            return describe(conn)
-        ended = self._ended(view)
-        return describe(ended) if ended is not None else None
-
-    def _ended(self, view: PacketView) -> _Ended | None:
-        h = view.hdr
-        if h is None:
-            return None
-        src, dst = (h.src_cid, h.src_port), (h.dst_cid, h.dst_port)
-        lo, hi = (src, dst) if src < dst else (dst, src)
-        return self._recent.get((view.device, lo, hi, h.type))
-
-
-def _view(rec: Record, pkt: Packet) -> PacketView:
-    return PacketView(rec.ts, rec.interface, rec.inbound, pkt.hdr, pkt.mon_op, pkt.payload, rec.comment)
-
-
-_Render = Callable[[Packet, PacketView, list[AppMessage], _Connections], str]
-
-
-def _print_packets(
-    recs: Iterable[Record],
-    pred: Predicate | None,
-    count: int | None,
-    render: _Render,
-    remember: bool,
-    out: IO[str],
-    progress: _Progress,
-) -> None:
-    """Feed every packet to the tracker (it needs them all), print those the filter matches."""
-    tracker = StreamTracker()
-    conns = _Connections(tracker)
-    feed = tracker.feed
+def _print_packets(packets: Iterable[Decoded], count: int | None, render: _Render, out: IO[str]) -> None:
+    """Print the packets the filter matched (the decoder has fed every packet to the tracker)."""
     write = out.write
     printed = 0
-    for rec in recs:
-        progress.read += 1
-        pkt = dissect(rec)
-        view = _view(rec, pkt)
-        msgs = feed(view)
-        if remember and tracker.closed:
-            conns.fed()
-        if pred is not None and not pred(view):
-            continue
-        write(render(pkt, view, msgs, conns))
+    for d in packets:
+        write(render(d))
         printed += 1
         if printed == count:
             return
@@ -331,17 +227,18 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _line(pkt: Packet, view: PacketView, msgs: list[AppMessage], conns: _Connections) -> str:
-    if not view.app:
-        return summary_line(pkt) + "\n"
-    return summary_line(pkt, app_tail(conns.id_of(view), view.app)) + "\n"
+def _line(d: Decoded) -> str:
+    app = d.view.app
+    if not app:
+        return summary_line(d.packet) + "\n"
+    return summary_line(d.packet, app_tail(d.conn_id, app)) + "\n"
 
 
-def _json(pkt: Packet, view: PacketView, msgs: list[AppMessage], conns: _Connections) -> str:
-    obj = as_json(pkt)
-    obj["conn"] = conns.id_of(view)
-    obj["proto"] = view.proto
-    obj["app"] = list(view.app)
+def _json(d: Decoded) -> str:
+    obj = as_json(d.packet)
+    obj["conn"] = d.conn_id
+    obj["proto"] = d.view.proto
+    obj["app"] = list(d.view.app)
     return json.dumps(obj) + "\n"
 
 
@@ -356,10 +253,11 @@ _DIRECTION: Final = {
 }
 
 
-def _verbose(pkt: Packet, view: PacketView, msgs: list[AppMessage], conns: _Connections) -> str:
-    conn = conns.text_of(view)
+def _verbose(d: Decoded) -> str:
+    pkt = d.packet
+    conn = d.conn_text()
     rec = pkt.record
-    lines = [_line(pkt, view, msgs, conns).rstrip("\n"), f"{_INDENT}frame"]
+    lines = [_line(d).rstrip("\n"), f"{_INDENT}frame"]
     facts = [
         ("time", _date(rec.ts)),
         ("interface", printable(rec.interface) or "(not in the file)"),
@@ -372,7 +270,7 @@ def _verbose(pkt: Packet, view: PacketView, msgs: list[AppMessage], conns: _Conn
         facts.append(("connection", conn))
     lines += _fields(facts)
     lines += _layers(rec.frame)
-    for m in msgs:
+    for m in d.messages:
         lines.append(f"{_INDENT}{printable(m.summary)}")
         lines += [f"{_INDENT * 2}{printable(name)}: {_cut(printable(value), MAX_FIELD)}" for name, value in m.fields]
     if pkt.payload:
@@ -449,55 +347,20 @@ def escaped(data: bytes) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
-@dataclass(slots=True)
-class _Current:
-    """The packet the follow loop is on: ``follow`` yields a chunk while it handles it."""
-
-    view: PacketView | None = None
-    proto: str | None = None
-    matched: bool = False
-
-
-def _follow(
-    recs: Iterable[Record],
-    pred: Predicate | None,
-    select: Selector | int,
-    count: int | None,
-    as_hex: bool,
-    out: IO[str],
-    progress: _Progress,
-) -> int:
-    """Print the selected connections' payload; return how many chunks were printed.
-
-    ``follow`` tracks connections itself from every packet, so its ids are the ones one-line
-    mode shows; the dissecting tracker runs beside it for the protocol name and for filters on
-    ``proto`` and ``app``. The filter decides which packets' payload is printed."""
-    tracker = StreamTracker()
-    cur = _Current()
-
-    def packets() -> Iterator[PacketView]:
-        for rec in recs:
-            progress.read += 1
-            view = _view(rec, dissect(rec))
-            tracker.feed(view)
-            cur.view = view
-            cur.proto = tracker.current.proto if tracker.current is not None else None
-            cur.matched = pred is None or pred(view)
-            yield view
-
+def _follow(packets: Iterable[Decoded], count: int | None, as_hex: bool, out: IO[str]) -> int:
+    """Print the payload the decoder cut from the selected connections, of the packets the
+    filter matched; return how many chunks were printed."""
     write = out.write
     printed = 0
-    shown: Connection | None = None
-    for chunk in follow(packets(), select):
-        if not cur.matched:
+    shown = None
+    for d in packets:
+        chunk = d.chunk
+        if chunk is None:
             continue
         if chunk.conn is not shown:
             shown = chunk.conn
-            text = describe(chunk.conn)
-            if chunk.conn.proto is None and cur.proto:  # follow's own tracker does not dissect
-                text += f" {cur.proto}"
-            write(f"=== {text} ===\n")
-        write(_chunk_head(chunk, cur.view))
+            write(f"=== {describe(chunk.conn)} ===\n")
+        write(_chunk_head(chunk, d.view))
         if as_hex:
             write("".join(f"{row}\n" for row in hexdump(chunk.data)))
         elif chunk.data:
