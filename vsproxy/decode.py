@@ -218,7 +218,9 @@ class Decoder:
         recent = self._recent
         for c in closed:
             lo, hi = sorted((c.client, c.server))
-            recent[(c.device, lo, hi, c.sock_type)] = c
+            key = (c.device, lo, hi, c.sock_type)
+            recent[key] = c
+            recent.move_to_end(key)  # a reused key is the newest, not kept at its old place
             while len(recent) > self._max_recent:
                 recent.popitem(last=False)
 
