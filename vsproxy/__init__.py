@@ -1,15 +1,41 @@
 """vsproxy: a packet-level vsock proxy and traffic inspector.
 
-Architecture. vsproxy is a vhost-user-vsock back-end: QEMU connects to its unix
-socket and shares guest memory; vsproxy reads the guest's virtqueues and is the
-guest's vsock peer. The protocol logic is sans-I/O: ``vhost_user.codec`` and
-``vhost_user.session`` turn front-end messages into actions, ``virtq`` walks
-split rings over guest memory with every guest-written value checked, and
-``vsock.core`` runs the connections and their credit, talking to host sides only
-through the ``endpoints.base.Peer`` interface. The I/O shell is thin: ``loop``
-(one epoll, one thread), ``device`` (vhost-user socket, eventfds, mmap) and
-``endpoints.sockets`` (hybrid unix and TCP). ``simguest`` is a Python front-end
-plus guest driver used by tests, benchmarks and the demo.
+vsproxy is a vhost-user-vsock back-end: QEMU connects to its unix socket and shares guest
+memory; vsproxy reads the guest's virtqueues and is the guest's vsock peer. The map, from
+the wire in:
+
+Protocol logic, sans-I/O (bytes and records in, records and actions out):
+    ``vhost_user.codec``, ``vhost_user.session``  front-end messages -> actions
+    ``virtq``                split rings over guest memory; every guest-written value checked
+    ``vsock.header``         the virtio-vsock header (names from linux/virtio_vsock.h)
+    ``vsock.core``           one device's connections: the guest's packets in, effects out,
+                             built from ``vsock.table`` (connections, state transitions, RST,
+                             limits), ``vsock.credit`` (all credit arithmetic),
+                             ``vsock.credit_flow``, ``vsock.seqpacket``, ``vsock.tohost`` (guest
+                             data to the peers), ``vsock.rx`` (filling the rx ring) and
+                             ``vsock.lending`` (connections lent to the C pump)
+    ``policy``               routing and allowlist decisions; ``verdict`` their typed marks
+    ``limits``               per-tenant limits, descriptor exhaustion, rate-limited logging
+
+I/O shell:
+    ``loop``                 one epoll, cancellable timers, the last line of defence
+    ``device``               a device: settings, vhost-user socket, host listeners
+    ``frontend``             its QEMU session: messages carried out, rings, eventfds, hooks
+    ``datapath``             the pump: tx chains to the core, rx chains filled, interrupts
+    ``fastpath``, ``_c/``    the C fast paths (optional; ``VSPROXY_NO_C=1`` runs without)
+    ``switch``               verdicts carried out: host sides, services, siblings
+    ``endpoints``            ``base`` (the Peer interface), ``sockets`` (socket peers),
+                             ``listeners``, ``host`` (where host sides are), ``vsock``
+                             (AF_VSOCK), ``services`` (a registry of kinds), ``sibling``
+    ``app``, ``cli``, ``config``  the running proxy, its command line and files
+
+Seeing the traffic (after the verdict, never on the data path's way):
+    ``taps``, ``capture``    live taps and pcap/pcapng capture; the capture reader
+    ``decode``               the one decoding pipeline: records in, decoded packets out
+    ``filter``               the filter language; ``read`` the ``vsproxy read`` command
+    ``dissectors`` (top level)  scapy layers and application dissectors
+
+``simguest`` is a simulated QEMU and Linux guest driver for tests, benchmarks and the demo.
 """
 
 __version__ = "0.1.0"
