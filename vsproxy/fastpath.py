@@ -9,11 +9,11 @@ other chain comes back as "slow", for the Python walker, which stays the referen
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from vsproxy._ext import load
 from vsproxy.taps import CAP_NONE, CaptureSink, RecordChunk, Taps
 from vsproxy.virtq import SplitQueue
 from vsproxy.vsock.lending import (  # the records and flags C shares with the core, defined sans-I/O
@@ -25,15 +25,8 @@ from vsproxy.vsock.lending import (  # the records and flags C shares with the c
 )
 from vsproxy.vsock.rx import RX_SLOW, RxFill
 
-try:
-    if os.environ.get("VSPROXY_NO_C"):
-        raise ImportError("disabled by VSPROXY_NO_C")
-    from vsproxy._fastpath import ffi, lib  # type: ignore[import-not-found]
-
-    AVAILABLE = True
-except ImportError:  # pragma: no cover - exercised when the extension was not built
-    ffi = lib = None
-    AVAILABLE = False
+ffi, lib = load("vsproxy._fastpath")
+AVAILABLE = lib is not None
 
 __all__ = ["AVAILABLE", "CREDIT", "SLOW", "TAIL", "CaptureCall", "CreditItem", "Run", "RxFastPath", "RxFill", "Slow",
            "Tail", "TxFastPath", "ffi", "lib"]

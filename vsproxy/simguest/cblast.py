@@ -12,9 +12,9 @@ hand anything else back to the Python driver, which stays the reference (``VSPRO
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any
 
+from vsproxy._ext import load
 from vsproxy.vsock import header as vh
 
 from .errors import RingError, SimGuestTimeout
@@ -23,15 +23,8 @@ from .ring import SplitRing
 if TYPE_CHECKING:
     from .driver import Conn, VsockDriver
 
-try:
-    if os.environ.get("VSPROXY_NO_C"):
-        raise ImportError("disabled by VSPROXY_NO_C")
-    from vsproxy.simguest._cblast import ffi, lib  # type: ignore[import-not-found]
-
-    AVAILABLE = True
-except ImportError:  # pragma: no cover - exercised when the extension was not built
-    ffi = lib = None
-    AVAILABLE = False
+ffi, lib = load("vsproxy.simguest._cblast")
+AVAILABLE = lib is not None
 
 SG_DONE, SG_RX, SG_TIMEOUT, SG_BAD, SG_HEADERS, SG_CREDIT = range(6)  # _c/cblast.h
 MAX_HEADERS = 256
