@@ -23,6 +23,8 @@ from vsproxy.vsock.core import CREDIT_REQUEST_DELAY
 from vsproxy.vsock.header import Op
 from vsproxy.vsock.lending import OwnedBack, OwnedCounts
 
+pytestmark = pytest.mark.c_paths
+
 Start = Callable[..., VsproxyProcess]
 MiB = 1 << 20
 

@@ -23,6 +23,8 @@ from vsproxy.vsock import header as H
 from vsproxy.vsock import lending
 from vsproxy.vsock.lending import OwnedBack
 
+pytestmark = pytest.mark.c_paths
+
 PAYLOAD = 4096 - H.HDR_SIZE  # what one of the harness's rx buffers holds
 SELF = lending.OWN_F_WAIT | lending.OWN_F_SELF  # a guest that sends its updates unasked
 Start = Callable[..., VsproxyProcess]

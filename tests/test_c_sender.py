@@ -16,6 +16,8 @@ from vsproxy.vsock import header as H
 from vsproxy.vsock import lending
 from vsproxy.vsock.lending import OwnedBack
 
+pytestmark = pytest.mark.c_paths
+
 
 @pytest.fixture
 def rings() -> Iterator[Rings]:

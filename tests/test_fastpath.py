@@ -25,6 +25,8 @@ from vsproxy.virtq import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, Chain
 from vsproxy.vsock import header as H
 from vsproxy.vsock import rx
 
+pytestmark = pytest.mark.c_paths
+
 GUEST = 5
 
 

@@ -15,6 +15,8 @@ from helpers import VsproxyProcess, unix_server, wait_for
 from vsproxy.simguest import GuestSocket, SimGuest, cblast
 from vsproxy.vsock import header as H
 
+pytestmark = pytest.mark.c_paths
+
 Start = Callable[..., VsproxyProcess]
 
 

@@ -922,6 +922,7 @@ def test_vsproxy_counters(group: Group, group_facts: GroupFactsFn) -> None:
 
 
 @pytest.mark.parametrize("group", params(PC_GROUPS))
+@pytest.mark.c_paths
 def test_a_real_guests_data_crosses_the_c_paths(group: Group, group_facts: GroupFactsFn) -> None:
     """Linux's chains take the C paths: guest data sent to the host socket from C (c_pump_sends),
     with the exact byte counts test_vsproxy_counters checks. (-M pc: guest memory is one region,
