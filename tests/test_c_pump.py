@@ -89,6 +89,11 @@ class FakeOwner:
         got, self.pending = self.pending, OwnedCounts()
         return got
 
+    def peek(self, slot: int) -> OwnedBack:
+        lent = self.lent
+        return OwnedBack(0, 0, int(lent["tx_cnt"]), int(lent["peer_buf_alloc"]),  # type: ignore[call-overload]
+                         int(lent["peer_fwd_cnt"]), int(lent["flags"]), self.pending)  # type: ignore[call-overload]
+
 
 def shut_window(data: bytes = b"x" * 10000, window: int = 3000) -> tuple[Harness, FakeOwner, Connection]:
     """A connection whose guest window (``window`` bytes) the host data has filled."""

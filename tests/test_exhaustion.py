@@ -248,7 +248,12 @@ def test_host_connections_into_a_guest_listener_stop_at_the_device_limit(rig_fac
 
     def dial() -> tuple[socket.socket, GuestSocket | None]:
         """A host connection, and the guest's end of it, or None once vsproxy closed it."""
-        host = dial_tcp(rig, tcp_port) if how == "tcp-listen" else dial_hybrid(rig, 7000)
+        try:
+            host = dial_tcp(rig, tcp_port) if how == "tcp-listen" else dial_hybrid(rig, 7000)
+        except ConnectionResetError:  # refused and reset before connect() or the CONNECT line returned
+            closed = socket.socket()
+            closed.close()
+            return closed, None
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:  # whichever comes first; neither hangs on a slow machine
             try:
@@ -270,7 +275,7 @@ def test_host_connections_into_a_guest_listener_stop_at_the_device_limit(rig_fac
                 guests.append(gs)
                 assert len(guests) <= limit
             assert len(guests) == limit
-            assert refused(hosts[-1])
+            assert hosts[-1].fileno() == -1 or refused(hosts[-1])
             rig.alive()
             assert rig.counter("A", "limit_refused") >= 1
             sibling_transfer(rig, gb, 6000)

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
@@ -17,8 +18,8 @@ from vsproxy.device import Device, DeviceConfig
 from vsproxy.limits import Limits, default_limits, fds_needed, nofile_limit
 from vsproxy.loop import Loop
 from vsproxy.policy import DeviceSpec, Policy
+from vsproxy.snapshot import Snapshot, take
 from vsproxy.switch import Switch
-from vsproxy.vsock.table import Traffic
 
 log = logging.getLogger("vsproxy")
 
@@ -53,6 +54,33 @@ def _figures(values: Iterator[int]) -> str:
     """``65536``, or ``100..400`` when devices differ."""
     vs = sorted(set(values))
     return str(vs[0]) if len(vs) == 1 else f"{vs[0]}..{vs[-1]}"
+
+
+def report_lines(snap: Snapshot) -> list[str]:
+    """The SIGUSR1 and exit report: a line per device, per rule, the process, the capture."""
+    lines = []
+    for d in snap.devices:
+        row: dict[str, int] = {"sessions": d.sessions}
+        if d.frontend:
+            c = d.counters
+            row.update(
+                conns=d.connections, tx_pkts=c.tx_packets, tx_bytes=c.tx_bytes, rx_pkts=c.rx_packets,
+                rx_bytes=c.rx_bytes, rst=c.rst_sent, spoofed=c.spoofed, bad_pkts=c.bad_packets,
+                credit_violations=c.credit_violations, bad_chains=d.bad_chains, refused=c.connections_refused,
+                c_pump_updates=c.pump_updates, c_pump_reads=c.pump_reads, c_pump_kicks=c.pump_kicks,
+                c_pump_sends=c.pump_sends, c_pump_blocked=c.pump_blocked, c_pump_read_ahead=c.pump_read_ahead,
+                limit_refused=c.limit_refused, faults=c.faults,
+            )
+        lines.append(f"{d.name}: " + " ".join(f"{k}={v}" for k, v in row.items()))
+    for r in snap.rules:
+        lines.append(f"rule {r.name!r}: connections={r.connections} denials={r.denials} rewrites={r.rewrites} "
+                     f"packets={r.packets} bytes={r.bytes}")
+    h = snap.process
+    lines.append(f"process: fd_exhausted={h.fd_exhausted} accept_pauses={h.accept_pauses} "
+                 f"handshakes_dropped={h.handshakes_dropped} faults={h.faults}")
+    if snap.capture is not None:
+        lines.append("capture: " + " ".join(f"{k}={v}" for k, v in snap.capture.items()))
+    return lines
 
 
 class Proxy:
@@ -122,61 +150,33 @@ class Proxy:
         self.devices = []
         self.loop.close()
 
-    def snapshot(self) -> dict[str, dict[str, dict[str, int]]]:
-        """Every counter, per device and per rule: the one interface reports, capture and the
-        TUI read. Device counters are those of the current front-end session."""
-        devices: dict[str, dict[str, int]] = {}
-        for d in self.devices:
-            row = {"sessions": d.sessions_served}
-            s = d.session
-            if s is not None:
-                s.core.sync_owned()
-                c = s.core.counters
-                qs = [q.counters for q in s.queues if q is not None]
-                row.update(
-                    conns=len(s.core.conns), tx_pkts=c.tx_packets, tx_bytes=c.tx_bytes, rx_pkts=c.rx_packets,
-                    rx_bytes=c.rx_bytes, rst=c.rst_sent, spoofed=c.spoofed, bad_pkts=c.bad_packets,
-                    credit_violations=c.credit_violations, bad_chains=sum(q.bad_chains for q in qs),
-                    refused=c.connections_refused, c_pump_updates=c.pump_updates,
-                    c_pump_reads=c.pump_reads, c_pump_kicks=c.pump_kicks, c_pump_sends=c.pump_sends,
-                    c_pump_blocked=c.pump_blocked, c_pump_read_ahead=c.pump_read_ahead,
-                    limit_refused=c.limit_refused, faults=c.faults,
-                )
-            devices[d.name] = row
-        traffic: dict[str, Traffic] = {}
-        for k, v in self.switch.rule_totals.items():
-            traffic.setdefault(k, Traffic()).add(v)
-        for d in self.devices:
-            if d.session is not None:
-                for k, v in d.session.core.live_rule_stats().items():
-                    traffic.setdefault(k, Traffic()).add(v)
-        rules = {}
-        for name, rc in sorted(self.switch.rules.items()):
-            t = traffic.get(name, Traffic())
-            rules[name] = {"connections": rc.connections, "denials": rc.denials, "rewrites": rc.rewrites,
-                           "packets": t.packets, "bytes": t.bytes}
-        h = self.loop.health
-        snap: dict[str, dict[str, dict[str, int]]] = {
-            "devices": devices, "rules": rules,
-            "process": {"all": {"fd_exhausted": h.fd_exhausted, "accept_pauses": h.accept_pauses,
-                                "handshakes_dropped": h.handshakes_dropped, "faults": h.faults}},
-        }
-        if self.capture is not None:
-            cc = self.capture.counters
-            snap["capture"] = {"all": {"packets": cc.packets, "bytes": cc.bytes, "dropped": cc.dropped,
-                                       "files": cc.files}}
-        return snap
+    def snapshot(self, timeout: float = 5.0) -> Snapshot:
+        """Every device, rule and connection, typed; changes nothing. Safe from any thread: off the
+        loop's thread it is taken on the loop (TimeoutError if the loop does not answer)."""
+        loop = self.loop
+        if loop.thread_id is None or loop.thread_id == threading.get_ident() or loop.stopping:
+            return take(self)
+        done = threading.Event()
+        box: list[Snapshot | BaseException] = []
+
+        def on_loop() -> None:
+            try:
+                box.append(take(self))
+            except BaseException as e:  # handed to the caller's thread
+                box.append(e)
+            done.set()
+
+        loop.call_soon_threadsafe(on_loop)
+        if not done.wait(timeout):
+            raise TimeoutError("the loop did not answer for a snapshot")
+        got = box[0]
+        if isinstance(got, BaseException):
+            raise got
+        return got
 
     def report(self, out: TextIO = sys.stderr) -> None:
-        snap = self.snapshot()
-        for name, row in snap["devices"].items():
-            print(f"{name}: " + " ".join(f"{k}={v}" for k, v in row.items()), file=out, flush=True)
-        for name, row in snap["rules"].items():
-            print(f"rule {name!r}: " + " ".join(f"{k}={v}" for k, v in row.items()), file=out, flush=True)
-        for row in snap["process"].values():
-            print("process: " + " ".join(f"{k}={v}" for k, v in row.items()), file=out, flush=True)
-        for row in snap.get("capture", {}).values():
-            print("capture: " + " ".join(f"{k}={v}" for k, v in row.items()), file=out, flush=True)
+        for line in report_lines(self.snapshot()):
+            print(line, file=out, flush=True)
 
     @contextmanager
     def signals(self) -> Iterator[None]:

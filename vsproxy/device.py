@@ -15,6 +15,7 @@ from vsproxy.endpoints.host import HostEndpoints
 from vsproxy.endpoints.listeners import DEFAULT_MAX_HANDSHAKES, Acceptor, HybridListener, TcpListener, listen_unix
 from vsproxy.endpoints.sibling import SiblingEnd
 from vsproxy.endpoints.sockets import CoreHooks, SocketPeer
+from vsproxy.events import EventKind
 from vsproxy.frontend import FrontendSession
 from vsproxy.limits import Limits, ratelog
 from vsproxy.loop import Loop
@@ -108,7 +109,8 @@ class Device:
         return s is not None and s.running
 
     def connect_sibling(self, end: SiblingEnd, guest_port: int, type_: int, src_cid: int, src_port: int,
-                        window: int, rule: tuple[str, ...], mark: Mark | None) -> bool:
+                        window: int, rule: tuple[str, ...], mark: Mark | None,
+                        real: tuple[int, int] | None = None) -> bool:
         """A sibling device's connection into this guest's ``guest_port``, seen as coming from
         ``src_cid:src_port``, advertising at most ``window``: True once its REQUEST is queued."""
         s = self.session
@@ -120,6 +122,7 @@ class Device:
             return False
         conn.rule = rule
         conn.mark = mark
+        conn.real = real
         end.attach(s, conn)
         s.kick_pump()
         return True
@@ -143,6 +146,7 @@ class Device:
             conn.rule = rules
             if seen_cid != 2:
                 conn.mark = Mark.rewritten_to(rules[-1], 2, conn.peer_port)
+                conn.real = (2, conn.peer_port)
         s.kick_pump()
         return conn
 
@@ -154,6 +158,7 @@ class Device:
             return
         self.sessions_served += 1
         log.info("%s: front-end connected (session %d)", self.name, self.sessions_served)
+        self.switch.events.publish(EventKind.FRONTEND_CONNECTED, self.name, detail=f"session {self.sessions_served}")
         self.session = FrontendSession(self, sock)
 
     def session_ended(self, session: FrontendSession) -> None:

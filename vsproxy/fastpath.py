@@ -304,6 +304,13 @@ class TxFastPath(_RingPath):
         e.tx_packets = e.tx_bytes = e.updates_sent = e.sends = e.ra_bytes = 0
         return got
 
+    def peek(self, slot: int) -> OwnedBack:
+        """The slot's credit state and what C did since Python last looked, changing nothing
+        (snapshots read this; ``counts`` hands the counts over)."""
+        e = self._own[slot]
+        return OwnedBack(0, e.err, e.tx_cnt, e.peer_buf_alloc, e.peer_fwd_cnt, e.flags, _counts(e), e.rx_cnt,
+                         e.fwd_cnt, e.adv_fwd_cnt, e.ahead, b"")
+
     def take_back(self, slot: int) -> OwnedBack:
         """Python needs the connection: C lets go of it, and of the rx chains it holds for
         it (their bytes come back as ``prebuf``)."""

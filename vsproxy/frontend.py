@@ -15,6 +15,7 @@ from vsproxy import fastpath
 from vsproxy.datapath import SWEEP_INTERVAL, TX_BATCH, DataPath
 from vsproxy.endpoints.base import Peer
 from vsproxy.endpoints.sockets import CoreHooks
+from vsproxy.events import EventKind
 from vsproxy.fastpath import RxFastPath, TxFastPath
 from vsproxy.limits import ratelog
 from vsproxy.memory import GuestMemory, MemoryError_
@@ -67,6 +68,7 @@ class FrontendSession(DataPath, CoreHooks):
         )
         self.core.rule_totals = device.switch.rule_totals
         self.core.taps = device.switch.taps
+        self.core.events = self.events = device.switch.events
         self.closed = False
         self._pump_scheduled = False
         self.loop.set_reader(sock.fileno(), self._on_message)
@@ -219,6 +221,8 @@ class FrontendSession(DataPath, CoreHooks):
             q.indirect,
             self.session.has(codec.VIRTIO_F_VERSION_1),
         )
+        if self.running:
+            self.events.publish(EventKind.RINGS_STARTED, self.name, detail=f"ring sizes {self.session.vrings[0].num}")
         self.kick_pump()
 
     def _close_rx_path(self) -> None:
@@ -252,6 +256,7 @@ class FrontendSession(DataPath, CoreHooks):
         if q is None:
             return self.session.vrings[index].base
         # The guest driver is going away (poweroff, reboot, reset): its connections end with it.
+        self.events.publish(EventKind.RINGS_STOPPED, self.name, detail=f"vring {index} stopped")
         self.core.close_all()
         log.info("%s: vring %d stopped at %d", self.name, index, q.last_avail_idx)
         return q.last_avail_idx
@@ -320,6 +325,7 @@ class FrontendSession(DataPath, CoreHooks):
         if self.closed:
             return
         (log.error if error else log.info)("%s: front-end session ended: %s", self.name, reason)
+        self.events.publish(EventKind.FRONTEND_GONE, self.name, detail=reason)
         self.closed = True
         self.core.close_all()
         if self.core.lingering():

@@ -19,7 +19,9 @@ import itertools
 import logging
 import select
 import socket
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from vsproxy.limits import Health, ratelog
@@ -83,6 +85,8 @@ class Loop:
         self._seq = itertools.count()
         self.health = Health()
         self._soon: list[Callback] = []
+        self._from_threads: deque[Callback] = deque()  # call_soon_threadsafe (deque.append is atomic)
+        self.thread_id: int | None = None  # the thread running the loop
         self.stopping = False
         # Lets another thread (demo, tests) wake the loop, e.g. to stop it.
         self._wake_r, self._wake_w = socket.socketpair()
@@ -197,7 +201,14 @@ class Loop:
     def call_soon(self, cb: Callback) -> None:
         self._soon.append(cb)
 
+    def call_soon_threadsafe(self, cb: Callback) -> None:
+        """From any thread: run ``cb`` on the loop's thread, soon."""
+        self._from_threads.append(cb)
+        self.wakeup()
+
     def run_once(self, max_wait: float = 1.0) -> None:
+        while self._from_threads:
+            self._soon.append(self._from_threads.popleft())
         timeout = max_wait
         if self._soon:
             timeout = 0.0
@@ -249,6 +260,7 @@ class Loop:
                 self._fault(scb, e)
 
     def run(self) -> None:
+        self.thread_id = threading.get_ident()
         while not self.stopping:
             self.run_once()
 

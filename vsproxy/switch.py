@@ -18,6 +18,8 @@ from vsproxy.endpoints.base import Peer
 from vsproxy.endpoints.services import ServicePeer
 from vsproxy.endpoints.sibling import SiblingEnd, pair
 from vsproxy.endpoints.sockets import CoreHooks
+from vsproxy.eventbus import EventBus
+from vsproxy.events import EventKind
 from vsproxy.limits import ratelog
 from vsproxy.loop import Loop
 from vsproxy.policy import HOST_CID, Policy
@@ -50,7 +52,8 @@ class SwitchedDevice(Protocol):
     @property
     def running(self) -> bool: ...
     def connect_sibling(self, end: SiblingEnd, guest_port: int, type_: int, src_cid: int, src_port: int,
-                        window: int, rule: tuple[str, ...], mark: Mark | None) -> bool: ...
+                        window: int, rule: tuple[str, ...], mark: Mark | None,
+                        real: tuple[int, int] | None = None) -> bool: ...
 
 
 class Switch:
@@ -63,6 +66,8 @@ class Switch:
         self.rule_totals: dict[str, Traffic] = {}
         # taps every device's core feeds (capture, TUI): one list shared by all cores
         self.taps = Taps()
+        # connection and device events every device's core and session report (vsproxy/eventbus.py)
+        self.events = EventBus()
 
     def register(self, device: SwitchedDevice) -> None:
         self.devices[device.name] = device
@@ -89,6 +94,7 @@ class Switch:
             return None
         if route.remap is not None:
             conn.mark = Mark.rewritten_to(route.remap, route.cid, route.port)
+            conn.real = (route.cid, route.port)
         # every connection is in the capture; the log keeps a sample, so a flood cannot flood it
         ratelog(log, logging.INFO, f"{dev.name}: allowed", "%s allowed by %s", where, route.rule)
         conn.rule = (route.rule,) if route.remap is None else (route.rule, route.remap)
@@ -115,7 +121,8 @@ class Switch:
             else None
         # the receiving guest is told a window no larger than the sender's own
         if not target.connect_sibling(b, route.port, conn.type, seen_cid, conn.guest_port,
-                                      max(conn.credit.peer_buf_alloc, 4096), conn.rule, mark):
+                                      max(conn.credit.peer_buf_alloc, 4096), conn.rule, mark,
+                                      (dev.config.guest_cid, conn.guest_port) if mark is not None else None):
             return None
         a.attach(hooks, conn)
         return a
@@ -127,6 +134,8 @@ class Switch:
         seen, remap = self.policy.guest_view(dev.name, HOST_CID)
         self._count(route.rule, allowed=route.allowed, remap=remap)
         if not route.allowed:
+            self.events.publish(EventKind.DENIED, dev.name, (1, guest_port, HOST_CID, 0),
+                                f"host -> guest port {guest_port}", route.rule)
             ratelog(log, logging.WARNING, f"{dev.name}: denied", "%s: host -> %d:%d denied by %s", dev.name,
                     dev.config.guest_cid, guest_port, route.rule)
             return None

@@ -24,6 +24,7 @@ class State(Enum):
 
 class Connection:
     __slots__ = (
+        "created",
         "credit",
         "credit_wait",
         "deadline",
@@ -43,6 +44,7 @@ class Connection:
         "peer",
         "peer_cid",
         "peer_port",
+        "real",
         "rule",
         "rx_msg",
         "rx_msg_eor",
@@ -92,6 +94,8 @@ class Connection:
         self.rule: tuple[str, ...] = ()
         self.stats = [0, 0, 0, 0]
         self.mark: Mark | None = None  # what vsproxy decided of it (rewrite, denial): its capture comment
+        self.real: tuple[int, int] | None = None  # the real peer (CID, port) when a remap rewrote it
+        self.created = 0.0  # the core's clock when it was made
 
     @property
     def key(self) -> tuple[int, int, int, int]:

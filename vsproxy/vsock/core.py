@@ -28,8 +28,9 @@ import logging
 from collections.abc import Sequence
 
 from vsproxy.endpoints.base import Buffer, Peer
+from vsproxy.events import EventKind
 from vsproxy.limits import ratelog
-from vsproxy.verdict import Mark
+from vsproxy.verdict import Mark, Verdict
 from vsproxy.vsock import header as H
 from vsproxy.vsock.connection import Connection, State
 from vsproxy.vsock.header import HDR, HDR_SIZE, Header, Op
@@ -129,6 +130,9 @@ class VsockCore(Lending):
         elif op == Op.SHUTDOWN:
             self._guest_shutdown(conn, flags & H.SHUTDOWN_BOTH)
         elif op == Op.RST:
+            if self.events.active:
+                self._event(EventKind.REFUSED if conn.state is State.REQUESTED else EventKind.RESET, conn,
+                            "by the guest")
             self._forget(conn, reset_peer=not (conn.guest_shut & H.SHUTDOWN_SEND and conn.host_eof))
         elif op == Op.RESPONSE:
             if conn.state is State.REQUESTED:
@@ -234,6 +238,7 @@ class VsockCore(Lending):
         why = self.at_limit()
         if why is not None:
             self._refuse_at_limit(why, f"{hdr.src_cid}:{hdr.src_port} -> {hdr.dst_cid}:{hdr.dst_port}")
+            self._event(EventKind.REFUSED, (hdr.type, hdr.src_port, hdr.dst_cid, hdr.dst_port), f"at its {why}")
             if self.taps.active:
                 self._tap(False, hdr.pack(), (), Mark.refused(why))
             self._rst_reply(hdr)
@@ -245,6 +250,12 @@ class VsockCore(Lending):
             self._tap(False, hdr.pack(), (), conn.mark)
         if peer is None:
             c.connections_refused += 1
+            if self.events.active:
+                mark = conn.mark
+                if mark is not None and mark.verdict is Verdict.DENIED:
+                    self._event(EventKind.DENIED, conn, "", mark.rule)
+                else:
+                    self._event(EventKind.REFUSED, conn, "nothing serves it")
             ratelog(log, logging.INFO, f"{self.name}: refused", "%s: refused %s:%d -> %d:%d: no endpoint",
                     self.name, hdr.src_cid, hdr.src_port, hdr.dst_cid, hdr.dst_port)
             self._rst_reply(hdr)
@@ -252,9 +263,17 @@ class VsockCore(Lending):
         conn.peer = peer
         conn.deadline = self.now + CONNECT_TIMEOUT
         self._add(conn)
+        self._event(EventKind.REQUESTED, conn, f"by the guest, to {peer.describe()}", conn.rule[0] if conn.rule else "")
 
     def _guest_shutdown(self, conn: Connection, flags: int) -> None:
         conn.guest_shut |= flags
+        if self.events.active:
+            if conn.guest_shut == H.SHUTDOWN_BOTH:
+                self._event(EventKind.CLOSED, conn, "by the guest")
+            else:
+                self._event(EventKind.HALF_CLOSED, conn, "the guest " + " and ".join(
+                    w for f, w in ((H.SHUTDOWN_SEND, "sends no more"), (H.SHUTDOWN_RCV, "receives no more"))
+                    if flags & f))
         if conn.guest_shut == H.SHUTDOWN_BOTH:
             # Linux close(): SHUTDOWN 3, answered with RST; the connection is gone for the guest.
             self._send_rst(conn)
@@ -341,6 +360,7 @@ class VsockCore(Lending):
         conn.host_initiated = True
         conn.deadline = self.now + CONNECT_TIMEOUT
         self._add(conn)
+        self._event(EventKind.REQUESTED, conn, f"by {peer.describe()}")
         self._queue(conn, Op.REQUEST)
         return conn
 

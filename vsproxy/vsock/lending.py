@@ -13,6 +13,7 @@ from vsproxy.vsock import header as H
 from vsproxy.vsock.connection import Connection, State
 from vsproxy.vsock.header import HDR, Op
 from vsproxy.vsock.rx import RxPath
+from vsproxy.vsock.table import Counters
 
 log = logging.getLogger("vsproxy.vsock")
 
@@ -55,6 +56,17 @@ class OwnedBack(NamedTuple):
     prebuf: bytes = b""
 
 
+def add_counts(c: Counters, n: OwnedCounts) -> None:
+    """What C did for a connection, into a device's counters."""
+    c.tx_packets += n.credit_items + n.tx_packets
+    c.tx_bytes += n.tx_bytes
+    c.pump_updates += n.credit_items
+    c.pump_sends += n.sends
+    c.pump_read_ahead += n.read_ahead
+    c.rx_packets += n.packets + n.updates_sent
+    c.rx_bytes += n.bytes
+
+
 class Owner(Protocol):
     """The C pump (fastpath.TxFastPath) that runs connections between Python's turns."""
 
@@ -65,6 +77,7 @@ class Owner(Protocol):
     def progress(self, slot: int) -> int: ...
     def shut(self, slot: int) -> bool: ...
     def counts(self, slot: int) -> OwnedCounts: ...
+    def peek(self, slot: int) -> OwnedBack: ...
 
 
 class Lending(RxPath):
@@ -174,14 +187,7 @@ class Lending(RxPath):
         conn.peer.watch_read(True)
 
     def _fold(self, conn: Connection, n: OwnedCounts) -> None:
-        c = self.counters
-        c.tx_packets += n.credit_items + n.tx_packets
-        c.tx_bytes += n.tx_bytes
-        c.pump_updates += n.credit_items
-        c.pump_sends += n.sends
-        c.pump_read_ahead += n.read_ahead
-        c.rx_packets += n.packets + n.updates_sent
-        c.rx_bytes += n.bytes
+        add_counts(self.counters, n)
         st = conn.stats
         st[0] += n.tx_packets
         st[1] += n.tx_bytes

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vsproxy.endpoints.base import Buffer, Peer, PeerBase
+from vsproxy.events import EventKind, EventSink, NoEvents
 from vsproxy.limits import ratelog
 from vsproxy.taps import Taps
 from vsproxy.vsock import header as H
@@ -142,6 +143,14 @@ class ConnTable:
         # closed connections' traffic per rule; the shell may share one dict across sessions
         self.rule_totals: dict[str, Traffic] = {}
         self.owned = 0  # connections the C pump runs (lending.Lending)
+        # Where connection events go (eventbus.EventBus, injected by the shell); built only if heard.
+        self.events: EventSink = NoEvents()
+
+    def _event(self, kind: EventKind, conn: Connection | tuple[int, int, int, int], detail: str = "",
+               rule: str = "") -> None:
+        if self.events.active:
+            key = conn if isinstance(conn, tuple) else conn.key
+            self.events.publish(kind, self.name, key, detail, rule)
 
     # -- hooks the layers above fill in ------------------------------------------------------
     def _reclaim_if_lent(self, conn: Connection) -> None:
@@ -155,6 +164,7 @@ class ConnTable:
         """A new connection, CONNECTING or REQUESTED, into the table."""
         if conn.state not in PENDING:
             raise StateError(f"a new connection cannot start {conn.state.value}")
+        conn.created = self.now
         self.conns[conn.key] = conn
         self.pending += 1
 
@@ -165,6 +175,8 @@ class ConnTable:
         if old in PENDING:
             self.pending -= 1
         conn.state = state
+        if state is State.ESTABLISHED and self.events.active:
+            self._event(EventKind.ESTABLISHED, conn)
 
     def at_limit(self) -> str | None:
         """Why a new connection must be refused now, or None."""
@@ -215,6 +227,7 @@ class ConnTable:
                 self.ready.append(conn)
 
     def _reset(self, conn: Connection, reason: str) -> None:
+        self._event(EventKind.RESET, conn, reason)
         """RST to the guest and a reset of the host side."""
         log.debug("%s: reset %s: %s", self.name, conn.describe(), reason)
         self._send_rst(conn)
@@ -281,6 +294,7 @@ class ConnTable:
         return False
 
     def _host_eof(self, conn: Connection) -> None:
+        self._event(EventKind.HALF_CLOSED, conn, "the host side sends no more")
         conn.host_eof = True
         conn.peer.watch_read(False)
         self._queue(conn, Op.SHUTDOWN, H.SHUTDOWN_SEND)
@@ -293,6 +307,7 @@ class ConnTable:
         clean EOF. Connections the guest already closed cleanly keep flushing what it sent
         (the guest was given credit for it) until done or their linger deadline."""
         for conn in list(self.conns.values()):
+            self._event(EventKind.RESET, conn, "the front-end went away")
             self._reclaim_if_lent(conn)
             if conn.state is not State.CLOSED:
                 self._enter(conn, State.CLOSED)
