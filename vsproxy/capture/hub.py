@@ -46,6 +46,7 @@ RESERVE_ROOM = 1 << 17  # a chunk lent to the C paths has room for at least one 
 FLUSH_EVERY = 0.5  # seconds: the chunk being filled goes out at least this often
 LIVE_FLUSH_EVERY = 0.1  # the same while a live subscriber is attached
 LIVE_BYTES = 8 << 20  # a live subscription's queue, by default
+SPLIT_RECORDS = 4096  # a piece that does not fit whole: at most this many of its records are kept
 
 
 @dataclass
@@ -67,12 +68,12 @@ class _Chunk:
         self.native: Any = None  # the C paths' handle on view (vsproxy.fastpath)
 
 
-def split_records(data: Buffer, room: int, pcap: bool) -> tuple[int, int]:
+def split_records(data: Buffer, room: int, pcap: bool, most: int = -1) -> tuple[int, int]:
     """(bytes, records) of the longest run of whole records at the start of ``data`` within
-    ``room`` bytes (at least one record when ``room`` is 1)."""
+    ``room`` bytes (at least one record when ``room`` is 1), and of at most ``most`` records."""
     off = records = 0
     n = len(data)
-    while off < n:
+    while off < n and records != most:
         if pcap:  # record header, then incl_len bytes
             size = 16 + struct.unpack_from("<I", data, off + 8)[0]
         else:  # block total length
@@ -175,8 +176,8 @@ class Subscription:
 
     # -- the hub's thread -----------------------------------------------------------------
     def _offer(self, data: bytes, records: int, pcap: bool) -> None:
-        """Queue ``data`` (whole records) if it fits; else drop it here, counted. A piece
-        larger than the whole queue keeps the records that fit an empty queue."""
+        """Queue ``data`` (whole records) if it fits; else queue the records at its start that
+        fit and drop the rest here, counted."""
         n = len(data)
         with self._cond:
             if self._ended:
@@ -185,12 +186,11 @@ class Subscription:
                 self._dropped += records
                 self.dropped_bytes += n
                 return
-            if self._queued + n > self.maxbytes:
-                if self._queued or n <= self.maxbytes:
-                    self._dropped += records
-                    self.dropped_bytes += n
-                    return
-                cut, kept = split_records(data, self.maxbytes, pcap)
+            room = self.maxbytes - self._queued
+            if n > room:
+                # the records that fit, found by walking at most SPLIT_RECORDS of them (the
+                # walk holds the GIL, which the data path needs too); the rest are dropped
+                cut, kept = split_records(data, room, pcap, SPLIT_RECORDS) if room > 0 else (0, 0)
                 self._dropped += records - kept
                 self.dropped_bytes += n - cut
                 if not kept:
