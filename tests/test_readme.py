@@ -86,6 +86,19 @@ def test_flood_benchmark_runs_and_prints_each_flood_beside_the_rate_alone() -> N
     assert "handshakes_dropped=" in proc.stdout and "worst: B kept" in proc.stdout
 
 
+def test_fanout_benchmark_runs_and_prints_each_subscriber_beside_none() -> None:
+    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "benchmarks/bench_fanout.py", "--quick"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    modes = ("none", "devnull", "reading", "stalled")
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] and line.split()[0] in modes]
+    assert [(r[0], r[1]) for r in rows] == [(m, p) for p in ("65536", "64") for m in modes]
+    for r in rows:  # rate, ratio to no subscriber, records, dropped, C records
+        assert float(r[2].replace(",", "")) > 0 and r[4].endswith("%")
+        if r[0] == "reading":
+            assert int(r[5]) > 0 and int(r[7]) > 0  # it got records, and the C paths wrote them
+
+
 def test_filter_benchmark_runs() -> None:
     proc = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "benchmarks/bench_filter.py"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
+from vsproxy.capture.hub import LIVE_BYTES, CaptureHub, Subscription
 from vsproxy.capture.writer import CaptureOptions, CaptureWriter
 from vsproxy.device import Device, DeviceConfig
 from vsproxy.limits import Limits, default_limits, fds_needed, nofile_limit
@@ -78,8 +79,9 @@ def report_lines(snap: Snapshot) -> list[str]:
     h = snap.process
     lines.append(f"process: fd_exhausted={h.fd_exhausted} accept_pauses={h.accept_pauses} "
                  f"handshakes_dropped={h.handshakes_dropped} faults={h.faults}")
-    if snap.capture is not None:
-        lines.append("capture: " + " ".join(f"{k}={v}" for k, v in snap.capture.items()))
+    for name, row in (snap.capture or {}).items():
+        head = "capture: " if name == "all" else f"capture {name}: "
+        lines.append(head + " ".join(f"{k}={v}" for k, v in row.items()))
     return lines
 
 
@@ -92,6 +94,8 @@ class Proxy:
             policy = Policy([DeviceSpec(c.name, c.guest_cid, c.groups) for c in configs])
         self.switch = Switch(policy, self.loop)
         self.capture: CaptureWriter | None = None
+        self._live: CaptureHub | None = None  # the sink while only live subscribers capture (no --pcap)
+        self._live_lock = threading.Lock()
         self.limits: list[Limits] = []
 
     def start_capture(self, options: CaptureOptions) -> None:
@@ -138,10 +142,54 @@ class Proxy:
         self.loop.wakeup()
 
     def stop_capture(self) -> None:
-        """Detach the capture and let its writer finish the queue (so its counters are final)."""
+        """Detach the capture and let its writer finish the queue (so its counters are final);
+        live subscriptions end too (what they hold can still be read)."""
         if self.capture is not None and self.switch.taps.sink is self.capture:
             self.switch.taps.set_sink(None)
             self.capture.close()
+        with self._live_lock:
+            live, self._live = self._live, None
+        if live is not None:
+            if self.switch.taps.sink is live:
+                self.switch.taps.set_sink(None)
+            live.close()
+
+    # -- live subscribers of the capture stream -------------------------------------------
+    @property
+    def capture_hub(self) -> CaptureHub | None:
+        """The capture sink now: the --pcap writer, a hub for live subscribers only, or None."""
+        sink = self.switch.taps.sink
+        return sink if isinstance(sink, CaptureHub) else None
+
+    def subscribe_packets(self, maxbytes: int = LIVE_BYTES) -> Subscription:
+        """A live view of every packet captured from now on, as a byte stream that is a capture
+        on its own: the stream header, then whole records (pcapng; classic pcap when --pcap
+        chose ``--pcap-format pcap``). It keeps up to ``maxbytes`` unread; what does not fit is
+        dropped for this subscriber alone and counted (``Subscription.dropped``), so a slow or
+        stalled one never slows the data path, the file or another subscriber. Read it with
+        ``read(timeout)`` (blocking) or ``take()``; ``close()`` it when done.
+
+        Thread-safe. Without --pcap, the first subscriber sets the capture sink (the C paths
+        then write records) and closing the last removes it; per-packet taps are never used,
+        so the C paths stay on either way."""
+        taps = self.switch.taps
+        with self._live_lock:
+            if self.capture is not None and taps.sink is self.capture:
+                return self.capture.subscribe(maxbytes)
+            if self._live is None:
+                self._live = CaptureHub([c.name for c in self.configs], on_empty=self._last_left)
+                taps.set_sink(self._live)
+            return self._live.subscribe(maxbytes)
+
+    def _last_left(self, hub: CaptureHub) -> None:
+        """The last live subscriber of a hub without --pcap left: no capture sink any more."""
+        with self._live_lock:
+            if hub is not self._live or hub.subscriptions:
+                return
+            self._live = None
+            if self.switch.taps.sink is hub:
+                self.switch.taps.set_sink(None)
+        hub.close()
 
     def close(self) -> None:
         for d in self.devices:
@@ -173,6 +221,22 @@ class Proxy:
         if isinstance(got, BaseException):
             raise got
         return got
+
+    def _capture_rows(self) -> dict[str, dict[str, int]]:
+        """``all``: the --pcap file's counters; ``live``: the hub's live subscribers, what the
+        ring took from the C and the Python paths, what it dropped, and what the subscribers
+        missed between them (each also reads its own ``Subscription.dropped``)."""
+        rows: dict[str, dict[str, int]] = {}
+        if self.capture is not None:
+            cc = self.capture.counters
+            rows["all"] = {"packets": cc.packets, "bytes": cc.bytes, "dropped": cc.dropped, "files": cc.files}
+        hub = self.capture_hub
+        if hub is not None and hub.live:
+            subs = [s for s in hub.subscriptions if s.live]
+            st = hub.stats
+            rows["live"] = {"subscribers": len(subs), "c_records": st.c_records, "py_records": st.py_records,
+                            "ring_dropped": st.dropped, "subscriber_dropped": sum(s.dropped for s in subs)}
+        return rows
 
     def report(self, out: TextIO = sys.stderr) -> None:
         for line in report_lines(self.snapshot()):

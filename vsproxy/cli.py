@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory for records waiting to be written (default 64 MiB, at least 2 MiB); "
                    "when it is full, packets are dropped from the capture and counted")
     p.add_argument("--pcap-idle", action="store_true",
-                   help="write the capture only in idle CPU time: the data path never competes with the writer, "
+                   help="capture only in idle CPU time: the data path never competes with the capture threads, "
                    "and a capture that cannot keep up drops more (counted)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for every message)")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")

@@ -96,7 +96,7 @@ class Snapshot:
     rules: tuple[RuleInfo, ...]
     connections: tuple[ConnectionInfo, ...]
     process: Health  # a copy
-    capture: dict[str, int] | None
+    capture: dict[str, dict[str, int]] | None  # "all": the --pcap file; "live": live subscribers (app.py)
 
 
 def take(proxy: Proxy) -> Snapshot:
@@ -127,11 +127,8 @@ def take(proxy: Proxy) -> Snapshot:
     rules = tuple(RuleInfo(name, rc.connections, rc.denials, rc.rewrites, t.packets, t.bytes)
                   for name, rc in sorted(proxy.switch.rules.items())
                   for t in (traffic.get(name, Traffic()),))
-    cap = None
-    if proxy.capture is not None:
-        cc = proxy.capture.counters
-        cap = {"packets": cc.packets, "bytes": cc.bytes, "dropped": cc.dropped, "files": cc.files}
-    return Snapshot(tuple(devices), rules, tuple(conns), dataclasses.replace(proxy.loop.health), cap)
+    return Snapshot(tuple(devices), rules, tuple(conns), dataclasses.replace(proxy.loop.health),
+                    proxy._capture_rows() or None)
 
 
 def _connection(d: Device, core: VsockCore, conn: Connection, now: float) -> tuple[ConnectionInfo, list[int]]:

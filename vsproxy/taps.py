@@ -5,9 +5,10 @@ Two kinds of observer:
 - per-packet taps (the demo's transcript, a TUI feed): called with each packet's header and
   payload views. While one is attached, the data path stays in Python so each packet can be
   shown to it.
-- one capture sink (the pcap/pcapng writer): it takes the same calls from the Python paths,
-  and records the C fast paths formatted themselves (``commit``), so capturing does not turn
-  the fast paths off.
+- one capture sink (the capture hub, vsproxy.capture.hub: the pcap/pcapng file and live
+  subscribers): it takes the same calls from the Python paths, and records the C fast paths
+  formatted themselves (``reserve``/``release``), so capturing does not turn the fast paths off.
+  It is set while anything subscribes; attaching or removing it between packets is safe.
 """
 
 from __future__ import annotations
@@ -89,5 +90,6 @@ class Taps:
     ) -> None:
         for tap in self._callbacks:
             tap(device, to_guest, hdr, payload, mark)
-        if self.sink is not None:
-            self.sink(device, to_guest, hdr, payload, mark)
+        sink = self.sink  # read once: a live subscriber may attach or leave between packets
+        if sink is not None:
+            sink(device, to_guest, hdr, payload, mark)

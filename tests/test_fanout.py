@@ -1,0 +1,269 @@
+"""Fan-out of the capture stream (vsproxy.capture.hub): every subscriber has its own bounded
+queue and drop counts; a stalled one loses records, counted, and slows nobody; a live
+subscriber's stream is a capture on its own; attaching one never turns the C paths off."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from helpers import unix_server, wait_for
+
+from vsproxy.app import Proxy
+from vsproxy.capture import format as fmt
+from vsproxy.capture.hub import CaptureHub, Subscription, stream_header
+from vsproxy.capture.reader import records
+from vsproxy.capture.writer import CaptureOptions
+from vsproxy.device import DeviceConfig
+from vsproxy.endpoints.host import HostEndpoints
+from vsproxy.simguest import SimGuest
+from vsproxy.taps import CAP_PCAP, CAP_PCAPNG
+from vsproxy.vsock import header as H
+
+MiB = 1 << 20
+
+
+class Reader(threading.Thread):
+    """A live subscriber's consumer thread: reads until the subscription ends, keeping the
+    first ``keep`` bytes of whole pieces (a valid capture prefix) and counting the rest."""
+
+    def __init__(self, sub: Subscription, keep: int = 1 << 62) -> None:
+        super().__init__(daemon=True)
+        self.sub = sub
+        self.keep = keep
+        self.kept = bytearray()
+        self.total = 0
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            data = self.sub.read(1.0)
+            if not data:
+                if self.sub.closed:
+                    return
+                continue
+            self.total += len(data)
+            if len(self.kept) + len(data) <= self.keep:
+                self.kept += data
+
+
+class CountingSink(threading.Thread):
+    """A host service that reads and counts (keeps nothing)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(daemon=True)
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(path)
+        self.srv.listen(4)
+        self.got = 0
+        self.start()
+
+    def run(self) -> None:
+        c, _ = self.srv.accept()
+        buf = bytearray(1 << 20)
+        while n := c.recv_into(buf):
+            self.got += n
+        c.close()
+        self.srv.close()
+
+
+@pytest.fixture
+def proxy(workdir: str) -> Iterator[Proxy]:
+    cfg = DeviceConfig(5, os.path.join(workdir, "a.sock"), name="A",
+                       endpoints=HostEndpoints(uds_path=os.path.join(workdir, "h")))
+    p = Proxy([cfg])
+    yield p
+    p.stop()
+    p.close()
+
+
+def run(p: Proxy) -> threading.Thread:
+    p.start()
+    t = threading.Thread(target=p.run, daemon=True)
+    t.start()
+    return t
+
+
+def record_blob(i: int, n: int) -> bytes:
+    head, body = fmt.vsockmon_parts(H.pack(5, 2, 1, 2, n, 1, H.Op.RW, 0, 0, i), bytes([i & 0xFF]) * n)
+    return b"".join(fmt.pcapng_epb_parts(0, 1.0, head, body, inbound=True))
+
+
+def is_subsequence(part: list[bytes], whole: list[bytes]) -> bool:
+    it = iter(whole)
+    return all(any(x == y for y in it) for x in part)
+
+
+def tshark_count(stream: bytes) -> int:
+    p = subprocess.run(["tshark", "-r", "-", "-T", "fields", "-e", "frame.number"], input=stream,
+                       capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr.decode(errors="replace")[-2000:]
+    return len(p.stdout.split())
+
+
+def test_a_stalled_subscriber_loses_records_counted_and_the_reading_one_gets_every_record_byte_exact() -> None:
+    hub = CaptureHub(["dev"], ring_bytes=16 * MiB)  # room for every record: the ring itself drops nothing
+    reading = hub.subscribe(64 * MiB)
+    stalled = hub.subscribe(100_000)
+    reader = Reader(reading)
+    blobs = [record_blob(i, 1 + (i * 53) % 1500) for i in range(3000)]
+    for i in range(0, len(blobs), 10):  # ten records at a time, as a Python batch commits them
+        hub.commit(b"".join(blobs[i : i + 10]), 10)
+    hub.close()
+    reader.join(10)
+    assert hub.stats.dropped == 0 and hub.stats.py_records == 3000
+    assert bytes(reader.kept) == stream_header(CAP_PCAPNG, ["dev"]) + b"".join(blobs)  # every record, in order
+    assert reading.dropped == 0 and reading.records == 3000
+    # the stalled one: what fit its queue, whole records, and the count of the rest
+    kept = stalled.take()
+    got = list(records(io.BytesIO(kept)))
+    assert 0 < len(got) and stalled.dropped > 0 and len(got) + stalled.dropped == 3000
+    assert [r.frame for r in got] == [r.frame for r in records(io.BytesIO(reader.kept))][: len(got)]
+    assert len(kept) <= 100_000 and stalled.dropped_bytes == len(b"".join(blobs)) - (len(kept) - len(
+        stream_header(CAP_PCAPNG, ["dev"])))
+    assert stalled.closed and stalled.read(0) == b""
+
+
+def test_two_live_subscribers_beside_the_pcap_file_the_reading_one_matches_the_file_byte_for_byte(
+        proxy: Proxy, workdir: str) -> None:
+    cap = os.path.join(workdir, "out.pcapng")
+    proxy.start_capture(CaptureOptions(cap))
+    t = run(proxy)
+    reading = proxy.subscribe_packets(256 * MiB)
+    stalled = proxy.subscribe_packets(MiB)  # never read until the end
+    reader = Reader(reading)
+    assert proxy.capture_hub is proxy.capture and not proxy.switch.taps.per_packet
+    sinks = [unix_server(os.path.join(workdir, f"h_{5000 + i}"), sink=True) for i in range(3)]
+    payloads = [os.urandom(3 * MiB + 17 * i) for i in range(3)]
+    try:
+        with SimGuest(os.path.join(workdir, "a.sock"), timeout=30) as g:
+            for i, data in enumerate(payloads):
+                s = g.connect(5000 + i)
+                s.sendall(data)
+                s.shutdown_write()
+                assert s.recv_all(timeout=30) == b""
+                s.close()
+        wait_for(lambda: len([r for s in sinks for r in s.received]) == 3, what="the host services to finish")
+        assert sorted(r for s in sinks for r in s.received) == sorted(payloads)
+        rows = proxy.snapshot().capture
+        assert rows is not None
+        live = rows["live"]
+        assert live["subscribers"] == 2 and live["subscriber_dropped"] == stalled.dropped > 0
+    finally:
+        for srv in sinks:
+            srv.close()
+    proxy.stop()
+    t.join(10)
+    proxy.stop_capture()  # the file is complete, and the live streams end
+    reader.join(10)
+    with open(cap, "rb") as f:
+        file_bytes = f.read()
+    counters = proxy.capture.counters if proxy.capture is not None else None
+    assert counters is not None and counters.dropped == 0 and reading.dropped == 0
+    assert bytes(reader.kept) == file_bytes  # the same header, the same records, byte for byte
+    recs = list(records(io.BytesIO(file_bytes)))
+    assert len(recs) == counters.packets == reading.records
+    assert sum(len(r.frame) - 44 for r in recs) >= sum(map(len, payloads))  # the data crossed, captured
+    got = list(records(io.BytesIO(stalled.take())))  # what fit, whole records, and it knows what it missed
+    assert got and is_subsequence([r.frame for r in got], [r.frame for r in recs])
+    assert len(got) + stalled.dropped == counters.packets
+
+
+@pytest.mark.c_paths
+def test_a_subscriber_attached_during_a_bulk_transfer_keeps_the_c_paths_on_and_reads_a_valid_capture(
+        proxy: Proxy, workdir: str) -> None:
+    t = run(proxy)
+    assert proxy.switch.taps.sink is None  # no --pcap: nothing captures until someone subscribes
+    sink = CountingSink(os.path.join(workdir, "h_6000"))
+    count, payload = 8000, 65536
+    errors: list[BaseException] = []
+
+    def blast() -> None:
+        try:
+            with SimGuest(os.path.join(workdir, "a.sock"), timeout=60, rx_buf_size=65580, record_limit=0) as g:
+                s = g.connect(6000)
+                s.blast(b"\xa5" * payload, count)
+                s.close()
+        except BaseException as e:  # reported by the main thread
+            errors.append(e)
+
+    guest = threading.Thread(target=blast, daemon=True)
+    guest.start()
+    wait_for(lambda: sink.got > 32 * MiB, 30, "the transfer to be under way")
+    sub = proxy.subscribe_packets(64 * MiB)
+    reader = Reader(sub, keep=16 * MiB)
+    hub = proxy.capture_hub
+    assert hub is not None and not proxy.switch.taps.per_packet
+    wait_for(lambda: hub.stats.c_records > 0, 10, "records written by the C paths")
+    first = hub.stats.c_records
+    wait_for(lambda: hub.stats.c_records > first + 100, 10, "the C paths to go on writing records")
+    assert sink.got < count * payload, "the transfer ended before the C paths were seen capturing"
+    guest.join(120)
+    sink.join(30)
+    assert not errors, errors
+    assert sink.got == count * payload
+    sub.close()  # the last subscriber: the sink goes
+    assert proxy.switch.taps.sink is None and proxy.capture_hub is None
+    reader.join(10)
+    assert hub.stats.c_records > hub.stats.py_records  # the bulk went through C, captured
+    recs = list(records(io.BytesIO(reader.kept)))
+    assert len(recs) > 100 and all(r.interface == "A" for r in recs)
+    assert tshark_count(bytes(reader.kept)) == len(recs)
+    assert sub.dropped_bytes == 0  # the reader kept up (a 64 MiB queue): its queue dropped nothing
+    # a subscriber after the last left: a fresh sink, and a fresh stream header
+    again = proxy.subscribe_packets()
+    assert proxy.switch.taps.sink is again.hub and again.take() == stream_header(CAP_PCAPNG, ["A"])
+    again.close()
+    assert proxy.switch.taps.sink is None
+    proxy.stop()
+    t.join(10)
+
+
+def test_a_live_stream_is_classic_pcap_when_the_file_capture_chose_pcap(proxy: Proxy, workdir: str) -> None:
+    proxy.start_capture(CaptureOptions(os.path.join(workdir, "out.pcap"), "pcap", flush=True))
+    t = run(proxy)
+    sub = proxy.subscribe_packets()
+    srv = unix_server(os.path.join(workdir, "h_7000"))
+    try:
+        with SimGuest(os.path.join(workdir, "a.sock")) as g:
+            s = g.connect(7000)
+            s.sendall(b"hello pcap")
+            assert s.recv_exactly(10, timeout=10) == b"hello pcap"
+            s.close()
+    finally:
+        srv.close()
+    stream = bytearray()
+
+    def more() -> bool:
+        stream.extend(sub.take())
+        return b"hello pcap" in stream
+
+    wait_for(more, 10, "the records")
+    assert bytes(stream).startswith(stream_header(CAP_PCAP, ["A"]))
+    recs = list(records(io.BytesIO(bytes(stream))))
+    assert any(r.frame.endswith(b"hello pcap") for r in recs)
+    assert tshark_count(bytes(stream)) == len(recs)
+    sub.close()
+    assert proxy.switch.taps.sink is proxy.capture  # the file capture goes on
+    proxy.stop()
+    t.join(10)
+
+
+def test_subscription_read_waits_and_ends() -> None:
+    hub = CaptureHub(["a", "b"], flush=True)
+    sub = hub.subscribe(MiB)
+    assert sub.read(0) == stream_header(CAP_PCAPNG, ["a", "b"])
+    start = time.monotonic()
+    assert sub.read(0.2) == b"" and time.monotonic() - start >= 0.19  # nothing yet: waits, then b""
+    blob = record_blob(1, 10)
+    hub.commit(blob, 1)
+    assert sub.read(5) == blob
+    sub.close()
+    assert sub.closed and sub.read(None) == b"" and hub.subscriptions == ()
+    hub.close()

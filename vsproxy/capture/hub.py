@@ -1,0 +1,428 @@
+"""The capture hub: the capture sink of every device, fanning the record stream out.
+
+The data path puts whole, formatted records into preallocated chunks: the C fast paths write
+theirs straight into a chunk lent to them (``reserve``/``release``), the Python paths copy
+theirs in (``tap``, ``commit``). Nothing on the data path waits: when every chunk is full the
+packet is dropped from the capture and counted (``CaptureHub.stats.dropped``).
+
+The hub's distribution thread takes full chunks (and, after a short wait or at once with
+``flush``, the one being filled), copies each chunk's records once into a ``bytes`` object,
+gives the chunk back to the ring at once, and hands that same object to every subscriber's
+queue. So the ring never waits for a subscriber, and a subscriber never waits for another.
+
+A ``Subscription`` is a bounded queue (``maxbytes``) of whole records. When a piece does not
+fit, it is dropped for that subscriber alone and counted (``dropped``, ``dropped_bytes``);
+``dropped`` also counts what the ring itself dropped while the subscription was attached, so a
+subscriber learns of every record it missed. A live subscription's stream begins with the
+stream header (the pcapng section header and one interface block per device, or the pcap
+global header), so its bytes are a capture on their own (``vsproxy read -``, ``tshark -r -``).
+The record format is the hub's: pcapng, or classic pcap when the file capture chose pcap.
+
+Memory is bounded: the ring (allocated once, reused) plus each subscription's ``maxbytes``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from vsproxy.capture import format as fmt
+from vsproxy.endpoints.base import Buffer
+from vsproxy.taps import CAP_PCAP, CAP_PCAPNG, RecordChunk
+from vsproxy.vsock import header as H
+
+log = logging.getLogger("vsproxy.capture")
+
+RING_BYTES = 64 << 20  # the chunk ring of a hub with live subscribers only
+CHUNK = 4 << 20  # the unit handed to the distribution thread
+RESERVE_ROOM = 1 << 17  # a chunk lent to the C paths has room for at least one largest record
+FLUSH_EVERY = 0.5  # seconds: the chunk being filled goes out at least this often
+LIVE_FLUSH_EVERY = 0.1  # the same while a live subscriber is attached
+LIVE_BYTES = 8 << 20  # a live subscription's queue, by default
+SPLIT_RECORDS = 4096  # a piece that does not fit whole: at most this many of its records are kept
+
+
+@dataclass
+class HubCounters:
+    c_records: int = 0  # records the C fast paths wrote into the ring
+    py_records: int = 0  # records the Python paths wrote (tap, commit)
+    dropped: int = 0  # records the ring had no room for (every chunk waited for distribution)
+    chunks: int = 0  # chunks distributed
+
+
+class _Chunk:
+    __slots__ = ("native", "records", "size", "used", "view")
+
+    def __init__(self, size: int) -> None:
+        self.view = memoryview(bytearray(size))
+        self.size = size
+        self.used = 0
+        self.records = 0
+        self.native: Any = None  # the C paths' handle on view (vsproxy.fastpath)
+
+
+def split_records(data: Buffer, room: int, pcap: bool, most: int = -1) -> tuple[int, int]:
+    """(bytes, records) of the longest run of whole records at the start of ``data`` within
+    ``room`` bytes (at least one record when ``room`` is 1), and of at most ``most`` records."""
+    off = records = 0
+    n = len(data)
+    while off < n and records != most:
+        if pcap:  # record header, then incl_len bytes
+            size = 16 + struct.unpack_from("<I", data, off + 8)[0]
+        else:  # block total length
+            size = struct.unpack_from("<I", data, off + 4)[0]
+        if off + size > room and not (room == 1 and records == 0):
+            break
+        off += size
+        records += 1
+    return off, records
+
+
+def stream_header(record_mode: int, devices: Sequence[str]) -> bytes:
+    """What a capture of these records starts with: the pcap global header, or the pcapng
+    section header and one interface description per device (interface id = index)."""
+    if record_mode == CAP_PCAP:
+        return fmt.pcap_header()
+    return fmt.pcapng_shb() + b"".join(fmt.pcapng_idb(name, f"vsproxy device {name}") for name in devices)
+
+
+class Subscription:
+    """One subscriber's bounded queue of whole records. Thread-safe: the hub's thread fills
+    it; the subscriber reads it from any thread (``read`` blocks, ``take`` does not)."""
+
+    def __init__(self, hub: CaptureHub, maxbytes: int, header: bytes | None) -> None:
+        if maxbytes < 1:
+            raise ValueError("a subscription needs room for at least one byte")
+        self.hub = hub
+        self.maxbytes = maxbytes
+        self.live = header is not None
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: collections.deque[tuple[bytes, int]] = collections.deque()  # (records, count)
+        self._queued = 0  # bytes in _queue
+        self.records = 0  # records queued for the subscriber so far
+        self.bytes = 0
+        self._dropped = 0  # records that did not fit this queue
+        self.dropped_bytes = 0
+        self._ring_base = hub.stats.dropped  # the ring's drops before this subscription
+        self._ring_end: int | None = None  # the ring's drops when this subscription ended
+        self._ended = False  # no more records will come: closed, or the hub stopped
+        self._discarding = False  # the subscriber gave up reading: everything offered is dropped
+        if header is not None:
+            self._queue.append((header, 0))
+            self._queued = len(header)
+
+    # -- the subscriber -------------------------------------------------------------------
+    @property
+    def dropped(self) -> int:
+        """Records this subscriber missed: its queue was full, or the ring was."""
+        ring = self.hub.stats.dropped if self._ring_end is None else self._ring_end
+        return self._dropped + ring - self._ring_base
+
+    @property
+    def closed(self) -> bool:
+        """No more records will come (what is queued can still be read)."""
+        return self._ended
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def read(self, timeout: float | None = None) -> bytes:
+        """The next piece of the stream (whole records; the stream header first), waiting up to
+        ``timeout`` seconds (None: until there is one). b"": nothing came in time, or the
+        subscription has ended (``closed``) and everything queued was read."""
+        with self._cond:
+            if not self._queue and not self._ended:
+                self._cond.wait_for(lambda: bool(self._queue) or self._ended, timeout)
+            if not self._queue:
+                return b""
+            data, _ = self._queue.popleft()
+            self._queued -= len(data)
+            return data
+
+    def take(self) -> bytes:
+        """Everything queued now, without waiting (b"" when nothing is)."""
+        with self._cond:
+            items, self._queue = self._queue, collections.deque()
+            self._queued = 0
+        return b"".join(data for data, _ in items)
+
+    def take_pieces(self, timeout: float | None = None) -> list[tuple[bytes, int]]:
+        """Every queued piece with its record count, waiting up to ``timeout`` for the first;
+        [] when nothing came in time or the subscription has ended."""
+        with self._cond:
+            if not self._queue and not self._ended:
+                self._cond.wait_for(lambda: bool(self._queue) or self._ended, timeout)
+            items, self._queue = self._queue, collections.deque()
+            self._queued = 0
+        return list(items)
+
+    def close(self) -> None:
+        """Detach from the hub (idempotent); what is queued can still be read."""
+        self.hub.unsubscribe(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- the hub's thread -----------------------------------------------------------------
+    def _offer(self, data: bytes, records: int, pcap: bool) -> None:
+        """Queue ``data`` (whole records) if it fits; else queue the records at its start that
+        fit and drop the rest here, counted."""
+        n = len(data)
+        with self._cond:
+            if self._ended:
+                return
+            if self._discarding:
+                self._dropped += records
+                self.dropped_bytes += n
+                return
+            room = self.maxbytes - self._queued
+            if n > room:
+                # the records that fit, found by walking at most SPLIT_RECORDS of them (the
+                # walk holds the GIL, which the data path needs too); the rest are dropped
+                cut, kept = split_records(data, room, pcap, SPLIT_RECORDS) if room > 0 else (0, 0)
+                self._dropped += records - kept
+                self.dropped_bytes += n - cut
+                if not kept:
+                    return
+                data, records, n = data[:cut], kept, cut
+            self._queue.append((data, records))
+            self._queued += n
+            self.records += records
+            self.bytes += n
+            self._cond.notify_all()
+
+    def discard(self) -> None:
+        """Stay attached but read no more: what is queued and everything offered from now on
+        count as dropped (a subscriber whose output failed, still reporting what it missed)."""
+        with self._cond:
+            self._discarding = True
+            self._dropped += sum(count for _, count in self._queue)
+            self.dropped_bytes += self._queued
+            self._queue.clear()
+            self._queued = 0
+
+    def _end(self, detached: bool) -> None:
+        """No more records. ``detached``: the subscriber left, so later ring drops are not its
+        own; when the hub stops, they still are (the ring fills, nobody takes it)."""
+        with self._cond:
+            if not self._ended:
+                self._ended = True
+            if detached and self._ring_end is None:
+                self._ring_end = self.hub.stats.dropped
+            self._cond.notify_all()
+
+
+class CaptureHub:
+    """The capture sink (``vsproxy.taps.CaptureSink``) and its fan-out to subscriptions."""
+
+    def __init__(self, devices: Sequence[str], record_mode: int = CAP_PCAPNG, *, ring_bytes: int = RING_BYTES,
+                 flush: bool = False, idle: bool = False,
+                 on_empty: Callable[[CaptureHub], None] | None = None) -> None:
+        if record_mode not in (CAP_PCAP, CAP_PCAPNG):
+            raise ValueError(f"record mode {record_mode}: CAP_PCAP or CAP_PCAPNG")
+        self.devices = list(devices)
+        self._index = {name: i for i, name in enumerate(self.devices)}
+        self.record_mode = record_mode
+        self.flush = flush
+        self.idle = idle
+        self._on_empty = on_empty  # called (outside any lock) when the last subscription leaves
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        chunk = max(1 << 16, min(CHUNK, ring_bytes // 2))
+        nchunks = max(2, ring_bytes // chunk)
+        self._free = [_Chunk(chunk) for _ in range(nchunks - 1)]  # guarded by _lock
+        self._full: list[_Chunk] = []  # guarded by _lock, oldest first
+        self._filling = _Chunk(chunk)  # guarded by _lock
+        self._reserved = False  # the data path's C code is writing into _filling
+        self._closing = False
+        self.stats = HubCounters()
+        self._subs: tuple[Subscription, ...] = ()  # replaced, never changed in place, under _sub_lock
+        self._sub_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="vsproxy-capture", daemon=True)
+        self._thread.start()
+
+    # -- subscriptions ----------------------------------------------------------------------
+    @property
+    def subscriptions(self) -> tuple[Subscription, ...]:
+        return self._subs
+
+    @property
+    def live(self) -> int:
+        """Live subscriptions attached."""
+        return sum(1 for s in self._subs if s.live)
+
+    def header(self) -> bytes:
+        return stream_header(self.record_mode, self.devices)
+
+    def subscribe(self, maxbytes: int = LIVE_BYTES, *, header: bool = True) -> Subscription:
+        """A new subscription: records from the next chunk distributed on. With ``header``, its
+        stream starts with the stream header (a capture on its own)."""
+        sub = Subscription(self, maxbytes, self.header() if header else None)
+        with self._sub_lock:
+            if self._closing:
+                sub._end(True)
+            else:
+                self._subs = (*self._subs, sub)
+        if sub.live:
+            self._wake.set()  # the distribution thread shortens its turn for live subscribers
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self._sub_lock:
+            if sub not in self._subs:
+                sub._end(True)
+                return
+            self._subs = tuple(s for s in self._subs if s is not sub)
+            empty = not self._subs
+        sub._end(True)
+        if empty and self._on_empty is not None:
+            self._on_empty(self)
+
+    # -- the sink (data path) ---------------------------------------------------------------
+    def interface(self, device: str) -> int:
+        return self._index.get(device, 0)
+
+    def __call__(
+        self, device: str, to_guest: bool, hdr: bytes, payload: Sequence[Buffer], mark: str | None = None
+    ) -> None:
+        """A packet from a Python path: formatted here, as the C paths format theirs."""
+        n = int.from_bytes(hdr[24:28], "little")  # virtio header len
+        if not n or hdr[30] != H.Op.RW:
+            data = b""
+        elif len(payload) == 1:
+            data = bytes(payload[0][:n])  # one copy, out of guest memory
+        else:
+            data = b"".join(bytes(p) for p in payload)[:n]
+        head, body = fmt.vsockmon_parts(hdr, data)
+        ts = time.time()
+        if self.record_mode == CAP_PCAP:
+            parts = fmt.pcap_record_parts(ts, head, body)
+        else:
+            parts = fmt.pcapng_epb_parts(self.interface(device), ts, head, body, inbound=not to_guest, comment=mark)
+        self.commit(b"".join(parts), 1)
+
+    tap = __call__
+
+    def reserve(self) -> _Chunk | None:
+        """The chunk the C paths write into, with room for at least one largest record;
+        None when every chunk waits for distribution (the caller counts its packets dropped)."""
+        with self._lock:
+            c = self._filling
+            if c.size - c.used < RESERVE_ROOM:
+                if not self._free:
+                    return None
+                if c.used:
+                    self._full.append(c)
+                    self._wake.set()
+                c = self._filling = self._free.pop()
+            self._reserved = True
+            return c
+
+    def release(self, chunk: RecordChunk, used: int, records: int) -> None:
+        with self._lock:
+            self._reserved = False
+            chunk.used = used
+            chunk.records += records
+            self.stats.c_records += records
+        if self.flush and records and not self._wake.is_set():
+            self._wake.set()
+
+    def drop(self, count: int) -> None:
+        with self._lock:
+            self.stats.dropped += count
+
+    def commit(self, records: Buffer, count: int) -> None:
+        n = len(records)
+        with self._lock:
+            c = self._filling
+            if c.used + n > c.size:
+                if not self._free or n > c.size:
+                    self.stats.dropped += count
+                    return
+                if c.used:
+                    self._full.append(c)
+                c = self._filling = self._free.pop()
+                self._wake.set()
+            c.view[c.used : c.used + n] = records
+            c.used += n
+            c.records += count
+            self.stats.py_records += count
+        if self.flush and not self._wake.is_set():
+            self._wake.set()
+
+    # -- the distribution thread ------------------------------------------------------------
+    def _take(self, partial: bool) -> list[_Chunk]:
+        """The full chunks, and with ``partial`` the one being filled too."""
+        with self._lock:
+            self._wake.clear()
+            out, self._full = self._full, []
+            c = self._filling
+            if partial and c.used and self._free and not self._reserved:
+                out.append(c)
+                self._filling = self._free.pop()
+        return out
+
+    def _give_back(self, c: _Chunk) -> None:
+        c.used = c.records = 0
+        with self._lock:
+            self._free.append(c)
+
+    def _run(self) -> None:
+        if self.idle:
+            # Only when a CPU would otherwise be idle (SCHED_IDLE, this thread only): moving
+            # records never delays the data path's wake-ups, which set its throughput; if idle
+            # time runs short, chunks fill and the capture drops, counted.
+            try:
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            except (OSError, AttributeError):  # not Linux, or refused: an ordinary thread then
+                log.warning("capture: cannot run the capture threads in idle time; they run as usual")
+        pcap = self.record_mode == CAP_PCAP
+        last_flush = time.monotonic()
+        try:
+            while True:
+                every = LIVE_FLUSH_EVERY if self.live else FLUSH_EVERY
+                self._wake.wait(every)
+                now = time.monotonic()
+                partial = self.flush or self._closing or now - last_flush >= every
+                chunks = self._take(partial)
+                for c in chunks:
+                    # one copy per chunk, shared by every subscriber; the chunk is free again at once
+                    data, records = bytes(c.view[: c.used]), c.records
+                    self._give_back(c)
+                    self.stats.chunks += 1
+                    for sub in self._subs:
+                        sub._offer(data, records, pcap)
+                if partial:
+                    last_flush = now
+                if self._closing and not chunks:
+                    return
+        finally:
+            with self._sub_lock:
+                subs, self._subs = self._subs, ()
+            for sub in subs:
+                sub._end(False)
+
+    def close(self) -> None:
+        """Distribute what the ring holds, then end every subscription (idempotent)."""
+        with self._sub_lock:
+            self._closing = True
+        tid = self._thread.native_id
+        if tid is not None and self.idle and self._thread.is_alive():
+            try:  # what is left goes out now, at full priority, not in idle time
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            except (OSError, AttributeError):
+                pass
+        self._wake.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(10)
