@@ -397,12 +397,18 @@ class CaptureHub:
                 partial = self.flush or self._closing or now - last_flush >= every
                 chunks = self._take(partial)
                 for c in chunks:
-                    # one copy per chunk, shared by every subscriber; the chunk is free again at once
-                    data, records = bytes(c.view[: c.used]), c.records
+                    view, records = c.view[: c.used], c.records
+                    self._consume(view, records)  # the --pcap file: straight from the ring, no copy
+                    subs = self._subs
+                    if subs:
+                        # one copy per chunk, shared by every live subscriber
+                        data = bytes(view)
+                        for sub in subs:
+                            sub._offer(data, records, pcap)
+                    view.release()
                     self._give_back(c)
                     self.stats.chunks += 1
-                    for sub in self._subs:
-                        sub._offer(data, records, pcap)
+                self._tick()
                 if partial:
                     last_flush = now
                 if self._closing and not chunks:
@@ -412,6 +418,13 @@ class CaptureHub:
                 subs, self._subs = self._subs, ()
             for sub in subs:
                 sub._end(False)
+
+    def _consume(self, view: memoryview, records: int) -> None:
+        """Hook, on the hub's thread: the consumer that reads chunks in place (the --pcap file,
+        capture.writer.CaptureWriter), before the live subscribers get their copy."""
+
+    def _tick(self) -> None:
+        """Hook, on the hub's thread, after each pass (time-based file rotation)."""
 
     def close(self) -> None:
         """Distribute what the ring holds, then end every subscription (idempotent)."""

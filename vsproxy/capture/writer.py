@@ -19,12 +19,11 @@ import io
 import logging
 import os
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vsproxy.capture.hub import FLUSH_EVERY, CaptureHub, split_records, stream_header
+from vsproxy.capture.hub import CaptureHub, split_records, stream_header
 from vsproxy.endpoints.base import Buffer
 from vsproxy.limits import exhausted, ratelog
 from vsproxy.taps import CAP_PCAP, CAP_PCAPNG
@@ -58,11 +57,12 @@ class CaptureCounters:
 
 
 class CaptureWriter(CaptureHub):
-    """The capture hub with the file (or stdout) as its first subscriber: the ``--pcap`` sink.
+    """The capture hub writing the file (or stdout) itself: the ``--pcap`` sink.
 
-    The ring is ``queue_bytes``; the file's subscription holds up to ``queue_bytes`` more. The
-    file writer's thread (``_writer``) writes what the hub hands it; ``counters.dropped`` is
-    every record the file missed (the ring was full, or the file's queue was)."""
+    The hub's thread writes each chunk of the ring straight to the file, with no copy, as it
+    did before there were live subscribers; live subscribers (``subscribe``) get a copy
+    beside it. ``counters.dropped`` is every record the file missed (the ring was full, or
+    the file failed)."""
 
     def __init__(self, options: CaptureOptions, devices: Sequence[str]) -> None:
         if options.fmt not in ("pcapng", "pcap"):
@@ -76,21 +76,21 @@ class CaptureWriter(CaptureHub):
         self._written = 0
         self._file_records = 0
         self._files: list[str] = []
+        self._failed = 0  # records offered after the file failed (stdout's reader went away)
+        self._broken = False
         self.devices = list(devices)
         self.record_mode = CAP_PCAP if options.fmt == "pcap" else CAP_PCAPNG
         self._open()  # before the hub starts: a file that cannot be made is an error at once
         super().__init__(devices, self.record_mode, ring_bytes=options.queue_bytes, flush=options.flush,
                          idle=options.idle)
-        self._file_sub = self.subscribe(options.queue_bytes, header=False)
-        self._writer = threading.Thread(target=self._write_loop, name="vsproxy-capture-file", daemon=True)
-        self._writer.start()
 
     @property
     def counters(self) -> CaptureCounters:
-        """The file's counters; ``dropped``: records it missed (ring full or its queue full)."""
+        """The file's counters; ``dropped``: records it missed (the ring was full, or it failed)."""
         c = self._fcounters
-        sub = getattr(self, "_file_sub", None)
-        return CaptureCounters(c.packets, c.bytes, sub.dropped if sub is not None else 0, c.files, c.rotate_failed)
+        stats = getattr(self, "stats", None)
+        ring = stats.dropped if stats is not None else 0
+        return CaptureCounters(c.packets, c.bytes, ring + self._failed, c.files, c.rotate_failed)
 
     # -- writer thread --------------------------------------------------------------------
     def _path(self) -> str:
@@ -148,30 +148,28 @@ class CaptureWriter(CaptureHub):
         o = self.options
         return bool(o.path != "-" and o.rotate_seconds and time.monotonic() - self._opened_at >= o.rotate_seconds)
 
-    def _write_loop(self) -> None:
-        """The file's subscriber: writes what the hub hands it, until the hub ends the stream."""
-        if self.options.idle:
-            try:  # as the hub's thread: in idle time only
-                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            except (OSError, AttributeError):
-                pass
-        sub = self._file_sub
+    def _consume(self, view: memoryview, records: int) -> None:
+        """On the hub's thread: a chunk of whole records, written from the ring in place."""
+        if self._broken:
+            self._failed += records
+            return
         try:
-            while True:
-                pieces = sub.take_pieces(FLUSH_EVERY)
-                try:
-                    for data, count in pieces:
-                        self._records(memoryview(data), count)
-                    self._flush()
-                finally:
-                    self._pending.clear()
-                if self._time_to_rotate():
-                    self._rotate()
-                if not pieces and sub.closed:
-                    return
+            self._records(view, records)
+            self._flush()
         except (OSError, ValueError) as e:  # e.g. the reader of stdout went away
             log.error("capture stopped: %s", e)
-            sub.discard()  # what comes next is dropped, counted
+            self._broken = True
+            self._failed += records
+        finally:
+            self._pending.clear()
+
+    def _tick(self) -> None:
+        if not self._broken and self._time_to_rotate():
+            try:
+                self._rotate()
+            except (OSError, ValueError) as e:
+                log.error("capture stopped: %s", e)
+                self._broken = True
 
     def _records(self, data: memoryview, count: int) -> None:
         """Write whole records; with size rotation, split them at record boundaries."""
@@ -217,14 +215,7 @@ class CaptureWriter(CaptureHub):
 
     def close(self) -> None:
         """Write what is buffered, then close (the counters are final afterwards)."""
-        tid = self._writer.native_id
-        if tid is not None and self.options.idle and self._writer.is_alive():
-            try:  # what is left goes out now, at full priority, not in idle time
-                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
-            except (OSError, AttributeError):
-                pass
-        super().close()  # the ring's records reach the file's queue, then its stream ends
-        self._writer.join(10)
+        super().close()  # the hub's thread writes what the ring holds, then stops
         if self._out is not None:
             self._out.close()
         log.info("capture: %d packets written, %d dropped (buffer full), %d file(s)",
