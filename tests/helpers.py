@@ -11,9 +11,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from vsproxy.simguest import GuestSocket, SimGuest
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from vsproxy.app import Proxy
 
 
 class VsproxyProcess:
@@ -211,3 +218,18 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condi
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
+
+
+@contextmanager
+def running(proxy: Proxy) -> Iterator[Proxy]:
+    """vsproxy in this process: started, its loop in a thread, stopped and closed at the end."""
+    proxy.start()
+    t = threading.Thread(target=proxy.run, daemon=True)
+    t.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+        t.join(10)
+        assert not t.is_alive()
+        proxy.close()

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from helpers import unix_server
+from helpers import running, unix_server
 
 from vsproxy.app import Proxy
 from vsproxy.device import DeviceConfig
@@ -26,15 +26,8 @@ def proxy(workdir: str) -> Iterator[Proxy]:
                          endpoints=HostEndpoints(uds_path=os.path.join(workdir, "ha"))),
             DeviceConfig(6, os.path.join(workdir, "b.sock"), name="B",
                          endpoints=HostEndpoints(uds_path=os.path.join(workdir, "hb")))]
-    p = Proxy(cfgs)
-    p.start()
-    t = threading.Thread(target=p.run, daemon=True)
-    t.start()
-    yield p
-    p.stop()
-    t.join(10)
-    assert not t.is_alive()
-    p.close()
+    with running(Proxy(cfgs)) as p:
+        yield p
 
 
 def echo(s: object, data: bytes) -> bytes:

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from helpers import unix_server, wait_for
+from helpers import running, unix_server, wait_for
 
 from vsproxy.app import Proxy, report_lines
 from vsproxy.config import Settings, add_vm
@@ -26,14 +26,8 @@ def proxy(workdir: str) -> Iterator[Proxy]:
     add_vm(settings, {"name": "A", "guest-cid": 5, "socket": os.path.join(workdir, "a.sock"),
                       "uds-path": os.path.join(workdir, "ha"), "remap": "3=2", "allow-out": "2+3"}, "A")
     add_vm(settings, {"name": "B", "guest-cid": 6, "socket": os.path.join(workdir, "b.sock")}, "B")
-    p = Proxy(settings.devices, settings.policy())
-    p.start()
-    t = threading.Thread(target=p.run, daemon=True)
-    t.start()
-    yield p
-    p.stop()
-    t.join(10)
-    p.close()
+    with running(Proxy(settings.devices, settings.policy())) as p:
+        yield p
 
 
 def conns(snap: Snapshot, device: str) -> list[ConnectionInfo]:
