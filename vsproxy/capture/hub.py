@@ -175,6 +175,19 @@ class Subscription:
         self.close()
 
     # -- the hub's thread -----------------------------------------------------------------
+    def _has_room(self, n: int) -> bool:
+        """Would some of ``n`` bytes offered now be queued: room for all of it, or for one of the
+        largest records (a stalled subscriber's queue has neither, and is not copied for)."""
+        return (not self._ended and not self._discarding
+                and self.maxbytes - self._queued >= min(n, RESERVE_ROOM))
+
+    def _miss(self, records: int, n: int) -> None:
+        """Records offered while this queue was full, dropped without being copied."""
+        with self._cond:
+            if not self._ended:
+                self._dropped += records
+                self.dropped_bytes += n
+
     def _offer(self, data: bytes, records: int, pcap: bool) -> None:
         """Queue ``data`` (whole records) if it fits; else queue the records at its start that
         fit and drop the rest here, counted."""
@@ -401,10 +414,14 @@ class CaptureHub:
                     self._consume(view, records)  # the --pcap file: straight from the ring, no copy
                     subs = self._subs
                     if subs:
-                        # one copy per chunk, shared by every live subscriber
-                        data = bytes(view)
-                        for sub in subs:
-                            sub._offer(data, records, pcap)
+                        if any(sub._has_room(len(view)) for sub in subs):
+                            # one copy per chunk, shared by every live subscriber
+                            data = bytes(view)
+                            for sub in subs:
+                                sub._offer(data, records, pcap)
+                        else:  # every queue is full: no copy, the chunk is dropped for each, counted
+                            for sub in subs:
+                                sub._miss(records, len(view))
                     view.release()
                     self._give_back(c)
                     self.stats.chunks += 1
