@@ -15,12 +15,14 @@ from typing import TextIO
 
 from vsproxy.capture.hub import LIVE_BYTES, CaptureHub, Subscription
 from vsproxy.capture.writer import CaptureOptions, CaptureWriter
+from vsproxy.control import ControlServer
 from vsproxy.device import Device, DeviceConfig
 from vsproxy.limits import Limits, default_limits, fds_needed, nofile_limit
 from vsproxy.loop import Loop
 from vsproxy.policy import DeviceSpec, Policy
 from vsproxy.snapshot import Snapshot, take
 from vsproxy.switch import Switch
+from vsproxy.vsock.table import Counters
 
 log = logging.getLogger("vsproxy")
 
@@ -97,6 +99,7 @@ class Proxy:
         self._live: CaptureHub | None = None  # the sink while only live subscribers capture (no --pcap)
         self._live_lock = threading.Lock()
         self.limits: list[Limits] = []
+        self.control: ControlServer | None = None
 
     def start_capture(self, options: CaptureOptions) -> None:
         try:
@@ -132,6 +135,32 @@ class Proxy:
         except OSError as e:
             self.close()
             raise ConfigError(f"cannot listen: {e}") from None
+
+    def start_control(self, path: str) -> None:
+        """Serve the control socket at ``path`` (docs/control.md)."""
+        check_socket_path(path, "--control")
+        try:
+            self.control = ControlServer(path, self)
+        except OSError as e:
+            raise ConfigError(f"--control {path}: {e.strerror or e}") from None
+
+    def reset_counters(self) -> None:
+        """Every device's and rule's counters from zero again (the control socket's ``reset``).
+        On the loop thread. What the C pump counted for the connections it runs goes too."""
+        for d in self.devices:
+            if d.session is not None:
+                core = d.session.core
+                core.sync_owned()
+                core.counters = Counters()
+                for q in d.session.queues:
+                    if q is not None:
+                        q.counters.bad_chains = 0
+        self.switch.rules.clear()
+        self.switch.rule_totals.clear()
+        for d in self.devices:
+            if d.session is not None:
+                for conn in d.session.core.conns.values():
+                    conn.stats[:] = [0, 0, 0, 0]
 
     def run(self) -> None:
         self.loop.run()
@@ -192,6 +221,11 @@ class Proxy:
         hub.close()
 
     def close(self) -> None:
+        if self.loop.closed:
+            return  # closed already (a start that failed closes what it opened)
+        if self.control is not None:
+            self.control.close()
+            self.control = None
         for d in self.devices:
             d.close()
         self.stop_capture()

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="vhost-user-vsock backend that routes, fences and shows vsock traffic.",
         epilog="Subcommands: 'vsproxy demo' runs a self-contained session with a simulated guest; "
         "'vsproxy read FILE [FILTER]' prints a capture like tcpdump -r (-V, --follow, --json; "
-        "see 'vsproxy read --help').",
+        "see 'vsproxy read --help'); 'vsproxy ctl PATH stats|conns|events|pcap|watch' talks to --control PATH.",
     )
     p.add_argument("--socket", metavar="PATH", help="vhost-user socket QEMU connects to (one device)")
     p.add_argument("--guest-cid", type=parse_cid, metavar="N", help="the guest's CID (3..2^32-2)")
@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-handshakes", type=parse_limit, metavar="N",
                    help="per hybrid socket: host connections that have not finished their CONNECT line; "
                    "one more drops the oldest (default: a 16th of the device's share, 2..1024)")
+    p.add_argument("--control", metavar="PATH",
+                   help="serve a control socket at PATH (mode 0600): snapshots, events and live packets for "
+                   "'vsproxy ctl PATH ...' (docs/control.md)")
     p.add_argument("--pcap", metavar="FILE",
                    help="write every packet to FILE (- for stdout) as LINKTYPE_VSOCK, as the kernel's vsockmon")
     p.add_argument("--pcap-format", choices=("pcapng", "pcap"), default="pcapng",
@@ -222,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         from vsproxy.demo import main as demo_main
 
         return demo_main(args_list[1:])
+    if args_list and args_list[0] == "ctl":
+        from vsproxy.ctl import main as ctl_main
+
+        return ctl_main(args_list[1:])
     if args_list and args_list[0] == "read":
         from vsproxy.read import main as read_main
 
@@ -246,9 +253,12 @@ def main(argv: list[str] | None = None) -> int:
             proxy.start_capture(CaptureOptions(args.pcap, args.pcap_format, args.flush, args.pcap_rotate_size,
                                                args.pcap_rotate_seconds, args.pcap_files,
                                                args.pcap_buffer, idle=args.pcap_idle))
+        if args.control:
+            proxy.start_control(args.control)
         proxy.start()
     except ConfigError as e:
         print(f"vsproxy: error: {e}", file=sys.stderr)
+        proxy.close()
         return 2
     try:
         with proxy.signals():

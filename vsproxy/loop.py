@@ -264,6 +264,10 @@ class Loop:
         while not self.stopping:
             self.run_once()
 
+    @property
+    def closed(self) -> bool:
+        return self._ep.closed
+
     def close(self) -> None:
         self._ep.close()
         self._wake_r.close()
