@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from vsproxy.capture.hub import split_records
 from vsproxy.capture.reader import CaptureError, records
 from vsproxy.endpoints.listeners import Acceptor, listen_unix
+from vsproxy.eventbus import EventQueue
 from vsproxy.limits import ratelog
 from vsproxy.loop import Loop, TimerHandle
 from vsproxy.snapshot import Snapshot, take
@@ -175,8 +176,11 @@ class _Client:
             proxy.reset_counters()
             self._send({"ok": True})
         elif cmd == "subscribe" and req.get("what") == "events":
+            q = proxy.switch.events.subscribe()  # before the answer: no event in between is lost
             if self._send({"ok": True}):
-                self._hand_off(lambda: _stream_events(self.sock, proxy))
+                self._hand_off(lambda: _stream_events(self.sock, q))
+            else:
+                q.close()
         elif cmd == "subscribe" and req.get("what") == "packets":
             self._subscribe_packets(req.get("filter") or "")
         else:
@@ -213,8 +217,7 @@ class _Client:
         threading.Thread(target=run, name="vsproxy-control-stream", daemon=True).start()
 
 
-def _stream_events(sock: socket.socket, proxy: Proxy) -> None:
-    q = proxy.switch.events.subscribe()
+def _stream_events(sock: socket.socket, q: EventQueue) -> None:
     seen_dropped = 0
     try:
         while not q.closed:
