@@ -15,16 +15,17 @@ from vsproxy.limits import Health
 from vsproxy.verdict import verdict_of
 from vsproxy.vsock.connection import Connection
 from vsproxy.vsock.header import U32
-from vsproxy.vsock.lending import add_counts
+from vsproxy.vsock.lending import OwnedBack, add_counts
 from vsproxy.vsock.table import Counters, Traffic
 
 if TYPE_CHECKING:
     from vsproxy.app import Proxy
     from vsproxy.device import Device
-    from vsproxy.vsock.core import VsockCore
 
 
-@dataclass(frozen=True, slots=True)
+# Per-connection records are plain slotted dataclasses: a frozen one sets each field through
+# object.__setattr__, which doubles the time a snapshot of thousands of connections takes.
+@dataclass(slots=True)
 class CreditState:
     """Both directions' credit. Guest -> vsproxy: what vsproxy advertises (``buf_alloc``,
     ``fwd_cnt``) and holds (``queued``: bytes the host has not taken yet); vsproxy -> guest:
@@ -39,7 +40,7 @@ class CreditState:
     in_flight: int  # bytes sent to the guest it has not reported consumed
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ConnectionInfo:
     device: str
     type: str  # "stream" or "seqpacket"
@@ -111,10 +112,11 @@ def take(proxy: Proxy) -> Snapshot:
         counters = dataclasses.replace(core.counters, drops=dict(core.counters.drops)) if core else Counters()
         if core is not None:
             for conn in core.conns.values():
-                info, stats = _connection(d, core, conn, now)
+                back = core.owner.peek(conn.own) if conn.own >= 0 and core.owner is not None else None
+                info, stats = _connection(d, conn, now, back)
                 conns.append(info)
-                if conn.own >= 0:
-                    _add_c_counts(counters, core, conn)
+                if back is not None:
+                    add_counts(counters, back.counts)  # what C did that Python has not folded in yet
                 for rule in conn.rule:
                     traffic.setdefault(rule, Traffic()).add(stats)
         policy = proxy.switch.policy
@@ -131,12 +133,12 @@ def take(proxy: Proxy) -> Snapshot:
                     proxy._capture_rows() or None)
 
 
-def _connection(d: Device, core: VsockCore, conn: Connection, now: float) -> tuple[ConnectionInfo, list[int]]:
+def _connection(d: Device, conn: Connection, now: float, back: OwnedBack | None) -> tuple[ConnectionInfo, list[int]]:
+    """One connection; ``back``: C's credit state and what it did since Python looked, if C runs it."""
     cr = conn.credit
     tx_cnt, peer_buf_alloc, peer_fwd_cnt = cr.tx_state()
     stats = list(conn.stats)
-    if conn.own >= 0 and core.owner is not None:
-        back = core.owner.peek(conn.own)  # C's credit state and what it did since Python looked
+    if back is not None:
         tx_cnt, peer_buf_alloc, peer_fwd_cnt = back.tx_cnt, back.peer_buf_alloc, back.peer_fwd_cnt
         n = back.counts
         stats = [stats[0] + n.tx_packets, stats[1] + n.tx_bytes, stats[2] + n.packets, stats[3] + n.bytes]
@@ -152,9 +154,3 @@ def _connection(d: Device, core: VsockCore, conn: Connection, now: float) -> tup
         credit=credit, in_c=conn.own >= 0, verdict=verdict_of(conn.mark).word, rules=conn.rule,
         guest_shut=conn.guest_shut, host_eof=conn.host_eof,
     ), stats
-
-
-def _add_c_counts(counters: Counters, core: VsockCore, conn: Connection) -> None:
-    """What C did for a connection it runs and Python has not folded in yet (peeked)."""
-    if core.owner is not None:
-        add_counts(counters, core.owner.peek(conn.own).counts)
