@@ -28,7 +28,7 @@ from multiprocessing.connection import Connection as Pipe
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_throughput import BIG_RX_BUF, LINUX_BUF_ALLOC, _drain_server
+from bench_throughput import BIG_RX_BUF, LINUX_BUF_ALLOC, HostReader
 
 from vsproxy.app import Proxy
 from vsproxy.capture.hub import Subscription
@@ -103,16 +103,11 @@ class InProcessRig:
     def g2h(self, payload: int, count: int) -> float:
         """Guest to host: seconds until the host reader has every byte."""
         self.port += 1
-        r_ready, w_ready = mp.Pipe()
-        r_res, w_res = mp.Pipe()
-        p = mp.Process(target=_drain_server, args=(f"{self.uds}_{self.port}", w_ready, w_res, payload * count))
-        p.start()
-        r_ready.recv()
+        reader = HostReader(f"{self.uds}_{self.port}", payload * count)
         s = self.guest.connect(self.port)
         start = time.monotonic()
         s.blast(b"\xa5" * payload, count)
-        got, end = r_res.recv()
-        p.join()
+        got, end = reader.result()
         s.close()
         assert got == payload * count, (got, payload * count)
         return float(max(end, start) - start)

@@ -33,7 +33,7 @@ import time
 from multiprocessing.connection import Connection as Pipe
 from multiprocessing.synchronize import Event
 
-from bench_throughput import _drain_server  # the same host reader as the throughput rows
+from bench_throughput import HostReader  # the same host reader as the throughput rows
 
 from vsproxy.limits import default_limits, nofile_limit
 from vsproxy.simguest import SimGuest
@@ -146,11 +146,7 @@ class Rig:
         go, or at ``pace`` bytes per second (bursts every 10 ms) if given."""
         self.port += 1
         path = f"{self.hb}_{self.port}"
-        r_ready, w_ready = mp.Pipe()
-        r_res, w_res = mp.Pipe()
-        p = mp.Process(target=_drain_server, args=(path, w_ready, w_res, PAYLOAD * count))
-        p.start()
-        r_ready.recv()
+        reader = HostReader(path, PAYLOAD * count)
         s = self.guest.connect(self.port)
         payload = b"\xa5" * PAYLOAD
         start = time.monotonic()
@@ -166,8 +162,7 @@ class Rig:
                     time.sleep(due - time.monotonic())
         else:
             s.blast(payload, count)
-        got, end = r_res.recv()
-        p.join()
+        got, end = reader.result()
         s.close()
         assert got == PAYLOAD * count, (got, PAYLOAD * count)
         return float(got / (max(end, start) - start))

@@ -61,6 +61,23 @@ def _drain_server(path: str, ready: Pipe, result: Pipe, expect: int) -> None:
     srv.close()
 
 
+class HostReader:
+    """A host reader process on ``path`` (``_drain_server``), listening once made; ``result()``
+    waits for it: (bytes read, when the last arrived)."""
+
+    def __init__(self, path: str, expect: int) -> None:
+        r_ready, w_ready = mp.Pipe()
+        self._result, w_res = mp.Pipe()
+        self._proc = mp.Process(target=_drain_server, args=(path, w_ready, w_res, expect))
+        self._proc.start()
+        r_ready.recv()
+
+    def result(self) -> tuple[int, float]:
+        got, end = self._result.recv()
+        self._proc.join()
+        return int(got), float(end)
+
+
 def _floor_sender(path: str, payload: int, count: int, ready: Pipe) -> None:
     """The floor: one send() per payload from an mmapped memfd."""
     fd = os.memfd_create("floor")
@@ -196,17 +213,12 @@ class Rig:
         """Guest to host: seconds and packets seen by the guest."""
         self.port += 1
         path = f"{self.uds}_{self.port}"
-        r_ready, w_ready = mp.Pipe()
-        r_res, w_res = mp.Pipe()
-        p = mp.Process(target=_drain_server, args=(path, w_ready, w_res, payload * count))
-        p.start()
-        r_ready.recv()
+        reader = HostReader(path, payload * count)
         s = self.guest.connect(self.port)
         before = self.guest.stats.tx_packets
         start = time.monotonic()
         s.blast(b"\xa5" * payload, count)
-        got, end = r_res.recv()
-        p.join()
+        got, end = reader.result()
         s.close()
         assert got == payload * count, (got, payload * count)
         packets = self.guest.stats.tx_packets - before

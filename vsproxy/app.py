@@ -152,15 +152,13 @@ class Proxy:
                 core = d.session.core
                 core.sync_owned()
                 core.counters = Counters()
+                for conn in core.conns.values():
+                    conn.stats[:] = [0, 0, 0, 0]
                 for q in d.session.queues:
                     if q is not None:
                         q.counters.bad_chains = 0
         self.switch.rules.clear()
         self.switch.rule_totals.clear()
-        for d in self.devices:
-            if d.session is not None:
-                for conn in d.session.core.conns.values():
-                    conn.stats[:] = [0, 0, 0, 0]
 
     def run(self) -> None:
         self.loop.run()
@@ -256,7 +254,7 @@ class Proxy:
             raise got
         return got
 
-    def _capture_rows(self) -> dict[str, dict[str, int]]:
+    def capture_rows(self) -> dict[str, dict[str, int]]:
         """``all``: the --pcap file's counters; ``live``: the hub's live subscribers, what the
         ring took from the C and the Python paths, what it dropped, and what the subscribers
         missed between them (each also reads its own ``Subscription.dropped``)."""

@@ -18,13 +18,15 @@ import struct
 import threading
 from typing import TYPE_CHECKING, Any
 
-from vsproxy.capture.hub import split_records
+from vsproxy.capture.hub import Subscription, split_records
 from vsproxy.capture.reader import CaptureError, records
 from vsproxy.endpoints.listeners import Acceptor, listen_unix
 from vsproxy.eventbus import EventQueue
+from vsproxy.filter import FilterError, Predicate, compile_filter
 from vsproxy.limits import ratelog
 from vsproxy.loop import Loop, TimerHandle
 from vsproxy.snapshot import Snapshot, take
+from vsproxy.taps import CAP_PCAP
 
 if TYPE_CHECKING:
     from vsproxy.app import Proxy
@@ -117,21 +119,18 @@ class _Client:
             most -= n
 
     def _send(self, obj: dict[str, Any]) -> bool:
+        """One answer. Answers are small: a client that does not read one within a second is gone."""
         data = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
-        try:
-            self._send_nb(data)
-        except OSError:
-            self.close()
-            return False
-        return True
-
-    def _send_nb(self, data: bytes) -> None:
-        """Answers are small; a client that does not read them within a second is gone."""
         self.sock.settimeout(1.0)
         try:
             self.sock.sendall(data)
+        except OSError:
+            self.close()
+            return False
         finally:
-            self.sock.setblocking(False)
+            if not self.closed:
+                self.sock.setblocking(False)
+        return True
 
     def _read(self) -> None:
         try:
@@ -188,8 +187,6 @@ class _Client:
                         "(known: snapshot, reset, subscribe events, subscribe packets)"})
 
     def _subscribe_packets(self, text: object) -> None:
-        from vsproxy.filter import FilterError, compile_filter
-
         if not isinstance(text, str):
             self._send({"ok": False, "error": "filter must be a string"})
             return
@@ -199,7 +196,7 @@ class _Client:
             self._send({"ok": False, "error": f"bad filter: {e}"})
             return
         sub = self.server.proxy.subscribe_packets()
-        fmt = "pcap" if sub.hub.record_mode == 1 else "pcapng"
+        fmt = "pcap" if sub.hub.record_mode == CAP_PCAP else "pcapng"
         if self._send({"ok": True, "format": fmt}):
             self._hand_off(lambda: _stream_packets(self.sock, sub, pred))
         else:
@@ -237,14 +234,14 @@ def _stream_events(sock: socket.socket, q: EventQueue) -> None:
         sock.close()
 
 
-def _stream_packets(sock: socket.socket, sub: Any, pred: Any) -> None:
+def _stream_packets(sock: socket.socket, sub: Subscription, pred: Predicate | None) -> None:
     """The capture stream to the client: the header as is, then the records the filter matches
     (the filter runs here, in the client's thread, never on the data path)."""
     from vsproxy.decode import Decoder
 
     decoder = Decoder(pred) if pred is not None else None
     header_sent = False
-    pcap = sub.hub.record_mode == 1
+    pcap = sub.hub.record_mode == CAP_PCAP
     try:
         while not sub.closed or sub.queued:
             data = sub.read(1.0)

@@ -97,7 +97,6 @@ class Health:
     fd_exhausted: int = 0  # a descriptor could not be made (connect, accept): refused or paused
     accept_pauses: int = 0  # a listener stopped accepting for a moment after EMFILE and the like
     handshakes_dropped: int = 0  # hybrid connections still in their handshake, dropped at the limit
-    limit_refused: int = 0  # connections refused at a device's max-connections or max-pending
     faults: int = 0  # unexpected exceptions caught by the loop's last line of defence
 
 

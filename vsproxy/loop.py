@@ -59,17 +59,19 @@ class TimerHandle:
             loop._timer_cancelled()
 
 
+def _unwrap(cb: object) -> object:
+    """The function under a partial."""
+    return cb.func if isinstance(cb, functools.partial) else cb
+
+
 def _owner(cb: object) -> object | None:
     """The object a bound method (or a partial of one) belongs to."""
-    if isinstance(cb, functools.partial):
-        cb = cb.func
-    return getattr(cb, "__self__", None)
+    return getattr(_unwrap(cb), "__self__", None)
 
 
 def _name(cb: object) -> str:
-    if isinstance(cb, functools.partial):
-        cb = cb.func
-    return getattr(cb, "__qualname__", None) or repr(cb)
+    fn = _unwrap(cb)
+    return getattr(fn, "__qualname__", None) or repr(fn)
 
 
 class Loop:

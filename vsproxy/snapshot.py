@@ -130,7 +130,7 @@ def take(proxy: Proxy) -> Snapshot:
                   for name, rc in sorted(proxy.switch.rules.items())
                   for t in (traffic.get(name, Traffic()),))
     return Snapshot(tuple(devices), rules, tuple(conns), dataclasses.replace(proxy.loop.health),
-                    proxy._capture_rows() or None)
+                    proxy.capture_rows() or None)
 
 
 def _connection(d: Device, conn: Connection, now: float, back: OwnedBack | None) -> tuple[ConnectionInfo, list[int]]:

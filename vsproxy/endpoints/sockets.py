@@ -16,7 +16,7 @@ import struct
 from collections.abc import Sequence
 
 from vsproxy.endpoints.base import Buffer, scatter
-from vsproxy.limits import exhausted, ratelog
+from vsproxy.limits import EXHAUSTION_ERRNOS, exhausted, ratelog
 from vsproxy.loop import Loop
 from vsproxy.vsock.connection import Connection
 
@@ -244,7 +244,7 @@ def tcp_connect(host: str, port: int, conn: Connection, loop: Loop, hooks: CoreH
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     err = sock.connect_ex(addr)
     if err not in (0, errno.EINPROGRESS):
-        if err in (errno.ENOBUFS, errno.ENOMEM, errno.EMFILE, errno.ENFILE):
+        if err in EXHAUSTION_ERRNOS:
             refused_for_descriptors(loop, what, OSError(err, os.strerror(err)))
         else:
             ratelog(log, logging.INFO, "guest connect failed", "%s failed: %s", what, os.strerror(err))

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from vsproxy.endpoints.listeners import Acceptor, into_guest
 from vsproxy.endpoints.sockets import CoreHooks, SocketPeer, connecting_peer, refused_for_descriptors
-from vsproxy.limits import exhausted, ratelog
+from vsproxy.limits import EXHAUSTION_ERRNOS, exhausted, ratelog
 from vsproxy.loop import Loop
 from vsproxy.vsock.connection import Connection
 
@@ -101,7 +101,7 @@ def vsock_connect(factory: VsockFactory, cid: int, port: int, conn: Connection, 
             ratelog(log, logging.INFO, "guest connect failed", "%s failed: %s", what, e.strerror)
         return None
     if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
-        if err in (errno.ENOBUFS, errno.ENOMEM):
+        if err in EXHAUSTION_ERRNOS:
             refused_for_descriptors(loop, what, OSError(err, os.strerror(err)))
         else:
             ratelog(log, logging.INFO, "guest connect failed", "%s failed: %s", what, os.strerror(err))

@@ -375,11 +375,8 @@ class VsockCore(Lending):
         self.counters.faults += 1
         if conn.state is not State.CLOSED:
             self._reset(conn, "internal error")
-        else:
-            self._lingering.discard(conn)
-            conn.outq.clear()
-            conn.out_bytes = 0
-            conn.peer.close(reset=True)
+        else:  # closed for the guest, still flushing to the host (lingering)
+            self._forget(conn, reset_peer=True)
 
     def tick(self, now: float) -> None:
         """Expire connect and linger deadlines; ask for credit a window shut too long."""

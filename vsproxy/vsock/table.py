@@ -245,15 +245,6 @@ class ConnTable:
         for rule in conn.rule:
             self.rule_totals.setdefault(rule, Traffic()).add(conn.stats)
 
-    def live_rule_stats(self) -> dict[str, Traffic]:
-        """Traffic per routing rule of the connections still open (closed ones are in rule_totals)."""
-        self.sync_owned()
-        out: dict[str, Traffic] = {}
-        for conn in self.conns.values():
-            for rule in conn.rule:
-                out.setdefault(rule, Traffic()).add(conn.stats)
-        return out
-
     def _forget(self, conn: Connection, reset_peer: bool) -> None:
         self._forget_vsock(conn)
         self._lingering.discard(conn)
