@@ -101,6 +101,13 @@ def test_fanout_benchmark_runs_and_prints_each_subscriber_beside_none() -> None:
             assert (int(r[7]) > 0) is not bool(os.environ.get("VSPROXY_NO_C"))
 
 
+def test_snapshot_benchmark_runs_and_prints_its_figure() -> None:
+    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "benchmarks/bench_snapshot.py", "--quick"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"snapshot of 256 connections: [0-9.]+ ms median", proc.stdout), proc.stdout
+
+
 def test_filter_benchmark_runs() -> None:
     proc = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "benchmarks/bench_filter.py"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
