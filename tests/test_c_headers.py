@@ -15,6 +15,7 @@ import pytest
 from dissectors import layers
 from vsproxy import fastpath, taps, virtq
 from vsproxy.capture import format as fmt
+from vsproxy.capture import hub
 from vsproxy.simguest import cblast
 from vsproxy.simguest import ring as sgring
 from vsproxy.vsock import header as H
@@ -122,6 +123,17 @@ def test_capture_record_constants_are_the_capture_formats() -> None:
     assert CAPTURE["PCAPNG_BT_EPB"] == fmt.BT_EPB
     assert CAPTURE["PCAPNG_EPB_FLAGS"] == fmt.EPB_FLAGS
     assert (CAPTURE["PCAPNG_EPB_INBOUND"], CAPTURE["PCAPNG_EPB_OUTBOUND"]) == (fmt.EPB_INBOUND, fmt.EPB_OUTBOUND)
+    assert CAPTURE["PCAPNG_OPT_COMMENT"] == fmt.OPT_COMMENT
+
+
+def test_a_lent_chunk_always_has_room_for_one_largest_record_and_the_spare() -> None:
+    assert CAPTURE["CAP_COMMENT_MAX"] == taps.CAP_COMMENT_MAX and CAPTURE["CAP_SPARE"] == taps.CAP_SPARE
+    # a largest record: the frame (vsockmon + virtio header + 64 KiB), the longest comment, pcapng's framing
+    largest = 28 + (H.MAX_PKT_PAYLOAD + 32 + 44 + 3) // 4 * 4 + 8 + 4 + taps.CAP_COMMENT_MAX + 4 + 4
+    assert hub.RESERVE_ROOM >= largest + taps.CAP_SPARE
+    # vq_tx_kick stops a round with less than CAP_LOW left: what reserve() guarantees, so a kick
+    # with a fresh chunk always runs one round
+    assert CAPTURE["CAP_LOW"] == hub.RESERVE_ROOM
 
 
 def test_the_values_python_reads_back_from_the_fast_path() -> None:

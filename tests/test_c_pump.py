@@ -62,9 +62,11 @@ class FakeOwner:
         self.window_shut = True
 
     def own(self, token: object, key: tuple[int, int, int, int], fd: int, tx_cnt: int, peer_buf_alloc: int,
-            peer_fwd_cnt: int, hdr: bytes, flags: int, tx: tuple[int, int, int, int] | None = None) -> int:
+            peer_fwd_cnt: int, hdr: bytes, flags: int, tx: tuple[int, int, int, int] | None = None,
+            comment: bytes = b"") -> int:
         self.lent = {"token": token, "key": key, "fd": fd, "tx_cnt": tx_cnt, "peer_buf_alloc": peer_buf_alloc,
-                     "peer_fwd_cnt": peer_fwd_cnt, "hdr": H.unpack(hdr), "flags": flags, "tx": tx}
+                     "peer_fwd_cnt": peer_fwd_cnt, "hdr": H.unpack(hdr), "flags": flags, "tx": tx,
+                     "comment": comment}
         return 0
 
     def take_back(self, slot: int) -> OwnedBack:

@@ -19,7 +19,7 @@ from vsproxy.app import Proxy
 from vsproxy.capture import format as fmt
 from vsproxy.capture.hub import CaptureHub, Subscription, stream_header
 from vsproxy.capture.reader import records
-from vsproxy.capture.writer import CaptureOptions
+from vsproxy.capture.writer import CaptureOptions, CaptureWriter
 from vsproxy.device import DeviceConfig
 from vsproxy.endpoints.host import HostEndpoints
 from vsproxy.simguest import SimGuest
@@ -267,3 +267,58 @@ def test_subscription_read_waits_and_ends() -> None:
     sub.close()
     assert sub.closed and sub.read(None) == b"" and hub.subscriptions == ()
     hub.close()
+
+
+def test_when_every_subscriber_is_stalled_the_data_path_writes_no_records_and_counts_them_dropped() -> None:
+    hub = CaptureHub(["dev"], ring_bytes=4 * MiB)
+    stalled = hub.subscribe(300_000)
+    blob = record_blob(1, 1000)
+    try:
+        assert hub.accepting and hub.reserve() is not None  # a taker with room: records are written
+        hub.release(hub._filling, hub._filling.used, 0)
+        for _ in range(400):  # more than the stalled queue holds
+            hub.commit(blob, 1)
+        wait_for(lambda: not hub.accepting, 5, "the gate to close behind a full queue")
+        before = hub.stats.py_records
+        assert hub.reserve() is None  # C lends no chunk: nothing written, the caller counts its packets
+        hub.drop(7)
+        hub.commit(blob, 1)  # nor does the Python path copy one
+        assert hub.stats.py_records == before
+        missed = stalled.dropped
+        assert missed >= 8  # its drops include what the data path did not write
+        got = stalled.take()  # it reads again: the gate opens at once
+        assert got and hub.accepting
+        hub.commit(blob, 1)
+        assert hub.stats.py_records == before + 1
+    finally:
+        hub.close()
+
+
+def test_a_file_keeps_the_gate_open_whatever_the_live_subscribers_do(workdir: str) -> None:
+    w = CaptureWriter(CaptureOptions(os.path.join(workdir, "f.pcapng")), ["dev"])
+    stalled = w.subscribe(10_000)
+    try:
+        for _ in range(200):
+            w.commit(record_blob(2, 1000), 1)
+        time.sleep(0.5)  # the distribution thread's turns
+        assert w.accepting and stalled.dropped > 0
+    finally:
+        w.close()
+
+
+def test_a_second_lend_while_one_chunk_is_lent_gets_nothing_instead_of_the_same_chunk() -> None:
+    hub = CaptureHub(["dev"], ring_bytes=4 * MiB)
+    sub = hub.subscribe(MiB)
+    try:
+        chunk = hub.reserve()
+        assert chunk is not None
+        assert hub.reserve() is None  # two writers in one chunk would corrupt it
+        before = hub.stats.dropped
+        hub.commit(record_blob(3, 10), 1)  # a Python record while C writes past used: dropped, counted
+        assert hub.stats.dropped == before + 1
+        hub.release(chunk, chunk.used, 0)
+        hub.commit(record_blob(3, 10), 1)
+        assert hub.stats.py_records == 1
+    finally:
+        sub.close()
+        hub.close()

@@ -20,7 +20,7 @@ from vsproxy.capture import reader
 from vsproxy.endpoints.base import Buffer
 from vsproxy.fastpath import CreditItem, Run, Slow, Tail, TxFastPath
 from vsproxy.simguest.ring import Buf
-from vsproxy.taps import CAP_PCAP, CAP_PCAPNG, RecordChunk, Taps
+from vsproxy.taps import CAP_PCAP, CAP_PCAPNG, CAP_SPARE, RecordChunk, Taps
 from vsproxy.virtq import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, Chain
 from vsproxy.vsock import header as H
 from vsproxy.vsock import rx
@@ -328,7 +328,6 @@ def test_c_capture_records_read_back_as_the_python_writer_frames(mode: int) -> N
         items = fast.batch()
         assert len(items) == 1 and isinstance(items[0], Run) and items[0].cap_off == 0
         assert sink.lent  # the records stand in the lent chunk until the caller keeps them
-        fast.capture.went_through(len(items[0].heads))
         fast.capture.finish()
         got = read_back(mode, sink.committed)
         want = [fmt.vsockmon_frame(H.pack(GUEST, 2, 100, 5000, len(p), 1, H.Op.RW, 0, 65536, 0), p)
@@ -346,7 +345,7 @@ def test_a_full_chunk_ends_the_batch_and_leaves_the_rest_on_the_ring() -> None:
         for _ in range(8):
             add_packet(rig, 100, b"q" * 60000)
         taps = Taps()
-        sink = RecordingSink(CAP_PCAPNG, size=3 * 61000)  # room for three records
+        sink = RecordingSink(CAP_PCAPNG, size=3 * 61000 + CAP_SPARE)  # room for three records, and the spare
         taps.set_sink(sink)
         fast = TxFastPath(rig.q, GUEST, 64, taps, "dev")
         items = fast.batch()
@@ -404,6 +403,39 @@ def test_rx_fill_writes_one_record_per_packet_into_the_sinks_chunk(mode: int) ->
         t.close()
 
 
+@pytest.mark.parametrize("comment", ["r", "rw", "rew", "rewr", "rewritten to CID 42 by --remap 3=42 (rule: vm-a)"])
+def test_c_records_carry_a_connections_comment_byte_for_byte_as_the_python_writer(comment: str) -> None:
+    t = RxRig()
+    try:
+        sink = RecordingSink(CAP_PCAPNG)
+        t.fast.taps.set_sink(sink)
+        t.host.sendall(b"q" * 5000)
+        r = t.fast.fill(t.peer.fileno(), 1 << 20, 16, t.hdr, comment.encode())
+        assert r.packets == 2
+        data = sink.committed
+        off = 0
+        for _, hdr, payload in t.used():  # each record: the Python writer's, at the same timestamp
+            size = int.from_bytes(data[off + 4 : off + 8], "little")
+            ts_us = int.from_bytes(data[off + 12 : off + 16], "little") << 32 | int.from_bytes(
+                data[off + 16 : off + 20], "little")
+            want = fmt.pcapng_epb(3, ts_us / 1e6, fmt.vsockmon_frame(hdr, payload), inbound=False, comment=comment)
+            assert data[off : off + size] == want
+            off += size
+        assert off == len(data)
+        assert [g.comment for g in reader.records(io.BytesIO(fmt.pcapng_shb() + b"".join(
+            fmt.pcapng_idb(f"if{i}") for i in range(4)) + data))] == [comment, comment]
+    finally:
+        t.close()
+
+
+def test_a_comment_too_long_for_c_keeps_the_connection_on_the_python_path() -> None:
+    taps = Taps()
+    assert taps.c_comment("x" * 600) == b""  # nothing captures: no comment to write at all
+    taps.set_sink(RecordingSink(CAP_PCAPNG))
+    assert taps.c_comment(None) == b"" and taps.c_comment("rewritten") == b"rewritten"
+    assert taps.c_comment("x" * 600) is None
+
+
 def test_with_no_room_in_the_sink_the_c_paths_run_on_and_count_their_packets_dropped() -> None:
     t = RxRig()
     rig = Rig(indirect=True, num=64)
@@ -419,7 +451,7 @@ def test_with_no_room_in_the_sink_the_c_paths_run_on_and_count_their_packets_dro
         fast = TxFastPath(rig.q, GUEST, 64, t.fast.taps, "dev")
         (run,) = fast.batch()
         assert isinstance(run, Run) and len(run.heads) == 3  # the fast path, records or not
-        fast.capture.went_through(3)
+        fast.capture.dropped(3)  # the caller counts what it handled (datapath._process_tx_fast)
         fast.capture.finish()
         assert sink.dropped == 5 and sink.chunk.used == 0
     finally:
@@ -463,7 +495,6 @@ def test_c_capture_record_of_a_credit_packet_is_the_python_writer_frame(mode: in
         fast = TxFastPath(rig.q, GUEST, 64, taps, "dev")
         (item,) = fast.batch()
         assert isinstance(item, CreditItem) and item.cap_off == 0
-        fast.capture.went_through(1)
         fast.capture.finish()
         (got,) = read_back(mode, sink.committed)
         assert got[0] == fmt.vsockmon_frame(H.pack(GUEST, 2, 100, 5000, 0, 1, H.Op.CREDIT_UPDATE, 0, 131072, 4096), b"")

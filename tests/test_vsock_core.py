@@ -452,7 +452,7 @@ def test_host_data_is_published_to_the_guest_burst_by_burst() -> None:
     calls: list[tuple[int, int]] = []
     events: list[str] = []
 
-    def rx_fast(fd: int, credit: int, max_packets: int, hdr: bytes) -> fastpath.RxFill:
+    def rx_fast(fd: int, credit: int, max_packets: int, hdr: bytes, comment: bytes = b"") -> fastpath.RxFill:
         assert fd == 99 and H.unpack(hdr).fwd_cnt == conn.credit.fwd_cnt
         calls.append((credit, max_packets))
         events.append("fill")

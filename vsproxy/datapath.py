@@ -61,11 +61,12 @@ class DataPath:
 
     def _c_kick(self, kick_fd: int) -> bool:
         """A tx kick while C runs connections and nothing else waits for Python: C takes the
-        guest's credit updates, refills the rx ring and re-enables kicks itself (vq_tx_kick);
-        Python steps in only for what C leaves. False: the ordinary pump takes the kick."""
+        guest's credit updates, refills the rx ring and re-enables kicks itself (vq_tx_kick),
+        writing the capture records as it goes; Python steps in only for what C leaves.
+        False: the ordinary pump takes the kick."""
         core, txq, fast = self.core, self.queues[TX_QUEUE], self._fastpaths[TX_QUEUE]
         if (not core.owned or fast is None or txq is None or fast.q is not txq or self._pump_scheduled
-                or self.closed or core.control or core.ready or core.taps.active or txq.broken):
+                or self.closed or core.control or core.ready or core.taps.per_packet or txq.broken):
             return False
         call_fd = self.call_fds[TX_QUEUE]
         items = fast.kick(kick_fd, -1 if call_fd is None else call_fd)
@@ -173,7 +174,7 @@ class DataPath:
             for item in items:
                 if isinstance(item, Tail):
                     # C took these chains for a connection it ran, and gave it back with them
-                    # (nothing is captured while C runs connections)
+                    # (their records, if captured, are C's and stand)
                     core.guest_rw_tail(item.src_port, item.dst_cid, item.dst_port, item.total, item.segments)
                     txq.counters.chains += len(item.heads)
                     done.extend(item.heads)
@@ -184,12 +185,14 @@ class DataPath:
                 else:
                     heads = item.heads if isinstance(item, Run) else [item.head]
                     # An item whose records were cut goes through Python, which captures it again.
-                    if not capture.was_cut and self._fast_item(item, capture.sink is not None):
+                    # A run C ran for a marked connection has its comment in its records already.
+                    captured = capture.open and not (isinstance(item, Run) and item.marked)
+                    if not capture.was_cut and self._fast_item(item, captured):
                         txq.counters.chains += len(heads)
                         done.extend(heads)
-                        capture.went_through(len(heads))
+                        capture.dropped(len(heads))  # (only with no room in the sink)
                         continue
-                    capture.cut(item.cap_off)  # this item's records and the later ones: Python's now
+                    capture.cut(item.cap_off, item.cap_rec)  # this item's records and the later ones: Python's now
                 for head in heads:  # the Python reference path, one chain at a time
                     chain = txq.take(head)
                     if chain is not None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from vsproxy._ext import load
-from vsproxy.taps import CAP_NONE, CaptureSink, RecordChunk, Taps
+from vsproxy.taps import CAP_COMMENT_MAX, CAP_NONE, CaptureSink, RecordChunk, Taps
 from vsproxy.virtq import SplitQueue
 from vsproxy.vsock.lending import (  # the records and flags C shares with the core, defined sans-I/O
     OWN_F_TX,
@@ -61,6 +61,8 @@ class Run(NamedTuple):
     segments: list[memoryview]
     heads: list[int]
     cap_off: int  # where the run's capture records start in the lent chunk (one per chain)
+    cap_rec: int  # the records before them in the chunk
+    marked: bool  # its records carry the connection's capture comment (C ran it)
 
 
 class Tail(NamedTuple):
@@ -86,26 +88,32 @@ def _counts(e: Any) -> OwnedCounts:
 
 
 class CaptureCall:
-    """A vq_cap for one C call: records straight into a chunk the capture sink lends, or none.
+    """A vq_cap for C calls: records straight into a chunk the capture sink lends, or none.
 
-    ``open`` while the chunk is lent; ``cut`` gives it back keeping the records before an
-    offset (the rest go through the Python path again), ``finish`` keeps them all."""
+    ``open`` while the chunk is lent (``arm``); ``finish`` gives it back with every record C
+    wrote, ``cut`` gives it back without the records of an item Python takes through its own
+    path (and of the items after it: Python captures them again). Every C call of a device
+    writes into the one vq_cap, so the records of a batch, of what C did for the connections it
+    runs, and of connections it gave back on the way, stand in ring order."""
 
     def __init__(self) -> None:
         self.cap = ffi.new("vq_cap *")
         self.cap.mode = CAP_NONE
         self.sink: CaptureSink | None = None
         self.chunk: RecordChunk | None = None
-        self.kept = 0  # records of runs that went through
-        self.was_cut = False  # records from some run on were cut: later runs go through Python
+        self.was_cut = False  # records from some item on were cut: later items go through Python
         self.no_room = False  # capturing, but the sink had no chunk to lend
+        # where the last batch's records ended: records past it (connections Python took back
+        # from C while the chunk was lent) stand even when an item of the batch is cut
+        self._batch_used = 0
+        self._batch_records = 0
 
     def arm(self, sink: CaptureSink | None, device: str) -> Any:
         cap = self.cap
         cap.records = 0
+        cap.dropped = 0
         self.sink = sink
         self.chunk = chunk = sink.reserve() if sink is not None else None
-        self.kept = 0
         self.was_cut = False
         self.no_room = sink is not None and chunk is None
         if sink is None or chunk is None:
@@ -115,11 +123,25 @@ class CaptureCall:
             chunk.native = ffi.from_buffer("uint8_t[]", chunk.view)
         cap.buf = chunk.native
         cap.size = chunk.size
-        cap.used = chunk.used
+        cap.used = self._batch_used = chunk.used
+        self._batch_records = 0
         cap.mode = sink.record_mode
         cap.iface = sink.interface(device)
         cap.ts_us = int(time.time() * 1_000_000)
         return cap
+
+    def arm_unless_open(self, sink: CaptureSink | None, device: str) -> bool:
+        """Arm for one C call outside a batch, unless the chunk is lent already (then C appends
+        to it). True: the caller finishes after the call."""
+        if self.chunk is not None:
+            return False
+        self.arm(sink, device)
+        return True
+
+    def batch_done(self) -> None:
+        """The batch's C call returned: what C writes from now on is not the batch's."""
+        self._batch_used = int(self.cap.used)
+        self._batch_records = int(self.cap.records)
 
     @property
     def open(self) -> bool:
@@ -130,22 +152,32 @@ class CaptureCall:
         if self.no_room and self.sink is not None and packets:
             self.sink.drop(packets)
 
-    def went_through(self, records: int) -> None:
-        """A run's packets were handled: its records stand (or, with no room, are dropped)."""
-        if self.chunk is not None:
-            self.kept += records
-        self.dropped(records)
-
-    def cut(self, offset: int) -> None:
-        if self.sink is not None and self.chunk is not None:
-            self.sink.release(self.chunk, offset, self.kept)
-            self.chunk = None
-            self.was_cut = True
+    def cut(self, offset: int, records: int) -> None:
+        """Give the chunk back with the records before ``offset`` (``records`` of them, the
+        first item's Python takes), and those C wrote after the batch."""
+        sink, chunk, cap = self.sink, self.chunk, self.cap
+        if sink is None or chunk is None:
+            return
+        used, total = int(cap.used), int(cap.records)
+        after = used - self._batch_used
+        if after > 0:  # rare: a connection taken back from C while the chunk was lent
+            chunk.view[offset : offset + after] = bytes(chunk.view[self._batch_used : used])
+        self._give_back(offset + max(after, 0), records + total - self._batch_records)
+        self.was_cut = True
 
     def finish(self) -> None:
-        if self.sink is not None and self.chunk is not None:
-            self.sink.release(self.chunk, self.cap.used, self.cap.records)
-            self.chunk = None
+        if self.chunk is not None:
+            self._give_back(int(self.cap.used), int(self.cap.records))
+
+    def _give_back(self, used: int, records: int) -> None:
+        sink, chunk, cap = self.sink, self.chunk, self.cap
+        assert sink is not None and chunk is not None
+        self.chunk = None
+        cap.mode = CAP_NONE  # no C call writes into a chunk given back
+        sink.release(chunk, used, records)
+        if cap.dropped:
+            sink.drop(int(cap.dropped))
+            cap.dropped = 0
 
 
 class Slow(NamedTuple):
@@ -164,6 +196,7 @@ class CreditItem(NamedTuple):
     fwd_cnt: int
     head: int
     cap_off: int
+    cap_rec: int
 
 
 class _RingPath:
@@ -220,6 +253,8 @@ class TxFastPath(_RingPath):
         self._own = ffi.new("vq_own[]", OWN_SLOTS)
         self._consumed = ffi.new("uint16_t[]", limit)
         c.own, c.nown, c.owned, c.consumed = self._own, OWN_SLOTS, 0, self._consumed
+        c.cap = self.capture.cap  # every C call of this path writes its records there (armed or not)
+        self._comments: list[Any] = [None] * OWN_SLOTS  # each slot's capture comment, kept alive for C
         # the used side, for kick()
         self._keep.append(q._used16)
         used = self._used_buf = ffi.from_buffer("uint8_t[]", q._used16.cast("B"))
@@ -263,13 +298,22 @@ class TxFastPath(_RingPath):
         self._rx = None
 
     def own(self, token: object, key: tuple[int, int, int, int], fd: int, tx_cnt: int, peer_buf_alloc: int,
-            peer_fwd_cnt: int, hdr: bytes, flags: int, tx: tuple[int, int, int, int] | None = None) -> int:
-        """Lend C a connection; its slot, or -1 (no room, no rx). ``tx``: C takes the guest's
-        data too, with this guest -> host credit (buf_alloc, rx_cnt, fwd_cnt, adv_fwd_cnt)."""
-        if self._rx is None or not self._free_slots:
+            peer_fwd_cnt: int, hdr: bytes, flags: int, tx: tuple[int, int, int, int] | None = None,
+            comment: bytes = b"") -> int:
+        """Lend C a connection; its slot, or -1 (no room, no rx, a comment too long for C).
+        ``tx``: C takes the guest's data too, with this guest -> host credit (buf_alloc, rx_cnt,
+        fwd_cnt, adv_fwd_cnt). ``comment``: the capture comment of its packets (its mark)."""
+        text = comment
+        if self._rx is None or not self._free_slots or len(text) > CAP_COMMENT_MAX:
             return -1
         k = self._free_slots.pop()
         e = self._own[k]
+        if text:
+            self._comments[k] = buf = ffi.new("uint8_t[]", text)
+            e.comment, e.comment_len = buf, len(text)
+        else:
+            self._comments[k] = None
+            e.comment, e.comment_len = ffi.NULL, 0
         e.type, e.guest_port, e.peer_cid, e.peer_port = key
         e.fd, e.tx_cnt, e.peer_buf_alloc, e.peer_fwd_cnt = fd, tx_cnt, peer_buf_alloc, peer_fwd_cnt
         ffi.memmove(e.hdr, hdr, 44)
@@ -317,7 +361,12 @@ class TxFastPath(_RingPath):
         rx = self._rx
         if rx is not None and self._own[slot].rs_n:
             self._load_rx(rx.q)
+            capture = self.capture
+            armed = capture.arm_unless_open(self.taps.sink, self.device)
             lib.vq_own_take(self._ctx, slot)
+            if armed:
+                capture.finish()
+                capture.dropped(self._ctx.rx_chains)
             self._store_ring(rx.q)
         return self._back(slot, OWN_TAKEN)
 
@@ -329,6 +378,8 @@ class TxFastPath(_RingPath):
         else:
             why = e.release
         self._tokens[k] = None
+        self._comments[k] = None
+        e.comment, e.comment_len = ffi.NULL, 0
         self._free_slots.append(k)
         prebuf = b""
         if e.ra != ffi.NULL:
@@ -347,7 +398,12 @@ class TxFastPath(_RingPath):
         if rx is None:
             return self.take_back(slot)
         self._load_rx(rx.q)
+        capture = self.capture
+        armed = capture.arm_unless_open(self.taps.sink, self.device)
         r = int(lib.vq_own_fill(self._ctx, slot))
+        if armed:
+            capture.finish()
+            capture.dropped(self._ctx.rx_chains)
         self._store_rx(rx.q)
         if r == FILL_BACK:
             released, self.released = self.released, []
@@ -392,10 +448,14 @@ class TxFastPath(_RingPath):
         rx = self._rx.q if ctx.owned and self._rx is not None else None
         if rx is not None:
             self._load_rx(rx)
-            ctx.own_ok = 0 if self.taps.active else 1  # C writes no capture records for them
-        count = lib.vq_tx_batch(ctx, q.last_avail_idx, n, self.capture.arm(self.taps.sink, self.device))
+            ctx.own_ok = 0 if self.taps.per_packet else 1
+        capture = self.capture
+        count = lib.vq_tx_batch(ctx, q.last_avail_idx, n, capture.arm(self.taps.sink, self.device))
         if count < 0:  # pragma: no cover - MAX_ITEMS >= limit, so items cannot run out
             raise RuntimeError("vq_tx_batch: item array too small")
+        capture.batch_done()
+        if capture.no_room:  # what C did alone for the connections it runs went uncaptured
+            capture.dropped(ctx.nconsumed + (ctx.rx_chains if rx is not None else 0))
         if rx is not None:
             self._store_rx(rx)
             self.consumed = ffi.unpack(self._consumed, ctx.nconsumed) if ctx.nconsumed else []
@@ -415,20 +475,25 @@ class TxFastPath(_RingPath):
         if rx is not None:
             self._load_rx(rx)
         ctx.own_ok = 1
-        self.capture.arm(None, self.device)  # nothing captured: C writes no records (and the caller checked)
+        capture = self.capture
+        capture.arm(self.taps.sink, self.device)  # the caller checked: no per-packet tap
         ctx.kick_fd, ctx.tx_call_fd = kick_fd, call_fd
         ctx.tx_last_avail, ctx.tx_used_idx, ctx.tx_signalled = q.last_avail_idx, q.used_idx, q._signalled_used
         status = lib.vq_tx_kick(ctx)
+        capture.batch_done()
+        if capture.no_room:  # the chains C handled alone, and what it wrote to the guest
+            capture.dropped(ctx.tx_chains + ctx.rx_chains + ctx.nconsumed)
         q.last_avail_idx, q.used_idx, q._signalled_used = ctx.tx_last_avail, ctx.tx_used_idx, ctx.tx_signalled
         q.counters.chains += ctx.tx_chains
         q.counters.notifications += ctx.tx_notifications
         if rx is not None:
             self._store_rx(rx)
         if status == KICK_DONE:
+            capture.finish()
             return None
         if status == KICK_PUMP:
             self.consumed = []
-            return []
+            return []  # the caller finishes the capture
         self.consumed = ffi.unpack(self._consumed, ctx.nconsumed) if ctx.nconsumed else []
         return self._records(ctx.kick_items)
 
@@ -445,7 +510,7 @@ class TxFastPath(_RingPath):
                 continue
             if kind == CREDIT:
                 out.append(CreditItem(it.type, it.op, it.src_port, it.dst_cid, it.dst_port, it.buf_alloc,
-                                      it.fwd_cnt, heads[it.chain], it.cap_off))
+                                      it.fwd_cnt, heads[it.chain], it.cap_off, it.cap_rec))
                 continue
             segs = []
             for k in range(it.seg_first, it.seg_first + it.nseg):
@@ -466,6 +531,8 @@ class TxFastPath(_RingPath):
                     segs,
                     heads[it.chain : it.chain + it.nchains],
                     it.cap_off,
+                    it.cap_rec,
+                    bool(it.marked),
                 )
             )
         return out
@@ -482,9 +549,10 @@ class RxFastPath(_RingPath):
         self._release.append(self._used_buf)
         self._res = ffi.new("vq_rx_result *")
 
-    def fill(self, fd: int, credit: int, max_packets: int, hdr: bytes) -> RxFill:
+    def fill(self, fd: int, credit: int, max_packets: int, hdr: bytes, comment: bytes = b"") -> RxFill:
         """Read from ``fd`` into up to ``max_packets`` chains within ``credit`` bytes; each
-        packet gets ``hdr`` with its len patched in. Used elements are added (publish later)."""
+        packet gets ``hdr`` with its len patched in, and ``comment`` as its capture comment.
+        Used elements are added (publish later)."""
         q = self.q
         n = q.pending()
         if n == 0:
@@ -509,6 +577,8 @@ class RxFastPath(_RingPath):
             hdr,
             r,
             cap,
+            comment,
+            len(comment),
         )
         capture.finish()
         capture.dropped(r.packets)

@@ -19,6 +19,8 @@ from typing import Any, Protocol
 from vsproxy.endpoints.base import Buffer
 
 CAP_NONE, CAP_PCAP, CAP_PCAPNG = 0, 1, 2  # record layouts the C paths write (vsproxy/_c/capture.c)
+CAP_COMMENT_MAX = 512  # the longest capture comment (a connection's mark) the C paths write (capture.h)
+CAP_SPARE = 32768  # room the C paths keep in a lent chunk for the updates of rx chains they give back
 
 
 class Tap(Protocol):
@@ -80,6 +82,14 @@ class Taps:
     def remove(self, tap: Tap) -> None:
         self._callbacks.remove(tap)
         self.active = bool(self._callbacks) or self.sink is not None
+
+    def c_comment(self, mark: str | None) -> bytes | None:
+        """The capture comment the C paths write for a packet with this mark: b"" for none
+        (nothing captured, or no mark), None if it is too long for them (the Python path then)."""
+        if mark is None or self.sink is None:
+            return b""
+        text = mark.encode()
+        return text if len(text) <= CAP_COMMENT_MAX else None
 
     def set_sink(self, sink: CaptureSink | None) -> None:
         self.sink = sink

@@ -3,9 +3,11 @@
 
 static inline void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 
-void cap_record(vq_cap *cap, const uint8_t *h, const uint8_t *payload, uint32_t plen, int inbound) {
+void cap_record(vq_cap *cap, const uint8_t *h, const uint8_t *payload, uint32_t plen, int inbound,
+                const uint8_t *comment, uint32_t clen) {
     uint8_t *p = cap->buf + cap->used;
-    uint32_t frame = MON + HDR + plen, rec = cap_record_size(cap, plen);
+    if (clen > CAP_COMMENT_MAX) clen = CAP_COMMENT_MAX;
+    uint32_t frame = MON + HDR + plen, rec = cap_record_size(cap, plen, clen);
     uint8_t *f;
     if (cap->mode == CAP_PCAP) {
         put32(p, (uint32_t)(cap->ts_us / 1000000)); put32(p + 4, (uint32_t)(cap->ts_us % 1000000));
@@ -19,8 +21,16 @@ void cap_record(vq_cap *cap, const uint8_t *h, const uint8_t *payload, uint32_t 
         uint8_t *o = f + ((frame + 3) & ~3u);
         memset(f + frame, 0, ((frame + 3) & ~3u) - frame);
         put32(o, PCAPNG_EPB_FLAGS | (4u << 16)); put32(o + 4, inbound ? PCAPNG_EPB_INBOUND : PCAPNG_EPB_OUTBOUND);
-        put32(o + 8, 0);
-        put32(o + 12, rec);
+        o += 8;
+        if (clen) {   /* opt_comment, as format.pcapng_epb_parts writes it after epb_flags */
+            uint32_t padded = (clen + 3) & ~3u;
+            put32(o, PCAPNG_OPT_COMMENT | (clen << 16));
+            memcpy(o + 4, comment, clen);
+            memset(o + 4 + clen, 0, padded - clen);
+            o += 4 + padded;
+        }
+        put32(o, 0);
+        put32(o + 4, rec);
     }
     /* af_vsockmon_hdr: cids and ports from the virtio header, transport VIRTIO, and the op as
        Linux maps it (vsockmon.h) */

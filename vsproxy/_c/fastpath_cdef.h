@@ -18,6 +18,8 @@ typedef struct {
     uint32_t seg_first;
     uint32_t nseg;
     uint32_t cap_off;    /* where the run's capture records start in the capture buffer */
+    uint32_t cap_rec;    /* the capture records before them (vq_cap.records then) */
+    uint32_t marked;     /* its records carry the connection's capture comment (C ran it) */
     uint16_t op;         /* kind 2: the op and the type of the packet */
     uint16_t type;
 } vq_item;
@@ -30,6 +32,7 @@ typedef struct {
     uint32_t iface;      /* pcapng interface id of the device */
     uint64_t ts_us;      /* timestamp of every record of this call, microseconds */
     uint32_t records;
+    uint32_t dropped;    /* out: packets C handled with no room for their record (counted, not written) */
 } vq_cap;
 
 /* A connection C runs between Python's turns (see fastpath.TxFastPath.own): its
@@ -63,6 +66,8 @@ typedef struct {
     uint64_t rs_off[64];
     uint8_t *ra;           /* what C gives back: the held bytes, copied out (ra_len), for Python */
     uint32_t ra_len;
+    const uint8_t *comment;   /* the capture comment of its packets (the connection's mark), or 0 */
+    uint32_t comment_len;
 } vq_own;
 
 /* What stays the same from one vq_tx_batch call to the next, set once per queue. */
@@ -77,7 +82,8 @@ typedef struct {
     /* owned connections, and the rx queue C fills for them (same memory region) */
     vq_own *own; uint32_t nown;
     uint32_t owned;      /* entries active */
-    uint32_t own_ok;     /* 0 while anything is captured or tapped: C then only gives back */
+    uint32_t own_ok;     /* 0 while a per-packet tap is attached: C then only gives back */
+    vq_cap *cap;         /* where C writes the capture records of what it does (mode CAP_NONE: none) */
     uint32_t released;   /* out: entries this call gave back */
     uint32_t waits;      /* out: entries that began waiting for their host socket (OWN_F_WAIT) */
     uint16_t *consumed; uint32_t nconsumed;   /* out: heads of chains C handled entirely */
@@ -111,7 +117,7 @@ int vq_rx_fill(const uint8_t *base, uint64_t region_gpa, uint64_t region_size,
                const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,
                uint32_t *used_ring, uint16_t used_idx,
                int fd, uint32_t credit, uint32_t max_packets, const uint8_t *hdr,
-               vq_rx_result *res, vq_cap *cap);
+               vq_rx_result *res, vq_cap *cap, const uint8_t *comment, uint32_t comment_len);
 
 int vq_rx_put(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
               const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,

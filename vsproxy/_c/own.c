@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 #include <sys/uio.h>
 
+#include "capture.h"
 #include "own.h"
 #include "ring.h"
 
@@ -71,6 +72,8 @@ static void own_reserve(vq_tx_ctx *ctx, vq_own *e) {
     if (held >= ctx->rx_num / 2) return;
     if (n > ctx->rx_num / 2 - held) n = ctx->rx_num / 2 - held;
     if (n > RS_MAX) n = RS_MAX;
+    /* capturing, at most CAP_HELD_MAX held: the room kept for their records when given back */
+    if (ctx->cap->mode && held + n > (uint32_t)CAP_HELD_MAX) n = held < (uint32_t)CAP_HELD_MAX ? CAP_HELD_MAX - held : 0;
     uint32_t cap = e->peer_buf_alloc < RA_MAX ? e->peer_buf_alloc : RA_MAX;
     if (n == 0 || cap == 0) return;
     /* room to copy the bytes out if C must give the connection back before they went */
@@ -128,12 +131,15 @@ static void own_put(vq_tx_ctx *ctx, uint16_t head, uint32_t used_len) {
    Returns the bytes sent; *packets counts the chains. Where the credit ends inside a chain,
    the chain goes out with the part the credit allows and the rest of its bytes move into the
    next posted chain, which takes its place at the head of what is held; if there is no such
-   chain, *stuck is set (C gives the connection back). */
+   chain, or capturing, no room for the chain's record, *stuck is set (C gives the connection
+   back). */
 static uint32_t own_deliver(vq_tx_ctx *ctx, vq_own *e, uint32_t credit, uint32_t *packets, int *stuck) {
     uint32_t bytes = 0;
     *stuck = 0;
+    vq_cap *cap = ctx->cap;
     while (e->rs_first < e->rs_n && *packets < ctx->rx_max_packets && bytes < credit) {
         uint32_t i = e->rs_first, len = e->rs_len[i], send = len;
+        if (cap->mode && !cap_room(cap, len, e->comment_len)) { *stuck = 1; break; }
         uint8_t *buf = (uint8_t *)ctx->base + e->rs_off[i];
         uint16_t head = 0; uint64_t off = 0;
         if (len > credit - bytes) {
@@ -148,6 +154,7 @@ static uint32_t own_deliver(vq_tx_ctx *ctx, vq_own *e, uint32_t credit, uint32_t
         }
         memcpy(buf, e->hdr, HDR);
         memcpy(buf + 24, &send, 4);
+        if (cap->mode) cap_record(cap, buf, buf + HDR, send, 0, e->comment, e->comment_len);
         own_put(ctx, e->rs_head[i], HDR + send);
         (*packets)++;
         bytes += send;
@@ -170,16 +177,22 @@ static void own_update_hdr(const vq_own *e, uint8_t *h) {
 
 /* C gives the connection back with chains held: their bytes are copied out for Python (the
    peer's prebuf: they go to the guest before the socket's), and each chain goes to the guest
-   as a CREDIT_UPDATE, which tells it only what it knows. */
+   as a CREDIT_UPDATE, which tells it only what it knows. Capturing with no room left, the
+   updates still go (they must: the chains are the guest's), their records counted dropped. */
 void own_unreserve(vq_tx_ctx *ctx, vq_own *e) {
     if (e->rs_first >= e->rs_n) return;
     uint8_t h[HDR];
+    vq_cap *cap = ctx->cap;
     own_update_hdr(e, h);
     for (uint32_t i = e->rs_first; i < e->rs_n; i++) {
         uint8_t *buf = (uint8_t *)ctx->base + e->rs_off[i];
         memcpy(e->ra + e->ra_len, buf + HDR, e->rs_len[i]);   /* at most RA_MAX in all */
         e->ra_len += e->rs_len[i];
         memcpy(buf, h, HDR);
+        if (cap->mode) {
+            if (cap_room_spare(cap, 0, 0)) cap_record(cap, h, h, 0, 0, 0, 0);
+            else cap->dropped++;
+        }
         own_put(ctx, e->rs_head[i], HDR);
         e->updates_sent++;
     }
@@ -219,10 +232,10 @@ void own_fill(vq_tx_ctx *ctx, vq_own *e) {
         if (n == 0) {
             status = RX_SLOW;  /* Python decides */
         } else {
-            static vq_cap nocap;  /* owned connections are never captured */
+            /* capturing with no room for the records: RX_LIMIT, and C gives it back below */
             vq_rx_fill(ctx->base, ctx->region_gpa, ctx->region_size, ctx->rx_desc, ctx->rx_avail, ctx->rx_num,
                        ctx->rx_last_avail, n, ctx->rx_used, ctx->rx_used_idx, e->fd, credit - bytes,
-                       ctx->rx_max_packets - packets, e->hdr, &res, &nocap);
+                       ctx->rx_max_packets - packets, e->hdr, &res, ctx->cap, e->comment, e->comment_len);
             ctx->rx_last_avail += res.packets;
             ctx->rx_used_idx += res.packets;
             ctx->rx_chains += res.packets;
@@ -275,9 +288,8 @@ static int own_put_update(vq_tx_ctx *ctx, vq_own *e) {
     if (n == 0) return 0;
     uint8_t h[HDR];
     own_update_hdr(e, h);
-    static vq_cap nocap;
     if (!vq_rx_put((uint8_t *)ctx->base, ctx->region_gpa, ctx->region_size, ctx->rx_desc, ctx->rx_avail,
-                   ctx->rx_num, ctx->rx_last_avail, n, ctx->rx_used, ctx->rx_used_idx, h, &nocap))
+                   ctx->rx_num, ctx->rx_last_avail, n, ctx->rx_used, ctx->rx_used_idx, h, ctx->cap))
         return 0;
     ctx->rx_last_avail++;
     ctx->rx_used_idx++;

@@ -17,8 +17,9 @@ int vq_rx_fill(const uint8_t *base_, uint64_t region_gpa, uint64_t region_size,
                const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,
                uint32_t *used_ring, uint16_t used_idx,
                int fd, uint32_t credit, uint32_t max_packets, const uint8_t *hdr,
-               vq_rx_result *res, vq_cap *cap)
+               vq_rx_result *res, vq_cap *cap, const uint8_t *comment, uint32_t comment_len)
 {
+    if (comment_len > CAP_COMMENT_MAX) comment_len = CAP_COMMENT_MAX;
     uint8_t *base = (uint8_t *)base_;  /* guest memory, writable: the tx context keeps it const */
     res->packets = 0; res->bytes = 0; res->status = RX_LIMIT; res->err = 0;
     while (res->packets < max_packets && credit > 0) {
@@ -37,8 +38,8 @@ int vq_rx_fill(const uint8_t *base_, uint64_t region_gpa, uint64_t region_size,
             if (room > MAX_PKT) room = MAX_PKT;
             if (room > credit - want) room = (uint32_t)(credit - want);
             if (cap->mode) {
-                if (cap_need + cap_record_size(cap, room) > cap->size) break;
-                cap_need += cap_record_size(cap, room);
+                if ((uint64_t)cap_need + cap_record_size(cap, room, comment_len) + CAP_SPARE > cap->size) break;
+                cap_need += cap_record_size(cap, room, comment_len);
             }
             iov[m].iov_base = base + (a - region_gpa) + HDR;
             iov[m].iov_len = room;
@@ -68,7 +69,7 @@ int vq_rx_fill(const uint8_t *base_, uint64_t region_gpa, uint64_t region_size,
                 uint8_t h[HDR];
                 memcpy(h, hdr, HDR);
                 memcpy(h + 24, &len, 4);
-                cap_record(cap, h, buf + HDR, len, 0);
+                cap_record(cap, h, buf + HDR, len, 0, comment, comment_len);
             }
             uint32_t slot = (uint16_t)(used_idx + res->packets) & (num - 1);
             used_ring[2 * slot] = heads[k];
@@ -96,9 +97,9 @@ int vq_rx_put(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
     uint64_t a; uint32_t l; uint16_t f, nx;
     rd_desc(desc + 16 * (uint64_t)head, &a, &l, &f, &nx);
     if (f != VRING_DESC_F_WRITE || l < HDR || !in_region(a, HDR, region_gpa, region_size)) return 0;
-    if (cap->mode && cap->used + cap_record_size(cap, 0) > cap->size) return 0;
+    if (cap->mode && !cap_room(cap, 0, 0)) return 0;
     memcpy(base + (a - region_gpa), hdr, HDR);
-    if (cap->mode) cap_record(cap, hdr, hdr, 0, 0);
+    if (cap->mode) cap_record(cap, hdr, hdr, 0, 0, 0, 0);
     uint32_t slot = used_idx & (num - 1);
     used_ring[2 * slot] = head;
     used_ring[2 * slot + 1] = HDR;

@@ -33,7 +33,12 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
         } \
         run = 0; run_e = 0; \
     } while (0)
+    /* Capturing: no room for one more record of plen bytes (a comment's room included) */
+#define CAP_FULL(plen) (cap->mode && !cap_room(cap, (plen), CAP_COMMENT_MAX))
+    /* Items Python takes (the run C is building for an owned connection is not one) */
+#define PY_ITEMS() (nitems - (run && run_e ? 1u : 0u))
     *taken = n;
+    ctx->cap = cap;   /* the owned connections' records go where the batch's go, in order */
     ctx->released = ctx->nconsumed = ctx->rx_chains = ctx->rx_notifications = ctx->waits = 0;
     for (uint32_t i = 0; i < n; i++) {
         /* one aligned 16-bit load per avail entry */
@@ -78,7 +83,7 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
                        && plen <= pl && plen <= MAX_PKT;
         }
         if (fast && nseg + 1 > max_segs) fast = 0;
-        if (fast && cap->mode && cap->used + cap_record_size(cap, plen) > cap->size) {
+        if (fast && CAP_FULL(plen)) {
             /* capture buffer full: end the batch here (the chain stays on the ring) */
             if (i > 0) { *taken = i; break; }
             fast = 0;
@@ -88,6 +93,8 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
            chains only, or fast chains followed by at most one slow chain. */
         if (fast && cap->mode && seen_slow) { *taken = i; break; }
         if (!fast) {
+            /* (records of owned connections given back below must not follow a Python item) */
+            if (cap->mode && ctx->owned && PY_ITEMS() > 0) { *taken = i; break; }
             CLOSE_RUN();
             if (nitems == max_items) return -1;
             /* C cannot tell whose it is: every owned connection goes back to Python first */
@@ -95,6 +102,7 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
             vq_item *it = &items[nitems++];
             memset(it, 0, sizeof *it);
             it->kind = ITEM_SLOW; it->chain = i; it->nchains = 1;
+            it->cap_off = cap->used; it->cap_rec = cap->records;
             seen_slow = 1;
             if (cap->mode && seen_fast) { *taken = i + 1; break; }
             continue;
@@ -106,9 +114,16 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
         vq_own *tx_e = 0;
         if (ctx->owned) {
             vq_own *e = own_find(ctx, type, src_port, dst_cid, dst_port);
+            /* Capturing, Python may cut the records from one of its items on, and write them
+               again through its own path (a capture comment C cannot write): so no record of
+               what C does for an owned connection may follow a Python item's. The batch ends
+               before such a chain. */
+            if (e && cap->mode && PY_ITEMS() > 0) { *taken = i; break; }
             if (e && credit_only && op == VIRTIO_VSOCK_OP_CREDIT_UPDATE && ctx->own_ok) {
                 CLOSE_RUN();  /* the run before it may be this connection's, and give it back */
+                if (CAP_FULL(0)) { *taken = i; break; }   /* the run's records used the room */
                 if (e->active) {
+                    if (cap->mode) cap_record(cap, h, h, 0, 1, e->comment, e->comment_len);
                     own_credit(ctx, e, buf_alloc, fwd_cnt);
                     ctx->consumed[ctx->nconsumed++] = head;
                     continue;
@@ -121,31 +136,34 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
         }
         if (credit_only) {
             CLOSE_RUN();
+            if (CAP_FULL(0)) { *taken = i; break; }
             /* an item of its own, between runs: the credit it carries applies in ring order */
             if (nitems == max_items) return -1;
             vq_item *it = &items[nitems++];
             memset(it, 0, sizeof *it);
             it->kind = ITEM_CREDIT; it->chain = i; it->nchains = 1; it->src_port = src_port; it->dst_port = dst_port;
             it->dst_cid = dst_cid; it->buf_alloc = buf_alloc; it->fwd_cnt = fwd_cnt; it->op = op; it->type = type;
-            it->cap_off = cap->used;
-            if (cap->mode) cap_record(cap, h, h, 0, 1);
+            it->cap_off = cap->used; it->cap_rec = cap->records;
+            if (cap->mode) cap_record(cap, h, h, 0, 1, 0, 0);
             continue;
         }
         if (!run || run_e != tx_e || run->src_port != src_port || run->dst_port != dst_port
             || run->dst_cid != dst_cid) {
             CLOSE_RUN();
+            if (CAP_FULL(plen)) { *taken = i; break; }
             if (nitems == max_items) return -1;
             run = &items[nitems++];
             run_e = tx_e; run_scratch = scratch_used;
             run->kind = ITEM_RUN; run->chain = i; run->nchains = 0; run->src_port = src_port; run->dst_port = dst_port;
             run->dst_cid = dst_cid; run->total = 0; run->seg_first = nseg; run->nseg = 0;
-            run->cap_off = cap->used;
+            run->cap_off = cap->used; run->cap_rec = cap->records;
+            run->marked = tx_e != 0 && tx_e->comment_len != 0;
         }
         run->nchains++;
         run->buf_alloc = buf_alloc; run->fwd_cnt = fwd_cnt;
         run->total += plen;
         const uint8_t *payload = base + (pa - region_gpa);
-        if (cap->mode) cap_record(cap, h, payload, plen, 1);
+        if (cap->mode) cap_record(cap, h, payload, plen, 1, tx_e ? tx_e->comment : 0, tx_e ? tx_e->comment_len : 0);
         if (plen <= COPY_MAX && scratch_used + plen <= scratch_size) {
             /* small payload: copy, and extend the previous scratch segment when adjacent */
             memcpy(scratch + scratch_used, payload, plen);
@@ -161,5 +179,7 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
     }
     CLOSE_RUN();
 #undef CLOSE_RUN
+#undef CAP_FULL
+#undef PY_ITEMS
     return (int)nitems;
 }

@@ -1,7 +1,8 @@
-/* A tx kick served in C while C runs connections (own.c), nothing captured. */
+/* A tx kick served in C while C runs connections (own.c), captured as the batches are. */
 #include <time.h>
 #include <unistd.h>
 
+#include "capture.h"
 #include "own.h"
 #include "ring.h"
 
@@ -23,24 +24,26 @@ static int tx_spin(vq_tx_ctx *ctx) {
     return 0;
 }
 
-/* The guest kicked the tx queue of a device whose connections C runs, nothing captured: C
-   reads the kick, takes the chains, and as long as every chain is a credit update it handles
+/* The guest kicked the tx queue of a device whose connections C runs: C reads the kick, takes the chains, and as long as every chain is a credit update it handles
    itself, returns them, publishes, re-enables kicks and looks again, with no turn through
    Python. Returns KICK_DONE when the ring is empty and kicks are on again; KICK_ITEMS when the
    last batch has something for Python (items, kick_items of them, or connections given back:
    its consumed heads are Python's to return); KICK_PUMP when Python's pump must look (an avail
-   index jump, or a guest still sending after 16 batches). The tx shadows and counters are stored
+   index jump, a guest still sending after 16 batches, or, capturing, less than CAP_LOW of
+   ctx->cap left: Python lends the next buffer). Capture records go to ctx->cap, in ring
+   order, as vq_tx_batch writes them. The tx shadows and counters are stored
    back in every case, and waits counts the connections that began waiting for their socket. */
 int vq_tx_kick(vq_tx_ctx *ctx) {
     uint64_t v;
     ssize_t r = read(ctx->kick_fd, &v, 8);  /* EAGAIN: a kick read already, or a look without one */
     (void)r;
     uint32_t rx_chains = 0, rx_notifications = 0, waits = 0, num = ctx->num, status = KICK_DONE;
-    static vq_cap nocap;
+    vq_cap *cap = ctx->cap;
     ctx->tx_chains = ctx->tx_notifications = 0;
     ctx->kick_items = 0;
     for (int armed = 0, rounds = 0, spun = 0;;) {
         if (++rounds > 16) { status = KICK_PUMP; break; }  /* a guest that never stops: the loop's other fds get a turn */
+        if (cap->mode && cap->size - cap->used < CAP_LOW) { status = KICK_PUMP; break; }
         uint16_t avail_idx = __atomic_load_n(&ctx->avail[1], __ATOMIC_ACQUIRE);
         uint32_t n = (uint16_t)(avail_idx - ctx->tx_last_avail);
         if (n > num) { status = KICK_PUMP; break; }
@@ -62,7 +65,7 @@ int vq_tx_kick(vq_tx_ctx *ctx) {
         }
         armed = 0;
         if (n > ctx->limit) n = ctx->limit;
-        int count = vq_tx_batch(ctx, ctx->tx_last_avail, n, &nocap);
+        int count = vq_tx_batch(ctx, ctx->tx_last_avail, n, cap);
         rx_chains += ctx->rx_chains;
         rx_notifications += ctx->rx_notifications;
         ctx->tx_last_avail += ctx->taken;

@@ -18,6 +18,12 @@ stream header (the pcapng section header and one interface block per device, or 
 global header), so its bytes are a capture on their own (``vsproxy read -``, ``tshark -r -``).
 The record format is the hub's: pcapng, or classic pcap when the file capture chose pcap.
 
+When no one would take a record now (no file, and every subscription's queue is full or it
+gave up reading), the data path does not write records at all: ``reserve`` lends no chunk and
+``commit`` takes nothing, and the packets count as dropped (every subscription's ``dropped``
+includes them), so a stalled subscriber costs the data path nothing, not even the copy. The
+gate opens again as soon as a subscriber reads (or at the distribution thread's next turn).
+
 Memory is bounded: the ring (allocated once, reused) plus each subscription's ``maxbytes``.
 """
 
@@ -145,13 +151,15 @@ class Subscription:
                 return b""
             data, _ = self._queue.popleft()
             self._queued -= len(data)
-            return data
+        self.hub._room()
+        return data
 
     def take(self) -> bytes:
         """Everything queued now, without waiting (b"" when nothing is)."""
         with self._cond:
             items, self._queue = self._queue, collections.deque()
             self._queued = 0
+        self.hub._room()
         return b"".join(data for data, _ in items)
 
     def take_pieces(self, timeout: float | None = None) -> list[tuple[bytes, int]]:
@@ -162,6 +170,7 @@ class Subscription:
                 self._cond.wait_for(lambda: bool(self._queue) or self._ended, timeout)
             items, self._queue = self._queue, collections.deque()
             self._queued = 0
+        self.hub._room()
         return list(items)
 
     def close(self) -> None:
@@ -239,6 +248,8 @@ class Subscription:
 class CaptureHub:
     """The capture sink (``vsproxy.taps.CaptureSink``) and its fan-out to subscriptions."""
 
+    consumes_all = False  # a subclass whose _consume takes every chunk (the file): the gate stays open
+
     def __init__(self, devices: Sequence[str], record_mode: int = CAP_PCAPNG, *, ring_bytes: int = RING_BYTES,
                  flush: bool = False, idle: bool = False,
                  on_empty: Callable[[CaptureHub], None] | None = None) -> None:
@@ -258,6 +269,9 @@ class CaptureHub:
         self._full: list[_Chunk] = []  # guarded by _lock, oldest first
         self._filling = _Chunk(chunk)  # guarded by _lock
         self._reserved = False  # the data path's C code is writing into _filling
+        # Would anyone take a record now (the module docstring's gate)? Written by the
+        # distribution thread and by readers; the data path only reads it.
+        self.accepting = True
         self._closing = False
         self.stats = HubCounters()
         self._subs: tuple[Subscription, ...] = ()  # replaced, never changed in place, under _sub_lock
@@ -289,6 +303,7 @@ class CaptureHub:
                 self._subs = (*self._subs, sub)
         if sub.live:
             self._wake.set()  # the distribution thread shortens its turn for live subscribers
+        self.accepting = True
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -329,8 +344,15 @@ class CaptureHub:
 
     def reserve(self) -> _Chunk | None:
         """The chunk the C paths write into, with room for at least one largest record;
-        None when every chunk waits for distribution (the caller counts its packets dropped)."""
+        None when every chunk waits for distribution (the caller counts its packets dropped),
+        when nobody would take the records (the gate, in the module docstring), or when a chunk
+        is lent already (one data path call never nests in another's; if one did, two writers
+        in one chunk would corrupt it: the second gets none instead)."""
+        if not self.accepting:
+            return None
         with self._lock:
+            if self._reserved:
+                return None
             c = self._filling
             if c.size - c.used < RESERVE_ROOM:
                 if not self._free:
@@ -359,6 +381,9 @@ class CaptureHub:
         n = len(records)
         with self._lock:
             c = self._filling
+            if self._reserved or not self.accepting:  # (lent: C writes past c.used, these would overwrite it)
+                self.stats.dropped += count
+                return
             if c.used + n > c.size:
                 if not self._free or n > c.size:
                     self.stats.dropped += count
@@ -385,6 +410,16 @@ class CaptureHub:
                 out.append(c)
                 self._filling = self._free.pop()
         return out
+
+    def _room(self) -> None:
+        """A subscriber read: records have a taker again."""
+        if not self.accepting:
+            self.accepting = True
+
+    def _gate(self) -> None:
+        """The distribution thread: would anyone take the next records?"""
+        self.accepting = self.consumes_all or self._closing or any(
+            sub._has_room(RESERVE_ROOM) for sub in self._subs)
 
     def _give_back(self, c: _Chunk) -> None:
         c.used = c.records = 0
@@ -426,6 +461,7 @@ class CaptureHub:
                     self._give_back(c)
                     self.stats.chunks += 1
                 self._tick()
+                self._gate()
                 if partial:
                     last_flush = now
                 if self._closing and not chunks:

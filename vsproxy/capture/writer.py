@@ -64,6 +64,8 @@ class CaptureWriter(CaptureHub):
     beside it. ``counters.dropped`` is every record the file missed (the ring was full, or
     the file failed)."""
 
+    consumes_all = True  # the file takes every record (CaptureHub's gate)
+
     def __init__(self, options: CaptureOptions, devices: Sequence[str]) -> None:
         if options.fmt not in ("pcapng", "pcap"):
             raise ValueError(f"capture format {options.fmt!r}: pcapng or pcap")

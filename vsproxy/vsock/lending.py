@@ -71,7 +71,8 @@ class Owner(Protocol):
     """The C pump (fastpath.TxFastPath) that runs connections between Python's turns."""
 
     def own(self, token: object, key: tuple[int, int, int, int], fd: int, tx_cnt: int, peer_buf_alloc: int,
-            peer_fwd_cnt: int, hdr: bytes, flags: int, tx: tuple[int, int, int, int] | None = None) -> int: ...
+            peer_fwd_cnt: int, hdr: bytes, flags: int, tx: tuple[int, int, int, int] | None = None,
+            comment: bytes = b"") -> int: ...
     def take_back(self, slot: int) -> OwnedBack: ...
     def fill(self, slot: int) -> OwnedBack | bool: ...
     def progress(self, slot: int) -> int: ...
@@ -96,13 +97,17 @@ class Lending(RxPath):
         socket without coming back here, for as long as nothing else happens on it; and, while
         both directions are open, send the guest's data to the host socket and the credit
         updates that makes due (OWN_F_TX). Only a plain stream qualifies: nothing queued for
-        the peer, no control packet of its own queued, nothing captured (C writes no capture
-        records for it)."""
+        the peer, no control packet of its own queued, no per-packet tap. Captured, C writes
+        its packets' records, with the connection's mark as their comment; a capture that
+        starts while C runs it gets them too (C writes the mark whether or not anything
+        captures, so it is there when something does)."""
         if self.owner is None:
             return
         cr = conn.credit
-        if conn.type != H.Type.STREAM or self.taps.active or conn.out_bytes or conn.flags & Connection.UPDATE_QUEUED:
+        if (conn.type != H.Type.STREAM or self.taps.per_packet or conn.out_bytes
+                or conn.flags & Connection.UPDATE_QUEUED):
             return
+        comment = conn.mark.encode() if conn.mark is not None else b""
         tx: tuple[int, int, int, int] | None = None
         if conn.state is State.ESTABLISHED and not conn.guest_shut and not conn.host_shut_wr and not cr.ahead:
             tx = cr.rx_state()
@@ -116,7 +121,7 @@ class Lending(RxPath):
         if not conn.flags & Connection.WAIT_CREDIT:
             flags |= OWN_F_WAIT  # the guest's window is open: C waits for the host socket
         hdr = HDR.pack(*self._fields(conn, Op.RW, 0, 0))
-        conn.own = self.owner.own(conn, conn.key, fd, *cr.tx_state(), hdr, flags, tx)
+        conn.own = self.owner.own(conn, conn.key, fd, *cr.tx_state(), hdr, flags, tx, comment)
         if conn.own >= 0:
             self.owned += 1
             conn.own_seen = 0

@@ -33,7 +33,7 @@ class RxFill(NamedTuple):
 
 
 class RxFastFill(Protocol):
-    def __call__(self, fd: int, credit: int, max_packets: int, hdr: bytes) -> RxFill: ...
+    def __call__(self, fd: int, credit: int, max_packets: int, hdr: bytes, comment: bytes = b"") -> RxFill: ...
 
 
 class RxPath(HostFlush):
@@ -62,7 +62,8 @@ class RxPath(HostFlush):
         ready = self.ready
         c = self.counters
         taps = self.taps.active
-        fill_c = self.rx_fill_c if not self.taps.per_packet else None
+        tapped = self.taps
+        fill_c = self.rx_fill_c if not tapped.per_packet else None
         rx_put = self.rx_put if fill_c is not None else None
         while control or ready:
             if not control:
@@ -84,10 +85,12 @@ class RxPath(HostFlush):
                     if conn.own < 0:
                         self._lend(conn)
                     continue
-                if fill_c is not None and conn.type == H.Type.STREAM and (conn.mark is None or not taps):
+                # C writes the capture comment (the mark) too, unless it is too long for it
+                comment = tapped.c_comment(conn.mark) if conn.type == H.Type.STREAM else None
+                if fill_c is not None and comment is not None:
                     fd = conn.peer.fast_fd()
                     if fd >= 0:
-                        done, more = self._fill_from_c(fill_c, conn, fd, credit)
+                        done, more = self._fill_from_c(fill_c, conn, fd, credit, comment)
                         used += done
                         if more is None:
                             continue
@@ -146,13 +149,14 @@ class RxPath(HostFlush):
             used += 1
         return used
 
-    def _fill_from_c(self, fill_c: RxFastFill, conn: Connection, fd: int, credit: int) -> tuple[int, bool | None]:
+    def _fill_from_c(self, fill_c: RxFastFill, conn: Connection, fd: int, credit: int,
+                     comment: bytes) -> tuple[int, bool | None]:
         """Serve ``conn`` through the C path. Returns (chains used, more): more is None when
         the connection was fully dealt with, True when the Python path should take the next
         chain (an unusual shape), False when the ring has no buffers at all."""
         cr = conn.credit
         hdr = HDR.pack(*self._fields(conn, Op.RW, 0, 0))  # C patches len per packet
-        r = fill_c(fd, min(credit, RX_FAST_BURST_BYTES), RX_FAST_BURST, hdr)
+        r = fill_c(fd, min(credit, RX_FAST_BURST_BYTES), RX_FAST_BURST, hdr, comment)
         if r.packets and self.rx_progress is not None:
             # The guest may start on these while we read the next burst.
             self.rx_progress()
