@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -20,6 +22,8 @@ from vsproxy.endpoints.host import HostEndpoints
 from vsproxy.limits import raise_nofile_limit
 from vsproxy.policy import Allow
 from vsproxy.vsock.core import DEFAULT_BUF_ALLOC
+
+log = logging.getLogger("vsproxy")
 
 T = TypeVar("T")
 
@@ -233,11 +237,27 @@ def main(argv: list[str] | None = None) -> int:
         from vsproxy.read import main as read_main
 
         return read_main(args_list[1:])
+    if args_list and args_list[0] == "eif":
+        from vsproxy.enclave.run import eif_main
+
+        return eif_main(args_list[1:])
+    if args_list[:2] == ["enclave", "run"]:
+        from vsproxy.enclave.run import run_main
+
+        return run_main(args_list[2:])
+    return serve(args_list)
+
+
+def serve(args_list: list[str], start_child: Callable[[], subprocess.Popen[bytes]] | None = None,
+          prog: str = "vsproxy") -> int:
+    """vsproxy with these options until a signal stops it. ``start_child``: a program started
+    once vsproxy serves its sockets (vsproxy enclave run's QEMU); vsproxy stops when it exits,
+    and it is stopped when vsproxy does; the status is then the child's."""
     try:
         args = build_parser().parse_args(args_list)
         settings = settings_from_args(args)
     except (UsageError, cfg.ConfigError) as e:
-        print(f"vsproxy: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     setup_logging(args.verbose, args.quiet)
     raise_nofile_limit()  # the figure is logged with the limits it gives, at start
@@ -257,14 +277,45 @@ def main(argv: list[str] | None = None) -> int:
             proxy.start_control(args.control)
         proxy.start()
     except ConfigError as e:
-        print(f"vsproxy: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         proxy.close()
         return 2
+    child: subprocess.Popen[bytes] | None = None
+    done = threading.Event()
     try:
+        if start_child is not None:
+            try:
+                child = start_child()
+            except OSError as e:
+                print(f"{prog}: error: cannot start {e.filename or 'the child'}: {e.strerror or e}", file=sys.stderr)
+                return 2
+
+            def child_exited(c: subprocess.Popen[bytes] = child) -> None:
+                c.wait()
+                if not done.is_set():
+                    log.info("%s exited with status %s: stopping", c.args[0] if isinstance(c.args, list) else c.args,
+                             c.returncode)
+                    proxy.stop()
+
+            threading.Thread(target=child_exited, name="vsproxy-child", daemon=True).start()
         with proxy.signals():
             proxy.run()
     finally:
+        done.set()
+        rc = _stop_child(child) if child is not None else 0
         proxy.stop_capture()
         proxy.report()
         proxy.close()
-    return 0
+    return rc
+
+
+def _stop_child(child: subprocess.Popen[bytes], grace: float = 5.0) -> int:
+    """The child's exit status, ending it (SIGTERM, then SIGKILL after ``grace``) if it runs."""
+    if child.poll() is None:
+        child.terminate()
+        try:
+            child.wait(grace)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return child.returncode
