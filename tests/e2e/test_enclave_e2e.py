@@ -7,6 +7,7 @@ the machine's virtio-mmio devices from the command line, so the machine runs wit
 from __future__ import annotations
 
 import http.server
+import os
 import re
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import harness
 import pytest
+
+from vsproxy.enclave import eif as E
 
 NITRO_QEMU = harness.cache_root() / "qemu-nitro" / "bin" / "qemu-system-x86_64"
 
@@ -50,23 +53,15 @@ def http_service() -> Iterator[int]:
     srv.server_close()
 
 
-def make_eif(image: harness.GuestImage, script: str, out: Path) -> Path:
-    """The guest as an EIF: its initramfs (padded to 4 bytes, so the appended archive is found)
-    and the script in a second ramdisk, the enclave's application ramdisk (PCR2)."""
-    base = image.initrd.read_bytes()
-    (out.parent / "initrd").write_bytes(base + b"\0" * (-len(base) % 4))
-    (out.parent / "app").write_bytes(harness._script_cpio(script.encode()))
-    cmdline = ["console=ttyS0", "loglevel=4", "panic=-1", "edd=off", "reboot=t", "vsproxy.end=poweroff"]
-    khz = harness.host_tsc_khz()
-    if khz:
-        cmdline.append(f"tsc_early_khz={khz}")
-    r = subprocess.run([sys.executable, "-m", "vsproxy", "eif", "build", "--kernel", str(image.kernel),
-                        "--ramdisk", str(out.parent / "initrd"), "--ramdisk", str(out.parent / "app"),
-                        "--cmdline", " ".join(cmdline), "--memory", "256", "-o", str(out)],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert "PCR0: " in r.stdout
-    return out
+REPO = Path(__file__).resolve().parents[2]
+
+
+def readme_enclave_block() -> list[str]:
+    """The command lines of the README's "Emulating a Nitro Enclave" section."""
+    text = (REPO / "README.md").read_text()
+    m = re.search(r"## Emulating a Nitro Enclave\n.*?```sh\n(.*?)\n```", text, re.S)
+    assert m, "the README has no enclave section with a sh block"
+    return m.group(1).splitlines()
 
 
 SCRIPT = r"""
@@ -80,30 +75,38 @@ echo DONE
 """
 
 
-def test_an_enclave_from_an_eif_runs_on_the_nitro_machine_with_heartbeat_forward_and_allowlist(
+def test_the_readmes_enclave_commands_run_an_eif_on_the_nitro_machine_with_heartbeat_forward_and_allowlist(
         nitro_qemu: Path, guest_image: harness.GuestImage, http_service: int, tmp_path: Path) -> None:
-    eif = make_eif(guest_image, SCRIPT, tmp_path / "enclave.eif")
-    pcap = tmp_path / "enclave.pcapng"
-    r = subprocess.run(
-        [sys.executable, "-m", "vsproxy", "enclave", "run", "--eif-path", str(eif), "--enclave-cid", "16",
-         "--memory", "256", "--cpu-count", "1", "--debug-mode", "--acpi", "--qemu", str(nitro_qemu),
-         "--forward", f"8080=tcp:127.0.0.1:{http_service}", "--allow-out", "3:9000", "--allow-out", "2:8080",
-         "--pcap", str(pcap)],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace", timeout=240)
+    lines = readme_enclave_block()
+    assert lines[0] == "bash tests/guest/qemu-nitro.sh" and len(lines) == 5
+    # the files the README names: the test guest's kernel, its initramfs (padded to 4 bytes, so
+    # the appended archive is found) and the test script as a second, application ramdisk
+    (tmp_path / "vmlinuz").symlink_to(guest_image.kernel)
+    base = guest_image.initrd.read_bytes()
+    (tmp_path / "initramfs.cpio").write_bytes(base + b"\0" * (-len(base) % 4))
+    (tmp_path / "app.cpio").write_bytes(harness._script_cpio(SCRIPT.encode()))
+    (tmp_path / "tests").symlink_to(REPO / "tests")
+    script = "set -e\n" + "\n".join(lines).replace("127.0.0.1:8000", f"127.0.0.1:{http_service}") + "\n"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    r = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                       capture_output=True, text=True, errors="replace", timeout=300)
     out = r.stdout
-    assert r.returncode == 0, f"rc {r.returncode}\n--- console\n{out[-4000:]}\n--- stderr\n{r.stderr[-4000:]}"
+    assert r.returncode == 0, f"rc {r.returncode}\n--- stdout\n{out[-4000:]}\n--- stderr\n{r.stderr[-4000:]}"
+    image = E.parse((tmp_path / "enclave.eif").read_bytes())
+    assert out.count(f"PCR0: {image.measurements().pcr0.hex()}") == 2  # printed by build and by describe
+    assert [s.name for s in image.sections] == ["kernel", "cmdline", "ramdisk", "ramdisk"]
     assert "VSPROXY-SCRIPT-EXIT 0" in out, out[-4000:]
     assert "HEARTBEAT b7" in out  # the heartbeat answered: the enclave's init goes on
     assert "HTTP-RC 0" in out and "HTTP/1.0 200" in out
     assert "hello from the parent, you asked for /config" in out  # CID 3:8080 -> --forward -> TCP
     assert "CONNECT-FAIL ECONNRESET" in out  # 3:7000 is not in the allowlist
-    assert "DONE" in out
-    assert re.search(r"vsproxy: --nitro: service nitro-heartbeat at 3:9000", r.stderr)
-    assert re.search(r"denied", r.stderr), r.stderr[-3000:]
-    # the exchange in the capture, as vsproxy read and tshark show it
-    read = subprocess.run([sys.executable, "-m", "vsproxy", "read", str(pcap), "proto == http"],
-                          capture_output=True, text=True, timeout=60)
-    assert read.returncode == 0 and "GET /config" in read.stdout and "200" in read.stdout, read.stdout[-3000:]
-    ts = subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "frame.number"], capture_output=True,
-                        text=True, timeout=120)
+    assert "vsproxy: --nitro: service nitro-heartbeat at 3:9000" in r.stderr
+    assert "denied by not in cid16's outbound allowlist" in r.stderr
+    # the device the enclave got: legacy virtio-mmio, rings of 1024, memory in two regions
+    assert "size 1024" in r.stderr and "version_1=False" in r.stderr
+    assert re.search(r"memory table: gpa \S+, gpa", r.stderr)
+    # vsproxy read of the capture (the README's last line) shows the exchange; tshark reads it
+    assert "GET /config" in out.split("VSPROXY-SCRIPT-EXIT 0", 1)[1]
+    ts = subprocess.run(["tshark", "-r", str(tmp_path / "enclave.pcapng"), "-T", "fields", "-e", "frame.number"],
+                        capture_output=True, text=True, timeout=120)
     assert ts.returncode == 0 and len(ts.stdout.split()) > 10
