@@ -155,3 +155,39 @@ def test_enclave_run_refuses_a_bad_eif_and_cid_3_and_explains_a_qemu_without_the
     # Debian's QEMU 7.2 on PATH has no nitro-enclave machine
     r = vsproxy("enclave", "run", "--eif-path", str(good), "--qemu", "qemu-system-x86_64")
     assert r.returncode == 2 and "no nitro-enclave machine" in r.stderr and "libcbor" in r.stderr, r.stderr
+
+
+def test_an_enclave_config_splits_into_vsproxys_devices_and_the_enclaves_to_start() -> None:
+    from vsproxy.enclave.config import EnclaveConfigError, split
+
+    data = {"vms": [{"name": "e1", "guest_cid": 16, "eif_path": "a.eif", "memory": 256, "uds_path": "/tmp/p1"},
+                    {"guest-cid": 17, "eif-path": "b.eif", "cpu-count": 2, "socket": "/tmp/e2.sock"},
+                    {"name": "parent", "guest_cid": 10, "socket": "/tmp/parent.sock"}]}
+    vsproxy_part, specs = split(data, "f.yaml", "/run/x")
+    assert [(s.name, s.cid, s.socket, s.eif_path, s.memory, s.cpu_count) for s in specs] == [
+        ("e1", 16, "/run/x/e1.sock", "a.eif", 256, None), ("enclave17", 17, "/tmp/e2.sock", "b.eif", None, 2)]
+    assert vsproxy_part == {"vms": [
+        {"name": "e1", "guest-cid": 16, "uds-path": "/tmp/p1", "socket": "/run/x/e1.sock"},
+        {"guest-cid": 17, "socket": "/tmp/e2.sock", "name": "enclave17"},
+        {"name": "parent", "guest-cid": 10, "socket": "/tmp/parent.sock"}]}
+    for bad, message in [
+        ({"vms": [{"guest_cid": 5, "socket": "/s"}]}, "no entry names an eif-path"),
+        ({"vms": [{"guest_cid": 5, "memory": 256}]}, "memory without eif-path"),
+        ({"vms": [{"guest_cid": 3, "eif_path": "a.eif"}]}, "3 is the parent"),
+        ({"vms": [{"guest_cid": 16, "eif_path": "a.eif", "memory": "lots"}]}, "memory: expected a positive number"),
+        ({"enclaves": []}, "expected a 'vms:' list"),
+    ]:
+        with pytest.raises(EnclaveConfigError, match=message):
+            split(bad, "f.yaml", "/run/x")
+
+
+def test_enclave_run_with_a_config_refuses_bad_files_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "x.toml").write_text("[[vm]]\n")
+    (tmp_path / "bad.yaml").write_text("vms: [\n")
+    (tmp_path / "none.yaml").write_text("vms:\n  - guest_cid: 5\n    socket: /tmp/s\n")
+    for name, message in [("x.toml", "is YAML"), ("bad.yaml", "bad.yaml: "), ("none.yaml", "no entry names"),
+                          ("missing.yaml", "No such file")]:
+        r = vsproxy("enclave", "run", "--config", str(tmp_path / name))
+        assert r.returncode == 2 and message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    r = vsproxy("enclave", "run")
+    assert r.returncode == 2 and "--eif-path (one enclave) or --config" in r.stderr

@@ -248,11 +248,12 @@ def main(argv: list[str] | None = None) -> int:
     return serve(args_list)
 
 
-def serve(args_list: list[str], start_child: Callable[[], subprocess.Popen[bytes]] | None = None,
+def serve(args_list: list[str], start_children: Callable[[], list[subprocess.Popen[bytes]]] | None = None,
           prog: str = "vsproxy") -> int:
-    """vsproxy with these options until a signal stops it. ``start_child``: a program started
-    once vsproxy serves its sockets (vsproxy enclave run's QEMU); vsproxy stops when it exits,
-    and it is stopped when vsproxy does; the status is then the child's."""
+    """vsproxy with these options until a signal stops it. ``start_children``: programs started
+    once vsproxy serves its sockets (vsproxy enclave run's QEMUs); vsproxy stops when the last
+    of them exits, and stops those still running when it stops; the status is then the first
+    failure among theirs (0 when every one exited with 0)."""
     try:
         args = build_parser().parse_args(args_list)
         settings = settings_from_args(args)
@@ -280,33 +281,35 @@ def serve(args_list: list[str], start_child: Callable[[], subprocess.Popen[bytes
         print(f"{prog}: error: {e}", file=sys.stderr)
         proxy.close()
         return 2
-    child: subprocess.Popen[bytes] | None = None
+    children: list[subprocess.Popen[bytes]] = []
     done = threading.Event()
     try:
-        if start_child is not None:
+        if start_children is not None:
             try:
-                child = start_child()
+                children = start_children()
             except OSError as e:
-                print(f"{prog}: error: cannot start {e.filename or 'the child'}: {e.strerror or e}", file=sys.stderr)
+                print(f"{prog}: error: cannot start {e.filename or 'a child'}: {e.strerror or e}", file=sys.stderr)
                 return 2
 
-            def child_exited(c: subprocess.Popen[bytes] = child) -> None:
-                c.wait()
+            def all_exited() -> None:
+                for c in children:
+                    c.wait()
+                    log.info("%s (pid %d) exited with status %s", c.args[0] if isinstance(c.args, list) else c.args,
+                             c.pid, c.returncode)
                 if not done.is_set():
-                    log.info("%s exited with status %s: stopping", c.args[0] if isinstance(c.args, list) else c.args,
-                             c.returncode)
                     proxy.stop()
 
-            threading.Thread(target=child_exited, name="vsproxy-child", daemon=True).start()
+            threading.Thread(target=all_exited, name="vsproxy-children", daemon=True).start()
         with proxy.signals():
             proxy.run()
     finally:
         done.set()
-        rc = _stop_child(child) if child is not None else 0
+        rcs = [_stop_child(c) for c in children]
         proxy.stop_capture()
         proxy.report()
         proxy.close()
-    return rc
+    # a child ended by a signal (ours, at a Ctrl-C) reports as a shell would: 128 + the signal
+    return next((rc if rc > 0 else 128 - rc for rc in rcs if rc != 0), 0)
 
 
 def _stop_child(child: subprocess.Popen[bytes], grace: float = 5.0) -> int:

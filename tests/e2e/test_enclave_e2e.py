@@ -9,8 +9,11 @@ from __future__ import annotations
 import http.server
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,3 +113,80 @@ def test_the_readmes_enclave_commands_run_an_eif_on_the_nitro_machine_with_heart
     ts = subprocess.run(["tshark", "-r", str(tmp_path / "enclave.pcapng"), "-T", "fields", "-e", "frame.number"],
                         capture_output=True, text=True, timeout=120)
     assert ts.returncode == 0 and len(ts.stdout.split()) > 10
+
+
+class Parent(threading.Thread):
+    """A parent's service on a hybrid socket (PATH_8080): answers each connection with its name."""
+
+    def __init__(self, path: str, name: bytes) -> None:
+        super().__init__(daemon=True)
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(path)
+        self.srv.listen(4)
+        self.srv.settimeout(0.5)
+        self.name_ = name
+        self.stopped = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                c, _ = self.srv.accept()
+            except TimeoutError:
+                continue
+            with c:
+                c.settimeout(10)
+                c.recv(64)
+                c.sendall(b"I am " + self.name_ + b"\n")
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.join(5)
+        self.srv.close()
+
+
+def readme_enclaves_yaml() -> str:
+    text = (REPO / "README.md").read_text()
+    m = re.search(r"### Several enclaves.*?```yaml\n(.*?)```", text, re.S)
+    assert m, "the README has no several-enclaves YAML example"
+    return m.group(1)
+
+
+PARENT_SCRIPT = r"""
+echo "HEARTBEAT $(printf '\267' | vsock_tool connect 3 9000 | od -An -tx1 | tr -d ' ')"
+echo "PARENT $(printf 'who?' | vsock_tool connect 3 8080)"
+"""
+
+
+def test_two_enclaves_from_one_config_each_reach_their_own_parent(
+        nitro_qemu: Path, guest_image: harness.GuestImage, tmp_path: Path) -> None:
+    sock_dir = Path(tempfile.mkdtemp(prefix="vsp-enc-"))  # short: unix socket paths
+    base = guest_image.initrd.read_bytes()
+    (tmp_path / "initramfs.cpio").write_bytes(base + b"\0" * (-len(base) % 4))
+    (tmp_path / "app.cpio").write_bytes(harness._script_cpio(PARENT_SCRIPT.encode()))
+    khz = harness.host_tsc_khz()
+    cmdline = f"console=ttyS0 panic=-1 reboot=t tsc_early_khz={khz}"
+    for name in ("enclave1", "enclave2"):
+        r = subprocess.run([sys.executable, "-m", "vsproxy", "eif", "build", "--kernel", str(guest_image.kernel),
+                            "--ramdisk", "initramfs.cpio", "--ramdisk", "app.cpio", "--cmdline", cmdline,
+                            "-o", f"{name}.eif"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    yaml_text = readme_enclaves_yaml().replace("/tmp/parent", f"{sock_dir}/parent")
+    (tmp_path / "enclaves.yaml").write_text(yaml_text)
+    parents = [Parent(f"{sock_dir}/parent1.sock_8080", b"parent one"),
+               Parent(f"{sock_dir}/parent2.sock_8080", b"parent two")]
+    try:
+        r = subprocess.run([sys.executable, "-m", "vsproxy", "enclave", "run", "--config", "enclaves.yaml", "--acpi",
+                            "--qemu", str(nitro_qemu)], cwd=tmp_path, stdin=subprocess.DEVNULL,
+                           capture_output=True, text=True, errors="replace", timeout=300)
+    finally:
+        for p in parents:
+            p.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+    logs = {n: (tmp_path / f"{n}.log").read_text(errors="replace") for n in ("enclave1", "enclave2")}
+    assert r.returncode == 0, f"{r.stderr[-3000:]}\n{logs}"
+    for name, parent in (("enclave1", "parent one"), ("enclave2", "parent two")):
+        out = logs[name]
+        assert "VSPROXY-SCRIPT-EXIT 0" in out, out[-3000:]
+        assert "HEARTBEAT b7" in out and f"PARENT I am {parent}" in out, out[-3000:]
+    assert "enclave1: serving vhost-user" in r.stderr and "enclave2: serving vhost-user" in r.stderr

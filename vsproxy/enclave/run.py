@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vsproxy.enclave import eif as E
+from vsproxy.enclave.config import EnclaveConfigError, EnclaveSpec
+from vsproxy.enclave.config import split as split_config
 
 DEFAULT_CID = 16
 DEFAULT_MEMORY = 512  # MiB, when neither --memory nor the EIF says
@@ -119,7 +121,10 @@ def run_parser() -> argparse.ArgumentParser:
         prog="vsproxy enclave run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Every other option is vsproxy's (vsproxy --help): --forward PORT=tcp:HOST:HPORT, --uds-path, "
                "--service, --allow-out, --pcap, --control, -v, ...")
-    p.add_argument("--eif-path", required=True, metavar="FILE", help="the enclave image")
+    p.add_argument("--eif-path", metavar="FILE", help="the enclave image")
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="several enclaves (and other devices) from one file, instead of --eif-path: a 'vms:' list "
+                        "whose entries with eif-path (and memory, cpu-count, console-log) are enclaves")
     p.add_argument("--enclave-cid", type=_cid, default=DEFAULT_CID, metavar="CID",
                    help=f"the enclave's CID (default {DEFAULT_CID}; never 3, the parent)")
     p.add_argument("--memory", type=_positive, metavar="MiB", help="guest memory (default: the EIF's, else 512)")
@@ -144,40 +149,72 @@ def run_main(argv: list[str]) -> int:
         args, rest = ap.parse_known_args(argv)
     except SystemExit as e:
         return 0 if e.code in (0, None) else 2
-    try:
-        image = E.parse(Path(args.eif_path).read_bytes())
-    except OSError as e:
-        print(f"vsproxy enclave: {args.eif_path}: {e.strerror or e}", file=sys.stderr)
+    if (args.eif_path is None) == (args.config is None):
+        print("vsproxy enclave run: error: give --eif-path (one enclave) or --config (several)", file=sys.stderr)
         return 2
-    except E.EifError as e:
-        print(f"vsproxy enclave: {args.eif_path}: {e}", file=sys.stderr)
-        return 2
-    opts = EnclaveOptions(args.eif_path, args.enclave_cid, args.memory, args.cpu_count, args.debug_mode,
-                          args.console_log, args.acpi, args.accel, args.enclave_name)
-    tmp = None
-    if args.socket is None:
-        tmp = tempfile.mkdtemp(prefix="vsproxy-enclave-")
-        sock = os.path.join(tmp, "vhost.sock")
-    else:
-        sock = args.socket
+    tmp = tempfile.mkdtemp(prefix="vsproxy-enclave-")
     try:
         try:
+            if args.config is not None:
+                vs_args, specs = _from_config(args.config, tmp)
+            else:
+                sock = args.socket or os.path.join(tmp, "vhost.sock")
+                specs = [EnclaveSpec(args.enclave_name, args.enclave_cid, sock, args.eif_path, args.memory,
+                                     args.cpu_count, args.console_log)]
+                vs_args = ["--socket", sock, "--guest-cid", str(args.enclave_cid)]
+            runs = []
+            for spec in specs:
+                image = _read_eif(spec.eif_path)
+                opts = EnclaveOptions(spec.eif_path, spec.cid, spec.memory, spec.cpu_count, args.debug_mode,
+                                      spec.console_log, args.acpi, args.accel, spec.name)
+                runs.append((opts, image, spec.socket))
             qemu = find_qemu(args.qemu)
-        except EnclaveError as e:
+        except (EnclaveError, EnclaveConfigError) as e:
             print(f"vsproxy enclave: {e}", file=sys.stderr)
             return 2
-        vs_args = ["--socket", sock, "--guest-cid", str(opts.enclave_cid), "--nitro", *rest]
-        return cli.serve(vs_args, lambda: _start_qemu(qemu_argv(qemu, opts, image, sock), opts.debug_mode),
+        argvs = [qemu_argv(qemu, opts, image, sock) for opts, image, sock in runs]
+        return cli.serve([*vs_args, "--nitro", *rest],
+                         lambda: [_start_qemu(a, args.debug_mode, len(argvs) == 1) for a in argvs],
                          prog="vsproxy enclave")
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _start_qemu(argv: list[str], debug: bool) -> subprocess.Popen[bytes]:
-    """QEMU as a child: its own process group unless its console is this terminal, so the
-    terminal's Ctrl-C reaches vsproxy, which stops it."""
-    return subprocess.Popen(argv, stdin=None if debug else subprocess.DEVNULL, start_new_session=not debug)
+def _read_eif(path: str) -> E.Eif:
+    try:
+        return E.parse(Path(path).read_bytes())
+    except OSError as e:
+        raise EnclaveError(f"{path}: {e.strerror or e}") from None
+    except E.EifError as e:
+        raise EnclaveError(f"{path}: {e}") from None
+
+
+def _from_config(path: str, tmp: str) -> tuple[list[str], list[EnclaveSpec]]:
+    """vsproxy's options for the file (a copy without the enclave keys) and its enclaves."""
+    import yaml
+
+    if not path.endswith((".yaml", ".yml")):
+        raise EnclaveConfigError(f"{path}: an enclave configuration is YAML (a 'vms:' list), named .yaml or .yml")
+    try:
+        with open(path, "rb") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise EnclaveConfigError(f"{path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise EnclaveConfigError(f"{path}: {str(e).splitlines()[0]}") from None
+    vsproxy_part, specs = split_config(data, path, tmp)
+    copy = os.path.join(tmp, "vsproxy.yaml")
+    with open(copy, "w") as f:
+        yaml.safe_dump(vsproxy_part, f)
+    return ["--config", copy], specs
+
+
+def _start_qemu(argv: list[str], debug: bool, only: bool) -> subprocess.Popen[bytes]:
+    """QEMU as a child. In debug mode its console is this terminal, the keyboard too when it is
+    the only enclave (then a Ctrl-C reaches both, and both stop); otherwise it runs in its own
+    session, and vsproxy stops it when the Ctrl-C stops vsproxy."""
+    interactive = debug and only
+    return subprocess.Popen(argv, stdin=None if interactive else subprocess.DEVNULL, start_new_session=not interactive)
 
 
 # -- vsproxy eif build | describe ---------------------------------------------------------------
