@@ -190,3 +190,26 @@ def test_two_enclaves_from_one_config_each_reach_their_own_parent(
         assert "VSPROXY-SCRIPT-EXIT 0" in out, out[-3000:]
         assert "HEARTBEAT b7" in out and f"PARENT I am {parent}" in out, out[-3000:]
     assert "enclave1: serving vhost-user" in r.stderr and "enclave2: serving vhost-user" in r.stderr
+
+
+def test_qemu_reads_our_eif_layout_and_crc_and_refuses_what_vsproxy_refuses(
+        nitro_qemu: Path, tmp_path: Path) -> None:
+    """QEMU's own EIF reader (hw/core/eif.c) as the second implementation of the format: a byte
+    changed after the CRC was made is a CRC mismatch to both; the same EIF intact gets past
+    QEMU's checks, and QEMU takes its kernel section for the kernel (it then refuses the fake
+    kernel itself)."""
+    good = E.build(b"\x90" * 4096, "console=ttyS0", [b"initrd" * 100, b"app" * 10])
+    damaged = bytearray(good)
+    damaged[548 + 12 + 100] ^= 0xFF
+    results = {}
+    for name, data in (("good", good), ("damaged", bytes(damaged))):
+        path = tmp_path / f"{name}.eif"
+        path.write_bytes(data)
+        r = subprocess.run([str(nitro_qemu), "-accel", "tcg", "-M", "nitro-enclave", "-m", "64M", "-nodefaults",
+                            "-display", "none", "-kernel", str(path)], capture_output=True, text=True, timeout=60)
+        results[name] = r.stderr
+    with pytest.raises(E.EifError, match="bad CRC"):
+        E.parse(bytes(damaged))
+    assert "CRC mismatch" in results["damaged"], results["damaged"]
+    assert "CRC" not in results["good"] and "EIF" not in results["good"], results["good"]
+    assert "linux kernel too old" in results["good"], results["good"]  # our 4 KiB of NOPs, as the kernel
