@@ -52,6 +52,15 @@ class Peer(Protocol):
 
     def shutdown_write(self) -> None:
         """No more data will come from the guest (half-close)."""
+
+    def shutdown_read(self) -> None:
+        """The guest receives no more (its SHUTDOWN RCV): a peer whose far side can be told
+        (a sibling guest, a unix socket's writer) is; the far side's sends then fail."""
+
+    def far_shutdown(self) -> int:
+        """What the far side has shut, as SHUTDOWN flags, in stream order: once every byte it
+        sent before is read from this peer, SEND if it sends no more (the EOF is here now), RCV
+        if it receives no more. 0 for a socket, whose EOF shows as recv_into() returning 0."""
         ...
 
     def close(self, reset: bool) -> None:
@@ -94,6 +103,12 @@ class PeerBase:
 
     def fast_fd(self) -> int:
         return -1
+
+    def shutdown_read(self) -> None:
+        pass
+
+    def far_shutdown(self) -> int:
+        return 0
 
     def unread(self, data: bytes) -> None:
         raise RuntimeError(f"{type(self).__name__} has no descriptor, so nothing is read ahead for it")

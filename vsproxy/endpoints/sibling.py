@@ -21,6 +21,7 @@ from vsproxy.endpoints.base import Buffer, PeerBase, scatter
 from vsproxy.vsock.connection import Connection
 
 INBOX_MAX = 256 * 1024
+SHUTDOWN_RCV, SHUTDOWN_SEND = 1, 2  # virtio_vsock.h VIRTIO_VSOCK_SHUTDOWN_RCV/SEND
 
 
 class SiblingHooks(Protocol):
@@ -41,6 +42,8 @@ class SiblingEnd(PeerBase):
         self.messages: deque[tuple[bytes, bool]] = deque()
         self.inbox_len = 0
         self.eof = False  # the other guest shut down sending; report EOF once the inbox is read
+        self.far_rcv = False  # the other guest shut down receiving: this guest's sends must fail
+        self.accepted = False  # this end's guest accepted: the dialling side's "connected" is on its way
         self.closed = False
         self.other: SiblingEnd | None = None
         self.hooks: SiblingHooks | None = None
@@ -129,6 +132,18 @@ class SiblingEnd(PeerBase):
             if other._reading:
                 other._notify("readable")
 
+    def shutdown_read(self) -> None:
+        other = self.other
+        if other is not None and not other.far_rcv:
+            other.far_rcv = True
+            other._notify("readable")  # its core relays the RCV shutdown to its guest at once
+
+    def far_shutdown(self) -> int:
+        # in stream order: what the other guest shut counts once what it sent before is read
+        if self.inbox or self.messages:
+            return 0
+        return (SHUTDOWN_RCV if self.far_rcv else 0) | (SHUTDOWN_SEND if self.eof else 0)
+
     def close(self, reset: bool) -> None:
         if self.closed:
             return
@@ -136,12 +151,16 @@ class SiblingEnd(PeerBase):
         other = self.other
         if other is None or other.closed:
             return
-        if other.conn is not None and other.conn.state.value in ("connecting", "requested"):
+        if (other.conn is not None and other.conn.state.value in ("connecting", "requested")
+                and not self.accepted):
             other._notify("failed")
         elif reset:
             other._notify("aborted")
         else:
-            other.eof = True  # a clean close is an EOF after what was already relayed
+            # A clean close: the guest closed both ways (or both were shut already), an EOF
+            # after what was already relayed, and nothing more is received.
+            other.eof = True
+            other.far_rcv = True
             other._notify("readable")
 
     def watch_read(self, on: bool) -> None:
@@ -156,7 +175,10 @@ class SiblingEnd(PeerBase):
             self._notify("writable")
 
     def established(self, local_port: int) -> None:
-        # This side's guest accepted: the dialling guest gets its RESPONSE now.
+        # This side's guest accepted: the dialling guest gets its RESPONSE now. A close from here
+        # on is a close after the connect (notifications run in order: "connected" first), even
+        # when it comes before the dialling side has seen the connect.
+        self.accepted = True
         other = self.other
         if other is not None and self.conn is not None and other.conn is not None:
             # A receiver's window bounds what the dialling guest is told it may send.

@@ -129,6 +129,17 @@ class SocketPeer:
         except OSError:
             pass
 
+    def shutdown_read(self) -> None:
+        # A unix socket passes it on (the writer's next send gets EPIPE), as the guest's kernel
+        # peer would see it; TCP has no way to, and the bytes that still come are dropped.
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def far_shutdown(self) -> int:
+        return 0
+
     def close(self, reset: bool) -> None:
         if self.closed:
             return

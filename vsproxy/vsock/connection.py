@@ -62,6 +62,7 @@ class Connection:
     CREDIT_REQUESTED = 16
     WATCH_WRITE = 32
     SELF_UPDATES = 64  # the guest sent a CREDIT_UPDATE we had not asked for: it tells unasked
+    RCV_RELAYED = 128  # the far side's SHUTDOWN RCV went to the guest
 
     def __init__(self, type_: int, guest_port: int, peer_cid: int, peer_port: int, peer: Peer, buf_alloc: int) -> None:
         self.type = type_

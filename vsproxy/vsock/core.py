@@ -291,6 +291,7 @@ class VsockCore(Lending):
             self._flush_conn(conn)  # shuts the host write side once the queue is empty
         if flags & H.SHUTDOWN_RCV:
             conn.peer.watch_read(False)
+            conn.peer.shutdown_read()  # the far side's sends fail from now on, as on a kernel link
 
     def peer_readable(self, conn: Connection) -> bool:
         """The host socket has data (or EOF). False when C served it: nothing for the pump."""
@@ -343,10 +344,18 @@ class VsockCore(Lending):
         if why is not None:
             self._refuse_at_limit(why, f"host connection into port {guest_port}")
             return None
+        held = False
         if src_port is not None:
             port = src_port
-            if (type_, guest_port, src_cid, port) in self.conns:
-                return None
+            old = self.conns.get((type_, guest_port, src_cid, port))
+            if old is not None:
+                # The dialling guest may reuse its 4-tuple once vsproxy answered its close with
+                # RST, while this hop's old connection is still going away (its last bytes and
+                # SHUTDOWN on their way to this guest, or its RST not back yet): the new one
+                # waits for it to leave the table, within the connect timeout.
+                if old.key in self._held or not old.peer.far_shutdown() & H.SHUTDOWN_RCV:
+                    return None
+                held = True
         else:
             for _ in range(1 << 16):
                 port = self._next_host_port
@@ -359,8 +368,12 @@ class VsockCore(Lending):
         conn.state = State.REQUESTED
         conn.host_initiated = True
         conn.deadline = self.now + CONNECT_TIMEOUT
-        self._add(conn)
         self._event(EventKind.REQUESTED, conn, f"by {peer.describe()}")
+        if held:
+            conn.created = self.now
+            self._held[conn.key] = conn  # its REQUEST goes when the old one leaves (_forget_vsock)
+            return conn
+        self._add(conn)
         self._queue(conn, Op.REQUEST)
         return conn
 
@@ -406,8 +419,16 @@ class VsockCore(Lending):
                 self.counters.timeouts += 1
                 self._lingering.discard(conn)
                 conn.peer.close(reset=True)
+        for key, conn in list(self._held.items()):
+            if conn.deadline <= now:  # the old connection on its 4-tuple never went: refused
+                self.counters.timeouts += 1
+                self.counters.connections_refused += 1
+                del self._held[key]
+                conn.state = State.CLOSED
+                conn.peer.close(reset=True)
 
     def next_deadline(self) -> float | None:
         ds = [c.deadline for c in self.conns.values() if c.state in (State.CONNECTING, State.REQUESTED)]
         ds += [c.deadline for c in self._lingering]
+        ds += [c.deadline for c in self._held.values()]
         return min(ds) if ds else None

@@ -71,6 +71,8 @@ class RxPath(HostFlush):
                 conn.flags &= ~Connection.IN_READY
                 if conn.state is not State.ESTABLISHED or conn.guest_shut & H.SHUTDOWN_RCV or conn.host_eof:
                     continue
+                if self._far_shutdown(conn):
+                    continue
                 credit = conn.credit.peer_free()
                 if credit == 0:
                     if not conn.flags & Connection.WAIT_CREDIT:
@@ -116,6 +118,10 @@ class RxPath(HostFlush):
                 rx_one = self._rx_seq_chain if conn.type == H.Type.SEQPACKET else self._rx_chain
                 if not rx_one(rxq, chain, conn, credit):
                     used -= 1
+                elif conn.peer.far_shutdown() and not conn.host_eof:
+                    # what the far side shut goes right after its last bytes, in this same pass
+                    # (queued now, written before anything is published), not a wake-up later
+                    self._far_shutdown(conn)
                 continue
             conn_or_none, op, flags, raw = control[0]
             if conn_or_none is not None and conn_or_none.state is State.CLOSED and op != Op.RST:

@@ -135,6 +135,10 @@ class ConnTable:
         self.ready: deque[Connection] = deque()
         self._flush: list[Connection] = []
         self._lingering: set[Connection] = set()
+        # Host-initiated connections on a 4-tuple whose old connection is still going away
+        # (its guest was told SHUTDOWN 3 and has not answered RST yet): each gets its REQUEST
+        # once the old one leaves the table, or fails at its connect deadline.
+        self._held: dict[tuple[int, int, int, int], Connection] = {}
         self._next_host_port = HOST_PORT_FIRST
         self.counters = Counters()
         self.now = 0.0
@@ -240,6 +244,10 @@ class ConnTable:
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
             self._account(conn)
+            held = self._held.pop(conn.key, None)
+            if held is not None:  # the 4-tuple is free: the connection that waited for it goes
+                self._add(held)
+                self._queue(held, Op.REQUEST)
 
     def _account(self, conn: Connection) -> None:
         for rule in conn.rule:
@@ -285,12 +293,31 @@ class ConnTable:
         return False
 
     def _host_eof(self, conn: Connection) -> None:
+        """The far side sends no more: SHUTDOWN SEND to the guest, with RCV too when the far side
+        receives no more either (a sibling guest that closed): as a kernel peer's close() says."""
         self._event(EventKind.HALF_CLOSED, conn, "the host side sends no more")
         conn.host_eof = True
         conn.peer.watch_read(False)
-        self._queue(conn, Op.SHUTDOWN, H.SHUTDOWN_SEND)
+        flags = H.SHUTDOWN_SEND
+        if not conn.flags & Connection.RCV_RELAYED and conn.peer.far_shutdown() & H.SHUTDOWN_RCV:
+            flags |= H.SHUTDOWN_RCV
+            conn.flags |= Connection.RCV_RELAYED
+        self._queue(conn, Op.SHUTDOWN, flags)
         if conn.host_shut_wr:
             conn.peer.close(reset=False)
+
+    def _far_shutdown(self, conn: Connection) -> bool:
+        """Relay what the far side shut that the guest was not told yet; True when it sends no
+        more (nothing left to read)."""
+        far = conn.peer.far_shutdown()
+        if far & H.SHUTDOWN_SEND and not conn.host_eof:
+            self._host_eof(conn)
+            return True
+        if far & H.SHUTDOWN_RCV and not conn.flags & Connection.RCV_RELAYED:
+            conn.flags |= Connection.RCV_RELAYED
+            self._event(EventKind.HALF_CLOSED, conn, "the host side receives no more")
+            self._queue(conn, Op.SHUTDOWN, H.SHUTDOWN_RCV)
+        return False
 
 
     def close_all(self) -> None:
@@ -308,6 +335,9 @@ class ConnTable:
             conn.out_bytes = 0
             conn.peer.close(reset=True)
         self.conns.clear()
+        for held in self._held.values():
+            held.peer.close(reset=True)
+        self._held.clear()
         self.control.clear()
         self.ready.clear()
         self._flush = []
