@@ -80,8 +80,8 @@ def test_the_guests_shutdown_rcv_reaches_the_far_side_and_its_send_alone_too() -
 
 
 def held_setup() -> tuple[Harness, SiblingEnd, Connection]:
-    """A sibling's connection into this guest from 9:777 whose far guest has closed: the core
-    told its guest SHUTDOWN 3 and waits for its RST."""
+    """A sibling's connection into this guest from 9:777, established; then the far guest
+    closes, before this core has relayed it (its notification not yet run)."""
     t = Harness()
     near, far = pair("sibling:a", "sibling:b", lambda f: None)
     old = t.core.host_connect(near, GPORT, src_cid=9, src_port=777)
@@ -91,25 +91,45 @@ def held_setup() -> tuple[Harness, SiblingEnd, Connection]:
     assert old.state is State.ESTABLISHED
     near.attach(_NoHooks(), old)
     near.watch_read(True)
-    far.close(reset=False)  # the far guest closed
-    t.core.peer_readable(old)
-    assert [(h.op, h.flags) for h, _ in t.drain()] == [(Op.SHUTDOWN, H.SHUTDOWN_BOTH)]
+    far.send([b"bye"])
+    far.close(reset=False)  # the far guest wrote and closed
     return t, near, old
 
 
-def test_a_reused_4_tuple_waits_for_the_old_hop_to_leave_then_gets_its_request() -> None:
+def guest_says(t: Harness, op: int) -> None:
+    t.core.guest_packet(H.pack(GUEST, 9, GPORT, 777, 0, 1, op, 0, 262144, 0), [], 0)
+
+
+def test_a_reused_4_tuple_waits_for_the_old_hop_to_close_then_gets_its_request_and_the_old_rst_is_not_its() -> None:
     t, _, old = held_setup()
     again, _far2 = pair("sibling:a", "sibling:b", lambda f: None)
     new = t.core.host_connect(again, GPORT, src_cid=9, src_port=777)
     assert new is not None and new is not old
-    assert t.drain() == [] and t.core.conns[old.key] is old  # held: no REQUEST while the old one is there
+    assert t.core.conns[old.key] is old  # held: no REQUEST while the old one is there
     # a third on the same tuple meanwhile is refused
     assert t.core.host_connect(pair("x", "y", lambda f: None)[0], GPORT, src_cid=9, src_port=777) is None
-    # the guest answers the SHUTDOWN 3 with RST (Linux, nothing unread): the old one leaves, the new one goes
-    t.core.guest_packet(H.pack(GUEST, 9, GPORT, 777, 0, 1, Op.RST, 0, 0, 0), [], 0)
+    # this core relays the close: the last bytes, SHUTDOWN 3, and at once the waiting REQUEST
+    t.core.peer_readable(old)
     got = t.drain()
-    assert [(h.op, h.src_cid, h.src_port, h.dst_port) for h, _ in got] == [(Op.REQUEST, 9, 777, GPORT)]
-    assert t.core.conns[new.key] is new and new.state is State.REQUESTED
+    assert [(h.op, h.flags, h.len) for h, _ in got] == [(Op.RW, 0, 3), (Op.SHUTDOWN, 3, 0), (Op.REQUEST, 0, 0)]
+    assert [(h.src_cid, h.src_port, h.dst_port) for h, _ in got] == [(9, 777, GPORT)] * 3
+    assert t.core.conns[new.key] is new and new.state is State.REQUESTED and old.state is State.CLOSED
+    # the guest's kernel answers the SHUTDOWN 3 with RST (nothing unread): the old one's, not the new one's
+    guest_says(t, Op.RST)
+    assert t.core.conns[new.key].state is State.REQUESTED
+    guest_says(t, Op.RESPONSE)
+    assert t.core.conns[new.key].state is State.ESTABLISHED
+    guest_says(t, Op.RST)  # a later RST on the tuple is the new connection's again
+    assert new.key not in t.core.conns
+
+
+def test_without_a_waiting_connection_the_tuple_is_free_once_shutdown_3_is_queued() -> None:
+    t, _, old = held_setup()
+    t.core.peer_readable(old)
+    assert [(h.op, h.flags) for h, _ in t.drain()] == [(Op.RW, 0), (Op.SHUTDOWN, 3)]
+    assert old.key not in t.core.conns
+    fresh = t.core.host_connect(pair("a", "b", lambda f: None)[0], GPORT, src_cid=9, src_port=777)
+    assert fresh is not None and [h.op for h, _ in t.drain()] == [Op.REQUEST]
 
 
 def test_a_held_connection_fails_at_its_connect_deadline_when_the_old_hop_stays() -> None:
@@ -123,11 +143,11 @@ def test_a_held_connection_fails_at_its_connect_deadline_when_the_old_hop_stays(
     new = t.core.host_connect(near2, GPORT, src_cid=9, src_port=777)
     assert new is not None
     refused = t.core.counters.connections_refused
-    t.core.tick(t.core.now + CONNECT_TIMEOUT - 0.1)
+    t.core.tick(t.core.now + CONNECT_TIMEOUT - 0.1)  # the old hop is never relayed (no pump here)
     assert notes == [] and t.core.next_deadline() is not None
     t.core.tick(t.core.now + 0.2)
     assert notes == ["failed"] and t.core.counters.connections_refused == refused + 1  # the dialler gets RST
-    assert t.core.conns[old.key] is old and t.drain() == []  # no REQUEST ever went
+    assert t.core.conns[old.key] is old
 
 
 class _Recorder(_NoHooks):

@@ -315,7 +315,7 @@ def test_verbose_decodes_seqpacket_and_shutdown_flags_by_op(run: Callable[..., R
 def test_verbose_shows_the_comment_and_classic_pcap_unknowns(run: Callable[..., Result]) -> None:
     (denied,) = verbose_blocks(run("-V", SIBLING, "verdict == denied").out)
     assert f"        comment    = {DENIAL}" in denied
-    assert "        connection = #1 app 5:1152927318 > 6:5002 STREAM" in denied
+    assert "        connection = #1 app 5:2400453637 > 6:5002 STREAM" in denied
     kernel = verbose_blocks(run("-V", "-c", 1, KERNEL).out)[0]
     assert "        interface  = (not in the file)" in kernel
     assert "        direction  = unknown (not in the file)" in kernel
@@ -403,11 +403,11 @@ def test_follow_all_on_the_kernel_capture_says_client_and_server(run: Callable[.
 
 
 def test_follow_by_endpoint_shows_both_devices_with_a_header_at_each_switch(run: Callable[..., Result]) -> None:
-    conns = parse_follow(run("--follow", "5:1152927319", SIBLING).out)
+    conns = parse_follow(run("--follow", "5:2400453638", SIBLING).out)
     assert [h.split()[1] for h, _ in conns] == ["#2", "#3", "#2"]
     assert {c.data for _, chunks in conns for c in chunks} == {b"hello vault\n"}
-    vault = parse_follow(run("--follow", "6:5001,5:1152927319", SIBLING, "device == vault").out)
-    assert [h for h, _ in vault] == ["=== #3 vault 5:1152927319 > 6:5001 STREAM ==="]
+    vault = parse_follow(run("--follow", "6:5001,5:2400453638", SIBLING, "device == vault").out)
+    assert [h for h, _ in vault] == ["=== #3 vault 5:2400453638 > 6:5001 STREAM ==="]
     assert [c.head for c in vault[0][1]] == [">>> host -> guest 12 bytes", "<<< guest -> host 12 bytes"]
 
 

@@ -640,6 +640,90 @@ static int mode_seqpacket(uint32_t cid, uint32_t port, int nmsg, char **msgs)
 	return 0;
 }
 
+
+/* Waits for a line on stdin: the host's word that something happened elsewhere. */
+static void wait_line(void)
+{
+	char line[64];
+	if (!fgets(line, sizeof line, stdin))
+		die("stdin");
+}
+
+/* close-server PORT: accept one connection and read 3 bytes; after a line on stdin (the
+ * client has closed), send one byte and print what send() said (a kernel peer: EPIPE); then
+ * accept a second connection while the first is still open (the client reuses its 4-tuple)
+ * and read its byte. */
+static int mode_close_server(uint32_t port)
+{
+	int lfd = vsock_listen(port);
+	int c1 = vsock_accept(lfd);
+	uint8_t buf[16];
+	size_t got = 0;
+	while (got < 3) {
+		ssize_t r = read(c1, buf + got, 3 - got);
+		if (r <= 0)
+			break;
+		got += (size_t)r;
+	}
+	out("READ %zu %.*s\n", got, (int)got, buf);
+	wait_line();
+	ssize_t w = send(c1, "x", 1, MSG_NOSIGNAL);
+	out("SEND-AFTER-CLOSE %s\n", w == 1 ? "OK" : errname(errno));
+	int c2 = vsock_accept(lfd);
+	ssize_t r = read(c2, buf, 1);
+	out("READ2 %zd %c\n", r, r == 1 ? buf[0] : '-');
+	close(c2);
+	close(c1);
+	close(lfd);
+	return 0;
+}
+
+/* reuse-client CID PORT LPORT: from local port LPORT, connect, send "abc" and close; after a
+ * line on stdin, connect again from the same port and send "2". */
+static int vsock_connect_from(uint32_t cid, uint32_t port, uint32_t lport)
+{
+	int fd = socket(AF_VSOCK, SOCK_STREAM, 0);
+	if (fd < 0)
+		die("socket(AF_VSOCK)");
+	struct timeval tv = {.tv_sec = 20, .tv_usec = 0};
+	setsockopt(fd, AF_VSOCK, SO_VM_SOCKETS_CONNECT_TIMEOUT, &tv, sizeof tv);
+	struct sockaddr_vm sa;
+	memset(&sa, 0, sizeof sa);
+	sa.svm_family = AF_VSOCK;
+	sa.svm_cid = VMADDR_CID_ANY;
+	sa.svm_port = lport;
+	if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0)
+		die("bind");
+	sa.svm_cid = cid;
+	sa.svm_port = port;
+	if (connect(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+		out("CONNECT-FAIL %s\n", errname(errno));
+		close(fd);
+		return -1;
+	}
+	return fd;
+}
+
+static int mode_reuse_client(uint32_t cid, uint32_t port, uint32_t lport)
+{
+	int fd = vsock_connect_from(cid, port, lport);
+	if (fd < 0)
+		return 2;
+	if (write_all(fd, (const uint8_t *)"abc", 3) < 0)
+		die("write");
+	close(fd);
+	out("CLOSED\n");
+	wait_line();
+	fd = vsock_connect_from(cid, port, lport);
+	if (fd < 0)
+		return 2;
+	out("RECONNECTED\n");
+	if (write_all(fd, (const uint8_t *)"2", 1) < 0)
+		die("write");
+	close(fd);
+	return 0;
+}
+
 static void usage(void)
 {
 	fprintf(stderr,
@@ -650,6 +734,8 @@ static void usage(void)
 		"       vsock_tool sink-server PORT\n"
 		"       vsock_tool source-server PORT NBYTES SEED\n"
 		"       vsock_tool seqpacket CID PORT MSG...\n"
+		"       vsock_tool close-server PORT\n"
+		"       vsock_tool reuse-client CID PORT LPORT\n"
 		"       vsock_tool prng SEED NBYTES   (writes the PRNG stream to stdout)\n"
 		"       vsock_tool fnv                (fnv1a64 of stdin)\n");
 	exit(1);
@@ -678,6 +764,10 @@ int main(int argc, char **argv)
 	if (!strcmp(m, "source-server") && argc == 5)
 		return mode_source_server(U32(2, "port"), parse_u64(argv[3], "nbytes"),
 					  parse_u64(argv[4], "seed"));
+	if (!strcmp(m, "close-server") && argc == 3)
+		return mode_close_server(U32(2, "port"));
+	if (!strcmp(m, "reuse-client") && argc == 5)
+		return mode_reuse_client(U32(2, "cid"), U32(3, "port"), U32(4, "lport"));
 	if (!strcmp(m, "seqpacket") && argc >= 5)
 		return mode_seqpacket(U32(2, "cid"), U32(3, "port"), argc - 4, argv + 4);
 	/* Self-test helpers (no sockets): let tests check the PRNG/hash twins. */

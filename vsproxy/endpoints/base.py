@@ -61,6 +61,10 @@ class Peer(Protocol):
         """What the far side has shut, as SHUTDOWN flags, in stream order: once every byte it
         sent before is read from this peer, SEND if it sends no more (the EOF is here now), RCV
         if it receives no more. 0 for a socket, whose EOF shows as recv_into() returning 0."""
+
+    def far_closed(self) -> bool:
+        """The far side closed both ways, whatever of its bytes is still to be read here (a
+        sibling guest's close()): this connection is going away, and its 4-tuple with it."""
         ...
 
     def close(self, reset: bool) -> None:
@@ -109,6 +113,9 @@ class PeerBase:
 
     def far_shutdown(self) -> int:
         return 0
+
+    def far_closed(self) -> bool:
+        return False
 
     def unread(self, data: bytes) -> None:
         raise RuntimeError(f"{type(self).__name__} has no descriptor, so nothing is read ahead for it")

@@ -138,6 +138,9 @@ class SiblingEnd(PeerBase):
             other.far_rcv = True
             other._notify("readable")  # its core relays the RCV shutdown to its guest at once
 
+    def far_closed(self) -> bool:
+        return self.eof and self.far_rcv
+
     def far_shutdown(self) -> int:
         # in stream order: what the other guest shut counts once what it sent before is read
         if self.inbox or self.messages:

@@ -140,6 +140,9 @@ class SocketPeer:
     def far_shutdown(self) -> int:
         return 0
 
+    def far_closed(self) -> bool:
+        return False
+
     def close(self, reset: bool) -> None:
         if self.closed:
             return

@@ -100,7 +100,12 @@ class VsockCore(Lending):
             if op != Op.RST:
                 self._rst_reply(H.unpack(hdr_bytes))
             return
-        conn = self.conns.get((type_, src_port, dst_cid, dst_port))
+        key = (type_, src_port, dst_cid, dst_port)
+        if self._shut_keys and key in self._shut_keys:
+            del self._shut_keys[key]
+            if op == Op.RST:
+                return  # the guest's answer to our SHUTDOWN 3 of the old connection on this tuple
+        conn = self.conns.get(key)
         if conn is None:
             hdr = H.unpack(hdr_bytes)
             if op == Op.REQUEST:
@@ -353,7 +358,7 @@ class VsockCore(Lending):
                 # RST, while this hop's old connection is still going away (its last bytes and
                 # SHUTDOWN on their way to this guest, or its RST not back yet): the new one
                 # waits for it to leave the table, within the connect timeout.
-                if old.key in self._held or not old.peer.far_shutdown() & H.SHUTDOWN_RCV:
+                if old.key in self._held or not old.peer.far_closed():
                     return None
                 held = True
         else:

@@ -139,6 +139,9 @@ class ConnTable:
         # (its guest was told SHUTDOWN 3 and has not answered RST yet): each gets its REQUEST
         # once the old one leaves the table, or fails at its connect deadline.
         self._held: dict[tuple[int, int, int, int], Connection] = {}
+        # 4-tuples whose connection ended with our SHUTDOWN 3 (the far side closed): the guest's
+        # kernel may answer it with one RST, which is the old connection's, not a new one's.
+        self._shut_keys: dict[tuple[int, int, int, int], None] = {}
         self._next_host_port = HOST_PORT_FIRST
         self.counters = Counters()
         self.now = 0.0
@@ -208,6 +211,10 @@ class ConnTable:
 
     def _queue(self, conn: Connection, op: int, flags: int = 0) -> None:
         self.control.append((conn, op, flags, b""))
+
+    def _queue_raw(self, hdr: bytes, op: int, flags: int = 0) -> None:
+        """A packet of a connection already gone from the table, its header packed now."""
+        self.control.append((None, op, flags, hdr))
 
     def _send_rst(self, conn: Connection | None, hdr: Header | None = None) -> None:
         """RST to the guest, the one way every RST goes out (and is counted): on ``conn``, or
@@ -302,6 +309,18 @@ class ConnTable:
         if not conn.flags & Connection.RCV_RELAYED and conn.peer.far_shutdown() & H.SHUTDOWN_RCV:
             flags |= H.SHUTDOWN_RCV
             conn.flags |= Connection.RCV_RELAYED
+        if flags == H.SHUTDOWN_BOTH or conn.flags & Connection.RCV_RELAYED:
+            # The far side closed both ways, as a kernel peer's close(): the connection is over
+            # for this hop once its SHUTDOWN is queued, and its 4-tuple is free at once, as
+            # Linux frees it on a peer's SHUTDOWN 3 (vsock_remove_sock) even while the local
+            # socket stays open: the far guest may connect again from the same port.
+            self._queue_raw(self._header(conn, Op.SHUTDOWN, flags, 0), Op.SHUTDOWN, flags)
+            self._shut_keys[conn.key] = None
+            if len(self._shut_keys) > MAX_CONTROL_BACKLOG:
+                del self._shut_keys[next(iter(self._shut_keys))]
+            self._event(EventKind.CLOSED, conn, "by the far side")
+            self._forget(conn, reset_peer=False)
+            return
         self._queue(conn, Op.SHUTDOWN, flags)
         if conn.host_shut_wr:
             conn.peer.close(reset=False)
