@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="vhost-user-vsock backend that routes, fences and shows vsock traffic.",
         epilog="Subcommands: 'vsproxy demo' runs a self-contained session with a simulated guest; "
         "'vsproxy read FILE [FILTER]' prints a capture like tcpdump -r (-V, --follow, --json; "
-        "see 'vsproxy read --help'); 'vsproxy ctl PATH stats|conns|events|pcap|watch' talks to --control PATH.",
+        "see 'vsproxy read --help'); 'vsproxy ctl PATH stats|conns|events|pcap|watch' talks to --control PATH; "
+        "'vsproxy diff A B' compares two captures as transcripts.",
     )
     p.add_argument("--socket", metavar="PATH", help="vhost-user socket QEMU connects to (one device)")
     p.add_argument("--guest-cid", type=parse_cid, metavar="N", help="the guest's CID (3..2^32-2)")
@@ -229,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         from vsproxy.ctl import main as ctl_main
 
         return ctl_main(args_list[1:])
+    if args_list and args_list[0] == "diff":
+        from vsproxy.replay.diffcmd import main as diff_main
+
+        return diff_main(args_list[1:])
     if args_list and args_list[0] == "read":
         from vsproxy.read import main as read_main
 
