@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vsproxy.replay.match import Matching, MatchError, Result
+from vsproxy.replay.match import MatchError, Matching, Result
 from vsproxy.replay.server import EndStream, Forward, ReplayBook, ResetConn, Send, host_ports, scripts_of
 from vsproxy.replay.transcript import load_transcript
 from vsproxy.vsock import header as H

@@ -19,6 +19,7 @@ from vsproxy.device import DeviceConfig
 from vsproxy.endpoints.host import HostEndpoints
 from vsproxy.limits import raise_nofile_limit
 from vsproxy.policy import Allow
+from vsproxy.replay.options import add_replay_options, replay_server_rules, set_replay_options
 from vsproxy.vsock.core import DEFAULT_BUF_ALLOC
 
 T = TypeVar("T")
@@ -121,9 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--service",
         action="append",
         default=[],
-        metavar="CID:PORT=KIND",
-        help="a built-in service (nitro-heartbeat, echo, discard) at CID:PORT for every device (repeatable)",
+        metavar="CID:PORT=KIND[:ARG]",
+        help="a built-in service (nitro-heartbeat, echo, discard, replay:FILE) at CID:PORT for every device "
+        "(repeatable)",
     )
+    add_replay_options(p)
     p.add_argument("--allow-out", action="append", default=[], metavar="CID[:PORT]",
                    help="with --socket: the guest may connect only to these (besides services)")
     p.add_argument("--allow-in", action="append", default=[], metavar="CID[:PORT]",
@@ -166,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> cfg.Settings:
     """Every device and rule from the flags and the config file, checked as a whole."""
     settings = cfg.Settings()
+    set_replay_options(args)  # before any rule is made: replay rules take them when made
     if args.vsock_via_unix:
         from vsproxy.endpoints.vsock import UnixVsockFactory
 
@@ -205,6 +209,10 @@ def settings_from_args(args: argparse.Namespace) -> cfg.Settings:
         settings.remaps.append(cfg.parse_remap(text, "--remap"))
     for text in args.service:
         settings.services.append(cfg.parse_service(text, "--service"))
+    for path in args.replay_server:  # before --nitro's heartbeat, so the capture answers 3:9000
+        settings.services += replay_server_rules(path)
+        settings.notes.append(f"--replay-server {path}: " + ", ".join(
+            f"{s.cid}:{s.port}" for s in settings.services if s.kind == f"replay:{path}"))
     if args.nitro:
         cfg.nitro(settings)
     for d in settings.devices:  # the flags apply to every device that does not set its own

@@ -46,7 +46,7 @@ class Remap:
 class Service:
     cid: int
     port: int
-    kind: str  # "nitro-heartbeat", "echo", "discard"
+    kind: str  # KIND[:ARG]: "nitro-heartbeat", "echo", "discard", "replay:FILE"
     device: str | None = None
 
     def label(self) -> str:

@@ -1,0 +1,49 @@
+"""The server-replay flags of ``vsproxy`` (kept here, so the command line only adds one call):
+``--replay-server FILE``, ``--replay-match``, ``--replay-ignore-header``, ``--replay-reuse``,
+``--replay-unmatched``."""
+
+from __future__ import annotations
+
+import argparse
+
+from vsproxy.config import ConfigError
+from vsproxy.policy import Service
+from vsproxy.replay.match import MatchError, Matching
+from vsproxy.replay.server import host_ports
+from vsproxy.replay.service import LIBRARY, OPTIONS, ReplayConfigError
+
+
+def add_replay_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("server replay (answer guests from a capture)")
+    g.add_argument("--replay-server", action="append", default=[], metavar="FILE",
+                   help="answer every host-side port the guests of the capture FILE dialled from it "
+                   "(as --service CID:PORT=replay:FILE for each; repeatable)")
+    g.add_argument("--replay-match", default="exact", metavar="exact|http|prefix:N",
+                   help="how a guest message must match the recorded one: the same bytes (default), the same "
+                   "HTTP method, target, headers and body, or the same first N bytes")
+    g.add_argument("--replay-ignore-header", action="append", default=[], metavar="NAME",
+                   help="with --replay-match http: a header whose value may differ (repeatable)")
+    g.add_argument("--replay-reuse", action="store_true",
+                   help="a recorded connection may answer any number of guest connections (default: once)")
+    g.add_argument("--replay-unmatched", choices=("rst",), default="rst",
+                   help="what an unmatched guest message gets: RST (default)")
+
+
+def set_replay_options(args: argparse.Namespace) -> None:
+    try:
+        OPTIONS.matching = Matching.parse(args.replay_match, tuple(args.replay_ignore_header))
+    except MatchError as e:
+        raise ConfigError(f"--replay-match: {e}") from None
+    OPTIONS.reuse = args.replay_reuse
+    OPTIONS.unmatched = args.replay_unmatched
+
+
+def replay_server_rules(path: str) -> list[Service]:
+    """A replay rule for every peer the capture's guests dialled (not siblings)."""
+    try:
+        ports = host_ports(LIBRARY.transcript(path))
+    except ReplayConfigError as e:
+        raise ConfigError(f"--replay-server: {e}") from None
+    if not ports:
+        raise ConfigError(f"--replay-server {path}: no connection from a guest to a host-side port")
+    return [Service(cid, port, f"replay:{path}") for cid, port in ports]
