@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Subcommands: 'vsproxy demo' runs a self-contained session with a simulated guest; "
         "'vsproxy read FILE [FILTER]' prints a capture like tcpdump -r (-V, --follow, --json; "
         "see 'vsproxy read --help'); 'vsproxy ctl PATH stats|conns|events|pcap|watch' talks to --control PATH; "
-        "'vsproxy diff A B' compares two captures as transcripts.",
+        "'vsproxy diff A B' compares two captures as transcripts; 'vsproxy replay client|guest FILE' replays one.",
     )
     p.add_argument("--socket", metavar="PATH", help="vhost-user socket QEMU connects to (one device)")
     p.add_argument("--guest-cid", type=parse_cid, metavar="N", help="the guest's CID (3..2^32-2)")
@@ -242,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         from vsproxy.replay.diffcmd import main as diff_main
 
         return diff_main(args_list[1:])
+    if args_list and args_list[0] == "replay":
+        from vsproxy.replay.cmd import main as replay_main
+
+        return replay_main(args_list[1:])
     if args_list and args_list[0] == "read":
         from vsproxy.read import main as read_main
 

@@ -125,6 +125,7 @@ class Conversation:
     closed: bool = False  # an RST, or both directions shut down
     lost: int = 0  # bytes a side acknowledged (fwd_cnt) beyond what the capture holds
     cut: bool = False  # the capture ended inside a SEQPACKET message
+    selected: bool = False  # a packet of it matched the decoder's filter (every one does without a filter)
 
     @property
     def seen_start(self) -> bool:
@@ -261,6 +262,8 @@ class TranscriptBuilder:
             live = self._open(d)
         conv = live.conv
         conv.end = view.time
+        if d.matched:
+            conv.selected = True
         if conv.proto is None and tc.proto is not None:
             conv.proto = tc.proto
         if view.comment and conv.comment is None:
@@ -385,16 +388,18 @@ def transcript_of(records: Iterable[Record], decoder: Decoder | None = None) -> 
     return builder.finish()
 
 
-def load_transcript(path: str) -> Transcript:
+def load_transcript(path: str, filter: str | None = None) -> Transcript:
     """The transcript of the capture at ``path`` (``-``: stdin; a rotated set FILE.0, FILE.1, ...
-    is read as one). Raises ``OSError`` when it cannot be opened; a damaged file gives what
-    could be read, with ``error`` set."""
+    is read as one); ``filter`` (docs/filter.md) marks the conversations it selects. Raises
+    ``OSError`` when it cannot be opened and ``FilterError`` for a bad filter; a damaged file
+    gives what could be read, with ``error`` set."""
     from vsproxy.decode import capture_files
 
+    decoder = Decoder(filter or None)
     files = capture_files(path)
     if not files:
         raise FileNotFoundError(2, "No such file or directory", path)
-    return transcript_of(_opened(files))
+    return transcript_of(_opened(files), decoder)
 
 
 def _opened(files: list[str]) -> Iterator[Record]:

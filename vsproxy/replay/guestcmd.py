@@ -1,0 +1,205 @@
+"""``vsproxy replay guest FILE --socket PATH [--guest-cid N]``: play a capture's guest side through a
+running vsproxy. The simulated guest (vsproxy/simguest) connects to the vhost-user socket as QEMU
+would and makes each connection the capture shows the guest making, so vsproxy's remaps,
+allowlists, services and capture apply to it as they did to the real guest; what comes back is
+compared with the capture as in client replay (vsproxy/replay/client.py). A connection the
+capture shows denied or refused must be refused again.
+
+``--guest-cid N`` picks whose connections to play in a capture of several guests (default: the
+device's CID, or the capture's only guest). Connections are played one after another (at their
+recorded times with ``--speed``); connections the host made toward the guest are counted and
+left out.
+
+Exit status as ``vsproxy replay client``: 0 all as recorded, 1 a difference or failure (the
+socket cannot be reached: one line), 2 bad arguments or nothing to replay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from typing import Final
+
+from vsproxy.replay.client import Answers, Mismatch, app_aware, compare_answers, plan
+from vsproxy.replay.clientcmd import Result, UsageError, _Parser, add_common, report
+from vsproxy.replay.player import SpeedError, Timing, play
+from vsproxy.replay.progress import Progress
+from vsproxy.replay.transcript import Conversation, Outcome, Transcript, load_transcript
+from vsproxy.simguest import GuestSocket, SimGuest, SimGuestError, SimGuestTimeout
+from vsproxy.simguest.driver import State
+from vsproxy.vsock import header as H
+
+PROG: Final = "vsproxy replay guest"
+_SEQPACKET: Final = int(H.Type.SEQPACKET)
+
+
+class GuestChannel:
+    """One connection of the simulated guest, as a replay channel."""
+
+    def __init__(self, guest: SimGuest, sock: GuestSocket, seqpacket: bool, timeout: float) -> None:
+        self.guest = guest
+        self.sock = sock
+        self.seqpacket = seqpacket
+        self.timeout = timeout
+        self.closed = False
+
+    def send(self, data: bytes, eor: bool) -> None:
+        if self.seqpacket:
+            self.sock.send_message(data, eor)
+        else:
+            self.sock.sendall(data)
+
+    def shut_write(self, flags: int) -> None:
+        if flags & H.SHUTDOWN_BOTH == H.SHUTDOWN_BOTH:
+            self.close()  # SHUTDOWN(RCV|SEND), then the peer's RST, as Linux's close()
+        elif flags & H.SHUTDOWN_SEND:
+            self.sock.shutdown_write()
+
+    def abort(self) -> None:
+        c = self.sock.conn
+        self.guest.send_raw(H.pack(self.guest.guest_cid, c.peer_cid, c.local_port, c.peer_port, 0, c.type, H.Op.RST,
+                                   0, c.buf_alloc, c.fwd_cnt))
+        self.closed = True
+
+    def receive(self, answers: Answers, timeout: float) -> bool:
+        c = self.sock.conn
+
+        def ready() -> bool:
+            return bool(c.rx or c.msgs or c.peer_shutdown & H.SHUTDOWN_SEND or c.reset or c.state == State.CLOSED)
+
+        try:
+            self.guest.driver.deadline_wait(ready, timeout, "waiting for an answer")
+        except SimGuestTimeout:
+            return False
+        if self.seqpacket and c.msgs:
+            answers.feed(self.sock.recv_message(0)[0])
+        elif not self.seqpacket and c.rx:
+            answers.feed(self.sock.recv(1 << 20, 0))
+        elif c.reset:
+            answers.reset = True
+        else:
+            answers.ended = True
+        return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sock.close(self.timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Play the guest's side of a capture through a running vsproxy, as a "
+                "simulated guest on its vhost-user socket, and compare the answers with the recorded ones.",
+                epilog="Exit status: 0 all as recorded, 1 a difference or a failure, 2 bad arguments or nothing "
+                "to replay.")
+    p.add_argument("file", metavar="FILE", help="a pcap or pcapng capture")
+    p.add_argument("--socket", required=True, metavar="PATH", help="the vhost-user socket of a running vsproxy")
+    p.add_argument("--guest-cid", type=int, metavar="N", help="play the connections of the capture's guest N")
+    add_common(p)
+    return p
+
+
+def main(argv: Sequence[str]) -> int:
+    try:
+        args = build_parser().parse_args(list(argv))
+        timing = Timing.parse(args.speed)
+        t, notes = load(args.file, args.filter)
+    except (UsageError, SpeedError) as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"{PROG}: {note}", file=sys.stderr)
+    ignored = frozenset(h.lower() for h in args.ignore_header)
+    try:
+        guest = SimGuest(args.socket, timeout=max(args.timeout, 5.0))
+        guest.start()
+    except (OSError, SimGuestError) as e:
+        print(f"{PROG}: cannot attach to {args.socket}: {e}", file=sys.stderr)
+        return 1
+    try:
+        cid = args.guest_cid if args.guest_cid is not None else guest.guest_cid
+        convs = [c for c in t.conversations if c.selected and c.guest_is_client and c.seen_start
+                 and not c.lost and not c.cut and c.guest is not None and c.guest[0] == cid]
+        if not convs and args.guest_cid is None:
+            cids = {c.guest[0] for c in t.conversations if c.guest_is_client and c.guest is not None}
+            if len(cids) == 1:
+                cid = cids.pop()
+                convs = [c for c in t.conversations if c.selected and c.guest_is_client and c.seen_start
+                         and not c.lost and not c.cut and c.guest is not None and c.guest[0] == cid]
+        if not convs:
+            print(f"{PROG}: {args.file}: nothing to replay: no whole connection made by guest {cid}", file=sys.stderr)
+            return 2
+        inbound = sum(1 for c in t.conversations if c.guest_is_client is False and c.guest is not None
+                      and c.guest[0] == cid)
+        if inbound:
+            print(f"{PROG}: {inbound} connection(s) the peer made toward guest {cid} are not replayed",
+                  file=sys.stderr)
+        results = play_all(guest, convs, timing, args, ignored)
+    finally:
+        guest.close()
+    return report(results, args.json, args.quiet, f"through {args.socket}", sys.stdout)
+
+
+def load(path: str, filter_text: str) -> tuple[Transcript, list[str]]:
+    """The capture's transcript and what it lacks; ``UsageError`` when it holds nothing."""
+    from vsproxy.filter import FilterError
+
+    try:
+        t = load_transcript(path, filter_text)
+    except OSError as e:
+        raise UsageError(f"{path}: {e.strerror or e}") from None
+    except FilterError as e:
+        raise UsageError(f"bad filter: {e}\n{e.render()}") from None
+    if t.error is not None and not t.conversations:
+        raise UsageError(f"{path}: nothing to replay: {t.error}")
+    return t, [f"{path}: {p}" for p in t.problems()]
+
+
+def play_all(guest: SimGuest, convs: list[Conversation], timing: Timing, args: argparse.Namespace,
+             ignored: frozenset[str]) -> list[Result]:
+    results: list[Result] = []
+    progress = Progress(len(convs) * args.loop, sys.stderr)
+    try:
+        for rnd in range(1, args.loop + 1):
+            t0 = time.monotonic()
+            first = convs[0].start
+            for conv in convs:
+                start = None
+                if timing.factor is not None:
+                    start = t0 + (conv.start - first) / timing.factor
+                    timing.wait_until(t0, conv.start - first)
+                results.append(play_one(guest, conv, timing, args.timeout, args.exact, ignored, start, rnd))
+                progress.step()
+    finally:
+        progress.close()
+    return results
+
+
+def play_one(guest: SimGuest, conv: Conversation, timing: Timing, idle: float, exact: bool, ignored: frozenset[str],
+             start: float | None, rnd: int) -> Result:
+    peer = conv.server
+    where = f"{peer[0]}:{peer[1]}"
+    refused_before = conv.outcome in (Outcome.DENIED, Outcome.REFUSED)
+    try:
+        sock = guest.connect(peer[1], cid=peer[0], type=conv.sock_type, timeout=max(idle, 5.0))
+    except ConnectionResetError:
+        if refused_before:
+            return Result(conv, where, round=rnd)
+        return Result(conv, where, Mismatch("refused (RST); the capture shows it accepted"), round=rnd)
+    except (OSError, SimGuestError) as e:
+        return Result(conv, where, error=f"connecting to {where}: {e}", round=rnd)
+    seq = conv.sock_type == _SEQPACKET
+    channel = GuestChannel(guest, sock, seq, max(idle, 5.0))
+    if refused_before:
+        channel.close()
+        return Result(conv, where, Mismatch(f"accepted; the capture shows it {conv.outcome.value}"), round=rnd)
+    answers = Answers(seq, app_aware(conv, exact))
+    try:
+        play(plan(conv, exact), channel, answers, timing, idle, start)
+        channel.close()
+    except (OSError, SimGuestError) as e:
+        return Result(conv, where, error=f"{where}: {e}", round=rnd)
+    back = len(answers.messages) if seq else len(answers.data)
+    return Result(conv, where, compare_answers(conv, answers, exact, ignored), back=back, round=rnd)
