@@ -1,0 +1,140 @@
+"""``vsproxy replay guest``: a capture's guest side played through a running vsproxy by the simulated
+guest. A session through a vsproxy with a remap (3 -> the host) and a denial (an outbound
+allowlist) is recorded, played again through a fresh vsproxy with the same rules, and the two
+captures are the same as transcripts (``vsproxy diff``), the denial included; through a vsproxy
+without the denial the replay and the diff both say what changed. The committed HTTP capture
+replayed through vsproxy to a live server gives the fixture back."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from helpers import VsproxyProcess, unix_server
+from replay_servers import http_server, keys_handler, seqpacket_server
+
+from vsproxy.replay.transcript import Outcome, load_transcript
+from vsproxy.simguest import SEQPACKET, SimGuest
+
+REPO = Path(__file__).resolve().parents[1]
+HTTP = REPO / "captures" / "http-over-vsock.pcapng"
+
+
+def vsproxy_args(d: str, pcap: str, *, deny: bool = True) -> list[str]:
+    allow = ",allow-out=2:9000+2:5005" if deny else ""
+    return ["--vm", f"name=app,guest-cid=5,socket={d}/v.sock,uds-path={d}/u,remap=3=2{allow}", "--pcap", pcap,
+            "--flush"]
+
+
+@contextmanager
+def services(d: str) -> Iterator[None]:
+    echo = unix_server(f"{d}/u_9000")
+    try:
+        with seqpacket_server(f"{d}/u_5005"):
+            yield
+    finally:
+        echo.close()
+
+
+def record(d: str, pcap: str) -> None:
+    """The original session: what a guest program did through vsproxy."""
+    vp = VsproxyProcess(vsproxy_args(d, pcap), f"{d}/v.sock", f"{d}/record.log")
+    try:
+        with SimGuest(vp.socket_path, timeout=10) as g:
+            s = g.connect(9000, cid=3)  # the enclave's parent, remapped to the host
+            s.sendall(b"ping through the remap\n")
+            s.shutdown_write()
+            assert s.recv_all(timeout=10) == b"ping through the remap\n"
+            s.close(timeout=5)
+            try:
+                g.connect(7000, cid=2)  # not in the allowlist: vsproxy answers RST
+                raise AssertionError("the denied connection was accepted")
+            except ConnectionResetError:
+                pass
+            q = g.connect(5005, cid=2, type=SEQPACKET)
+            for m in (b"HELLO", b"GET region", b"BYE"):
+                q.send_message(m, eor=True)
+                q.recv_message(timeout=10)
+            q.close(timeout=5)
+    finally:
+        vp.stop()
+
+
+def replay_guest(socket_path: str, capture: str, *more: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vsproxy", "replay", "guest", capture, "--socket", socket_path,
+                           *more], capture_output=True, text=True, cwd=REPO, timeout=120)
+
+
+def diff(a: str, b: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vsproxy", "diff", a, b], capture_output=True, text=True, cwd=REPO,
+                          timeout=60)
+
+
+def test_replay_through_remap_and_denial_captures_the_same_session(workdir: str) -> None:
+    d = workdir
+    original, again = f"{d}/original.pcapng", f"{d}/again.pcapng"
+    with services(d):
+        record(d, original)
+        t = load_transcript(original)
+        assert [c.outcome for c in t.conversations] == [Outcome.ESTABLISHED, Outcome.DENIED, Outcome.ESTABLISHED]
+        assert t.conversations[0].real_peer == (2, 9000)
+        vp = VsproxyProcess(vsproxy_args(d, again), f"{d}/v.sock", f"{d}/replay.log")
+        try:
+            proc = replay_guest(vp.socket_path, original)
+        finally:
+            vp.stop()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[-1] == f"3 connections replayed through {d}/v.sock: 3 same, 0 different, 0 failed"
+    same = diff(original, again)
+    assert same.returncode == 0, same.stdout + same.stderr
+    assert same.stdout == "same: 3 connections\n"
+
+
+def test_replay_through_a_vsproxy_without_the_denial_shows_the_change(workdir: str) -> None:
+    d = workdir
+    original, again = f"{d}/original.pcapng", f"{d}/again.pcapng"
+    with services(d):
+        record(d, original)
+        extra = unix_server(f"{d}/u_7000")  # now something answers at 2:7000, and nothing denies it
+        vp = VsproxyProcess(vsproxy_args(d, again, deny=False), f"{d}/v.sock", f"{d}/replay.log")
+        try:
+            proc = replay_guest(vp.socket_path, original)
+        finally:
+            vp.stop()
+            extra.close()
+    assert proc.returncode == 1
+    assert "> 2:7000 STREAM [denied]: different: accepted; the capture shows it denied" in proc.stdout
+    assert proc.stdout.splitlines()[-1].endswith("2 same, 1 different, 0 failed")
+    changed = diff(original, again)
+    assert changed.returncode == 1
+    assert changed.stdout.splitlines()[1:4] == [
+        changed.stdout.splitlines()[1], "  outcome differs", "    A: denied"]
+    assert "> 2:7000 STREAM [denied]" in changed.stdout.splitlines()[1]
+
+
+def test_http_capture_replayed_through_vsproxy_to_a_live_server_gives_the_fixture_back(workdir: str) -> None:
+    again = f"{workdir}/again.pcapng"
+    with http_server(keys_handler()) as where:
+        port = where.rsplit(":", 1)[1]
+        sock = f"{workdir}/v.sock"
+        vp = VsproxyProcess(["--vm", f"name=app,guest-cid=5,socket={sock},forward=8080=tcp:127.0.0.1:{port}",
+                             "--pcap", again], sock, f"{workdir}/v.log")
+        try:
+            proc = replay_guest(sock, str(HTTP))
+        finally:
+            vp.stop()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "#1 app 5:2157979543 > 2:8080 STREAM http: same (194 bytes back)" in proc.stdout
+    assert diff(str(HTTP), again).returncode == 0
+
+
+def test_guest_replay_errors(workdir: str, tmp_path: Path) -> None:
+    proc = replay_guest(f"{workdir}/nothing.sock", str(HTTP))
+    assert proc.returncode == 1 and "cannot attach to" in proc.stderr and "Traceback" not in proc.stderr
+    bad = tmp_path / "bad.pcapng"
+    bad.write_bytes(b"junk")
+    proc = replay_guest(f"{workdir}/nothing.sock", str(bad))
+    assert proc.returncode == 2 and "not a pcap or pcapng file" in proc.stderr
