@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
 
+from dissectors.streams import DETECT_BYTES
 from vsproxy.capture.reader import CaptureError, Record, printable
 from vsproxy.decode import Decoded, Decoder, read_captures
 from vsproxy.verdict import Verdict, verdict_of
@@ -59,6 +60,7 @@ _REQUEST, _RESPONSE, _RST, _SHUTDOWN, _RW = (int(op) for op in (H.Op.REQUEST, H.
                                                                  H.Op.SHUTDOWN, H.Op.RW))
 _SEQPACKET: Final = int(H.Type.SEQPACKET)
 _REAL_PEER: Final = re.compile(r"real peer (\d+):(\d+)")
+MAX_STEP: Final = 16 << 20  # a STREAM step longer than this is cut (a message is not held whole past it)
 _HALF: Final = 1 << 31  # fwd_cnt arithmetic is modulo 2^32: a difference past this is behind, not ahead
 
 
@@ -213,12 +215,14 @@ class Transcript:
 
 
 class _Pending:
-    """One direction's bytes not yet made a step."""
+    """One direction's bytes not yet made a step: the packets' payloads as they are (joined once,
+    when the step is made; one packet's payload becomes the step without a copy)."""
 
-    __slots__ = ("app", "data", "packets", "time")
+    __slots__ = ("app", "chunks", "packets", "size", "time")
 
     def __init__(self) -> None:
-        self.data = bytearray()
+        self.chunks: list[bytes] = []
+        self.size = 0
         self.app: list[str] = []
         self.packets = 0
         self.time = 0.0
@@ -351,7 +355,9 @@ class TranscriptBuilder:
         if stream:  # the other side's bytes came first: they are a step of their own
             self._flush(live, 1 - side)
         p = live.pending[side]
-        p.data += payload
+        if payload:
+            p.chunks.append(payload)
+            p.size += len(payload)
         p.packets += 1
         p.time = d.view.time
         if d.view.app:
@@ -359,8 +365,10 @@ class TranscriptBuilder:
         if not stream:
             if h.flags & H.SEQ_EOM:
                 self._flush(live, side, eom=True, eor=bool(h.flags & H.SEQ_EOR))
-        elif d.view.app or (d.conn is not None and d.conn.decided and d.conn.dissector is None):
-            # a message ended, or no dissector will ever find one: the bytes so far are a step
+        elif d.view.app or p.size > MAX_STEP or (d.conn is not None and d.conn.dissector is None
+                                                   and (d.conn.decided or p.size > DETECT_BYTES)):
+            # a message ended, no dissector will ever find one (the tracker decided, or stopped
+            # keeping this direction's bytes for detection), or the step is as large as steps get
             self._flush(live, side)
 
     @staticmethod
@@ -371,7 +379,8 @@ class TranscriptBuilder:
         conv = live.conv
         if conv.sock_type == _SEQPACKET and not eom:
             conv.cut = True
-        conv.steps.append(Data(p.time, side == 0, bytes(p.data), eom, eor, tuple(p.app), p.packets))
+        data = p.chunks[0] if len(p.chunks) == 1 else b"".join(p.chunks)
+        conv.steps.append(Data(p.time, side == 0, data, eom, eor, tuple(p.app), p.packets))
         live.pending = (_Pending(), live.pending[1]) if side == 0 else (live.pending[0], _Pending())
 
 
