@@ -80,7 +80,7 @@ class CaptureFile:
 class Vsproxy:
     def __init__(self, d: str, *args: str) -> None:
         self.sock = os.path.join(d, "v.sock")
-        self.log = open(os.path.join(d, "vsproxy.log"), "ab")  # noqa: SIM115 (closed in stop)
+        self.log = open(os.path.join(d, "vsproxy.log"), "ab")
         self.proc = subprocess.Popen([PY, "-m", "vsproxy", "--socket", self.sock, "--guest-cid", str(GUEST), "-q",
                                       *args], stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 20
