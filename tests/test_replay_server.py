@@ -26,9 +26,9 @@ REQUEST = load_transcript(str(HTTP)).conversations[0].sent(True)
 RESPONSE = load_transcript(str(HTTP)).conversations[0].sent(False)
 
 
-def start(workdir: str, cid: int, *args: str, name: str = "app") -> VsproxyProcess:
+def start(workdir: str, cid: int, *args: str, name: str = "app", vm: str = "") -> VsproxyProcess:
     sock = os.path.join(workdir, "v.sock")
-    return VsproxyProcess(["--vm", f"name={name},guest-cid={cid},socket={sock}", *args], sock,
+    return VsproxyProcess(["--vm", f"name={name},guest-cid={cid},socket={sock}{vm}", *args], sock,
                           os.path.join(workdir, "v.log"))
 
 
@@ -130,3 +130,60 @@ def test_a_bad_replay_capture_stops_vsproxy_before_it_starts(workdir: str, tmp_p
                                "--guest-cid", "5", *args], capture_output=True, text=True, timeout=30)
         assert proc.returncode == 2 and says in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_unmatched_connection_forwarded_to_the_endpoint_the_configuration_would_use(workdir: str) -> None:
+    from helpers import unix_server
+
+    echo = unix_server(os.path.join(workdir, "u_8080"))
+    vp = start(workdir, 5, "--replay-server", str(HTTP), "--replay-unmatched", "forward",
+               vm=f",uds-path={workdir}/u")
+    try:
+        with SimGuest(vp.socket_path, timeout=10) as g:
+            s = g.connect(8080, cid=2)
+            s.sendall(b"not HTTP at all\n")  # matches nothing: the echo service behind gets it, first
+            s.sendall(b"and more after it\n")
+            s.shutdown_write()
+            assert s.recv_all(timeout=10) == b"not HTTP at all\nand more after it\n"
+            s.close(timeout=5)
+            s = g.connect(8080, cid=2)  # the recorded request is still answered from the capture
+            s.sendall(REQUEST)
+            s.shutdown_write()
+            assert s.recv_all(timeout=10) == RESPONSE
+            s.close(timeout=5)
+        assert "matched=1 unmatched=1 exhausted=0" in vp.report()
+        assert "forwarded to unix:" in vp.log()
+    finally:
+        vp.stop()
+        echo.close()
+
+
+def test_seqpacket_unmatched_message_forwarded_with_its_boundaries(workdir: str) -> None:
+    from replay_servers import seqpacket_server
+
+    with seqpacket_server(os.path.join(workdir, "u_5005"), {b"HELLO": b"live hello", b"other": b"live other"}) as got:
+        vp = start(workdir, 5, "--replay-server", str(SEQ), "--replay-unmatched", "forward",
+                   vm=f",uds-path={workdir}/u")
+        try:
+            with SimGuest(vp.socket_path, timeout=10) as g:
+                s = g.connect(5005, cid=2, type=SEQPACKET)
+                s.send_message(b"HELLO", eor=True)
+                assert s.recv_message(timeout=10) == (b"HELLO from the host", H.SEQ_EOM)  # from the capture
+                s.send_message(b"other", eor=True)  # not the recorded second message
+                assert s.recv_message(timeout=10) == (b"live other", H.SEQ_EOM)
+                s.close(timeout=5)
+        finally:
+            vp.stop()
+    assert got == [b"other"]
+
+
+def test_forward_with_nowhere_to_go_is_rst(workdir: str) -> None:
+    vp = start(workdir, 5, "--replay-server", str(HTTP), "--replay-unmatched", "forward")
+    try:
+        with SimGuest(vp.socket_path, timeout=10) as g:
+            s = g.connect(8080, cid=2)
+            s.sendall(b"unmatched\n")
+            wait_for(lambda: (g.poll(0.01), s.conn.reset)[1], what="RST: nothing to forward to")
+        assert "there is nothing to forward it to" in vp.log()
+    finally:
+        vp.stop()

@@ -100,8 +100,16 @@ class Switch:
         conn.rule = (route.rule,) if route.remap is None else (route.rule, route.remap)
         if route.kind == "service":
             assert route.service is not None
+
+            def fallback(inner_hooks: CoreHooks) -> Peer | None:
+                """Where the connection would go without the service (the host side only)."""
+                alt = self.policy.outbound(dev.name, conn.peer_cid, conn.peer_port, services=False)
+                if not alt.allowed or alt.kind != "host":
+                    return None
+                return dev.config.endpoints.open(alt.port, conn, self.loop, inner_hooks)
+
             peer = open_service(route.service, conn.type, route.cid, route.port, self.loop.call_soon,
-                                lambda: hooks.readable(conn), lambda: hooks.writable(conn))
+                                lambda: hooks.readable(conn), lambda: hooks.writable(conn), fallback)
             if peer is None:
                 log.info("%s: service %s does not carry this socket type", where, route.service)
                 return None

@@ -14,9 +14,16 @@ throttles only that connection.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from vsproxy.endpoints.base import Buffer, Peer, PeerBase, scatter
+
+if TYPE_CHECKING:
+    from vsproxy.endpoints.sockets import CoreHooks
+
+# Opens the endpoint a guest connection would reach without the service, reporting to the
+# hooks given (None: there is none). A service may hand a connection over to it.
+Fallback = Callable[["CoreHooks"], Peer | None]
 
 NITRO_HEARTBEAT = 0xB7
 PENDING_MAX = 256 * 1024
@@ -44,7 +51,7 @@ class Service:
     @classmethod
     def open_peer(cls, arg: str | None, sock_type: int, cid: int, port: int,
                   schedule: Callable[[Callable[[], None]], None], on_readable: Callable[[], None],
-                  on_writable: Callable[[], None]) -> Peer | None:
+                  on_writable: Callable[[], None], fallback: Fallback | None = None) -> Peer | None:
         """The peer for one guest connection of ``sock_type``; None when this kind does not
         carry it (the guest gets RST). The built-in kinds carry STREAM only."""
         if sock_type != STREAM:
@@ -110,13 +117,14 @@ def check_spec(spec: str, cid: int, port: int) -> None:
 
 
 def open_service(spec: str, sock_type: int, cid: int, port: int, schedule: Callable[[Callable[[], None]], None],
-                 on_readable: Callable[[], None], on_writable: Callable[[], None]) -> Peer | None:
+                 on_readable: Callable[[], None], on_writable: Callable[[], None],
+                 fallback: Fallback | None = None) -> Peer | None:
     """The peer of one guest connection to the service rule ``spec`` at ``cid:port``."""
     kind, arg = split_spec(spec)
     cls = SERVICES.get(kind)
     if cls is None:
         raise ValueError(f"unknown service {kind!r} (known: {', '.join(SERVICES)})")
-    return cls.open_peer(arg, sock_type, cid, port, schedule, on_readable, on_writable)
+    return cls.open_peer(arg, sock_type, cid, port, schedule, on_readable, on_writable, fallback)
 
 
 # Lines kinds add to the SIGUSR1 and exit report (the replay kind: its per-rule counters).

@@ -25,8 +25,9 @@ def add_replay_options(p: argparse.ArgumentParser) -> None:
                    help="with --replay-match http: a header whose value may differ (repeatable)")
     g.add_argument("--replay-reuse", action="store_true",
                    help="a recorded connection may answer any number of guest connections (default: once)")
-    g.add_argument("--replay-unmatched", choices=("rst",), default="rst",
-                   help="what an unmatched guest message gets: RST (default)")
+    g.add_argument("--replay-unmatched", choices=("rst", "forward"), default="rst",
+                   help="what a connection whose guest message matches nothing gets: RST (default), or handed "
+                   "to the host endpoint the configuration would otherwise use, with its bytes so far")
 
 
 def set_replay_options(args: argparse.Namespace) -> None:
