@@ -187,3 +187,28 @@ def test_forward_with_nowhere_to_go_is_rst(workdir: str) -> None:
         assert "there is nothing to forward it to" in vp.log()
     finally:
         vp.stop()
+
+
+def test_replay_counters_in_ctl_stats_and_the_snapshot(workdir: str) -> None:
+    import json
+
+    ctl_path = os.path.join(workdir, "ctl")
+    vp = start(workdir, 5, "--replay-server", str(HTTP), "--control", ctl_path)
+    try:
+        with SimGuest(vp.socket_path, timeout=10) as g:
+            s = g.connect(8080, cid=2)
+            s.sendall(REQUEST)
+            s.shutdown_write()
+            assert s.recv_all(timeout=10) == RESPONSE
+            s.close(timeout=5)
+        stats = subprocess.run([sys.executable, "-m", "vsproxy", "ctl", ctl_path, "stats"], capture_output=True,
+                               text=True, timeout=30)
+        assert stats.returncode == 0, stats.stderr
+        assert f"replay {HTTP} at 2:8080: matched=1 unmatched=0 exhausted=0" in stats.stdout.splitlines()
+        from vsproxy.ctl import snapshot
+
+        snap = snapshot(ctl_path)
+        assert snap["services"] == {f"replay {HTTP} at 2:8080": {"matched": 1, "unmatched": 0, "exhausted": 0}}
+        json.dumps(snap)
+    finally:
+        vp.stop()

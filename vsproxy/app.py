@@ -17,7 +17,6 @@ from vsproxy.capture.hub import LIVE_BYTES, CaptureHub, Subscription
 from vsproxy.capture.writer import CaptureOptions, CaptureWriter
 from vsproxy.control import ControlServer
 from vsproxy.device import Device, DeviceConfig
-from vsproxy.endpoints.services import report_lines as service_report_lines
 from vsproxy.limits import Limits, default_limits, fds_needed, nofile_limit
 from vsproxy.loop import Loop
 from vsproxy.policy import DeviceSpec, Policy
@@ -79,7 +78,8 @@ def report_lines(snap: Snapshot) -> list[str]:
     for r in snap.rules:
         lines.append(f"rule {r.name!r}: connections={r.connections} denials={r.denials} rewrites={r.rewrites} "
                      f"packets={r.packets} bytes={r.bytes}")
-    lines += service_report_lines()
+    for name, counts in snap.services.items():
+        lines.append(f"{name}: " + " ".join(f"{k}={v}" for k, v in counts.items()))
     h = snap.process
     lines.append(f"process: fd_exhausted={h.fd_exhausted} accept_pauses={h.accept_pauses} "
                  f"handshakes_dropped={h.handshakes_dropped} faults={h.faults}")

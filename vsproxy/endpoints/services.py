@@ -127,12 +127,16 @@ def open_service(spec: str, sock_type: int, cid: int, port: int, schedule: Calla
     return cls.open_peer(arg, sock_type, cid, port, schedule, on_readable, on_writable, fallback)
 
 
-# Lines kinds add to the SIGUSR1 and exit report (the replay kind: its per-rule counters).
-REPORTERS: list[Callable[[], list[str]]] = []
+# Counters kinds keep per rule (the replay kind: matched, unmatched, exhausted), by a name for the
+# rule: the snapshot carries them, so the SIGUSR1 report and ``vsproxy ctl stats`` show them.
+COUNTERS: list[Callable[[], dict[str, dict[str, int]]]] = []
 
 
-def report_lines() -> list[str]:
-    return [line for reporter in REPORTERS for line in reporter()]
+def service_rows() -> dict[str, dict[str, int]]:
+    rows: dict[str, dict[str, int]] = {}
+    for source in COUNTERS:
+        rows.update(source())
+    return rows
 
 
 class ServicePeer(PeerBase):

@@ -15,13 +15,14 @@ before the rules are made.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from vsproxy.endpoints.base import Buffer, Peer, PeerBase, scatter
-from vsproxy.endpoints.services import REPORTERS, Fallback, Service, register
+from vsproxy.endpoints.services import COUNTERS, Fallback, Service, register
 from vsproxy.endpoints.sockets import CoreHooks
 from vsproxy.replay.match import Matching
 from vsproxy.replay.server import (
@@ -29,7 +30,6 @@ from vsproxy.replay.server import (
     EndStream,
     Forward,
     ReplayBook,
-    ReplayCounters,
     ResetConn,
     Send,
     ServerSession,
@@ -89,15 +89,14 @@ class Library:
             self.books[key] = b
         return b
 
-    def report_lines(self) -> list[str]:
-        return [f"replay {path} at {cid}:{port}: {b.counters.text()}" for (path, cid, port), b in self.books.items()]
-
-    def counters(self) -> dict[str, ReplayCounters]:
-        return {f"{path} at {cid}:{port}": b.counters for (path, cid, port), b in self.books.items()}
+    def rows(self) -> dict[str, dict[str, int]]:
+        """Each rule's counters, for the snapshot (read on the loop, where they change)."""
+        return {f"replay {path} at {cid}:{port}": dataclasses.asdict(b.counters)
+                for (path, cid, port), b in self.books.items()}
 
 
 LIBRARY = Library()
-REPORTERS.append(LIBRARY.report_lines)
+COUNTERS.append(LIBRARY.rows)
 
 
 @register
