@@ -210,3 +210,37 @@ def test_realtime_keeps_the_recorded_gaps_and_asap_does_not_sleep() -> None:
     play(steps, double, Answers(True), Timing.parse("2"), 1.0)
     got2 = [b - a for a, b in itertools.pairwise(double.sent)]
     assert all(abs(g - w / 2) < 0.010 for g, w in zip(got2, gaps, strict=True)), (got2, gaps)
+
+
+def test_to_auto_routes_as_the_vsproxy_configuration_would(workdir: str) -> None:
+    from helpers import unix_server
+
+    nitro = str(CAPTURES / "nitro-heartbeat.pcapng")
+    # the enclave dialled 3:9000; with --remap 3=2 that is the host's 9000: U_9000, an echo (0xB7 back)
+    echo = unix_server(os.path.join(workdir, "u_9000"))
+    try:
+        vm = f"name=enclave,guest-cid=16,socket={workdir}/v.sock,uds-path={workdir}/u"
+        proc = replay(nitro, "--to", "auto", "--", "--vm", vm, "--remap", "3=2")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stdout.splitlines()[-1] == (
+            "1 connection replayed --to auto: 1 same, 0 different, 0 failed")
+        # without the remap, 3 is no device and nothing: the configuration has no route for it
+        proc = replay(nitro, "--to", "auto", "--", "--vm", vm)
+        assert proc.returncode == 1 and "error: not replayed: the configuration denies it (no route)" in proc.stdout
+        # with --nitro the heartbeat is vsproxy's own service: nothing on the host to check
+        proc = replay(nitro, "--to", "auto", "--", "--vm", vm, "--nitro")
+        assert proc.returncode == 1 and "sends it to service nitro-heartbeat, not a host socket" in proc.stdout
+        assert proc.stderr == ""
+    finally:
+        echo.close()
+    with http_server(keys_handler()) as where:
+        port = where.rsplit(":", 1)[1]
+        toml = os.path.join(workdir, "v.toml")
+        with open(toml, "w") as f:
+            f.write(f'[[vm]]\nname = "app"\nguest-cid = 5\nsocket = "{workdir}/a.sock"\n'
+                    f'forward = ["8080=tcp:127.0.0.1:{port}"]\n')
+        proc = replay(str(HTTP), "--to", "auto", "--config", toml)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert replay(str(HTTP), "--to", "auto").returncode == 2
+    bad = replay(str(HTTP), "--to", "auto", "--", "--guest-cid", "1")
+    assert bad.returncode == 2 and "the vsproxy configuration:" in bad.stderr

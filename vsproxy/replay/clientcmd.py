@@ -6,7 +6,8 @@ start at their recorded times (``--speed realtime|N``).
 
 ``--to uds:PATH`` is where vsproxy's ``--uds-path PATH`` would send them: ``PATH_PORT`` (a
 SOCK_SEQPACKET socket for SEQPACKET), or PATH itself when it is a socket; ``tcp:HOST:PORT``
-takes every connection (STREAM only).
+takes every connection (STREAM only); ``auto`` routes each as a vsproxy configuration would
+(vsproxy/replay/auto.py).
 
 Exit status: 0 every connection answered as recorded; 1 a mismatch or a connection that
 failed (a service that is down: one line saying so); 2 a bad command line or nothing to
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from typing import Final, TextIO
 
 from vsproxy.filter import FilterError
+from vsproxy.replay.auto import AutoError, AutoTarget, NotRoutable, settings_from
 from vsproxy.replay.client import Answers, Mismatch, app_aware, compare_answers, plan, replayable
 from vsproxy.replay.player import SocketChannel, SpeedError, Timing, play
 from vsproxy.replay.progress import Progress
@@ -118,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                 epilog="Exit status: 0 all answered as recorded, 1 a mismatch or a failed connection, 2 bad "
                 "arguments or nothing to replay.")
     p.add_argument("file", metavar="FILE", help="a pcap or pcapng capture")
-    p.add_argument("--to", required=True, metavar="uds:PATH|tcp:HOST:PORT", help="the live service")
+    p.add_argument("--to", required=True, metavar="uds:PATH|tcp:HOST:PORT|auto",
+                   help="the live service; auto: where the vsproxy configuration (--config FILE, or vsproxy's "
+                   "options after --) routes each connection")
+    p.add_argument("--config", metavar="FILE", help="with --to auto: a vsproxy configuration file")
     add_common(p)
     p.add_argument("--jobs", type=_positive, default=8, metavar="N", help="connections played at once (asap; 8)")
     p.add_argument("--connect-timeout", type=float, default=5.0, metavar="S", help="seconds to connect (5)")
@@ -172,12 +177,28 @@ def selected(path: str, filter_text: str) -> tuple[Transcript, list[Conversation
 
 
 def main(argv: Sequence[str]) -> int:
+    argv = list(argv)
+    options: list[str] = []
+    if "--" in argv:  # vsproxy's own options, for --to auto
+        i = argv.index("--")
+        argv, options = argv[:i], argv[i + 1 :]
     try:
-        args = build_parser().parse_args(list(argv))
-        target = Target.parse(args.to)
+        args = build_parser().parse_args(argv)
+        target: Target | AutoTarget
+        if args.to == "auto":
+            if args.config:
+                options = [*options, "--config", args.config]
+            if not options:
+                raise UsageError("--to auto needs a vsproxy configuration: --config FILE, or vsproxy's options "
+                                 "after --")
+            target = AutoTarget(settings_from(options))
+        elif options or args.config:
+            raise UsageError("--config and vsproxy's options after -- go with --to auto")
+        else:
+            target = Target.parse(args.to)
         timing = Timing.parse(args.speed)
         _t, convs, notes = selected(args.file, args.filter)
-    except (UsageError, SpeedError) as e:
+    except (UsageError, SpeedError, AutoError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
     for note in notes:
@@ -191,11 +212,13 @@ def main(argv: Sequence[str]) -> int:
     return report(results, args.json, args.quiet, f"--to {args.to}", sys.stdout)
 
 
-def replay_one(conv: Conversation, target: Target, timing: Timing, idle: float, connect_timeout: float, exact: bool,
-               ignored: frozenset[str], start: float | None, rnd: int) -> Result:
+def replay_one(conv: Conversation, target: Target | AutoTarget, timing: Timing, idle: float, connect_timeout: float,
+               exact: bool, ignored: frozenset[str], start: float | None, rnd: int) -> Result:
     where = target.where(conv)
     try:
         sock = target.connect(conv, connect_timeout)
+    except NotRoutable as e:
+        return Result(conv, where, error=f"not replayed: {e}", round=rnd)
     except OSError as e:
         return Result(conv, where, error=f"cannot connect to {where}: {e.strerror or e}", round=rnd)
     channel = SocketChannel(sock, conv.sock_type == _SEQPACKET)
@@ -275,7 +298,7 @@ def report(results: list[Result], as_json: bool, quiet: bool, against: str, out:
         out.write(f"{n} connection{'' if n == 1 else 's'} replayed {against}: {same} same, {different} different, "
                   f"{len(errors)} failed\n")
     out.flush()
-    if errors and len(errors) == len(results):
+    if errors and len(errors) == len(results) and all((r.error or "").startswith("cannot connect") for r in errors):
         reasons = {r.error.split(": ", 1)[-1] for r in errors if r.error}
         print(f"{PROG}: the service is not answering ({'; '.join(sorted(reasons))})", file=sys.stderr)
     return 0 if same == len(results) else 1
