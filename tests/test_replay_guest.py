@@ -138,3 +138,107 @@ def test_guest_replay_errors(workdir: str, tmp_path: Path) -> None:
     bad.write_bytes(b"junk")
     proc = replay_guest(f"{workdir}/nothing.sock", str(bad))
     assert proc.returncode == 2 and "not a pcap or pcapng file" in proc.stderr
+
+
+def host_program(uds: str, port: int, send: bytes) -> bytes:
+    """A host program connecting into the guest through the hybrid socket: CONNECT, send,
+    half-close, read the answer to the end. Tried until the guest listens (up to 15 s)."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + 15
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        try:
+            s.connect(uds)
+            s.sendall(b"CONNECT %d\n" % port)
+            line = b""
+            while not line.endswith(b"\n"):
+                got = s.recv(1)
+                if not got:
+                    raise ConnectionError("closed before OK")
+                line += got
+            if not line.startswith(b"OK "):
+                raise ConnectionError(line.decode())
+            s.sendall(send)
+            s.shutdown(socket.SHUT_WR)
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+            return out
+        except (ConnectionError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+        finally:
+            s.close()
+
+
+def test_inbound_connections_answered_as_the_guest_did(workdir: str) -> None:
+    import threading
+
+    from helpers import hybrid_connect
+
+    d = workdir
+    original, again = f"{d}/original.pcapng", f"{d}/again.pcapng"
+    args = ["--vm", f"name=app,guest-cid=5,socket={d}/v.sock,uds-path={d}/u"]
+    vp = VsproxyProcess([*args, "--pcap", original, "--flush"], f"{d}/v.sock", f"{d}/record.log")
+    try:
+        with SimGuest(vp.socket_path, timeout=10) as g:
+            host, gs = hybrid_connect(f"{d}/u", g, 7000)  # a host program connects into the guest
+            host.sendall(b"status?\n")
+            host.shutdown(1)
+            assert gs.recv_all(timeout=10) == b"status?\n"
+            gs.sendall(b"guest is fine\n")
+            gs.close(timeout=5)
+            assert host.recv(100) == b"guest is fine\n"
+            host.close()
+    finally:
+        vp.stop()
+    t = load_transcript(original)
+    (conv,) = t.conversations
+    assert conv.guest_is_client is False and conv.server == (5, 7000)
+    vp = VsproxyProcess([*args, "--pcap", again, "--flush"], f"{d}/v.sock", f"{d}/replay.log")
+    answers: list[bytes] = []
+    try:
+        proc_box: list[subprocess.CompletedProcess[str]] = []
+        th = threading.Thread(target=lambda: proc_box.append(replay_guest(vp.socket_path, original,
+                                                                          "--serve-inbound", "15")))
+        th.start()
+        answers.append(host_program(f"{d}/u", 7000, b"status?\n"))
+        th.join(60)
+    finally:
+        vp.stop()
+    (proc,) = proc_box
+    assert answers == [b"guest is fine\n"]
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == [
+        f"{conv.title()}: same (answered as recorded on guest port 7000)",
+        f"1 connection replayed through {d}/v.sock: 1 same, 0 different, 0 failed"]
+    same = diff(original, again)
+    assert same.returncode == 0, same.stdout + same.stderr
+
+
+def test_inbound_connections_not_served_without_the_option_and_missing_ones_fail(workdir: str) -> None:
+    from helpers import hybrid_connect
+
+    d = workdir
+    original = f"{d}/original.pcapng"
+    args = ["--vm", f"name=app,guest-cid=5,socket={d}/v.sock,uds-path={d}/u"]
+    vp = VsproxyProcess([*args, "--pcap", original, "--flush"], f"{d}/v.sock", f"{d}/record.log")
+    try:
+        with SimGuest(vp.socket_path, timeout=10) as g:
+            host, gs = hybrid_connect(f"{d}/u", g, 7000)
+            host.close()
+            gs.close(timeout=5)
+    finally:
+        vp.stop()
+    vp = VsproxyProcess(args, f"{d}/v.sock", f"{d}/replay.log")
+    try:
+        plain = replay_guest(vp.socket_path, original)
+        waited = replay_guest(vp.socket_path, original, "--serve-inbound", "0.5")
+    finally:
+        vp.stop()
+    assert plain.returncode == 2 and "(--serve-inbound S answers them)" in plain.stderr
+    assert waited.returncode == 1 and "error: the peer did not make this connection" in waited.stdout

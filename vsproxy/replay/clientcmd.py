@@ -106,7 +106,7 @@ class Result:
     where: str
     mismatch: Mismatch | None = None
     error: str | None = None
-    back: int = 0  # bytes (or messages) that came back
+    back: int = 0  # bytes (or messages) that came back; -1: it was answered, not asked (guest replay's inbound)
     round: int = 1
 
     @property
@@ -291,6 +291,8 @@ def report(results: list[Result], as_json: bool, quiet: bool, against: str, out:
                 out.write(f"{r.conv.title()}{rnd}: different: {r.mismatch.what}\n")
                 for line in r.mismatch.lines()[1:]:
                     out.write(f"  {line}\n")
+            elif r.back < 0:
+                out.write(f"{r.conv.title()}{rnd}: same (answered as recorded on {r.where})\n")
             else:
                 unit = "messages" if r.conv.sock_type == _SEQPACKET else "bytes"
                 out.write(f"{r.conv.title()}{rnd}: same ({r.back} {unit} back)\n")

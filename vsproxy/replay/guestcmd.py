@@ -7,8 +7,10 @@ capture shows denied or refused must be refused again.
 
 ``--guest-cid N`` picks whose connections to play in a capture of several guests (default: the
 device's CID, or the capture's only guest). Connections are played one after another (at their
-recorded times with ``--speed``); connections the host made toward the guest are counted and
-left out.
+recorded times with ``--speed``). Connections the peer made toward the guest are answered as
+the guest did with ``--serve-inbound S`` (vsproxy/replay/inbound.py): the guest listens on their
+ports, and waits up to S seconds after its own connections for them; without it they are
+counted and left out.
 
 Exit status as ``vsproxy replay client``: 0 all as recorded, 1 a difference or failure (the
 socket cannot be reached: one line), 2 bad arguments or nothing to replay.
@@ -19,13 +21,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from vsproxy.replay.client import Answers, Mismatch, app_aware, compare_answers, plan
 from vsproxy.replay.clientcmd import Result, UsageError, _Parser, add_common, report
+from vsproxy.replay.inbound import InboundServer
 from vsproxy.replay.player import SpeedError, Timing, play
 from vsproxy.replay.progress import Progress
+from vsproxy.replay.server import ReplayBook, scripts_of
 from vsproxy.replay.transcript import Conversation, Outcome, Transcript, load_transcript
 from vsproxy.simguest import GuestSocket, SimGuest, SimGuestError, SimGuestTimeout
 from vsproxy.simguest.driver import State
@@ -38,12 +42,14 @@ _SEQPACKET: Final = int(H.Type.SEQPACKET)
 class GuestChannel:
     """One connection of the simulated guest, as a replay channel."""
 
-    def __init__(self, guest: SimGuest, sock: GuestSocket, seqpacket: bool, timeout: float) -> None:
+    def __init__(self, guest: SimGuest, sock: GuestSocket, seqpacket: bool, timeout: float,
+                 pump: Callable[[], None] | None = None) -> None:
         self.guest = guest
         self.sock = sock
         self.seqpacket = seqpacket
         self.timeout = timeout
         self.closed = False
+        self.pump = pump  # serves inbound connections while this one waits
 
     def send(self, data: bytes, eor: bool) -> None:
         if self.seqpacket:
@@ -69,10 +75,19 @@ class GuestChannel:
         def ready() -> bool:
             return bool(c.rx or c.msgs or c.peer_shutdown & H.SHUTDOWN_SEND or c.reset or c.state == State.CLOSED)
 
-        try:
-            self.guest.driver.deadline_wait(ready, timeout, "waiting for an answer")
-        except SimGuestTimeout:
-            return False
+        if self.pump is None:
+            try:
+                self.guest.driver.deadline_wait(ready, timeout, "waiting for an answer")
+            except SimGuestTimeout:
+                return False
+        else:
+            deadline = time.monotonic() + timeout
+            while not ready():
+                self.pump()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.guest.poll(min(left, 0.02))
         if self.seqpacket and c.msgs:
             answers.feed(self.sock.recv_message(0)[0])
         elif not self.seqpacket and c.rx:
@@ -97,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE", help="a pcap or pcapng capture")
     p.add_argument("--socket", required=True, metavar="PATH", help="the vhost-user socket of a running vsproxy")
     p.add_argument("--guest-cid", type=int, metavar="N", help="play the connections of the capture's guest N")
+    p.add_argument("--serve-inbound", type=float, default=0.0, metavar="S",
+                   help="also listen on the ports the capture shows the peer connecting to, answer those "
+                   "connections as the guest did, and wait up to S seconds after the guest's own for them")
     add_common(p)
     return p
 
@@ -128,15 +146,25 @@ def main(argv: Sequence[str]) -> int:
                 cid = cids.pop()
                 convs = [c for c in t.conversations if c.selected and c.guest_is_client and c.seen_start
                          and not c.lost and not c.cut and c.guest is not None and c.guest[0] == cid]
-        if not convs:
+        inbound = [c for c in t.conversations if c.selected and c.guest_is_client is False and c.guest is not None
+                   and c.guest[0] == cid and c.outcome is Outcome.ESTABLISHED and not c.lost and not c.cut]
+        serving = args.serve_inbound > 0 and bool(inbound)
+        if inbound and not serving:
+            print(f"{PROG}: {len(inbound)} connection(s) the peer made toward guest {cid} are not replayed "
+                  "(--serve-inbound S answers them)", file=sys.stderr)
+        if not convs and not serving:
             print(f"{PROG}: {args.file}: nothing to replay: no whole connection made by guest {cid}", file=sys.stderr)
             return 2
-        inbound = sum(1 for c in t.conversations if c.guest_is_client is False and c.guest is not None
-                      and c.guest[0] == cid)
-        if inbound:
-            print(f"{PROG}: {inbound} connection(s) the peer made toward guest {cid} are not replayed",
-                  file=sys.stderr)
-        results = play_all(guest, convs, timing, args, ignored)
+        server = None
+        if serving:
+            by_id = {c.id for c in inbound}
+            book = ReplayBook([s for s in scripts_of(t, made_by_guest=False) if s.conv_id in by_id])
+            server = InboundServer(guest, book, len(inbound), max(args.timeout, 5.0))
+            server.listen()
+        results = play_all(guest, convs, timing, args, ignored, server.pump if server else None)
+        if server is not None:
+            server.serve(time.monotonic() + args.serve_inbound)
+            results += inbound_results(server, inbound)
     finally:
         guest.close()
     return report(results, args.json, args.quiet, f"through {args.socket}", sys.stdout)
@@ -157,9 +185,35 @@ def load(path: str, filter_text: str) -> tuple[Transcript, list[str]]:
     return t, [f"{path}: {p}" for p in t.problems()]
 
 
+def inbound_results(server: InboundServer, inbound: list[Conversation]) -> list[Result]:
+    """One result per recorded inbound connection: answered as recorded, not, or never made."""
+    by_id = {c.id: c for c in inbound}
+    out: list[Result] = []
+    seen: set[int] = set()
+    for sv in server.finished + server.live:
+        script = sv.session.script
+        port = sv.sock.local_port
+        if script is None:
+            conv = inbound[0]
+            out.append(Result(conv, f"guest port {port}", sv.mismatch() or Mismatch("matched no recorded connection")))
+            continue
+        seen.add(script.conv_id)
+        conv = by_id[script.conv_id]
+        mismatch = sv.mismatch()
+        if mismatch is None and sv in server.live:
+            mismatch = Mismatch("the peer did not finish the connection")
+        out.append(Result(conv, f"guest port {port}", mismatch, back=-1))
+    for conv in inbound:
+        if conv.id not in seen:
+            out.append(Result(conv, f"guest port {conv.server[1]}", error="the peer did not make this connection"))
+    return out
+
+
 def play_all(guest: SimGuest, convs: list[Conversation], timing: Timing, args: argparse.Namespace,
-             ignored: frozenset[str]) -> list[Result]:
+             ignored: frozenset[str], pump: Callable[[], None] | None = None) -> list[Result]:
     results: list[Result] = []
+    if not convs:
+        return results
     progress = Progress(len(convs) * args.loop, sys.stderr)
     try:
         for rnd in range(1, args.loop + 1):
@@ -170,15 +224,17 @@ def play_all(guest: SimGuest, convs: list[Conversation], timing: Timing, args: a
                 if timing.factor is not None:
                     start = t0 + (conv.start - first) / timing.factor
                     timing.wait_until(t0, conv.start - first)
-                results.append(play_one(guest, conv, timing, args.timeout, args.exact, ignored, start, rnd))
+                results.append(play_one(guest, conv, timing, args.timeout, args.exact, ignored, start, rnd, pump))
                 progress.step()
+                if pump is not None:
+                    pump()
     finally:
         progress.close()
     return results
 
 
 def play_one(guest: SimGuest, conv: Conversation, timing: Timing, idle: float, exact: bool, ignored: frozenset[str],
-             start: float | None, rnd: int) -> Result:
+             start: float | None, rnd: int, pump: Callable[[], None] | None = None) -> Result:
     peer = conv.server
     where = f"{peer[0]}:{peer[1]}"
     refused_before = conv.outcome in (Outcome.DENIED, Outcome.REFUSED)
@@ -191,7 +247,7 @@ def play_one(guest: SimGuest, conv: Conversation, timing: Timing, idle: float, e
     except (OSError, SimGuestError) as e:
         return Result(conv, where, error=f"connecting to {where}: {e}", round=rnd)
     seq = conv.sock_type == _SEQPACKET
-    channel = GuestChannel(guest, sock, seq, max(idle, 5.0))
+    channel = GuestChannel(guest, sock, seq, max(idle, 5.0), pump)
     if refused_before:
         channel.close()
         return Result(conv, where, Mismatch(f"accepted; the capture shows it {conv.outcome.value}"), round=rnd)

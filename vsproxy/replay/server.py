@@ -40,7 +40,10 @@ class Send:
 
 @dataclass(frozen=True, slots=True)
 class EndStream:
-    """The recorded server shut its sending side: the guest reads end of stream."""
+    """The recorded server shut its sending side: the guest reads end of stream. ``flags``: the
+    recorded SHUTDOWN's (RCV|SEND: it closed both ways at once)."""
+
+    flags: int = H.SHUTDOWN_SEND
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,12 +86,15 @@ class ReplayCounters:
         return f"matched={self.matched} unmatched={self.unmatched} exhausted={self.exhausted}"
 
 
-def scripts_of(t: Transcript) -> list[Script]:
+def scripts_of(t: Transcript, made_by_guest: bool = True) -> list[Script]:
     """The connections ``t`` shows a guest making and its peer accepting (a classic pcap, which
-    does not say which end is the guest: every accepted connection, the client playing the guest)."""
+    does not say which end is the guest: every accepted connection, the client playing the guest);
+    ``made_by_guest=False``: those its peer made toward the guest (the guest answers them)."""
     out = []
     for conv in t.conversations:
-        if conv.outcome is not Outcome.ESTABLISHED or conv.guest_is_client is False:
+        if conv.outcome is not Outcome.ESTABLISHED or conv.lost or conv.cut:
+            continue
+        if (conv.guest_is_client is False) == made_by_guest:
             continue
         out.append(Script(conv.id, conv.server[1], conv.sock_type, tuple(conv.steps)))
     return out
@@ -304,7 +310,7 @@ class ServerSession:
                     out.append(Send(step.data, step.eor))
             elif isinstance(step, Shutdown):
                 if step.flags & H.SHUTDOWN_SEND:
-                    out.append(EndStream())
+                    out.append(EndStream(step.flags & H.SHUTDOWN_BOTH))
             elif isinstance(step, Reset):
                 before = steps[self.pos - 1] if self.pos else None
                 closing = isinstance(before, Shutdown) and before.from_client and before.flags == H.SHUTDOWN_BOTH
