@@ -242,3 +242,39 @@ def test_inbound_connections_not_served_without_the_option_and_missing_ones_fail
         vp.stop()
     assert plain.returncode == 2 and "(--serve-inbound S answers them)" in plain.stderr
     assert waited.returncode == 1 and "error: the peer did not make this connection" in waited.stdout
+
+
+def test_connections_that_overlapped_overlap_in_the_replay(workdir: str) -> None:
+    d = workdir
+    original, again = f"{d}/original.pcapng", f"{d}/again.pcapng"
+    args = ["--vm", f"name=app,guest-cid=5,socket={d}/v.sock,uds-path={d}/u"]
+    one, two = unix_server(f"{d}/u_7001"), unix_server(f"{d}/u_7002")
+    try:
+        vp = VsproxyProcess([*args, "--pcap", original, "--flush"], f"{d}/v.sock", f"{d}/record.log")
+        try:
+            with SimGuest(vp.socket_path, timeout=10) as g:
+                a = g.connect(7001)
+                a.sendall(b"first, long\n")
+                b = g.connect(7002)  # while the first is still open
+                b.sendall(b"second\n")
+                for s, m in ((a, b"first, long\n"), (b, b"second\n")):
+                    s.shutdown_write()
+                    assert s.recv_all(timeout=10) == m
+                a.close(timeout=5)
+                b.close(timeout=5)
+        finally:
+            vp.stop()
+        first, second = load_transcript(original).conversations
+        assert second.start < first.end  # they overlapped
+        vp = VsproxyProcess([*args, "--pcap", again, "--flush"], f"{d}/v.sock", f"{d}/replay.log")
+        try:
+            proc = replay_guest(vp.socket_path, original)
+        finally:
+            vp.stop()
+    finally:
+        one.close()
+        two.close()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    first, second = load_transcript(again).conversations
+    assert second.start < first.end, "played one after the other"
+    assert diff(original, again).returncode == 0

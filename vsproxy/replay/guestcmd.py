@@ -6,8 +6,8 @@ compared with the capture as in client replay (vsproxy/replay/client.py). A conn
 capture shows denied or refused must be refused again.
 
 ``--guest-cid N`` picks whose connections to play in a capture of several guests (default: the
-device's CID, or the capture's only guest). Connections are played one after another (at their
-recorded times with ``--speed``). Connections the peer made toward the guest are answered as
+device's CID, or the capture's only guest). Connections that overlapped in the capture overlap
+(``play_all``), the simulated guest driving them in turn. Connections the peer made toward the guest are answered as
 the guest did with ``--serve-inbound S`` (vsproxy/replay/inbound.py): the guest listens on their
 ports, and waits up to S seconds after its own connections for them; without it they are
 counted and left out.
@@ -22,12 +22,13 @@ import argparse
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 from vsproxy.replay.client import Answers, Mismatch, app_aware, compare_answers, plan
 from vsproxy.replay.clientcmd import Result, UsageError, _Parser, add_common, report
 from vsproxy.replay.inbound import InboundServer
-from vsproxy.replay.player import SpeedError, Timing, play
+from vsproxy.replay.player import SpeedError, Stepper, Timing
 from vsproxy.replay.progress import Progress
 from vsproxy.replay.server import ReplayBook, scripts_of
 from vsproxy.replay.transcript import Conversation, Outcome, Transcript, load_transcript
@@ -209,34 +210,85 @@ def inbound_results(server: InboundServer, inbound: list[Conversation]) -> list[
     return out
 
 
+@dataclass
+class _Active:
+    conv: Conversation
+    index: int  # where its result goes
+    stepper: Stepper
+    channel: GuestChannel
+    end: float  # its recorded end, seconds after the first connection's start
+
+
 def play_all(guest: SimGuest, convs: list[Conversation], timing: Timing, args: argparse.Namespace,
              ignored: frozenset[str], pump: Callable[[], None] | None = None) -> list[Result]:
+    """Every connection, ``--loop`` times. Connections that overlapped in the capture overlap
+    here: one starts at its recorded time (with ``--speed``), or as soon as possible while every
+    connection still playing had, in the capture, not ended when it started (asap); otherwise
+    once they have all finished, so connections to one port keep their order."""
     results: list[Result] = []
     if not convs:
         return results
     progress = Progress(len(convs) * args.loop, sys.stderr)
+    idle = args.timeout
     try:
         for rnd in range(1, args.loop + 1):
-            t0 = time.monotonic()
+            slots: list[Result | None] = [None] * len(convs)
+            active: list[_Active] = []
             first = convs[0].start
-            for conv in convs:
-                start = None
-                if timing.factor is not None:
-                    start = t0 + (conv.start - first) / timing.factor
-                    timing.wait_until(t0, conv.start - first)
-                results.append(play_one(guest, conv, timing, args.timeout, args.exact, ignored, start, rnd, pump))
-                progress.step()
+            t0 = time.monotonic()
+            nxt = 0
+            while nxt < len(convs) or active:
+                now = time.monotonic()
+                while nxt < len(convs):
+                    conv = convs[nxt]
+                    offset = conv.start - first
+                    if timing.factor is not None:
+                        if now < t0 + offset / timing.factor:
+                            break
+                    elif active and any(a.end <= offset for a in active):
+                        break  # in the capture this one began after one still playing here had ended
+                    when = t0 + offset / timing.factor if timing.factor is not None else now
+                    started = start_one(guest, conv, idle, args.exact, timing, when, rnd, pump)
+                    if isinstance(started, Result):
+                        slots[nxt] = started
+                        progress.step()
+                    else:
+                        stepper, channel = started
+                        active.append(_Active(conv, nxt, stepper, channel, conv.end - first))
+                    nxt += 1
+                progressed = False
+                for a in list(active):
+                    try:
+                        done = a.stepper.advance(time.monotonic())
+                    except (OSError, SimGuestError) as e:
+                        slots[a.index] = Result(a.conv, _where(a.conv), error=f"{_where(a.conv)}: {e}", round=rnd)
+                        active.remove(a)
+                        progress.step()
+                        continue
+                    if done:
+                        slots[a.index] = finish_one(a.conv, a.stepper, a.channel, args.exact, ignored, rnd)
+                        active.remove(a)
+                        progress.step()
+                        progressed = True
                 if pump is not None:
                     pump()
+                if active and not progressed:
+                    guest.poll(0.002)
+            results += [r for r in slots if r is not None]
     finally:
         progress.close()
     return results
 
 
-def play_one(guest: SimGuest, conv: Conversation, timing: Timing, idle: float, exact: bool, ignored: frozenset[str],
-             start: float | None, rnd: int, pump: Callable[[], None] | None = None) -> Result:
+def _where(conv: Conversation) -> str:
+    return f"{conv.server[0]}:{conv.server[1]}"
+
+
+def start_one(guest: SimGuest, conv: Conversation, idle: float, exact: bool, timing: Timing, start: float, rnd: int,
+              pump: Callable[[], None] | None) -> Result | tuple[Stepper, GuestChannel]:
+    """Connect: a Result when that is all there is to it (refused, as recorded or not)."""
     peer = conv.server
-    where = f"{peer[0]}:{peer[1]}"
+    where = _where(conv)
     refused_before = conv.outcome in (Outcome.DENIED, Outcome.REFUSED)
     try:
         sock = guest.connect(peer[1], cid=peer[0], type=conv.sock_type, timeout=max(idle, 5.0))
@@ -252,10 +304,16 @@ def play_one(guest: SimGuest, conv: Conversation, timing: Timing, idle: float, e
         channel.close()
         return Result(conv, where, Mismatch(f"accepted; the capture shows it {conv.outcome.value}"), round=rnd)
     answers = Answers(seq, app_aware(conv, exact))
+    return Stepper(plan(conv, exact), channel, answers, timing, idle, start), channel
+
+
+def finish_one(conv: Conversation, stepper: Stepper, channel: GuestChannel, exact: bool, ignored: frozenset[str],
+               rnd: int) -> Result:
+    where = _where(conv)
     try:
-        play(plan(conv, exact), channel, answers, timing, idle, start)
         channel.close()
     except (OSError, SimGuestError) as e:
         return Result(conv, where, error=f"{where}: {e}", round=rnd)
-    back = len(answers.messages) if seq else len(answers.data)
+    answers = stepper.answers
+    back = len(answers.messages) if answers.seqpacket else len(answers.data)
     return Result(conv, where, compare_answers(conv, answers, exact, ignored), back=back, round=rnd)

@@ -128,3 +128,49 @@ class SocketChannel:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class Stepper:
+    """``play`` one step at a time, never blocking on an answer: for a single-threaded driver (the
+    simulated guest) that plays several connections at once. ``advance`` does what is due and
+    returns True once the plan is done."""
+
+    def __init__(self, steps: list[PlanStep], channel: Channel, answers: Answers, timing: Timing, idle: float,
+                 start: float) -> None:
+        self.steps = steps
+        self.channel = channel
+        self.answers = answers
+        self.timing = timing
+        self.idle = idle
+        self.start = start
+        self.i = 0
+        self.quiet_since: float | None = None  # waiting on an Await since, with nothing coming
+
+    def advance(self, now: float) -> bool:
+        """Raises ``OSError`` when the channel fails while sending."""
+        a = self.answers
+        while self.i < len(self.steps):
+            step = self.steps[self.i]
+            if self.timing.factor is not None and now < self.start + step.at / self.timing.factor:
+                return False
+            if isinstance(step, Send):
+                self.channel.send(step.data, step.eor)
+            elif isinstance(step, ShutWrite):
+                self.channel.shut_write(step.flags)
+            elif isinstance(step, Abort):
+                self.channel.abort()
+                self.i = len(self.steps)
+                return True
+            elif isinstance(step, Await):
+                while not (a.ended or a.reset) and (a.units() < step.units or step.end):
+                    if not self.channel.receive(a, 0):
+                        break
+                met = a.ended or a.reset or (a.units() >= step.units and not step.end)
+                if not met:
+                    if self.quiet_since is None:
+                        self.quiet_since = now
+                    if now - self.quiet_since < self.idle:
+                        return False
+                self.quiet_since = None
+            self.i += 1
+        return True
