@@ -200,3 +200,12 @@ def test_spoofed_packets_make_no_step() -> None:
         comment=Mark.spoofed(9, 5)))
     t = transcript_of(records(buf))
     assert t.spoofed == 1 and not t.conversations
+
+
+def test_a_transcript_holds_at_most_max_bytes_of_payload_and_says_where_it_stopped() -> None:
+    t = load_transcript(str(CAPTURES / "http-over-vsock.pcapng"), max_bytes=100)
+    assert t.error is not None and t.error.startswith("more than 100 bytes of payload")
+    (c,) = t.conversations
+    assert c.sent(True).startswith(b"GET /v1/keys") and c.sent(False) == b""  # the 194-byte answer is not taken
+    whole = load_transcript(str(CAPTURES / "http-over-vsock.pcapng"), max_bytes=285)
+    assert whole.error is None  # 91 + 194 bytes: exactly the limit

@@ -60,6 +60,7 @@ _REQUEST, _RESPONSE, _RST, _SHUTDOWN, _RW = (int(op) for op in (H.Op.REQUEST, H.
                                                                  H.Op.SHUTDOWN, H.Op.RW))
 _SEQPACKET: Final = int(H.Type.SEQPACKET)
 _REAL_PEER: Final = re.compile(r"real peer (\d+):(\d+)")
+MAX_BYTES: Final = 4 << 30  # payload a transcript holds at most (bad input must not take all memory)
 MAX_STEP: Final = 16 << 20  # a STREAM step longer than this is cut (a message is not held whole past it)
 _HALF: Final = 1 << 31  # fwd_cnt arithmetic is modulo 2^32: a difference past this is behind, not ahead
 
@@ -241,13 +242,24 @@ class _Live:
 
 
 class TranscriptBuilder:
-    """Decoded packets in, in capture order; ``finish`` gives the transcript."""
+    """Decoded packets in, in capture order; ``finish`` gives the transcript. A transcript holds
+    every payload byte, so it is bounded: past ``max_bytes`` of payload, ``full`` turns True and
+    further packets are not taken (the caller stops; ``finish`` says where)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_bytes: int = MAX_BYTES) -> None:
         self.transcript = Transcript()
         self._live: dict[int, _Live] = {}  # by connection id; kept to the end (steps are the point)
+        self.max_bytes = max_bytes
+        self.held = 0  # payload bytes held
+        self.full = False
 
     def feed(self, d: Decoded) -> None:
+        if self.full:
+            return
+        self.held += len(d.view.payload)
+        if self.held > self.max_bytes:
+            self.full = True
+            return
         t = self.transcript
         t.packets += 1
         h, view = d.view.hdr, d.view
@@ -384,20 +396,23 @@ class TranscriptBuilder:
         live.pending = (_Pending(), live.pending[1]) if side == 0 else (live.pending[0], _Pending())
 
 
-def transcript_of(records: Iterable[Record], decoder: Decoder | None = None) -> Transcript:
+def transcript_of(records: Iterable[Record], decoder: Decoder | None = None, max_bytes: int = MAX_BYTES) -> Transcript:
     """The transcript of ``records`` (a damaged capture: what came before the damage, with
-    ``error`` set)."""
+    ``error`` set; one holding more than ``max_bytes`` of payload: what came before, likewise)."""
     dec = decoder if decoder is not None else Decoder()
-    builder = TranscriptBuilder()
+    builder = TranscriptBuilder(max_bytes)
     try:
         for rec in records:
             builder.feed(dec.decode(rec))
+            if builder.full:
+                return builder.finish(f"more than {max_bytes} bytes of payload: a transcript holds them all, "
+                                      "so it stops here")
     except CaptureError as e:
         return builder.finish(str(e))
     return builder.finish()
 
 
-def load_transcript(path: str, filter: str | None = None) -> Transcript:
+def load_transcript(path: str, filter: str | None = None, max_bytes: int = MAX_BYTES) -> Transcript:
     """The transcript of the capture at ``path`` (``-``: stdin; a rotated set FILE.0, FILE.1, ...
     is read as one); ``filter`` (docs/filter.md) marks the conversations it selects. Raises
     ``OSError`` when it cannot be opened and ``FilterError`` for a bad filter; a damaged file
@@ -408,7 +423,7 @@ def load_transcript(path: str, filter: str | None = None) -> Transcript:
     files = capture_files(path)
     if not files:
         raise FileNotFoundError(2, "No such file or directory", path)
-    return transcript_of(_opened(files), decoder)
+    return transcript_of(_opened(files), decoder, max_bytes)
 
 
 def _opened(files: list[str]) -> Iterator[Record]:
