@@ -244,3 +244,70 @@ def test_to_auto_routes_as_the_vsproxy_configuration_would(workdir: str) -> None
     assert replay(str(HTTP), "--to", "auto").returncode == 2
     bad = replay(str(HTTP), "--to", "auto", "--", "--guest-cid", "1")
     assert bad.returncode == 2 and "the vsproxy configuration:" in bad.stderr
+
+
+def test_realtime_client_replay_keeps_the_recorded_gaps_on_a_real_socket(workdir: str) -> None:
+    import socket
+    import threading
+
+    (conv,) = load_transcript(str(SEQ)).conversations
+    sent = [s for s in conv.steps if s.from_client and hasattr(s, "data")]
+    recorded = [b.time - a.time for a, b in itertools.pairwise(sent)]
+    arrivals: list[float] = []
+    path = os.path.join(workdir, "s_5005")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(1)
+
+    def serve() -> None:
+        c, _ = listener.accept()
+        with c:
+            while msg := c.recv(65536):
+                arrivals.append(time.monotonic())
+                c.send({b"HELLO": b"HELLO from the host", b"GET region": b"region=eu-west-1"}.get(msg, b"BYE"))
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    try:
+        proc = replay(str(SEQ), "--to", f"uds:{workdir}/s", "--speed", "realtime")
+    finally:
+        th.join(10)
+        listener.close()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    got = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert len(got) == len(recorded) == 2
+    assert all(abs(g - r) < 0.010 for g, r in zip(got, recorded, strict=True)), (got, recorded)
+
+
+def test_progress_bar_only_on_a_terminal() -> None:
+    import io
+
+    from vsproxy.replay.progress import Progress, bar
+
+    assert bar(3, 10) == "replay [#########.....................] 3/10"
+    assert bar(10, 10).endswith("] 10/10") and "." not in bar(10, 10).split("]")[0]
+    out = io.StringIO()  # not a terminal: nothing is drawn
+    p = Progress(10, out)
+    p.step()
+    p.close()
+    assert out.getvalue() == ""
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    p = Progress(2, tty)
+    p.step()
+    p.step()
+    p.close()
+    assert "\rreplay [" in tty.getvalue() and "2/2" in tty.getvalue()
+
+
+def test_replay_without_a_kind_is_a_usage_error() -> None:
+    proc = subprocess.run([sys.executable, "-m", "vsproxy", "replay"], capture_output=True, text=True, cwd=REPO,
+                          timeout=30)
+    assert proc.returncode == 2 and "vsproxy replay client FILE --to" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "vsproxy", "replay", "--help"], capture_output=True, text=True,
+                          cwd=REPO, timeout=30)
+    assert proc.returncode == 0 and "vsproxy replay guest FILE --socket PATH" in proc.stdout
