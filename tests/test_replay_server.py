@@ -124,7 +124,7 @@ def test_a_bad_replay_capture_stops_vsproxy_before_it_starts(workdir: str, tmp_p
     bad.write_bytes(b"not a capture")
     for args, says in ((["--replay-server", str(bad)], "not a pcap or pcapng file"),
                        (["--service", "2:80=replay:/no/such/file"], "No such file or directory"),
-                       (["--replay-server", str(CAPTURES / "sibling-denied.pcapng")], "no connection from a guest"),
+                       (["--replay-server", str(CAPTURES / "sibling-denied.pcapng")], "no connection between a guest and"),
                        (["--replay-match", "fuzzy"], "bad matching")):
         proc = subprocess.run([sys.executable, "-m", "vsproxy", "--socket", os.path.join(workdir, "x.sock"),
                                "--guest-cid", "5", *args], capture_output=True, text=True, timeout=30)
@@ -210,5 +210,65 @@ def test_replay_counters_in_ctl_stats_and_the_snapshot(workdir: str) -> None:
         snap = snapshot(ctl_path)
         assert snap["services"] == {f"replay {HTTP} at 2:8080": {"matched": 1, "unmatched": 0, "exhausted": 0}}
         json.dumps(snap)
+    finally:
+        vp.stop()
+
+
+def record_host_made(workdir: str) -> str:
+    """A capture of a host program connecting into the guest's port 7000 (hybrid CONNECT)."""
+    from helpers import hybrid_connect
+
+    original = os.path.join(workdir, "hostmade.pcapng")
+    sock = os.path.join(workdir, "r.sock")
+    vp = VsproxyProcess(["--vm", f"name=app,guest-cid=5,socket={sock},uds-path={workdir}/u", "--pcap", original,
+                         "--flush"], sock, os.path.join(workdir, "r.log"))
+    try:
+        with SimGuest(vp.socket_path, timeout=10) as g:
+            host, gs = hybrid_connect(f"{workdir}/u", g, 7000)
+            host.sendall(b"status?\n")
+            host.shutdown(1)
+            assert gs.recv_all(timeout=10) == b"status?\n"
+            gs.sendall(b"guest is fine\n")
+            gs.close(timeout=5)
+            assert host.recv(100) == b"guest is fine\n"
+            host.close()
+    finally:
+        vp.stop()
+    return original
+
+
+def serve_once(g: SimGuest, answer: bytes) -> bytes:
+    s = g.listen(7000).accept(timeout=10)
+    got = s.recv_all(timeout=10)
+    s.sendall(answer)
+    s.close(timeout=5)
+    return got
+
+
+def test_connections_the_host_made_toward_the_guest_are_made_again(workdir: str) -> None:
+    original = record_host_made(workdir)
+    again = os.path.join(workdir, "again.pcapng")
+    vp = start(workdir, 5, "--replay-server", original, "--pcap", again, "--flush")
+    try:
+        with SimGuest(vp.socket_path, timeout=10) as g:
+            assert serve_once(g, b"guest is fine\n") == b"status?\n"  # vsproxy played the host's side
+        wait_for(lambda: "made=1 same=1 different=0 refused=0" in vp.report(), what="the host-made connection counted")
+        assert f"replay {original} toward app: made=1 same=1 different=0 refused=0" in vp.report()
+    finally:
+        vp.stop()
+    proc = subprocess.run([sys.executable, "-m", "vsproxy", "diff", original, again], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_a_guest_that_answers_otherwise_is_counted_different(workdir: str) -> None:
+    original = record_host_made(workdir)
+    vp = start(workdir, 5, "--replay-server", original)
+    try:
+        with SimGuest(vp.socket_path, timeout=10) as g:
+            assert serve_once(g, b"guest is on fire\n") == b"status?\n"
+        wait_for(lambda: "different=1" in vp.report(), what="the different answer counted")
+        assert "made=1 same=0 different=1 refused=0" in vp.report()
+        assert "answered #1 app 2:" in vp.log() and "differently: bytes differ" in vp.log()
     finally:
         vp.stop()

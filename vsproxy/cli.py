@@ -19,7 +19,7 @@ from vsproxy.device import DeviceConfig
 from vsproxy.endpoints.host import HostEndpoints
 from vsproxy.limits import raise_nofile_limit
 from vsproxy.policy import Allow
-from vsproxy.replay.options import add_replay_options, replay_server_rules, set_replay_options
+from vsproxy.replay.options import add_replay_options, replay_server_rules, set_replay_options, start_host_replays
 from vsproxy.vsock.core import DEFAULT_BUF_ALLOC
 
 T = TypeVar("T")
@@ -273,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.control:
             proxy.start_control(args.control)
         proxy.start()
+        start_host_replays(proxy, args.replay_server)
     except ConfigError as e:
         print(f"vsproxy: error: {e}", file=sys.stderr)
         proxy.close()

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 from vsproxy.replay import http
 from vsproxy.replay.compare import Line, byte_context, snippet
+from vsproxy.replay.server import Action, EndStream, ResetConn
+from vsproxy.replay.server import Send as SendAction
 from vsproxy.replay.transcript import Conversation, Data, Outcome, Reset, Shutdown
 from vsproxy.vsock import header as H
 
@@ -278,3 +280,60 @@ def _short(v: object) -> str:
     text = json.dumps(v, sort_keys=True)
     return text if len(text) <= 80 else text[:77] + "..."
 
+
+
+class ClientSession:
+    """Playing a recorded connection's connecting side from inside vsproxy (server replay's
+    connections toward the guest), sans-I/O: the same actions as ``ServerSession``
+    (vsproxy/replay/server.py) come out, ``result`` compares what the guest answered."""
+
+    def __init__(self, conv: Conversation, exact: bool = True) -> None:
+        self.conv = conv
+        self.stream = conv.sock_type == int(H.Type.STREAM)
+        self.steps = plan(conv, exact)
+        self.i = 0
+        self.answers = Answers(not self.stream, app_aware(conv, exact))
+        self.exact = exact
+        self.started = False
+
+    @property
+    def done(self) -> bool:
+        return self.i >= len(self.steps)
+
+    def opened(self) -> list[Action]:
+        return []  # nothing until the guest accepts
+
+    def established(self) -> list[Action]:
+        self.started = True
+        return self._advance()
+
+    def received(self, data: bytes, eor: bool = False) -> list[Action]:
+        self.answers.feed(data)
+        return self._advance()
+
+    def shut(self) -> list[Action]:
+        self.answers.ended = True
+        return self._advance()
+
+    def result(self) -> Mismatch | None:
+        if not self.started:
+            return Mismatch("the guest did not accept the connection")
+        return compare_answers(self.conv, self.answers, self.exact)
+
+    def _advance(self) -> list[Action]:
+        out: list[Action] = []
+        a = self.answers
+        while self.i < len(self.steps):
+            step = self.steps[self.i]
+            if isinstance(step, Send):
+                out.append(SendAction(step.data, step.eor))
+            elif isinstance(step, ShutWrite):
+                out.append(EndStream(step.flags))
+            elif isinstance(step, Abort):
+                out.append(ResetConn("the recorded connecting side reset the connection"))
+            elif isinstance(step, Await):
+                met = a.ended or a.reset or (a.units() >= step.units and not step.end)
+                if not met:
+                    return out
+            self.i += 1
+        return out

@@ -5,19 +5,25 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from vsproxy.config import ConfigError
 from vsproxy.policy import Service
+from vsproxy.replay.hosts import HostReplays, host_made
 from vsproxy.replay.match import MatchError, Matching
 from vsproxy.replay.server import host_ports
 from vsproxy.replay.service import LIBRARY, OPTIONS, ReplayConfigError
+
+if TYPE_CHECKING:
+    from vsproxy.app import Proxy
 
 
 def add_replay_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server replay (answer guests from a capture)")
     g.add_argument("--replay-server", action="append", default=[], metavar="FILE",
                    help="answer every host-side port the guests of the capture FILE dialled from it "
-                   "(as --service CID:PORT=replay:FILE for each; repeatable)")
+                   "(as --service CID:PORT=replay:FILE for each), and make the connections it shows the host "
+                   "making toward a guest (repeatable)")
     g.add_argument("--replay-match", default="exact", metavar="exact|http|prefix:N",
                    help="how a guest message must match the recorded one: the same bytes (default), the same "
                    "HTTP method, target, headers and body, or the same first N bytes")
@@ -42,9 +48,19 @@ def set_replay_options(args: argparse.Namespace) -> None:
 def replay_server_rules(path: str) -> list[Service]:
     """A replay rule for every peer the capture's guests dialled (not siblings)."""
     try:
-        ports = host_ports(LIBRARY.transcript(path))
+        t = LIBRARY.transcript(path, toward_guest=True)
     except ReplayConfigError as e:
         raise ConfigError(f"--replay-server: {e}") from None
-    if not ports:
-        raise ConfigError(f"--replay-server {path}: no connection from a guest to a host-side port")
+    ports = host_ports(t)
+    if not ports and not host_made(t):
+        raise ConfigError(f"--replay-server {path}: no connection between a guest and the host")
     return [Service(cid, port, f"replay:{path}") for cid, port in ports]
+
+
+def start_host_replays(proxy: Proxy, paths: list[str]) -> None:
+    """The connections the captures show the host making toward a guest, made again once the
+    guest is up (after ``proxy.start()``)."""
+    for path in paths:
+        convs = host_made(LIBRARY.transcript(path, toward_guest=True))
+        if convs:
+            HostReplays(path, convs).attach(proxy)

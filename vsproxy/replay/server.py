@@ -23,7 +23,7 @@ their first message matches had been used.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 from vsproxy.replay.match import Matching, Result
 from vsproxy.replay.transcript import Data, Outcome, Reset, Shutdown, Step, Transcript
@@ -140,6 +140,18 @@ class ReplayBook:
         return ServerSession(self, port, sock_type)
 
 
+class Session(Protocol):
+    """What a replay peer (vsproxy/replay/service.py) drives: ``ServerSession`` answering the
+    guest, or ``client.ClientSession`` playing a connection toward it."""
+
+    stream: bool
+
+    def opened(self) -> list[Action]: ...
+    def established(self) -> list[Action]: ...
+    def received(self, data: bytes, eor: bool = False) -> list[Action]: ...
+    def shut(self) -> list[Action]: ...
+
+
 class ServerSession:
     """One guest connection answered from a book. Call ``opened`` first."""
 
@@ -164,6 +176,9 @@ class ServerSession:
                 self._choose(s)
                 return self._advance()
         return []
+
+    def established(self) -> list[Action]:
+        return []  # the guest connected: ``opened`` said what there was to say
 
     def received(self, data: bytes, eor: bool = False) -> list[Action]:
         """Bytes from the guest (SEQPACKET: one whole message)."""

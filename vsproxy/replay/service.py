@@ -32,7 +32,7 @@ from vsproxy.replay.server import (
     ReplayBook,
     ResetConn,
     Send,
-    ServerSession,
+    Session,
     scripts_of,
 )
 from vsproxy.replay.transcript import Transcript, load_transcript
@@ -64,7 +64,9 @@ class Library:
         self.transcripts: dict[str, Transcript] = {}
         self.books: dict[tuple[str, int, int], ReplayBook] = {}
 
-    def transcript(self, path: str) -> Transcript:
+    def transcript(self, path: str, toward_guest: bool = False) -> Transcript:
+        """The capture at ``path``, read once; it must hold a connection a guest made (or, with
+        ``toward_guest``, one the host made toward a guest, which ``--replay-server`` makes)."""
         t = self.transcripts.get(path)
         if t is None:
             try:
@@ -73,7 +75,7 @@ class Library:
                 raise ReplayConfigError(f"replay capture {path}: {e.strerror or e}") from None
             if t.error is not None:
                 raise ReplayConfigError(f"replay capture {path}: {t.error}")
-            if not scripts_of(t):
+            if not scripts_of(t) and not (toward_guest and scripts_of(t, made_by_guest=False)):
                 raise ReplayConfigError(f"replay capture {path}: no connection a guest made and its peer accepted")
             for problem in t.problems():
                 log.warning("replay capture %s: %s", path, problem)
@@ -152,10 +154,11 @@ class ReplayPeer(PeerBase):
     handed over to the endpoint the configuration would otherwise use (``fallback``) at the first
     unmatched message: the guest's bytes so far go there first, then the peer is that endpoint."""
 
-    def __init__(self, session: ServerSession, label: str, schedule: Callable[[Callable[[], None]], None],
+    def __init__(self, session: Session, label: str, schedule: Callable[[Callable[[], None]], None],
                  on_readable: Callable[[], None], on_writable: Callable[[], None],
-                 fallback: Fallback | None = None) -> None:
+                 fallback: Fallback | None = None, on_close: Callable[[], None] | None = None) -> None:
         self.session = session
+        self.on_close = on_close  # told once, when the core lets the peer go
         self.label = label
         self._schedule = schedule
         self._on_readable = on_readable
@@ -329,11 +332,15 @@ class ReplayPeer(PeerBase):
             self._schedule(self._on_readable)
 
     def close(self, reset: bool) -> None:
+        if self.closed:
+            return
         self.closed = True
         self._stream.clear()
         self._messages.clear()
         if self._inner is not None:
             self._inner.close(reset)
+        if self.on_close is not None:
+            self.on_close()
 
     def watch_read(self, on: bool) -> None:
         self._reading = on
@@ -352,4 +359,5 @@ class ReplayPeer(PeerBase):
             self._schedule(self._on_writable)
 
     def established(self, local_port: int) -> None:
-        pass
+        """A connection toward the guest was accepted (server replay's host-made connections)."""
+        self._take(self.session.established())
