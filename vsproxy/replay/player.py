@@ -17,6 +17,8 @@ from typing import Protocol
 
 from vsproxy.replay.client import Abort, Answers, Await, PlanStep, Send, ShutWrite
 
+SEND_TIMEOUT = 30.0  # seconds a live service may take to make room for what the replay sends
+
 
 class SpeedError(ValueError):
     pass
@@ -93,7 +95,8 @@ class SocketChannel:
         self.seqpacket = seqpacket
 
     def send(self, data: bytes, eor: bool) -> None:
-        self.sock.settimeout(None)
+        # a service that stops reading must not hang the replay: the send fails after a while
+        self.sock.settimeout(SEND_TIMEOUT)
         if self.seqpacket:
             self.sock.send(data)
         else:
