@@ -272,3 +272,19 @@ def test_a_guest_that_answers_otherwise_is_counted_different(workdir: str) -> No
         assert "answered #1 app 2:" in vp.log() and "differently: bytes differ" in vp.log()
     finally:
         vp.stop()
+
+
+def test_server_replay_of_a_capture_without_whole_connections_is_refused_at_start(workdir: str,
+                                                                                  tmp_path: Path) -> None:
+    from capture_edit import edited
+
+    late = edited(HTTP, tmp_path / "late.pcapng",
+                  lambda r, h, p: [] if h.op in (H.Op.REQUEST, H.Op.RESPONSE) else [(r, h, p)])
+    cut = tmp_path / "cut.pcapng"
+    cut.write_bytes(HTTP.read_bytes()[:-30])
+    for path, says in ((late, "no connection a guest made and its peer accepted"), (cut, "truncated")):
+        proc = subprocess.run([sys.executable, "-m", "vsproxy", "--socket", os.path.join(workdir, "x.sock"),
+                               "--guest-cid", "5", "--replay-server", str(path)], capture_output=True, text=True,
+                              timeout=30)
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
