@@ -288,3 +288,18 @@ def test_server_replay_of_a_capture_without_whole_connections_is_refused_at_star
                               timeout=30)
         assert proc.returncode == 2 and says in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_siblings_service_answered_from_a_capture_without_the_sibling(workdir: str) -> None:
+    sibling = CAPTURES / "sibling-denied.pcapng"
+    vp = start(workdir, 5, "--service", f"6:5001=replay:{sibling}")
+    try:
+        with SimGuest(vp.socket_path, timeout=10) as g:
+            s = g.connect(5001, cid=6)  # vault's echo server, as app reached it in the capture
+            s.sendall(b"hello vault\n")
+            s.shutdown_write()
+            assert s.recv_all(timeout=10) == b"hello vault\n"
+            s.close(timeout=5)
+        assert f"replay {sibling} at 6:5001: matched=1 unmatched=0 exhausted=0" in vp.report()
+    finally:
+        vp.stop()
