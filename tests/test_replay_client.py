@@ -311,3 +311,29 @@ def test_replay_without_a_kind_is_a_usage_error() -> None:
     proc = subprocess.run([sys.executable, "-m", "vsproxy", "replay", "--help"], capture_output=True, text=True,
                           cwd=REPO, timeout=30)
     assert proc.returncode == 0 and "vsproxy replay guest FILE --socket PATH" in proc.stdout
+
+
+def test_a_service_that_resets_is_a_difference_that_says_so() -> None:
+    import socket
+    import struct
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(4)
+
+    def reset_each() -> None:
+        c, _ = srv.accept()
+        c.recv(10)
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        c.close()
+
+    th = threading.Thread(target=reset_each, daemon=True)
+    th.start()
+    try:
+        proc = replay(str(HTTP), "--to", f"tcp:127.0.0.1:{srv.getsockname()[1]}")
+    finally:
+        th.join(10)
+        srv.close()
+    assert proc.returncode == 1
+    assert "different: HTTP response 1: only recorded (the live side reset the connection)" in proc.stdout

@@ -151,6 +151,14 @@ class Mismatch:
 def compare_answers(conv: Conversation, got: Answers, exact: bool = False,
                     ignore_headers: frozenset[str] = frozenset()) -> Mismatch | None:
     """What the live side answered (``got``) against the capture: None when they agree."""
+    m = _compare_answers(conv, got, exact, ignore_headers)
+    if m is not None and got.reset:
+        return Mismatch(f"{m.what} (the live side reset the connection)", m.context)
+    return m
+
+
+def _compare_answers(conv: Conversation, got: Answers, exact: bool,
+                     ignore_headers: frozenset[str]) -> Mismatch | None:
     recorded = conv.data(False)
     if conv.sock_type == int(H.Type.SEQPACKET):
         want = [d.data for d in recorded]
