@@ -278,3 +278,24 @@ def test_connections_that_overlapped_overlap_in_the_replay(workdir: str) -> None
     first, second = load_transcript(again).conversations
     assert second.start < first.end, "played one after the other"
     assert diff(original, again).returncode == 0
+
+
+def test_vsproxy_going_away_mid_replay_is_one_line_and_exit_1(workdir: str) -> None:
+    import time
+
+    d = workdir
+    seq = str(REPO / "captures" / "seqpacket.pcapng")
+    with services(d):
+        vp = VsproxyProcess(["--vm", f"name=app,guest-cid=5,socket={d}/v.sock,uds-path={d}/u"], f"{d}/v.sock",
+                            f"{d}/v.log")
+        try:
+            # the capture's 20 ms gaps made 2 s long: vsproxy is stopped in the middle
+            proc = subprocess.Popen([sys.executable, "-m", "vsproxy", "replay", "guest", seq, "--socket",
+                                     f"{d}/v.sock", "--speed", "0.01"], cwd=REPO, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            time.sleep(1.0)
+        finally:
+            vp.stop()
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1, (out, err)
+    assert err == f"vsproxy replay guest: {d}/v.sock: backend closed the vhost-user socket\n"

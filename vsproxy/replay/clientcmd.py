@@ -45,7 +45,7 @@ class UsageError(Exception):
     """Exit 2 with this message."""
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(message)
 
@@ -115,7 +115,7 @@ class Result:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Play the guest's side of each connection in a capture against a live "
+    p = Parser(prog=PROG, description="Play the guest's side of each connection in a capture against a live "
                 "host service and compare its answers with the recorded ones.",
                 epilog="Exit status: 0 all answered as recorded, 1 a mismatch or a failed connection, 2 bad "
                 "arguments or nothing to replay.")

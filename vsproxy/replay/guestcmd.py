@@ -7,10 +7,10 @@ capture shows denied or refused must be refused again.
 
 ``--guest-cid N`` picks whose connections to play in a capture of several guests (default: the
 device's CID, or the capture's only guest). Connections that overlapped in the capture overlap
-(``play_all``), the simulated guest driving them in turn. Connections the peer made toward the guest are answered as
-the guest did with ``--serve-inbound S`` (vsproxy/replay/inbound.py): the guest listens on their
-ports, and waits up to S seconds after its own connections for them; without it they are
-counted and left out.
+(``play_all``), the simulated guest driving them in turn. Connections the peer made toward the
+guest are answered as the guest did with ``--serve-inbound S`` (vsproxy/replay/inbound.py): the
+guest listens on their ports, and waits up to S seconds after its own connections for them;
+without it they are counted and left out.
 
 Exit status as ``vsproxy replay client``: 0 all as recorded, 1 a difference or failure (the
 socket cannot be reached: one line), 2 bad arguments or nothing to replay.
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from vsproxy.replay.client import Answers, Mismatch, app_aware, compare_answers, plan
-from vsproxy.replay.clientcmd import Result, UsageError, _Parser, add_common, report
+from vsproxy.replay.clientcmd import Parser, Result, UsageError, add_common, report
 from vsproxy.replay.inbound import InboundServer
 from vsproxy.replay.player import SpeedError, Stepper, Timing
 from vsproxy.replay.progress import Progress
@@ -106,7 +106,7 @@ class GuestChannel:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Play the guest's side of a capture through a running vsproxy, as a "
+    p = Parser(prog=PROG, description="Play the guest's side of a capture through a running vsproxy, as a "
                 "simulated guest on its vhost-user socket, and compare the answers with the recorded ones.",
                 epilog="Exit status: 0 all as recorded, 1 a difference or a failure, 2 bad arguments or nothing "
                 "to replay.")
@@ -138,37 +138,59 @@ def main(argv: Sequence[str]) -> int:
         print(f"{PROG}: cannot attach to {args.socket}: {e}", file=sys.stderr)
         return 1
     try:
-        cid = args.guest_cid if args.guest_cid is not None else guest.guest_cid
-        convs = [c for c in t.conversations if c.selected and c.guest_is_client and c.seen_start
-                 and not c.lost and not c.cut and c.guest is not None and c.guest[0] == cid]
-        if not convs and args.guest_cid is None:
-            cids = {c.guest[0] for c in t.conversations if c.guest_is_client and c.guest is not None}
-            if len(cids) == 1:
-                cid = cids.pop()
-                convs = [c for c in t.conversations if c.selected and c.guest_is_client and c.seen_start
-                         and not c.lost and not c.cut and c.guest is not None and c.guest[0] == cid]
-        inbound = [c for c in t.conversations if c.selected and c.guest_is_client is False and c.guest is not None
-                   and c.guest[0] == cid and c.outcome is Outcome.ESTABLISHED and not c.lost and not c.cut]
-        serving = args.serve_inbound > 0 and bool(inbound)
-        if inbound and not serving:
-            print(f"{PROG}: {len(inbound)} connection(s) the peer made toward guest {cid} are not replayed "
-                  "(--serve-inbound S answers them)", file=sys.stderr)
-        if not convs and not serving:
-            print(f"{PROG}: {args.file}: nothing to replay: no whole connection made by guest {cid}", file=sys.stderr)
-            return 2
-        server = None
-        if serving:
-            by_id = {c.id for c in inbound}
-            book = ReplayBook([s for s in scripts_of(t, made_by_guest=False) if s.conv_id in by_id])
-            server = InboundServer(guest, book, len(inbound), max(args.timeout, 5.0))
-            server.listen()
-        results = play_all(guest, convs, timing, args, ignored, server.pump if server else None)
-        if server is not None:
-            server.serve(time.monotonic() + args.serve_inbound)
-            results += inbound_results(server, inbound)
+        results = run(guest, t, args, timing, ignored)
+    except (OSError, SimGuestError) as e:  # vsproxy went away, or its socket failed, mid-replay
+        print(f"{PROG}: {args.socket}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
     finally:
-        guest.close()
+        try:
+            guest.close()
+        except (OSError, SimGuestError):
+            pass
+    if results is None:
+        return 2
     return report(results, args.json, args.quiet, f"through {args.socket}", sys.stdout)
+
+
+def _made_by(t: Transcript, cid: int) -> list[Conversation]:
+    """The whole connections guest ``cid`` made, as the filter selects them."""
+    return [c for c in t.conversations if c.selected and c.guest_is_client and c.seen_start
+            and not c.lost and not c.cut and c.guest is not None and c.guest[0] == cid]
+
+
+def run(guest: SimGuest, t: Transcript, args: argparse.Namespace, timing: Timing,
+        ignored: frozenset[str]) -> list[Result] | None:
+    """Play what the capture shows guest ``--guest-cid`` doing; None when there is nothing to play
+    (said on stderr). Raises ``OSError`` and ``SimGuestError`` when vsproxy or its socket fails."""
+    cid = args.guest_cid if args.guest_cid is not None else guest.guest_cid
+    convs = _made_by(t, cid)
+    if not convs and args.guest_cid is None:
+        cids = {c.guest[0] for c in t.conversations if c.guest_is_client and c.guest is not None}
+        if len(cids) == 1:
+            cid = cids.pop()
+            convs = _made_by(t, cid)
+    inbound = [c for c in t.conversations if c.selected and c.guest_is_client is False and c.guest is not None
+               and c.guest[0] == cid and c.outcome is Outcome.ESTABLISHED and not c.lost and not c.cut]
+    serving = args.serve_inbound > 0 and bool(inbound)
+    if inbound and not serving:
+        print(f"{PROG}: {len(inbound)} connection(s) the peer made toward guest {cid} are not replayed "
+              "(--serve-inbound S answers them)", file=sys.stderr)
+    if not convs and not serving:
+        print(f"{PROG}: {args.file}: nothing to replay: no whole connection made by guest {cid}", file=sys.stderr)
+        return None
+    server = None
+    if serving:
+        by_id = {c.id for c in inbound}
+        book = ReplayBook([s for s in scripts_of(t, made_by_guest=False) if s.conv_id in by_id])
+        server = InboundServer(guest, book, len(inbound), max(args.timeout, 5.0))
+        server.listen()
+    results = play_all(guest, convs, timing, args, ignored, server.pump if server else None)
+    if server is not None:
+        server.serve(time.monotonic() + args.serve_inbound)
+        results += inbound_results(server, inbound)
+    return results
 
 
 def load(path: str, filter_text: str) -> tuple[Transcript, list[str]]:
