@@ -208,7 +208,10 @@ def main(argv: Sequence[str]) -> int:
     def one(conv: Conversation, start: float | None, rnd: int) -> Result:
         return replay_one(conv, target, timing, args.timeout, args.connect_timeout, args.exact, ignored, start, rnd)
 
-    results = run_all(convs, one, timing, args.loop, args.jobs)
+    try:
+        results = run_all(convs, one, timing, args.loop, args.jobs)
+    except KeyboardInterrupt:
+        return 130
     return report(results, args.json, args.quiet, f"--to {args.to}", sys.stdout)
 
 

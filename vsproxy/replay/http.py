@@ -51,7 +51,7 @@ class HttpMessage:
             return None
         try:
             value: object = json.loads(self.body)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past what the parser takes
             return None
         return value
 
