@@ -165,3 +165,12 @@ def test_replay_benchmark_runs_and_prints_its_figures() -> None:
     assert re.search(r"client replay of 300 short connections: [\d.]+ s .*exit 0: .*300 same", out), out
     assert re.search(r"server replay, 200 request/answer exchanges .*median \d+ us, p90 \d+ us", out), out
     assert re.search(r"replay/echo [\d.]+x median", out), out
+
+
+def test_show_examples() -> None:
+    shown = [(c, o) for c, o in console_examples() if c.startswith("vsproxy replay show ")]
+    assert len(shown) >= 2
+    for command, output in shown:
+        proc = run(command, {})
+        assert proc.returncode == 0, proc.stderr
+        shows(proc, output, {})

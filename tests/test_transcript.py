@@ -209,3 +209,27 @@ def test_a_transcript_holds_at_most_max_bytes_of_payload_and_says_where_it_stopp
     assert c.sent(True).startswith(b"GET /v1/keys") and c.sent(False) == b""  # the 194-byte answer is not taken
     whole = load_transcript(str(CAPTURES / "http-over-vsock.pcapng"), max_bytes=285)
     assert whole.error is None  # 91 + 194 bytes: exactly the limit
+
+
+def test_replay_show_prints_the_transcript_and_fails_cleanly(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def show(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "vsproxy", "replay", "show", *args], capture_output=True,
+                              text=True, timeout=60, cwd=CAPTURES.parent)
+
+    seq = show("--data", "captures/seqpacket.pcapng")
+    assert seq.returncode == 0
+    assert seq.stdout.splitlines()[1:5] == [">>> +0.021412s 5 bytes EOM EOR", "    HELLO",
+                                            "<<< +0.021821s 19 bytes EOM", "    HELLO from the host"]
+    vault = show("captures/sibling-denied.pcapng", "--filter", "device == vault")
+    assert vault.stdout.splitlines()[:2] == ["=== #3 vault 5:1152927319 > 6:5001 STREAM ===",
+                                             "    (the peer connected to the guest: >>> is the peer)"]
+    cut = tmp_path / "cut.pcapng"
+    cut.write_bytes((CAPTURES / "http-over-vsock.pcapng").read_bytes()[:-30])
+    damaged = show(str(cut))
+    assert damaged.returncode == 1 and "HTTP GET /v1/keys" in damaged.stdout
+    assert "truncated" in damaged.stderr and "Traceback" not in damaged.stderr
+    assert show(str(tmp_path / "absent")).returncode == 2
+    assert show("captures/seqpacket.pcapng", "--filter", "port = 1").returncode == 2

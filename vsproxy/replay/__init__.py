@@ -19,5 +19,5 @@ I/O shell:
     ``player``      plays a plan over a channel (a socket, or the simulated guest's), timing
     ``inbound``     guest replay answering the connections the peer makes toward the guest
     ``auto``        ``--to auto``: where a vsproxy configuration routes each connection
-    ``diffcmd``, ``clientcmd``, ``guestcmd``, ``cmd``, ``progress``  the commands
+    ``diffcmd``, ``clientcmd``, ``guestcmd``, ``showcmd``, ``cmd``, ``progress``  the commands
 """

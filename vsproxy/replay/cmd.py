@@ -5,8 +5,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-USAGE = ("usage: vsproxy replay client FILE --to uds:PATH|tcp:HOST:PORT [options]\n"
+USAGE = ("usage: vsproxy replay client FILE --to uds:PATH|tcp:HOST:PORT|auto [options]\n"
          "       vsproxy replay guest FILE --socket PATH [--guest-cid N] [options]\n"
+         "       vsproxy replay show FILE [--filter EXPR] [--data]\n"
          "Server replay is part of vsproxy itself: --replay-server FILE or --service CID:PORT=replay:FILE.")
 
 
@@ -19,6 +20,10 @@ def main(argv: Sequence[str]) -> int:
         from vsproxy.replay.guestcmd import main as guest_main
 
         return guest_main(argv[1:])
+    if argv and argv[0] == "show":
+        from vsproxy.replay.showcmd import main as show_main
+
+        return show_main(argv[1:])
     if argv and argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0
