@@ -14,7 +14,6 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 
-import vsproxy.replay.service  # noqa: F401  (registers the replay kind)
 from vsproxy.device import DeviceConfig
 from vsproxy.endpoints.host import HostEndpoints, TcpForward
 from vsproxy.endpoints.services import check_spec, service_kinds, split_spec
@@ -94,6 +93,8 @@ def parse_service(text: str, where: str, device: str | None = None) -> Service:
     cid, port = _cid_port(addr, where)
     if not sep or port is None:
         raise ConfigError(f"{where}: service {text!r} is not CID:PORT=KIND[:ARG]")
+    if split_spec(kind)[0] not in service_kinds():
+        import vsproxy.replay.service  # noqa: F401  (registers the replay kind, imported when first named)
     if split_spec(kind)[0] not in service_kinds():
         raise ConfigError(f"{where}: service kind {kind!r} unknown (known: {', '.join(service_kinds())})")
     try:

@@ -9,13 +9,12 @@ from typing import TYPE_CHECKING
 
 from vsproxy.config import ConfigError
 from vsproxy.policy import Service
-from vsproxy.replay.hosts import HostReplays, host_made
-from vsproxy.replay.match import MatchError, Matching
-from vsproxy.replay.server import host_ports
-from vsproxy.replay.service import LIBRARY, OPTIONS, ReplayConfigError
 
 if TYPE_CHECKING:
     from vsproxy.app import Proxy
+
+# The replay modules (the decoding pipeline and the dissectors behind them) are imported only when
+# a replay flag is given: a vsproxy without them starts as fast as before.
 
 
 def add_replay_options(p: argparse.ArgumentParser) -> None:
@@ -37,6 +36,12 @@ def add_replay_options(p: argparse.ArgumentParser) -> None:
 
 
 def set_replay_options(args: argparse.Namespace) -> None:
+    if not (args.replay_server or args.replay_match != "exact" or args.replay_ignore_header or args.replay_reuse
+            or args.replay_unmatched != "rst" or any("=replay" in s for s in args.service)):
+        return  # the defaults; a replay rule in a --config file imports the kind with them
+    from vsproxy.replay.match import MatchError, Matching
+    from vsproxy.replay.service import OPTIONS
+
     try:
         OPTIONS.matching = Matching.parse(args.replay_match, tuple(args.replay_ignore_header))
     except MatchError as e:
@@ -47,6 +52,10 @@ def set_replay_options(args: argparse.Namespace) -> None:
 
 def replay_server_rules(path: str) -> list[Service]:
     """A replay rule for every peer the capture's guests dialled (not siblings)."""
+    from vsproxy.replay.hosts import host_made
+    from vsproxy.replay.server import host_ports
+    from vsproxy.replay.service import LIBRARY, ReplayConfigError
+
     try:
         t = LIBRARY.transcript(path, toward_guest=True)
     except ReplayConfigError as e:
@@ -60,6 +69,11 @@ def replay_server_rules(path: str) -> list[Service]:
 def start_host_replays(proxy: Proxy, paths: list[str]) -> None:
     """The connections the captures show the host making toward a guest, made again once the
     guest is up (after ``proxy.start()``)."""
+    if not paths:
+        return
+    from vsproxy.replay.hosts import HostReplays, host_made
+    from vsproxy.replay.service import LIBRARY
+
     for path in paths:
         convs = host_made(LIBRARY.transcript(path, toward_guest=True))
         if convs:
