@@ -233,3 +233,19 @@ def test_replay_show_prints_the_transcript_and_fails_cleanly(tmp_path: Path) -> 
     assert "truncated" in damaged.stderr and "Traceback" not in damaged.stderr
     assert show(str(tmp_path / "absent")).returncode == 2
     assert show("captures/seqpacket.pcapng", "--filter", "port = 1").returncode == 2
+
+
+def test_a_live_builder_shows_steps_as_they_complete_and_what_is_still_arriving() -> None:
+    from vsproxy.replay.transcript import TranscriptBuilder
+
+    dec, b = Decoder(), TranscriptBuilder()
+    for r in (rec(GUEST, HOST, H.Op.REQUEST), rec(HOST, GUEST, H.Op.RESPONSE, ts=1.5),
+              rec(GUEST, HOST, H.Op.RW, REQ[:10], ts=2.0)):
+        b.feed(dec.decode(r))
+    (c,) = b.transcript.conversations
+    assert c.steps == [] and c.outcome is Outcome.ESTABLISHED
+    (partial,) = b.pending(c.id)
+    assert (partial.data, partial.from_client, partial.eom) == (REQ[:10], True, False)
+    b.feed(dec.decode(rec(GUEST, HOST, H.Op.RW, REQ[10:], ts=3.0)))
+    assert [s.data for s in c.steps if isinstance(s, Data)] == [REQ] and b.pending(c.id) == []
+    assert b.pending(99) == []

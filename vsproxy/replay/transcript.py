@@ -22,8 +22,9 @@ to see bytes the capture lost (a peer acknowledged more than the capture holds).
 A capture that starts inside a connection, ends before connections closed, lost packets or is
 damaged is read as far as it goes, and the transcript says so (``problems``).
 
-Sans-I/O: ``TranscriptBuilder.feed`` takes ``Decoded`` packets one at a time; ``transcript_of``
-runs a decoder over records; ``load_transcript`` reads files (the only I/O here).
+Sans-I/O: ``TranscriptBuilder.feed`` takes ``Decoded`` packets one at a time (its ``transcript``
+grows as they come, and ``pending`` shows what is not a step yet, for a live view);
+``transcript_of`` runs a decoder over records; ``load_transcript`` reads files (the only I/O here).
 """
 
 from __future__ import annotations
@@ -311,6 +312,19 @@ class TranscriptBuilder:
             conv.closed = True
             if conv.outcome is Outcome.PENDING:
                 conv.outcome = Outcome.DENIED if conv.verdict is Verdict.DENIED else Outcome.REFUSED
+
+    def pending(self, conv_id: int) -> list[Data]:
+        """What connection ``conv_id`` has sent that is not a step yet (a message still arriving,
+        bytes a dissector has no message for so far), as provisional steps: a live view (the
+        TUI's follow) shows ``steps`` and then these. Empty for an unknown or ended connection."""
+        live = self._live.get(conv_id)
+        if live is None:
+            return []
+        out = []
+        for side, p in enumerate(live.pending):
+            if p.packets:
+                out.append(Data(p.time, side == 0, b"".join(p.chunks), False, False, tuple(p.app), p.packets))
+        return sorted(out, key=lambda d: d.time)
 
     def finish(self, error: str | None = None) -> Transcript:
         """The transcript of everything fed; ``error``: the capture was damaged after it."""
