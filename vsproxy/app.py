@@ -78,6 +78,8 @@ def report_lines(snap: Snapshot) -> list[str]:
     for r in snap.rules:
         lines.append(f"rule {r.name!r}: connections={r.connections} denials={r.denials} rewrites={r.rewrites} "
                      f"packets={r.packets} bytes={r.bytes}")
+    for name, counts in snap.services.items():
+        lines.append(f"{name}: " + " ".join(f"{k}={v}" for k, v in counts.items()))
     h = snap.process
     lines.append(f"process: fd_exhausted={h.fd_exhausted} accept_pauses={h.accept_pauses} "
                  f"handshakes_dropped={h.handshakes_dropped} faults={h.faults}")

@@ -21,6 +21,7 @@ from vsproxy.device import DeviceConfig
 from vsproxy.endpoints.host import HostEndpoints
 from vsproxy.limits import raise_nofile_limit
 from vsproxy.policy import Allow
+from vsproxy.replay.options import add_replay_options, replay_server_rules, set_replay_options, start_host_replays
 from vsproxy.vsock.core import DEFAULT_BUF_ALLOC
 
 log = logging.getLogger("vsproxy")
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="vhost-user-vsock backend that routes, fences and shows vsock traffic.",
         epilog="Subcommands: 'vsproxy demo' runs a self-contained session with a simulated guest; "
         "'vsproxy read FILE [FILTER]' prints a capture like tcpdump -r (-V, --follow, --json; "
-        "see 'vsproxy read --help'); 'vsproxy ctl PATH stats|conns|events|pcap|watch' talks to --control PATH.",
+        "see 'vsproxy read --help'); 'vsproxy ctl PATH stats|conns|events|pcap|watch' talks to --control PATH; "
+        "'vsproxy diff A B' compares two captures as transcripts; 'vsproxy replay client|guest FILE' replays one.",
     )
     p.add_argument("--socket", metavar="PATH", help="vhost-user socket QEMU connects to (one device)")
     p.add_argument("--guest-cid", type=parse_cid, metavar="N", help="the guest's CID (3..2^32-2)")
@@ -124,9 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--service",
         action="append",
         default=[],
-        metavar="CID:PORT=KIND",
-        help="a built-in service (nitro-heartbeat, echo, discard) at CID:PORT for every device (repeatable)",
+        metavar="CID:PORT=KIND[:ARG]",
+        help="a built-in service (nitro-heartbeat, echo, discard, replay:FILE) at CID:PORT for every device "
+        "(repeatable)",
     )
+    add_replay_options(p)
     p.add_argument("--allow-out", action="append", default=[], metavar="CID[:PORT]",
                    help="with --socket: the guest may connect only to these (besides services)")
     p.add_argument("--allow-in", action="append", default=[], metavar="CID[:PORT]",
@@ -169,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> cfg.Settings:
     """Every device and rule from the flags and the config file, checked as a whole."""
     settings = cfg.Settings()
+    set_replay_options(args)  # before any rule is made: replay rules take them when made
     if args.vsock_via_unix:
         from vsproxy.endpoints.vsock import UnixVsockFactory
 
@@ -208,6 +213,10 @@ def settings_from_args(args: argparse.Namespace) -> cfg.Settings:
         settings.remaps.append(cfg.parse_remap(text, "--remap"))
     for text in args.service:
         settings.services.append(cfg.parse_service(text, "--service"))
+    for path in args.replay_server:  # before --nitro's heartbeat, so the capture answers 3:9000
+        settings.services += replay_server_rules(path)
+        settings.notes.append(f"--replay-server {path}: " + ", ".join(
+            f"{s.cid}:{s.port}" for s in settings.services if s.kind == f"replay:{path}"))
     if args.nitro:
         cfg.nitro(settings)
     for d in settings.devices:  # the flags apply to every device that does not set its own
@@ -233,6 +242,14 @@ def main(argv: list[str] | None = None) -> int:
         from vsproxy.ctl import main as ctl_main
 
         return ctl_main(args_list[1:])
+    if args_list and args_list[0] == "diff":
+        from vsproxy.replay.diffcmd import main as diff_main
+
+        return diff_main(args_list[1:])
+    if args_list and args_list[0] == "replay":
+        from vsproxy.replay.cmd import main as replay_main
+
+        return replay_main(args_list[1:])
     if args_list and args_list[0] == "read":
         from vsproxy.read import main as read_main
 
@@ -277,6 +294,7 @@ def serve(args_list: list[str], start_children: Callable[[], list[subprocess.Pop
         if args.control:
             proxy.start_control(args.control)
         proxy.start()
+        start_host_replays(proxy, args.replay_server)
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         proxy.close()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from vsproxy.device import DeviceConfig
 from vsproxy.endpoints.host import HostEndpoints, TcpForward
-from vsproxy.endpoints.services import service_kinds
+from vsproxy.endpoints.services import check_spec, service_kinds, split_spec
 from vsproxy.endpoints.vsock import VsockFactory
 from vsproxy.policy import Allow, DeviceSpec, Policy, Remap, Service
 from vsproxy.vsock.core import DEFAULT_BUF_ALLOC
@@ -88,13 +88,19 @@ def parse_remap(text: str, where: str, device: str | None = None) -> Remap:
 
 
 def parse_service(text: str, where: str, device: str | None = None) -> Service:
-    """``CID:PORT=KIND``, KIND one of nitro-heartbeat, echo, discard."""
+    """``CID:PORT=KIND[:ARG]``, KIND one of nitro-heartbeat, echo, discard, replay (``replay:FILE``)."""
     addr, sep, kind = text.partition("=")
     cid, port = _cid_port(addr, where)
     if not sep or port is None:
-        raise ConfigError(f"{where}: service {text!r} is not CID:PORT=KIND")
-    if kind not in service_kinds():
+        raise ConfigError(f"{where}: service {text!r} is not CID:PORT=KIND[:ARG]")
+    if split_spec(kind)[0] not in service_kinds():
+        import vsproxy.replay.service  # noqa: F401  (registers the replay kind, imported when first named)
+    if split_spec(kind)[0] not in service_kinds():
         raise ConfigError(f"{where}: service kind {kind!r} unknown (known: {', '.join(service_kinds())})")
+    try:
+        check_spec(kind, cid, port)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
     return Service(cid, port, kind, device)
 
 

@@ -90,6 +90,8 @@ def stats_lines(snap: dict[str, Any]) -> list[str]:
     for r in snap["rules"]:
         lines.append(f"rule {r['name']!r}: connections={r['connections']} denials={r['denials']} "
                      f"rewrites={r['rewrites']} packets={r['packets']} bytes={r['bytes']}")
+    for name, counts in (snap.get("services") or {}).items():
+        lines.append(f"{name}: " + " ".join(f"{k}={v}" for k, v in counts.items()))
     p = snap["process"]
     lines.append(f"process: fd_exhausted={p['fd_exhausted']} accept_pauses={p['accept_pauses']} "
                  f"handshakes_dropped={p['handshakes_dropped']} faults={p['faults']}")

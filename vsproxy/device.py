@@ -11,10 +11,11 @@ import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from vsproxy.endpoints.base import Peer
 from vsproxy.endpoints.host import HostEndpoints
 from vsproxy.endpoints.listeners import DEFAULT_MAX_HANDSHAKES, Acceptor, HybridListener, TcpListener, listen_unix
 from vsproxy.endpoints.sibling import SiblingEnd
-from vsproxy.endpoints.sockets import CoreHooks, SocketPeer
+from vsproxy.endpoints.sockets import CoreHooks
 from vsproxy.events import EventKind
 from vsproxy.frontend import FrontendSession
 from vsproxy.limits import Limits, ratelog
@@ -131,7 +132,17 @@ class Device:
         s = self.session
         return s if s is not None and s.running else None
 
-    def _host_connect(self, peer: SocketPeer, guest_port: int, type_: int) -> Connection | None:
+    def hooks(self) -> CoreHooks | None:
+        """What a peer reports to (the running session); None while no guest is up."""
+        return self._hooks()
+
+    def connect_from_host(self, peer: Peer, guest_port: int, type_: int) -> Connection | None:
+        """A connection from the host into the guest's ``guest_port`` for ``peer``, which is not a
+        socket of a listener's (server replay makes the connections a capture shows); None when
+        no guest is up or a rule or limit refuses it."""
+        return self._host_connect(peer, guest_port, type_)
+
+    def _host_connect(self, peer: Peer, guest_port: int, type_: int) -> Connection | None:
         s = self.session
         if s is None or not s.running:
             return None

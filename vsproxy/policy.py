@@ -46,7 +46,7 @@ class Remap:
 class Service:
     cid: int
     port: int
-    kind: str  # "nitro-heartbeat", "echo", "discard"
+    kind: str  # KIND[:ARG]: "nitro-heartbeat", "echo", "discard", "replay:FILE"
     device: str | None = None
 
     def label(self) -> str:
@@ -124,10 +124,11 @@ class Policy:
         return [a for a in self.allows if a.device == dev and a.direction == direction]
 
     # -- decisions -----------------------------------------------------------------
-    def outbound(self, dev: str, cid: int, port: int) -> Route:
-        """The guest of ``dev`` dialled cid:port."""
+    def outbound(self, dev: str, cid: int, port: int, services: bool = True) -> Route:
+        """The guest of ``dev`` dialled cid:port. ``services=False``: where it would go if no
+        built-in service were there (a replay service forwarding what it cannot answer)."""
         src = self._by_name[dev]
-        svc = self._service(dev, cid, port)
+        svc = self._service(dev, cid, port) if services else None
         if svc is not None:
             return Route(True, "service", cid, port, svc.label(), service=svc.kind)
         remap = self._remap(dev, cid, port)
@@ -135,7 +136,7 @@ class Policy:
         if remap is not None:
             real_cid = remap.to_cid
             real_port = remap.to_port if remap.port is not None and remap.to_port is not None else port
-            svc = self._service(dev, real_cid, real_port)
+            svc = self._service(dev, real_cid, real_port) if services else None
             if svc is not None:
                 return Route(True, "service", real_cid, real_port, svc.label(), remap=remap.label(),
                              service=svc.kind)

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vsproxy.endpoints.services import service_rows
 from vsproxy.limits import Health
 from vsproxy.verdict import verdict_of
 from vsproxy.vsock.connection import Connection
@@ -98,6 +99,8 @@ class Snapshot:
     connections: tuple[ConnectionInfo, ...]
     process: Health  # a copy
     capture: dict[str, dict[str, int]] | None  # "all": the --pcap file; "live": live subscribers (app.py)
+    # counters service kinds keep per rule (replay: matched, unmatched, exhausted), by rule
+    services: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
 
 def take(proxy: Proxy) -> Snapshot:
@@ -130,7 +133,7 @@ def take(proxy: Proxy) -> Snapshot:
                   for name, rc in sorted(proxy.switch.rules.items())
                   for t in (traffic.get(name, Traffic()),))
     return Snapshot(tuple(devices), rules, tuple(conns), dataclasses.replace(proxy.loop.health),
-                    proxy.capture_rows() or None)
+                    proxy.capture_rows() or None, service_rows())
 
 
 def _connection(d: Device, conn: Connection, now: float, back: OwnedBack | None) -> tuple[ConnectionInfo, list[int]]:

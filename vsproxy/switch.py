@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from vsproxy.endpoints.base import Peer
-from vsproxy.endpoints.services import ServicePeer
+from vsproxy.endpoints.services import open_service
 from vsproxy.endpoints.sibling import SiblingEnd, pair
 from vsproxy.endpoints.sockets import CoreHooks
 from vsproxy.eventbus import EventBus
@@ -100,11 +100,19 @@ class Switch:
         conn.rule = (route.rule,) if route.remap is None else (route.rule, route.remap)
         if route.kind == "service":
             assert route.service is not None
-            if conn.type != 1:
-                log.info("%s: built-in services are STREAM only", where)
+
+            def fallback(inner_hooks: CoreHooks) -> Peer | None:
+                """Where the connection would go without the service (the host side only)."""
+                alt = self.policy.outbound(dev.name, conn.peer_cid, conn.peer_port, services=False)
+                if not alt.allowed or alt.kind != "host":
+                    return None
+                return dev.config.endpoints.open(alt.port, conn, self.loop, inner_hooks)
+
+            peer = open_service(route.service, conn.type, route.cid, route.port, self.loop.call_soon,
+                                lambda: hooks.readable(conn), lambda: hooks.writable(conn), fallback)
+            if peer is None:
+                log.info("%s: service %s does not carry this socket type", where, route.service)
                 return None
-            peer = ServicePeer(route.service, self.loop.call_soon, lambda: hooks.readable(conn),
-                               lambda: hooks.writable(conn))
             self.loop.call_soon(lambda: hooks.connected(conn))
             return peer
         if route.kind == "host":

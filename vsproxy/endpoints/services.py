@@ -1,7 +1,10 @@
-"""Built-in services answered inside vsproxy: ``nitro-heartbeat``, ``echo``, ``discard``.
+"""Built-in services answered inside vsproxy: ``nitro-heartbeat``, ``echo``, ``discard`` (and
+``replay``, registered by vsproxy/replay/service.py).
 
 A service kind is one class registered under its name (``register``): what it answers to the
-guest's bytes. ``ServicePeer`` is the ``Peer`` every kind runs behind: the vsock core hands it
+guest's bytes. A rule names it as ``KIND`` or ``KIND:ARG`` (``replay:FILE``); a kind that takes
+an ARG checks it when the configuration is made (``check_arg``) and may make its own peer, for
+SEQPACKET too (``open_peer``). ``ServicePeer`` is the ``Peer`` every kind runs behind: the vsock core hands it
 the guest's bytes with ``send`` and reads the answers with ``recv_into``, exactly as for a
 socket, so services need no special case in the core. Answers wait in a bounded buffer; a
 guest that does not read them stops the service from taking more (``send`` returns 0), which
@@ -11,9 +14,16 @@ throttles only that connection.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from vsproxy.endpoints.base import Buffer, PeerBase, scatter
+from vsproxy.endpoints.base import Buffer, Peer, PeerBase, scatter
+
+if TYPE_CHECKING:
+    from vsproxy.endpoints.sockets import CoreHooks
+
+# Opens the endpoint a guest connection would reach without the service, reporting to the
+# hooks given (None: there is none). A service may hand a connection over to it.
+Fallback = Callable[["CoreHooks"], Peer | None]
 
 NITRO_HEARTBEAT = 0xB7
 PENDING_MAX = 256 * 1024
@@ -31,8 +41,26 @@ class Service:
         """What goes back to the guest for ``data`` (may be empty)."""
         raise NotImplementedError
 
+    @classmethod
+    def check_arg(cls, arg: str | None, cid: int, port: int) -> None:
+        """When the rule ``CID:PORT=KIND[:ARG]`` is made: raise ``ValueError`` (its text is the
+        error shown) for an ARG this kind cannot use. The built-in kinds take none."""
+        if arg is not None:
+            raise ValueError(f"service kind {cls.kind!r} takes no argument (got {arg!r})")
+
+    @classmethod
+    def open_peer(cls, arg: str | None, sock_type: int, cid: int, port: int,
+                  schedule: Callable[[Callable[[], None]], None], on_readable: Callable[[], None],
+                  on_writable: Callable[[], None], fallback: Fallback | None = None) -> Peer | None:
+        """The peer for one guest connection of ``sock_type``; None when this kind does not
+        carry it (the guest gets RST). The built-in kinds carry STREAM only."""
+        if sock_type != STREAM:
+            return None
+        return ServicePeer(cls.kind, schedule, on_readable, on_writable)
+
 
 SERVICES: dict[str, type[Service]] = {}
+STREAM = 1  # virtio-vsock VIRTIO_VSOCK_TYPE_STREAM
 
 
 def register(cls: type[Service]) -> type[Service]:
@@ -71,6 +99,44 @@ class Discard(Service):
 
 def service_kinds() -> tuple[str, ...]:
     return tuple(SERVICES)
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """``KIND[:ARG]`` -> (KIND, ARG or None)."""
+    kind, sep, arg = spec.partition(":")
+    return kind, arg if sep else None
+
+
+def check_spec(spec: str, cid: int, port: int) -> None:
+    """Raise ``ValueError`` for a rule whose kind is unknown or cannot use its ARG."""
+    kind, arg = split_spec(spec)
+    cls = SERVICES.get(kind)
+    if cls is None:
+        raise ValueError(f"service kind {kind!r} unknown (known: {', '.join(SERVICES)})")
+    cls.check_arg(arg, cid, port)
+
+
+def open_service(spec: str, sock_type: int, cid: int, port: int, schedule: Callable[[Callable[[], None]], None],
+                 on_readable: Callable[[], None], on_writable: Callable[[], None],
+                 fallback: Fallback | None = None) -> Peer | None:
+    """The peer of one guest connection to the service rule ``spec`` at ``cid:port``."""
+    kind, arg = split_spec(spec)
+    cls = SERVICES.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown service {kind!r} (known: {', '.join(SERVICES)})")
+    return cls.open_peer(arg, sock_type, cid, port, schedule, on_readable, on_writable, fallback)
+
+
+# Counters kinds keep per rule (the replay kind: matched, unmatched, exhausted), by a name for the
+# rule: the snapshot carries them, so the SIGUSR1 report and ``vsproxy ctl stats`` show them.
+COUNTERS: list[Callable[[], dict[str, dict[str, int]]]] = []
+
+
+def service_rows() -> dict[str, dict[str, int]]:
+    rows: dict[str, dict[str, int]] = {}
+    for source in COUNTERS:
+        rows.update(source())
+    return rows
 
 
 class ServicePeer(PeerBase):

@@ -1,0 +1,444 @@
+"""Transcripts: what each connection in a capture carried, as its two ends exchanged it.
+
+A ``Transcript`` is built from decoded packets (``vsproxy.decode.Decoder``), so connection ids,
+protocols and application summaries are the ones ``vsproxy read`` shows. Per connection (a
+``Conversation``): the device, the ends as the guest saw them (the packets on a device's
+interface are the guest's view) and the real peer a remap sent it to (from vsproxy's
+``rewritten ... real peer C:P`` comment), the socket type, who connected, and the ordered
+``steps``:
+
+- ``Data``: bytes one side sent. SEQPACKET: one whole message (its RW packets up to the one with
+  EOM), with its EOR mark. STREAM: when a dissector knows the protocol, the bytes up to the
+  packet in which application messages end (``app`` holds their summaries); else each RW
+  packet's bytes, as they crossed. Bytes a side sent are never merged across another step.
+- ``Shutdown``: a half-close, with its RCV/SEND flags.
+- ``Reset``: an RST.
+
+The connection's ``outcome`` says whether it was accepted, refused (RST before RESPONSE),
+denied (the REQUEST carries vsproxy's denial), still pending, or seen without its start; its
+``verdict`` is the capture comment's. Credit packets carry no step; their ``fwd_cnt`` is used
+to see bytes the capture lost (a peer acknowledged more than the capture holds).
+
+A capture that starts inside a connection, ends before connections closed, lost packets or is
+damaged is read as far as it goes, and the transcript says so (``problems``).
+
+Sans-I/O: ``TranscriptBuilder.feed`` takes ``Decoded`` packets one at a time (its ``transcript``
+grows as they come, and ``pending`` shows what is not a step yet, for a live view);
+``transcript_of`` runs a decoder over records; ``load_transcript`` reads files (the only I/O here).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Final
+
+from dissectors.streams import DETECT_BYTES
+from vsproxy.capture.reader import CaptureError, Record, printable
+from vsproxy.decode import Decoded, Decoder, read_captures
+from vsproxy.verdict import Verdict, verdict_of
+from vsproxy.vsock import header as H
+
+__all__ = [
+    "Conversation",
+    "Data",
+    "Endpoint",
+    "Outcome",
+    "Reset",
+    "Shutdown",
+    "Step",
+    "Transcript",
+    "TranscriptBuilder",
+    "load_transcript",
+    "transcript_of",
+]
+
+Endpoint = tuple[int, int]  # (cid, port)
+
+_REQUEST, _RESPONSE, _RST, _SHUTDOWN, _RW = (int(op) for op in (H.Op.REQUEST, H.Op.RESPONSE, H.Op.RST,
+                                                                 H.Op.SHUTDOWN, H.Op.RW))
+_SEQPACKET: Final = int(H.Type.SEQPACKET)
+_REAL_PEER: Final = re.compile(r"real peer (\d+):(\d+)")
+MAX_BYTES: Final = 4 << 30  # payload a transcript holds at most (bad input must not take all memory)
+MAX_STEP: Final = 16 << 20  # a STREAM step longer than this is cut (a message is not held whole past it)
+_HALF: Final = 1 << 31  # fwd_cnt arithmetic is modulo 2^32: a difference past this is behind, not ahead
+
+
+class Outcome(Enum):
+    ESTABLISHED = "established"  # the REQUEST got a RESPONSE
+    REFUSED = "refused"  # RST before any RESPONSE: nothing listened, or vsproxy refused it (a limit)
+    DENIED = "denied"  # the REQUEST carries vsproxy's denial: it never reached the other side
+    PENDING = "pending"  # the capture ended before the REQUEST was answered
+    MID_STREAM = "mid-stream"  # the capture started after the REQUEST: its start is not known
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """Bytes one side sent (see the module docstring for how they are cut)."""
+
+    time: float  # of the last packet
+    from_client: bool  # sent by the side that connected
+    data: bytes
+    eom: bool = False  # SEQPACKET: a whole message (False: the capture ended inside it)
+    eor: bool = False  # SEQPACKET: the message ends a record (MSG_EOR)
+    app: tuple[str, ...] = ()  # summaries of the application messages that end here
+    packets: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    time: float
+    from_client: bool
+    flags: int  # H.SHUTDOWN_RCV (1): will receive no more; H.SHUTDOWN_SEND (2): will send no more
+
+    @property
+    def flag_names(self) -> str:
+        names = [n for bit, n in ((H.SHUTDOWN_RCV, "RCV"), (H.SHUTDOWN_SEND, "SEND")) if self.flags & bit]
+        return "|".join(names) or "none"
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    time: float
+    from_client: bool
+
+
+Step = Data | Shutdown | Reset
+
+
+@dataclass(slots=True, eq=False)
+class Conversation:
+    """One connection as one device's interface saw it."""
+
+    id: int  # the decoder's connection id (``#1`` in ``vsproxy read``)
+    device: str  # the capture's interface ("" in classic pcap)
+    sock_type: int  # H.Type
+    client: Endpoint  # the side that connected (for a connection seen mid-stream: a guess)
+    server: Endpoint
+    guest_is_client: bool | None  # the guest connected (True), its peer did (False); None: the file does not say
+    start: float  # time of the first packet
+    end: float = 0.0  # time of the last packet
+    outcome: Outcome = Outcome.PENDING
+    verdict: Verdict = Verdict.ALLOWED
+    comment: str | None = None  # the first capture comment (denial, remap)
+    real_peer: Endpoint | None = None  # where a remap really sent the guest's peer side
+    proto: str | None = None  # the application protocol, when a dissector knew it
+    steps: list[Step] = field(default_factory=list)
+    closed: bool = False  # an RST, or both directions shut down
+    lost: int = 0  # bytes a side acknowledged (fwd_cnt) beyond what the capture holds
+    cut: bool = False  # the capture ended inside a SEQPACKET message
+    selected: bool = False  # a packet of it matched the decoder's filter (every one does without a filter)
+
+    @property
+    def seen_start(self) -> bool:
+        return self.outcome is not Outcome.MID_STREAM
+
+    @property
+    def type_name(self) -> str:
+        return "SEQPACKET" if self.sock_type == _SEQPACKET else "STREAM"
+
+    @property
+    def guest(self) -> Endpoint | None:
+        """The guest's end, when the file says which end is the guest."""
+        if self.guest_is_client is None:
+            return None
+        return self.client if self.guest_is_client else self.server
+
+    @property
+    def peer(self) -> Endpoint | None:
+        """The guest's peer as the guest saw it (``real_peer``: where it really went)."""
+        if self.guest_is_client is None:
+            return None
+        return self.server if self.guest_is_client else self.client
+
+    def data(self, from_client: bool) -> list[Data]:
+        return [s for s in self.steps if isinstance(s, Data) and s.from_client == from_client]
+
+    def sent(self, from_client: bool) -> bytes:
+        """Every byte one side sent, in order."""
+        return b"".join(s.data for s in self.data(from_client))
+
+    def title(self) -> str:
+        """``#1 app 5:2157979543 > 2:8080 STREAM http``, plus the real peer and outcome when they say
+        something."""
+        dev = f"{printable(self.device)} " if self.device else ""
+        proto = f" {self.proto}" if self.proto else ""
+        real = f" (real peer {self.real_peer[0]}:{self.real_peer[1]})" if self.real_peer else ""
+        out = "" if self.outcome is Outcome.ESTABLISHED else f" [{self.outcome.value}]"
+        return (f"#{self.id} {dev}{self.client[0]}:{self.client[1]} > {self.server[0]}:{self.server[1]} "
+                f"{self.type_name}{proto}{real}{out}")
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.seen_start:
+            out.append("started before the capture")
+        if not self.closed and self.outcome not in (Outcome.DENIED, Outcome.REFUSED):
+            out.append("not closed when the capture ended")
+        if self.lost:
+            out.append(f"{self.lost} bytes missing from the capture")
+        if self.cut:
+            out.append("the capture ended inside a message")
+        return out
+
+
+@dataclass(slots=True)
+class Transcript:
+    conversations: list[Conversation] = field(default_factory=list)
+    packets: int = 0  # records read
+    orphans: int = 0  # packets of no connection the capture shows the start or data of
+    spoofed: int = 0  # packets vsproxy dropped as spoofed (no step is made of them)
+    other: int = 0  # frames without a virtio header
+    error: str | None = None  # the capture is damaged here; what came before it is read
+
+    @property
+    def started_mid(self) -> bool:
+        return self.orphans > 0 or any(not c.seen_start for c in self.conversations)
+
+    @property
+    def ended_early(self) -> bool:
+        return any("not closed when the capture ended" in c.problems() for c in self.conversations)
+
+    @property
+    def lost(self) -> int:
+        return sum(c.lost for c in self.conversations)
+
+    def problems(self) -> list[str]:
+        """One line per thing the capture does not hold, empty when it is whole."""
+        out = []
+        if self.error is not None:
+            out.append(f"damaged capture: {self.error} (after {self.packets} packets)")
+        for c in self.conversations:
+            out += [f"#{c.id}: {p}" for p in c.problems()]
+        if self.orphans:
+            out.append(f"{self.orphans} packets of connections whose start and data are not in the capture")
+        return out
+
+
+class _Pending:
+    """One direction's bytes not yet made a step: the packets' payloads as they are (joined once,
+    when the step is made; one packet's payload becomes the step without a copy)."""
+
+    __slots__ = ("app", "chunks", "packets", "size", "time")
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.app: list[str] = []
+        self.packets = 0
+        self.time = 0.0
+
+
+class _Live:
+    """Building one conversation: the per-direction state the finished one does not keep."""
+
+    __slots__ = ("conv", "pending", "sent", "shut")
+
+    def __init__(self, conv: Conversation) -> None:
+        self.conv = conv
+        self.pending = (_Pending(), _Pending())  # (from client, from server)
+        self.sent = [0, 0]  # payload bytes seen from (client, server), modulo 2^32
+        self.shut = [False, False]  # (client, server) will send no more
+
+
+class TranscriptBuilder:
+    """Decoded packets in, in capture order; ``finish`` gives the transcript. A transcript holds
+    every payload byte, so it is bounded: past ``max_bytes`` of payload, ``full`` turns True and
+    further packets are not taken (the caller stops; ``finish`` says where)."""
+
+    def __init__(self, max_bytes: int = MAX_BYTES) -> None:
+        self.transcript = Transcript()
+        self._live: dict[int, _Live] = {}  # by connection id; kept to the end (steps are the point)
+        self.max_bytes = max_bytes
+        self.held = 0  # payload bytes held
+        self.full = False
+
+    def feed(self, d: Decoded) -> None:
+        if self.full:
+            return
+        self.held += len(d.view.payload)
+        if self.held > self.max_bytes:
+            self.full = True
+            return
+        t = self.transcript
+        t.packets += 1
+        h, view = d.view.hdr, d.view
+        if h is None:
+            t.other += 1
+            return
+        if verdict_of(view.comment) is Verdict.SPOOFED:
+            t.spoofed += 1
+            return
+        tc = d.conn
+        if tc is None:
+            t.orphans += 1
+            return
+        live = self._live.get(tc.id)
+        if live is None:
+            live = self._open(d)
+        conv = live.conv
+        conv.end = view.time
+        if d.matched:
+            conv.selected = True
+        if conv.proto is None and tc.proto is not None:
+            conv.proto = tc.proto
+        if view.comment and conv.comment is None:
+            self._note_comment(conv, view.comment)
+        src = (h.src_cid, h.src_port)
+        from_client = src == conv.client
+        side = 0 if from_client else 1
+        self._check_ack(live, side, h.fwd_cnt)
+        op = h.op
+        if op == _RW:
+            self._data(live, side, d)
+        elif op == _RESPONSE:
+            if conv.outcome is Outcome.PENDING:
+                conv.outcome = Outcome.ESTABLISHED
+        elif op == _SHUTDOWN:
+            self._flush(live, 0)
+            self._flush(live, 1)
+            conv.steps.append(Shutdown(view.time, from_client, h.flags & H.SHUTDOWN_BOTH))
+            if h.flags & H.SHUTDOWN_SEND:
+                live.shut[side] = True
+            if h.flags & H.SHUTDOWN_RCV:
+                live.shut[1 - side] = True
+            if all(live.shut):
+                conv.closed = True
+        elif op == _RST:
+            self._flush(live, 0)
+            self._flush(live, 1)
+            conv.steps.append(Reset(view.time, from_client))
+            conv.closed = True
+            if conv.outcome is Outcome.PENDING:
+                conv.outcome = Outcome.DENIED if conv.verdict is Verdict.DENIED else Outcome.REFUSED
+
+    def pending(self, conv_id: int) -> list[Data]:
+        """What connection ``conv_id`` has sent that is not a step yet (a message still arriving,
+        bytes a dissector has no message for so far), as provisional steps: a live view (the
+        TUI's follow) shows ``steps`` and then these. Empty for an unknown or ended connection."""
+        live = self._live.get(conv_id)
+        if live is None:
+            return []
+        out = []
+        for side, p in enumerate(live.pending):
+            if p.packets:
+                out.append(Data(p.time, side == 0, b"".join(p.chunks), False, False, tuple(p.app), p.packets))
+        return sorted(out, key=lambda d: d.time)
+
+    def finish(self, error: str | None = None) -> Transcript:
+        """The transcript of everything fed; ``error``: the capture was damaged after it."""
+        for live in self._live.values():
+            self._flush(live, 0)
+            self._flush(live, 1)
+        t = self.transcript
+        t.error = error
+        return t
+
+    # -- the parts ---------------------------------------------------------------------------
+    def _open(self, d: Decoded) -> _Live:
+        tc = d.conn
+        assert tc is not None and d.view.hdr is not None
+        h = d.view.hdr
+        started = tc.seen_request
+        guest_is_client: bool | None = None
+        if d.view.from_guest is not None:
+            from_client = (h.src_cid, h.src_port) == tc.client
+            guest_is_client = d.view.from_guest == from_client
+        conv = Conversation(tc.id, tc.device, tc.sock_type, tc.client, tc.server, guest_is_client, d.view.time,
+                            d.view.time, Outcome.PENDING if started else Outcome.MID_STREAM)
+        self.transcript.conversations.append(conv)
+        live = _Live(conv)
+        self._live[tc.id] = live
+        return live
+
+    @staticmethod
+    def _note_comment(conv: Conversation, comment: str) -> None:
+        conv.comment = comment
+        conv.verdict = verdict_of(comment)
+        m = _REAL_PEER.search(comment)
+        if m is not None:
+            conv.real_peer = (int(m.group(1)), int(m.group(2)))
+
+    @staticmethod
+    def _check_ack(live: _Live, side: int, fwd_cnt: int) -> None:
+        """``fwd_cnt`` from ``side`` counts the bytes it took of the other side's: more than the
+        capture holds means packets are missing (known only when the start was seen)."""
+        conv = live.conv
+        if not conv.seen_start:
+            return
+        ahead = (fwd_cnt - live.sent[1 - side]) & H.U32
+        if 0 < ahead < _HALF and ahead > conv.lost:
+            conv.lost = ahead
+
+    def _data(self, live: _Live, side: int, d: Decoded) -> None:
+        h = d.view.hdr
+        assert h is not None
+        payload = d.view.payload
+        live.sent[side] = (live.sent[side] + len(payload)) & H.U32
+        conv = live.conv
+        stream = conv.sock_type != _SEQPACKET
+        if stream:  # the other side's bytes came first: they are a step of their own
+            self._flush(live, 1 - side)
+        p = live.pending[side]
+        if payload:
+            p.chunks.append(payload)
+            p.size += len(payload)
+        p.packets += 1
+        p.time = d.view.time
+        if d.view.app:
+            p.app += d.view.app
+        if not stream:
+            if h.flags & H.SEQ_EOM:
+                self._flush(live, side, eom=True, eor=bool(h.flags & H.SEQ_EOR))
+        elif d.view.app or p.size > MAX_STEP or (d.conn is not None and d.conn.dissector is None
+                                                   and (d.conn.decided or p.size > DETECT_BYTES)):
+            # a message ended, no dissector will ever find one (the tracker decided, or stopped
+            # keeping this direction's bytes for detection), or the step is as large as steps get
+            self._flush(live, side)
+
+    @staticmethod
+    def _flush(live: _Live, side: int, eom: bool = False, eor: bool = False) -> None:
+        p = live.pending[side]
+        if not p.packets:
+            return
+        conv = live.conv
+        if conv.sock_type == _SEQPACKET and not eom:
+            conv.cut = True
+        data = p.chunks[0] if len(p.chunks) == 1 else b"".join(p.chunks)
+        conv.steps.append(Data(p.time, side == 0, data, eom, eor, tuple(p.app), p.packets))
+        live.pending = (_Pending(), live.pending[1]) if side == 0 else (live.pending[0], _Pending())
+
+
+def transcript_of(records: Iterable[Record], decoder: Decoder | None = None, max_bytes: int = MAX_BYTES) -> Transcript:
+    """The transcript of ``records`` (a damaged capture: what came before the damage, with
+    ``error`` set; one holding more than ``max_bytes`` of payload: what came before, likewise)."""
+    dec = decoder if decoder is not None else Decoder()
+    builder = TranscriptBuilder(max_bytes)
+    try:
+        for rec in records:
+            builder.feed(dec.decode(rec))
+            if builder.full:
+                return builder.finish(f"more than {max_bytes} bytes of payload: a transcript holds them all, "
+                                      "so it stops here")
+    except CaptureError as e:
+        return builder.finish(str(e))
+    return builder.finish()
+
+
+def load_transcript(path: str, filter: str | None = None, max_bytes: int = MAX_BYTES) -> Transcript:
+    """The transcript of the capture at ``path`` (``-``: stdin; a rotated set FILE.0, FILE.1, ...
+    is read as one); ``filter`` (docs/filter.md) marks the conversations it selects. Raises
+    ``OSError`` when it cannot be opened and ``FilterError`` for a bad filter; a damaged file
+    gives what could be read, with ``error`` set."""
+    from vsproxy.decode import capture_files
+
+    decoder = Decoder(filter or None)
+    files = capture_files(path)
+    if not files:
+        raise FileNotFoundError(2, "No such file or directory", path)
+    return transcript_of(_opened(files), decoder, max_bytes)
+
+
+def _opened(files: list[str]) -> Iterator[Record]:
+    yield from read_captures(files)
