@@ -351,10 +351,21 @@ class Flow:
     type: int
     from_initiator: list[Item] = dataclasses.field(default_factory=list)
     from_responder: list[Item] = dataclasses.field(default_factory=list)
+    closed: bool = dataclasses.field(default=False, compare=False)
 
     def add(self, row: Row) -> None:
         side = self.from_initiator if row.src[0] == self.initiator else self.from_responder
         op = H.Op(row.op).name if row.op in H.Op._value2member_map_ else f"op{row.op}"
+        if self.closed and row.op in (H.Op.RST, H.Op.CREDIT_UPDATE):
+            # Once a side closed both ways (SHUTDOWN 3), which RSTs and credit updates still
+            # cross depends on when each guest read its last bytes, as on a kernel link: Linux
+            # answers a SHUTDOWN 3 with RST only when nothing is left unread, and a credit
+            # update on the freed 4-tuple gets an RST back.
+            return
+        if row.op == H.Op.CREDIT_UPDATE and any(i.op == "SHUTDOWN" for i in side):
+            return  # a side that shut down: when it still reads, and says so, is timing too
+        if row.op == H.Op.SHUTDOWN and row.flags == H.SHUTDOWN_BOTH:
+            self.closed = True
         last = side[-1] if side else None
         if (
             self.type == H.Type.STREAM
