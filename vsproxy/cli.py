@@ -233,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         from vsproxy.read import main as read_main
 
         return read_main(args_list[1:])
+    if args_list and args_list[0] == "tui":
+        from vsproxy.tui.app import main as tui_main
+
+        return tui_main(args_list[1:])
     try:
         args = build_parser().parse_args(args_list)
         settings = settings_from_args(args)

@@ -1,0 +1,350 @@
+"""Where the TUI's packets come from. Each source owns a store and fills it from its own thread;
+the app only reads the store, the source's ``state`` line, its ``drops``, and (when attached to
+a running vsproxy) its latest snapshot and events.
+
+- ``FileSource``: capture files (a rotated set in order), indexed by location; ``follow``: keep
+  reading the last one as it grows (``--follow-file``).
+- ``StreamSource``: a pcapng stream (stdin: ``vsproxy ctl PATH pcap | vsproxy tui -``), kept in
+  the store's ring.
+- ``AttachSource``: a running vsproxy's control socket (docs/control.md): packets, snapshots
+  every second, events. When the socket goes away the state says so and the data stays.
+- ``ProxySource``: a ``Proxy`` in this process (``vsproxy --tui``): ``Proxy.subscribe_packets``
+  and ``Proxy.snapshot``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Final
+
+from vsproxy.capture.reader import CaptureError, Record, records
+from vsproxy.tui.fileindex import FileAccess, indexed_records
+from vsproxy.tui.model import Store
+
+if TYPE_CHECKING:
+    from vsproxy.app import Proxy
+    from vsproxy.capture.hub import Subscription
+
+BATCH: Final = 2000  # records fed to the store at once (a file)
+LIVE_BATCH_S: Final = 0.05  # a live source feeds what it has at least this often
+SNAPSHOT_EVERY: Final = 1.0
+EVENTS_KEPT: Final = 1000
+DEFAULT_STORE: Final = 200_000
+
+
+class Source:
+    """A source: ``store`` filled from ``run`` on a thread of its own (``start``)."""
+
+    name = ""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.state = "starting"
+        self.error: str | None = None  # one line for the user: a damaged file, a socket gone
+        self.done = False
+        self.live = False
+        self.drops = 0  # records the feed lost (a slow reader)
+        self.snapshot: dict[str, Any] | None = None  # attached: the latest snapshot (JSON shape)
+        self.snapshots = 0
+        self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
+        self.stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        self._spawn(self._run_guarded, "tui-source")
+
+    def _spawn(self, target: Any, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _run_guarded(self) -> None:
+        try:
+            self.run()
+        except Exception as e:  # the last line of defence: say it, keep what was read
+            self.error = f"{type(e).__name__}: {e}"
+        finally:
+            self.done = True
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def join(self, timeout: float = 2.0) -> None:
+        for t in self._threads:
+            t.join(timeout)
+
+    def _feed_live(self, recs: Iterator[Record]) -> None:
+        """Feed records as they come, in batches at most LIVE_BATCH_S old."""
+        batch: list[tuple[Record, int]] = []
+        last = time.monotonic()
+        for rec in recs:
+            batch.append((rec, -1))
+            now = time.monotonic()
+            if now - last >= LIVE_BATCH_S or len(batch) >= BATCH:
+                self.store.feed_many(batch)
+                batch = []
+                last = now
+            if self.stopping.is_set():
+                break
+        if batch:
+            self.store.feed_many(batch)
+
+
+class FileSource(Source):
+    def __init__(self, paths: list[str], follow: bool = False) -> None:
+        super().__init__(Store(FileAccess(paths)))
+        self.paths = paths
+        self.follow = follow
+        self.live = follow
+        self.name = paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} rotated)"
+
+    def run(self) -> None:
+        self.state = "following" if self.follow else "reading"
+        batch: list[tuple[Record, int]] = []
+        store = self.store
+        last = time.monotonic()
+        keep_going = (lambda: not self.stopping.is_set()) if self.follow else None
+        try:
+            for item in indexed_records(self.paths, keep_going):
+                batch.append(item)
+                if len(batch) >= BATCH or (self.follow and time.monotonic() - last > LIVE_BATCH_S):
+                    store.feed_many(batch)
+                    batch = []
+                    last = time.monotonic()
+                    if self.stopping.is_set():
+                        return
+        except CaptureError as e:
+            self.error = f"damaged capture: {e} (read {store.total + len(batch)} packets before it)"
+        except OSError as e:
+            self.error = f"{e.filename or self.name}: {e.strerror or e}"
+        finally:
+            if batch:
+                store.feed_many(batch)
+        if store.total == 0 and self.error is None:
+            self.error = "no vsock packets in this capture (no LINKTYPE_VSOCK records)"
+        self.state = "read"
+
+
+class StreamSource(Source):
+    """A live capture stream from a file object (stdin)."""
+
+    def __init__(self, stream: BinaryIO, name: str = "stdin", limit: int = DEFAULT_STORE) -> None:
+        super().__init__(Store(limit=limit))
+        self.stream = stream
+        self.name = name
+        self.live = True
+
+    def run(self) -> None:
+        self.state = "live"
+        try:
+            self._feed_live(records(self.stream))
+            self.state = "ended"
+        except CaptureError as e:
+            self.error = f"damaged stream: {e} (read {self.store.total} packets before it)"
+        except OSError as e:
+            self.error = f"{self.name}: {e.strerror or e}"
+
+
+class AttachSource(Source):
+    """A running vsproxy's control socket."""
+
+    def __init__(self, path: str, limit: int = DEFAULT_STORE, every: float = SNAPSHOT_EVERY) -> None:
+        super().__init__(Store(limit=limit))
+        self.path = path
+        self.name = f"attached to {path}"
+        self.live = True
+        self.every = every
+        self._sockets: list[socket.socket] = []
+
+    def start(self) -> None:
+        from vsproxy.ctl import CtlError, ask, connect
+
+        try:  # one request first, so a wrong path is one clear line before the screen opens
+            s = connect(self.path)
+            self._sockets.append(s)
+            ask(s, {"cmd": "snapshot"})
+        except CtlError as e:
+            raise SourceError(str(e)) from None
+        super().start()
+        self._spawn(self._snapshots, "tui-snapshots")
+        self._spawn(self._events, "tui-events")
+
+    def run(self) -> None:
+        from vsproxy.ctl import CtlError, ask, connect
+
+        try:
+            s = connect(self.path)
+            self._sockets.append(s)
+            _, rest = ask(s, {"cmd": "subscribe", "what": "packets"})
+            s.settimeout(None)
+            self.state = "live"
+            self._feed_live(records(_SocketReader(s, rest, self.stopping)))
+        except (CtlError, CaptureError, OSError) as e:
+            if not self.stopping.is_set():
+                self.error = f"control socket gone: {e}; what was received is kept"
+        else:
+            if not self.stopping.is_set():
+                self.error = "control socket closed by vsproxy; what was received is kept"
+        self.state = "detached"
+
+    def _snapshots(self) -> None:
+        from vsproxy.ctl import CtlError, ask, connect
+
+        while not self.stopping.is_set() and self.error is None:
+            try:
+                s = connect(self.path)
+                try:
+                    got, _ = ask(s, {"cmd": "snapshot"})
+                finally:
+                    s.close()
+                snap = got.get("snapshot")
+                if isinstance(snap, dict):
+                    self.snapshot = snap
+                    self.snapshots += 1
+                    live = (snap.get("capture") or {}).get("live") or {}
+                    self.drops = int(live.get("subscriber_dropped", 0)) + int(live.get("ring_dropped", 0))
+            except CtlError:
+                return  # the packet thread says it (socket gone) when its stream ends
+            self.stopping.wait(self.every)
+
+    def _events(self) -> None:
+        from vsproxy.ctl import CtlError, ask, connect
+
+        try:
+            s = connect(self.path)
+            self._sockets.append(s)
+            _, rest = ask(s, {"cmd": "subscribe", "what": "events"})
+            s.settimeout(None)
+            buf = rest
+            while not self.stopping.is_set():
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    try:
+                        ev = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(ev, dict):
+                        self.events.append(ev)
+                data = s.recv(65536)
+                if not data:
+                    return
+                buf += data
+                if len(buf) > 1 << 20:  # no line in a megabyte: not vsproxy's; stop reading it
+                    return
+        except (CtlError, OSError):
+            return
+
+    def stop(self) -> None:
+        super().stop()
+        for s in self._sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+class SourceError(Exception):
+    """A source that cannot start: one line for the user."""
+
+
+class _SocketReader:
+    """A socket as ``records`` reads it: ``read(n)`` returns n bytes, fewer only at the end."""
+
+    def __init__(self, s: socket.socket, first: bytes, stopping: threading.Event) -> None:
+        self.s = s
+        self.buf = bytearray(first)
+        self.stopping = stopping
+
+    def read(self, n: int) -> bytes:
+        while len(self.buf) < n and not self.stopping.is_set():
+            data = self.s.recv(max(65536, n - len(self.buf)))
+            if not data:
+                break
+            self.buf += data
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+
+class _SubscriptionReader:
+    """A ``Proxy.subscribe_packets`` subscription as ``records`` reads it."""
+
+    def __init__(self, sub: Subscription, stopping: threading.Event) -> None:
+        self.sub = sub
+        self.buf = bytearray()
+        self.stopping = stopping
+
+    def read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if self.stopping.is_set():
+                break
+            data = self.sub.read(0.2)
+            if not data:
+                if self.sub.closed:
+                    break
+                continue
+            self.buf += data
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+
+class ProxySource(Source):
+    """vsproxy in this process: its data path runs on its own thread (``Proxy.run``)."""
+
+    def __init__(self, proxy: Proxy, limit: int = DEFAULT_STORE, every: float = SNAPSHOT_EVERY) -> None:
+        super().__init__(Store(limit=limit))
+        self.proxy = proxy
+        self.name = "vsproxy (in this process)"
+        self.live = True
+        self.every = every
+        self.sub = proxy.subscribe_packets()
+
+    def start(self) -> None:
+        super().start()
+        self._spawn(self._snapshots, "tui-snapshots")
+
+    def run(self) -> None:
+        self.state = "live"
+        try:
+            self._feed_live(records(_SubscriptionReader(self.sub, self.stopping)))  # type: ignore[arg-type]
+        except CaptureError as e:
+            self.error = f"live capture: {e}"
+        self.state = "stopped"
+
+    def _snapshots(self) -> None:
+        from vsproxy.control import snapshot_json
+
+        while not self.stopping.is_set():
+            try:
+                snap = self.proxy.snapshot()
+            except (TimeoutError, RuntimeError):
+                return
+            self.snapshot = _jsonable(snapshot_json(snap))
+            self.snapshots += 1
+            self.drops = self.sub.dropped
+            self.stopping.wait(self.every)
+
+    def stop(self) -> None:
+        super().stop()
+        self.sub.close()
+
+
+def _jsonable(obj: Any) -> Any:
+    """The snapshot as the control socket would send it (tuples as lists, dataclasses as dicts)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    return obj
