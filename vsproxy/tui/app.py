@@ -18,6 +18,7 @@ from typing import Any, Final
 
 from textual.app import App
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.worker import Worker, get_current_worker
 
 from vsproxy.decode import capture_files
@@ -94,9 +95,8 @@ class TuiApp(App[None]):
             run.extend_to(self.store.total)  # live: judge the new packets too
             run.run()
             self.selection = run.matches
-        refresh = getattr(self.screen, "refresh_data", None)
-        if refresh is not None and (changed or src.error):
-            refresh()
+        if changed or src.error:
+            self._redraw()
 
     def _rates(self, snap: dict[str, Any]) -> None:
         import time
@@ -113,7 +113,7 @@ class TuiApp(App[None]):
             self._last_counts[name] = (total, now)
 
     def on_unmount(self) -> None:
-        self.source.stop()
+        self.source.close()
 
     # -- what the status bar says ---------------------------------------------------------------------
     def status_parts(self) -> tuple[list[str], int, str | None]:
@@ -207,15 +207,15 @@ class TuiApp(App[None]):
 
     def follow(self, cid: int) -> None:
         self.follow_conn = cid
-        self.switch_mode("follow")
-        refresh = getattr(self.screen, "refresh_data", None)
-        if refresh is not None:
-            refresh()
+        self.switch_mode("follow")  # the screen draws it when it mounts or resumes
 
     def _redraw(self) -> None:
         refresh = getattr(self.screen, "refresh_data", None)
         if refresh is not None:
-            refresh()
+            try:
+                refresh()
+            except NoMatches:  # switched to a screen not composed yet: it draws when mounted
+                pass
 
     def _redraw_status(self) -> None:
         from vsproxy.tui.widgets.status import StatusBar

@@ -76,7 +76,16 @@ class Source:
         raise NotImplementedError
 
     def stop(self) -> None:
+        """Stop reading; what was read stays in the store (still readable: a file's records too)."""
         self.stopping.set()
+
+    def close(self) -> None:
+        """Stop, and let go of the files the store reads rows from."""
+        self.stop()
+        self.join()
+        access = self.store.access
+        if isinstance(access, FileAccess):
+            access.close()
 
     def join(self, timeout: float = 2.0) -> None:
         for t in self._threads:

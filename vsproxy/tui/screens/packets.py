@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, cast
 
+from textual import events
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
@@ -53,6 +54,12 @@ class PacketsScreen(Screen[None]):
     def on_mount(self) -> None:
         self.query_one(PacketList).focus()
         self.refresh_data()
+
+    def on_resize(self, event: events.Resize) -> None:
+        # the hex pane takes 16-byte rows (as `vsproxy read -V` prints) only when the tree keeps room
+        hexp = self.query_one(HexPane)
+        hexp.set_class(event.size.width >= 140, "-wide")
+        hexp.update(hexp.text())
 
     @property
     def packets(self) -> PacketList:

@@ -51,7 +51,8 @@ class HexPane(Static):
     """``hexdump -C`` rows of the whole frame; the selected field's bytes in reverse video."""
 
     DEFAULT_CSS = """
-    HexPane { width: 78; height: 1fr; overflow-y: auto; }
+    HexPane { width: 42; height: 1fr; overflow-y: auto; }
+    HexPane.-wide { width: 76; }
     """
 
     def __init__(self, *, id: str | None = None) -> None:
@@ -68,17 +69,35 @@ class HexPane(Static):
         self.start, self.end = start, end
         self.update(self.text())
 
+    @property
+    def per_row(self) -> int:
+        """16 bytes a row (``vsproxy read -V``'s rows) when wide, 8 on a narrow terminal."""
+        return 16 if self.has_class("-wide") else 8
+
     def text(self) -> Text:
         out = Text(no_wrap=True)
-        for n, row in enumerate(hexdump(self.frame, digits=4)):
+        per = self.per_row
+        rows = hexdump(self.frame, digits=4) if per == 16 else narrow_rows(self.frame)
+        hex_width = 48 if per == 16 else 23
+        for n, row in enumerate(rows):
             line = Text(row)
-            base = n * 16
-            for k in range(16):
+            base = n * per
+            for k in range(per):
                 b = base + k
                 if self.start <= b < self.end:
                     col = 6 + 3 * k + (1 if k >= 8 else 0)
                     line.stylize("reverse bold", col, col + 2)
-                    line.stylize("reverse bold", 6 + 48 + 3 + k, 6 + 48 + 4 + k)
+                    line.stylize("reverse bold", 6 + hex_width + 3 + k, 6 + hex_width + 4 + k)
             out.append_text(line)
             out.append("\n")
         return out
+
+
+def narrow_rows(data: bytes) -> list[str]:
+    """``hexdump`` with 8 bytes a row, for terminals as narrow as 80 columns."""
+    rows = []
+    for off in range(0, len(data), 8):
+        row = data[off : off + 8]
+        text = "".join(chr(b) if 0x20 <= b < 0x7F else "." for b in row)
+        rows.append(f"{off:04x}  {' '.join(f'{b:02x}' for b in row):<23}  |{text}|")
+    return rows
