@@ -7,18 +7,24 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 from textual.widgets import DataTable, Input, RadioButton
 from tui_helpers import CAPTURES, ROOT, expected, file_app, plist, static_text, status_text, sync, until
 
 from vsproxy.capture.reader import records
+from vsproxy.tui.app import TuiApp
 from vsproxy.tui.model import TROUBLE_FILTER
 from vsproxy.tui.screens.help import binding_rows, help_text
 from vsproxy.tui.widgets.detail import DetailTree, HexPane
 from vsproxy.tui.widgets.filterbar import FilterBar, complete
 
 HTTP = "http-over-vsock.pcapng"
+
+
+def saved_to(app: TuiApp, path: str) -> Callable[[], bool]:
+    return lambda: os.path.exists(path) and app.current_mode == "packets"
 
 
 @sync
@@ -206,7 +212,7 @@ async def test_marks_and_save_write_pcapngs_tshark_reads_with_the_same_packets(t
             inp = app.screen.query_one("#path", Input)
             inp.value = path
             await pilot.press("enter")
-            await until(pilot, lambda: os.path.exists(path) and app.current_mode == "packets", what="saved")
+            await until(pilot, saved_to(app, path), what="saved")
     with open(CAPTURES / HTTP, "rb") as f:
         original = list(records(f))
     for path, idx in ((out_marked, [2, 4]), (out_all, list(range(9)))):

@@ -295,7 +295,8 @@ def open_source(args: argparse.Namespace) -> Source:
         raise UsageError("give a capture FILE, - for stdin, or --attach PATH")
     if args.files == ["-"]:
         if sys.stdin.isatty():
-            raise UsageError("-: stdin is a terminal; pipe a pcapng stream into it (vsproxy ctl PATH pcap | vsproxy tui -)")
+            raise UsageError("-: stdin is a terminal; pipe a pcapng stream into it "
+                             "(vsproxy ctl PATH pcap | vsproxy tui -)")
         return StreamSource(_stdin_stream(), "stdin", limit=args.store)
     if "-" in args.files:
         raise UsageError("- reads stdin alone; give it without files")

@@ -37,7 +37,7 @@ class FileAccess:
     def _file(self, n: int) -> BinaryIO:
         f = self._files.get(n)
         if f is None:
-            f = self._files[n] = open(self.paths[n], "rb")  # noqa: SIM115 (kept open, closed in close())
+            f = self._files[n] = open(self.paths[n], "rb")
             magic = f.read(4)
             self._pcapng[n] = magic == _PCAPNG_MAGIC
             self._endian[n] = ">" if magic in (b"\xa1\xb2\xc3\xd4", b"\xa1\xb2\x3c\x4d") else "<"

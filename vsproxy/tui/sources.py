@@ -196,7 +196,7 @@ class AttachSource(Source):
             _, rest = ask(s, {"cmd": "subscribe", "what": "packets"})
             s.settimeout(None)
             self.state = "live"
-            self._feed_live(records(_SocketReader(s, rest, self.stopping)))
+            self._feed_live(records(_SocketReader(s, rest, self.stopping)))  # type: ignore[arg-type]
         except (CtlError, CaptureError, OSError) as e:
             if not self.stopping.is_set():
                 self.error = f"control socket gone: {e}; what was received is kept"

@@ -137,8 +137,8 @@ class ConnectionsScreen(Screen[None]):
         by_ends: dict[tuple[str, int, int, int], int] = {}
         with store.lock:
             for c in store.conns.values():
-                for guest, peer in ((c.client, c.server), (c.server, c.client)):
-                    by_ends[(c.device, guest[1], peer[0], peer[1])] = c.id
+                for g_end, p_end in ((c.client, c.server), (c.server, c.client)):
+                    by_ends[(c.device, g_end[1], p_end[0], p_end[1])] = c.id
         now = time.monotonic()
         rows = []
         for n, c in enumerate(snap.get("connections", []), 1):
