@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", metavar="PATH",
                    help="serve a control socket at PATH (mode 0600): snapshots, events and live packets for "
                    "'vsproxy ctl PATH ...' (docs/control.md)")
+    p.add_argument("--tui", action="store_true",
+                   help="watch it in the terminal UI (the data path runs on its own thread; q stops both)")
     p.add_argument("--pcap", metavar="FILE",
                    help="write every packet to FILE (- for stdout) as LINKTYPE_VSOCK, as the kernel's vsockmon")
     p.add_argument("--pcap-format", choices=("pcapng", "pcap"), default="pcapng",
@@ -264,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vsproxy: error: {e}", file=sys.stderr)
         proxy.close()
         return 2
+    if args.tui:
+        from vsproxy.tui.app import run_with_proxy
+
+        return run_with_proxy(proxy)
     try:
         with proxy.signals():
             proxy.run()

@@ -9,12 +9,14 @@ and tells the current screen to redraw when something changed.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import threading
 from array import array
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from textual.app import App
 from textual.binding import Binding
@@ -30,7 +32,18 @@ from vsproxy.tui.screens.follow import FollowScreen
 from vsproxy.tui.screens.help import HelpScreen
 from vsproxy.tui.screens.packets import PacketsScreen
 from vsproxy.tui.screens.save import SaveScreen
-from vsproxy.tui.sources import DEFAULT_STORE, AttachSource, FileSource, Source, SourceError, StreamSource
+from vsproxy.tui.sources import (
+    DEFAULT_STORE,
+    AttachSource,
+    FileSource,
+    ProxySource,
+    Source,
+    SourceError,
+    StreamSource,
+)
+
+if TYPE_CHECKING:
+    from vsproxy.app import Proxy
 
 PROG: Final = "vsproxy tui"
 POLL_S: Final = 0.25
@@ -344,3 +357,44 @@ def main(argv: list[str]) -> int:
     if source.error:
         print(f"{PROG}: {source.error}", file=sys.stderr)
     return 0
+
+
+def run_with_proxy(proxy: Proxy, limit: int = DEFAULT_STORE) -> int:
+    """``vsproxy --tui``: the started ``proxy``'s loop on its own thread, the TUI on this one;
+    quitting the TUI stops vsproxy (its report goes to stderr after the screen is restored)."""
+    # vsproxy's log lines would draw over the screen: they wait in memory (the newest
+    # LOG_KEPT) and are printed once the terminal is back
+    held = _HeldLogs()
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = [held]
+    loop = threading.Thread(target=proxy.run, name="vsproxy-loop", daemon=True)
+    loop.start()
+    source = ProxySource(proxy, limit=limit)
+    source.start()
+    try:
+        TuiApp(source).run()
+    finally:
+        source.close()
+        root.handlers = saved
+        for line in held.lines:
+            print(line, file=sys.stderr)
+        proxy.stop()
+        loop.join(10)
+        proxy.stop_capture()
+        proxy.report()
+        proxy.close()
+    return 0
+
+
+LOG_KEPT: Final = 1000
+
+
+class _HeldLogs(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: deque[str] = deque(maxlen=LOG_KEPT)
+        self.setFormatter(logging.Formatter("vsproxy: %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import select
 import socket
 import threading
-import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, BinaryIO, Final
 
 from vsproxy.capture.reader import CaptureError, Record, records
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from vsproxy.capture.hub import Subscription
 
 BATCH: Final = 2000  # records fed to the store at once (a file)
-LIVE_BATCH_S: Final = 0.05  # a live source feeds what it has at least this often
+LIVE_BATCH_S: Final = 0.05  # a followed file feeds what it has at least this often
 SNAPSHOT_EVERY: Final = 1.0
 EVENTS_KEPT: Final = 1000
 DEFAULT_STORE: Final = 200_000
@@ -55,6 +56,7 @@ class Source:
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
         self.stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._batch: list[tuple[Record, int]] = []
 
     def start(self) -> None:
         self._spawn(self._run_guarded, "tui-source")
@@ -92,20 +94,22 @@ class Source:
             t.join(timeout)
 
     def _feed_live(self, recs: Iterator[Record]) -> None:
-        """Feed records as they come, in batches at most LIVE_BATCH_S old."""
-        batch: list[tuple[Record, int]] = []
-        last = time.monotonic()
+        """Feed records as they come: batched while more are ready, and whatever is batched is
+        fed before the reader waits (the readers call ``flush`` then), so the newest packet
+        never waits for the next one to show."""
+        batch = self._batch
         for rec in recs:
             batch.append((rec, -1))
-            now = time.monotonic()
-            if now - last >= LIVE_BATCH_S or len(batch) >= BATCH:
-                self.store.feed_many(batch)
-                batch = []
-                last = now
+            if len(batch) >= BATCH:
+                self.flush()
             if self.stopping.is_set():
                 break
-        if batch:
-            self.store.feed_many(batch)
+        self.flush()
+
+    def flush(self) -> None:
+        if self._batch:
+            self.store.feed_many(self._batch)
+            self._batch.clear()
 
 
 class FileSource(Source):
@@ -118,17 +122,18 @@ class FileSource(Source):
 
     def run(self) -> None:
         self.state = "following" if self.follow else "reading"
-        batch: list[tuple[Record, int]] = []
         store = self.store
-        last = time.monotonic()
-        keep_going = (lambda: not self.stopping.is_set()) if self.follow else None
+        batch = self._batch
+
+        def waiting() -> bool:  # following, at the end of the file: show what came, go on
+            self.flush()
+            return not self.stopping.is_set()
+
         try:
-            for item in indexed_records(self.paths, keep_going):
+            for item in indexed_records(self.paths, waiting if self.follow else None):
                 batch.append(item)
-                if len(batch) >= BATCH or (self.follow and time.monotonic() - last > LIVE_BATCH_S):
-                    store.feed_many(batch)
-                    batch = []
-                    last = time.monotonic()
+                if len(batch) >= BATCH:
+                    self.flush()
                     if self.stopping.is_set():
                         return
         except CaptureError as e:
@@ -136,8 +141,7 @@ class FileSource(Source):
         except OSError as e:
             self.error = f"{e.filename or self.name}: {e.strerror or e}"
         finally:
-            if batch:
-                store.feed_many(batch)
+            self.flush()
         if store.total == 0 and self.error is None:
             self.error = "no vsock packets in this capture (no LINKTYPE_VSOCK records)"
         self.state = "read"
@@ -155,12 +159,16 @@ class StreamSource(Source):
     def run(self) -> None:
         self.state = "live"
         try:
-            self._feed_live(records(self.stream))
+            self._feed_live(records(_FdReader(self.stream.fileno(), b"", self.stopping, self.flush)))  # type: ignore[arg-type]
             self.state = "ended"
         except CaptureError as e:
             self.error = f"damaged stream: {e} (read {self.store.total} packets before it)"
         except OSError as e:
             self.error = f"{self.name}: {e.strerror or e}"
+
+    def close(self) -> None:
+        super().close()
+        self.stream.close()
 
 
 class AttachSource(Source):
@@ -196,7 +204,7 @@ class AttachSource(Source):
             _, rest = ask(s, {"cmd": "subscribe", "what": "packets"})
             s.settimeout(None)
             self.state = "live"
-            self._feed_live(records(_SocketReader(s, rest, self.stopping)))  # type: ignore[arg-type]
+            self._feed_live(records(_FdReader(s.fileno(), rest, self.stopping, self.flush)))  # type: ignore[arg-type]
         except (CtlError, CaptureError, OSError) as e:
             if not self.stopping.is_set():
                 self.error = f"control socket gone: {e}; what was received is kept"
@@ -265,17 +273,28 @@ class SourceError(Exception):
     """A source that cannot start: one line for the user."""
 
 
-class _SocketReader:
-    """A socket as ``records`` reads it: ``read(n)`` returns n bytes, fewer only at the end."""
+class _FdReader:
+    """A socket or a pipe as ``records`` reads it: ``read(n)`` returns n bytes, fewer only at the
+    end; before it would wait for more, ``flush`` feeds what is batched."""
 
-    def __init__(self, s: socket.socket, first: bytes, stopping: threading.Event) -> None:
-        self.s = s
+    def __init__(self, fd: int, first: bytes, stopping: threading.Event, flush: Callable[[], None]) -> None:
+        self.fd = fd
         self.buf = bytearray(first)
         self.stopping = stopping
+        self.flush = flush
 
     def read(self, n: int) -> bytes:
         while len(self.buf) < n and not self.stopping.is_set():
-            data = self.s.recv(max(65536, n - len(self.buf)))
+            ready, _, _ = select.select([self.fd], [], [], 0)
+            if not ready:
+                self.flush()
+                ready, _, _ = select.select([self.fd], [], [], 0.2)
+                if not ready:
+                    continue
+            try:
+                data = os.read(self.fd, max(65536, n - len(self.buf)))
+            except BlockingIOError:
+                continue
             if not data:
                 break
             self.buf += data
@@ -287,16 +306,20 @@ class _SocketReader:
 class _SubscriptionReader:
     """A ``Proxy.subscribe_packets`` subscription as ``records`` reads it."""
 
-    def __init__(self, sub: Subscription, stopping: threading.Event) -> None:
+    def __init__(self, sub: Subscription, stopping: threading.Event, flush: Callable[[], None]) -> None:
         self.sub = sub
         self.buf = bytearray()
         self.stopping = stopping
+        self.flush = flush
 
     def read(self, n: int) -> bytes:
         while len(self.buf) < n:
             if self.stopping.is_set():
                 break
-            data = self.sub.read(0.2)
+            data = self.sub.take()
+            if not data:
+                self.flush()
+                data = self.sub.read(0.2)
             if not data:
                 if self.sub.closed:
                     break
@@ -310,13 +333,14 @@ class _SubscriptionReader:
 class ProxySource(Source):
     """vsproxy in this process: its data path runs on its own thread (``Proxy.run``)."""
 
-    def __init__(self, proxy: Proxy, limit: int = DEFAULT_STORE, every: float = SNAPSHOT_EVERY) -> None:
+    def __init__(self, proxy: Proxy, limit: int = DEFAULT_STORE, every: float = SNAPSHOT_EVERY,
+                 maxbytes: int | None = None) -> None:
         super().__init__(Store(limit=limit))
         self.proxy = proxy
         self.name = "vsproxy (in this process)"
         self.live = True
         self.every = every
-        self.sub = proxy.subscribe_packets()
+        self.sub = proxy.subscribe_packets() if maxbytes is None else proxy.subscribe_packets(maxbytes)
 
     def start(self) -> None:
         super().start()
@@ -325,7 +349,7 @@ class ProxySource(Source):
     def run(self) -> None:
         self.state = "live"
         try:
-            self._feed_live(records(_SubscriptionReader(self.sub, self.stopping)))  # type: ignore[arg-type]
+            self._feed_live(records(_SubscriptionReader(self.sub, self.stopping, self.flush)))  # type: ignore[arg-type]
         except CaptureError as e:
             self.error = f"live capture: {e}"
         self.state = "stopped"
