@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from vsproxy.capture.hub import Subscription
 
 BATCH: Final = 2000  # records fed to the store at once (a file)
-LIVE_BATCH_S: Final = 0.05  # a followed file feeds what it has at least this often
 SNAPSHOT_EVERY: Final = 1.0
 EVENTS_KEPT: Final = 1000
 DEFAULT_STORE: Final = 200_000
@@ -187,8 +186,10 @@ class AttachSource(Source):
 
         try:  # one request first, so a wrong path is one clear line before the screen opens
             s = connect(self.path)
-            self._sockets.append(s)
-            ask(s, {"cmd": "snapshot"})
+            try:
+                ask(s, {"cmd": "snapshot"})
+            finally:
+                s.close()
         except CtlError as e:
             raise SourceError(str(e)) from None
         super().start()
@@ -267,6 +268,11 @@ class AttachSource(Source):
                 s.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def close(self) -> None:
+        super().close()
+        for s in self._sockets:
+            s.close()
 
 
 class SourceError(Exception):
