@@ -76,7 +76,8 @@ class FilterInput(Input):
 class FilterBar(Vertical):
     DEFAULT_CSS = """
     FilterBar { height: auto; }
-    FilterBar Input { border: none; height: 1; padding: 0 1; }
+    FilterBar Input, FilterBar Input:focus { border: none; height: 1; padding: 0 1; }
+    FilterBar Input:focus { background: $boost; }
     FilterBar #filter-error { color: $error; height: auto; display: none; padding: 0 1; }
     FilterBar.-bad #filter-error { display: block; }
     """
