@@ -94,6 +94,9 @@ class TuiApp(App[None]):
     # -- life ---------------------------------------------------------------------------------------
     def on_mount(self) -> None:
         self.set_interval(POLL_S, self.poll)
+        # a file is read from here, not before: the first screen is drawn without the reading
+        # thread competing for the interpreter (a source started already is left as it is)
+        self.source.start()
 
     def poll(self) -> None:
         """Redraw the current screen when the store or the snapshot changed."""
@@ -345,7 +348,8 @@ def main(argv: list[str]) -> int:
         return 0 if e.code in (0, None) else 2
     try:
         source = open_source(args)
-        source.start()
+        if not isinstance(source, FileSource):
+            source.start()  # live sources: a socket that cannot be reached is one line, before the screen
     except (UsageError, SourceError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@ are marked; the application messages that end in a packet follow its bytes."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 
 from rich.text import Text
 
@@ -17,7 +17,7 @@ from vsproxy.vsock import header as H
 MAX_CHUNK_BYTES = 64 * 1024  # a chunk's bytes drawn at most (the rest is counted)
 
 
-def render(chunks: Sequence[tuple[int, FollowChunk, PacketView]], apps: Mapping[int, tuple[str, ...]],
+def render(chunks: Sequence[tuple[int, FollowChunk, PacketView]], apps: Callable[[int], tuple[str, ...]],
            as_hex: bool, title: str) -> Text:
     out = Text(no_wrap=False)
     out.append(f"=== {title} ===\n", style="bold")
@@ -43,7 +43,7 @@ def render(chunks: Sequence[tuple[int, FollowChunk, PacketView]], apps: Mapping[
             out.append(body, style=style)
         if n > len(data):
             out.append(f"... {n - len(data)} more bytes\n", style="italic")
-        for summary in apps.get(index, ()):
+        for summary in apps(index):
             out.append(f"    ⮑ {summary}\n", style=f"italic {style}")
         if chunk.conn.sock_type == int(H.Type.SEQPACKET) and chunk.eom:
             out.append("─" * 20 + " message end\n", style="dim")

@@ -79,10 +79,31 @@ class ConnRow:
     verdict: str = "allowed"
     rule: str = ""
     rewritten: bool = False
-    packets: list[int] = field(default_factory=lambda: [0, 0])
-    bytes: list[int] = field(default_factory=lambda: [0, 0])
-    buf_alloc: list[int] = field(default_factory=lambda: [0, 0])  # what each side advertised last
-    fwd_cnt: list[int] = field(default_factory=lambda: [0, 0])
+    # per side (client, server): plain ints, not lists, as a big capture has many connections
+    pk0: int = 0
+    pk1: int = 0
+    by0: int = 0
+    by1: int = 0
+    ba0: int = 0  # buf_alloc each side advertised last
+    ba1: int = 0
+    fc0: int = 0  # fwd_cnt each side advertised last
+    fc1: int = 0
+
+    @property
+    def packets(self) -> tuple[int, int]:
+        return self.pk0, self.pk1
+
+    @property
+    def bytes(self) -> tuple[int, int]:
+        return self.by0, self.by1
+
+    @property
+    def buf_alloc(self) -> tuple[int, int]:
+        return self.ba0, self.ba1
+
+    @property
+    def fwd_cnt(self) -> tuple[int, int]:
+        return self.fc0, self.fc1
 
     @property
     def type_name(self) -> str:
@@ -145,7 +166,13 @@ class Store:
         self._dir = bytearray()  # 0 unknown, 1 from the guest, 2 to the guest
         self._flags = bytearray()
         self._records: deque[Record] = deque()
-        self.apps: dict[int, tuple[str, ...]] = {}  # absolute index -> summaries (sparse)
+        # application summaries of the packets that end messages: a ring keeps them by index
+        # (sparse, leaving with the packets); a file, as an index per packet into a table of the
+        # distinct ones (a big capture repeats the same few: 4 bytes a packet, not a dict entry)
+        self._apps: dict[int, tuple[str, ...]] = {}
+        self._app = array("I")
+        self._app_table: list[tuple[str, ...]] = [()]
+        self._app_ids: dict[tuple[str, ...], int] = {(): 0}
         self.protos: list[str | None] = [None]
         self._proto_ids: dict[str | None, int] = {None: 0}
         self.conns: dict[int, ConnRow] = {}
@@ -202,6 +229,8 @@ class Store:
             self._conn.append(0)
             self._proto.append(0)
             self._flags.append(flags)
+            if self.access is not None:
+                self._app.append(0)
             return
         view = d.view
         comment = record.comment
@@ -230,8 +259,15 @@ class Store:
             self.protos.append(view.proto)
         self._proto.append(pid if pid < 256 else 0)
         self._flags.append(flags)
-        if view.app:
-            self.apps[i] = view.app
+        if self.access is None:
+            if view.app:
+                self._apps[i] = view.app
+        else:
+            aid = self._app_ids.get(view.app)
+            if aid is None:
+                aid = self._app_ids[view.app] = len(self._app_table)
+                self._app_table.append(view.app)
+            self._app.append(aid)
         conn = d.conn
         self._conn.append(conn.id if conn is not None else 0)
         if conn is not None and h is not None:
@@ -249,12 +285,17 @@ class Store:
         row.last = i
         row.last_ts = ts
         row.proto = conn.proto or row.proto
-        side = 0 if (h.src_cid, h.src_port) == row.client else 1
-        row.packets[side] += 1
-        if h.op == _RW_OP:
-            row.bytes[side] += h.len
-        row.buf_alloc[side] = h.buf_alloc
-        row.fwd_cnt[side] = h.fwd_cnt
+        rw = h.len if h.op == _RW_OP else 0
+        if (h.src_cid, h.src_port) == row.client:
+            row.pk0 += 1
+            row.by0 += rw
+            row.ba0 = h.buf_alloc
+            row.fc0 = h.fwd_cnt
+        else:
+            row.pk1 += 1
+            row.by1 += rw
+            row.ba1 = h.buf_alloc
+            row.fc1 = h.fwd_cnt
         if flags & (DENIED | REFUSED | SPOOFED):
             row.verdict = "denied" if flags & DENIED else "refused" if flags & REFUSED else "spoofed"
             m = _RULE.search(d.record.comment or "")
@@ -284,9 +325,9 @@ class Store:
             self._records.popleft()
         self.first += excess
         self.evicted += excess
-        if self.apps:
-            for k in [k for k in self.apps if k < self.first]:
-                del self.apps[k]
+        if self._apps:
+            for k in [k for k in self._apps if k < self.first]:
+                del self._apps[k]
         gone = [c for c, row in self.conns.items() if row.last < self.first]
         for c in gone:
             del self.conns[c]
@@ -330,6 +371,12 @@ class Store:
         h = dissect(self.record(i)).hdr
         return h is not None and (h.src_cid, h.src_port) == row.client
 
+    def app(self, i: int) -> tuple[str, ...]:
+        """The summaries of the application messages that end in packet ``i``."""
+        if self.access is None:
+            return self._apps.get(i, ())
+        return self._app_table[self._app[i - self.first]]
+
     def line(self, i: int) -> str:
         """Packet ``i`` as ``vsproxy read`` prints it in one-line mode (without the line break)."""
         from vsproxy.capture.reader import summary_line
@@ -337,7 +384,7 @@ class Store:
         rec = self.record(i)
         if self.flags(i) & BAD:
             return f"(bad frame: {len(rec.frame)} bytes, shorter than af_vsockmon_hdr)"
-        app = self.apps.get(i)
+        app = self.app(i)
         conn = self.conn_of(i) or None
         return summary_line(dissect(rec), app_tail(conn, app) if app else "")
 
@@ -350,7 +397,7 @@ class Store:
         pkt = dissect(rec)
         pos = i - self.first
         return PacketView(rec.ts, rec.interface, rec.inbound, pkt.hdr, pkt.mon_op, pkt.payload, rec.comment,
-                          self.protos[self._proto[pos]], self.apps.get(i, ()))
+                          self.protos[self._proto[pos]], self.app(i))
 
     def decoded(self, i: int) -> Decoded | None:
         """Packet ``i`` decoded again for its ``-V`` detail, with its application messages: its

@@ -56,8 +56,13 @@ class Source:
         self.stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._batch: list[tuple[Record, int]] = []
+        self.started = False
 
     def start(self) -> None:
+        """Start reading (once; a second call does nothing)."""
+        if self.started:
+            return
+        self.started = True
         self._spawn(self._run_guarded, "tui-source")
 
     def _spawn(self, target: Any, name: str) -> None:
@@ -184,6 +189,8 @@ class AttachSource(Source):
     def start(self) -> None:
         from vsproxy.ctl import CtlError, ask, connect
 
+        if self.started:
+            return
         try:  # one request first, so a wrong path is one clear line before the screen opens
             s = connect(self.path)
             try:
@@ -349,6 +356,8 @@ class ProxySource(Source):
         self.sub = proxy.subscribe_packets() if maxbytes is None else proxy.subscribe_packets(maxbytes)
 
     def start(self) -> None:
+        if self.started:
+            return
         super().start()
         self._spawn(self._snapshots, "tui-snapshots")
 

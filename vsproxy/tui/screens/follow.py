@@ -63,7 +63,7 @@ class FollowScreen(Screen[None]):
                 box.update("No connection followed: select a packet or a connection and press f.")
             else:
                 title = f"{row.describe()} {row.type_name.upper()}{' ' + row.proto if row.proto else ''}"
-                box.update(follow.render(store.follow(cid), store.apps, tui.follow_hex, title))
+                box.update(follow.render(store.follow(cid), store.app, tui.follow_hex, title))
         self.query_one(StatusBar).show(*tui.status_parts())
 
     def action_toggle_hex(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, cast
 
 from textual import events
@@ -22,6 +23,8 @@ from vsproxy.tui.widgets.status import StatusBar
 if TYPE_CHECKING:
     from vsproxy.tui.app import TuiApp
 
+TAIL_DETAIL_S = 1.0
+
 
 class PacketsScreen(Screen[None]):
     BINDINGS = [
@@ -36,6 +39,9 @@ class PacketsScreen(Screen[None]):
     DEFAULT_CSS = """
     #panes { height: 40%; min-height: 6; border-top: solid $primary; }
     """
+
+    _pending = -1
+    _last_detail = 0.0
 
     @property
     def tui(self) -> TuiApp:
@@ -78,11 +84,18 @@ class PacketsScreen(Screen[None]):
     # -- the selected packet --------------------------------------------------------------------
     def on_packet_list_highlighted(self, event: PacketList.Highlighted) -> None:
         self._pending = event.index
-        self.set_timer(0.03, lambda: self._show(event.index))
+        # following new packets (tail mode), the detail is drawn again at most every TAIL_DETAIL_S:
+        # a tree a quarter second is work taken from reading, and nobody reads it that fast
+        wait = 0.03
+        if self.packets.tail and not self.tui.source.done:
+            now = time.monotonic()
+            wait = max(wait, self._last_detail + TAIL_DETAIL_S - now)
+        self.set_timer(wait, lambda: self._show(event.index))
 
     def _show(self, index: int) -> None:
         if getattr(self, "_pending", -1) != index:
             return  # the cursor moved on: draw only where it stopped
+        self._last_detail = time.monotonic()
         tree = self.query_one(DetailTree)
         hexp = self.query_one(HexPane)
         store = self.tui.store
