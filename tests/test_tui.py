@@ -260,3 +260,25 @@ def test_a_missing_file_is_one_line_and_exit_2() -> None:
         "/nonexistent/x.pcapng.1, ...)"]
     p = subprocess.run([sys.executable, "-m", "vsproxy", "tui"], capture_output=True, text=True, timeout=30)
     assert p.returncode == 2 and "give a capture FILE" in p.stderr
+
+
+@sync
+async def test_the_user_picks_the_packet_list_columns_and_can_go_back_to_the_read_line() -> None:
+    app = file_app(HTTP)
+    async with app.run_test(size=(140, 30)) as pilot:
+        pl = plist(app)
+        assert pl._row(2)[0].endswith("fwd_cnt=0  #1 HTTP GET /v1/keys")  # vsproxy read's line
+        await pilot.press("c")
+        await until(pilot, lambda: app.screen.query("#column-list").first() is not None, what="the column picker")
+        await pilot.press("enter")  # the default set
+        await until(pilot, lambda: app.columns is not None, what="the columns")
+        head = static_text(app, "#columns-header")
+        assert head.startswith("Time") and "Destination" in head and head.endswith("Application")
+        row = plist(app)._row(2)[0]
+        assert "10:44:00.612767 app" in row and "2:8080" in row and "#1" in row and row.endswith("HTTP GET /v1/keys")
+        assert "buf_alloc" not in row
+        await pilot.press("c")
+        await until(pilot, lambda: app.screen.query("#column-list").first() is not None, what="the column picker")
+        await pilot.press("r")
+        await until(pilot, lambda: app.columns is None, what="the read line again")
+        assert plist(app)._row(2)[0].endswith("#1 HTTP GET /v1/keys")

@@ -85,6 +85,7 @@ class TuiApp(App[None]):
         self.paused_at = 0
         self.follow_conn = 0
         self.follow_hex = False
+        self.columns: tuple[str, ...] | None = None  # the packet list's; None: vsproxy read's line
         self.message = ""  # the last thing done (saved, cancelled): one line in the status
         self._generation = -1
         self._snapshots = -1
@@ -240,6 +241,10 @@ class TuiApp(App[None]):
             bar.show(*self.status_parts())
 
     # -- actions ----------------------------------------------------------------------------------------
+    def set_columns(self, columns: tuple[str, ...] | None) -> None:
+        self.columns = columns
+        self._redraw()
+
     def action_pause(self) -> None:
         self.paused = not self.paused
         self.paused_at = self.store.total

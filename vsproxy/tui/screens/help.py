@@ -27,6 +27,7 @@ EXTRA = (  # bindings Textual itself provides, and mouse use
 def binding_rows() -> list[tuple[str, str, str]]:
     """(where, keys, what) for every binding of the app, its screens and widgets."""
     from vsproxy.tui.app import TuiApp
+    from vsproxy.tui.screens.columns import ColumnsScreen
     from vsproxy.tui.screens.connections import ConnectionsScreen
     from vsproxy.tui.screens.follow import FollowScreen
     from vsproxy.tui.screens.packets import PacketsScreen
@@ -36,7 +37,7 @@ def binding_rows() -> list[tuple[str, str, str]]:
     where_list: tuple[tuple[str, list[BindingType]], ...] = (
         ("everywhere", TuiApp.BINDINGS), ("packets", PacketsScreen.BINDINGS),
         ("connections", ConnectionsScreen.BINDINGS), ("follow", FollowScreen.BINDINGS),
-        ("save", SaveScreen.BINDINGS))
+        ("save", SaveScreen.BINDINGS), ("columns", ColumnsScreen.BINDINGS))
     for where, bindings in where_list:
         for b in bindings:
             if isinstance(b, Binding):

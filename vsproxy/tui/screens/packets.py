@@ -10,10 +10,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
 from textual.screen import Screen
-from textual.widgets import Footer
+from textual.widgets import Footer, Static
 
 from vsproxy.read import verbose_text
 from vsproxy.tui import detail
+from vsproxy.tui.columns import header
 from vsproxy.tui.widgets.detail import DetailTree, HexPane
 from vsproxy.tui.widgets.filterbar import FilterBar
 from vsproxy.tui.widgets.nav import NavBar
@@ -34,10 +35,13 @@ class PacketsScreen(Screen[None]):
         Binding("m", "mark", "Mark"),
         Binding("g", "first_of_conn", "Conn start"),
         Binding("exclamation_mark", "trouble", "Denied/spoofed/RST"),
+        Binding("c", "columns", "Columns"),
         Binding("escape", "escape", "Cancel/list", show=False),
     ]
     DEFAULT_CSS = """
     #panes { height: 40%; min-height: 6; border-top: solid $primary; }
+    #columns-header { height: 1; padding: 0 0 0 10; text-style: bold; display: none; }
+    #columns-header.-on { display: block; }
     """
 
     _pending = -1
@@ -50,6 +54,7 @@ class PacketsScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield NavBar("packets")
         yield FilterBar(self.tui.history, id="filterbar")
+        yield Static("", id="columns-header")
         yield PacketList(self.tui.store, id="packets")
         with Horizontal(id="panes"):
             yield DetailTree(id="detail")
@@ -60,6 +65,9 @@ class PacketsScreen(Screen[None]):
     def on_mount(self) -> None:
         self.query_one(PacketList).focus()
         self.refresh_data()
+
+    def on_screen_resume(self) -> None:
+        self.refresh_data()  # back from a dialog, or from another screen
 
     def on_resize(self, event: events.Resize) -> None:
         # the hex pane takes 16-byte rows (as `vsproxy read -V` prints) only when the tree keeps room
@@ -75,6 +83,11 @@ class PacketsScreen(Screen[None]):
         """The store or the selection changed: the list follows (unless paused)."""
         tui = self.tui
         plist = self.packets
+        if plist.columns != tui.columns:
+            plist.set_columns(tui.columns)
+            head = self.query_one("#columns-header", Static)
+            head.set_class(tui.columns is not None, "-on")
+            head.update(header(tui.columns) if tui.columns else "")
         if plist.indices is not tui.selection:
             plist.show(tui.selection)
         elif not tui.paused:
@@ -162,6 +175,11 @@ class PacketsScreen(Screen[None]):
             row = plist.row_of(first)
         if row is not None:
             plist.move_to(row)
+
+    def action_columns(self) -> None:
+        from vsproxy.tui.screens.columns import ColumnsScreen
+
+        self.app.push_screen(ColumnsScreen())
 
     def action_trouble(self) -> None:
         from vsproxy.tui.model import TROUBLE_FILTER

@@ -22,6 +22,7 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 from vsproxy.tui import model, styles
+from vsproxy.tui.columns import cells
 from vsproxy.tui.model import Store
 
 _CACHE = 512  # rows' text kept: a few screens' worth
@@ -58,6 +59,7 @@ class PacketList(ScrollView, can_focus=True):
         self._cache: OrderedDict[int, tuple[str, str]] = OrderedDict()
         self._width = 80
         self._last_posted = -2
+        self.columns: tuple[str, ...] | None = None  # None: vsproxy read's one line
 
     # -- what the list shows ------------------------------------------------------------------
     def index_at(self, row: int) -> int:
@@ -106,10 +108,15 @@ class PacketList(ScrollView, can_focus=True):
         self.virtual_size = Size(max(self._width, 200), self.count)
         if self.tail and self.count:
             self.cursor = self.count - 1
-            self.scroll_to(y=max(0, self.count - self.size.height), animate=False)
+            self._scroll_tail()
+            self.call_after_refresh(self._scroll_tail)  # again once the new size is laid out
         self.cursor = min(self.cursor, max(0, self.count - 1))
         self._post()
         self.refresh()
+
+    def _scroll_tail(self) -> None:
+        if self.tail:
+            self.scroll_to(y=max(0, self.count - self.scrollable_content_region.height), animate=False)
 
     @property
     def current(self) -> int:
@@ -127,7 +134,7 @@ class PacketList(ScrollView, can_focus=True):
         self.cursor = max(0, min(self.count - 1, row))
         self.tail = False
         top = int(self.scroll_y)
-        h = max(1, self.size.height)
+        h = max(1, self.scrollable_content_region.height)
         if self.cursor < top:
             self.scroll_to(y=self.cursor, animate=False)
         elif self.cursor >= top + h:
@@ -140,6 +147,11 @@ class PacketList(ScrollView, can_focus=True):
         if cur != self._last_posted:
             self._last_posted = cur
             self.post_message(self.Highlighted(cur))
+
+    def set_columns(self, columns: tuple[str, ...] | None) -> None:
+        self.columns = columns
+        self._cache.clear()
+        self.refresh()
 
     def forget(self, index: int) -> None:
         """Packet ``index`` changed (a mark): draw it again."""
@@ -171,6 +183,7 @@ class PacketList(ScrollView, can_focus=True):
     def on_resize(self, event: events.Resize) -> None:
         self._width = event.size.width
         self.virtual_size = Size(max(self._width, 200), self.count)
+        self.call_after_refresh(self._scroll_tail)
 
     def _row(self, index: int) -> tuple[str, str]:
         got = self._cache.get(index)
@@ -178,7 +191,11 @@ class PacketList(ScrollView, can_focus=True):
             return got
         store = self.store
         try:
-            text = store.line(index)
+            if self.columns is None:
+                text = store.line(index)
+            else:
+                view = store.view(index)
+                text = "(bad frame)" if view is None else cells(view, store.conn_of(index), self.columns)
             flags = store.flags(index)
             fg = store.side(index)
         except IndexError:
