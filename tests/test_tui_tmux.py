@@ -6,66 +6,19 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 from helpers import unix_server
-from tui_helpers import CAPTURES, ROOT
+from tui_helpers import CAPTURES, PY, Tmux, tmux_sessions
 
 from vsproxy.simguest import SimGuest
-
-PY = shlex.quote(sys.executable)
-# A tmux server of these tests' own (its socket named for this process): the sizes asked for
-# are the sizes given, whatever another server's options say.
-TMUX = ["tmux", "-L", f"vsproxy-tui-{os.getpid()}"]
-
-
-class Tmux:
-    def __init__(self, name: str, command: str, size: tuple[int, int] = (100, 30)) -> None:
-        self.name = name
-        subprocess.run([*TMUX, "new-session", "-d", "-s", name, "-x", str(size[0]), "-y", str(size[1]),
-                        # COLUMNS and LINES (set by some runners) would override the terminal's size
-                        f"cd {shlex.quote(str(ROOT))} && unset COLUMNS LINES && {command}; sleep 30"],
-                       check=True, timeout=10)
-
-    def screen(self) -> str:
-        p = subprocess.run([*TMUX, "capture-pane", "-p", "-t", self.name], capture_output=True, text=True,
-                           timeout=10)
-        return p.stdout
-
-    def keys(self, *keys: str) -> None:
-        subprocess.run([*TMUX, "send-keys", "-t", self.name, *keys], check=True, timeout=10)
-
-    def wait(self, cond: Callable[[str], bool], what: str, timeout: float = 15.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            text = self.screen()
-            if cond(text):
-                return text
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; the screen:\n{text}")
-            time.sleep(0.1)
-
-    def kill(self) -> None:
-        subprocess.run([*TMUX, "kill-session", "-t", self.name], capture_output=True, timeout=10)
 
 
 @pytest.fixture
 def tmux() -> Iterator[Callable[[str, str], Tmux]]:
-    made: list[Tmux] = []
-
-    def make(name: str, command: str) -> Tmux:
-        t = Tmux(f"{name}-{os.getpid()}", command)
-        made.append(t)
-        return t
-
-    yield make
-    for t in made:
-        t.kill()
-    subprocess.run([*TMUX, "kill-server"], capture_output=True, timeout=10)
+    yield from tmux_sessions()
 
 
 def test_the_real_tui_on_the_http_capture_as_a_user_drives_it(tmux: Callable[[str, str], Tmux]) -> None:
