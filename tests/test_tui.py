@@ -13,12 +13,15 @@ import pytest
 from textual.widgets import DataTable, Input, RadioButton
 from tui_helpers import CAPTURES, ROOT, expected, file_app, plist, static_text, status_text, sync, until
 
+from vsproxy.capture import format as fmt
 from vsproxy.capture.reader import records
 from vsproxy.tui.app import TuiApp
-from vsproxy.tui.model import TROUBLE_FILTER
+from vsproxy.tui.model import TROUBLE_FILTER, FilterRun
 from vsproxy.tui.screens.help import binding_rows, help_text
+from vsproxy.tui.sources import FileSource
 from vsproxy.tui.widgets.detail import DetailTree, HexPane
 from vsproxy.tui.widgets.filterbar import FilterBar, complete
+from vsproxy.vsock import header as H
 
 HTTP = "http-over-vsock.pcapng"
 
@@ -282,3 +285,90 @@ async def test_the_user_picks_the_packet_list_columns_and_can_go_back_to_the_rea
         await pilot.press("r")
         await until(pilot, lambda: app.columns is None, what="the read line again")
         assert plist(app)._row(2)[0].endswith("#1 HTTP GET /v1/keys")
+
+
+def big_capture(path: str, packets: int) -> None:
+    with open(path, "wb") as f:
+        f.write(fmt.pcapng_shb() + fmt.pcapng_idb("app"))
+        for i in range(packets):
+            op = (H.Op.REQUEST, H.Op.RESPONSE, H.Op.RW, H.Op.SHUTDOWN, H.Op.RST)[i % 5]
+            payload = b"x" * 10 if op == H.Op.RW else b""
+            hdr = H.pack(5, 2, 1024 + i // 5, 8000, len(payload), 1, op, 3 if op == H.Op.SHUTDOWN else 0, 262144, 0)
+            f.write(fmt.pcapng_epb(0, 1e9 + i / 1000, fmt.vsockmon_frame(hdr, payload), inbound=i % 2 == 0))
+
+
+@sync
+async def test_a_filter_reports_progress_and_escape_cancels_it(workdir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = os.path.join(workdir, "big.pcapng")
+    big_capture(path, 5000)
+    monkeypatch.setattr(FilterRun, "STEP", 1)  # one packet a step: slow enough to cancel half-way
+    src = FileSource([path])
+    app = TuiApp(src)
+    async with app.run_test(size=(120, 30)) as pilot:
+        await until(pilot, lambda: src.done and plist(app).count == 5000, what="the capture")
+        await pilot.press("slash", *"op == rw and payload contains \"x\"", "enter")
+        await until(pilot, lambda: "filtering" in status_text(app) and app.filter_progress > 0, what="progress")
+        await pilot.press("escape")
+        await until(pilot, lambda: "filter cancelled" in status_text(app), what="the cancel")
+        assert app.selection is None and app.filtering is None and plist(app).count == 5000
+        monkeypatch.setattr(FilterRun, "STEP", 20_000)
+        await pilot.press("slash", "enter")  # the same filter again, to its end
+        await until(pilot, lambda: app.selection is not None, what="the filter done")
+        assert len(app.selection or []) == 1000
+
+
+@sync
+async def test_the_remaining_bindings_move_focus_the_list_and_the_dialogs(workdir: str) -> None:
+    path = os.path.join(workdir, "big.pcapng")
+    big_capture(path, 500)
+    app = TuiApp(FileSource([path]))
+    async with app.run_test(size=(120, 30)) as pilot:
+        await until(pilot, lambda: app.source.done and plist(app).count == 500, what="the capture")
+        pl = plist(app)
+        await pilot.press("home")
+        assert pl.cursor == 0 and not pl.tail
+        await pilot.press("down", "down", "up")
+        assert pl.cursor == 1
+        await pilot.press("pagedown")
+        page = pl.cursor
+        assert page > 5
+        await pilot.press("pageup")
+        assert pl.cursor == 1
+        await pilot.press("end")
+        assert pl.cursor == 499 and pl.tail
+        await pilot.press("home", "t")
+        assert pl.cursor == 499 and pl.tail
+        pl.move_to(7)  # packet 8: the RW of connection #2, whose first packet is 6
+        await pilot.press("g")
+        assert pl.current == 5
+        await pilot.press("enter")
+        assert app.focused is app.screen.query_one(DetailTree)
+        await pilot.press("tab")
+        assert app.focused is not app.screen.query_one(DetailTree)
+        await pilot.press("escape")  # back to the list
+        assert app.focused is pl
+        await pilot.press("w")
+        await until(pilot, lambda: app.screen.query("#path").first() is not None, what="the save dialog")
+        await pilot.press("escape")
+        await until(pilot, lambda: app.current_mode == "packets" and app.screen.query("#packets").first() is not None,
+                    what="the dialog gone")
+        await pilot.press("c")
+        await until(pilot, lambda: app.screen.query("#column-list").first() is not None, what="the column picker")
+        await pilot.press("escape")
+        await until(pilot, lambda: app.screen.query("#packets").first() is not None, what="the picker gone")
+        assert app.columns is None
+        await pilot.press("4")
+        assert app.current_mode == "follow"
+        await pilot.press("5")
+        assert app.current_mode == "help"
+        await pilot.press("2")
+        table = app.screen.query_one(DataTable)
+        await until(pilot, lambda: table.row_count == 100, what="100 connections")
+        table.move_cursor(row=1)
+        await pilot.press("f")  # follow connection #2 from the connections screen
+        await until(pilot, lambda: app.current_mode == "follow" and app.follow_conn == 2, what="follow #2")
+        assert ">>> #8 host -> guest 10 bytes\nxxxxxxxxxx" in static_text(app, "#stream")  # odd packets: to the guest
+        await pilot.press("F")  # filter this stream out of the packet list
+        await until(pilot, lambda: app.current_mode == "packets", what="the packets")
+        assert app.selection is not None and len(app.selection) == 495 and 7 not in app.selection
+        assert app.selection_label == "without connection #2"

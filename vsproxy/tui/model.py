@@ -480,10 +480,12 @@ class FilterRun:
         span = self.end - self.start
         return 1.0 if span <= 0 else (self.next - self.start) / span
 
-    def step(self, most: int = 20_000) -> None:
+    STEP = 20_000  # packets judged between progress reports (and checks for a cancel)
+
+    def step(self, most: int | None = None) -> None:
         pred = self.filter.predicate
         store = self.store
-        stop = min(self.end, self.next + most)
+        stop = min(self.end, self.next + (most or self.STEP))
         append = self.matches.append
         for i in range(max(self.next, store.first), stop):
             v = store.view(i)
