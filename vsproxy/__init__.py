@@ -33,6 +33,8 @@ Seeing the traffic (after the verdict, never on the data path's way):
     ``taps``, ``capture``    live taps and pcap/pcapng capture; the capture reader
     ``decode``               the one decoding pipeline: records in, decoded packets out
     ``filter``               the filter language; ``read`` the ``vsproxy read`` command
+    ``tui``                  the terminal UI (Textual): a store over the decoder, sources
+                             (files, stdin, the control socket, a Proxy in-process), screens
     ``dissectors`` (top level)  scapy layers and application dissectors
 
 ``simguest`` is a simulated QEMU and Linux guest driver for tests, benchmarks and the demo.
