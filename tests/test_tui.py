@@ -201,6 +201,7 @@ async def test_help_lists_every_binding_and_what_each_colour_means() -> None:
 async def test_marks_and_save_write_pcapngs_tshark_reads_with_the_same_packets(tmp_path: object) -> None:
     out_marked = os.path.join(str(tmp_path), "marked.pcapng")
     out_all = os.path.join(str(tmp_path), "all.pcapng")
+    out_filtered = os.path.join(str(tmp_path), "filtered.pcapng")
     app = file_app(HTTP)
     async with app.run_test(size=(100, 30)) as pilot:
         plist(app).move_to(2)
@@ -208,7 +209,9 @@ async def test_marks_and_save_write_pcapngs_tshark_reads_with_the_same_packets(t
         plist(app).move_to(4)
         await pilot.press("m")
         assert app.store.marked() == [2, 4] and "2 marked" in status_text(app)
-        for which, path in (("marked", out_marked), ("all", out_all)):
+        await pilot.press("slash", *"op == rw", "enter")  # the filtered: the two RW packets, 3 and 5
+        await until(pilot, lambda: app.selection is not None, what="the filter")
+        for which, path in (("marked", out_marked), ("all", out_all), ("filtered", out_filtered)):
             await pilot.press("w")
             await until(pilot, lambda: app.screen.query("#path").first() is not None, what="the save dialog")
             app.screen.query_one(f"#{which}", RadioButton).value = True
@@ -218,7 +221,7 @@ async def test_marks_and_save_write_pcapngs_tshark_reads_with_the_same_packets(t
             await until(pilot, saved_to(app, path), what="saved")
     with open(CAPTURES / HTTP, "rb") as f:
         original = list(records(f))
-    for path, idx in ((out_marked, [2, 4]), (out_all, list(range(9)))):
+    for path, idx in ((out_marked, [2, 4]), (out_all, list(range(9))), (out_filtered, [2, 4])):
         with open(path, "rb") as f:
             saved = list(records(f))
         assert saved == [original[i] for i in idx]
@@ -372,3 +375,15 @@ async def test_the_remaining_bindings_move_focus_the_list_and_the_dialogs(workdi
         await until(pilot, lambda: app.current_mode == "packets", what="the packets")
         assert app.selection is not None and len(app.selection) == 495 and 7 not in app.selection
         assert app.selection_label == "without connection #2"
+
+
+@sync
+async def test_the_filter_applies_to_the_connections_too() -> None:
+    app = file_app("sibling-denied.pcapng")
+    async with app.run_test(size=(160, 30)) as pilot:
+        await pilot.press("slash", *"port == 5001", "enter")
+        await until(pilot, lambda: app.selection is not None, what="the filter")
+        await pilot.press("2")
+        await until(pilot, lambda: app.current_mode == "connections", what="connections")
+        table = app.screen.query_one(DataTable)
+        assert sorted(str(table.get_row_at(i)[0]) for i in range(table.row_count)) == ["2", "3"]

@@ -73,6 +73,15 @@ async def test_attached_a_connection_appears_grows_a_denial_is_flagged_and_it_cl
                 assert "denied by" in src.store.line(denied) and "allow" in src.store.line(denied)
                 await until(pilot, lambda: any(e.get("event") == "denied" and e.get("rule")
                                                for e in list(src.events)), what="the denied event")
+                await pilot.press("3")  # devices, from the snapshot: CID, socket, state, allowlist, rules
+                await until(pilot, lambda: any(str(w.render()).startswith("A  CID 5")
+                                               for w in app.screen.query(".device")), what="device A")
+                texts = [str(w.render()) for w in app.screen.query(".device")]
+                a = next(t for t in texts if t.startswith("A  CID 5"))
+                assert "a.sock" in a and "running" in a and "allow" in a
+                rules = next(t for t in texts if t.startswith("rules"))
+                assert "denials 1" in rules
+                await pilot.press("2")
                 s.close()
                 await until(pilot, lambda: not any(r[3] == "2:5000" for r in cells(app)), what="the close")
             # the capture's view of the same connection: closed, and the denial with its rule
