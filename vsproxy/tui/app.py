@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Final
 
+from textual import events
 from textual.app import App
 from textual.binding import Binding
 from textual.css.query import NoMatches
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 
 PROG: Final = "vsproxy tui"
 POLL_S: Final = 0.25
+SWITCH_S: Final = 0.001
 SPARK_SAMPLES: Final = 60
 
 
@@ -94,10 +96,21 @@ class TuiApp(App[None]):
 
     # -- life ---------------------------------------------------------------------------------------
     def on_mount(self) -> None:
+        # The sources decode on their own threads: a short switch interval hands the
+        # interpreter back to this one (keys, drawing) within a millisecond, not five.
+        sys.setswitchinterval(SWITCH_S)
         self.set_interval(POLL_S, self.poll)
+        # scapy, which the detail's -V layers use, takes a third of a second to import: do it
+        # now, off this thread, not when the first packet is selected
+        threading.Thread(target=_import_scapy_layers, name="tui-warm", daemon=True).start()
         # a file is read from here, not before: the first screen is drawn without the reading
         # thread competing for the interpreter (a source started already is left as it is)
         self.source.start()
+
+    async def on_event(self, event: events.Event) -> None:
+        if isinstance(event, events.Key | events.MouseDown | events.MouseScrollUp | events.MouseScrollDown):
+            self.source.hold()  # what the user asked for first, the reading thread after
+        await super().on_event(event)
 
     def poll(self) -> None:
         """Redraw the current screen when the store or the snapshot changed."""
@@ -271,6 +284,10 @@ class TuiApp(App[None]):
         self.message = f"saved {written:,} packets to {path}"
         self._redraw()
         return written
+
+
+def _import_scapy_layers() -> None:
+    import dissectors.layers  # noqa: F401  (imported for its cost, once)
 
 
 # -- the command line --------------------------------------------------------------------------------

@@ -176,6 +176,7 @@ class Store:
         self.protos: list[str | None] = [None]
         self._proto_ids: dict[str | None, int] = {None: 0}
         self.conns: dict[int, ConnRow] = {}
+        self._conns_checked = 0  # connections left after the last look for gone ones (ring)
         self.devices: dict[str, DeviceRow] = {}
         self.marks = 0
         self.generation = 0  # bumps on every change the UI should redraw for
@@ -325,12 +326,19 @@ class Store:
             self._records.popleft()
         self.first += excess
         self.evicted += excess
-        if self._apps:
-            for k in [k for k in self._apps if k < self.first]:
-                del self._apps[k]
-        gone = [c for c, row in self.conns.items() if row.last < self.first]
-        for c in gone:
-            del self.conns[c]
+        apps = self._apps
+        while apps:  # kept in index order: the ones that left are at the front
+            k = next(iter(apps))
+            if k >= self.first:
+                break
+            del apps[k]
+        # Connections whose packets have all left: looked for only when the table has doubled
+        # since the last look, so a busy ring does not scan it on every batch (amortised O(1),
+        # at most twice the connections still held)
+        if len(self.conns) > self._conns_checked * 2 + 1024:
+            for c in [c for c, row in self.conns.items() if row.last < self.first]:
+                del self.conns[c]
+            self._conns_checked = len(self.conns)
 
     # -- reading ---------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -20,9 +20,10 @@ import os
 import select
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, BinaryIO, Final
+from typing import IO, TYPE_CHECKING, Any, Final
 
 from vsproxy.capture.reader import CaptureError, Record, records
 from vsproxy.tui.fileindex import FileAccess, indexed_records
@@ -32,7 +33,8 @@ if TYPE_CHECKING:
     from vsproxy.app import Proxy
     from vsproxy.capture.hub import Subscription
 
-BATCH: Final = 2000  # records fed to the store at once (a file)
+BATCH: Final = 500  # records fed to the store at once (then the UI's thread gets a turn)
+HOLD_S: Final = 0.05  # reading pauses this long after a key press or a click
 SNAPSHOT_EVERY: Final = 1.0
 EVENTS_KEPT: Final = 1000
 DEFAULT_STORE: Final = 200_000
@@ -56,6 +58,7 @@ class Source:
         self.stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._batch: list[tuple[Record, int]] = []
+        self._held_until = 0.0
         self.started = False
 
     def start(self) -> None:
@@ -114,6 +117,16 @@ class Source:
         if self._batch:
             self.store.feed_many(self._batch)
             self._batch.clear()
+            # Let the UI's thread have the interpreter now: decoding never waits on I/O, so
+            # without this a key press would wait its turn behind whole switch intervals; and
+            # right after the user pressed a key (``hold``), leave it to the UI a little longer.
+            pause = self._held_until - time.monotonic()
+            time.sleep(min(pause, HOLD_S) if pause > 0 else 0.0005)
+
+    def hold(self, seconds: float = HOLD_S) -> None:
+        """The user did something: reading gives way to the UI for ``seconds`` (thread-safe:
+        one float written, read at the next batch)."""
+        self._held_until = time.monotonic() + seconds
 
 
 class FileSource(Source):
@@ -154,7 +167,7 @@ class FileSource(Source):
 class StreamSource(Source):
     """A live capture stream from a file object (stdin)."""
 
-    def __init__(self, stream: BinaryIO, name: str = "stdin", limit: int = DEFAULT_STORE) -> None:
+    def __init__(self, stream: IO[bytes], name: str = "stdin", limit: int = DEFAULT_STORE) -> None:
         super().__init__(Store(limit=limit))
         self.stream = stream
         self.name = name

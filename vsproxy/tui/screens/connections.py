@@ -82,6 +82,8 @@ class ConnectionsScreen(Screen[None]):
 
     # -- rows ----------------------------------------------------------------------------------------
     def refresh_data(self) -> None:
+        if not self.query_one(DataTable).columns:
+            return  # composed, not mounted yet: on_mount adds the columns, then draws
         tui = self.tui
         snap = tui.source.snapshot
         if snap is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, cast
 
 from textual import events
@@ -24,7 +23,7 @@ from vsproxy.tui.widgets.status import StatusBar
 if TYPE_CHECKING:
     from vsproxy.tui.app import TuiApp
 
-TAIL_DETAIL_S = 1.0
+TAIL_NOTE = "following new packets (tail mode): move to a packet to see its detail"
 
 
 class PacketsScreen(Screen[None]):
@@ -45,7 +44,7 @@ class PacketsScreen(Screen[None]):
     """
 
     _pending = -1
-    _last_detail = 0.0
+    _tail_note = False
 
     @property
     def tui(self) -> TuiApp:
@@ -97,18 +96,20 @@ class PacketsScreen(Screen[None]):
     # -- the selected packet --------------------------------------------------------------------
     def on_packet_list_highlighted(self, event: PacketList.Highlighted) -> None:
         self._pending = event.index
-        # following new packets (tail mode), the detail is drawn again at most every TAIL_DETAIL_S:
-        # a tree a quarter second is work taken from reading, and nobody reads it that fast
-        wait = 0.03
         if self.packets.tail and not self.tui.source.done:
-            now = time.monotonic()
-            wait = max(wait, self._last_detail + TAIL_DETAIL_S - now)
-        self.set_timer(wait, lambda: self._show(event.index))
+            # following packets as they come (tail mode): no detail, which would change faster
+            # than anyone reads it and take the time keys need; it shows where the cursor stops
+            if not self._tail_note:
+                self._tail_note = True
+                self.query_one(DetailTree).show_packet(detail.Node(TAIL_NOTE, 0, 0))
+                self.query_one(HexPane).show_frame(b"")
+            return
+        self._tail_note = False
+        self.set_timer(0.03, lambda: self._show(event.index))
 
     def _show(self, index: int) -> None:
-        if getattr(self, "_pending", -1) != index:
+        if self._pending != index:
             return  # the cursor moved on: draw only where it stopped
-        self._last_detail = time.monotonic()
         tree = self.query_one(DetailTree)
         hexp = self.query_one(HexPane)
         store = self.tui.store
