@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from dissectors.streams import FollowChunk
+from dissectors.streams import FollowChunk, TrackedConnection
 from vsproxy.capture import format as fmt
 from vsproxy.capture.reader import CaptureError, Record, dissect
 from vsproxy.capture.view import PacketView
@@ -258,7 +258,7 @@ class Store:
         if pid is None:
             pid = self._proto_ids[view.proto] = len(self.protos)
             self.protos.append(view.proto)
-        self._proto.append(pid if pid < 256 else 0)
+        self._proto.append(pid if pid < 256 else 0)  # one byte a packet: past 255 protocols, "unknown"
         self._flags.append(flags)
         if self.access is None:
             if view.app:
@@ -274,10 +274,8 @@ class Store:
         if conn is not None and h is not None:
             self._account(conn.id, conn, d, h, i, flags, dev)
 
-    def _account(self, cid: int, conn: object, d: Decoded, h: H.Header, i: int, flags: int, dev: DeviceRow) -> None:
-        from dissectors.streams import TrackedConnection
-
-        assert isinstance(conn, TrackedConnection)
+    def _account(self, cid: int, conn: TrackedConnection, d: Decoded, h: H.Header, i: int, flags: int,
+                 dev: DeviceRow) -> None:
         row = self.conns.get(cid)
         ts = d.record.ts
         if row is None:
