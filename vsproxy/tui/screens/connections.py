@@ -150,6 +150,8 @@ class ConnectionsScreen(Screen[None]):
             prev = self._prev_bytes.get(n)
             rate = (total - prev[0]) / (now - prev[1]) if prev and now > prev[1] else 0.0
             self._prev_bytes[n] = (total, now)
+            mine = store.conns.get(by_ends.get(key, 0))
+            proto = (mine.proto if mine is not None else None) or ""  # from the packets the UI decoded
             real = f"{c['real_cid']}:{c['real_port']}"
             peer = f"{c['peer_cid']}:{c['peer_port']}"
             rules = ", ".join(c.get("rules", []))
@@ -158,10 +160,10 @@ class ConnectionsScreen(Screen[None]):
                      real if real != peer else "-", str(c["type"]), str(c["state"]) + (" C" if c.get("in_c") else ""),
                      f"{float(c['age']):.1f}s", human(int(c["to_peer_bytes"])), human(int(c["to_guest_bytes"])),
                      f"{human(rate)}B/s", _credit(int(cr.get("queued", 0)), int(cr.get("buf_alloc", 0))),
-                     _credit(int(cr.get("in_flight", 0)), int(cr.get("peer_buf_alloc", 0))), "", verdict)
+                     _credit(int(cr.get("in_flight", 0)), int(cr.get("peer_buf_alloc", 0))), proto, verdict)
             keys = (n, c["device"], c["guest_port"], peer, real, c["type"], c["state"], float(c["age"]),
                     int(c["to_peer_bytes"]), int(c["to_guest_bytes"]), rate, int(cr.get("queued", 0)),
-                    int(cr.get("in_flight", 0)), "", verdict)
+                    int(cr.get("in_flight", 0)), proto, verdict)
             style = _state_style(str(c.get("verdict", "")), str(c["state"]), real != peer)
             rows.append(Row(cells, keys, by_ends.get(key, 0), style))
         return rows
