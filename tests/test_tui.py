@@ -112,7 +112,8 @@ async def test_the_trouble_key_shows_only_denied_spoofed_and_reset_packets() -> 
         await pilot.press("exclamation_mark")
         await until(pilot, lambda: app.selection is not None, what="the trouble filter")
         want = expected("sibling-denied.pcapng", TROUBLE_FILTER)
-        assert list(app.selection or []) == want and 0 in want and len(want) == 4
+        # the denied REQUEST and vsproxy's RST, then whatever resets the closes end in
+        assert list(app.selection or []) == want and want[:2] == [0, 1] and len(want) < 20
 
 
 @sync
