@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
-need=(qemu-system-x86 busybox-static gcc python3-venv python3-dev xz-utils cpio tshark)
+need=(qemu-system-x86 busybox-static gcc python3-venv python3-dev xz-utils cpio tshark tmux)
 missing=()
 for p in "${need[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if ((${#missing[@]})); then

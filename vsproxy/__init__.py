@@ -35,6 +35,8 @@ Seeing the traffic (after the verdict, never on the data path's way):
     ``filter``               the filter language; ``read`` the ``vsproxy read`` command
     ``replay``               transcripts of captures, ``vsproxy diff``, server, client and guest
                              replay (its package docstring has the map)
+    ``tui``                  the terminal UI (Textual): a store over the decoder, sources
+                             (files, stdin, the control socket, a Proxy in-process), screens
     ``dissectors`` (top level)  scapy layers and application dissectors
 
 ``simguest`` is a simulated QEMU and Linux guest driver for tests, benchmarks and the demo.

@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         "'vsproxy read FILE [FILTER]' prints a capture like tcpdump -r (-V, --follow, --json; "
         "see 'vsproxy read --help'); 'vsproxy ctl PATH stats|conns|events|pcap|watch' talks to --control PATH; "
         "'vsproxy diff A B' compares two captures as transcripts; 'vsproxy replay client|guest FILE' replays one.",
+        "'vsproxy tui FILE...|-|--attach PATH' is the terminal UI (see 'vsproxy tui --help').",
     )
     p.add_argument("--socket", metavar="PATH", help="vhost-user socket QEMU connects to (one device)")
     p.add_argument("--guest-cid", type=parse_cid, metavar="N", help="the guest's CID (3..2^32-2)")
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control", metavar="PATH",
                    help="serve a control socket at PATH (mode 0600): snapshots, events and live packets for "
                    "'vsproxy ctl PATH ...' (docs/control.md)")
+    p.add_argument("--tui", action="store_true",
+                   help="watch it in the terminal UI (the data path runs on its own thread; q stops both)")
     p.add_argument("--pcap", metavar="FILE",
                    help="write every packet to FILE (- for stdout) as LINKTYPE_VSOCK, as the kernel's vsockmon")
     p.add_argument("--pcap-format", choices=("pcapng", "pcap"), default="pcapng",
@@ -254,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         from vsproxy.read import main as read_main
 
         return read_main(args_list[1:])
+    if args_list and args_list[0] == "tui":
+        from vsproxy.tui.app import main as tui_main
+
+        return tui_main(args_list[1:])
     if args_list and args_list[0] == "eif":
         from vsproxy.enclave.run import eif_main
 
@@ -267,10 +274,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve(args_list: list[str], start_children: Callable[[], list[subprocess.Popen[bytes]]] | None = None,
           prog: str = "vsproxy") -> int:
-    """vsproxy with these options until a signal stops it. ``start_children``: programs started
-    once vsproxy serves its sockets (vsproxy enclave run's QEMUs); vsproxy stops when the last
-    of them exits, and stops those still running when it stops; the status is then the first
-    failure among theirs (0 when every one exited with 0)."""
+    """vsproxy with these options until a signal stops it (or, with --tui, until the terminal UI
+    quits). ``start_children``: programs started once vsproxy serves its sockets (vsproxy
+    enclave run's QEMUs); vsproxy stops when the last of them exits, and stops those still
+    running when it stops; the status is then the first failure among theirs (0 when every
+    one exited with 0)."""
     try:
         args = build_parser().parse_args(args_list)
         settings = settings_from_args(args)
@@ -318,13 +326,19 @@ def serve(args_list: list[str], start_children: Callable[[], list[subprocess.Pop
                     proxy.stop()
 
             threading.Thread(target=all_exited, name="vsproxy-children", daemon=True).start()
-        with proxy.signals():
-            proxy.run()
+        if args.tui:
+            from vsproxy.tui.app import run_with_proxy
+
+            run_with_proxy(proxy)  # the data path on its own thread; quitting the UI stops it
+        else:
+            with proxy.signals():
+                proxy.run()
     finally:
         done.set()
         rcs = [_stop_child(c) for c in children]
-        proxy.stop_capture()
-        proxy.report()
+        if not args.tui:  # (run_with_proxy reports and closes itself, once the screen is back)
+            proxy.stop_capture()
+            proxy.report()
         proxy.close()
     # a child ended by a signal (ours, at a Ctrl-C) reports as a shell would: 128 + the signal
     return next((rc if rc > 0 else 128 - rc for rc in rcs if rc != 0), 0)

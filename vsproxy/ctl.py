@@ -31,11 +31,12 @@ def connect(path: str) -> socket.socket:
     s.settimeout(10)
     try:
         s.connect(path)
-    except FileNotFoundError:
-        raise CtlError(f"{path}: no such socket (is vsproxy running with --control {path}?)") from None
-    except PermissionError:
-        raise CtlError(f"{path}: permission denied (the control socket is for root and vsproxy's user)") from None
     except OSError as e:
+        s.close()  # now, not by the garbage collector (a long-lived client, the TUI, retries)
+        if isinstance(e, FileNotFoundError):
+            raise CtlError(f"{path}: no such socket (is vsproxy running with --control {path}?)") from None
+        if isinstance(e, PermissionError):
+            raise CtlError(f"{path}: permission denied (the control socket is for root and vsproxy's user)") from None
         raise CtlError(f"{path}: {e.strerror or e}") from None
     return s
 

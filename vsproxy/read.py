@@ -227,7 +227,8 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _line(d: Decoded) -> str:
+def line_text(d: Decoded) -> str:
+    """One packet as one-line mode prints it (with its line break); the TUI's packet list too."""
     app = d.view.app
     if not app:
         return summary_line(d.packet) + "\n"
@@ -253,7 +254,8 @@ _DIRECTION: Final = {
 }
 
 
-def _verbose(d: Decoded) -> str:
+def verbose_text(d: Decoded) -> str:
+    """One packet as ``-V`` prints it; the TUI's detail tree is built from these lines."""
     pkt = d.packet
     conn = d.conn_text()
     rec = pkt.record
@@ -280,6 +282,10 @@ def _verbose(d: Decoded) -> str:
         if len(pkt.payload) > len(shown):
             lines.append(f"{_INDENT * 2}... {len(pkt.payload) - len(shown)} more bytes")
     return "\n".join(lines) + "\n\n"
+
+
+_line = line_text
+_verbose = verbose_text
 
 
 def _fields(pairs: list[tuple[str, str]]) -> list[str]:

@@ -1,0 +1,1 @@
+"""The TUI's screens: packets, connections, devices, follow stream, help, save."""

@@ -1,0 +1,411 @@
+"""Where the TUI's packets come from. Each source owns a store and fills it from its own thread;
+the app only reads the store, the source's ``state`` line, its ``drops``, and (when attached to
+a running vsproxy) its latest snapshot and events.
+
+- ``FileSource``: capture files (a rotated set in order), indexed by location; ``follow``: keep
+  reading the last one as it grows (``--follow-file``).
+- ``StreamSource``: a pcapng stream (stdin: ``vsproxy ctl PATH pcap | vsproxy tui -``), kept in
+  the store's ring.
+- ``AttachSource``: a running vsproxy's control socket (docs/control.md): packets, snapshots
+  every second, events. When the socket goes away the state says so and the data stays.
+- ``ProxySource``: a ``Proxy`` in this process (``vsproxy --tui``): ``Proxy.subscribe_packets``
+  and ``Proxy.snapshot``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import select
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import IO, TYPE_CHECKING, Any, Final
+
+from vsproxy.capture.reader import CaptureError, Record, records
+from vsproxy.tui.fileindex import FileAccess, indexed_records
+from vsproxy.tui.model import Store
+
+if TYPE_CHECKING:
+    from vsproxy.app import Proxy
+    from vsproxy.capture.hub import Subscription
+
+BATCH: Final = 500  # records fed to the store at once (then the UI's thread gets a turn)
+HOLD_S: Final = 0.05  # reading pauses this long after a key press or a click
+SNAPSHOT_EVERY: Final = 1.0
+EVENTS_KEPT: Final = 1000
+DEFAULT_STORE: Final = 200_000
+
+
+class Source:
+    """A source: ``store`` filled from ``run`` on a thread of its own (``start``)."""
+
+    name = ""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.state = "starting"
+        self.error: str | None = None  # one line for the user: a damaged file, a socket gone
+        self.done = False
+        self.live = False
+        self.drops = 0  # records the feed lost (a slow reader)
+        self.snapshot: dict[str, Any] | None = None  # attached: the latest snapshot (JSON shape)
+        self.snapshots = 0
+        self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
+        self.stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._batch: list[tuple[Record, int]] = []
+        self._held_until = 0.0
+        self.started = False
+
+    def start(self) -> None:
+        """Start reading (once; a second call does nothing)."""
+        if self.started:
+            return
+        self.started = True
+        self._spawn(self._run_guarded, "tui-source")
+
+    def _spawn(self, target: Any, name: str) -> None:
+        t = threading.Thread(target=target, name=name, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _run_guarded(self) -> None:
+        try:
+            self.run()
+        except Exception as e:  # the last line of defence: say it, keep what was read
+            self.error = f"{type(e).__name__}: {e}"
+        finally:
+            self.done = True
+
+    def run(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop reading; what was read stays in the store (still readable: a file's records too)."""
+        self.stopping.set()
+
+    def close(self) -> None:
+        """Stop, and let go of the files the store reads rows from."""
+        self.stop()
+        self.join()
+        access = self.store.access
+        if isinstance(access, FileAccess):
+            access.close()
+
+    def join(self, timeout: float = 2.0) -> None:
+        for t in self._threads:
+            t.join(timeout)
+
+    def _feed_live(self, recs: Iterator[Record]) -> None:
+        """Feed records as they come: batched while more are ready, and whatever is batched is
+        fed before the reader waits (the readers call ``flush`` then), so the newest packet
+        never waits for the next one to show."""
+        batch = self._batch
+        for rec in recs:
+            batch.append((rec, -1))
+            if len(batch) >= BATCH:
+                self.flush()
+            if self.stopping.is_set():
+                break
+        self.flush()
+
+    def flush(self) -> None:
+        if self._batch:
+            self.store.feed_many(self._batch)
+            self._batch.clear()
+            # Let the UI's thread have the interpreter now: decoding never waits on I/O, so
+            # without this a key press would wait its turn behind whole switch intervals; and
+            # right after the user pressed a key (``hold``), leave it to the UI a little longer.
+            pause = self._held_until - time.monotonic()
+            time.sleep(min(pause, HOLD_S) if pause > 0 else 0.0005)
+
+    def hold(self, seconds: float = HOLD_S) -> None:
+        """The user did something: reading gives way to the UI for ``seconds`` (thread-safe:
+        one float written, read at the next batch)."""
+        self._held_until = time.monotonic() + seconds
+
+
+class FileSource(Source):
+    def __init__(self, paths: list[str], follow: bool = False) -> None:
+        super().__init__(Store(FileAccess(paths)))
+        self.paths = paths
+        self.follow = follow
+        self.live = follow
+        self.name = paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} rotated)"
+
+    def run(self) -> None:
+        self.state = "following" if self.follow else "reading"
+        store = self.store
+        batch = self._batch
+
+        def waiting() -> bool:  # following, at the end of the file: show what came, go on
+            self.flush()
+            return not self.stopping.is_set()
+
+        try:
+            for item in indexed_records(self.paths, waiting if self.follow else None):
+                batch.append(item)
+                if len(batch) >= BATCH:
+                    self.flush()
+                    if self.stopping.is_set():
+                        return
+        except CaptureError as e:
+            self.error = f"damaged capture: {e} (read {store.total + len(batch)} packets before it)"
+        except OSError as e:
+            self.error = f"{e.filename or self.name}: {e.strerror or e}"
+        finally:
+            self.flush()
+        if store.total == 0 and self.error is None:
+            self.error = "no vsock packets in this capture (no LINKTYPE_VSOCK records)"
+        self.state = "read"
+
+
+class StreamSource(Source):
+    """A live capture stream from a file object (stdin)."""
+
+    def __init__(self, stream: IO[bytes], name: str = "stdin", limit: int = DEFAULT_STORE) -> None:
+        super().__init__(Store(limit=limit))
+        self.stream = stream
+        self.name = name
+        self.live = True
+
+    def run(self) -> None:
+        self.state = "live"
+        try:
+            self._feed_live(records(_FdReader(self.stream.fileno(), b"", self.stopping, self.flush)))  # type: ignore[arg-type]
+            self.state = "ended"
+        except CaptureError as e:
+            self.error = f"damaged stream: {e} (read {self.store.total} packets before it)"
+        except OSError as e:
+            self.error = f"{self.name}: {e.strerror or e}"
+
+    def close(self) -> None:
+        super().close()
+        self.stream.close()
+
+
+class AttachSource(Source):
+    """A running vsproxy's control socket."""
+
+    def __init__(self, path: str, limit: int = DEFAULT_STORE, every: float = SNAPSHOT_EVERY) -> None:
+        super().__init__(Store(limit=limit))
+        self.path = path
+        self.name = f"attached to {path}"
+        self.live = True
+        self.every = every
+        self._sockets: list[socket.socket] = []
+
+    def start(self) -> None:
+        from vsproxy.ctl import CtlError, ask, connect
+
+        if self.started:
+            return
+        try:  # one request first, so a wrong path is one clear line before the screen opens
+            s = connect(self.path)
+            try:
+                ask(s, {"cmd": "snapshot"})
+            finally:
+                s.close()
+        except CtlError as e:
+            raise SourceError(str(e)) from None
+        super().start()
+        self._spawn(self._snapshots, "tui-snapshots")
+        self._spawn(self._events, "tui-events")
+
+    def run(self) -> None:
+        from vsproxy.ctl import CtlError, ask, connect
+
+        try:
+            s = connect(self.path)
+            self._sockets.append(s)
+            _, rest = ask(s, {"cmd": "subscribe", "what": "packets"})
+            s.settimeout(None)
+            self.state = "live"
+            self._feed_live(records(_FdReader(s.fileno(), rest, self.stopping, self.flush)))  # type: ignore[arg-type]
+        except (CtlError, CaptureError, OSError) as e:
+            if not self.stopping.is_set():
+                self.error = f"control socket gone: {e}; what was received is kept"
+        else:
+            if not self.stopping.is_set():
+                self.error = "control socket closed by vsproxy; what was received is kept"
+        self.state = "detached"
+
+    def _snapshots(self) -> None:
+        from vsproxy.ctl import CtlError, ask, connect
+
+        while not self.stopping.is_set() and self.error is None:
+            try:
+                s = connect(self.path)
+                try:
+                    got, _ = ask(s, {"cmd": "snapshot"})
+                finally:
+                    s.close()
+                snap = got.get("snapshot")
+                if isinstance(snap, dict):
+                    self.snapshot = snap
+                    self.snapshots += 1
+                    live = (snap.get("capture") or {}).get("live") or {}
+                    self.drops = int(live.get("subscriber_dropped", 0)) + int(live.get("ring_dropped", 0))
+            except CtlError:
+                return  # the packet thread says it (socket gone) when its stream ends
+            self.stopping.wait(self.every)
+
+    def _events(self) -> None:
+        from vsproxy.ctl import CtlError, ask, connect
+
+        try:
+            s = connect(self.path)
+            self._sockets.append(s)
+            _, rest = ask(s, {"cmd": "subscribe", "what": "events"})
+            s.settimeout(None)
+            buf = rest
+            while not self.stopping.is_set():
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    try:
+                        ev = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(ev, dict):
+                        self.events.append(ev)
+                data = s.recv(65536)
+                if not data:
+                    return
+                buf += data
+                if len(buf) > 1 << 20:  # no line in a megabyte: not vsproxy's; stop reading it
+                    return
+        except (CtlError, OSError):
+            return
+
+    def stop(self) -> None:
+        super().stop()
+        for s in self._sockets:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        super().close()
+        for s in self._sockets:
+            s.close()
+
+
+class SourceError(Exception):
+    """A source that cannot start: one line for the user."""
+
+
+class _FdReader:
+    """A socket or a pipe as ``records`` reads it: ``read(n)`` returns n bytes, fewer only at the
+    end; before it would wait for more, ``flush`` feeds what is batched."""
+
+    def __init__(self, fd: int, first: bytes, stopping: threading.Event, flush: Callable[[], None]) -> None:
+        self.fd = fd
+        self.buf = bytearray(first)
+        self.stopping = stopping
+        self.flush = flush
+
+    def read(self, n: int) -> bytes:
+        while len(self.buf) < n and not self.stopping.is_set():
+            ready, _, _ = select.select([self.fd], [], [], 0)
+            if not ready:
+                self.flush()
+                ready, _, _ = select.select([self.fd], [], [], 0.2)
+                if not ready:
+                    continue
+            try:
+                data = os.read(self.fd, max(65536, n - len(self.buf)))
+            except BlockingIOError:
+                continue
+            if not data:
+                break
+            self.buf += data
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+
+class _SubscriptionReader:
+    """A ``Proxy.subscribe_packets`` subscription as ``records`` reads it."""
+
+    def __init__(self, sub: Subscription, stopping: threading.Event, flush: Callable[[], None]) -> None:
+        self.sub = sub
+        self.buf = bytearray()
+        self.stopping = stopping
+        self.flush = flush
+
+    def read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if self.stopping.is_set():
+                break
+            data = self.sub.take()
+            if not data:
+                self.flush()
+                data = self.sub.read(0.2)
+            if not data:
+                if self.sub.closed:
+                    break
+                continue
+            self.buf += data
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+
+class ProxySource(Source):
+    """vsproxy in this process: its data path runs on its own thread (``Proxy.run``)."""
+
+    def __init__(self, proxy: Proxy, limit: int = DEFAULT_STORE, every: float = SNAPSHOT_EVERY,
+                 maxbytes: int | None = None) -> None:
+        super().__init__(Store(limit=limit))
+        self.proxy = proxy
+        self.name = "vsproxy (in this process)"
+        self.live = True
+        self.every = every
+        self.sub = proxy.subscribe_packets() if maxbytes is None else proxy.subscribe_packets(maxbytes)
+
+    def start(self) -> None:
+        if self.started:
+            return
+        super().start()
+        self._spawn(self._snapshots, "tui-snapshots")
+
+    def run(self) -> None:
+        self.state = "live"
+        try:
+            self._feed_live(records(_SubscriptionReader(self.sub, self.stopping, self.flush)))  # type: ignore[arg-type]
+        except CaptureError as e:
+            self.error = f"live capture: {e}"
+        self.state = "stopped"
+
+    def _snapshots(self) -> None:
+        from vsproxy.control import snapshot_json
+
+        while not self.stopping.is_set():
+            try:
+                snap = self.proxy.snapshot()
+            except (TimeoutError, RuntimeError):
+                return
+            self.snapshot = _jsonable(snapshot_json(snap))
+            self.snapshots += 1
+            self.drops = self.sub.dropped
+            self.stopping.wait(self.every)
+
+    def stop(self) -> None:
+        super().stop()
+        self.sub.close()
+
+
+def _jsonable(obj: Any) -> Any:
+    """The snapshot as the control socket would send it (tuples as lists, dataclasses as dicts)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    return obj
