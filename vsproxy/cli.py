@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Subcommands: 'vsproxy demo' runs a self-contained session with a simulated guest; "
         "'vsproxy read FILE [FILTER]' prints a capture like tcpdump -r (-V, --follow, --json; "
         "see 'vsproxy read --help'); 'vsproxy ctl PATH stats|conns|events|pcap|watch' talks to --control PATH; "
-        "'vsproxy diff A B' compares two captures as transcripts; 'vsproxy replay client|guest FILE' replays one.",
-        "'vsproxy tui FILE...|-|--attach PATH' is the terminal UI (see 'vsproxy tui --help').",
+        "'vsproxy diff A B' compares two captures as transcripts; 'vsproxy replay client|guest FILE' replays one; "
+        "'vsproxy tui FILE...|-|--attach PATH' is the terminal UI (see 'vsproxy tui --help'); "
+        "'vsproxy eif build|describe' and 'vsproxy enclave run' emulate a Nitro Enclave.",
     )
     p.add_argument("--socket", metavar="PATH", help="vhost-user socket QEMU connects to (one device)")
     p.add_argument("--guest-cid", type=parse_cid, metavar="N", help="the guest's CID (3..2^32-2)")
