@@ -224,7 +224,7 @@ def test_replay_show_prints_the_transcript_and_fails_cleanly(tmp_path: Path) -> 
     assert seq.stdout.splitlines()[1:5] == [">>> +0.021412s 5 bytes EOM EOR", "    HELLO",
                                             "<<< +0.021821s 19 bytes EOM", "    HELLO from the host"]
     vault = show("captures/sibling-denied.pcapng", "--filter", "device == vault")
-    assert vault.stdout.splitlines()[:2] == ["=== #3 vault 5:1152927319 > 6:5001 STREAM ===",
+    assert vault.stdout.splitlines()[:2] == ["=== #3 vault 5:2400453638 > 6:5001 STREAM ===",
                                              "    (the peer connected to the guest: >>> is the peer)"]
     cut = tmp_path / "cut.pcapng"
     cut.write_bytes((CAPTURES / "http-over-vsock.pcapng").read_bytes()[:-30])
