@@ -144,8 +144,11 @@ def test_limits_come_from_flags_keys_and_files_and_the_rest_from_the_file_limit_
         (share.max_connections, 40, share.max_handshakes),
         (share.max_connections, 40, 9),
     ]
+    bad = cfg.Settings()  # add_vm collects problems (every one, for --check) instead of raising the first
+    cfg.add_vm(bad, {"guest-cid": 5, "socket": "/s", "max-pending": 0}, "t")
+    assert len(bad.problems) == 1 and "max-pending" in bad.problems[0]
     with pytest.raises(cfg.ConfigError, match="max-pending"):
-        cfg.add_vm(cfg.Settings(), {"guest-cid": 5, "socket": "/s", "max-pending": 0}, "t")
+        bad.raise_problems()
 
 
 def test_start_logs_the_file_limit_and_the_limits_it_gives(start_vsproxy: Start) -> None:

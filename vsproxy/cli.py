@@ -12,21 +12,16 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from typing import TypeVar
 
 from vsproxy import config as cfg
 from vsproxy.app import ConfigError, Proxy
 from vsproxy.capture.writer import MIN_QUEUE_BYTES, QUEUE_BYTES, CaptureOptions
-from vsproxy.device import DeviceConfig
-from vsproxy.endpoints.host import HostEndpoints
+from vsproxy.device import DEFAULT_QUEUE_SIZE
 from vsproxy.limits import raise_nofile_limit
-from vsproxy.policy import Allow
 from vsproxy.replay.options import add_replay_options, replay_server_rules, set_replay_options, start_host_replays
 from vsproxy.vsock.core import DEFAULT_BUF_ALLOC
 
 log = logging.getLogger("vsproxy")
-
-T = TypeVar("T")
 
 
 class UsageError(Exception):
@@ -38,23 +33,16 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _argtype(parse: Callable[[str, str], T]) -> Callable[[str], T]:
-    """An argparse type from a config.py parser: one set of parsing rules for flags and files
-    (argparse names the flag itself, so the parser's location prefix is left empty)."""
+def package_version() -> str:
+    """The installed distribution's version (pyproject.toml), as ``--version`` prints it."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    def convert(text: str) -> T:
-        try:
-            return parse(text, "")
-        except cfg.ConfigError as e:
-            raise argparse.ArgumentTypeError(str(e).removeprefix(": ").strip()) from None
+    try:
+        return version("vsproxy")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from vsproxy import __version__
 
-    return convert
-
-
-parse_cid = _argtype(cfg.guest_cid)
-parse_forward = _argtype(cfg.parse_forward)
-parse_listen = _argtype(cfg.parse_listen)
-parse_limit = _argtype(cfg.parse_limit)
+        return f"{__version__} (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,8 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         "'vsproxy tui FILE...|-|--attach PATH' is the terminal UI (see 'vsproxy tui --help'); "
         "'vsproxy eif build|describe' and 'vsproxy enclave run' emulate a Nitro Enclave.",
     )
+    p.add_argument("--version", action="version", version=f"vsproxy {package_version()}")
+    p.add_argument("--check", action="store_true",
+                   help="check the flags, --vm and --config: print the devices and rules that would run (exit 0), "
+                   "or every problem found (exit 2); opens no socket")
     p.add_argument("--socket", metavar="PATH", help="vhost-user socket QEMU connects to (one device)")
-    p.add_argument("--guest-cid", type=parse_cid, metavar="N", help="the guest's CID (3..2^32-2)")
+    p.add_argument("--guest-cid", metavar="N", help="the guest's CID (3..2^32-2; default 3, as vhost-device-vsock)")
     p.add_argument(
         "--uds-path",
         metavar="PATH",
@@ -79,7 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--forward",
         action="append",
-        type=parse_forward,
         default=[],
         metavar="PORT=tcp:HOST:HPORT",
         help="guest connections to CID 2 PORT go to a TCP address (repeatable)",
@@ -87,30 +78,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--listen",
         action="append",
-        type=parse_listen,
         default=[],
         metavar="tcp:HOST:PORT=GUESTPORT",
         help="accept host TCP connections and connect them to GUESTPORT in the guest (repeatable)",
     )
     p.add_argument(
         "--tx-buffer-size",
-        type=int,
-        default=DEFAULT_BUF_ALLOC,
         metavar="BYTES",
-        help="per-connection buffer (the buf_alloc advertised to the guest), default 1048576",
+        help=f"per-connection buffer (the buf_alloc advertised to the guest), default {DEFAULT_BUF_ALLOC} "
+        "(vhost-device-vsock: 65536; see README)",
     )
+    p.add_argument("--queue-size", metavar="N",
+                   help=f"the largest ring the front-end may set (default {DEFAULT_QUEUE_SIZE}); a larger one ends "
+                   "the session with an error")
+    p.add_argument("--groups", metavar="NAME+NAME",
+                   help="with --socket: the device's groups; devices sharing one may connect to each other")
     p.add_argument(
         "--vm",
         action="append",
         default=[],
         metavar="KEY=VALUE,...",
-        help="a device: guest-cid, socket, uds-path, groups, tx-buffer-size (as vhost-device-vsock), name, "
-        "forward, listen, remap, service, allow-out, allow-in, max-connections, max-pending, max-handshakes; "
-        "lists joined with + (repeatable)",
+        help="a device: guest-cid, socket, uds-path, forward-cid, forward-listen, tx-buffer-size, queue-size, "
+        "groups (as vhost-device-vsock; _ or -), name, forward, listen, remap, service, allow-out, allow-in, "
+        "max-connections, max-pending, max-handshakes; lists joined with + (repeatable)",
     )
     p.add_argument("--config", metavar="FILE",
                    help="devices and rules from a TOML file ([[vm]] tables) or vhost-device-vsock's YAML (vms:)")
-    p.add_argument("--forward-cid", type=int, metavar="CID",
+    p.add_argument("--forward-cid", metavar="CID",
                    help="with --socket: guest connections to the host (and to CIDs no device has) go to "
                    "AF_VSOCK CID:port on the host, as vhost-device-vsock's --forward-cid")
     p.add_argument("--forward-listen", metavar="PORT+PORT",
@@ -139,13 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --socket: only these may connect to the guest")
     p.add_argument("--nitro", action="store_true",
                    help="what a Nitro Enclave guest needs: heartbeat on 3:9000 and CID 3 remapped to the host")
-    p.add_argument("--max-connections", type=parse_limit, metavar="N",
+    p.add_argument("--max-connections", metavar="N",
                    help="per device: connections open at once (host resources held); more get RST "
                    "(default: the device's share of the open-file limit, at most 65536)")
-    p.add_argument("--max-pending", type=parse_limit, metavar="N",
+    p.add_argument("--max-pending", metavar="N",
                    help="per device: connections still connecting; more get RST (default: a quarter of "
                    "--max-connections, at least 64)")
-    p.add_argument("--max-handshakes", type=parse_limit, metavar="N",
+    p.add_argument("--max-handshakes", metavar="N",
                    help="per hybrid socket: host connections that have not finished their CONNECT line; "
                    "one more drops the oldest (default: a 16th of the device's share, 2..1024)")
     p.add_argument("--control", metavar="PATH",
@@ -174,61 +168,112 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_from_args(args: argparse.Namespace) -> cfg.Settings:
-    """Every device and rule from the flags and the config file, checked as a whole."""
+# The single-device flags, as the --vm keys they stand for (vhost-device-vsock's own flags first).
+SINGLE_DEVICE = ("socket", "guest-cid", "uds-path", "forward-cid", "forward-listen", "tx-buffer-size", "queue-size",
+                 "groups", "forward", "listen", "allow-out", "allow-in")
+
+
+def unknown_arguments(parser: argparse.ArgumentParser, extra: list[str]) -> list[str]:
+    """A problem for each argument argparse did not know, naming the nearest flag."""
+    flags = sorted({s for a in parser._actions for s in a.option_strings if s.startswith("--")})
+    out: list[str] = []
+    after_flag = False
+    for item in extra:
+        if item.startswith("-") and item != "-":
+            word = item.split("=", 1)[0]
+            near = cfg.nearest(word.replace("_", "-"), flags)
+            out.append(f"unknown option {word!r}" + (f" (did you mean {near!r}?)" if near else ""))
+            after_flag = "=" not in item
+        elif not after_flag:
+            out.append(f"unexpected argument {item!r}")
+        else:
+            after_flag = False
+    return out
+
+
+def settings_from_args(args: argparse.Namespace, problems: list[str] | None = None, *,
+                       paths: bool = False) -> cfg.Settings:
+    """Every device and rule from the flags and the config file, checked as a whole (with
+    ``paths``, also the folders of the sockets to be made). Every problem found is collected;
+    ConfigError carries them all."""
     settings = cfg.Settings()
-    set_replay_options(args)  # before any rule is made: replay rules take them when made
+    settings.problems.extend(problems or [])
+    try:
+        set_replay_options(args)  # before any rule is made: replay rules take them when made
+    except cfg.ConfigError as e:
+        settings.problems.append(str(e))
     if args.vsock_via_unix:
         from vsproxy.endpoints.vsock import UnixVsockFactory
 
         if not os.path.isdir(args.vsock_via_unix):
-            raise UsageError(f"--vsock-via-unix {args.vsock_via_unix}: not a directory")
-        settings.vsock_factory = UnixVsockFactory(args.vsock_via_unix)
-    if args.socket is not None or args.guest_cid is not None:
-        if args.socket is None or args.guest_cid is None:
-            raise UsageError("--socket and --guest-cid go together (or use --vm)")
-        if not 4096 <= args.tx_buffer_size <= 64 * 1024 * 1024:
-            raise UsageError("--tx-buffer-size must be between 4096 and 67108864")
-        name = f"cid{args.guest_cid}"
-        endpoints = HostEndpoints(uds_path=args.uds_path, forwards=dict(args.forward), listens=list(args.listen))
-        endpoints.vsock_factory = settings.vsock_factory
-        if args.forward_cid is not None:
-            if not 1 <= args.forward_cid < 0xFFFFFFFF:
-                raise UsageError(f"--forward-cid {args.forward_cid} cannot be dialled")
-            endpoints.forward_cid = args.forward_cid
-        if args.forward_listen:
-            for item in args.forward_listen.split("+"):
-                endpoints.forward_listen.append(cfg._u32(item, "port", "--forward-listen"))
-        settings.devices.append(
-            DeviceConfig(args.guest_cid, args.socket, name=name, endpoints=endpoints, buf_alloc=args.tx_buffer_size)
-        )
-        for direction, items in (("out", args.allow_out), ("in", args.allow_in)):
-            for item in items:
-                acid, aport = cfg._cid_port(item, f"--allow-{direction}")
-                settings.allows.append(Allow(name, direction, acid, aport))
-    elif (args.uds_path or args.forward or args.listen or args.allow_out or args.allow_in
-          or args.forward_cid is not None or args.forward_listen):
-        raise UsageError("--uds-path, --forward*, --listen and --allow-* need --socket and --guest-cid")
+            settings.problems.append(f"--vsock-via-unix {args.vsock_via_unix}: not a directory")
+        else:
+            settings.vsock_factory = UnixVsockFactory(args.vsock_via_unix)
+    single: list[tuple[str, object]] = []
+    for key in SINGLE_DEVICE:
+        value = getattr(args, key.replace("-", "_"))
+        if value is not None and value != []:
+            single.append((key, value))
+    if args.socket is not None:
+        cfg.add_vm(settings, single, "", flags=True)
+    elif single:
+        flags = ", ".join("--" + k for k, _ in single)
+        settings.problems.append(f"{flags} {'needs' if len(single) == 1 else 'need'} --socket: the single-device "
+                                 "flags describe the device served on it (or use --vm)")
     for i, text in enumerate(args.vm):
-        cfg.add_vm(settings, cfg.parse_vm_flag(text), f"--vm #{i + 1}")
+        try:
+            cfg.add_vm(settings, cfg.parse_vm_flag(text), f"--vm #{i + 1}")
+        except cfg.ConfigError as e:
+            settings.problems.append(str(e))
     if args.config:
         cfg.load_file(args.config, settings)
     for text in args.remap:
-        settings.remaps.append(cfg.parse_remap(text, "--remap"))
+        try:
+            settings.remaps.append(cfg.parse_remap(text, "--remap"))
+        except cfg.ConfigError as e:
+            settings.problems.append(str(e))
     for text in args.service:
-        settings.services.append(cfg.parse_service(text, "--service"))
+        try:
+            settings.services.append(cfg.parse_service(text, "--service"))
+        except cfg.ConfigError as e:
+            settings.problems.append(str(e))
     for path in args.replay_server:  # before --nitro's heartbeat, so the capture answers 3:9000
-        settings.services += replay_server_rules(path)
+        try:
+            settings.services += replay_server_rules(path)
+        except cfg.ConfigError as e:
+            settings.problems.append(str(e))
+            continue
         settings.notes.append(f"--replay-server {path}: " + ", ".join(
             f"{s.cid}:{s.port}" for s in settings.services if s.kind == f"replay:{path}"))
     if args.nitro:
         cfg.nitro(settings)
+    limits: dict[str, int | None] = {}
+    for key in cfg.LIMIT_KEYS:
+        text = getattr(args, key.replace("-", "_"))
+        limits[key] = None
+        if text is not None:
+            try:
+                limits[key] = cfg.parse_limit(text, f"--{key}")
+            except cfg.ConfigError as e:
+                settings.problems.append(str(e))
     for d in settings.devices:  # the flags apply to every device that does not set its own
-        d.max_connections = d.max_connections or args.max_connections
-        d.max_pending = d.max_pending or args.max_pending
-        d.max_handshakes = d.max_handshakes or args.max_handshakes
+        d.max_connections = d.max_connections or limits["max-connections"]
+        d.max_pending = d.max_pending or limits["max-pending"]
+        d.max_handshakes = d.max_handshakes or limits["max-handshakes"]
     cfg.check(settings)
+    if paths:
+        settings.problems.extend(cfg.path_problems(settings))
+    settings.raise_problems()
     return settings
+
+
+def capture_problems(args: argparse.Namespace) -> list[str]:
+    out: list[str] = []
+    if args.pcap_rotate_size < 0 or args.pcap_rotate_seconds < 0 or args.pcap_files < 0:
+        out.append("--pcap-rotate-size, --pcap-rotate-seconds and --pcap-files must not be negative")
+    if args.pcap_buffer < MIN_QUEUE_BYTES:
+        out.append(f"--pcap-buffer {args.pcap_buffer}: at least {MIN_QUEUE_BYTES} bytes (2 MiB)")
+    return out
 
 
 def setup_logging(verbose: int, quiet: bool) -> None:
@@ -280,12 +325,28 @@ def serve(args_list: list[str], start_children: Callable[[], list[subprocess.Pop
     enclave run's QEMUs); vsproxy stops when the last of them exits, and stops those still
     running when it stops; the status is then the first failure among theirs (0 when every
     one exited with 0)."""
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(args_list)
-        settings = settings_from_args(args)
-    except (UsageError, cfg.ConfigError) as e:
+        args, extra = parser.parse_known_args(args_list)
+        problems = unknown_arguments(parser, extra)
+        if args.check:
+            problems += capture_problems(args)
+        settings = settings_from_args(args, problems, paths=args.check)
+    except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except cfg.ConfigError as e:
+        for problem in e.problems:
+            print(f"{prog}: error: {problem}", file=sys.stderr)
+        if args_list and "--check" in args_list:
+            print(f"{prog}: {len(e.problems)} problem{'s' if len(e.problems) > 1 else ''} found; nothing was "
+                  "started", file=sys.stderr)
+        return 2
+    if args.check:
+        from vsproxy.checkview import render
+
+        sys.stdout.write(render(settings))
+        return 0
     setup_logging(args.verbose, args.quiet)
     raise_nofile_limit()  # the figure is logged with the limits it gives, at start
     for note in settings.notes:
@@ -293,10 +354,8 @@ def serve(args_list: list[str], start_children: Callable[[], list[subprocess.Pop
     proxy = Proxy(settings.devices, settings.policy())
     try:
         if args.pcap:
-            if args.pcap_rotate_size < 0 or args.pcap_rotate_seconds < 0 or args.pcap_files < 0:
-                raise ConfigError("--pcap-rotate-size, --pcap-rotate-seconds and --pcap-files must not be negative")
-            if args.pcap_buffer < MIN_QUEUE_BYTES:
-                raise ConfigError(f"--pcap-buffer {args.pcap_buffer}: at least {MIN_QUEUE_BYTES} bytes (2 MiB)")
+            for problem in capture_problems(args):
+                raise ConfigError(problem)
             proxy.start_capture(CaptureOptions(args.pcap, args.pcap_format, args.flush, args.pcap_rotate_size,
                                                args.pcap_rotate_seconds, args.pcap_files,
                                                args.pcap_buffer, idle=args.pcap_idle))

@@ -1,26 +1,36 @@
-"""Device and routing configuration from the command line (``--vm``) and TOML files.
+"""Device and routing configuration from the command line (``--vm``, single-device flags) and
+files (``--config``: TOML, or vhost-device-vsock's YAML).
 
-``--vm`` keys match vhost-device-vsock's where they overlap (``guest-cid``, ``socket``,
-``uds-path``, ``groups``, ``tx-buffer-size``), list values joined with ``+``; vsproxy adds
-``name``, ``forward``, ``listen``, ``remap``, ``service``, ``allow-out`` and ``allow-in``.
-A TOML file (``--config``) has ``[[vm]]`` tables with the same keys (lists may be arrays)
-and top-level ``remap`` and ``service`` lists that apply to every device. Everything is
-checked before anything starts; errors name the flag or the file and key.
+Every vhost-device-vsock option is accepted with its meaning and default (``guest-cid`` 3,
+``queue-size`` 1024 as the largest ring the front-end may set, ``groups``, ``forward-cid``,
+``forward-listen``, ``tx-buffer-size``), each key in its ``_`` and ``-`` spelling; vsproxy adds
+``name``, ``forward``, ``listen``, ``remap``, ``service``, ``allow-out``, ``allow-in`` and the
+limits. A TOML file has ``[[vm]]`` tables with the same keys (lists may be arrays) and top-level
+``remap`` and ``service`` lists that apply to every device. Everything is checked before anything
+starts, and every problem is collected (``Settings.problems``), not just the first: errors name
+the flag or the file and key, and a misspelled key names the nearest valid one.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import re
 import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
-from vsproxy.device import DeviceConfig
+from vsproxy.device import DEFAULT_QUEUE_SIZE, DeviceConfig
 from vsproxy.endpoints.host import HostEndpoints, TcpForward
 from vsproxy.endpoints.services import check_spec, service_kinds, split_spec
 from vsproxy.endpoints.vsock import VsockFactory
 from vsproxy.policy import Allow, DeviceSpec, Policy, Remap, Service
+from vsproxy.virtq import MAX_QUEUE_SIZE
 from vsproxy.vsock.core import DEFAULT_BUF_ALLOC
 from vsproxy.vsock.header import RESERVED_CIDS
+
+T = TypeVar("T")
 
 VM_KEYS = (
     "guest-cid", "socket", "uds-path", "groups", "tx-buffer-size", "forward-cid", "forward-listen", "queue-size",
@@ -29,10 +39,21 @@ VM_KEYS = (
 )
 LIMIT_KEYS = ("max-connections", "max-pending", "max-handshakes")
 LIMIT_MAX = 1 << 20
+# vhost-device-vsock's defaults (its main.rs: DEFAULT_GUEST_CID, DEFAULT_TX_BUFFER_SIZE).
+DEFAULT_GUEST_CID = 3
+VHOST_DEVICE_VSOCK_TX_BUFFER_SIZE = 64 * 1024  # vsproxy's own default is DEFAULT_BUF_ALLOC (README says why)
+TX_BUFFER_MIN = 4096
+TX_BUFFER_MAX = 64 * 1024 * 1024
+TOML_TOP_KEYS = ("vm", "remap", "service")
 
 
 class ConfigError(Exception):
-    """A setting that cannot work; the message names where it came from."""
+    """A setting that cannot work; the message names where it came from. ``problems`` holds
+    every problem found when several were collected (one line each)."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems: list[str] = list(problems) or [message]
 
 
 @dataclass
@@ -43,6 +64,7 @@ class Settings:
     allows: list[Allow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what shorthands such as --nitro set
     vsock_factory: VsockFactory | None = None  # --vsock-via-unix (tests); None: real AF_VSOCK
+    problems: list[str] = field(default_factory=list)  # everything wrong, in the order found
 
     def policy(self) -> Policy:
         specs = [
@@ -50,6 +72,10 @@ class Settings:
             for d in self.devices
         ]
         return Policy(specs, list(self.remaps), list(self.services), list(self.allows))
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise ConfigError(self.problems[0], self.problems)
 
 
 def _u32(text: str, what: str, where: str) -> int:
@@ -145,133 +171,293 @@ def _items(value: object, where: str) -> list[str]:
     raise ConfigError(f"{where}: expected a string or a list, got {type(value).__name__}")
 
 
-def add_vm(settings: Settings, values: dict[str, object], where: str) -> None:
-    for key in values:
+def canonical(key: str) -> str:
+    """vhost-device-vsock accepts ``guest_cid`` and ``guest-cid`` alike (its --vm parser matches
+    both; serde names its YAML fields with ``_``); vsproxy keeps one spelling inside, with ``-``."""
+    return key.strip().replace("_", "-")
+
+
+def nearest(word: str, choices: Sequence[str]) -> str | None:
+    found = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def unknown(what: str, word: str, choices: Sequence[str]) -> str:
+    """``unknown key 'guest_cdi' (did you mean 'guest_cid'?)``: the suggestion in the spelling the
+    user chose (``_`` or ``-``), or the whole list when nothing is close."""
+    near = nearest(canonical(word), choices)
+    if near is None:
+        return f"unknown {what} {word!r} (known: {', '.join(choices)})"
+    if "_" in word:
+        near = near.replace("-", "_")
+    return f"unknown {what} {word!r} (did you mean {near!r}?)"
+
+
+def parse_queue_size(text: str, where: str) -> int:
+    """The largest ring the front-end may set (vhost-device-vsock's queue-size)."""
+    if not text.isdigit() or not 1 <= int(text) <= MAX_QUEUE_SIZE:
+        raise ConfigError(f"{where}: queue size {text!r} is not a number in 1..{MAX_QUEUE_SIZE}")
+    return int(text)
+
+
+def parse_tx_buffer_size(text: str, where: str) -> int:
+    if not text.isdigit() or not TX_BUFFER_MIN <= int(text) <= TX_BUFFER_MAX:
+        raise ConfigError(f"{where}: tx-buffer-size {text!r} is not a number in {TX_BUFFER_MIN}..{TX_BUFFER_MAX}")
+    return int(text)
+
+
+def _forward_cid(text: str, where: str) -> int:
+    fcid = _u32(text, "forward CID", where)
+    if fcid in (0, 0xFFFFFFFF):
+        raise ConfigError(f"{where}: forward CID {fcid} cannot be dialled")
+    return fcid
+
+
+def add_vm(settings: Settings, values: Mapping[str, object] | Iterable[tuple[str, object]], where: str,
+           *, flags: bool = False) -> DeviceConfig | None:
+    """One device from ``--vm``, a file's table, or (``flags``) the single-device flags. Every
+    problem found goes to ``settings.problems`` (not just the first); the device is added when
+    its CID and socket are usable, so the later checks see it."""
+    problems = settings.problems
+    pairs = values.items() if isinstance(values, Mapping) else values
+    vals: dict[str, object] = {}
+    given: dict[str, str] = {}  # canonical key -> the spelling used, for "given twice"
+
+    def at(key: str) -> str:
+        return f"--{key}" if flags else f"{where} {key}"
+
+    def name_of(key: str) -> str:
+        return f"--{key}" if flags else key
+
+    prefix = "" if flags else f"{where}: "
+
+    for raw, value in pairs:
+        key = canonical(str(raw))
         if key not in VM_KEYS:
-            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(VM_KEYS)})")
-    for key in ("guest-cid", "socket"):
-        if key not in values:
-            raise ConfigError(f"{where}: missing {key!r}")
-    cid = guest_cid(str(values["guest-cid"]), f"{where} guest-cid")
-    name = str(values.get("name", f"cid{cid}"))
-    endpoints = HostEndpoints(uds_path=str(values["uds-path"]) if "uds-path" in values else None)
-    for f in _items(values.get("forward", []), f"{where} forward"):
-        port, fwd = parse_forward(f, f"{where} forward")
-        endpoints.forwards[port] = fwd
-    for item in _items(values.get("listen", []), f"{where} listen"):
-        endpoints.listens.append(parse_listen(item, f"{where} listen"))
-    if "forward-cid" in values:
-        fcid = _u32(str(values["forward-cid"]), "forward-cid", f"{where} forward-cid")
-        if fcid in (0, 0xFFFFFFFF):
-            raise ConfigError(f"{where} forward-cid: {fcid} cannot be dialled")
-        endpoints.forward_cid = fcid
-    for item in _items(values.get("forward-listen", []), f"{where} forward-listen"):
-        endpoints.forward_listen.append(_u32(item, "port", f"{where} forward-listen"))
+            problems.append(f"{where}: {unknown('key', str(raw), VM_KEYS)}")
+        elif key in given:
+            problems.append(f"{where}: key {key!r} given twice (as {given[key]!r} and {str(raw)!r})")
+        elif value is None:
+            problems.append(f"{at(key)}: no value")
+        else:
+            vals[key] = value
+            given[key] = str(raw)
+
+    def attempt(fn: Callable[..., T], *args: object) -> T | None:
+        try:
+            return fn(*args)
+        except ConfigError as e:
+            problems.append(str(e))
+            return None
+
+    # vhost-device-vsock: guest_cid.unwrap_or(DEFAULT_GUEST_CID)
+    cid = attempt(guest_cid, str(vals.get("guest-cid", DEFAULT_GUEST_CID)), at("guest-cid"))
+    socket_path = str(vals["socket"]) if "socket" in vals else None
+    if socket_path is None and "socket" not in given:
+        problems.append(f"{where}: missing 'socket' (the vhost-user socket QEMU connects to)")
+    name = str(vals.get("name", f"cid{cid}"))
+    endpoints = HostEndpoints(uds_path=str(vals["uds-path"]) if "uds-path" in vals else None)
+    for f in attempt(_items, vals.get("forward", []), at("forward")) or []:
+        got = attempt(parse_forward, f, at("forward"))
+        if got is not None:
+            endpoints.forwards[got[0]] = got[1]
+    for item in attempt(_items, vals.get("listen", []), at("listen")) or []:
+        listen = attempt(parse_listen, item, at("listen"))
+        if listen is not None:
+            endpoints.listens.append(listen)
+    if "forward-cid" in vals:
+        endpoints.forward_cid = attempt(_forward_cid, str(vals["forward-cid"]), at("forward-cid"))
+    for item in attempt(_items, vals.get("forward-listen", []), at("forward-listen")) or []:
+        port = attempt(_u32, item, "port", at("forward-listen"))
+        if port is not None:
+            endpoints.forward_listen.append(port)
+    # Conflicts vhost-device-vsock also refuses (clap's conflicts_with, and its --vm and YAML
+    # parsers' match on (uds_path, forward_cid)): a device has one host backend.
+    if "uds-path" in vals and "forward-cid" in vals:
+        problems.append(f"{prefix}{name_of('uds-path')} and {name_of('forward-cid')} both given: they are two host "
+                        "backends (hybrid unix sockets, AF_VSOCK) and a device has one, as in vhost-device-vsock")
+    if "forward-listen" in vals and "forward-cid" not in vals:
+        why = (" (with uds-path, host programs connect in through the hybrid socket's CONNECT line)"
+               if "uds-path" in vals else "")
+        problems.append(f"{prefix}{name_of('forward-listen')} needs {name_of('forward-cid')}: it listens on host "
+                        f"AF_VSOCK ports and belongs to the AF_VSOCK backend{why}")
     endpoints.vsock_factory = settings.vsock_factory
-    if "queue-size" in values:
-        settings.notes.append(f"{where}: queue-size ignored (the front-end, QEMU, sets the ring size)")
-    buf = values.get("tx-buffer-size", DEFAULT_BUF_ALLOC)
-    if not str(buf).isdigit() or not 4096 <= int(str(buf)) <= 64 << 20:
-        raise ConfigError(f"{where} tx-buffer-size: {buf!r} is not between 4096 and 67108864")
-    groups = frozenset(_items(values.get("groups", []), f"{where} groups"))
-    limits = {key: parse_limit(str(values[key]), f"{where} {key}") for key in LIMIT_KEYS if key in values}
-    settings.devices.append(
-        DeviceConfig(cid, str(values["socket"]), name=name, endpoints=endpoints, buf_alloc=int(str(buf)),
-                     groups=groups, max_connections=limits.get("max-connections"),
-                     max_pending=limits.get("max-pending"), max_handshakes=limits.get("max-handshakes"))
-    )
-    for r in _items(values.get("remap", []), f"{where} remap"):
-        settings.remaps.append(parse_remap(r, f"{where} remap", name))
-    for s in _items(values.get("service", []), f"{where} service"):
-        settings.services.append(parse_service(s, f"{where} service", name))
+    queue_size = attempt(parse_queue_size, str(vals.get("queue-size", DEFAULT_QUEUE_SIZE)), at("queue-size"))
+    buf = attempt(parse_tx_buffer_size, str(vals.get("tx-buffer-size", DEFAULT_BUF_ALLOC)), at("tx-buffer-size"))
+    groups = frozenset(attempt(_items, vals.get("groups", []), at("groups")) or [])
+    limits = {key: attempt(parse_limit, str(vals[key]), at(key)) for key in LIMIT_KEYS if key in vals}
+    dev = None
+    if cid is not None and socket_path is not None:
+        dev = DeviceConfig(cid, socket_path, name=name, endpoints=endpoints, buf_alloc=buf or DEFAULT_BUF_ALLOC,
+                           groups=groups, queue_size=queue_size or DEFAULT_QUEUE_SIZE,
+                           max_connections=limits.get("max-connections"), max_pending=limits.get("max-pending"),
+                           max_handshakes=limits.get("max-handshakes"))
+        settings.devices.append(dev)
+    for r in attempt(_items, vals.get("remap", []), at("remap")) or []:
+        remap = attempt(parse_remap, r, at("remap"), name)
+        if remap is not None:
+            settings.remaps.append(remap)
+    for s in attempt(_items, vals.get("service", []), at("service")) or []:
+        service = attempt(parse_service, s, at("service"), name)
+        if service is not None:
+            settings.services.append(service)
     for direction in ("out", "in"):
-        for a in _items(values.get(f"allow-{direction}", []), f"{where} allow-{direction}"):
-            acid, aport = _cid_port(a, f"{where} allow-{direction}")
-            settings.allows.append(Allow(name, direction, acid, aport))
+        key = f"allow-{direction}"
+        for a in attempt(_items, vals.get(key, []), at(key)) or []:
+            addr = attempt(_cid_port, a, at(key))
+            if addr is not None:
+                settings.allows.append(Allow(name, direction, addr[0], addr[1]))
+    return dev
 
 
-def parse_vm_flag(text: str) -> dict[str, object]:
-    """``guest-cid=4,socket=/tmp/v4.sock,groups=a+b``"""
-    out: dict[str, object] = {}
+def parse_vm_flag(text: str) -> list[tuple[str, str]]:
+    """``guest-cid=4,socket=/tmp/v4.sock,groups=a+b`` as (key, value) pairs in order, keys as
+    spelled (``add_vm`` reads both spellings and finds a key given twice)."""
+    out: list[tuple[str, str]] = []
     for part in text.split(","):
         key, sep, value = part.partition("=")
         if not sep:
             raise ConfigError(f"--vm {text!r}: {part!r} is not KEY=VALUE")
-        if key in out:
-            raise ConfigError(f"--vm {text!r}: key {key!r} given twice")
-        out[key.strip()] = value
+        out.append((key.strip(), value))
     return out
 
 
-def load_toml(path: str, settings: Settings) -> None:
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: {e}") from None
+def _toml(data: dict[str, object], path: str, settings: Settings) -> None:
+    problems = settings.problems
     for key in data:
-        if key not in ("vm", "remap", "service"):
-            raise ConfigError(f"{path}: unknown top-level key {key!r} (known: vm, remap, service)")
+        if key not in TOML_TOP_KEYS:
+            problems.append(f"{path}: {unknown('top-level key', key, TOML_TOP_KEYS)}")
     vms = data.get("vm", [])
     if not isinstance(vms, list):
-        raise ConfigError(f"{path}: 'vm' must be an array of tables ([[vm]])")
+        problems.append(f"{path}: 'vm' must be an array of tables ([[vm]])")
+        vms = []
     for i, vm in enumerate(vms):
         if not isinstance(vm, dict):
-            raise ConfigError(f"{path}: vm[{i}] must be a table")
+            problems.append(f"{path}: vm[{i}] must be a table")
+            continue
         add_vm(settings, vm, f"{path} vm[{i}]")
-    for r in _items(data.get("remap", []), f"{path} remap"):
-        settings.remaps.append(parse_remap(r, f"{path} remap"))
-    for s in _items(data.get("service", []), f"{path} service"):
-        settings.services.append(parse_service(s, f"{path} service"))
+    try:
+        for item in _items(data.get("remap", []), f"{path} remap"):
+            try:
+                settings.remaps.append(parse_remap(item, f"{path} remap"))
+            except ConfigError as e:
+                problems.append(str(e))
+        for item in _items(data.get("service", []), f"{path} service"):
+            try:
+                settings.services.append(parse_service(item, f"{path} service"))
+            except ConfigError as e:
+                problems.append(str(e))
+    except ConfigError as e:  # remap or service is neither a string nor a list
+        problems.append(str(e))
 
 
-def load_yaml(path: str, settings: Settings) -> None:
-    """vhost-device-vsock's configuration file: a ``vms:`` list, keys with underscores."""
+def _yaml(data: object, path: str, settings: Settings) -> None:
+    """vhost-device-vsock's configuration file: a ``vms:`` list; its keys with ``_`` or ``-``
+    (its own README example mixes ``uds_path`` and ``forward-cid``), plus vsproxy's keys."""
+    problems = settings.problems
+    if not isinstance(data, dict):
+        problems.append(f"{path}: expected a 'vms:' list (vhost-device-vsock's format)")
+        return
+    for key in data:
+        if key != "vms":
+            problems.append(f"{path}: {unknown('top-level key', str(key), ('vms',))}")
+    vms = data.get("vms")
+    if not isinstance(vms, list) or not vms:
+        problems.append(f"{path}: 'vms' must be a non-empty list of devices (vhost-device-vsock's format)")
+        return
+    for i, vm in enumerate(vms):
+        if not isinstance(vm, dict):
+            problems.append(f"{path}: vms[{i}] must be a mapping")
+            continue
+        add_vm(settings, [(str(k), v) for k, v in vm.items()], f"{path} vms[{i}]")
+
+
+def load_file(path: str, settings: Settings) -> None:
+    """``.toml`` is TOML and ``.yaml``/``.yml`` is YAML; any other name (vhost-device-vsock takes
+    any path as YAML) is read as TOML if it parses as TOML, else as YAML."""
     import yaml
 
     try:
         with open(path, "rb") as f:
-            data = yaml.safe_load(f)
+            raw = f.read()
     except OSError as e:
-        raise ConfigError(f"{path}: {e.strerror}") from None
+        settings.problems.append(f"{path}: {e.strerror}")
+        return
+    is_yaml = path.endswith((".yaml", ".yml"))
+    if not is_yaml:
+        try:
+            data = tomllib.loads(raw.decode("utf-8", "replace"))
+        except tomllib.TOMLDecodeError as e:
+            if path.endswith(".toml"):
+                settings.problems.append(f"{path}: {e}")
+                return
+            is_yaml = True
+        else:
+            _toml(data, path, settings)
+            return
+    try:
+        ydata = yaml.safe_load(raw)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict) or set(data) - {"vms"} or not isinstance(data.get("vms"), list):
-        raise ConfigError(f"{path}: expected a 'vms:' list (vhost-device-vsock's format)")
-    for i, vm in enumerate(data["vms"]):
-        if not isinstance(vm, dict):
-            raise ConfigError(f"{path}: vms[{i}] must be a mapping")
-        add_vm(settings, {str(k).replace("_", "-"): v for k, v in vm.items()}, f"{path} vms[{i}]")
-
-
-def load_file(path: str, settings: Settings) -> None:
-    if path.endswith((".yaml", ".yml")):
-        load_yaml(path, settings)
-    else:
-        load_toml(path, settings)
+        settings.problems.append(f"{path}: {str(e).splitlines()[0]}")
+        return
+    _yaml(ydata, path, settings)
 
 
 def check(settings: Settings) -> None:
-    """Duplicates and dangling references, before anything starts."""
-    if not settings.devices:
-        raise ConfigError("no device: give --socket and --guest-cid, --vm, or --config")
+    """Duplicates and clashes between devices, before anything starts; each goes to
+    ``settings.problems``."""
+    problems = settings.problems
+    if not settings.devices and not problems:
+        problems.append("no device: give --socket (with --uds-path or --forward-cid), --vm, or --config")
     seen_cid: dict[int, str] = {}
     seen_sock: dict[str, str] = {}
+    seen_uds: dict[str, str] = {}
+    seen_listen: dict[int, str] = {}
     seen_name: set[str] = set()
     for d in settings.devices:
         if d.guest_cid in seen_cid:
-            raise ConfigError(f"guest CID {d.guest_cid} given to both {seen_cid[d.guest_cid]} and {d.name}")
+            problems.append(f"guest CID {d.guest_cid} given to both {seen_cid[d.guest_cid]} and {d.name}")
         if d.socket_path in seen_sock:
-            raise ConfigError(f"socket {d.socket_path} given to both {seen_sock[d.socket_path]} and {d.name}")
-        if d.name in seen_name:
-            raise ConfigError(f"device name {d.name!r} given twice")
-        seen_cid[d.guest_cid] = d.name
-        seen_sock[d.socket_path] = d.name
+            problems.append(f"socket {d.socket_path} given to both {seen_sock[d.socket_path]} and {d.name}")
+        if d.name in seen_name and d.guest_cid not in seen_cid:  # cidN twice is the CID's problem, said above
+            problems.append(f"device name {d.name!r} given twice")
+        seen_cid.setdefault(d.guest_cid, d.name)
+        seen_sock.setdefault(d.socket_path, d.name)
         seen_name.add(d.name)
+        uds = d.endpoints.uds_path
+        if uds is not None:
+            if uds in seen_uds:
+                problems.append(f"uds-path {uds} given to both {seen_uds[uds]} and {d.name}")
+            seen_uds.setdefault(uds, d.name)
+        for port in d.endpoints.forward_listen:  # AF_VSOCK ports are the host's, one listener each
+            if port in seen_listen and seen_listen[port] != d.name:
+                problems.append(f"forward-listen port {port} given to both {seen_listen[port]} and {d.name}")
+            seen_listen.setdefault(port, d.name)
+    for d in settings.devices:
         if d.endpoints.uds_path is not None and d.endpoints.uds_path in seen_sock:
-            raise ConfigError(f"uds-path {d.endpoints.uds_path} is also a vhost-user socket")
+            problems.append(f"uds-path {d.endpoints.uds_path} of {d.name} is also a vhost-user socket")
+    ungrouped = [d.name for d in settings.devices if not d.groups]
+    if len(ungrouped) > 1:
+        settings.notes.append(
+            f"{', '.join(ungrouped)} give no groups: vhost-device-vsock would put them in group 'default' and let "
+            "their guests connect to each other; vsproxy keeps siblings apart unless they share a group "
+            "(add groups=default to each to match)")
+
+
+def path_problems(settings: Settings) -> list[str]:
+    """What starting would trip over in the file system (``--check``; nothing is created)."""
+    out: list[str] = []
+    for d in settings.devices:
+        paths = [("socket", d.socket_path)]
+        if d.endpoints.uds_path is not None:
+            paths.append(("uds-path", d.endpoints.uds_path))
+        for what, path in paths:
+            folder = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(folder):
+                out.append(f"{d.name}: {what} {path}: directory {folder} does not exist")
+            elif len(os.fsencode(path)) >= 108:
+                out.append(f"{d.name}: {what} {path}: longer than a unix socket path may be (107 bytes)")
+    return out
 
 
 def nitro(settings: Settings) -> None:

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vsproxy.device")
 
+# vhost-device-vsock's --queue-size default: the largest ring the front-end may set (QEMU sets
+# 128 on vhost-user-vsock-pci and 1024 on virtio-mmio); a larger SET_VRING_NUM ends the session.
+DEFAULT_QUEUE_SIZE = 1024
 
 
 @dataclass
@@ -46,6 +49,7 @@ class DeviceConfig:
     endpoints: HostEndpoints = field(default_factory=HostEndpoints)
     buf_alloc: int = DEFAULT_BUF_ALLOC
     groups: frozenset[str] = frozenset()
+    queue_size: int = DEFAULT_QUEUE_SIZE
     # None: the device's share of the file limit (limits.default_limits), set at start
     max_connections: int | None = None
     max_pending: int | None = None

@@ -49,7 +49,7 @@ class FrontendSession(DataPath, CoreHooks):
         self.name = device.name
         self.sock = sock
         sock.setblocking(False)
-        self.session = Session(device.config.guest_cid)
+        self.session = Session(device.config.guest_cid, max_queue_size=device.config.queue_size)
         self.reader = MessageReader()
         self.mem: GuestMemory | None = None
         self.queues: list[SplitQueue | None] = [None, None]

@@ -190,8 +190,12 @@ class Session:
         if r == Request.SET_VRING_NUM:
             index, num = codec.decode_vring_state(msg)
             v = self._vring(index, name)
-            if num == 0 or num & (num - 1) or num > self.max_queue_size:
-                raise ProtocolError(f"SET_VRING_NUM: size {num} is not a power of two up to {self.max_queue_size}")
+            if num > self.max_queue_size:
+                # vhost-device-vsock's queue-size: a limit on the ring the front-end may set
+                raise ProtocolError(f"SET_VRING_NUM: vring {index} size {num} is above this device's queue-size "
+                                    f"{self.max_queue_size} (raise it with --queue-size or queue-size=)")
+            if num == 0 or num & (num - 1):
+                raise ProtocolError(f"SET_VRING_NUM: size {num} is not a power of two")
             if v.started:
                 raise ProtocolError(f"SET_VRING_NUM: vring {index} is running")
             v.num = num
