@@ -48,6 +48,9 @@ def package_version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="vsproxy",
+        # no abbreviations (clap takes none either): a misspelled flag is an error naming the nearest one,
+        # not silently another flag
+        allow_abbrev=False,
         description="vhost-user-vsock backend that routes, fences and shows vsock traffic.",
         epilog="Subcommands: 'vsproxy demo' runs a self-contained session with a simulated guest; "
         "'vsproxy read FILE [FILTER]' prints a capture like tcpdump -r (-V, --follow, --json; "
