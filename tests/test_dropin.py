@@ -20,8 +20,10 @@ are filled in and the entry says so.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -440,8 +442,9 @@ def exchange_on(dev: Dev, guest: SimGuest, moved: str, vsock_dir: str, servers: 
             gs.close()
 
 
-@pytest.mark.parametrize("ex", EXAMPLES, ids=[e.name for e in EXAMPLES])
-def test_every_vhost_device_vsock_example_starts_and_carries_bytes(workdir: str, ex: Example) -> None:
+def start_and_exchange(workdir: str, ex: Example) -> None:
+    """``ex`` with its /tmp paths moved into ``workdir``: checked, started, a simulated guest on
+    each socket exchanging bytes on every host side, stopped."""
     moved = os.path.join(workdir, "tmp")
     vsock_dir = os.path.join(workdir, "vsock")
     os.mkdir(moved)
@@ -453,6 +456,7 @@ def test_every_vhost_device_vsock_example_starts_and_carries_bytes(workdir: str,
     uses_vsock = any(d.forward_cid is not None for d in ex.devices)
     extra = ["--vsock-via-unix", vsock_dir] if uses_vsock else []  # never AF_VSOCK on this machine
     sockets = [d.socket.replace("/tmp", moved, 1) for d in ex.devices]
+    assert "/tmp/" not in " ".join(argv).replace(moved + "/", "MOVED/").replace(workdir, "WORKDIR")  # all moved
     vp = VsproxyProcess([*argv, *extra], sockets[0], os.path.join(workdir, "vsproxy.log"))
     servers: list[EchoServer] = []
     try:
@@ -467,6 +471,11 @@ def test_every_vhost_device_vsock_example_starts_and_carries_bytes(workdir: str,
         for srv in servers:
             srv.close()
         assert vp.stop() == 0
+
+
+@pytest.mark.parametrize("ex", EXAMPLES, ids=[e.name for e in EXAMPLES])
+def test_every_vhost_device_vsock_example_starts_and_carries_bytes(workdir: str, ex: Example) -> None:
+    start_and_exchange(workdir, ex)
 
 
 def test_readme_siblings_sharing_a_group_connect(workdir: str) -> None:
@@ -533,3 +542,48 @@ def test_single_device_flags_without_a_backend_still_serve(workdir: str) -> None
             g.connect(9000)
     finally:
         assert vp.stop() == 0
+
+
+# -- the README's "Coming from vhost-device-vsock" commands ------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_blocks() -> list[tuple[str, str]]:
+    """(language, text) of each fenced block in the README's drop-in section, in order."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text[text.index("## Coming from vhost-device-vsock"):]
+    section = section[:section.index("\n## ", 1)]
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"```(\w+)\n(.*?)\n```", section, re.S)]
+
+
+def test_readme_dropin_check_commands_print_what_the_readme_shows() -> None:
+    blocks = readme_blocks()
+    pairs = [(cmd, out) for (lang, cmd), (nlang, out) in itertools.pairwise(blocks) if lang == "sh" and nlang == "text"]
+    assert len(pairs) == 2
+    for cmd, shown in pairs:
+        argv = shlex.split(cmd.replace("\\\n", " "))
+        assert argv[:2] == ["vsproxy", "--check"]  # only --check runs verbatim: it opens nothing
+        p = run_cli(*argv[1:])
+        assert (p.stdout + p.stderr).rstrip("\n") == shown
+        assert p.returncode == (2 if "error:" in shown else 0)
+
+
+def test_readme_dropin_swap_command_starts_and_carries_bytes(workdir: str) -> None:
+    runs = [cmd for (lang, cmd), (nlang, _) in itertools.pairwise([*readme_blocks(), ("", "")])
+            if lang == "sh" and nlang != "text"]
+    assert len(runs) == 1
+    argv = shlex.split(runs[0])
+    ex = next(e for e in EXAMPLES if e.name == "readme-uds-backend")
+    assert argv == ["vsproxy", *ex.argv]  # vhost-device-vsock's README line with the binary name swapped
+    start_and_exchange(workdir, ex)
+
+
+def test_readme_tx_buffer_benchmark_command_runs() -> None:
+    """The README's tx-buffer-size figures come from this command (here with --quick)."""
+    p = subprocess.run([os.path.join(ROOT, ".venv", "bin", "python"), "benchmarks/bench_throughput.py", "--quick",
+                        "--only", "g2h:65536", "--vsproxy-arg=--tx-buffer-size=65536"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [line.split() for line in p.stdout.splitlines() if line.startswith("guest->host")]
+    assert rows and all(r[1] == "65536" and r[6] == "MB/s" for r in rows), p.stdout

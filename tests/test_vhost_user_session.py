@@ -129,6 +129,16 @@ def test_ring_size_not_a_power_of_two_ends_the_session(num: int) -> None:
         negotiated().handle(msg(Request.SET_VRING_NUM, codec.encode_vring_state(0, num)), [])
 
 
+def test_ring_above_the_queue_size_limit_is_refused_and_the_limit_itself_is_taken() -> None:
+    s = Session(guest_cid=5, max_queue_size=256)  # vhost-device-vsock's --queue-size 256
+    s.handle(msg(Request.SET_FEATURES, U64.pack(default_features())), [])
+    with pytest.raises(ProtocolError, match="vring 1 size 512 is above this device's queue-size 256"):
+        s.handle(msg(Request.SET_VRING_NUM, codec.encode_vring_state(1, 512)), [])
+    assert s.vrings[1].num == 0
+    s.handle(msg(Request.SET_VRING_NUM, codec.encode_vring_state(1, 256)), [])
+    assert s.vrings[1].num == 256
+
+
 @pytest.mark.parametrize(
     ("req", "payload", "fds"),
     [
