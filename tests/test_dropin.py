@@ -291,6 +291,27 @@ def test_check_creates_no_socket_and_no_file(workdir: str) -> None:
     assert os.listdir(workdir) == []  # no vhost-user, hybrid or control socket, no capture file
 
 
+def test_check_calls_no_socket_constructor(workdir: str, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """In-process, with socket.socket and socketpair made to fail: --check of unix, TCP and
+    AF_VSOCK devices (no --vsock-via-unix: the real factory is configured, never used) returns 0."""
+    from vsproxy import cli
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("--check made a socket")
+
+    monkeypatch.setattr(socket, "socket", refuse)
+    monkeypatch.setattr(socket, "socketpair", refuse)
+    rc = cli.main(["--check", "--vm", f"guest-cid=4,uds-path={workdir}/h,socket={workdir}/v4",
+                   "--vm", f"guest-cid=5,socket={workdir}/v5,forward-cid=1,forward-listen=9001",
+                   "--vm", f"guest-cid=6,socket={workdir}/v6,listen=tcp:127.0.0.1:0=80,forward=80=tcp:127.0.0.1:1",
+                   "--control", f"{workdir}/ctl"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "3 devices; configuration OK" in out.out
+    assert os.listdir(workdir) == []
+
+
 def test_check_prints_every_problem_and_exits_2(workdir: str) -> None:
     conf = os.path.join(workdir, "vms.yaml")
     with open(conf, "w") as f:

@@ -27,7 +27,8 @@ I/O shell:
     ``endpoints``            ``base`` (the Peer interface), ``sockets`` (socket peers),
                              ``listeners``, ``host`` (where host sides are), ``vsock``
                              (AF_VSOCK), ``services`` (a registry of kinds), ``sibling``
-    ``app``, ``cli``, ``config``  the running proxy, its command line and files
+    ``app``, ``cli``, ``config``  the running proxy, its command line and files;
+                             ``checkview`` what ``--check`` prints
 
 Seeing the traffic (after the verdict, never on the data path's way):
     ``taps``, ``capture``    live taps and pcap/pcapng capture; the capture reader
