@@ -544,6 +544,8 @@ def test_default_queue_size_is_1024_as_vhost_device_vsock(workdir: str) -> None:
     try:
         with SimGuest(sock, ring_size=1024) as g:  # virtio-mmio's ring, as on QEMU's nitro-enclave machine
             assert g.guest_cid == 3
+        # one front-end at a time: the next is refused until vsproxy has seen this one go
+        wait_for(lambda: "front-end session ended: front-end disconnected" in vp.log(), what="the first session's end")
         with pytest.raises(SimGuestError), SimGuest(sock, ring_size=2048, timeout=5) as refused:
             refused.connect(1234)
         wait_for(lambda: "size 2048 is above this device's queue-size 1024" in vp.log(), what="the refusal")
