@@ -371,6 +371,20 @@ def test_misspellings_name_the_nearest_and_conflicts_say_why(workdir: str, args:
     assert os.listdir(workdir) == []
 
 
+def test_a_file_value_of_the_wrong_shape_is_named(workdir: str) -> None:
+    conf = os.path.join(workdir, "vms.yaml")
+    with open(conf, "w") as f:
+        f.write("vms:\n  - socket: [/tmp/a, /tmp/b]\n    guest_cid: true\n    uds_path:\n    groups: [g1, g2]\n")
+    p = run_cli("--check", "--config", conf)
+    assert p.returncode == 2
+    assert p.stderr.splitlines() == [
+        f"vsproxy: error: {conf} vms[0] socket: expected one value, got list ['/tmp/a', '/tmp/b']",
+        f"vsproxy: error: {conf} vms[0] guest-cid: expected one value, got bool True",
+        f"vsproxy: error: {conf} vms[0] uds-path: no value",
+        "vsproxy: 3 problems found; nothing was started",
+    ]
+
+
 def test_version_is_the_package_metadata() -> None:
     import tomllib
     from importlib.metadata import version

@@ -38,6 +38,8 @@ VM_KEYS = (
     "max-connections", "max-pending", "max-handshakes",
 )
 LIMIT_KEYS = ("max-connections", "max-pending", "max-handshakes")
+# keys that take one value (the others take a list: ``a+b`` or, in a file, an array)
+SCALAR_KEYS = ("guest-cid", "socket", "uds-path", "tx-buffer-size", "forward-cid", "queue-size", "name", *LIMIT_KEYS)
 LIMIT_MAX = 1 << 20
 # vhost-device-vsock's defaults (its main.rs: DEFAULT_GUEST_CID, DEFAULT_TX_BUFFER_SIZE).
 DEFAULT_GUEST_CID = 3
@@ -231,14 +233,19 @@ def add_vm(settings: Settings, values: Mapping[str, object] | Iterable[tuple[str
 
     prefix = "" if flags else f"{where}: "
 
+    seen: set[str] = set()  # every known key given, even with a bad value: no "missing" on top of its problem
     for raw, value in pairs:
         key = canonical(str(raw))
+        seen.add(key)
         if key not in VM_KEYS:
             problems.append(f"{where}: {unknown('key', str(raw), VM_KEYS)}")
         elif key in given:
             problems.append(f"{where}: key {key!r} given twice (as {given[key]!r} and {str(raw)!r})")
         elif value is None:
             problems.append(f"{at(key)}: no value")
+        elif key in SCALAR_KEYS and (isinstance(value, bool) or not isinstance(value, (str, int))):
+            # a file can give a list or a table where one value belongs; say so rather than str() it
+            problems.append(f"{at(key)}: expected one value, got {type(value).__name__} {value!r}")
         else:
             vals[key] = value
             given[key] = str(raw)
@@ -253,7 +260,7 @@ def add_vm(settings: Settings, values: Mapping[str, object] | Iterable[tuple[str
     # vhost-device-vsock: guest_cid.unwrap_or(DEFAULT_GUEST_CID)
     cid = attempt(guest_cid, str(vals.get("guest-cid", DEFAULT_GUEST_CID)), at("guest-cid"))
     socket_path = str(vals["socket"]) if "socket" in vals else None
-    if socket_path is None and "socket" not in given:
+    if "socket" not in seen:
         problems.append(f"{where}: missing 'socket' (the vhost-user socket QEMU connects to)")
     name = str(vals.get("name", f"cid{cid}"))
     endpoints = HostEndpoints(uds_path=str(vals["uds-path"]) if "uds-path" in vals else None)
