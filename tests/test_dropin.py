@@ -433,7 +433,7 @@ def test_check_shows_rules_in_the_order_they_apply(workdir: str) -> None:
 
 # -- a short real start of every example -------------------------------------------------------
 def exchange_on(dev: Dev, guest: SimGuest, moved: str, vsock_dir: str, servers: list[EchoServer],
-                device_cids: set[int]) -> None:
+                devices: tuple[Dev, ...]) -> None:
     """Bytes both ways on every host side of ``dev``."""
     if dev.uds is not None:
         uds = dev.uds.replace("/tmp", moved, 1)
@@ -454,8 +454,13 @@ def exchange_on(dev: Dev, guest: SimGuest, moved: str, vsock_dir: str, servers: 
         s.close()
     if dev.forward_cid is not None:
         servers.append(unix_server(os.path.join(vsock_dir, f"vsock-{dev.forward_cid}-9000")))
-        # CID 3, a nitro enclave's parent: when no device has it, forward-cid takes it too
-        for cid in (2,) if 3 in device_cids else (2, 3):
+        # vhost-device-vsock forwards every CID: the host, CID 3 (a nitro enclave's parent) and the
+        # other devices' CIDs (no group shared with them here)
+        def groups(d: Dev) -> set[str]:
+            return set() if d.groups == "(none)" else set(d.groups.split("+"))
+
+        others = [d.cid for d in devices if d is not dev and not groups(dev) & groups(d)]
+        for cid in sorted({2, 3, *others} - {dev.cid}):
             s = guest.connect(9000, cid=cid)
             assert roundtrip(s, b"\xb7") == b"\xb7"
             s.close()
@@ -499,7 +504,7 @@ def start_and_exchange(workdir: str, ex: Example) -> None:
         for dev, path in zip(ex.devices, sockets, strict=True):
             with SimGuest(path, ring_size=min(128, dev.queue)) as g:
                 assert g.guest_cid == dev.cid
-                exchange_on(dev, g, moved, vsock_dir, servers, {d.cid for d in ex.devices})
+                exchange_on(dev, g, moved, vsock_dir, servers, ex.devices)
         log = vp.log()
         assert "Traceback" not in log and " ERROR " not in log, log
     finally:

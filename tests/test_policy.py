@@ -120,3 +120,25 @@ def test_guest_view_does_not_alias_a_cid_the_device_maps_elsewhere() -> None:
     assert p.guest_view("a", 6) == (6, None)  # for a, 3 means 7: 6 keeps its own CID
     assert p.guest_view("a", 7) == (3, "remap 3=7")
     assert p.guest_view("d", 6) == (3, "remap 3=6")
+
+
+def test_a_forward_cid_device_sends_every_cid_to_the_host_unless_a_rule_asks_for_the_sibling() -> None:
+    """vhost-device-vsock's forward-cid backend forwards every CID (its sibling routing is for
+    unix-backend devices): so does vsproxy, unless a remap, a shared group or an allow-out entry
+    asks for the sibling."""
+    fwd = DeviceSpec("fwd", 5, forward_any=True)
+    p = Policy([fwd, B, C])
+    for cid in (3, 6, 7, 99):  # a CID no device has, and two siblings nothing asks for
+        r = p.outbound("fwd", cid, 9000)
+        assert (r.allowed, r.kind, r.cid, r.port, r.rule) == (True, "host", cid, 9000, "default: forward-cid")
+    grouped = Policy([DeviceSpec("fwd", 5, frozenset({"g"}), forward_any=True), C])
+    r = grouped.outbound("fwd", 7, 9000)
+    assert (r.allowed, r.kind, r.device) == (True, "device", "c")
+    remapped = Policy([fwd, B], remaps=[Remap(3, 6, device="fwd")])
+    r = remapped.outbound("fwd", 3, 9000)
+    assert (r.allowed, r.kind, r.device, r.cid) == (True, "device", "b", 6)
+    listed = Policy([fwd, B], allows=[Allow("fwd", "out", 6), Allow("fwd", "out", 2)])
+    assert listed.outbound("fwd", 6, 9000).kind == "device"
+    r = listed.outbound("fwd", 7, 9000)  # not a device, not in the list
+    assert (r.allowed, r.kind) == (False, "host")
+    assert not p.outbound("fwd", 5, 9000).allowed  # itself

@@ -37,8 +37,8 @@ def _host_sides(d: DeviceConfig) -> list[str]:
     for host, port, gport in ep.listens:
         out.append(f"tcp listen {host}:{port} -> guest port {gport}")
     if ep.forward_cid is not None:
-        out.append(f"AF_VSOCK: the guest's connections to 2:P (and to CIDs no device has) go to "
-                   f"{ep.forward_cid}:P")
+        out.append(f"AF_VSOCK: the guest's connections to any CID (siblings only by a shared group, a remap "
+                   f"or allow-out) and port P go to {ep.forward_cid}:P")
     if ep.forward_listen:
         ports = ", ".join(str(p) for p in ep.forward_listen)
         out.append(f"AF_VSOCK listen on host ports {ports} -> the same guest port")

@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE",
                    help="devices and rules from a TOML file ([[vm]] tables) or vhost-device-vsock's YAML (vms:)")
     p.add_argument("--forward-cid", metavar="CID",
-                   help="with --socket: guest connections to the host (and to CIDs no device has) go to "
-                   "AF_VSOCK CID:port on the host, as vhost-device-vsock's --forward-cid")
+                   help="with --socket: guest connections to any CID (siblings only by a group, remap or "
+                   "allow-out) go to AF_VSOCK CID:port on the host, as vhost-device-vsock's --forward-cid")
     p.add_argument("--forward-listen", metavar="PORT+PORT",
                    help="with --socket: listen on these host AF_VSOCK ports and connect into the same guest port")
     p.add_argument("--vsock-via-unix", metavar="DIR",

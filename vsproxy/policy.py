@@ -143,9 +143,9 @@ class Policy:
         rlabel = remap.label() if remap is not None else None
         if real_cid == HOST_CID:
             kind, target = "host", None
-        elif real_cid in self._by_cid and real_cid != src.cid:
+        elif real_cid in self._by_cid and real_cid != src.cid and self._sibling_chosen(src, real_cid, remap):
             kind, target = "device", self._by_cid[real_cid]
-        elif src.forward_any and real_cid != src.cid and real_cid not in self._by_cid:
+        elif src.forward_any and real_cid != src.cid:
             kind, target = "host", None
         else:
             why = "loop to itself" if real_cid == src.cid else "no route"
@@ -159,6 +159,17 @@ class Policy:
                 return Route(False, kind, real_cid, real_port, in_rule, remap=rlabel, device=target.name)
         return Route(True, kind, real_cid, real_port, rule, remap=rlabel,
                      device=target.name if target is not None else None)
+
+    def _sibling_chosen(self, src: DeviceSpec, cid: int, remap: Remap | None) -> bool:
+        """Whether a device's connection to ``cid`` (another device's) goes to that sibling. A
+        forward-cid device sends every CID to its host side, as vhost-device-vsock does (its
+        sibling routing is for unix-backend devices only), unless vsproxy's own rules ask for
+        the sibling: a remap to it, a shared group, or an allow-out entry naming it."""
+        if not src.forward_any:
+            return True
+        target = self._by_cid[cid]
+        return ((remap is not None and remap.to_cid == cid) or bool(src.groups & target.groups)
+                or any(a.cid == cid for a in self._explicit(src.name, "out")))
 
     def _out_allowed(self, src: DeviceSpec, cid: int, port: int, target: DeviceSpec | None) -> tuple[bool, str]:
         explicit = self._explicit(src.name, "out")
