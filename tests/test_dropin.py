@@ -464,10 +464,11 @@ def exchange_on(dev: Dev, guest: SimGuest, moved: str, vsock_dir: str, servers: 
             s = guest.connect(9000, cid=cid)
             assert roundtrip(s, b"\xb7") == b"\xb7"
             s.close()
-    for port in dev.forward_listen[:1]:
+    if dev.forward_listen:  # the first port: "host$ nc --vsock 1 9001"
+        port = dev.forward_listen[0]
         lst = guest.listen(port)
         path = os.path.join(vsock_dir, f"listen-{port}")
-        wait_for(lambda p=path: os.path.exists(p), what=f"{path}")  # type: ignore[misc]
+        wait_for(lambda: os.path.exists(path), what=path)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as host:
             host.settimeout(10)
             host.connect(path)
