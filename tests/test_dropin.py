@@ -288,7 +288,21 @@ def test_check_creates_no_socket_and_no_file(workdir: str) -> None:
                 "--control", f"{workdir}/ctl", "--pcap", f"{workdir}/c.pcapng")
     assert p.returncode == 0, p.stderr
     assert [d["name"] for d in parse_check(p.stdout)] == [["cid4"], ["cid5"], ["cid6"]]
+    assert f"capture              {workdir}/c.pcapng (pcapng)\n" in p.stdout
+    assert f"control socket       {workdir}/ctl\n" in p.stdout
     assert os.listdir(workdir) == []  # no vhost-user, hybrid or control socket, no capture file
+
+
+def test_check_names_the_missing_folders_of_the_capture_and_control_socket(workdir: str) -> None:
+    p = run_cli("--check", "--socket", f"{workdir}/v.sock", "--pcap", f"{workdir}/no/c.pcapng",
+                "--control", f"{workdir}/nor/ctl", "--pcap-buffer", "10")
+    assert p.returncode == 2
+    assert p.stderr.splitlines() == [
+        "vsproxy: error: --pcap-buffer 10: at least 2097152 bytes (2 MiB)",
+        f"vsproxy: error: --pcap {workdir}/no/c.pcapng: directory {workdir}/no does not exist",
+        f"vsproxy: error: --control {workdir}/nor/ctl: directory {workdir}/nor does not exist",
+        "vsproxy: 3 problems found; nothing was started",
+    ]
 
 
 def test_check_calls_no_socket_constructor(workdir: str, monkeypatch: pytest.MonkeyPatch,

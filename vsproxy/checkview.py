@@ -9,6 +9,8 @@ the allowlists (an explicit list, or the default with the siblings it lets throu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from vsproxy.config import Settings
 from vsproxy.device import DeviceConfig
 from vsproxy.policy import Policy, Remap, Service
@@ -69,7 +71,8 @@ def _siblings(policy: Policy, settings: Settings, d: DeviceConfig, direction: st
     return ", ".join(names) if names else "none"
 
 
-def render(settings: Settings) -> str:
+def render(settings: Settings, process: Sequence[tuple[str, str]] = ()) -> str:
+    """The table; ``process``: (label, value) rows for the whole process (capture, control)."""
     policy = settings.policy()
     lines: list[str] = []
     for d in settings.devices:
@@ -101,6 +104,8 @@ def render(settings: Settings) -> str:
                              f"{_siblings(policy, settings, d, 'out')})")
             else:
                 lines.append(f"    {n}. allow-in: default (the host; siblings: {_siblings(policy, settings, d, 'in')})")
+    for label, value in process:
+        lines.append(f"{label:<20} {value}")
     for note in settings.notes:
         lines.append(f"note: {note}")
     count = len(settings.devices)

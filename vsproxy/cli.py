@@ -270,6 +270,28 @@ def settings_from_args(args: argparse.Namespace, problems: list[str] | None = No
     return settings
 
 
+def _folder_missing(path: str) -> str | None:
+    folder = os.path.dirname(os.path.abspath(path))
+    return None if os.path.isdir(folder) else folder
+
+
+def check_process(args: argparse.Namespace) -> tuple[list[str], list[tuple[str, str]]]:
+    """--check of the process-wide options: their problems, and their rows in the table."""
+    problems = capture_problems(args)
+    rows: list[tuple[str, str]] = []
+    if args.pcap:
+        if args.pcap != "-" and (missing := _folder_missing(args.pcap)):
+            problems.append(f"--pcap {args.pcap}: directory {missing} does not exist")
+        rotate = [f"{flag} {value}" for flag, value in (("rotate-size", args.pcap_rotate_size),
+                  ("rotate-seconds", args.pcap_rotate_seconds), ("files", args.pcap_files)) if value]
+        rows.append(("capture", f"{args.pcap} ({args.pcap_format}{', ' if rotate else ''}{', '.join(rotate)})"))
+    if args.control:
+        if missing := _folder_missing(args.control):
+            problems.append(f"--control {args.control}: directory {missing} does not exist")
+        rows.append(("control socket", args.control))
+    return problems, rows
+
+
 def capture_problems(args: argparse.Namespace) -> list[str]:
     out: list[str] = []
     if args.pcap_rotate_size < 0 or args.pcap_rotate_seconds < 0 or args.pcap_files < 0:
@@ -332,8 +354,9 @@ def serve(args_list: list[str], start_children: Callable[[], list[subprocess.Pop
     try:
         args, extra = parser.parse_known_args(args_list)
         problems = unknown_arguments(parser, extra)
+        process_problems, process_rows = check_process(args)
         if args.check:
-            problems += capture_problems(args)
+            problems += process_problems
         settings = settings_from_args(args, problems, paths=args.check)
     except UsageError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
@@ -348,7 +371,7 @@ def serve(args_list: list[str], start_children: Callable[[], list[subprocess.Pop
     if args.check:
         from vsproxy.checkview import render
 
-        sys.stdout.write(render(settings))
+        sys.stdout.write(render(settings, process_rows))
         return 0
     setup_logging(args.verbose, args.quiet)
     raise_nofile_limit()  # the figure is logged with the limits it gives, at start
