@@ -552,6 +552,34 @@ def test_readme_siblings_sharing_a_group_connect(workdir: str) -> None:
         assert vp.stop() == 0
 
 
+def test_devices_without_groups_are_told_apart_from_vhost_device_vsock_default_group(workdir: str) -> None:
+    """vhost-device-vsock puts a device without groups in 'default', so all such devices reach
+    each other; vsproxy fences them (a deliberate difference) and says so, naming the fix."""
+    ex = next(e for e in EXAMPLES if e.name == "tests-vm-args")  # cid3, cid6 without groups
+    p = run_cli("--check", *ex.argv)
+    note = ("note: cid3, cid6 give no groups: vhost-device-vsock would put them in group 'default' and let their "
+            "guests connect to each other; vsproxy keeps siblings apart unless they share a group (add "
+            "groups=default to each to match)")
+    assert note in p.stdout.splitlines()
+    same = run_cli("--check", *(a if "groups=" in a else a.replace("socket=", "groups=default,socket=")
+                                for a in ex.argv))
+    assert "note:" not in same.stdout and same.returncode == 0
+    fenced = run_cli("--check", "--vm", "guest-cid=5,socket=/tmp/e.sock,remap=3=10", "--vm",
+                     "guest-cid=10,socket=/tmp/p.sock")  # a remap says whom it reaches: nothing to point out
+    assert "note:" not in fenced.stdout and fenced.returncode == 0
+    moved = os.path.join(workdir, "tmp")
+    os.mkdir(moved)
+    a, b = f"{moved}/a.sock", f"{moved}/b.sock"
+    vp = VsproxyProcess(["--vm", f"guest-cid=5,socket={a}", "--vm", f"guest-cid=6,socket={b}"], a,
+                        os.path.join(workdir, "vsproxy.log"))
+    try:
+        wait_for(lambda: "vsproxy: cid5, cid6 give no groups" in vp.log(), what="the note at start")
+        with SimGuest(a) as g, pytest.raises(ConnectionResetError):
+            g.connect(7000, cid=6)  # fenced, as the note says
+    finally:
+        assert vp.stop() == 0
+
+
 # -- queue-size: a limit on the ring the front-end sets ----------------------------------------
 def test_a_ring_larger_than_queue_size_ends_the_session_with_a_clear_error(workdir: str) -> None:
     sock = os.path.join(workdir, "v.sock")

@@ -443,7 +443,11 @@ def check(settings: Settings) -> None:
     for d in settings.devices:
         if d.endpoints.uds_path is not None and d.endpoints.uds_path in seen_sock:
             problems.append(f"uds-path {d.endpoints.uds_path} of {d.name} is also a vhost-user socket")
-    ungrouped = [d.name for d in settings.devices if not d.groups]
+    # Devices that say nothing about whom they reach (no groups, no remap, allowlist or service
+    # of their own) are where vhost-device-vsock's default group and vsproxy's fence differ.
+    ruled = ({r.device for r in settings.remaps} | {a.device for a in settings.allows}
+             | {s.device for s in settings.services})
+    ungrouped = [d.name for d in settings.devices if not d.groups and d.name not in ruled]
     if len(ungrouped) > 1:
         settings.notes.append(
             f"{', '.join(ungrouped)} give no groups: vhost-device-vsock would put them in group 'default' and let "
