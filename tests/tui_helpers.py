@@ -27,8 +27,10 @@ CAPTURES = ROOT / "captures"
 
 
 def file_app(name: str) -> TuiApp:
-    """The app over ``captures/NAME``, the file read to its end before the app starts."""
-    src = FileSource([str(CAPTURES / name)])
+    """The app over ``captures/NAME``, the file read to its end before the app starts. The path
+    is given as a user in the repository would type it (the screens show it), so snapshots do
+    not depend on where the repository is checked out."""
+    src = FileSource([os.path.relpath(CAPTURES / name)])
     src.start()
     src.join(10)
     assert src.done
