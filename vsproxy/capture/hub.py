@@ -417,9 +417,10 @@ class CaptureHub:
             self.accepting = True
 
     def _gate(self) -> None:
-        """The distribution thread: would anyone take the next records?"""
+        """The distribution thread: would anyone take the next records? A subscription with half
+        its queue free (or a largest record's room, if that is less) would."""
         self.accepting = self.consumes_all or self._closing or any(
-            sub._has_room(RESERVE_ROOM) for sub in self._subs)
+            sub._has_room(min(sub.maxbytes // 2, RESERVE_ROOM)) for sub in self._subs)
 
     def _give_back(self, c: _Chunk) -> None:
         c.used = c.records = 0
