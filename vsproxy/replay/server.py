@@ -204,6 +204,8 @@ class ServerSession:
         if isinstance(step, Shutdown) and step.from_client:
             self.pos += 1
             out += self._advance()
+        elif isinstance(step, Shutdown) and self.script is not None:
+            out += self._advance()  # the server's close that waited for this half-close
         return out
 
     # -- the walk ----------------------------------------------------------------------------
@@ -324,6 +326,12 @@ class ServerSession:
                 if step.data or not self.stream:
                     out.append(Send(step.data, step.eor))
             elif isinstance(step, Shutdown):
+                if not self.guest_shut and any(isinstance(x, Shutdown) and x.from_client
+                                               for x in steps[: self.pos]):
+                    # The recorded server closed after the guest's half-close: its answers
+                    # need not wait for it (an HTTP client may never half-close), its close does
+                    # (shut() goes on from here), so the guest sees the order the capture had.
+                    return out
                 if step.flags & H.SHUTDOWN_SEND:
                     out.append(EndStream(step.flags & H.SHUTDOWN_BOTH))
             elif isinstance(step, Reset):
