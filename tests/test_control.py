@@ -172,7 +172,9 @@ def test_a_packet_subscription_streams_a_capture_tshark_reads_with_the_filter_ap
         data = b""
         try:
             while True:
-                chunk = c.s.recv(65536)
+                # through the buffered reader: its readline() of the answer may already hold
+                # the stream's first bytes (they came in one recv with it)
+                chunk = c.f.read1(65536)
                 if not chunk:
                     break
                 data += chunk
