@@ -33,7 +33,7 @@ DEFAULT_CID = 16
 DEFAULT_MEMORY = 512  # MiB, when neither --memory nor the EIF says
 NITRO_QEMU_CACHE = Path(os.environ.get("VSPROXY_CACHE", str(Path.home() / ".cache" / "vsproxy"))) / "qemu-nitro"
 HOW_TO_GET_QEMU = (
-    "no QEMU with the nitro-enclave machine found (tried {tried}). The machine needs QEMU 9.2 or later built "
+    "The machine needs QEMU 9.2 or later built "
     "with libcbor and gnutls; Debian's packaged QEMU 10 (bookworm-backports) is built without libcbor and "
     "lacks it. Build one with tests/guest/qemu-nitro.sh from vsproxy's source tree (Debian's QEMU 10.0.2 source, "
     "about 7 minutes on 2 cores; it lands in ~/.cache/vsproxy/qemu-nitro), or configure QEMU with "
@@ -61,7 +61,7 @@ def find_qemu(explicit: str | None) -> str:
             raise EnclaveError(f"--qemu {explicit}: not an executable")
         if not has_nitro_machine(path):
             raise EnclaveError(f"--qemu {explicit}: this QEMU has no nitro-enclave machine. "
-                               + HOW_TO_GET_QEMU.format(tried=explicit).split(". ", 1)[1])
+                               + HOW_TO_GET_QEMU)
         return path
     tried = []
     for cand in (shutil.which("qemu-system-x86_64"), str(NITRO_QEMU_CACHE / "bin" / "qemu-system-x86_64")):
@@ -70,7 +70,8 @@ def find_qemu(explicit: str | None) -> str:
         tried.append(cand)
         if has_nitro_machine(cand):
             return cand
-    raise EnclaveError(HOW_TO_GET_QEMU.format(tried=", ".join(tried) or "none on PATH"))
+    raise EnclaveError(f"no QEMU with the nitro-enclave machine found (tried {', '.join(tried) or 'none on PATH'}). "
+                       + HOW_TO_GET_QEMU)
 
 
 @dataclass
