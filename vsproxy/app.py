@@ -9,7 +9,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TextIO
 
@@ -264,6 +264,8 @@ class Proxy:
         if self.capture is not None:
             cc = self.capture.counters
             rows["all"] = {"packets": cc.packets, "bytes": cc.bytes, "dropped": cc.dropped, "files": cc.files}
+            if self.capture.options.lossless:  # how long the data path waited for the file
+                rows["all"] |= {"waits": self.capture.stats.waits, "waited_ms": int(self.capture.stats.waited * 1000)}
         hub = self.capture_hub
         if hub is not None and hub.live:
             subs = [s for s in hub.subscriptions if s.live]
@@ -276,6 +278,13 @@ class Proxy:
         for line in report_lines(self.snapshot()):
             print(line, file=out, flush=True)
 
+    def _on_signal(self, pending: list[int]) -> Callable[[int, object], None]:
+        def handler(signum: int, frame: object) -> None:
+            pending.append(signum)
+            if signum != signal.SIGUSR1 and self.capture is not None:
+                self.capture.interrupt()  # a lossless capture's waits end soon: the exit is not held
+        return handler
+
     @contextmanager
     def signals(self) -> Iterator[None]:
         """SIGINT/SIGTERM stop the loop; SIGUSR1 prints counters. Handlers only set flags
@@ -287,7 +296,7 @@ class Proxy:
         pending: list[int] = []
         handlers = {}
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-            handlers[sig] = signal.signal(sig, lambda signum, frame: pending.append(signum))
+            handlers[sig] = signal.signal(sig, self._on_signal(pending))
 
         def on_wakeup() -> None:
             try:

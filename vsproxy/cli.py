@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pcap-idle", action="store_true",
                    help="capture only in idle CPU time: the data path never competes with the capture threads, "
                    "and a capture that cannot keep up drops more (counted)")
+    p.add_argument("--pcap-lossless", action="store_true",
+                   help="never drop a packet from the capture: when the file falls behind, vsproxy stops taking "
+                   "from the rings and host sockets until it catches up (the guests are slowed instead)")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for every message)")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     return p
@@ -284,6 +287,7 @@ def check_process(args: argparse.Namespace) -> tuple[list[str], list[tuple[str, 
             problems.append(f"--pcap {args.pcap}: directory {missing} does not exist")
         rotate = [f"{flag} {value}" for flag, value in (("rotate-size", args.pcap_rotate_size),
                   ("rotate-seconds", args.pcap_rotate_seconds), ("files", args.pcap_files)) if value]
+        rotate += ["lossless"] if args.pcap_lossless else []
         rows.append(("capture", f"{args.pcap} ({args.pcap_format}{', ' if rotate else ''}{', '.join(rotate)})"))
     if args.control:
         if missing := _folder_missing(args.control):
@@ -298,6 +302,11 @@ def capture_problems(args: argparse.Namespace) -> list[str]:
         out.append("--pcap-rotate-size, --pcap-rotate-seconds and --pcap-files must not be negative")
     if args.pcap_buffer < MIN_QUEUE_BYTES:
         out.append(f"--pcap-buffer {args.pcap_buffer}: at least {MIN_QUEUE_BYTES} bytes (2 MiB)")
+    if args.pcap_lossless and args.pcap_idle:
+        out.append("--pcap-lossless and --pcap-idle: the data path would wait for a writer that runs only in "
+                   "idle CPU time; choose one")
+    if args.pcap_lossless and not args.pcap:
+        out.append("--pcap-lossless needs --pcap FILE (live subscribers never slow the data path)")
     return out
 
 
@@ -379,12 +388,13 @@ def serve(args_list: list[str], start_children: Callable[[], list[subprocess.Pop
         print(f"vsproxy: {note}", file=sys.stderr)
     proxy = Proxy(settings.devices, settings.policy())
     try:
+        for problem in capture_problems(args):
+            raise ConfigError(problem)
         if args.pcap:
-            for problem in capture_problems(args):
-                raise ConfigError(problem)
             proxy.start_capture(CaptureOptions(args.pcap, args.pcap_format, args.flush, args.pcap_rotate_size,
                                                args.pcap_rotate_seconds, args.pcap_files,
-                                               args.pcap_buffer, idle=args.pcap_idle))
+                                               args.pcap_buffer, idle=args.pcap_idle,
+                                               lossless=args.pcap_lossless))
         if args.control:
             proxy.start_control(args.control)
         proxy.start()

@@ -53,6 +53,8 @@ FLUSH_EVERY = 0.5  # seconds: the chunk being filled goes out at least this ofte
 LIVE_FLUSH_EVERY = 0.1  # the same while a live subscriber is attached
 LIVE_BYTES = 8 << 20  # a live subscription's queue, by default
 SPLIT_RECORDS = 4096  # a piece that does not fit whole: at most this many of its records are kept
+WAIT_WARN = 5.0  # lossless: a wait this long is logged (the file takes nothing: a hung disk?)
+INTERRUPT_GRACE = 5.0  # lossless: how long a stopping process still waits for the file
 
 
 @dataclass
@@ -61,6 +63,8 @@ class HubCounters:
     py_records: int = 0  # records the Python paths wrote (tap, commit)
     dropped: int = 0  # records the ring had no room for (every chunk waited for distribution)
     chunks: int = 0  # chunks distributed
+    waits: int = 0  # lossless: times the data path waited for a chunk
+    waited: float = 0.0  # lossless: seconds it waited in all
 
 
 class _Chunk:
@@ -251,7 +255,7 @@ class CaptureHub:
     consumes_all = False  # a subclass whose _consume takes every chunk (the file): the gate stays open
 
     def __init__(self, devices: Sequence[str], record_mode: int = CAP_PCAPNG, *, ring_bytes: int = RING_BYTES,
-                 flush: bool = False, idle: bool = False,
+                 flush: bool = False, idle: bool = False, lossless: bool = False,
                  on_empty: Callable[[CaptureHub], None] | None = None) -> None:
         if record_mode not in (CAP_PCAP, CAP_PCAPNG):
             raise ValueError(f"record mode {record_mode}: CAP_PCAP or CAP_PCAPNG")
@@ -262,6 +266,9 @@ class CaptureHub:
         self.idle = idle
         self._on_empty = on_empty  # called (outside any lock) when the last subscription leaves
         self._lock = threading.Lock()
+        self._freed = threading.Condition(self._lock)  # a chunk came back to _free (lossless waits)
+        self.lossless = lossless
+        self._lossless_until = float("inf")  # monotonic time the data path stops waiting (interrupt)
         self._wake = threading.Event()
         chunk = max(1 << 16, min(CHUNK, ring_bytes // 2))
         nchunks = max(2, ring_bytes // chunk)
@@ -353,14 +360,17 @@ class CaptureHub:
         with self._lock:
             if self._reserved:
                 return None
-            c = self._filling
-            if c.size - c.used < RESERVE_ROOM:
-                if not self._free:
+            while (c := self._filling).size - c.used < RESERVE_ROOM:
+                if self._free:
+                    if c.used:
+                        self._full.append(c)
+                        self._wake.set()
+                    c = self._filling = self._free.pop()
+                    break
+                # (while it waits, the distribution thread may take the chunk being filled and
+                # put a free one in its place: look again)
+                if not self._wait_free():
                     return None
-                if c.used:
-                    self._full.append(c)
-                    self._wake.set()
-                c = self._filling = self._free.pop()
             self._reserved = True
             return c
 
@@ -380,24 +390,68 @@ class CaptureHub:
     def commit(self, records: Buffer, count: int) -> None:
         n = len(records)
         with self._lock:
-            c = self._filling
             if self._reserved or not self.accepting:  # (lent: C writes past c.used, these would overwrite it)
                 self.stats.dropped += count
                 return
-            if c.used + n > c.size:
-                if not self._free or n > c.size:
+            while (c := self._filling).used + n > c.size:
+                if n > c.size:
                     self.stats.dropped += count
                     return
-                if c.used:
-                    self._full.append(c)
-                c = self._filling = self._free.pop()
-                self._wake.set()
+                if self._free:
+                    if c.used:
+                        self._full.append(c)
+                    c = self._filling = self._free.pop()
+                    self._wake.set()
+                    break
+                if not self._wait_free():  # (then look again, as in reserve)
+                    self.stats.dropped += count
+                    return
             c.view[c.used : c.used + n] = records
             c.used += n
             c.records += count
             self.stats.py_records += count
         if self.flush and not self._wake.is_set():
             self._wake.set()
+
+    def _wait_free(self) -> bool:
+        """Lossless, called holding ``_lock`` with no chunk free: wait until one comes back.
+        False (the caller drops, counted) when not lossless or waiting has ended (the file
+        failed, the hub closes, or the interrupt's grace ran out)."""
+        if not self.lossless:
+            return False
+        self._wake.set()  # the full chunks go out now, not at the next flush
+        start = time.monotonic()
+        self.stats.waits += 1
+        warned = False
+        try:
+            while not self._free:
+                now = time.monotonic()
+                if not self.lossless or self._closing or now >= self._lossless_until:
+                    return False
+                if not warned and now - start > WAIT_WARN:
+                    warned = True
+                    log.warning("capture: the file has taken nothing for %.0f s; the data path waits for it "
+                                "(--pcap-lossless)", now - start)
+                self._freed.wait(min(0.25, self._lossless_until - now))
+            return True
+        finally:
+            self.stats.waited += time.monotonic() - start
+
+    def stop_waiting(self, reason: str) -> None:
+        """Lossless no more (the file failed): the data path stops waiting, records that find no
+        room are dropped and counted again."""
+        with self._lock:
+            if self.lossless:
+                self.lossless = False
+                log.error("capture: %s; packets the capture has no room for are dropped from now on", reason)
+            self._freed.notify_all()
+
+    def interrupt(self, grace: float = INTERRUPT_GRACE) -> None:
+        """The process is stopping (SIGTERM): the data path waits for the file at most ``grace``
+        seconds more, so a file that takes nothing cannot hold the exit."""
+        # No lock: this runs in a signal handler, perhaps on the thread that holds it (waiters
+        # look at the deadline at least every 0.25 s).
+        self._lossless_until = min(self._lossless_until, time.monotonic() + grace)
 
     # -- the distribution thread ------------------------------------------------------------
     def _take(self, partial: bool) -> list[_Chunk]:
@@ -426,6 +480,7 @@ class CaptureHub:
         c.used = c.records = 0
         with self._lock:
             self._free.append(c)
+            self._freed.notify()
 
     def _run(self) -> None:
         if self.idle:
@@ -484,6 +539,8 @@ class CaptureHub:
         """Distribute what the ring holds, then end every subscription (idempotent)."""
         with self._sub_lock:
             self._closing = True
+        with self._lock:
+            self._freed.notify_all()
         tid = self._thread.native_id
         if tid is not None and self.idle and self._thread.is_alive():
             try:  # what is left goes out now, at full priority, not in idle time

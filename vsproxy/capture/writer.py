@@ -45,6 +45,7 @@ class CaptureOptions:
     max_files: int = 0  # 0: keep every file
     queue_bytes: int = QUEUE_BYTES
     idle: bool = False  # the hub's and the writer's threads run as SCHED_IDLE (--pcap-idle)
+    lossless: bool = False  # the data path waits for the file instead of dropping (--pcap-lossless)
 
 
 @dataclass
@@ -69,6 +70,9 @@ class CaptureWriter(CaptureHub):
     def __init__(self, options: CaptureOptions, devices: Sequence[str]) -> None:
         if options.fmt not in ("pcapng", "pcap"):
             raise ValueError(f"capture format {options.fmt!r}: pcapng or pcap")
+        if options.idle and options.lossless:
+            raise ValueError("--pcap-idle and --pcap-lossless: the data path would wait for a thread that "
+                             "runs only when the CPU is idle; choose one")
         self.options = options
         self._fcounters = CaptureCounters()
         self._out: io.FileIO | None = None  # the file, None for stdout
@@ -84,7 +88,7 @@ class CaptureWriter(CaptureHub):
         self.record_mode = CAP_PCAP if options.fmt == "pcap" else CAP_PCAPNG
         self._open()  # before the hub starts: a file that cannot be made is an error at once
         super().__init__(devices, self.record_mode, ring_bytes=options.queue_bytes, flush=options.flush,
-                         idle=options.idle)
+                         idle=options.idle, lossless=options.lossless)
 
     @property
     def counters(self) -> CaptureCounters:
@@ -162,6 +166,7 @@ class CaptureWriter(CaptureHub):
             log.error("capture stopped: %s", e)
             self._broken = True
             self._failed += records
+            self.stop_waiting("the capture file failed")
         finally:
             self._pending.clear()
 
@@ -172,6 +177,7 @@ class CaptureWriter(CaptureHub):
             except (OSError, ValueError) as e:
                 log.error("capture stopped: %s", e)
                 self._broken = True
+                self.stop_waiting("the capture file failed")
 
     def _records(self, data: memoryview, count: int) -> None:
         """Write whole records; with size rotation, split them at record boundaries."""
