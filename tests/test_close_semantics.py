@@ -9,15 +9,18 @@ cases run two simulated guests through a real vsproxy."""
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections.abc import Callable
 
 import pytest
+from helpers import hybrid_connect
 from test_routing import start_multi
 from test_vsock_core import GPORT, GUEST, Harness
 
 from vsproxy.endpoints.sibling import SiblingEnd, pair
 from vsproxy.simguest import SimGuest
+from vsproxy.simguest.sockets import GuestSocket
 from vsproxy.vsock import header as H
 from vsproxy.vsock.connection import Connection, State
 from vsproxy.vsock.core import CONNECT_TIMEOUT
@@ -260,3 +263,80 @@ def test_a_client_reconnects_from_the_same_port_while_the_first_accepted_socket_
         assert got == [b"1", b"2"]
     finally:
         vp.stop()  # type: ignore[attr-defined]
+
+
+# -- host sockets: what their close says, as a kernel peer's would -------------------------------
+
+
+def guest_shutdowns(g: SimGuest, s: GuestSocket) -> list[int]:
+    return [h.flags for h, _ in g.received_raw if h.op == Op.SHUTDOWN and h.dst_port == s.local_port]
+
+
+@pytest.mark.parametrize("how", ["close", "shut_wr"])
+def test_a_unix_clients_close_reaches_the_guest_as_shutdown_3_and_its_half_close_as_send_alone(
+        workdir: str, how: str) -> None:
+    """A hybrid client that sends and close()s: the guest sees its bytes, then SHUTDOWN 3 (a
+    send now fails, as on a kernel link); one that only shuts its write side: SHUTDOWN SEND, and
+    the guest's answer still reaches it."""
+    a, uds = os.path.join(workdir, "a.sock"), os.path.join(workdir, "h.sock")
+    vp = start_multi(workdir, "--vm", f"guest-cid=5,socket={a},uds-path={uds}")
+    try:
+        with SimGuest(a, timeout=15) as g:
+            host, gs = hybrid_connect(uds, g, 7000)
+            host.sendall(b"abc")
+            if how == "close":
+                host.close()
+            else:
+                host.shutdown(socket.SHUT_WR)
+            assert gs.recv_exactly(3, timeout=10) == b"abc"
+            want = H.SHUTDOWN_BOTH if how == "close" else H.SHUTDOWN_SEND
+            g.driver.deadline_wait(lambda: gs.conn.peer_shutdown == want, 10, "the host's close")
+            assert guest_shutdowns(g, gs) == [want]
+            if how == "shut_wr":
+                gs.sendall(b"reply")
+                gs.close()
+                got = b""
+                while chunk := host.recv(64):
+                    got += chunk
+                assert got == b"reply"
+                host.close()
+    finally:
+        vp.stop()
+
+
+@pytest.mark.parametrize("family", ["unix", "tcp"])
+def test_a_host_server_that_answers_and_closes_is_seen_closed_as_far_as_its_socket_can_tell(
+        workdir: str, family: str) -> None:
+    """A unix server's close() shuts both ways (POLLHUP): SHUTDOWN 3. TCP's FIN says nothing of
+    the read side: SHUTDOWN SEND, the one thing vsproxy can know."""
+    a, uds = os.path.join(workdir, "a.sock"), os.path.join(workdir, "h.sock")
+    if family == "unix":
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(f"{uds}_5000")
+        extra = f"uds-path={uds}"
+    else:
+        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        srv.bind(("127.0.0.1", 0))
+        extra = f"forward=5000=tcp:127.0.0.1:{srv.getsockname()[1]}"
+    srv.listen(1)
+
+    def serve() -> None:
+        c, _ = srv.accept()
+        c.sendall(b"hello")
+        c.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    vp = start_multi(workdir, "--vm", f"guest-cid=5,socket={a},{extra}")
+    try:
+        with SimGuest(a, timeout=15) as g:
+            s = g.connect(5000, cid=2)
+            assert s.recv_exactly(5, timeout=10) == b"hello"
+            want = H.SHUTDOWN_BOTH if family == "unix" else H.SHUTDOWN_SEND
+            g.driver.deadline_wait(lambda: s.conn.peer_shutdown == want, 10, "the server's close")
+            assert guest_shutdowns(g, s) == [want]
+            s.close()
+        t.join(10)
+    finally:
+        srv.close()
+        vp.stop()

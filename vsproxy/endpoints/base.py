@@ -67,6 +67,12 @@ class Peer(Protocol):
         sibling guest's close()): this connection is going away, and its 4-tuple with it."""
         ...
 
+    def hung_up(self) -> bool:
+        """Asked once, when the far side's EOF has been read: does it receive no more either (it
+        closed, as a kernel peer's close() sends SHUTDOWN 3)? A unix socket can tell (POLLHUP);
+        TCP cannot (a FIN says nothing of the read side)."""
+        ...
+
     def close(self, reset: bool) -> None:
         """Drop the peer; ``reset`` makes a TCP peer see RST rather than a clean EOF."""
         ...
@@ -115,6 +121,9 @@ class PeerBase:
         return 0
 
     def far_closed(self) -> bool:
+        return False
+
+    def hung_up(self) -> bool:
         return False
 
     def unread(self, data: bytes) -> None:

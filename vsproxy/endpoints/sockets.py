@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import socket
 import struct
 from collections.abc import Sequence
@@ -48,7 +49,7 @@ def refused_for_descriptors(loop: Loop, what: str, e: OSError) -> None:
 class SocketPeer:
     """A Peer over a non-blocking stream socket."""
 
-    __slots__ = ("_reading", "_writing", "closed", "conn", "fd", "hooks", "label", "loop", "prebuf", "sock")
+    __slots__ = ("_reading", "_shut_wr", "_writing", "closed", "conn", "fd", "hooks", "label", "loop", "prebuf", "sock")
 
     def __init__(self, sock: socket.socket, loop: Loop, hooks: CoreHooks, label: str) -> None:
         sock.setblocking(False)
@@ -69,6 +70,7 @@ class SocketPeer:
         self.closed = False
         self._reading = False
         self._writing = False
+        self._shut_wr = False
 
     def describe(self) -> str:
         return self.label
@@ -124,6 +126,7 @@ class SocketPeer:
         return data, False
 
     def shutdown_write(self) -> None:
+        self._shut_wr = True
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -142,6 +145,16 @@ class SocketPeer:
 
     def far_closed(self) -> bool:
         return False
+
+    def hung_up(self) -> bool:
+        # A unix socket's peer that close()d (or shut both ways) leaves this end shut both ways,
+        # which poll shows as POLLHUP; its shutdown(SHUT_WR) alone does not. Once we shut our
+        # own write side, POLLHUP says nothing of the far side's reading.
+        if self.closed or self._shut_wr or self.sock.family != socket.AF_UNIX:
+            return False
+        p = select.poll()
+        p.register(self.fd, select.POLLIN)
+        return any(ev & select.POLLHUP for _, ev in p.poll(0))
 
     def close(self, reset: bool) -> None:
         if self.closed:

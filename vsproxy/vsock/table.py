@@ -301,12 +301,14 @@ class ConnTable:
 
     def _host_eof(self, conn: Connection) -> None:
         """The far side sends no more: SHUTDOWN SEND to the guest, with RCV too when the far side
-        receives no more either (a sibling guest that closed): as a kernel peer's close() says."""
+        receives no more either (a sibling guest or a unix socket's peer that closed): as a
+        kernel peer's close() says."""
         self._event(EventKind.HALF_CLOSED, conn, "the host side sends no more")
         conn.host_eof = True
         conn.peer.watch_read(False)
         flags = H.SHUTDOWN_SEND
-        if not conn.flags & Connection.RCV_RELAYED and conn.peer.far_shutdown() & H.SHUTDOWN_RCV:
+        if not conn.flags & Connection.RCV_RELAYED and (conn.peer.far_shutdown() & H.SHUTDOWN_RCV
+                                                          or conn.peer.hung_up()):
             flags |= H.SHUTDOWN_RCV
             conn.flags |= Connection.RCV_RELAYED
         if flags == H.SHUTDOWN_BOTH or conn.flags & Connection.RCV_RELAYED:
