@@ -7,6 +7,8 @@
   qemu_binaries   session: {"qemu7": (path, extra_args), "qemu10": (path, extra_args)}
   qemu_by_name    session: qemu_by_name("qemu10") -> Qemu
   sockdir         a short, fresh directory under /tmp for unix sockets
+  workdir         the same, for a test's sockets, logs and captures
+  guest           test_captures_e2e.Guest: QEMU 10 (-M pc) and the guest image
   start_vsproxy   factory: start_vsproxy(args=(), *, guest_cid=5, name="vhost.sock")
                   -> Popen running `python -m vsproxy --socket SOCK --guest-cid N
                   ARGS...` once SOCK exists (10 s timeout); .socket_path and
@@ -23,6 +25,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,6 +74,20 @@ def sockdir() -> Iterator[Path]:
     d = harness.short_tempdir()
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    d = harness.short_tempdir("vsp-e2e-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def guest(guest_image: harness.GuestImage, qemu_by_name: Callable[[str], harness.Qemu]) -> Any:
+    from test_captures_e2e import QEMU, Guest  # (that module holds what boots its guests)
+
+    return Guest(qemu_by_name(QEMU), guest_image)
 
 
 StartVsproxy = Callable[..., harness.VsproxyProcess]

@@ -412,16 +412,6 @@ def keep_or_compare(fresh: Path, name: str) -> None:
 # tests
 
 
-@pytest.fixture
-def guest(guest_image: harness.GuestImage, qemu_by_name: Callable[[str], harness.Qemu]) -> Guest:
-    return Guest(qemu_by_name(QEMU), guest_image)
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    d = harness.short_tempdir("vsp-cap-")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_nitro_heartbeat_capture(guest: Guest, workdir: Path) -> None:

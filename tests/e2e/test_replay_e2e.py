@@ -13,7 +13,6 @@ captures/, with no host service behind it.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import subprocess
 import sys
 import time
@@ -59,13 +58,6 @@ def run_guest(qemu: harness.Qemu, image: harness.GuestImage, vhost: Path, script
         out = run.result().script_output()
         assert rc == 0, run.describe(f"guest script exit {rc}")
         return out
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    d = harness.short_tempdir("vsp-rep-")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 def test_http_answered_from_the_capture_byte_for_byte_and_captured_again_the_same(

@@ -12,14 +12,12 @@ vhost-user-vsock does is pinned here, since a back-end cannot change it.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import harness
@@ -66,13 +64,6 @@ def start_vsproxy(d: Path, vh: str, uds: str, n: int) -> subprocess.Popen[bytes]
         assert p.poll() is None and time.monotonic() < end, log.read_text(errors="replace")
         time.sleep(0.05)
     return p
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    d = harness.short_tempdir("vsp-restart-")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.mark.parametrize("qemu_name", ["qemu7", "qemu10"])
