@@ -65,12 +65,14 @@ def test_benchmark_runs_and_prints_every_figure() -> None:
         ratio, vsp, guest = (float(f.rstrip("%")) for f in r[-3:])
         assert all(f.endswith("%") for f in r[-3:]) and ratio > 0 and vsp > 0 and guest >= 0  # C guest: ~0
     assert "idle connections: vsproxy RSS" in proc.stdout
-    modes = ("off", "pcap", "pcapng", "idle", "null")
+    modes = ("off", "pcap", "pcapng", "idle", "lossless", "null", "null-ll")
     cap = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] and line.split()[0] in modes]
     assert [(r[0], r[1]) for r in cap] == [(m, p) for p in ("65536", "64") for m in modes]
     for r in cap:
         if r[0] != "off":  # packets written, bytes, drops: the writer wrote what crossed, or counted it
-            assert int(r[-3]) > 0 and int(r[-2]) > 0 and int(r[-1]) >= 0
+            assert int(r[-4]) > 0 and int(r[-3]) > 0 and int(r[-2]) >= 0
+        if r[0] in ("lossless", "null-ll"):  # no drops, and a ratio to the lower of off and the file floor
+            assert int(r[-2]) == 0 and r[-1].endswith("%"), r
     assert "a new file there takes" in proc.stdout
 
 
