@@ -126,6 +126,21 @@ def test_a_reused_4_tuple_waits_for_the_old_hop_to_close_then_gets_its_request_a
     assert new.key not in t.core.conns
 
 
+def test_what_the_guest_sent_before_it_saw_shutdown_3_is_ignored_not_reset_until_its_rst() -> None:
+    """A closing kernel socket ignores packets on its way out; vsproxy, whose side is gone at
+    once, does too: no RST for the guest's in-flight data or credit update, counted instead."""
+    t, _, old = held_setup()
+    t.core.peer_readable(old)
+    assert [(h.op, h.flags) for h, _ in t.drain()] == [(Op.RW, 0), (Op.SHUTDOWN, 3)]
+    t.core.guest_packet(H.pack(GUEST, 9, GPORT, 777, 5, 1, Op.RW, 0, 262144, 0), [memoryview(b"late!")], 5)
+    guest_says(t, Op.CREDIT_UPDATE)
+    assert t.drain() == [] and t.core.counters.drops["after-close"] == 2
+    guest_says(t, Op.RST)  # the guest's answer: the old connection is over for it too
+    assert t.drain() == []
+    guest_says(t, Op.CREDIT_UPDATE)  # past it, a packet for no connection gets RST again
+    assert [h.op for h, _ in t.drain()] == [Op.RST]
+
+
 def test_without_a_waiting_connection_the_tuple_is_free_once_shutdown_3_is_queued() -> None:
     t, _, old = held_setup()
     t.core.peer_readable(old)

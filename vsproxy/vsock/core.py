@@ -102,9 +102,16 @@ class VsockCore(Lending):
             return
         key = (type_, src_port, dst_cid, dst_port)
         if self._shut_keys and key in self._shut_keys:
+            # The old connection on this tuple, closed both ways by the far side: until the
+            # guest's RST answers our SHUTDOWN 3 or a REQUEST starts a new connection, what the
+            # guest sent before it saw the SHUTDOWN is ignored, as a closing kernel socket does.
+            if op != Op.REQUEST:
+                if op == Op.RST:
+                    del self._shut_keys[key]
+                else:
+                    c.drop("after-close")
+                return
             del self._shut_keys[key]
-            if op == Op.RST:
-                return  # the guest's answer to our SHUTDOWN 3 of the old connection on this tuple
         conn = self.conns.get(key)
         if conn is None:
             hdr = H.unpack(hdr_bytes)
