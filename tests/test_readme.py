@@ -76,6 +76,17 @@ def test_benchmark_runs_and_prints_every_figure() -> None:
     assert "a new file there takes" in proc.stdout
 
 
+def test_scale_benchmark_runs_and_prints_its_three_rows() -> None:
+    proc = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "benchmarks/bench_scale.py", "--quick"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("256 connections", "fairness", "8 devices"))]
+    assert len(rows) == 3, proc.stdout
+    for row in rows:
+        ratio = next(f for f in row.split() if f.endswith("%") and not f.startswith(">"))
+        assert int(ratio.rstrip("%")) > 0, row
+
+
 def test_flood_benchmark_runs_and_prints_each_flood_beside_the_rate_alone() -> None:
     proc = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "benchmarks/bench_flood.py", "--quick"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
