@@ -235,6 +235,25 @@ def test_ctl_stats_conns_and_watch_show_a_live_connection(served: tuple[VsproxyP
         srv.close()
 
 
+def live_packet_subscribers(path: str) -> int:
+    from vsproxy.ctl import ask, connect
+
+    s = connect(path)
+    try:
+        got, _ = ask(s, {"cmd": "snapshot"})
+    finally:
+        s.close()
+    return int(((got["snapshot"].get("capture") or {}).get("live") or {}).get("subscribers", 0))
+
+
+def has_socket(pid: int) -> bool:
+    try:
+        links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    except OSError:
+        return False
+    return any(link.startswith("socket:") for link in links)
+
+
 def test_ctl_pcap_into_tshark_and_events_live(served: tuple[VsproxyProcess, str], workdir: str) -> None:
     _, path = served
     srv = unix_server(os.path.join(workdir, "ha_5000"))
@@ -247,7 +266,10 @@ def test_ctl_pcap_into_tshark_and_events_live(served: tuple[VsproxyProcess, str]
         with open(evs, "wb") as evf:
             events = subprocess.Popen([sys.executable, "-m", "vsproxy", "ctl", path, "events", "--seconds", "4"],
                                       stdout=evf)
-        time.sleep(1.0)  # both are subscribed
+        # both are subscribed before the guest comes (a fixed sleep was too short under load)
+        wait_for(lambda: live_packet_subscribers(path) >= 1, 30, "ctl pcap subscribed")
+        wait_for(lambda: has_socket(events.pid), 30, "ctl events connected")
+        time.sleep(0.3)  # (its request follows its connect at once)
         with SimGuest(os.path.join(workdir, "a.sock")) as g:
             s = g.connect(5000)
             s.sendall(b"live")
