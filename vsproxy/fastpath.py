@@ -9,6 +9,7 @@ other chain comes back as "slow", for the Python walker, which stays the referen
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -210,7 +211,7 @@ def memory_ok(mem: GuestMemory) -> bool:
     disjoint (SET_MEM_TABLE refuses overlaps; a table built in a test might not), so that a
     guest buffer lies in at most one region whichever C looks at first."""
     ranges = sorted((r.guest_addr, r.guest_end) for r in mem.regions)
-    return 1 <= len(ranges) <= MAX_REGIONS and all(a[1] <= b[0] for a, b in zip(ranges, ranges[1:]))
+    return 1 <= len(ranges) <= MAX_REGIONS and all(a[1] <= b[0] for a, b in itertools.pairwise(ranges))
 
 
 class _RingPath:
