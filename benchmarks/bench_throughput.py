@@ -33,7 +33,7 @@ import time
 from multiprocessing.connection import Connection as Pipe
 from typing import NamedTuple
 
-from vsproxy.simguest import SimGuest
+from vsproxy.simguest import SEQPACKET, STREAM, SimGuest
 from vsproxy.simguest.memory import DEFAULT_SIZE
 
 MiB = 1 << 20
@@ -43,9 +43,10 @@ LINUX_RX_BUF = 3776  # the rx buffers a Linux guest posts, header included
 EXTRA: list[str] = []  # --vsproxy-arg
 
 
-def _drain_server(path: str, ready: Pipe, result: Pipe, expect: int) -> None:
-    """Host reader: accept one unix connection, recv_into until `expect` bytes or EOF."""
-    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _drain_server(path: str, ready: Pipe, result: Pipe, expect: int, kind: int = socket.SOCK_STREAM) -> None:
+    """Host reader: accept one unix connection, recv_into until `expect` bytes or EOF (on a
+    SOCK_SEQPACKET socket each recv_into takes one message)."""
+    srv = socket.socket(socket.AF_UNIX, kind)
     srv.bind(path)
     srv.listen(4)
     ready.send(True)
@@ -67,10 +68,10 @@ class HostReader:
     """A host reader process on ``path`` (``_drain_server``), listening once made; ``result()``
     waits for it: (bytes read, when the last arrived)."""
 
-    def __init__(self, path: str, expect: int) -> None:
+    def __init__(self, path: str, expect: int, kind: int = socket.SOCK_STREAM) -> None:
         r_ready, w_ready = mp.Pipe()
         self._result, w_res = mp.Pipe()
-        self._proc = mp.Process(target=_drain_server, args=(path, w_ready, w_res, expect))
+        self._proc = mp.Process(target=_drain_server, args=(path, w_ready, w_res, expect, kind))
         self._proc.start()
         r_ready.recv()
 
@@ -241,12 +242,12 @@ class Rig:
         v1, g1 = self.cpu_seconds()
         return el, pkts, (v1 - v0) / el, (g1 - g0) / el
 
-    def g2h(self, payload: int, count: int) -> tuple[float, int]:
+    def g2h(self, payload: int, count: int, seqpacket: bool = False) -> tuple[float, int]:
         """Guest to host: seconds and packets seen by the guest."""
         self.port += 1
         path = f"{self.uds}_{self.port}"
-        reader = HostReader(path, payload * count)
-        s = self.guest.connect(self.port)
+        reader = HostReader(path, payload * count, socket.SOCK_SEQPACKET if seqpacket else socket.SOCK_STREAM)
+        s = self.guest.connect(self.port, type=SEQPACKET if seqpacket else STREAM)
         before = self.guest.stats.tx_packets
         start = time.monotonic()
         s.blast(b"\xa5" * payload, count)
@@ -373,6 +374,80 @@ def shape_table(tmp: str, scale: float, repeat: int) -> None:
                 r.close()
 
 
+def _sibling_receiver(sock: str, port: int, expect: int, ready: Pipe, result: Pipe) -> None:
+    """The receiving guest of a sibling pair, in its own process (a simulated guest runs only
+    inside its caller's calls): listen, accept, drain ``expect`` bytes; when the last arrived."""
+    with SimGuest(sock, timeout=60, rx_buf_size=BIG_RX_BUF, record_limit=0) as g:
+        lst = g.listen(port)
+        ready.send(True)
+        s = lst.accept(timeout=30)
+        got = s.drain(expect)
+        result.send((got, time.monotonic()))
+        s.close()
+        lst.close()
+
+
+def sibling_run(sender: SimGuest, sock: str, port: int, payload: int, count: int) -> float:
+    """Seconds for ``count`` payloads from ``sender`` to its sibling (CID 6) at ``port``."""
+    r_ready, w_ready = mp.Pipe()
+    r_res, w_res = mp.Pipe()
+    p = mp.Process(target=_sibling_receiver, args=(sock, port, payload * count, w_ready, w_res))
+    p.start()
+    r_ready.recv()
+    s = sender.connect(port, cid=6, timeout=10)
+    start = time.monotonic()
+    s.blast(b"\xa5" * payload, count)
+    got, end = r_res.recv()
+    s.close()
+    p.join()
+    assert got == payload * count, (got, payload * count)
+    return float(end) - start
+
+
+def seqpacket_sibling_table(tmp: str, scale: float, repeat: int) -> None:
+    """SEQPACKET (issue 19 item 5): 64 KiB messages guest to host (one message per packet, EOM
+    on each, into a unix SOCK_SEQPACKET listener) beside STREAM through the same vsproxy, runs
+    interleaved; and guest to guest: two simulated guests, siblings in one group of one vsproxy,
+    beside the guest-to-host floor measured in the same run."""
+    count = int(20000 * scale)
+    print(f"\nSEQPACKET and siblings, 64 KiB payloads (best of {repeat}, runs interleaved)")
+    print(f"{'case':<24} {'vsproxy':>12} {'beside':<22} {'ratio':>6}")
+    rig = Rig(tempfile.mkdtemp(dir=tmp))
+    try:
+        stream = seq = float("inf")
+        for _ in range(repeat):
+            stream = min(stream, rig.g2h(65536, count)[0])
+            seq = min(seq, rig.g2h(65536, count, seqpacket=True)[0])
+        rate = 65536 * count / 1e6
+        print(f"{'seqpacket guest->host':<24} {rate / seq:>7,.0f} MB/s {'stream guest->host':<22} {stream / seq:>6.0%}")
+        print(f"{'stream guest->host':<24} {rate / stream:>7,.0f} MB/s", flush=True)
+    finally:
+        rig.close()
+    sub = tempfile.mkdtemp(dir=tmp)
+    a, b = os.path.join(sub, "a.sock"), os.path.join(sub, "b.sock")
+    log = open(os.path.join(sub, "vsproxy.log"), "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "vsproxy", "-q", "--vm", f"guest-cid=5,socket={a},groups=g",
+                             "--vm", f"guest-cid=6,socket={b},groups=g", *EXTRA], stderr=log)
+    try:
+        deadline = time.monotonic() + 10
+        while not (os.path.exists(a) and os.path.exists(b)):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise SystemExit("vsproxy did not start")
+            time.sleep(0.02)
+        fl = sib = float("inf")
+        with SimGuest(a, timeout=60, record_limit=0) as sender:
+            for k in range(repeat):
+                fl = min(fl, floor(tmp, 65536, count))
+                sib = min(sib, sibling_run(sender, b, 7000 + k, 65536, count))
+        rate = 65536 * count / 1e6
+        print(f"{'siblings guest->guest':<24} {rate / sib:>7,.0f} MB/s {'guest->host floor':<22} {fl / sib:>6.0%}")
+        print(f"{'guest->host floor':<24} {rate / fl:>7,.0f} MB/s", flush=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        log.close()
+
+
 def file_write_rate(directory: str, total: int = 1 << 30) -> float:
     """What the kernel takes into a new file in ``directory``: on these VMs, allocating the
     page cache for new file pages, not copying, is the limit (about 1 GB/s on tmpfs)."""
@@ -432,6 +507,8 @@ def main() -> int:
     ap.add_argument("--capture-only", action="store_true", help="only the capture on/off table")
     ap.add_argument("--no-shapes", action="store_true", help="skip the enclave-shaped guests table")
     ap.add_argument("--shapes-only", action="store_true", help="only the enclave-shaped guests table")
+    ap.add_argument("--no-seqpacket", action="store_true", help="skip the SEQPACKET and siblings table")
+    ap.add_argument("--seqpacket-only", action="store_true", help="only the SEQPACKET and siblings table")
     ap.add_argument("--capture-dir", default="/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
                     help="where the capture files go (default: /dev/shm, a tmpfs)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per figure, best taken (default 3)")
@@ -468,9 +545,12 @@ def main() -> int:
                  or (names[c[0]], str(c[1]), str(c[3] // 1024), str(c[4])) in wanted]
         if not cases:
             ap.error(f"--only matches no case: {', '.join(args.only)}")
-    if args.shapes_only:
+    if args.shapes_only or args.seqpacket_only:
         with tempfile.TemporaryDirectory(prefix="vsp-bench-") as tmp:
-            shape_table(tmp, scale, args.repeat)
+            if args.shapes_only:
+                shape_table(tmp, scale, args.repeat)
+            if args.seqpacket_only:
+                seqpacket_sibling_table(tmp, scale, args.repeat)
         return 0
     # cpu: the share of one core vsproxy and the simulated guest used during the best run; on a
     # 2-vCPU machine the two of them and the host reader share two cores.
@@ -510,6 +590,8 @@ def main() -> int:
                 r.close()
         if not args.no_shapes:
             shape_table(tmp, scale, args.repeat)
+        if not args.no_seqpacket:
+            seqpacket_sibling_table(tmp, scale, args.repeat)
         if not args.no_capture:
             capture_table(tmp, scale, args.repeat, args.capture_dir)
     return 0
