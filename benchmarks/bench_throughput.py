@@ -337,7 +337,7 @@ class Rig:
             return f.read()
 
 
-def shape_table(tmp: str, scale: float, repeat: int) -> None:
+def shape_table(tmp: str, scale: float, repeat: int, only: set[tuple[str, ...]] | None = None) -> None:
     """Each case on every shape, runs interleaved shape by shape (these machines are noisy), the
     best of ``repeat`` per shape, its ratio to the one-region guest's; and the C pump's counters
     of the shape's vsproxy (zero would mean the guest ran on the Python walker)."""
@@ -349,10 +349,14 @@ def shape_table(tmp: str, scale: float, repeat: int) -> None:
         ("host->guest", 65536, int(10000 * scale), LINUX_RX_BUF),
         ("host->guest", 64, int(200000 * scale), BIG_RX_BUF),
     ]
+    if only:  # --only DIR:PAYLOAD[:WINDOW_K[:RX_BUF]] (the window is always 256 KiB here)
+        names = {"guest->host": "g2h", "host->guest": "h2g"}
+        cases = [c for c in cases if {(names[c[0]], str(c[1])), (names[c[0]], str(c[1]), "256"),
+                                      (names[c[0]], str(c[1]), "256", str(c[3]))} & only]
     print(f"\nenclave-shaped guests, each beside the one-region guest (best of {repeat}, runs interleaved)")
     print(f"{'shape':<13} {'direction':<12} {'payload':>8} {'rx buf':>6} {'vsproxy':>16} {'vs 1-region':>11} "
           f"{'c_pump':>7}")
-    for rx_buf in (BIG_RX_BUF, LINUX_RX_BUF):
+    for rx_buf in sorted({c[3] for c in cases}, reverse=True):
         rigs = {name: Rig(tempfile.mkdtemp(dir=tmp), LINUX_BUF_ALLOC, rx_buf=rx_buf, shape=shape)
                 for name, shape in SHAPES.items()}
         try:
@@ -548,7 +552,7 @@ def main() -> int:
     if args.shapes_only or args.seqpacket_only:
         with tempfile.TemporaryDirectory(prefix="vsp-bench-") as tmp:
             if args.shapes_only:
-                shape_table(tmp, scale, args.repeat)
+                shape_table(tmp, scale, args.repeat, {tuple(o.split(":")) for o in args.only})
             if args.seqpacket_only:
                 seqpacket_sibling_table(tmp, scale, args.repeat)
         return 0
