@@ -65,6 +65,18 @@ def test_benchmark_runs_and_prints_every_figure() -> None:
         ratio, vsp, guest = (float(f.rstrip("%")) for f in r[-3:])
         assert all(f.endswith("%") for f in r[-3:]) and ratio > 0 and vsp > 0 and guest >= 0  # C guest: ~0
     assert "idle connections: vsproxy RSS" in proc.stdout
+    # enclave-shaped guests: each case on each shape, beside the one-region guest, and whether C ran it
+    shapes = ("1-region", "2-regions", "ring-1024", "microvm", "nitro-legacy")
+    shaped = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] and line.split()[0] in shapes]
+    assert len(shaped) == 6 * len(shapes) and {r[0] for r in shaped} == set(shapes)
+    for r in shaped:
+        assert r[-2].endswith("%") and float(r[-2].rstrip("%")) > 0
+        assert (int(r[-1]) > 0) is not bool(os.environ.get("VSPROXY_NO_C"))  # the C pump's counters
+    # SEQPACKET beside STREAM, sibling guests beside the guest-to-host floor
+    seq = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
+           if line.startswith(("seqpacket ", "siblings "))}
+    assert [(k, v[4]) for k, v in seq.items()] == [("seqpacket", "stream"), ("siblings", "floor")]
+    assert all(v[-1].endswith("%") and float(v[-1].rstrip("%")) > 0 for v in seq.values())
     modes = ("off", "pcap", "pcapng", "idle", "null")
     cap = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] and line.split()[0] in modes]
     assert [(r[0], r[1]) for r in cap] == [(m, p) for p in ("65536", "64") for m in modes]
