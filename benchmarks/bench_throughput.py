@@ -26,6 +26,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -340,8 +341,10 @@ class Rig:
 
 def shape_table(tmp: str, scale: float, repeat: int, only: set[tuple[str, ...]] | None = None) -> None:
     """Each case on every shape, runs interleaved shape by shape (these machines are noisy), the
-    best of ``repeat`` per shape, its ratio to the one-region guest's; and the C pump's counters
-    of the shape's vsproxy (zero would mean the guest ran on the Python walker)."""
+    best of ``repeat`` per shape, its ratio to the one-region guest's; vsproxy's CPU time per
+    payload (the median over the runs), which other processes on the machine disturb far less
+    than a rate, beside the one-region guest's; and the C pump's counters of the shape's vsproxy
+    (zero would mean the guest ran on the Python walker)."""
     cases = [
         ("guest->host", 65536, int(20000 * scale), BIG_RX_BUF),
         ("guest->host", 4096, int(100000 * scale), BIG_RX_BUF),
@@ -356,7 +359,7 @@ def shape_table(tmp: str, scale: float, repeat: int, only: set[tuple[str, ...]] 
                                       (names[c[0]], str(c[1]), "256", str(c[3]))} & only]
     print(f"\nenclave-shaped guests, each beside the one-region guest (best of {repeat}, runs interleaved)")
     print(f"{'shape':<13} {'direction':<12} {'payload':>8} {'rx buf':>6} {'vsproxy':>16} {'vs 1-region':>11} "
-          f"{'c_pump':>7}")
+          f"{'cpu/pay':>9} {'vs 1-region':>11} {'c_pump':>7}")
     for rx_buf in sorted({c[3] for c in cases}, reverse=True):
         rigs = {name: Rig(tempfile.mkdtemp(dir=tmp), LINUX_BUF_ALLOC, rx_buf=rx_buf, shape=shape)
                 for name, shape in SHAPES.items()}
@@ -365,15 +368,20 @@ def shape_table(tmp: str, scale: float, repeat: int, only: set[tuple[str, ...]] 
                 if buf != rx_buf:
                     continue
                 best: dict[str, float] = {}
+                cpu: dict[str, list[float]] = {name: [] for name in rigs}
                 for _ in range(repeat):
                     for name, rig in rigs.items():
-                        el = rig.run(direction, payload, count)[0]
+                        el, _pkts, vcpu, _gcpu = rig.run(direction, payload, count)
                         best[name] = min(best.get(name, el), el)
+                        cpu[name].append(vcpu * el / count * 1e9)  # ns of vsproxy CPU per payload
+                ns = {name: statistics.median(v) for name, v in cpu.items()}
                 for name, rig in rigs.items():
                     el = best[name]
                     ours = (f"{count / el:,.0f} pay/s" if payload == 64 else f"{payload * count / el / 1e6:,.0f} MB/s")
+                    cpu_shown = f"{ns[name]:,.0f} ns"
                     print(f"{name:<13} {direction:<12} {payload:>8} {rx_buf:>6} {ours:>16} "
-                          f"{best['1-region'] / el:>11.0%} {rig.c_pump():>7}", flush=True)
+                          f"{best['1-region'] / el:>11.0%} {cpu_shown:>9} {ns[name] / ns['1-region']:>11.0%} "
+                          f"{rig.c_pump():>7}", flush=True)
         finally:
             for r in rigs.values():
                 r.close()

@@ -69,7 +69,8 @@ def test_benchmark_runs_and_prints_every_figure() -> None:
     shapes = ("1-region", "2-regions", "ring-1024", "microvm", "nitro-legacy")
     shaped = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] and line.split()[0] in shapes]
     assert len(shaped) == 6 * len(shapes) and {r[0] for r in shaped} == set(shapes)
-    for r in shaped:
+    for r in shaped:  # rate, its ratio, vsproxy's CPU per payload, its ratio, the C pump's counters
+        assert r[-5].endswith("%") and float(r[-5].rstrip("%")) > 0 and r[-3] == "ns"
         assert r[-2].endswith("%") and float(r[-2].rstrip("%")) > 0
         assert (int(r[-1]) > 0) is not bool(os.environ.get("VSPROXY_NO_C"))  # the C pump's counters
     # SEQPACKET beside STREAM, sibling guests beside the guest-to-host floor
