@@ -87,6 +87,24 @@ def test_benchmark_runs_and_prints_every_figure() -> None:
     assert "a new file there takes" in proc.stdout
 
 
+def test_benchmark_runs_one_table_alone() -> None:
+    """--shapes-only (with --only picking its cases) and --seqpacket-only print that table only."""
+    py = str(ROOT / ".venv" / "bin" / "python")
+    shapes = subprocess.run([py, "benchmarks/bench_throughput.py", "--quick", "--shapes-only", "--only", "g2h:64"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert shapes.returncode == 0, shapes.stderr[-3000:]
+    rows = [line.split()[:3] for line in shapes.stdout.splitlines()
+            if line.startswith(("1-region", "2-regions", "ring-1024", "microvm", "nitro-legacy"))]
+    assert rows == [[s, "guest->host", "64"] for s in ("1-region", "2-regions", "ring-1024", "microvm", "nitro-legacy")]
+    assert "seqpacket" not in shapes.stdout and "idle connections" not in shapes.stdout
+    seq = subprocess.run([py, "benchmarks/bench_throughput.py", "--quick", "--seqpacket-only"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert seq.returncode == 0, seq.stderr[-3000:]
+    assert [line.split()[0] for line in seq.stdout.splitlines() if line.startswith(("seqpacket ", "siblings "))] == [
+        "seqpacket", "siblings"]
+    assert "1-region" not in seq.stdout and "guest->host" not in seq.stdout
+
+
 def test_flood_benchmark_runs_and_prints_each_flood_beside_the_rate_alone() -> None:
     proc = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "benchmarks/bench_flood.py", "--quick"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
