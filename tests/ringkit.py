@@ -19,10 +19,13 @@ BUF_ALLOC = 65536
 
 
 class Rings:
-    def __init__(self, num: int = 64, rx_bufs: int = 8, rx_size: int = 4096) -> None:
-        self.gmem = GuestMemory(8 << 20)
+    def __init__(self, num: int = 64, rx_bufs: int = 8, rx_size: int = 4096, regions: int = 1) -> None:
+        self.gmem = GuestMemory(8 << 20, regions)
         self.rx_ring = SplitRing(self.gmem, 0, num, indirect=True, event_idx=True)
         self.tx_ring = SplitRing(self.gmem, 1, num, indirect=True, event_idx=True)
+        if regions == 2:  # the rings in region 0, every buffer in region 1 (behind its mmap_offset)
+            r0 = self.gmem.regions[0]
+            self.gmem.alloc(r0.gpa + r0.size - self.gmem.alloc(16), 1)
         self.dmem = DeviceMemory.map_fds(self.gmem.mem_regions(), [self.gmem.fd] * len(self.gmem.regions))
         self.rxq, self.txq = (
             SplitQueue(self.dmem, num, self.gmem.uva(r.desc_gpa), self.gmem.uva(r.avail_gpa),

@@ -140,6 +140,9 @@ def test_the_values_python_reads_back_from_the_fast_path() -> None:
     assert (FASTPATH["ITEM_SLOW"], FASTPATH["ITEM_CREDIT"], FASTPATH["ITEM_TAIL"]) == (
         fastpath.SLOW, fastpath.CREDIT, fastpath.TAIL)
     assert with_prefix(FASTPATH, "CAP_") == {"NONE": taps.CAP_NONE, "PCAP": taps.CAP_PCAP, "PCAPNG": taps.CAP_PCAPNG}
+    # a run's segment names its region, below the table's size, or the scratch buffer
+    assert (FASTPATH["SEG_SCRATCH"], FASTPATH["VQ_MAX_REGIONS"]) == (fastpath.SEG_SCRATCH, fastpath.MAX_REGIONS)
+    assert fastpath.MAX_REGIONS <= fastpath.SEG_SCRATCH <= 255
     flags = with_prefix(FASTPATH, "OWN_F_")
     # the lending records and flags are defined sans-I/O beside the core (vsock/lending.py, vsock/rx.py)
     assert flags and flags == {name: getattr(lending, f"OWN_F_{name}") for name in flags}

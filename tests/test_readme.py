@@ -65,6 +65,19 @@ def test_benchmark_runs_and_prints_every_figure() -> None:
         ratio, vsp, guest = (float(f.rstrip("%")) for f in r[-3:])
         assert all(f.endswith("%") for f in r[-3:]) and ratio > 0 and vsp > 0 and guest >= 0  # C guest: ~0
     assert "idle connections: vsproxy RSS" in proc.stdout
+    # enclave-shaped guests: each case on each shape, beside the one-region guest, and whether C ran it
+    shapes = ("1-region", "2-regions", "ring-1024", "microvm", "nitro-legacy")
+    shaped = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] and line.split()[0] in shapes]
+    assert len(shaped) == 6 * len(shapes) and {r[0] for r in shaped} == set(shapes)
+    for r in shaped:  # rate, its ratio, vsproxy's CPU per payload, its ratio, the C pump's counters
+        assert r[-5].endswith("%") and float(r[-5].rstrip("%")) > 0 and r[-3] == "ns"
+        assert r[-2].endswith("%") and float(r[-2].rstrip("%")) > 0
+        assert (int(r[-1]) > 0) is not bool(os.environ.get("VSPROXY_NO_C"))  # the C pump's counters
+    # SEQPACKET beside STREAM, sibling guests beside the guest-to-host floor
+    seq = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
+           if line.startswith(("seqpacket ", "siblings "))}
+    assert [(k, v[4]) for k, v in seq.items()] == [("seqpacket", "stream"), ("siblings", "floor")]
+    assert all(v[-1].endswith("%") and float(v[-1].rstrip("%")) > 0 for v in seq.values())
     modes = ("off", "pcap", "pcapng", "idle", "lossless", "null", "null-ll")
     cap = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] and line.split()[0] in modes]
     assert [(r[0], r[1]) for r in cap] == [(m, p) for p in ("65536", "64") for m in modes]
@@ -85,6 +98,24 @@ def test_scale_benchmark_runs_and_prints_its_three_rows() -> None:
     for row in rows:
         ratio = next(f for f in row.split() if f.endswith("%") and not f.startswith(">"))
         assert int(ratio.rstrip("%")) > 0, row
+
+
+def test_benchmark_runs_one_table_alone() -> None:
+    """--shapes-only (with --only picking its cases) and --seqpacket-only print that table only."""
+    py = str(ROOT / ".venv" / "bin" / "python")
+    shapes = subprocess.run([py, "benchmarks/bench_throughput.py", "--quick", "--shapes-only", "--only", "g2h:64"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert shapes.returncode == 0, shapes.stderr[-3000:]
+    rows = [line.split()[:3] for line in shapes.stdout.splitlines()
+            if line.startswith(("1-region", "2-regions", "ring-1024", "microvm", "nitro-legacy"))]
+    assert rows == [[s, "guest->host", "64"] for s in ("1-region", "2-regions", "ring-1024", "microvm", "nitro-legacy")]
+    assert "seqpacket" not in shapes.stdout and "idle connections" not in shapes.stdout
+    seq = subprocess.run([py, "benchmarks/bench_throughput.py", "--quick", "--seqpacket-only"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert seq.returncode == 0, seq.stderr[-3000:]
+    assert [line.split()[0] for line in seq.stdout.splitlines() if line.startswith(("seqpacket ", "siblings "))] == [
+        "seqpacket", "siblings"]
+    assert "1-region" not in seq.stdout and "guest->host" not in seq.stdout
 
 
 def test_flood_benchmark_runs_and_prints_each_flood_beside_the_rate_alone() -> None:

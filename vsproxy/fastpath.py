@@ -9,11 +9,13 @@ other chain comes back as "slow", for the Python walker, which stays the referen
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from vsproxy._ext import load
+from vsproxy.memory import GuestMemory
 from vsproxy.taps import CAP_COMMENT_MAX, CAP_NONE, CaptureSink, RecordChunk, Taps
 from vsproxy.virtq import SplitQueue
 from vsproxy.vsock.lending import (  # the records and flags C shares with the core, defined sans-I/O
@@ -28,14 +30,19 @@ from vsproxy.vsock.rx import RX_SLOW, RxFill
 ffi, lib = load("vsproxy._fastpath")
 AVAILABLE = lib is not None
 
-__all__ = ["AVAILABLE", "CREDIT", "SLOW", "TAIL", "CaptureCall", "CreditItem", "Run", "RxFastPath", "RxFill", "Slow",
-           "Tail", "TxFastPath", "ffi", "lib"]
+__all__ = ["AVAILABLE", "CREDIT", "MAX_REGIONS", "SEG_SCRATCH", "SLOW", "TAIL", "CaptureCall", "CreditItem", "Run",
+           "RxFastPath", "RxFill", "Slow", "Tail", "TxFastPath", "ffi", "lib", "memory_ok"]
 
 SCRATCH = 256 * 1024
 MAX_ITEMS = 512
 SLOW = 1
 CREDIT = 2
 TAIL = 3
+# A run's segment in the scratch buffer (vq_tx_ctx.seg_kind); one in guest memory has its region's index.
+SEG_SCRATCH = 255
+# The regions C's memory table (vq_mem) holds: vhost-user's VHOST_MEMORY_BASELINE_NREGIONS, as many as
+# SET_MEM_TABLE takes (vhost_user/codec.py MAX_MEM_REGIONS).
+MAX_REGIONS = 8
 # Connections C may run at once between credit updates; more wait for a free slot in Python.
 OWN_SLOTS = 64
 # How long vq_tx_kick watches the tx avail ring for the guest's next credit update before it
@@ -199,26 +206,38 @@ class CreditItem(NamedTuple):
     cap_rec: int
 
 
+def memory_ok(mem: GuestMemory) -> bool:
+    """The C paths can take this guest memory: 1..MAX_REGIONS regions, their guest ranges
+    disjoint (SET_MEM_TABLE refuses overlaps; a table built in a test might not), so that a
+    guest buffer lies in at most one region whichever C looks at first."""
+    ranges = sorted((r.guest_addr, r.guest_end) for r in mem.regions)
+    return 1 <= len(ranges) <= MAX_REGIONS and all(a[1] <= b[0] for a, b in itertools.pairwise(ranges))
+
+
 class _RingPath:
-    """What both C paths hold of one queue: the guest memory region, the descriptor table and
-    the avail ring as cffi buffers, and the capture taps of the device."""
+    """What both C paths hold of one queue: the guest memory's regions (the memory table C
+    translates guest addresses through), the descriptor table and the avail ring as cffi
+    buffers, and the capture taps of the device."""
 
     def __init__(self, q: SplitQueue, taps: Taps | None, device: str) -> None:
-        assert AVAILABLE and q.single_region is not None
+        assert AVAILABLE and memory_ok(q.mem)
         self.q = q
         self.taps = taps if taps is not None else Taps()
         self.device = device
         self.capture = CaptureCall()
-        gpa, end, view = q.single_region
-        self._view = view
-        self._keep: list[Any] = [view, q._desc, q._avail16]
-        self._base = ffi.from_buffer("uint8_t[]", view)
+        regions = q.mem.regions
+        # the regions' views, in table order: a run's segment in guest memory names its region
+        self._views = [r.view for r in regions]
+        self._keep: list[Any] = [*self._views, q._desc, q._avail16]
+        bases = [ffi.from_buffer("uint8_t[]", v) for v in self._views]
+        mem = self._mem = ffi.new("vq_mem *")
+        for k, (r, base) in enumerate(zip(regions, bases, strict=True)):
+            mem.r[k].base, mem.r[k].gpa, mem.r[k].size = base, r.guest_addr, r.size
+        mem.n, mem.last = len(regions), 0
         self._desc = ffi.from_buffer("uint8_t[]", q._desc)
         self._avail_buf = ffi.from_buffer("uint8_t[]", q._avail16.cast("B"))
         self._avail = ffi.cast("uint16_t *", self._avail_buf)
-        self._gpa = gpa
-        self._size = end - gpa
-        self._release: list[Any] = [self._base, self._desc, self._avail_buf]
+        self._release: list[Any] = [*bases, self._desc, self._avail_buf]
 
     def close(self) -> None:
         """Give the guest-memory buffers back now, so the mapping can be unmapped cleanly (a
@@ -244,7 +263,7 @@ class TxFastPath(_RingPath):
         self._seg_len = ffi.new("uint32_t[]", limit)
         self._release.append(self._scratch)
         c = self._ctx = ffi.new("vq_tx_ctx *")
-        c.base, c.region_gpa, c.region_size = self._base, self._gpa, self._size
+        c.mem = self._mem
         c.desc, c.avail, c.num = self._desc, self._avail, q.num
         c.indirect_ok, c.guest_cid = 1 if q.indirect else 0, guest_cid
         c.heads, c.items, c.max_items = self._heads, self._items, MAX_ITEMS
@@ -278,8 +297,8 @@ class TxFastPath(_RingPath):
 
     # -- owned connections: C takes their credit updates and refills the rx ring itself ------------
     def attach_rx(self, rx: RxFastPath, call_fd: Callable[[], int], burst: int, max_packets: int) -> bool:
-        """Let batches fill ``rx`` for owned connections (both queues in the one region)."""
-        if rx._gpa != self._gpa or rx._size != self._size:
+        """Let batches fill ``rx`` for owned connections (both queues in the one guest memory)."""
+        if rx.q.mem is not self.q.mem:
             return False
         c = self._ctx
         c.rx_desc, c.rx_avail, c.rx_used = rx._desc, rx._avail, rx._used
@@ -501,7 +520,7 @@ class TxFastPath(_RingPath):
         """The last vq_tx_batch call's items, as records."""
         heads = ffi.unpack(self._heads, self._ctx.taken)
         out: list[Run | Slow | CreditItem | Tail] = []
-        view, scratch = self._view, self._scratch_view
+        views, scratch = self._views, self._scratch_view
         kinds, offs, lens = self._seg_kind, self._seg_off, self._seg_len
         for it in self._items[0:count]:
             kind = it.kind
@@ -515,7 +534,8 @@ class TxFastPath(_RingPath):
             segs = []
             for k in range(it.seg_first, it.seg_first + it.nseg):
                 o, ln = offs[k], lens[k]
-                segs.append(scratch[o : o + ln] if kinds[k] else view[o : o + ln])
+                where = kinds[k]
+                segs.append(scratch[o : o + ln] if where == SEG_SCRATCH else views[where][o : o + ln])
             if kind == TAIL:
                 out.append(Tail(it.src_port, it.dst_cid, it.dst_port, it.total, segs,
                                 heads[it.chain : it.chain + it.nchains]))
@@ -561,9 +581,7 @@ class RxFastPath(_RingPath):
         capture = self.capture
         cap = capture.arm(self.taps.sink, self.device)
         lib.vq_rx_fill(
-            self._base,
-            self._gpa,
-            self._size,
+            self._mem,
             self._desc,
             self._avail,
             q.num,
@@ -597,7 +615,7 @@ class RxFastPath(_RingPath):
             return False
         capture = self.capture
         cap = capture.arm(self.taps.sink, self.device)
-        ok = lib.vq_rx_put(self._base, self._gpa, self._size, self._desc, self._avail, q.num, q.last_avail_idx, n,
+        ok = lib.vq_rx_put(self._mem, self._desc, self._avail, q.num, q.last_avail_idx, n,
                            self._used, q.used_idx, hdr, cap)
         capture.finish()
         if not ok:

@@ -195,7 +195,7 @@ class FrontendSession(DataPath, CoreHooks):
         )
         self.queues[index] = q
         self.core.seqpacket = self.session.has(codec.VIRTIO_VSOCK_F_SEQPACKET)
-        c_ok = fastpath.AVAILABLE and q.single_region is not None
+        c_ok = fastpath.AVAILABLE and fastpath.memory_ok(q.mem)
         self._fastpaths[index] = (
             TxFastPath(q, self.device.config.guest_cid, TX_BATCH, self.core.taps, self.name)
             if index == TX_QUEUE and c_ok

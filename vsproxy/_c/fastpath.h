@@ -7,7 +7,8 @@
    header, and only for the two chain shapes a Linux guest posts for data (an indirect table of
    [header, payload], or the same two descriptors chained directly). Everything it cannot vouch
    for is handed back as a "slow" item, which the Python walker (the reference) checks and
-   handles. Every address is bounds-checked against the single memory region.
+   handles. Every guest address is translated through the memory table (vq_mem, ring.h
+   gpa_ptr) and bounds-checked as the walker checks it: the whole buffer inside one region.
 
    The files: tx_batch.c (the tx ring read in batches), tx_kick.c (a tx kick served without a
    turn through Python), rx_fill.c (host data into rx chains), own.c (the connections lent to C,
@@ -26,6 +27,11 @@
 
 /* vq_item.kind (fastpath.py: SLOW, CREDIT, TAIL; a run is 0) */
 enum { ITEM_RUN = 0, ITEM_SLOW = 1, ITEM_CREDIT = 2, ITEM_TAIL = 3 };
+/* vq_tx_ctx.seg_kind of a segment in the scratch buffer (fastpath.py SEG_SCRATCH); a segment
+   in guest memory has the index of its region, below VQ_MAX_REGIONS */
+enum { SEG_SCRATCH = 255 };
+/* the regions of vq_mem (fastpath.py MAX_REGIONS, vhost_user/codec.py MAX_MEM_REGIONS) */
+#define VQ_MAX_REGIONS 8
 /* vq_cap.mode (taps.py: CAP_NONE, CAP_PCAP, CAP_PCAPNG) */
 enum { CAP_NONE = 0, CAP_PCAP = 1, CAP_PCAPNG = 2 };
 /* vq_own.flags */

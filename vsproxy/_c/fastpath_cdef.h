@@ -2,6 +2,20 @@
    setup.py hands this file's text to cffi's cdef() as it is, and fastpath.h includes it for
    the compiler: so it holds C declarations and comments only, no preprocessor lines. The
    values of the fields (kinds, flags, statuses) are named in fastpath.h. */
+
+/* Guest memory as the C paths see it: the regions of the vhost-user memory table, each mapped
+   (vsproxy/memory.py). A guest address is good only if the whole buffer lies inside one region
+   (GuestMemory.gpa_view): ring.h gpa_ptr looks it up, the region the last lookup hit first. */
+typedef struct {
+    uint8_t *base;       /* the region's mapping */
+    uint64_t gpa, size;  /* its guest-physical range */
+} vq_region;
+
+typedef struct {
+    vq_region r[8];      /* vhost-user's VHOST_MEMORY_BASELINE_NREGIONS (codec.MAX_MEM_REGIONS) */
+    uint32_t n;          /* regions in use, 1..8, their guest ranges disjoint */
+    uint32_t last;       /* the region the last lookup hit (< n) */
+} vq_mem;
 typedef struct {
     uint32_t kind;       /* ITEM_RUN: RW run, ITEM_SLOW: slow chain for Python, ITEM_CREDIT: header-only
                             CREDIT_UPDATE/REQUEST, ITEM_TAIL: the unsent tail of a run C took for an
@@ -59,11 +73,11 @@ typedef struct {
     uint64_t ra_bytes;     /* host bytes read ahead into reserved rx chains */
     /* Read-ahead (own_reserve): rx chains C took from the avail ring while the guest's window
        was shut and read host bytes into, not yet published; [rs_first, rs_n) still held, in
-       order, each with its buffer's offset in the region and its payload length. */
+       order, each with its buffer and its payload length. */
     uint32_t rs_first, rs_n;
     uint16_t rs_head[64];
     uint32_t rs_len[64];
-    uint64_t rs_off[64];
+    uint8_t *rs_buf[64];   /* each held chain's buffer, in the region its address lies in */
     uint8_t *ra;           /* what C gives back: the held bytes, copied out (ra_len), for Python */
     uint32_t ra_len;
     const uint8_t *comment;   /* the capture comment of its packets (the connection's mark), or 0 */
@@ -72,14 +86,15 @@ typedef struct {
 
 /* What stays the same from one vq_tx_batch call to the next, set once per queue. */
 typedef struct {
-    const uint8_t *base; uint64_t region_gpa, region_size;
+    vq_mem *mem;         /* guest memory (the rx queue C fills is in the same) */
     const uint8_t *desc; const uint16_t *avail; uint32_t num;
     int indirect_ok; uint64_t guest_cid;
     uint16_t *heads; vq_item *items; uint32_t max_items;
     uint8_t *scratch; uint32_t scratch_size;
-    uint8_t *seg_kind; uint64_t *seg_off; uint32_t *seg_len; uint32_t max_segs;
+    uint8_t *seg_kind;   /* per segment: the memory region its bytes lie in, or SEG_SCRATCH */
+    uint64_t *seg_off; uint32_t *seg_len; uint32_t max_segs;   /* offset in the region (or scratch) */
     uint32_t taken;      /* out: chains taken by the last call */
-    /* owned connections, and the rx queue C fills for them (same memory region) */
+    /* owned connections, and the rx queue C fills for them (same guest memory) */
     vq_own *own; uint32_t nown;
     uint32_t owned;      /* entries active */
     uint32_t own_ok;     /* 0 while a per-packet tap is attached: C then only gives back */
@@ -113,12 +128,10 @@ typedef struct {
     int32_t err;         /* errno for RX_ERROR */
 } vq_rx_result;
 
-int vq_rx_fill(const uint8_t *base, uint64_t region_gpa, uint64_t region_size,
-               const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,
+int vq_rx_fill(vq_mem *mem, const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,
                uint32_t *used_ring, uint16_t used_idx,
                int fd, uint32_t credit, uint32_t max_packets, const uint8_t *hdr,
                vq_rx_result *res, vq_cap *cap, const uint8_t *comment, uint32_t comment_len);
 
-int vq_rx_put(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
-              const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,
+int vq_rx_put(vq_mem *mem, const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,
               uint32_t *used_ring, uint16_t used_idx, const uint8_t *hdr, vq_cap *cap);

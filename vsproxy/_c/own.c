@@ -43,15 +43,11 @@ void vq_own_free_ra(vq_own *e) {
     e->ra_len = 0;
 }
 
-/* The k-th avail chain past C's position, if it has the Linux shape (rx_linux_chain): its head
-   and its buffer's offset in the region and length; 0 if not. */
-static inline int own_rx_chain(const vq_tx_ctx *ctx, uint32_t k, uint16_t *head, uint64_t *off, uint32_t *len) {
-    uint64_t a;
-    if (!rx_linux_chain(ctx->rx_desc, ctx->rx_avail, ctx->rx_num, (uint16_t)(ctx->rx_last_avail + k),
-                        ctx->region_gpa, ctx->region_size, head, &a, len))
-        return 0;
-    *off = a - ctx->region_gpa;
-    return 1;
+/* The k-th avail chain past C's position, if it has the Linux shape (rx_linux_chain): its head,
+   buffer and length; 0 if not. */
+static inline int own_rx_chain(const vq_tx_ctx *ctx, uint32_t k, uint16_t *head, uint8_t **buf, uint32_t *len) {
+    return rx_linux_chain(ctx->mem, ctx->rx_desc, ctx->rx_avail, ctx->rx_num, (uint16_t)(ctx->rx_last_avail + k),
+                          head, buf, len);
 }
 
 /* rx chains every connection C runs holds */
@@ -82,14 +78,14 @@ static void own_reserve(vq_tx_ctx *ctx, vq_own *e) {
     uint64_t want = 0;
     uint32_t m = 0;
     while (m < n && want < cap) {
-        uint16_t head; uint64_t off; uint32_t l;
-        if (!own_rx_chain(ctx, m, &head, &off, &l)) break;
+        uint16_t head; uint8_t *buf; uint32_t l;
+        if (!own_rx_chain(ctx, m, &head, &buf, &l)) break;
         uint32_t room = l - HDR;
         if (room > MAX_PKT) room = MAX_PKT;
         if (room > cap - want) room = (uint32_t)(cap - want);
-        iov[m].iov_base = (uint8_t *)ctx->base + off + HDR;
+        iov[m].iov_base = buf + HDR;
         iov[m].iov_len = room;
-        e->rs_head[m] = head; e->rs_off[m] = off;
+        e->rs_head[m] = head; e->rs_buf[m] = buf;
         want += room;
         m++;
     }
@@ -140,16 +136,16 @@ static uint32_t own_deliver(vq_tx_ctx *ctx, vq_own *e, uint32_t credit, uint32_t
     while (e->rs_first < e->rs_n && *packets < ctx->rx_max_packets && bytes < credit) {
         uint32_t i = e->rs_first, len = e->rs_len[i], send = len;
         if (cap->mode && !cap_room(cap, len, e->comment_len)) { *stuck = 1; break; }
-        uint8_t *buf = (uint8_t *)ctx->base + e->rs_off[i];
-        uint16_t head = 0; uint64_t off = 0;
+        uint8_t *buf = e->rs_buf[i], *next = 0;
+        uint16_t head = 0;
         if (len > credit - bytes) {
             send = credit - bytes;
             uint32_t l;
-            if (!own_rx_avail(ctx) || !own_rx_chain(ctx, 0, &head, &off, &l) || l - HDR < len - send) {
+            if (!own_rx_avail(ctx) || !own_rx_chain(ctx, 0, &head, &next, &l) || l - HDR < len - send) {
                 *stuck = 1;
                 break;
             }
-            memcpy((uint8_t *)ctx->base + off + HDR, buf + HDR + send, len - send);
+            memcpy(next + HDR, buf + HDR + send, len - send);
             ctx->rx_last_avail++;
         }
         memcpy(buf, e->hdr, HDR);
@@ -159,7 +155,7 @@ static uint32_t own_deliver(vq_tx_ctx *ctx, vq_own *e, uint32_t credit, uint32_t
         (*packets)++;
         bytes += send;
         if (send < len) {   /* the credit is used up: the chain with the rest is held in its place */
-            e->rs_head[i] = head; e->rs_off[i] = off; e->rs_len[i] = len - send;
+            e->rs_head[i] = head; e->rs_buf[i] = next; e->rs_len[i] = len - send;
             break;
         }
         e->rs_first++;
@@ -185,7 +181,7 @@ void own_unreserve(vq_tx_ctx *ctx, vq_own *e) {
     vq_cap *cap = ctx->cap;
     own_update_hdr(e, h);
     for (uint32_t i = e->rs_first; i < e->rs_n; i++) {
-        uint8_t *buf = (uint8_t *)ctx->base + e->rs_off[i];
+        uint8_t *buf = e->rs_buf[i];
         memcpy(e->ra + e->ra_len, buf + HDR, e->rs_len[i]);   /* at most RA_MAX in all */
         e->ra_len += e->rs_len[i];
         memcpy(buf, h, HDR);
@@ -233,7 +229,7 @@ void own_fill(vq_tx_ctx *ctx, vq_own *e) {
             status = RX_SLOW;  /* Python decides */
         } else {
             /* capturing with no room for the records: RX_LIMIT, and C gives it back below */
-            vq_rx_fill(ctx->base, ctx->region_gpa, ctx->region_size, ctx->rx_desc, ctx->rx_avail, ctx->rx_num,
+            vq_rx_fill(ctx->mem, ctx->rx_desc, ctx->rx_avail, ctx->rx_num,
                        ctx->rx_last_avail, n, ctx->rx_used, ctx->rx_used_idx, e->fd, credit - bytes,
                        ctx->rx_max_packets - packets, e->hdr, &res, ctx->cap, e->comment, e->comment_len);
             ctx->rx_last_avail += res.packets;
@@ -288,7 +284,7 @@ static int own_put_update(vq_tx_ctx *ctx, vq_own *e) {
     if (n == 0) return 0;
     uint8_t h[HDR];
     own_update_hdr(e, h);
-    if (!vq_rx_put((uint8_t *)ctx->base, ctx->region_gpa, ctx->region_size, ctx->rx_desc, ctx->rx_avail,
+    if (!vq_rx_put(ctx->mem, ctx->rx_desc, ctx->rx_avail,
                    ctx->rx_num, ctx->rx_last_avail, n, ctx->rx_used, ctx->rx_used_idx, h, ctx->cap))
         return 0;
     ctx->rx_last_avail++;
@@ -312,7 +308,8 @@ static uint64_t own_send(vq_tx_ctx *ctx, vq_own *e, const vq_item *run, int *err
         uint32_t m = 0;
         uint64_t want = 0;
         for (; k < end && m < SEND_IOV; k++, m++) {
-            iov[m].iov_base = (void *)((ctx->seg_kind[k] ? ctx->scratch : ctx->base) + ctx->seg_off[k]);
+            uint8_t kind = ctx->seg_kind[k];
+            iov[m].iov_base = (kind == SEG_SCRATCH ? ctx->scratch : ctx->mem->r[kind].base) + ctx->seg_off[k];
             iov[m].iov_len = ctx->seg_len[k];
             want += ctx->seg_len[k];
         }

@@ -6,21 +6,19 @@
 #include "capture.h"
 
 /* Host data straight from a socket into rx chains of the one shape Linux posts (a single
-   writable descriptor inside the region). Stops at the first chain of any other shape
+   writable descriptor inside one memory region). Stops at the first chain of any other shape
    (RX_SLOW, left on the ring for Python), when the socket has no more (RX_AGAIN, or RX_SHORT
    after a short read), at EOF or an error (RX_EOF, RX_ERROR), or at the credit / packet limit
    (RX_LIMIT). One recvmsg fills up to RX_IOV chains: Linux posts 3776-byte buffers, and a
    syscall per buffer would cost more than the copy. Used elements are written; Python
    publishes used->idx and advances its indices. */
 #define RX_IOV 64
-int vq_rx_fill(const uint8_t *base_, uint64_t region_gpa, uint64_t region_size,
-               const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,
+int vq_rx_fill(vq_mem *mem, const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,
                uint32_t *used_ring, uint16_t used_idx,
                int fd, uint32_t credit, uint32_t max_packets, const uint8_t *hdr,
                vq_rx_result *res, vq_cap *cap, const uint8_t *comment, uint32_t comment_len)
 {
     if (comment_len > CAP_COMMENT_MAX) comment_len = CAP_COMMENT_MAX;
-    uint8_t *base = (uint8_t *)base_;  /* guest memory, writable: the tx context keeps it const */
     res->packets = 0; res->bytes = 0; res->status = RX_LIMIT; res->err = 0;
     while (res->packets < max_packets && credit > 0) {
         struct iovec iov[RX_IOV];
@@ -31,9 +29,11 @@ int vq_rx_fill(const uint8_t *base_, uint64_t region_gpa, uint64_t region_size,
         /* the next chains, each checked, within the credit and the capture buffer */
         while (m < RX_IOV && res->packets + m < max_packets && want < credit) {
             if (res->packets + m >= avail_n) { slow = 1; break; }
-            uint16_t head; uint64_t a; uint32_t l;
-            if (!rx_linux_chain(desc, avail, num, (uint16_t)(last_avail + res->packets + m), region_gpa, region_size,
-                                &head, &a, &l)) { slow = 1; break; }
+            uint16_t head; uint8_t *buf; uint32_t l;
+            if (!rx_linux_chain(mem, desc, avail, num, (uint16_t)(last_avail + res->packets + m), &head, &buf, &l)) {
+                slow = 1;
+                break;
+            }
             uint32_t room = l - HDR;
             if (room > MAX_PKT) room = MAX_PKT;
             if (room > credit - want) room = (uint32_t)(credit - want);
@@ -41,7 +41,7 @@ int vq_rx_fill(const uint8_t *base_, uint64_t region_gpa, uint64_t region_size,
                 if ((uint64_t)cap_need + cap_record_size(cap, room, comment_len) + CAP_SPARE > cap->size) break;
                 cap_need += cap_record_size(cap, room, comment_len);
             }
-            iov[m].iov_base = base + (a - region_gpa) + HDR;
+            iov[m].iov_base = buf + HDR;
             iov[m].iov_len = room;
             heads[m] = head;
             want += room;
@@ -86,9 +86,10 @@ int vq_rx_fill(const uint8_t *base_, uint64_t region_gpa, uint64_t region_size,
 }
 
 /* One header-only packet (a control packet) into the next rx chain, if it has the Linux
-   shape; 0 (nothing written) otherwise, and Python's walker takes the chain. */
-int vq_rx_put(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
-              const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,
+   shape (one writable descriptor of at least a header, inside one region: the whole buffer, as
+   the walker checks it, not only the header's bytes); 0 (nothing written) otherwise, and
+   Python's walker takes the chain. */
+int vq_rx_put(vq_mem *mem, const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,
               uint32_t *used_ring, uint16_t used_idx, const uint8_t *hdr, vq_cap *cap)
 {
     if (avail_n == 0) return 0;
@@ -96,9 +97,11 @@ int vq_rx_put(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
     if (head >= num) return 0;
     uint64_t a; uint32_t l; uint16_t f, nx;
     rd_desc(desc + 16 * (uint64_t)head, &a, &l, &f, &nx);
-    if (f != VRING_DESC_F_WRITE || l < HDR || !in_region(a, HDR, region_gpa, region_size)) return 0;
+    if (f != VRING_DESC_F_WRITE || l < HDR) return 0;
+    uint8_t *buf = gpa_ptr(mem, a, l);
+    if (!buf) return 0;
     if (cap->mode && !cap_room(cap, 0, 0)) return 0;
-    memcpy(base + (a - region_gpa), hdr, HDR);
+    memcpy(buf, hdr, HDR);
     if (cap->mode) cap_record(cap, hdr, hdr, 0, 0, 0, 0);
     uint32_t slot = used_idx & (num - 1);
     used_ring[2 * slot] = head;

@@ -11,7 +11,7 @@
 /* Returns the number of items; heads[0..ctx->taken) are the chains taken. */
 int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
 {
-    const uint8_t *base = ctx->base; uint64_t region_gpa = ctx->region_gpa, region_size = ctx->region_size;
+    vq_mem *mem = ctx->mem;
     const uint8_t *desc = ctx->desc; const uint16_t *avail = ctx->avail; uint32_t num = ctx->num;
     int indirect_ok = ctx->indirect_ok; uint64_t guest_cid = ctx->guest_cid;
     uint16_t *heads = ctx->heads; vq_item *items = ctx->items; uint32_t max_items = ctx->max_items;
@@ -46,15 +46,17 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
         heads[i] = head;
         int fast = 0, credit_only = 0;
         uint64_t ha = 0, pa = 0; uint32_t hl = 0, pl = 0;
+        const uint8_t *hp = 0, *pp = 0;   /* header and payload, where they are mapped */
+        uint32_t pk = 0;                   /* the payload's region */
         if (head < num) {
             uint64_t a; uint32_t l; uint16_t f, nx;
             rd_desc(desc + 16 * (uint64_t)head, &a, &l, &f, &nx);
             if (f == 0 && l == HDR) {
                 /* a header alone in one descriptor: how Linux sends control packets */
                 ha = a; hl = l; credit_only = 1; fast = 1;
-            } else if (f == VRING_DESC_F_INDIRECT && indirect_ok && l == 32 && in_region(a, 32, region_gpa, region_size)) {
+            } else if (f == VRING_DESC_F_INDIRECT && indirect_ok && l == 32 && (hp = gpa_ptr(mem, a, 32))) {
                 uint64_t a0, a1; uint32_t l0, l1; uint16_t f0, f1, n0, n1;
-                const uint8_t *t = base + (a - region_gpa);
+                const uint8_t *t = hp;
                 rd_desc(t, &a0, &l0, &f0, &n0);
                 rd_desc(t + 16, &a1, &l1, &f1, &n1);
                 if (f0 == VRING_DESC_F_NEXT && n0 == 1 && f1 == 0) { ha = a0; hl = l0; pa = a1; pl = l1; fast = 1; }
@@ -67,12 +69,13 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
         uint8_t h[HDR];
         uint32_t plen = 0;
         if (fast) {
-            fast = hl == HDR && in_region(ha, HDR, region_gpa, region_size)
-                   && (credit_only || (pl > 0 && in_region(pa, pl, region_gpa, region_size)));
+            fast = hl == HDR && (hp = gpa_ptr(mem, ha, HDR))
+                   && (credit_only || (pl > 0 && (pp = gpa_ptr(mem, pa, pl))));
+            pk = mem->last;
         }
         uint16_t type = 0, op = 0;
         if (fast) {
-            memcpy(h, base + (ha - region_gpa), HDR);
+            memcpy(h, hp, HDR);
             uint64_t src_cid;
             memcpy(&src_cid, h, 8); memcpy(&plen, h + 24, 4); memcpy(&type, h + 28, 2); memcpy(&op, h + 30, 2);
             if (credit_only)
@@ -162,19 +165,19 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
         run->nchains++;
         run->buf_alloc = buf_alloc; run->fwd_cnt = fwd_cnt;
         run->total += plen;
-        const uint8_t *payload = base + (pa - region_gpa);
+        const uint8_t *payload = pp;
         if (cap->mode) cap_record(cap, h, payload, plen, 1, tx_e ? tx_e->comment : 0, tx_e ? tx_e->comment_len : 0);
         if (plen <= COPY_MAX && scratch_used + plen <= scratch_size) {
             /* small payload: copy, and extend the previous scratch segment when adjacent */
             memcpy(scratch + scratch_used, payload, plen);
-            if (run->nseg && seg_kind[nseg - 1] == 1 && seg_off[nseg - 1] + seg_len[nseg - 1] == scratch_used) {
+            if (run->nseg && seg_kind[nseg - 1] == SEG_SCRATCH && seg_off[nseg - 1] + seg_len[nseg - 1] == scratch_used) {
                 seg_len[nseg - 1] += plen;
             } else {
-                seg_kind[nseg] = 1; seg_off[nseg] = scratch_used; seg_len[nseg] = plen; nseg++; run->nseg++;
+                seg_kind[nseg] = SEG_SCRATCH; seg_off[nseg] = scratch_used; seg_len[nseg] = plen; nseg++; run->nseg++;
             }
             scratch_used += plen;
         } else {
-            seg_kind[nseg] = 0; seg_off[nseg] = pa - region_gpa; seg_len[nseg] = plen; nseg++; run->nseg++;
+            seg_kind[nseg] = (uint8_t)pk; seg_off[nseg] = pa - mem->r[pk].gpa; seg_len[nseg] = plen; nseg++; run->nseg++;
         }
     }
     CLOSE_RUN();

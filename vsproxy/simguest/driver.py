@@ -494,7 +494,9 @@ class VsockDriver:
         self.deadline_wait(lambda: tx.n_inflight == 0, None, "waiting for tx to drain before a blast")
         self._blast_plen = plen
         conn.last_fwd_cnt = conn.fwd_cnt
-        hdr = vh.pack(self.guest_cid, conn.peer_cid, conn.local_port, conn.peer_port, plen, conn.type, Op.RW, 0,
+        # on a SEQPACKET connection every packet is a message of its own: EOM on each
+        flags = vh.SEQ_EOM if conn.type == vh.Type.SEQPACKET else 0
+        hdr = vh.pack(self.guest_cid, conn.peer_cid, conn.local_port, conn.peer_port, plen, conn.type, Op.RW, flags,
                       conn.buf_alloc, conn.fwd_cnt)
         self.mem.write(self.blast_gpa, hdr)
         pay_gpa = self.blast_gpa + TX_SLOT_HDR
