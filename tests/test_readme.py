@@ -134,13 +134,13 @@ def test_fanout_benchmark_runs_and_prints_each_subscriber_beside_none() -> None:
     proc = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "benchmarks/bench_fanout.py", "--quick"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    modes = ("none", "devnull", "reading", "stalled")
+    modes = ("none", "devnull", "reading", "stalled", "tui")
     rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] and line.split()[0] in modes]
     assert [(r[0], r[1]) for r in rows] == [(m, p) for p in ("65536", "64") for m in modes]
     for r in rows:  # rate, ratio to no subscriber, records, dropped, C records
         assert float(r[2].replace(",", "")) > 0 and r[4].endswith("%")
-        if r[0] == "reading":
-            assert int(r[5]) > 0  # it got records
+        if r[0] in ("reading", "tui"):
+            assert int(r[5]) > 0  # it got records (the TUI: into its store, through the control socket)
             # and the C paths wrote them, unless they are off by request
             assert (int(r[7]) > 0) is not bool(os.environ.get("VSPROXY_NO_C"))
 
