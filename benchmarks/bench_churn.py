@@ -98,7 +98,9 @@ class Baseline:
 class ChurnRig:
     """vsproxy (with a control socket), the host echo process and one simulated guest."""
 
-    def __init__(self, tmp: str, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, tmp: str, keys: str = "", extra: tuple[str, ...] = ()) -> None:
+        """``keys``: more ``--vm`` keys for the guest's device (named ``churn``, CID 5);
+        ``extra``: more vsproxy arguments (other devices)."""
         self.tmp = tmp
         self.vhost = os.path.join(tmp, "vhost.sock")
         self.uds = os.path.join(tmp, "h")
@@ -113,7 +115,7 @@ class ChurnRig:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "vsproxy", "--vm",
              f"name=churn,guest-cid=5,socket={self.vhost},uds-path={self.uds},"
-             f"forward={TCP_PORT}=tcp:127.0.0.1:{self.tcp_port}", "--control", self.control, *extra],
+             f"forward={TCP_PORT}=tcp:127.0.0.1:{self.tcp_port}{keys}", "--control", self.control, *extra],
             stdout=subprocess.DEVNULL, stderr=self._log)
         deadline = time.monotonic() + 15
         while not (os.path.exists(self.vhost) and os.path.exists(self.control)):
@@ -188,8 +190,8 @@ class ChurnRig:
         with open(f"/proc/{self.proc.pid}/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
-    def settle(self, want_fds: int | None = None, timeout: float = 10.0) -> Baseline:
-        """What vsproxy holds once the table is empty and its descriptor count stops moving
+    def settle(self, want_fds: int | None = None, want_table: int = 0, timeout: float = 10.0) -> Baseline:
+        """What vsproxy holds once the table is down to ``want_table`` and its descriptor count stops moving
         (the control client's own descriptor closes just after the answer), or reaches
         ``want_fds``; the guest keeps polling meanwhile."""
         deadline = time.monotonic() + timeout
@@ -201,7 +203,7 @@ class ChurnRig:
             same = same + 1 if fds == last else 0
             last = fds
             done = fds == want_fds if want_fds is not None else same >= 5
-            if (table == 0 and done) or time.monotonic() > deadline:
+            if (table == want_table and done) or time.monotonic() > deadline:
                 return Baseline(fds, self.rss_kib(), table)
 
     def alive(self) -> bool:
