@@ -4,6 +4,9 @@ module and fails on any module under the bar, not only on the total."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 from input_coverage import FileCoverage, below, python_coverage
@@ -34,3 +37,19 @@ def test_modules_at_or_above_the_bar_and_empty_ones_pass(tmp_path: Path) -> None
     files = python_coverage(report(tmp_path, {"a.py": (20, 1, 0, 0, 95.0), "b.py": (0, 0, 0, 0, 0.0)}))
     assert below(files, 95.0) == []
     assert [f.path for f in below(files, 95.01)] == ["a.py"]
+
+
+def test_the_readme_command_prints_each_module_and_the_c_figures() -> None:
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "tests/input_coverage.py", "--c"], cwd=root, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = dict(re.findall(r"^  (vsproxy/\S+\.py)\s+([\d.]+)%", proc.stdout, re.M))
+    for module in ("virtq.py", "memory.py", "vhost_user/codec.py", "vhost_user/session.py", "vsock/header.py",
+                   "vsock/rxbuf.py"):
+        assert float(rows[f"vsproxy/{module}"]) >= 95.0, (module, rows)
+    c_rows = re.findall(r"^  (\S+\.[ch])\s+lines\s+(\d+)/(\d+)\s+[\d.]+%\s+branches taken\s+(\d+)/(\d+)", proc.stdout,
+                        re.M)
+    assert {r[0] for r in c_rows} >= {"tx_batch.c", "tx_kick.c", "rx_fill.c", "own.c", "ring.h"}, proc.stdout
+    for _name, hit, lines, taken, branches in c_rows:  # the C ran under the tests: counts, not zeros
+        assert 0 < int(hit) <= int(lines) and 0 < int(taken) <= int(branches)
