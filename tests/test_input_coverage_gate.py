@@ -9,14 +9,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from input_coverage import FileCoverage, below, python_coverage
 
+Figures = tuple[int, int, int, int, float]  # statements, missing, branches, covered branches, percent
 
-def report(tmp_path: Path, files: dict[str, tuple[int, int, int, int, float]]) -> Path:
-    """A coverage.py JSON report: per file statements, missing, branches, covered branches, percent."""
-    data = {"files": {path: {"summary": {"num_statements": s, "missing_lines": m, "num_branches": b,
-                                         "covered_branches": cb, "percent_covered": p}}
-                      for path, (s, m, b, cb, p) in files.items()}}
+
+def summary(f: Figures) -> dict[str, float]:
+    s, m, b, cb, p = f
+    return {"num_statements": s, "missing_lines": m, "num_branches": b, "covered_branches": cb, "percent_covered": p}
+
+
+def report(tmp_path: Path, files: dict[str, Figures], functions: dict[str, dict[str, Figures]] | None = None) -> Path:
+    """A coverage.py JSON report: per file (and per function, for some) its figures."""
+    per = functions or {}
+    data = {"files": {path: {"summary": summary(f),
+                             "functions": {n: {"summary": summary(ff)} for n, ff in per.get(path, {}).items()}}
+                      for path, f in files.items()}}
     out = tmp_path / "coverage.json"
     out.write_text(json.dumps(data))
     return out
@@ -39,6 +48,19 @@ def test_modules_at_or_above_the_bar_and_empty_ones_pass(tmp_path: Path) -> None
     assert [f.path for f in below(files, 95.01)] == ["a.py"]
 
 
+def test_a_file_gated_per_function_fails_on_its_functions_not_on_the_whole(tmp_path: Path) -> None:
+    path = report(tmp_path, {"vsproxy/vsock/core.py": (300, 60, 100, 70, 80.0)},
+                  {"vsproxy/vsock/core.py": {"VsockCore.guest_packet": (60, 0, 40, 40, 100.0),
+                                             "VsockCore.tick": (20, 20, 10, 0, 0.0),
+                                             "VsockCore._guest_request": (20, 2, 6, 5, 88.46)}})
+    files = python_coverage(path, {"vsproxy/vsock/core.py": ("VsockCore.guest_packet", "VsockCore._guest_request")})
+    assert [f.path for f in files] == ["vsproxy/vsock/core.py:VsockCore.guest_packet",
+                                       "vsproxy/vsock/core.py:VsockCore._guest_request"]
+    assert [f.path for f in below(files, 95.0)] == ["vsproxy/vsock/core.py:VsockCore._guest_request"]
+    with pytest.raises(KeyError, match=r"no function VsockCore\.gone"):
+        python_coverage(path, {"vsproxy/vsock/core.py": ("VsockCore.gone",)})
+
+
 def test_the_readme_command_prints_each_module_and_the_c_figures() -> None:
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, "tests/input_coverage.py", "--c"], cwd=root, capture_output=True,
@@ -48,6 +70,10 @@ def test_the_readme_command_prints_each_module_and_the_c_figures() -> None:
     for module in ("virtq.py", "memory.py", "vhost_user/codec.py", "vhost_user/session.py", "vsock/header.py",
                    "vsock/rxbuf.py"):
         assert float(rows[f"vsproxy/{module}"]) >= 95.0, (module, rows)
+    core = dict(re.findall(r"^  vsproxy/vsock/core\.py:(\S+)\s+([\d.]+)%", proc.stdout, re.M))
+    assert set(core) == {"VsockCore.guest_packet", "VsockCore.guest_rw_run", "VsockCore.guest_rw_tail",
+                         "VsockCore.guest_credit", "VsockCore._guest_request", "VsockCore._guest_shutdown"}, core
+    assert all(float(v) >= 95.0 for v in core.values()), core
     c_rows = re.findall(r"^  (\S+\.[ch])\s+lines\s+(\d+)/(\d+)\s+[\d.]+%\s+branches taken\s+(\d+)/(\d+)", proc.stdout,
                         re.M)
     assert {r[0] for r in c_rows} >= {"tx_batch.c", "tx_kick.c", "rx_fill.c", "own.c", "ring.h"}, proc.stdout

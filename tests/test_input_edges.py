@@ -19,9 +19,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from test_virtq import Rig
+from test_vsock_core import GPORT, GUEST, FakePeer, Harness
 
+from vsproxy.events import EventKind
 from vsproxy.memory import GuestMemory, MemoryError_
 from vsproxy.simguest.ring import Buf
+from vsproxy.verdict import Mark, Verdict, verdict_of
 from vsproxy.vhost_user import codec
 from vsproxy.vhost_user.codec import Message, MessageReader, ProtocolError, Request, VringAddr
 from vsproxy.vhost_user.session import (
@@ -35,6 +38,10 @@ from vsproxy.vhost_user.session import (
 )
 from vsproxy.virtq import DESC, DESC_SIZE, VIRTQ_DESC_F_NEXT, Chain, SplitQueue, ring_sizes
 from vsproxy.vsock import header as H
+from vsproxy.vsock.connection import Connection, State
+from vsproxy.vsock.core import VsockCore
+from vsproxy.vsock.header import Op
+from vsproxy.vsock.lending import OWN_TAKEN, OwnedBack, OwnedCounts
 from vsproxy.vsock.rxbuf import payload_views
 
 U64 = struct.Struct("<Q")
@@ -469,3 +476,316 @@ def test_payload_views_cover_exactly_the_room_after_the_header(sizes: list[int],
     segs = [memoryview(bytearray(n)) for n in sizes]
     views = payload_views(segs, want)
     assert sum(len(v) for v in views) == min(want, max(0, sum(sizes) - H.HDR_SIZE))
+
+
+# -- the vsock core: where the guest's headers are read (guest_packet and what it calls) ------
+
+
+class Events:
+    """An event sink that listens: what the core published, as (kind, detail, rule)."""
+
+    active = True
+
+    def __init__(self) -> None:
+        self.got: list[tuple[EventKind, str, str]] = []
+
+    def publish(self, kind: EventKind, device: str, conn: tuple[int, int, int, int] | None = None,
+                detail: str = "", rule: str = "") -> None:
+        self.got.append((kind, detail, rule))
+
+
+class Owner:
+    """C's pump as the core sees it (vsock.lending.Owner), holding connections Python lent it:
+    ``take_back`` gives a connection back with the credit state it was lent with."""
+
+    def __init__(self) -> None:
+        self.taken: list[int] = []
+        self.lent: dict[int, tuple[int, int, int]] = {}
+
+    def lend(self, core: VsockCore, conn: Connection) -> None:
+        conn.own = len(self.lent)
+        core.owned += 1
+        self.lent[conn.own] = conn.credit.tx_state()
+
+    def take_back(self, slot: int) -> OwnedBack:
+        self.taken.append(slot)
+        return OwnedBack(OWN_TAKEN, 0, *self.lent.pop(slot), 0)
+
+    # the rest of the pump's interface: these tests lend by hand, and nothing else may be asked
+    def own(self, token: object, key: tuple[int, int, int, int], fd: int, tx_cnt: int, peer_buf_alloc: int,
+            peer_fwd_cnt: int, hdr: bytes, flags: int, tx: tuple[int, int, int, int] | None = None,
+            comment: bytes = b"") -> int:
+        raise AssertionError("own() was not expected")
+
+    def fill(self, slot: int) -> OwnedBack | bool:
+        raise AssertionError("fill() was not expected")
+
+    def progress(self, slot: int) -> int:
+        raise AssertionError("progress() was not expected")
+
+    def shut(self, slot: int) -> bool:
+        raise AssertionError("shut() was not expected")
+
+    def counts(self, slot: int) -> OwnedCounts:
+        raise AssertionError("counts() was not expected")
+
+    def peek(self, slot: int) -> OwnedBack:
+        raise AssertionError("peek() was not expected")
+
+
+class ClosingPeer(FakePeer):
+    """A far side that closed both ways, as a sibling's kernel close() shows it."""
+
+    def far_shutdown(self) -> int:
+        return H.SHUTDOWN_BOTH
+
+
+def taps(core: VsockCore) -> list[tuple[bool, bytes, str | None]]:
+    seen: list[tuple[bool, bytes, str | None]] = []
+    core.taps.add(lambda _dev, to_guest, hdr, _payload, mark=None: seen.append((to_guest, bytes(hdr), mark)))
+    return seen
+
+
+def test_spoofed_packet_is_captured_with_its_mark_and_dropped() -> None:
+    t = Harness()
+    seen = taps(t.core)
+    t.send(Op.RW, src_cid=9, payload=b"x")
+    ((to_guest, hdr, mark),) = seen
+    assert not to_guest and H.unpack(hdr).src_cid == 9
+    assert mark is not None and verdict_of(mark) is Verdict.SPOOFED
+    assert t.core.counters.spoofed == 1 and t.core.counters.tx_packets == 0 and t.drain() == []
+
+
+def test_packets_are_captured_with_their_connections_mark_and_a_request_after_its_verdict() -> None:
+    t = Harness()
+    seen = taps(t.core)
+    t.send(Op.REQUEST)
+    assert [(g, H.unpack(h).op) for g, h, _ in seen] == [(False, Op.REQUEST)]  # once, by _guest_request
+    (conn,) = t.core.conns.values()
+    conn.mark = Mark.rewritten_to("remap 3=2", 2, 1234)
+    t.send(Op.CREDIT_REQUEST)
+    t.send(Op.RW, dst_port=4321, payload=b"?")  # no such connection: captured without a mark
+    assert [(H.unpack(h).op, m) for g, h, m in seen[1:] if not g] == [(Op.CREDIT_REQUEST, conn.mark), (Op.RW, None)]
+
+
+def test_bad_length_without_a_connection_is_dropped_and_counted() -> None:
+    t = Harness()
+    t.send(Op.RW, payload=b"abc", length=4)  # the header claims more than the chain holds
+    t.send(Op.RW, payload=b"", length=H.MAX_PKT_PAYLOAD + 1)
+    assert t.core.counters.bad_packets == 2 and t.core.counters.drops == {"bad-len": 2}
+    assert t.drain() == [] and not t.core.conns
+
+
+def test_rst_of_an_unknown_type_gets_nothing_back() -> None:
+    t = Harness()
+    t.send(Op.RST, type_=9)
+    assert t.drain() == [] and t.core.counters.drops == {"bad-type": 1}
+
+
+def test_tuple_of_a_connection_the_far_side_closed_is_free_at_once_for_a_new_request() -> None:
+    t = Harness(ClosingPeer())
+    conn = t.open()
+    t.peer.eof = True
+    t.core.peer_readable(conn)
+    assert [(h.op, h.flags) for h, _ in t.drain()] == [(Op.SHUTDOWN, H.SHUTDOWN_BOTH)]
+    assert not t.core.conns
+    t.send(Op.REQUEST)  # the guest dials again from the same port before its RST
+    (new,) = t.core.conns.values()
+    assert new is not conn and new.key == conn.key
+    t.core.peer_connected(new)
+    assert [h.op for h, _ in t.drain()] == [Op.RESPONSE]
+    t.core.peer_readable(new)  # the far side closes this one too
+    assert [(h.op, h.flags) for h, _ in t.drain()] == [(Op.SHUTDOWN, H.SHUTDOWN_BOTH)]
+    t.send(Op.RST)  # the guest's answer to that SHUTDOWN: taken as such, not answered
+    assert t.drain() == [] and not t.core.conns and "unknown-connection" not in t.core.counters.drops
+    t.send(Op.RW, payload=b"x")  # the tuple is free: after the answer, a packet is for no connection
+    assert [h.op for h, _ in t.drain()] == [Op.RST]
+
+
+def test_packet_for_a_connection_c_runs_takes_it_back_first() -> None:
+    t = Harness()
+    owner = Owner()
+    t.core.owner = owner
+    conn = t.open()
+    owner.lend(t.core, conn)
+    t.send(Op.CREDIT_UPDATE, fwd_cnt=0, buf_alloc=131072)
+    assert owner.taken == [0] and conn.own == -1 and t.core.owned == 0
+    assert conn.credit.tx_state()[1] == 131072  # the header's buf_alloc, after C's state came back
+    owner.lend(t.core, conn)
+    assert t.core.guest_credit(H.Type.STREAM, Op.CREDIT_REQUEST, GPORT, 2, 1234, 65536, 0)
+    assert owner.taken == [0, 0] and conn.own == -1
+    assert [h.op for h, _ in t.drain()] == [Op.CREDIT_UPDATE]
+
+
+def test_seqpacket_message_goes_to_the_peer_whole_once_its_last_fragment_comes() -> None:
+    class SeqPeer(FakePeer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.messages: list[tuple[bytes, bool]] = []
+
+        def send_message(self, data: bytes, eor: bool) -> bool:
+            self.messages.append((data, eor))
+            return True
+
+    peer = SeqPeer()
+    t = Harness(peer)
+    t.core.seqpacket = True
+    t.send(Op.REQUEST, type_=H.Type.SEQPACKET)
+    (conn,) = t.core.conns.values()
+    t.core.peer_connected(conn)
+    t.drain()
+    t.send(Op.RW, type_=H.Type.SEQPACKET, payload=b"first ")
+    assert peer.messages == []
+    t.send(Op.RW, type_=H.Type.SEQPACKET, payload=b"and last", flags=H.SEQ_EOM | H.SEQ_EOR)
+    assert peer.messages == [(b"first and last", True)]
+
+
+def test_empty_rw_packets_change_nothing() -> None:
+    t = Harness()
+    conn = t.open()
+    t.send(Op.RW, payload=b"")
+    assert t.core.guest_rw_run(GPORT, 2, 1234, 262144, 0, 0, [memoryview(b"")], 2)  # C's run, not lent
+    t.core.flush_host()
+    assert conn.out_bytes == 0 and conn.credit.ahead == 0 and not conn.flags & Connection.WAIT_CREDIT
+    assert t.peer.sent == b"" and t.drain() == [] and t.core.counters.tx_packets == 4  # REQUEST, RW, run of 2
+
+
+def test_rw_within_the_window_asks_for_no_credit_work() -> None:
+    t = Harness(buf_alloc=1 << 20)
+    conn = t.open()
+    t.send(Op.RW, payload=b"a" * 100)
+    assert not conn.flags & Connection.WAIT_CREDIT and conn.credit.ahead == 0
+    assert bytes(t.peer.sent) == b"a" * 100 and t.drain() == []  # nothing due yet: no update
+
+
+def test_guest_events_reset_response_and_bad_ops_of_known_connections() -> None:
+    t = Harness()
+    ev = Events()
+    t.core.events = ev
+    t.open()
+    t.send(Op.RST)
+    assert ev.got[-1][:2] == (EventKind.RESET, "by the guest") and t.peer.closed is True
+    # a host program's connection the guest refuses: REFUSED
+    peer = FakePeer()
+    conn = t.core.host_connect(peer, 6000)
+    assert conn is not None
+    t.drain()
+    t.core.guest_packet(H.pack(GUEST, 2, 6000, conn.peer_port, 0, 1, Op.RST, 0, 0, 0), [], 0)
+    assert ev.got[-1][:2] == (EventKind.REFUSED, "by the guest") and peer.closed is True
+
+
+def test_guest_response_accepts_a_host_connection_once_and_a_second_one_resets_it() -> None:
+    t = Harness()
+    peer = FakePeer()
+    conn = t.core.host_connect(peer, 6000)
+    assert conn is not None
+    ((req, _),) = t.drain()
+    assert req.op == Op.REQUEST
+    response = H.pack(GUEST, 2, 6000, conn.peer_port, 0, 1, Op.RESPONSE, 0, 262144, 0)
+    t.core.guest_packet(response, [], 0)
+    assert conn.state is State.ESTABLISHED and peer.established_port == conn.peer_port and peer.reading
+    t.core.guest_packet(response, [], 0)
+    assert t.core.counters.drops == {"unexpected-response": 1}
+    assert [h.op for h, _ in t.drain()] == [Op.RST] and peer.closed is True
+
+
+def test_duplicate_request_is_dropped_and_an_unknown_op_resets() -> None:
+    t = Harness()
+    t.open()
+    t.send(Op.REQUEST)
+    assert t.core.counters.drops == {"duplicate-request": 1} and len(t.core.conns) == 1
+    t.send(11)
+    assert t.core.counters.drops["bad-op"] == 1 and not t.core.conns
+    assert [h.op for h, _ in t.drain()] == [Op.RST] and t.peer.closed is True
+
+
+def test_rw_runs_c_checked_are_taken_for_known_streams_only() -> None:
+    t = Harness()
+    owner = Owner()
+    t.core.owner = owner
+    data = [memoryview(b"run of "), memoryview(b"three")]
+    assert not t.core.guest_rw_run(GPORT, 2, 1234, 262144, 0, 12, data, 2)  # no such connection
+    conn = t.open()
+    conn.mark = Mark.rewritten_to(None, 2, 1)
+    assert not t.core.guest_rw_run(GPORT, 2, 1234, 262144, 0, 12, data, 2, captured=True)  # C cannot write it
+    owner.lend(t.core, conn)
+    before = t.core.counters.tx_packets
+    assert t.core.guest_rw_run(GPORT, 2, 1234, 262144, 0, 12, data, 2)
+    t.core.flush_host()
+    assert owner.taken == [0] and bytes(t.peer.sent) == b"run of three"
+    assert t.core.counters.tx_packets == before + 2 and conn.stats[:2] == [2, 12]
+
+
+def test_rw_tail_c_left_is_queued_for_the_peer_of_an_open_connection_only() -> None:
+    t = Harness(FakePeer(accept=0))
+    t.core.guest_rw_tail(GPORT, 2, 1234, 4, [memoryview(b"lost")])  # no such connection: nothing
+    conn = t.open()
+    t.core.guest_rw_tail(GPORT, 2, 1234, 4, [memoryview(b"tail")])
+    t.core.guest_rw_tail(GPORT, 2, 1234, 2, [memoryview(b"!!")])  # already waiting for the flush: queued once
+    assert conn.out_bytes == 6 and list(t.core._flush).count(conn) == 1
+    t.peer.accept = 100
+    t.core.flush_host()
+    assert bytes(t.peer.sent) == b"tail!!"
+    t.send(Op.SHUTDOWN, flags=H.SHUTDOWN_BOTH)
+    t.core.guest_rw_tail(GPORT, 2, 1234, 4, [memoryview(b"late")])  # closed meanwhile: the data went with it
+    assert b"late" not in bytes(t.peer.sent)
+
+
+def test_request_at_the_limit_is_refused_captured_and_published() -> None:
+    t = Harness()
+    t.core.max_connections = 0
+    ev = Events()
+    t.core.events = ev
+    seen = taps(t.core)
+    t.send(Op.REQUEST)
+    ((h, _),) = t.drain()
+    assert h.op == Op.RST and t.core.counters.limit_refused == 1
+    assert ev.got == [(EventKind.REFUSED, "at its max-connections (0)", "")]
+    assert verdict_of(seen[0][2]) is Verdict.REFUSED
+
+
+def test_request_at_the_pending_limit_is_refused_with_nothing_listening() -> None:
+    t = Harness()
+    t.core.max_pending = 1
+    t.send(Op.REQUEST)
+    t.send(Op.REQUEST, dst_port=1235)  # the first still connecting
+    assert [h.op for h, _ in t.drain()] == [Op.RST] and t.core.counters.drops == {"too-many-pending": 1}
+
+
+def test_request_denied_or_served_by_nothing_is_published_as_such() -> None:
+    t = Harness()
+    ev = Events()
+    t.core.events = ev
+
+    def deny(conn: Connection) -> None:
+        conn.mark = Mark.denied("allow-out of cid5")
+        return None
+
+    t.core.connector = deny
+    t.send(Op.REQUEST)
+    t.core.connector = lambda conn: None
+    t.send(Op.REQUEST, dst_port=1235)
+    assert ev.got == [(EventKind.DENIED, "", "allow-out of cid5"), (EventKind.REFUSED, "nothing serves it", "")]
+    assert t.core.counters.connections_refused == 2 and [h.op for h, _ in t.drain()] == [Op.RST, Op.RST]
+
+
+def test_guest_half_closes_are_published_and_a_receive_shutdown_stops_reading() -> None:
+    t = Harness()
+    ev = Events()
+    t.core.events = ev
+    t.open()
+    t.send(Op.SHUTDOWN, flags=H.SHUTDOWN_RCV)
+    assert ev.got[-1][:2] == (EventKind.HALF_CLOSED, "the guest receives no more") and not t.peer.reading
+    t.send(Op.SHUTDOWN, flags=H.SHUTDOWN_SEND)
+    assert ev.got[-1][:2] == (EventKind.CLOSED, "by the guest")
+    assert t.peer.closed is False  # nothing left for the host: a clean close
+    assert [h.op for h, _ in t.drain()] == [Op.RST]
+
+
+def test_guest_send_shutdown_alone_is_published_and_shuts_the_host_write_side() -> None:
+    t = Harness()
+    ev = Events()
+    t.core.events = ev
+    t.open()
+    t.send(Op.SHUTDOWN, flags=H.SHUTDOWN_SEND)
+    assert ev.got[-1][:2] == (EventKind.HALF_CLOSED, "the guest sends no more") and t.peer.shut_wr
