@@ -170,6 +170,10 @@ def gcov_files(build: Path, work: Path) -> dict[str, CFile]:
 
 
 def run_c(tmp: Path) -> int:
+    missing = [tool for tool in ("gcc", "gcov") if shutil.which(tool) is None]
+    if missing:
+        print(f"input coverage: --c needs {' and '.join(missing)} (tests/run.sh installs gcc)", file=sys.stderr)
+        return 1
     pkg = build_instrumented(tmp)
     env = {k: v for k, v in os.environ.items() if k != "VSPROXY_NO_C"}
     env["PYTHONPATH"] = str(pkg) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
