@@ -44,7 +44,7 @@ from typing import Any
 
 from bench_churn import TCP_PORT, UNIX_PORT, ChurnRig
 
-from vsproxy.simguest import GuestSocket, SimGuest
+from vsproxy.simguest import GuestSocket, SimGuest, SimGuestError, SimGuestTimeout
 
 MiB = 1 << 20
 DIGEST_PORT, H2G_PORT, DENIED_PORT, SIBLING_PORT, SIBLING_CID = 5002, 6001, 9999, 7000, 6
@@ -75,27 +75,42 @@ def _digest_host(path: str, stop: Event, ready: Pipe) -> None:
         with c:
             c.settimeout(60)
             h = hashlib.sha256()
-            while data := c.recv(1 << 20):
-                h.update(data)
-            c.sendall(h.digest())
+            try:
+                while data := c.recv(1 << 20):
+                    h.update(data)
+                c.sendall(h.digest())
+            except OSError:
+                continue  # vsproxy reset it: the guest's side sees that and fails the check
     srv.close()
 
 
 def _sibling_echo(vhost: str, stop: Event, ready: Pipe, result: Pipe) -> None:
-    """Guest ``b``: echoes every connection to its port 7000 (read to EOF, send back, close)."""
+    """Guest ``b``: echoes every connection to its port 7000 (read to EOF, send back, close).
+    Reports how many it served, the protocol errors it saw, and what ended it early if
+    something did (vsproxy gone, a timeout)."""
     served = 0
-    with SimGuest(vhost, timeout=30, record_limit=0) as g:
-        lst = g.listen(SIBLING_PORT, backlog=8)
-        ready.send(True)
-        while not stop.is_set():
-            try:
-                c = lst.accept(timeout=0.2)
-            except TimeoutError:
-                continue
-            c.sendall(c.recv_all(timeout=30))
-            c.close(timeout=30)
-            served += 1
-        result.send((served, g.stats.protocol_errors[:5]))
+    errors: list[str] = []
+    failed = ""
+    started = False
+    try:
+        with SimGuest(vhost, timeout=30, record_limit=0) as g:
+            lst = g.listen(SIBLING_PORT, backlog=8)
+            ready.send(True)
+            started = True
+            while not stop.is_set():
+                try:
+                    c = lst.accept(timeout=0.2)
+                except SimGuestTimeout:
+                    continue
+                c.sendall(c.recv_all(timeout=30))
+                c.close(timeout=30)
+                served += 1
+            errors = g.stats.protocol_errors[:5]
+    except (SimGuestError, OSError) as e:
+        failed = f"{type(e).__name__}: {e}"
+        if not started:
+            ready.send(False)
+    result.send((served, errors, failed))
 
 
 @dataclass
@@ -128,16 +143,25 @@ class Soak:
         keys = (f",groups=pair,allow-out=2:{UNIX_PORT}+2:{TCP_PORT}+2:{DIGEST_PORT}+{SIBLING_CID}")
         self.b_vhost = os.path.join(tmp, "b.sock")
         self.rig = ChurnRig(tmp, keys, ("--vm", f"name=b,guest-cid={SIBLING_CID},socket={self.b_vhost},groups=pair"))
+        self.procs: list[mp.Process] = []
+        self.denied_listener: socket.socket | None = None
+        try:
+            self._set_up()
+        except BaseException:
+            self.close()
+            raise
+
+    def _set_up(self) -> None:
         self.g = self.rig.guest
         self.h2g = self.g.listen(H2G_PORT, backlog=4)
-        self.procs: list[mp.Process] = []
         r, w = mp.Pipe()
         self._start(_digest_host, f"{self.rig.uds}_{DIGEST_PORT}", self.stop, w)
         r.recv()
         r, w = mp.Pipe()
         self._sib_result, sib_w = mp.Pipe()
         self._start(_sibling_echo, self.b_vhost, self.stop, w, sib_w)
-        r.recv()
+        if not r.recv():
+            raise SoakFailure(f"guest b could not start: {self._sib_result.recv()[2]}")
         # a host listener behind the denied port: nothing may ever reach it
         self.denied_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.denied_listener.bind(f"{self.rig.uds}_{DENIED_PORT}")
@@ -266,6 +290,7 @@ class Soak:
                               f"(bound {self.rss_bound_kib})")
         t.checked("RSS within the bound")
         self._check_counters(rig.snapshot())
+        assert self.denied_listener is not None
         try:
             c, _ = self.denied_listener.accept()
         except BlockingIOError:
@@ -328,10 +353,10 @@ class Soak:
             raise SoakFailure(f"connection table: {after.table} connections after closing everything")
         self.tally.checked("connection table empty at the end")
         self.stop.set()
-        served, errors = self._sib_result.recv()
-        if served != self.tally.rounds or errors:
+        served, errors, failed = self._sib_result.recv()
+        if served != self.tally.rounds or errors or failed:
             raise SoakFailure(f"guest b served {served} sibling connections ({self.tally.rounds} made); "
-                              f"errors {errors}")
+                              f"errors {errors} {failed}")
         self.tally.checked("guest b served every sibling connection, no protocol error")
 
     def close(self) -> None:
@@ -340,13 +365,18 @@ class Soak:
             p.join(10)
             if p.is_alive():
                 p.kill()
-        self.denied_listener.close()
+        if self.denied_listener is not None:
+            self.denied_listener.close()
         self.rig.close()
 
 
 def run_soak(seconds: float, rss_bound_kib: int = RSS_BOUND_KIB, out: Any = sys.stdout) -> int:
     with tempfile.TemporaryDirectory(prefix="vsp-soak-") as tmp:
-        soak = Soak(tmp, rss_bound_kib)
+        try:
+            soak = Soak(tmp, rss_bound_kib)
+        except (SoakFailure, RuntimeError, OSError, SimGuestError) as e:
+            print(f"FAILED: could not set up: {e}", file=out)
+            return 1
         start = time.monotonic()
         failure: SoakFailure | None = None
         try:

@@ -4,9 +4,12 @@ failed check ends it with exit status 1 and says what failed."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,3 +54,31 @@ def test_a_failed_check_ends_the_soak_with_status_1_and_names_it() -> None:
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert re.search(r"^FAILED: RSS \d+ KiB, 0 KiB above the baseline's \d+ \(bound -1\)$", proc.stdout, re.M)
     assert "soak: OK" not in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_vsproxy_killed_mid_soak_fails_it_at_once_and_says_so() -> None:
+    proc = subprocess.Popen([sys.executable, "benchmarks/soak.py", "--seconds", "60"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("baseline after round 1:"), first
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            children = [int(pid) for pid in f.read().split()]
+        vsproxy = []
+        for pid in children:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"-m\0vsproxy\0" in f.read():
+                    vsproxy.append(pid)
+        assert len(vsproxy) == 1, children
+        os.kill(vsproxy[0], signal.SIGKILL)  # the soak's own vsproxy, by its pid
+        start = time.monotonic()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, out[-3000:] + err[-3000:]
+    assert time.monotonic() - start < 60  # not by running out its time
+    assert re.search(r"^FAILED: .*vsproxy exited", out, re.M), out[-3000:]  # the check, or a guest call that failed
+    assert "soak: OK" not in out and "Traceback" not in err, err[-3000:]
