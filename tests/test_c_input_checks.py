@@ -13,12 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from test_fastpath import GUEST, add_header_only, add_packet, from_c, reference
+from test_fastpath import GUEST, RxRig, add_header_only, add_packet, from_c, reference
 from test_virtq import Rig
 
 from vsproxy.fastpath import TxFastPath
 from vsproxy.virtq import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from vsproxy.vsock import header as H
+from vsproxy.vsock import rx
 
 pytestmark = pytest.mark.c_paths
 
@@ -222,3 +223,84 @@ def test_a_ring_without_indirect_descriptors_hands_an_indirect_chain_to_python()
         assert rig.q._walk(items[0][3][0]).reason == "indirect: not negotiated"  # type: ignore[union-attr]
     finally:
         rig.close()
+
+
+def payload_longer_than_memory(rig: Rig) -> None:
+    h, p = two(rig, header())
+    direct(rig, [(h, H.HDR_SIZE, VIRTQ_DESC_F_NEXT), (p, 0xFFFF_FFFF, 0)])
+
+
+def test_a_payload_descriptor_longer_than_guest_memory_goes_to_python() -> None:
+    rig = Rig(indirect=True, num=NUM)
+    try:
+        payload_longer_than_memory(rig)
+        items = from_c(TxFastPath(rig.q, GUEST, NUM).batch())
+        assert [e[0] for e in items] == ["slow"] and items == reference(rig, items[0][3])
+    finally:
+        rig.close()
+
+
+# -- the rx ring: the buffers the guest posts for vsproxy to write into ----------------------
+
+RxCase = Callable[[RxRig], None]
+
+
+def rx_head_out_of_range(t: RxRig) -> None:
+    t.rig.ring.set_avail_entry(t.rig.ring.avail_idx, NUM + 5)
+    t.rig.ring.set_avail_idx(t.rig.ring.avail_idx + 1)
+
+
+def rx_one(t: RxRig, addr: int, length: int, flags: int) -> None:
+    slot = t.rig.ring.free.pop()
+    t.rig.ring.write_desc(slot, addr, length, flags, 0)
+    t.rig.ring.publish_avail(slot)
+
+
+def rx_chained_to_itself(t: RxRig) -> None:
+    slot = t.rig.ring.free.pop()
+    t.rig.ring.write_desc(slot, t.rig.gmem.alloc(4096), 4096, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, slot)
+    t.rig.ring.publish_avail(slot)
+
+
+RX_CASES: dict[str, RxCase] = {
+    "head out of range": rx_head_out_of_range,
+    "readable, not writable": lambda t: rx_one(t, t.rig.gmem.alloc(4096), 4096, 0),
+    "shorter than a header": lambda t: rx_one(t, t.rig.gmem.alloc(64), H.HDR_SIZE - 1, VIRTQ_DESC_F_WRITE),
+    "outside guest memory": lambda t: rx_one(t, OUTSIDE, 4096, VIRTQ_DESC_F_WRITE),
+    "longer than guest memory": lambda t: rx_one(t, t.rig.gmem.alloc(64), 0xFFFF_FFFF, VIRTQ_DESC_F_WRITE),
+    "chained to itself": rx_chained_to_itself,
+}
+
+
+@pytest.mark.parametrize("case", list(RX_CASES))
+def test_rx_buffers_of_any_other_shape_are_left_to_python_untouched(case: str) -> None:
+    t = RxRig(nbufs=0)
+    try:
+        RX_CASES[case](t)
+        upd = H.pack(2, GUEST, 1 << 30, 5000, 0, 1, H.Op.CREDIT_UPDATE, 0, 65536, 4096)
+        assert not t.fast.put(upd)  # a control packet: not written, the chain not taken
+        t.host.sendall(b"z" * 5000)
+        r = t.fast.fill(t.peer.fileno(), 1 << 20, 16, t.hdr)  # host data: the same
+        assert (r.packets, r.bytes, r.status) == (0, 0, rx.RX_SLOW)
+        assert t.rig.q.last_avail_idx == 0 and t.rig.q.used_idx == 0
+        t.rig.q.pop()  # the Python walker's turn: a bad buffer is counted there, with used length 0
+        bad = case != "shorter than a header"  # that one is a chain: Python writes it as a short buffer
+        assert t.rig.q.counters.bad_chains == int(bad), t.rig.q.counters.last_bad
+    finally:
+        t.close()
+
+
+def test_a_buffer_of_exactly_a_header_takes_a_control_packet_but_no_data() -> None:
+    t = RxRig(nbufs=0)
+    try:
+        gpa = t.rig.gmem.alloc(64)
+        rx_one(t, gpa, H.HDR_SIZE, VIRTQ_DESC_F_WRITE)
+        t.host.sendall(b"z" * 100)
+        r = t.fast.fill(t.peer.fileno(), 1 << 20, 16, t.hdr)
+        assert (r.packets, r.status) == (0, rx.RX_SLOW)  # no room for a byte of payload: Python's
+        upd = H.pack(2, GUEST, 1 << 30, 5000, 0, 1, H.Op.CREDIT_UPDATE, 0, 65536, 4096)
+        assert t.fast.put(upd)
+        t.rig.q.publish()
+        assert t.rig.ring.read_used(0)[1] == H.HDR_SIZE and t.rig.gmem.read(gpa, H.HDR_SIZE) == upd
+    finally:
+        t.close()

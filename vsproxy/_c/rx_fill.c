@@ -96,7 +96,7 @@ int vq_rx_put(uint8_t *base, uint64_t region_gpa, uint64_t region_size,
     if (head >= num) return 0;
     uint64_t a; uint32_t l; uint16_t f, nx;
     rd_desc(desc + 16 * (uint64_t)head, &a, &l, &f, &nx);
-    if (f != VRING_DESC_F_WRITE || l < HDR || !in_region(a, HDR, region_gpa, region_size)) return 0;
+    if (f != VRING_DESC_F_WRITE || l < HDR || !in_region(a, l, region_gpa, region_size)) return 0;
     if (cap->mode && !cap_room(cap, 0, 0)) return 0;
     memcpy(base + (a - region_gpa), hdr, HDR);
     if (cap->mode) cap_record(cap, hdr, hdr, 0, 0, 0, 0);
