@@ -26,6 +26,11 @@ bash tests/guest/qemu-nitro.sh >/dev/null
 .venv/bin/mypy
 .venv/bin/mypy tests/e2e/*.py
 .venv/bin/pytest "$@"
+# Branch coverage of the code that reads guest and front-end input, from its own tests only: the
+# per-module table, failing below 95%; then the C paths' figures under gcov (printed).
+.venv/bin/python tests/input_coverage.py --fail-under 95 --c
 # Every test again on the pure-Python paths (the reference the C is tested against), the real
 # guests included; the C paths' own tests are skipped there, and only there (tests/conftest.py).
 VSPROXY_NO_C=1 .venv/bin/pytest -q "$@"
+# Two minutes of mixed traffic through one vsproxy (C paths on), checked as it goes.
+.venv/bin/python benchmarks/soak.py --seconds 120
