@@ -116,8 +116,9 @@ fi
 
 # ---- 3. vmlinuz and modules out of the deb -------------------------------
 KDIR="$CACHE/kernel"
-if [ ! -e "$KDIR/.done" ] || [ "$KDEB" -nt "$KDIR/.done" ] ||
-	[ "$(cat "$KDIR/.done")" != "$KPKG $KVER_PKG ${MODULES[*]} ${EXTRA_MODULES[*]} ${REQUIRE[*]}" ]; then
+STAMP="$KPKG $KVER_PKG ${MODULES[*]} ${EXTRA_MODULES[*]}"
+[ ${#REQUIRE[@]} -eq 0 ] || STAMP+=" ${REQUIRE[*]}"
+if [ ! -e "$KDIR/.done" ] || [ "$KDEB" -nt "$KDIR/.done" ] || [ "$(cat "$KDIR/.done")" != "$STAMP" ]; then
 	log "extracting $KDEB"
 	tmp="$(mktemp -d "$CACHE/.extract.XXXXXX")"
 	trap 'rm -rf "$tmp"' EXIT
@@ -153,7 +154,7 @@ if [ ! -e "$KDIR/.done" ] || [ "$KDEB" -nt "$KDIR/.done" ] ||
 		esac
 	done
 	echo "$krel" >"$KDIR.new/release"
-	echo "$KPKG $KVER_PKG ${MODULES[*]} ${EXTRA_MODULES[*]} ${REQUIRE[*]}" >"$KDIR.new/.done"
+	echo "$STAMP" >"$KDIR.new/.done"
 	rm -rf "$KDIR"
 	mv "$KDIR.new" "$KDIR"
 	rm -rf "$tmp"
