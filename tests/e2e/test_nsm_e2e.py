@@ -67,7 +67,8 @@ def test_the_pcrs_qemus_nsm_gives_the_enclave_are_the_ones_eif_describe_computes
     base = nsm_guest.initrd.read_bytes()
     (tmp_path / "initramfs.cpio").write_bytes(base + b"\0" * (-len(base) % 4))
     khz = harness.host_tsc_khz()
-    cmdline = f"console=ttyS0 panic=-1 reboot=t tsc_early_khz={khz}"
+    # quiet: no kernel message cuts into a PCR line on the console
+    cmdline = f"console=ttyS0 quiet panic=-1 reboot=t tsc_early_khz={khz}"
     variants = {"a": (cmdline, SCRIPT), "b": (cmdline + " vsproxy.end=poweroff", SCRIPT + "echo variant b\n")}
     described: dict[str, dict[str, str]] = {}
     read: dict[str, dict[str, tuple[str, str]]] = {}
