@@ -22,6 +22,8 @@ bash tests/guest/build.sh
 bash tests/guest/qemu10.sh >/dev/null
 # QEMU 10 with the nitro-enclave machine (Debian's lacks it): built once, cached (about 7 min)
 bash tests/guest/qemu-nitro.sh >/dev/null
+# a guest whose kernel has the NSM driver (bookworm-backports' 6.12), to read QEMU's PCRs: cached
+bash tests/guest/build-nsm.sh >/dev/null
 .venv/bin/ruff check .
 .venv/bin/mypy
 .venv/bin/mypy tests/e2e/*.py

@@ -7,11 +7,18 @@
 # Everything comes from Debian 12 packages: the kernel and its virtio/vsock
 # modules from the ABI package that linux-image-cloud-amd64 depends on,
 # busybox-static for /init and the shell tools, and `gcc -static` builds of
-# vsock_tool.c and vsockmon_cap.c.  Idempotent: each step is skipped when its outputs are newer
+# vsock_tool.c, vsockmon_cap.c and nsm_tool.c.  Idempotent: each step is skipped when its outputs are newer
 # than its inputs.  Needs root for apt-get (only when something is missing).
 #
 # Also writes CACHE_DIR/kernel-version (kernel release), CACHE_DIR/kernel-package
-# (package and version), CACHE_DIR/vsock_tool and CACHE_DIR/vsockmon_cap.
+# (package and version), CACHE_DIR/vsock_tool, CACHE_DIR/vsockmon_cap and CACHE_DIR/nsm_tool.
+#
+# Another kernel (tests/guest/build-nsm.sh sets these, for a guest with the NSM driver):
+#   VSPROXY_GUEST_KERNEL=META[/SUITE]   the kernel meta package (default linux-image-cloud-amd64),
+#                                       e.g. linux-image-cloud-amd64/bookworm-backports
+#   VSPROXY_GUEST_MODULES="m1 m2"       more modules for /init to load, after the virtio/vsock ones
+#   VSPROXY_GUEST_REQUIRE="CONFIG_A .." options the kernel's /boot/config must have (=y or =m):
+#                                       the build fails, naming the first one missing
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -23,6 +30,11 @@ export DEBIAN_FRONTEND=noninteractive
 # Modules in insmod order.
 MODULES=(virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
 	virtio_mmio vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport)
+KMETA="${VSPROXY_GUEST_KERNEL:-linux-image-cloud-amd64}"
+# shellcheck disable=SC2206 # word splitting is the point: a list of names
+MODULES+=(${VSPROXY_GUEST_MODULES:-})
+# shellcheck disable=SC2206
+REQUIRE=(${VSPROXY_GUEST_REQUIRE:-})
 # Shipped in the initramfs but not loaded by /init: a script can
 # `insmod /lib/modules/vsock_loopback.ko` to test vsock_tool over CID 1, and
 # `insmod /lib/modules/vsockmon.ko` (needs only vsock) for
@@ -69,7 +81,7 @@ BUSYBOX=/bin/busybox
 
 # ---- 2. kernel package ---------------------------------------------------
 resolve_kernel_pkg() {
-	apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+	apt-cache depends "$KMETA" 2>/dev/null |
 		awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ { print $2; exit }'
 }
 KPKG="$(resolve_kernel_pkg || true)"
@@ -95,7 +107,7 @@ if [ -n "$KPKG" ]; then
 else
 	# Offline and no package lists: fall back to a deb downloaded earlier.
 	KDEB="$(ls -t "$DEBDIR"/linux-image-*-cloud-amd64_*.deb 2>/dev/null | head -n1 || true)"
-	[ -n "$KDEB" ] || { log "cannot resolve linux-image-cloud-amd64"; exit 1; }
+	[ -n "$KDEB" ] || { log "cannot resolve $KMETA"; exit 1; }
 	KPKG="$(basename "$KDEB" | cut -d_ -f1)"
 	KVER_PKG="$(basename "$KDEB" | cut -d_ -f2)"
 	log "using cached $KDEB"
@@ -104,14 +116,19 @@ fi
 
 # ---- 3. vmlinuz and modules out of the deb -------------------------------
 KDIR="$CACHE/kernel"
-if [ ! -e "$KDIR/.done" ] || [ "$KDEB" -nt "$KDIR/.done" ] ||
-	[ "$(cat "$KDIR/.done")" != "$KPKG $KVER_PKG ${MODULES[*]} ${EXTRA_MODULES[*]}" ]; then
+STAMP="$KPKG $KVER_PKG ${MODULES[*]} ${EXTRA_MODULES[*]}"
+[ ${#REQUIRE[@]} -eq 0 ] || STAMP+=" ${REQUIRE[*]}"
+if [ ! -e "$KDIR/.done" ] || [ "$KDEB" -nt "$KDIR/.done" ] || [ "$(cat "$KDIR/.done")" != "$STAMP" ]; then
 	log "extracting $KDEB"
 	tmp="$(mktemp -d "$CACHE/.extract.XXXXXX")"
 	trap 'rm -rf "$tmp"' EXIT
 	dpkg-deb -x "$KDEB" "$tmp/root"
 	krel="$(ls "$tmp/root/lib/modules" | head -n1)"
 	[ -n "$krel" ] || { log "no lib/modules in $KDEB"; exit 1; }
+	for opt in "${REQUIRE[@]}"; do
+		grep -Eq "^$opt=(y|m)\$" "$tmp/root/boot/config-$krel" ||
+			{ log "$KPKG $KVER_PKG lacks $opt (its /boot/config-$krel: $(grep -E "^(# )?$opt[= ]" "$tmp/root/boot/config-$krel" || echo "no such option"))"; exit 1; }
+	done
 	rm -rf "$KDIR.new"
 	mkdir -p "$KDIR.new/modules"
 	cp "$tmp/root/boot/vmlinuz-$krel" "$KDIR.new/vmlinuz"
@@ -137,7 +154,7 @@ if [ ! -e "$KDIR/.done" ] || [ "$KDEB" -nt "$KDIR/.done" ] ||
 		esac
 	done
 	echo "$krel" >"$KDIR.new/release"
-	echo "$KPKG $KVER_PKG ${MODULES[*]} ${EXTRA_MODULES[*]}" >"$KDIR.new/.done"
+	echo "$STAMP" >"$KDIR.new/.done"
 	rm -rf "$KDIR"
 	mv "$KDIR.new" "$KDIR"
 	rm -rf "$tmp"
@@ -148,7 +165,8 @@ KREL="$(cat "$KDIR/release")"
 # ---- 4. guest programs ------------------------------------------------------
 TOOL="$CACHE/vsock_tool"
 CAP="$CACHE/vsockmon_cap"
-for prog in "$TOOL" "$CAP"; do
+NSMTOOL="$CACHE/nsm_tool"
+for prog in "$TOOL" "$CAP" "$NSMTOOL"; do
 	src="$HERE/$(basename "$prog").c"
 	if [ ! -x "$prog" ] || [ "$src" -nt "$prog" ]; then
 		log "compiling $(basename "$prog")"
@@ -163,7 +181,7 @@ stale=0
 if [ ! -s "$OUT" ]; then
 	stale=1
 else
-	for f in "$HERE/init" "$HERE/build.sh" "$TOOL" "$CAP" "$BUSYBOX" "$KDIR/.done"; do
+	for f in "$HERE/init" "$HERE/build.sh" "$TOOL" "$CAP" "$NSMTOOL" "$BUSYBOX" "$KDIR/.done"; do
 		[ "$f" -nt "$OUT" ] && stale=1
 	done
 fi
@@ -178,8 +196,9 @@ if [ "$stale" = 1 ]; then
 	done
 	cp "$TOOL" "$stage/bin/vsock_tool"
 	cp "$CAP" "$stage/bin/vsockmon_cap"
+	cp "$NSMTOOL" "$stage/bin/nsm_tool"
 	cp "$HERE/init" "$stage/init"
-	chmod 755 "$stage/init" "$stage/bin/vsock_tool" "$stage/bin/vsockmon_cap"
+	chmod 755 "$stage/init" "$stage/bin/vsock_tool" "$stage/bin/vsockmon_cap" "$stage/bin/nsm_tool"
 	for m in "${MODULES[@]}"; do
 		if [ -f "$KDIR/modules/$m.ko" ]; then
 			cp "$KDIR/modules/$m.ko" "$stage/lib/modules/"
