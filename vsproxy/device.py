@@ -18,7 +18,7 @@ from vsproxy.endpoints.sibling import SiblingEnd
 from vsproxy.endpoints.sockets import CoreHooks
 from vsproxy.events import EventKind
 from vsproxy.frontend import FrontendSession
-from vsproxy.limits import Limits, ratelog
+from vsproxy.limits import MAX_BUFFERED, MAX_CONTROL, Limits, ratelog
 from vsproxy.loop import Loop
 from vsproxy.verdict import Mark
 from vsproxy.vsock.connection import Connection
@@ -54,6 +54,8 @@ class DeviceConfig:
     max_connections: int | None = None
     max_pending: int | None = None
     max_handshakes: int | None = None
+    max_buffered: int | None = None  # None: limits.MAX_BUFFERED
+    max_control: int | None = None  # None: limits.MAX_CONTROL
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -65,6 +67,8 @@ class DeviceConfig:
             self.max_connections or (default.max_connections if default else MAX_CONNECTIONS),
             self.max_pending or (default.max_pending if default else MAX_CONNECTIONS),
             self.max_handshakes or (default.max_handshakes if default else DEFAULT_MAX_HANDSHAKES),
+            self.max_buffered or (default.max_buffered if default else MAX_BUFFERED),
+            self.max_control or (default.max_control if default else MAX_CONTROL),
         )
 
 

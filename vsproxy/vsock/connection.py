@@ -31,6 +31,7 @@ class Connection:
         "flags",
         "guest_port",
         "guest_shut",
+        "held",
         "host_eof",
         "host_initiated",
         "host_shut_wr",
@@ -77,6 +78,7 @@ class Connection:
         self.host_shut_wr = False  # we half-closed the host socket
         self.outq: deque[Buffer] = deque()  # guest data not yet taken by the host peer
         self.out_bytes = 0
+        self.held = 0  # out_bytes as last counted into the device's ``buffered`` (ConnTable._hold)
         self.deadline = 0.0
         self.credit_wait = 0.0  # when the guest's window was last found exhausted
         self.flags = 0

@@ -423,6 +423,7 @@ class VsockCore(Lending):
             if conn.deadline <= now:
                 self.counters.timeouts += 1
                 self._lingering.discard(conn)
+                self._drop_out(conn)
                 conn.peer.close(reset=True)
         for key, conn in list(self._held.items()):
             if conn.deadline <= now:  # the old connection on its 4-tuple never went: refused
