@@ -267,6 +267,8 @@ class Proxy:
         if self.capture is not None:
             cc = self.capture.counters
             rows["all"] = {"packets": cc.packets, "bytes": cc.bytes, "dropped": cc.dropped, "files": cc.files}
+            if self.capture.error is not None:  # the file failed (disk full): what it missed since
+                rows["all"]["failed"] = cc.failed
         hub = self.capture_hub
         if hub is not None and hub.live:
             subs = [s for s in hub.subscriptions if s.live]

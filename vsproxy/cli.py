@@ -435,7 +435,10 @@ def serve(args_list: list[str], start_children: Callable[[], list[subprocess.Pop
             proxy.report()
         proxy.close()
     # a child ended by a signal (ours, at a Ctrl-C) reports as a shell would: 128 + the signal
-    return next((rc if rc > 0 else 128 - rc for rc in rcs if rc != 0), 0)
+    status = next((rc if rc > 0 else 128 - rc for rc in rcs if rc != 0), 0)
+    if not status and proxy.capture is not None and proxy.capture.error is not None:
+        return 1  # the capture asked for stopped early (disk full): said at the time and in the report
+    return status
 
 
 def _stop_child(child: subprocess.Popen[bytes], grace: float = 5.0) -> int:

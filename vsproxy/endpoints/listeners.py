@@ -120,6 +120,19 @@ def listen_unix(path: str, backlog: int, kind: int = socket.SOCK_STREAM) -> sock
     return sock
 
 
+# How often a hybrid listener checks that its socket file is still its own.
+PATH_CHECK_INTERVAL = 1.0
+
+
+def _path_ident(path: str) -> tuple[int, int] | None:
+    """The file at ``path`` (device, inode), or None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 class HybridListener:
     """Accepts host programs on ``uds_path`` and reads their ``CONNECT <port>`` line. The
     SEQPACKET variant listens on ``uds_path.seqpacket`` (a SOCK_SEQPACKET socket): the CONNECT
@@ -147,8 +160,43 @@ class HybridListener:
         self.max_handshakes = max(1, max_handshakes)
         self.handshakes: OrderedDict[_Handshake, None] = OrderedDict()
         self.dropped = 0
-        sock = listen_unix(path, 128, socket.SOCK_SEQPACKET if seqpacket else socket.SOCK_STREAM)
-        self.acceptor = Acceptor(sock, loop, f"hybrid {path}", self._accepted)
+        self.acceptor = self._listen()
+        self.ident = _path_ident(path)
+        self._replaced = False
+        self._check_timer: TimerHandle | None = loop.call_later(PATH_CHECK_INTERVAL, self._check_path)
+
+    def _listen(self) -> Acceptor:
+        sock = listen_unix(self.path, 128, socket.SOCK_SEQPACKET if self.seqpacket else socket.SOCK_STREAM)
+        return Acceptor(sock, self.loop, f"hybrid {self.path}", self._accepted)
+
+    def _check_path(self) -> None:
+        """The socket file is what host programs find vsproxy by. Removed (a cleanup script, a
+        tmpfiles run): listen there again. Replaced by another program's file: leave that file
+        alone (and do not remove it at exit), keep the old socket, say so once."""
+        self._check_timer = None
+        if self.acceptor.closed:
+            return
+        now = _path_ident(self.path)
+        if now is None:
+            try:
+                acceptor = self._listen()
+            except OSError as e:
+                ratelog(log, logging.WARNING, f"hybrid {self.path} gone",
+                        "hybrid %s: the socket file was removed and cannot be made again: %s", self.path,
+                        e.strerror or e)
+            else:
+                self.acceptor.close()  # connections it accepted live on; its backlog is lost with it
+                self.acceptor = acceptor
+                self.ident = _path_ident(self.path)
+                self._replaced = False
+                log.warning("hybrid %s: the socket file was removed under vsproxy: listening there again",
+                            self.path)
+        elif now != self.ident and not self._replaced:
+            self._replaced = True
+            log.warning("hybrid %s: the socket file was replaced by another one: host programs connecting "
+                        "there no longer reach this guest; vsproxy leaves that file alone and listens there "
+                        "again if it is removed", self.path)
+        self._check_timer = self.loop.call_later(PATH_CHECK_INTERVAL, self._check_path)
 
     def _accepted(self, s: socket.socket, _addr: object) -> None:
         if len(self.handshakes) >= self.max_handshakes:
@@ -164,11 +212,13 @@ class HybridListener:
     def close(self) -> None:
         for h in list(self.handshakes):
             h.fail("vsproxy closing", quiet=True)
+        if self._check_timer is not None:
+            self._check_timer.cancel()
+            self._check_timer = None
         self.acceptor.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        if self.ident is not None and _path_ident(self.path) == self.ident:  # only vsproxy's own file
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
 
 class _Handshake:
