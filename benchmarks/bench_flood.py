@@ -295,6 +295,13 @@ def flood_processes(name: str, rig: Rig, stop: Event, w: Pipe, attempts: int) ->
     return [mp.Process(target=_guest_poller, args=(rig.a, stop, w)), mp.Process(target=flooder, args=(rig.ha, stop, w))]
 
 
+def a_counters(report: str) -> str:
+    """Device A's refusals from a SIGUSR1 report (its row has counters while a guest is attached)."""
+    a = re.search(r"\bA: sessions=.*$", report, re.M)
+    return " ".join(f for f in (a.group(0).split() if a else [])
+                    if f.startswith(("rst=", "limit_refused=", "control_full=", "buffer_resets="))) or "?"
+
+
 FLOODS = ("guest connections", "idle host conns", "CONNECT flood", "connect loop", "requests, no rx")
 
 
@@ -341,8 +348,11 @@ def main() -> int:
                 cpu0, t0 = rig.cpu(), time.monotonic()
                 rate, done = rig.median_rate(count, pace, repeat)
                 load = (rig.cpu() - cpu0) / (time.monotonic() - t0)
+                a_now = a_counters(rig.report())  # while A's guest is still attached (the row has them then)
                 stop.set()
                 did = [r.recv() if r.poll(120) else "(no report)" for _ in procs]
+                if name in ("connect loop", "requests, no rx"):
+                    did.append(f"A: {a_now}")
                 for p in procs:
                     p.join(30)
                 ratio = rate / alone
@@ -355,12 +365,9 @@ def main() -> int:
             rss1, fds1 = rig.status()
             report = rig.report()
             m = re.search(r"^process: (.*)$", report, re.M)
-            a = re.search(r"\bA: sessions=.*$", report, re.M)
-            a_row = " ".join(f for f in (a.group(0).split() if a else [])
-                             if f.startswith(("rst=", "refused=", "limit_refused=", "control_full=", "buffer_resets=")))
             print(f"vsproxy RSS {rss0:,} KiB before the floods, {rss1:,} KiB after; open descriptors {fds0} "
                   f"before, {fds1} after")
-            print(f"counters: {m.group(1) if m else '?'}; A: {a_row or '?'}")
+            print(f"counters: {m.group(1) if m else '?'}")
             print(f"worst: B kept {worst:.0%} of its rate alone (target {TARGET:.0%}); B's transfers "
                   + ("all finished" if all_done else "did NOT all finish"))
         finally:
