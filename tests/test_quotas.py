@@ -5,6 +5,8 @@ that posts no rx buffers (``max_control``); and how the options are read and sho
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
 from test_vsock_core import GPORT, GUEST, FakePeer, FakeRx, pkt
@@ -155,3 +157,24 @@ def test_a_devices_own_keys_win_over_the_flags_and_reach_its_limits() -> None:
     a, b = (d.limits() for d in s.devices)
     assert (a.max_buffered, a.max_control) == (8 << 20, 300)
     assert (b.max_buffered, b.max_control) == (MAX_BUFFERED, MAX_CONTROL)
+
+
+def vsproxy_check(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vsproxy", "--socket", "/tmp/vsp-quota-check.sock", "--guest-cid",
+                           "5", *args, "--check"], capture_output=True, text=True, timeout=60)
+
+
+def test_check_shows_the_quotas_from_the_flags_and_from_a_devices_keys() -> None:
+    proc = vsproxy_check("--max-buffered", "8M", "--max-control", "100",
+                         "--vm", "name=other,guest-cid=6,socket=/tmp/vsp-quota-6.sock,max-buffered=1G")
+    assert proc.returncode == 0, proc.stderr
+    rows = [ln for ln in proc.stdout.splitlines() if ln.strip().startswith("limits")]
+    assert len(rows) == 2
+    assert "max-buffered 8M; max-control 100" in rows[0]
+    assert "max-buffered 1G; max-control 100" in rows[1]  # its own key wins; the flag fills the rest
+
+
+def test_a_bad_quota_is_one_line_and_exit_2() -> None:
+    proc = vsproxy_check("--max-buffered", "lots")
+    assert proc.returncode == 2
+    assert "--max-buffered: 'lots' is not a size in 64K..1024G" in proc.stderr and "Traceback" not in proc.stderr
