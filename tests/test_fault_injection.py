@@ -351,6 +351,45 @@ def test_a_host_client_arriving_while_descriptors_are_out_waits_in_the_backlog_a
     srv.close()
 
 
+def test_a_frontend_attaching_while_descriptors_are_out_waits_or_ends_with_a_clear_error_and_the_next_works(
+        rigs: Callable[..., Rig]) -> None:
+    """QEMU attaching to device B while A has used every descriptor: with none left it waits
+    in the backlog; with one left, its socket is accepted but the fds its messages carry
+    (memory, eventfds) cannot be, and the session ends with a clear error (QEMU cannot
+    reconnect: that QEMU's device is gone, see "Restarting vsproxy"); once descriptors free up,
+    the next front-end attaches and works."""
+    rig = rigs("--max-connections", "1000", "--max-pending", "1000")
+    srv = hold_listener(f"{rig.ha}_5000")
+    outcome: dict[str, object] = {}
+
+    def attach() -> None:
+        try:
+            g = SimGuest(rig.b_sock, timeout=20)
+            g.start()
+            outcome["guest"] = g
+        except Exception as e:
+            outcome["error"] = e
+
+    with SimGuest(rig.a_sock, timeout=15) as ga:
+        held = flood_guest_connections(ga, 5000)  # until EMFILE refuses one
+        pauses0 = rig.counter("process", "accept_pauses")
+        t = threading.Thread(target=attach)
+        t.start()
+        time.sleep(1.5)
+        assert not outcome  # waiting in the backlog: accept failed, counted, paused
+        assert rig.counter("process", "accept_pauses") > pauses0
+        held.pop().close(timeout=10)  # one descriptor comes back: the accept takes it
+        t.join(25)
+        assert isinstance(outcome.get("error"), Exception), outcome
+        wait_for(lambda: "front-end's fds were cut" in rig.vp.log(), what="the cut fds logged")
+        rig.alive()
+        close_all(ga, held)
+    with SimGuest(rig.b_sock, timeout=15) as gb, host_sink(f"{rig.hb}_7650") as received:
+        stream_to_sink(gb.connect(7650), os.urandom(2 * MiB), received)
+    assert "Traceback" not in rig.vp.log()
+    srv.close()
+
+
 # -- a capture file that fails --------------------------------------------------------------------
 def test_a_capture_on_a_full_device_is_refused_at_start_with_one_line(workdir: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "vsproxy", "--socket", os.path.join(workdir, "a.sock"),
