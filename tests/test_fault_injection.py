@@ -281,8 +281,8 @@ def test_a_guest_that_posts_no_rx_buffers_pauses_host_reads_without_spinning(rig
     rig.alive()
 
 
-# -- the hybrid socket file removed or replaced ---------------------------------------------------
-def test_a_hybrid_socket_file_removed_is_made_again_and_one_replaced_is_left_alone(
+# -- the hybrid (and vhost-user) socket file removed or replaced ---------------------------------------------------
+def test_a_socket_file_removed_is_made_again_and_one_replaced_is_left_alone(
         rigs: Callable[..., Rig], workdir: str) -> None:
     rig = rigs(nofile=None)
     with SimGuest(rig.a_sock, timeout=15) as ga:
@@ -306,6 +306,11 @@ def test_a_hybrid_socket_file_removed_is_made_again_and_one_replaced_is_left_alo
         host.sendall(b"the old connection")  # connections already made go on
         assert s.recv_exactly(18, timeout=10) == b"the old connection"
         host.close()
+    os.unlink(rig.b_sock)  # the vhost-user socket too: the next QEMU finds it again
+    wait_for(lambda: os.path.exists(rig.b_sock), timeout=5, what="the vhost-user socket made again")
+    assert "B: vhost-user socket: the socket file was removed under vsproxy: listening there again" in rig.vp.log()
+    with SimGuest(rig.b_sock, timeout=15) as gb, host_sink(f"{rig.hb}_7501") as received:
+        stream_to_sink(gb.connect(7501), os.urandom(MiB), received)
     assert rig.vp.stop() == 0
     assert os.path.exists(rig.ha) and os.stat(rig.ha).st_ino == ident  # not removed at exit either
     assert "Traceback" not in rig.vp.log()

@@ -6,14 +6,20 @@ What the switch needs of a device (``switch.SwitchedDevice``) is here too.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vsproxy.endpoints.base import Peer
 from vsproxy.endpoints.host import HostEndpoints
-from vsproxy.endpoints.listeners import DEFAULT_MAX_HANDSHAKES, Acceptor, HybridListener, TcpListener, listen_unix
+from vsproxy.endpoints.listeners import (
+    DEFAULT_MAX_HANDSHAKES,
+    Acceptor,
+    HybridListener,
+    SocketFile,
+    TcpListener,
+    listen_unix,
+)
 from vsproxy.endpoints.sibling import SiblingEnd
 from vsproxy.endpoints.sockets import CoreHooks
 from vsproxy.events import EventKind
@@ -82,7 +88,7 @@ class Device:
         self.session: FrontendSession | None = None
         self.sessions_served = 0
         self.listeners: list[HybridListener | TcpListener | VsockListener] = []
-        self.acceptor: Acceptor | None = None
+        self.socket_file: SocketFile | None = None
         ep = config.endpoints
         hs = self.limits.max_handshakes
         try:
@@ -105,8 +111,11 @@ class Device:
     def listen(self) -> None:
         """Open the vhost-user socket, last: once QEMU (or a test) sees it, the host-side
         listeners already accept."""
-        sock = listen_unix(self.config.socket_path, 4)
-        self.acceptor = Acceptor(sock, self.loop, f"{self.name}: vhost-user socket", self._accepted)
+        def make() -> Acceptor:
+            sock = listen_unix(self.config.socket_path, 4)
+            return Acceptor(sock, self.loop, f"{self.name}: vhost-user socket", self._accepted)
+
+        self.socket_file = SocketFile(self.config.socket_path, self.loop, f"{self.name}: vhost-user socket", make)
 
     @property
     def name(self) -> str:
@@ -192,10 +201,6 @@ class Device:
         for listener in self.listeners:
             listener.close()
         self.listeners = []
-        if self.acceptor is not None:
-            self.acceptor.close()
-            self.acceptor = None
-            try:
-                os.unlink(self.config.socket_path)
-            except OSError:
-                pass
+        if self.socket_file is not None:
+            self.socket_file.close()  # and its file, if it is still vsproxy's
+            self.socket_file = None
