@@ -12,6 +12,7 @@ import pytest
 from test_vsock_core import GPORT, GUEST, FakePeer, FakeRx, pkt
 
 from vsproxy import config as cfg
+from vsproxy.endpoints.sibling import SiblingEnd, pair
 from vsproxy.limits import MAX_BUFFERED, MAX_CONTROL, reset_ratelog
 from vsproxy.vsock import header as H
 from vsproxy.vsock.connection import Connection
@@ -178,3 +179,76 @@ def test_a_bad_quota_is_one_line_and_exit_2() -> None:
     proc = vsproxy_check("--max-buffered", "lots")
     assert proc.returncode == 2
     assert "--max-buffered: 'lots' is not a size in 64K..1024G" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- bytes waiting in a sibling's inbox -------------------------------------------------------------
+class CoreHooksOf:
+    """What a device's session does for its sibling ends: here, only the byte count."""
+
+    def __init__(self, core: VsockCore) -> None:
+        self.core = core
+
+    def readable(self, conn: Connection) -> None: ...
+    def writable(self, conn: Connection) -> None: ...
+    def connected(self, conn: Connection) -> None: ...
+    def failed(self, conn: Connection, reason: str) -> None: ...
+    def aborted(self, conn: Connection) -> None: ...
+
+    def held(self, conn: Connection, n: int) -> None:
+        self.core.sibling_held(conn, n)
+
+
+def sibling_guest(max_buffered: int = MAX_BUFFERED) -> tuple[VsockCore, list[SiblingEnd]]:
+    """A core whose connections each go to a new sibling pair; the far ends are returned."""
+    far_ends: list[SiblingEnd] = []
+    core: VsockCore
+
+    def connector(conn: Connection) -> SiblingEnd:
+        near, far = pair("sibling:b", "sibling:a", lambda f: None)
+        near.attach(CoreHooksOf(core), conn)
+        far_ends.append(far)
+        return near
+
+    core = VsockCore(GUEST, connector, buf_alloc=WINDOW, max_buffered=max_buffered)
+    return core, far_ends
+
+
+def sib_open(core: VsockCore, port: int) -> Connection:
+    core.guest_packet(*pkt(Op.REQUEST, dst_port=port, buf_alloc=WINDOW))
+    conn = core.conns[(H.Type.STREAM, GPORT, 2, port)]
+    core.peer_connected(conn)
+    return conn
+
+
+def sib_send(core: VsockCore, port: int, n: int) -> None:
+    for _ in range(n // 4096):
+        core.guest_packet(*pkt(Op.RW, dst_port=port, payload=b"s" * 4096, buf_alloc=WINDOW))
+        core.flush_host()
+
+
+def test_bytes_in_a_siblings_inbox_count_for_the_sending_device_until_read_or_closed() -> None:
+    core, fars = sibling_guest()
+    conn = sib_open(core, 1)
+    sib_send(core, 1, WINDOW)
+    (far,) = fars
+    assert len(far.inbox) == WINDOW and conn.held == 0
+    assert core.buffered == WINDOW == conn.sib_held
+    buf = bytearray(40000)
+    assert far.recv_into([memoryview(buf)]) == 40000  # the other guest reads some
+    assert core.buffered == WINDOW - 40000
+    far.close(reset=False)  # and closes: what it did not read is let go
+    assert core.buffered == 0 == conn.sib_held
+
+
+def test_past_max_buffered_a_connection_parking_bytes_in_siblings_is_reset_once() -> None:
+    core, fars = sibling_guest(max_buffered=WINDOW + 8192)
+    hog, small = sib_open(core, 1), sib_open(core, 2)
+    sib_send(core, 1, WINDOW)
+    sib_send(core, 2, 4096)
+    assert core.counters.buffer_resets == 0
+    sib_send(core, 2, 8192)  # over: the hog is reset, its bytes are let go when its far end closes
+    assert core.counters.buffer_resets == 1 and hog.key not in core.conns and small.key in core.conns
+    sib_send(core, 2, 4096)  # meanwhile it is not reset again for the same bytes
+    assert core.counters.buffer_resets == 1
+    fars[0].close(reset=True)  # the far side's abort, as the other device carries it out
+    assert core.buffered == small.sib_held == 16384

@@ -297,6 +297,9 @@ class FrontendSession(DataPath, CoreHooks):
     def _connector(self, conn: Connection) -> Peer | None:
         return self.device.switch.open(self.device, conn, self)
 
+    def held(self, conn: Connection, n: int) -> None:
+        self.core.sibling_held(conn, n)
+
     def aborted(self, conn: Connection) -> None:
         try:
             self.core.host_abort(conn)

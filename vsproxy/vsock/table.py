@@ -130,7 +130,10 @@ class ConnTable:
         self.max_pending = max_pending
         self.max_buffered = max_buffered
         self.max_control = max_control
-        self.buffered = 0  # guest data held for the host sides: the sum of the connections' ``held``
+        self.buffered = 0  # guest data held for the host sides: the connections' ``held`` and ``sib_held``
+        # connections reset by _check_buffered whose sibling bytes are not let go yet (that comes
+        # when the other end closes): not reset again for the same bytes meanwhile
+        self._releasing: dict[Connection, None] = {}
         self._control_full = False  # the tx ring is paused for the control backlog (counted once)
         self.pending = 0  # connections CONNECTING or REQUESTED
         self.connector = connector
@@ -224,6 +227,13 @@ class ConnTable:
             self.buffered += d
             conn.held = conn.out_bytes
 
+    def sibling_held(self, conn: Connection, n: int) -> None:
+        """``n`` bytes ``conn``'s guest sent wait in (or, negative, left) a sibling's inbox."""
+        conn.sib_held += n
+        self.buffered += n
+        if conn.sib_held <= 0 and self._releasing:
+            self._releasing.pop(conn, None)
+
     def _drop_out(self, conn: Connection) -> None:
         """What ``conn`` held for its host side is not going anywhere: let it go."""
         conn.outq.clear()
@@ -233,17 +243,21 @@ class ConnTable:
     def _check_buffered(self) -> None:
         """Past ``max_buffered``: reset the connections that hold the most, until under it.
         Credit bounds each connection; this bounds a guest with many hosts that do not read."""
-        while self.buffered > self.max_buffered:
-            held = [c for c in self.conns.values() if c.held] + [c for c in self._lingering if c.held]
-            if not held:  # pragma: no cover - buffered is the sum of held
-                self.buffered = 0
+        excess = self.buffered - self.max_buffered - sum(c.sib_held for c in self._releasing)
+        while excess > 0:
+            held = [c for c in self.conns.values() if c.held or c.sib_held] + [
+                c for c in self._lingering if c.held or c.sib_held]
+            if not held:  # the rest is on its way out (sibling ends closing)
                 return
-            conn = max(held, key=lambda c: c.held)
+            conn = max(held, key=lambda c: c.held + c.sib_held)
+            excess -= conn.held + conn.sib_held
+            if conn.sib_held > 0:
+                self._releasing[conn] = None
             self.counters.buffer_resets += 1
             ratelog(log, logging.WARNING, f"{self.name}: buffer limit",
                     "%s: reset %s: the device holds %d bytes for host sides that do not read (max-buffered "
                     "%d), %d of them for this one", self.name, conn.describe(), self.buffered, self.max_buffered,
-                    conn.held)
+                    conn.held + conn.sib_held)
             if conn in self._lingering:
                 self._lingering.discard(conn)
                 self._drop_out(conn)
