@@ -123,10 +123,15 @@ def test_flood_benchmark_runs_and_prints_each_flood_beside_the_rate_alone() -> N
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {line[:18].strip(): line[18:].split() for line in proc.stdout.splitlines()
-            if line.startswith(("(nothing)", "guest connections", "idle host conns", "CONNECT flood"))}
-    assert list(rows) == ["(nothing)", "guest connections", "idle host conns", "CONNECT flood"]
+            if line.startswith(("(nothing)", "guest connections", "idle host conns", "CONNECT flood", "connect loop",
+                                "requests, no rx"))}
+    assert list(rows) == ["(nothing)", "guest connections", "idle host conns", "CONNECT flood", "connect loop",
+                          "requests, no rx"]
     for r in rows.values():
         assert float(r[0].replace(",", "")) > 0 and r[1].endswith("%")
+    assert all(r[3] == "yes" for r in list(rows.values())[1:]) and rows["(nothing)"][2] == "yes"  # B finished
+    assert "5,000 in" in " ".join(rows["connect loop"])  # the connect loop made its attempts
+    assert "control_full=" in " ".join(rows["requests, no rx"])
     assert "handshakes_dropped=" in proc.stdout and "worst: B kept" in proc.stdout
 
 

@@ -72,7 +72,8 @@ def report_lines(snap: Snapshot) -> list[str]:
                 credit_violations=c.credit_violations, bad_chains=d.bad_chains, refused=c.connections_refused,
                 c_pump_updates=c.pump_updates, c_pump_reads=c.pump_reads, c_pump_kicks=c.pump_kicks,
                 c_pump_sends=c.pump_sends, c_pump_blocked=c.pump_blocked, c_pump_read_ahead=c.pump_read_ahead,
-                limit_refused=c.limit_refused, faults=c.faults,
+                limit_refused=c.limit_refused, faults=c.faults, buffer_resets=c.buffer_resets,
+                control_full=c.control_full,
             )
         lines.append(f"{d.name}: " + " ".join(f"{k}={v}" for k, v in row.items()))
     for r in snap.rules:
@@ -120,8 +121,10 @@ class Proxy:
         self.limits = [cfg.limits(default) for cfg in self.configs]
         need = fds_needed(self.limits)
         log.info("open-file limit %d; per device at most %s connections, %s pending connects, %s connections "
-                 "in a hybrid handshake", nofile, _figures(x.max_connections for x in self.limits),
-                 _figures(x.max_pending for x in self.limits), _figures(x.max_handshakes for x in self.limits))
+                 "in a hybrid handshake, %s bytes held for host sides, %s control packets queued", nofile,
+                 _figures(x.max_connections for x in self.limits), _figures(x.max_pending for x in self.limits),
+                 _figures(x.max_handshakes for x in self.limits), _figures(x.max_buffered for x in self.limits),
+                 _figures(x.max_control for x in self.limits))
         if need > nofile:
             log.warning("the limits set allow %d descriptors, more than the open-file limit %d: past it, new "
                         "connections are refused (counted as fd_exhausted)", need, nofile)
@@ -266,6 +269,8 @@ class Proxy:
             rows["all"] = {"packets": cc.packets, "bytes": cc.bytes, "dropped": cc.dropped, "files": cc.files}
             if self.capture.options.lossless:  # how long the data path waited for the file
                 rows["all"] |= {"waits": self.capture.stats.waits, "waited_ms": int(self.capture.stats.waited * 1000)}
+            if self.capture.error is not None:  # the file failed (disk full): what it missed since
+                rows["all"]["failed"] = cc.failed
         hub = self.capture_hub
         if hub is not None and hub.live:
             subs = [s for s in hub.subscriptions if s.live]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from vsproxy.config import Settings
 from vsproxy.device import DeviceConfig
+from vsproxy.limits import MAX_BUFFERED, MAX_CONTROL
 from vsproxy.policy import Policy, Remap, Service
 
 
@@ -54,7 +55,17 @@ def _limits(d: DeviceConfig) -> str:
     rest = [name for name, value in values if value is None]
     if rest:  # limits.default_limits, from RLIMIT_NOFILE once vsproxy has raised it
         given.append(f"{', '.join(rest)}: the device's share of the file limit, set at start")
+    given.append(f"max-buffered {_size(d.max_buffered or MAX_BUFFERED)}")
+    given.append(f"max-control {d.max_control or MAX_CONTROL}")
     return "; ".join(given)
+
+
+def _size(n: int) -> str:
+    """``256M``: the form --max-buffered takes."""
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
 
 
 def _siblings(policy: Policy, settings: Settings, d: DeviceConfig, direction: str) -> str:

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE,...",
         help="a device: guest-cid, socket, uds-path, forward-cid, forward-listen, tx-buffer-size, queue-size, "
         "groups (as vhost-device-vsock; _ or -), name, forward, listen, remap, service, allow-out, allow-in, "
-        "max-connections, max-pending, max-handshakes; lists joined with + (repeatable)",
+        "max-connections, max-pending, max-handshakes, max-buffered, max-control; lists joined with + (repeatable)",
     )
     p.add_argument("--config", metavar="FILE",
                    help="devices and rules from a TOML file ([[vm]] tables) or vhost-device-vsock's YAML (vms:)")
@@ -145,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-handshakes", metavar="N",
                    help="per hybrid socket: host connections that have not finished their CONNECT line; "
                    "one more drops the oldest (default: a 16th of the device's share, 2..1024)")
+    p.add_argument("--max-buffered", metavar="BYTES",
+                   help="per device: guest data held for host sides that do not read (K, M, G allowed); past it "
+                   "the connection holding the most gets RST (default 256M)")
+    p.add_argument("--max-control", metavar="N",
+                   help="per device: control packets (RST, credit updates, ...) waiting for the guest's rx "
+                   "buffers; past it the guest's tx ring waits (default 4096)")
     p.add_argument("--control", metavar="PATH",
                    help="serve a control socket at PATH (mode 0600): snapshots, events and live packets for "
                    "'vsproxy ctl PATH ...' (docs/control.md)")
@@ -259,13 +265,15 @@ def settings_from_args(args: argparse.Namespace, problems: list[str] | None = No
         limits[key] = None
         if text is not None:
             try:
-                limits[key] = cfg.parse_limit(text, f"--{key}")
+                limits[key] = cfg.parse_limit_value(key, text, f"--{key}")
             except cfg.ConfigError as e:
                 settings.problems.append(str(e))
     for d in settings.devices:  # the flags apply to every device that does not set its own
         d.max_connections = d.max_connections or limits["max-connections"]
         d.max_pending = d.max_pending or limits["max-pending"]
         d.max_handshakes = d.max_handshakes or limits["max-handshakes"]
+        d.max_buffered = d.max_buffered or limits["max-buffered"]
+        d.max_control = d.max_control or limits["max-control"]
     cfg.check(settings)
     if paths:
         settings.problems.extend(cfg.path_problems(settings))
@@ -437,7 +445,10 @@ def serve(args_list: list[str], start_children: Callable[[], list[subprocess.Pop
             proxy.report()
         proxy.close()
     # a child ended by a signal (ours, at a Ctrl-C) reports as a shell would: 128 + the signal
-    return next((rc if rc > 0 else 128 - rc for rc in rcs if rc != 0), 0)
+    status = next((rc if rc > 0 else 128 - rc for rc in rcs if rc != 0), 0)
+    if not status and proxy.capture is not None and proxy.capture.error is not None:
+        return 1  # the capture asked for stopped early (disk full): said at the time and in the report
+    return status
 
 
 def _stop_child(child: subprocess.Popen[bytes], grace: float = 5.0) -> int:

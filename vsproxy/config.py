@@ -35,9 +35,9 @@ T = TypeVar("T")
 VM_KEYS = (
     "guest-cid", "socket", "uds-path", "groups", "tx-buffer-size", "forward-cid", "forward-listen", "queue-size",
     "name", "forward", "listen", "remap", "service", "allow-out", "allow-in",
-    "max-connections", "max-pending", "max-handshakes",
+    "max-connections", "max-pending", "max-handshakes", "max-buffered", "max-control",
 )
-LIMIT_KEYS = ("max-connections", "max-pending", "max-handshakes")
+LIMIT_KEYS = ("max-connections", "max-pending", "max-handshakes", "max-buffered", "max-control")
 # keys that take one value (the others take a list: ``a+b`` or, in a file, an array)
 SCALAR_KEYS = ("guest-cid", "socket", "uds-path", "tx-buffer-size", "forward-cid", "queue-size", "name", *LIMIT_KEYS)
 LIMIT_MAX = 1 << 20
@@ -163,6 +163,25 @@ def parse_limit(text: str, where: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= LIMIT_MAX:
         raise ConfigError(f"{where}: {text!r} is not a number in 1..{LIMIT_MAX}")
     return int(text)
+
+
+BYTES_MIN, BYTES_MAX = 1 << 16, 1 << 40
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_bytes_limit(text: str, where: str) -> int:
+    """A per-device byte limit: a number with an optional K, M or G (binary units), 64K..1024G."""
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = t[-1:] if t[-1:] in _UNITS else ""
+    digits = t[: len(t) - len(unit)]
+    if not digits.isdigit() or not BYTES_MIN <= int(digits) * _UNITS[unit] <= BYTES_MAX:
+        raise ConfigError(f"{where}: {text!r} is not a size in 64K..1024G (a number of bytes, or with K, M or G)")
+    return int(digits) * _UNITS[unit]
+
+
+def parse_limit_value(key: str, text: str, where: str) -> int:
+    """The value of the limit ``key`` (one of LIMIT_KEYS)."""
+    return parse_bytes_limit(text, where) if key == "max-buffered" else parse_limit(text, where)
 
 
 def _items(value: object, where: str) -> list[str]:
@@ -292,13 +311,14 @@ def add_vm(settings: Settings, values: Mapping[str, object] | Iterable[tuple[str
     queue_size = attempt(parse_queue_size, str(vals.get("queue-size", DEFAULT_QUEUE_SIZE)), at("queue-size"))
     buf = attempt(parse_tx_buffer_size, str(vals.get("tx-buffer-size", DEFAULT_BUF_ALLOC)), at("tx-buffer-size"))
     groups = frozenset(attempt(_items, vals.get("groups", []), at("groups")) or [])
-    limits = {key: attempt(parse_limit, str(vals[key]), at(key)) for key in LIMIT_KEYS if key in vals}
+    limits = {key: attempt(parse_limit_value, key, str(vals[key]), at(key)) for key in LIMIT_KEYS if key in vals}
     dev = None
     if cid is not None and socket_path is not None:
         dev = DeviceConfig(cid, socket_path, name=name, endpoints=endpoints, buf_alloc=buf or DEFAULT_BUF_ALLOC,
                            groups=groups, queue_size=queue_size or DEFAULT_QUEUE_SIZE,
                            max_connections=limits.get("max-connections"), max_pending=limits.get("max-pending"),
-                           max_handshakes=limits.get("max-handshakes"))
+                           max_handshakes=limits.get("max-handshakes"), max_buffered=limits.get("max-buffered"),
+                           max_control=limits.get("max-control"))
         settings.devices.append(dev)
     for r in attempt(_items, vals.get("remap", []), at("remap")) or []:
         remap = attempt(parse_remap, r, at("remap"), name)

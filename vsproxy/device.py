@@ -6,19 +6,25 @@ What the switch needs of a device (``switch.SwitchedDevice``) is here too.
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vsproxy.endpoints.base import Peer
 from vsproxy.endpoints.host import HostEndpoints
-from vsproxy.endpoints.listeners import DEFAULT_MAX_HANDSHAKES, Acceptor, HybridListener, TcpListener, listen_unix
+from vsproxy.endpoints.listeners import (
+    DEFAULT_MAX_HANDSHAKES,
+    Acceptor,
+    HybridListener,
+    SocketFile,
+    TcpListener,
+    listen_unix,
+)
 from vsproxy.endpoints.sibling import SiblingEnd
 from vsproxy.endpoints.sockets import CoreHooks
 from vsproxy.events import EventKind
 from vsproxy.frontend import FrontendSession
-from vsproxy.limits import Limits, ratelog
+from vsproxy.limits import MAX_BUFFERED, MAX_CONTROL, Limits, ratelog
 from vsproxy.loop import Loop
 from vsproxy.verdict import Mark
 from vsproxy.vsock.connection import Connection
@@ -54,6 +60,8 @@ class DeviceConfig:
     max_connections: int | None = None
     max_pending: int | None = None
     max_handshakes: int | None = None
+    max_buffered: int | None = None  # None: limits.MAX_BUFFERED
+    max_control: int | None = None  # None: limits.MAX_CONTROL
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -65,6 +73,8 @@ class DeviceConfig:
             self.max_connections or (default.max_connections if default else MAX_CONNECTIONS),
             self.max_pending or (default.max_pending if default else MAX_CONNECTIONS),
             self.max_handshakes or (default.max_handshakes if default else DEFAULT_MAX_HANDSHAKES),
+            self.max_buffered or (default.max_buffered if default else MAX_BUFFERED),
+            self.max_control or (default.max_control if default else MAX_CONTROL),
         )
 
 
@@ -78,7 +88,7 @@ class Device:
         self.session: FrontendSession | None = None
         self.sessions_served = 0
         self.listeners: list[HybridListener | TcpListener | VsockListener] = []
-        self.acceptor: Acceptor | None = None
+        self.socket_file: SocketFile | None = None
         ep = config.endpoints
         hs = self.limits.max_handshakes
         try:
@@ -101,8 +111,11 @@ class Device:
     def listen(self) -> None:
         """Open the vhost-user socket, last: once QEMU (or a test) sees it, the host-side
         listeners already accept."""
-        sock = listen_unix(self.config.socket_path, 4)
-        self.acceptor = Acceptor(sock, self.loop, f"{self.name}: vhost-user socket", self._accepted)
+        def make() -> Acceptor:
+            sock = listen_unix(self.config.socket_path, 4)
+            return Acceptor(sock, self.loop, f"{self.name}: vhost-user socket", self._accepted)
+
+        self.socket_file = SocketFile(self.config.socket_path, self.loop, f"{self.name}: vhost-user socket", make)
 
     @property
     def name(self) -> str:
@@ -188,10 +201,6 @@ class Device:
         for listener in self.listeners:
             listener.close()
         self.listeners = []
-        if self.acceptor is not None:
-            self.acceptor.close()
-            self.acceptor = None
-            try:
-                os.unlink(self.config.socket_path)
-            except OSError:
-                pass
+        if self.socket_file is not None:
+            self.socket_file.close()  # and its file, if it is still vsproxy's
+            self.socket_file = None

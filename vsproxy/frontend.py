@@ -65,6 +65,8 @@ class FrontendSession(DataPath, CoreHooks):
             name=device.name,
             max_connections=device.limits.max_connections,
             max_pending=device.limits.max_pending,
+            max_buffered=device.limits.max_buffered,
+            max_control=device.limits.max_control,
         )
         self.core.rule_totals = device.switch.rule_totals
         self.core.taps = device.switch.taps
@@ -294,6 +296,9 @@ class FrontendSession(DataPath, CoreHooks):
 
     def _connector(self, conn: Connection) -> Peer | None:
         return self.device.switch.open(self.device, conn, self)
+
+    def held(self, conn: Connection, n: int) -> None:
+        self.core.sibling_held(conn, n)
 
     def aborted(self, conn: Connection) -> None:
         try:

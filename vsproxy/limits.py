@@ -5,7 +5,9 @@ descriptor. Three things keep a flood by one tenant from reaching the others:
 
 - limits per device (open connections, pending connects) and per hybrid socket (connections
   still in their ``CONNECT`` handshake), whose defaults split the file limit between devices
-  so the sum stays below it (``default_limits``);
+  so the sum stays below it (``default_limits``); and per device on the guest data held for
+  host sides that do not read (``max_buffered``) and the control packets waiting for the
+  guest's rx buffers (``max_control``);
 - descriptor exhaustion (``EMFILE``, ``ENFILE``, ``ENOBUFS``, ``ENOMEM``) handled where a
   descriptor is made: the connection is refused, a listener pauses, the event is counted;
 - logging that one peer can trigger is rate-limited per kind (``ratelog``), so a flood shows
@@ -36,6 +38,18 @@ MAX_CONNECTIONS_CAP = 65536
 MAX_HANDSHAKES_CAP = 1024
 # Hybrid listeners per device (the stream socket and its ``.seqpacket`` twin).
 HYBRID_LISTENERS = 2
+# Guest data held in vsproxy for host sides that do not read, per device. Credit bounds each
+# connection to about two windows (2 MiB by default); this bounds their sum, far above what
+# a guest with a few dozen busy connections to slow readers holds. Past it the connection
+# that holds the most gets RST (vsock.table.ConnTable._check_buffered).
+MAX_BUFFERED = 256 << 20
+# Control packets (RST, RESPONSE, credit updates, SHUTDOWN) queued for a guest that posts no
+# rx buffers. Past it the guest's tx ring is left alone until it takes them, as Linux's
+# vhost-vsock stops reading tx once a ring's worth of replies waits (vhost_vsock_more_replies):
+# nothing is dropped, and each packet the guest could still send is one more reply to hold.
+# Credit updates are one per connection at most (UPDATE_QUEUED), so a CREDIT_REQUEST flood
+# adds nothing; RSTs for REQUESTs past a limit and for unknown connections are what grows.
+MAX_CONTROL = 4096
 
 
 def exhausted(e: OSError) -> bool:
@@ -51,6 +65,8 @@ class Limits:
     max_connections: int
     max_pending: int
     max_handshakes: int  # per hybrid socket
+    max_buffered: int = MAX_BUFFERED  # bytes
+    max_control: int = MAX_CONTROL  # packets
 
 
 def default_limits(nofile: int, devices: int) -> Limits:

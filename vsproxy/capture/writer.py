@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import struct
 import sys
 import time
 from collections.abc import Sequence
@@ -55,6 +56,7 @@ class CaptureCounters:
     dropped: int = 0  # buffer full
     files: int = 0
     rotate_failed: int = 0  # a new file could not be made (out of descriptors): the current one went on
+    failed: int = 0  # records offered after the file failed (disk full, stdout's reader gone); in dropped too
 
 
 class CaptureWriter(CaptureHub):
@@ -84,6 +86,10 @@ class CaptureWriter(CaptureHub):
         self._files: list[str] = []
         self._failed = 0  # records offered after the file failed (stdout's reader went away)
         self._broken = False
+        self.error: str | None = None  # why the file stopped (its path and the error), once it did
+        self._good = 0  # bytes of the current file that end at a record boundary (_flush)
+        self._head: memoryview | None = None  # the queued view partly written (a pipe, a full disk)
+        self._head_done = 0  # how much of it
         self.devices = list(devices)
         self.record_mode = CAP_PCAP if options.fmt == "pcap" else CAP_PCAPNG
         self._open()  # before the hub starts: a file that cannot be made is an error at once
@@ -96,7 +102,7 @@ class CaptureWriter(CaptureHub):
         c = self._fcounters
         stats = getattr(self, "stats", None)
         ring = stats.dropped if stats is not None else 0
-        return CaptureCounters(c.packets, c.bytes, ring + self._failed, c.files, c.rotate_failed)
+        return CaptureCounters(c.packets, c.bytes, ring + self._failed, c.files, c.rotate_failed, self._failed)
 
     # -- writer thread --------------------------------------------------------------------
     def _path(self) -> str:
@@ -124,6 +130,7 @@ class CaptureWriter(CaptureHub):
         self._fcounters.files += 1
         self._opened_at = time.monotonic()
         self._written = 0
+        self._good = 0
         self._file_records = 0
         self._write(stream_header(self.record_mode, self.devices))
         self._flush()
@@ -143,8 +150,13 @@ class CaptureWriter(CaptureHub):
             for v in batch:
                 if n >= len(v):
                     n -= len(v)
+                    self._good += len(v) + self._head_done  # each queued view ends at a record boundary
+                    self._head, self._head_done = None, 0
                     done += 1
                 else:
+                    if self._head is None:
+                        self._head = v
+                    self._head_done += n
                     pending[done] = v[n:]  # a short write (a pipe): the rest goes next
                     break
             del pending[:done]
@@ -159,14 +171,13 @@ class CaptureWriter(CaptureHub):
         if self._broken:
             self._failed += records
             return
+        before = self._fcounters.packets
         try:
             self._records(view, records)
             self._flush()
-        except (OSError, ValueError) as e:  # e.g. the reader of stdout went away
-            log.error("capture stopped: %s", e)
-            self._broken = True
-            self._failed += records
-            self.stop_waiting("the capture file failed")
+        except (OSError, ValueError) as e:  # e.g. the reader of stdout went away, the disk is full
+            self._failed += records - (self._fcounters.packets - before)  # never queued
+            self._stop(e)
         finally:
             self._pending.clear()
 
@@ -175,9 +186,41 @@ class CaptureWriter(CaptureHub):
             try:
                 self._rotate()
             except (OSError, ValueError) as e:
-                log.error("capture stopped: %s", e)
-                self._broken = True
-                self.stop_waiting("the capture file failed")
+                self._stop(e)
+
+    def _stop(self, e: OSError | ValueError) -> None:
+        """The file failed: one message, the file cut back to its last whole record (a full
+        disk leaves half a record, which readers call a file cut short), no more writing."""
+        self._broken = True
+        where = "stdout" if self.options.path == "-" else self._files[-1] if self._files else self.options.path
+        why = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+        self.error = f"{where}: {why}"
+        pcap = self.record_mode == CAP_PCAP
+        keep, lost, lost_bytes = self._good, 0, 0
+        try:
+            for i, v in enumerate(self._pending):  # queued, counted as written, not (all) in the file
+                size, records = split_records(v if i or self._head is None else self._head, 1 << 62, pcap)
+                lost += records
+                lost_bytes += size
+            if self._head is not None and self._pending and self._head_done > 1:
+                cut, whole = split_records(self._head, self._head_done, pcap)
+                keep += cut
+                lost -= whole
+                lost_bytes -= cut
+        except struct.error:  # (a header's view, not records): count nothing more
+            lost = lost_bytes = 0
+        self._fcounters.packets -= lost
+        self._fcounters.bytes -= lost_bytes
+        self._failed += lost
+        if self._out is not None:
+            try:
+                if os.fstat(self._fd).st_size > keep:
+                    os.ftruncate(self._fd, keep)
+            except OSError:
+                pass  # not a regular file, or the disk refuses even that: as it is
+        log.error("capture stopped: %s; traffic goes on without it (%d packets written)", self.error,
+                  self._fcounters.packets)
+        self.stop_waiting("the capture file failed")
 
     def _records(self, data: memoryview, count: int) -> None:
         """Write whole records; with size rotation, split them at record boundaries."""
@@ -226,5 +269,10 @@ class CaptureWriter(CaptureHub):
         super().close()  # the hub's thread writes what the ring holds, then stops
         if self._out is not None:
             self._out.close()
+        if self.error is not None:
+            log.error("capture: %d packets written, then the file failed (%s): %d not written, %d dropped "
+                      "before (buffer full), %d file(s)", self._fcounters.packets, self.error, self._failed,
+                      self.counters.dropped - self._failed, self._fcounters.files)
+            return
         log.info("capture: %d packets written, %d dropped (buffer full), %d file(s)",
                  self._fcounters.packets, self.counters.dropped, self._fcounters.files)

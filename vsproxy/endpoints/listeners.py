@@ -120,6 +120,70 @@ def listen_unix(path: str, backlog: int, kind: int = socket.SOCK_STREAM) -> sock
     return sock
 
 
+# How often a hybrid listener checks that its socket file is still its own.
+PATH_CHECK_INTERVAL = 1.0
+
+
+def _path_ident(path: str) -> tuple[int, int] | None:
+    """The file at ``path`` (device, inode), or None if there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+class SocketFile:
+    """The file a listening unix socket is found by (a hybrid socket, the vhost-user socket),
+    checked every ``PATH_CHECK_INTERVAL``. Removed under vsproxy (a cleanup script, a tmpfiles
+    run): made again, logged. Replaced by another program's file: logged once, left alone (and
+    not removed at exit); vsproxy keeps its old socket (connections made go on) and makes its
+    own file again if that one goes."""
+
+    def __init__(self, path: str, loop: Loop, what: str, make: Callable[[], Acceptor]) -> None:
+        self.path = path
+        self.loop = loop
+        self.what = what
+        self._make = make
+        self.acceptor = make()
+        self.ident = _path_ident(path)
+        self._replaced = False
+        self._timer: TimerHandle | None = loop.call_later(PATH_CHECK_INTERVAL, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        if self.acceptor.closed:
+            return
+        now = _path_ident(self.path)
+        if now is None:
+            try:
+                acceptor = self._make()
+            except OSError as e:
+                ratelog(log, logging.WARNING, f"{self.what} gone", "%s: the socket file was removed and cannot be "
+                        "made again: %s", self.what, e.strerror or e)
+            else:
+                self.acceptor.close()  # connections it accepted live on; its backlog goes with it
+                self.acceptor = acceptor
+                self.ident = _path_ident(self.path)
+                self._replaced = False
+                log.warning("%s: the socket file was removed under vsproxy: listening there again", self.what)
+        elif now != self.ident and not self._replaced:
+            self._replaced = True
+            log.warning("%s: the socket file was replaced by another one: what connects there no longer reaches "
+                        "vsproxy; vsproxy leaves that file alone and listens there again if it is removed",
+                        self.what)
+        self._timer = self.loop.call_later(PATH_CHECK_INTERVAL, self._check)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.acceptor.close()
+        if self.ident is not None and _path_ident(self.path) == self.ident:  # only vsproxy's own file
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+
 class HybridListener:
     """Accepts host programs on ``uds_path`` and reads their ``CONNECT <port>`` line. The
     SEQPACKET variant listens on ``uds_path.seqpacket`` (a SOCK_SEQPACKET socket): the CONNECT
@@ -147,8 +211,15 @@ class HybridListener:
         self.max_handshakes = max(1, max_handshakes)
         self.handshakes: OrderedDict[_Handshake, None] = OrderedDict()
         self.dropped = 0
-        sock = listen_unix(path, 128, socket.SOCK_SEQPACKET if seqpacket else socket.SOCK_STREAM)
-        self.acceptor = Acceptor(sock, loop, f"hybrid {path}", self._accepted)
+        self.file = SocketFile(path, loop, f"hybrid {path}", self._listen)
+
+    @property
+    def acceptor(self) -> Acceptor:
+        return self.file.acceptor
+
+    def _listen(self) -> Acceptor:
+        sock = listen_unix(self.path, 128, socket.SOCK_SEQPACKET if self.seqpacket else socket.SOCK_STREAM)
+        return Acceptor(sock, self.loop, f"hybrid {self.path}", self._accepted)
 
     def _accepted(self, s: socket.socket, _addr: object) -> None:
         if len(self.handshakes) >= self.max_handshakes:
@@ -164,11 +235,7 @@ class HybridListener:
     def close(self) -> None:
         for h in list(self.handshakes):
             h.fail("vsproxy closing", quiet=True)
-        self.acceptor.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
+        self.file.close()
 
 
 class _Handshake:

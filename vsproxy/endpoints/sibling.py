@@ -4,7 +4,9 @@ vsproxy is each guest's peer: device A's core terminates A's credit, device B's 
 and a pair of ``SiblingEnd`` peers carries bytes between the two. Each end holds a
 bounded inbox of bytes for its own guest; when it is full, the other end's ``send`` takes
 nothing, so the sending core keeps the data in its own (credit-bounded) queue and a slow
-sibling throttles only this connection. When a guest reads, the other side is told at
+sibling throttles only this connection. What an inbox holds counts in the sending device's
+``buffered`` (its ``max_buffered``) until the receiving guest reads it or its end closes: a
+guest cannot park bytes in many siblings' inboxes beyond its own quota. When a guest reads, the other side is told at
 once that room was freed (no new kick will come for that data).
 
 Every notification crosses through ``schedule`` (the loop's call_soon), never directly
@@ -30,6 +32,7 @@ class SiblingHooks(Protocol):
     def connected(self, conn: Connection) -> None: ...
     def failed(self, conn: Connection, reason: str) -> None: ...
     def aborted(self, conn: Connection) -> None: ...
+    def held(self, conn: Connection, n: int) -> None: ...
 
 
 class SiblingEnd(PeerBase):
@@ -57,6 +60,12 @@ class SiblingEnd(PeerBase):
 
     def describe(self) -> str:
         return self.label
+
+    def _held(self, n: int) -> None:
+        """This end's guest sent ``n`` bytes into the other's inbox (negative: they left it).
+        A counter in the sending core, not a notification: it runs nothing there."""
+        if n and self.hooks is not None and self.conn is not None:
+            self.hooks.held(self.conn, n)
 
     def _notify(self, what: str) -> None:
         hooks, conn = self.hooks, self.conn
@@ -88,6 +97,7 @@ class SiblingEnd(PeerBase):
             taken += k
             if k < len(b):
                 break
+        self._held(taken)
         if taken and other._reading:
             other._notify("readable")
         return taken
@@ -98,6 +108,8 @@ class SiblingEnd(PeerBase):
         n = scatter(self.inbox, bufs)
         del self.inbox[:n]
         other = self.other
+        if other is not None:
+            other._held(-n)
         if other is not None and other._writing:
             other._notify("writable")  # room freed: data the other guest already sent moves now
         return n
@@ -111,6 +123,7 @@ class SiblingEnd(PeerBase):
             return False
         other.messages.append((data, eor))
         other.inbox_len += len(data)
+        self._held(len(data))
         if other._reading:
             other._notify("readable")
         return True
@@ -121,6 +134,8 @@ class SiblingEnd(PeerBase):
         data, eor = self.messages.popleft()
         self.inbox_len -= len(data)
         other = self.other
+        if other is not None:
+            other._held(-len(data))
         if other is not None and other._writing:
             other._notify("writable")
         return data, eor
@@ -152,6 +167,12 @@ class SiblingEnd(PeerBase):
             return
         self.closed = True
         other = self.other
+        if other is not None and (self.inbox or self.messages):
+            # this guest reads no more: what waited for it is let go, and uncounted
+            other._held(-(len(self.inbox) + self.inbox_len))
+            self.inbox.clear()
+            self.messages.clear()
+            self.inbox_len = 0
         if other is None or other.closed:
             return
         if (other.conn is not None and other.conn.state.value in ("connecting", "requested")

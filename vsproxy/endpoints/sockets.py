@@ -37,6 +37,9 @@ class CoreHooks:
     def failed(self, conn: Connection, reason: str) -> None: ...
     def aborted(self, conn: Connection) -> None: ...
     def fault(self, conn: Connection, exc: Exception) -> None: ...
+    def held(self, conn: Connection, n: int) -> None:
+        """``n`` more (or, negative, fewer) bytes ``conn``'s guest sent are held in vsproxy
+        outside the connection's queue (a sibling's inbox): counted in the device's buffered."""
 
 
 def refused_for_descriptors(loop: Loop, what: str, e: OSError) -> None:

@@ -31,6 +31,7 @@ class Connection:
         "flags",
         "guest_port",
         "guest_shut",
+        "held",
         "host_eof",
         "host_initiated",
         "host_shut_wr",
@@ -49,6 +50,7 @@ class Connection:
         "rx_msg",
         "rx_msg_eor",
         "rx_msg_off",
+        "sib_held",
         "state",
         "stats",
         "type",
@@ -77,6 +79,8 @@ class Connection:
         self.host_shut_wr = False  # we half-closed the host socket
         self.outq: deque[Buffer] = deque()  # guest data not yet taken by the host peer
         self.out_bytes = 0
+        self.held = 0  # out_bytes as last counted into the device's ``buffered`` (ConnTable._hold)
+        self.sib_held = 0  # bytes it sent that wait in a sibling's inbox (ConnTable.sibling_held)
         self.deadline = 0.0
         self.credit_wait = 0.0  # when the guest's window was last found exhausted
         self.flags = 0

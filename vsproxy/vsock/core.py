@@ -20,6 +20,9 @@ Limits: ``max_connections`` bounds the connections that hold a host resource (op
 connecting, or still handing the host what the guest sent before it closed) and
 ``max_pending`` those still connecting; past either, a guest REQUEST gets RST and a host
 connection is refused. Both are counted (``limit_refused``) and logged at a bounded rate.
+``max_buffered`` bounds the guest data the device holds for host sides that do not read
+(past it the connection holding the most is reset: ``buffer_resets``), and ``max_control``
+the control packets waiting for rx buffers (past it the tx ring waits: ``control_full``).
 """
 
 from __future__ import annotations
@@ -430,6 +433,7 @@ class VsockCore(Lending):
             if conn.deadline <= now:
                 self.counters.timeouts += 1
                 self._lingering.discard(conn)
+                self._drop_out(conn)
                 conn.peer.close(reset=True)
         for key, conn in list(self._held.items()):
             if conn.deadline <= now:  # the old connection on its 4-tuple never went: refused

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from vsproxy.endpoints.base import Buffer, Peer, PeerBase
 from vsproxy.events import EventKind, EventSink, NoEvents
-from vsproxy.limits import ratelog
+from vsproxy.limits import MAX_BUFFERED, MAX_CONTROL, ratelog
 from vsproxy.taps import Taps
 from vsproxy.vsock import header as H
 from vsproxy.vsock.connection import Connection, State
@@ -27,9 +27,8 @@ CONNECT_TIMEOUT = 2.0  # Linux and Firecracker
 SHUTDOWN_TIMEOUT = 2.0
 DEFAULT_BUF_ALLOC = 1024 * 1024
 MAX_CONNECTIONS = 65536
-# Control packets queued for the guest while it posts no rx buffers. Past this
-# the tx ring is left alone (resources ran out), which bounds memory.
-MAX_CONTROL_BACKLOG = 4096
+# Control packets queued for the guest while it posts no rx buffers (limits.MAX_CONTROL).
+MAX_CONTROL_BACKLOG = MAX_CONTROL
 HOST_PORT_FIRST = 1 << 30  # Firecracker assigns host ports from 2^30 up
 
 # Which state may follow which. A connection starts CONNECTING (the guest's REQUEST) or
@@ -62,6 +61,8 @@ class Counters:
     connections_opened: int = 0
     connections_refused: int = 0
     limit_refused: int = 0  # refused at max_connections or max_pending
+    buffer_resets: int = 0  # connections reset because the device held max_buffered bytes for its hosts
+    control_full: int = 0  # times the tx ring was paused: max_control replies waited for rx buffers
     faults: int = 0  # connections reset after an unexpected error in their handling
     timeouts: int = 0
     short_rx_buffers: int = 0
@@ -121,10 +122,19 @@ class ConnTable:
         name: str = "vm",
         max_connections: int = MAX_CONNECTIONS,
         max_pending: int = MAX_CONNECTIONS,
+        max_buffered: int = MAX_BUFFERED,
+        max_control: int = MAX_CONTROL_BACKLOG,
     ) -> None:
         self.guest_cid = guest_cid
         self.max_connections = max_connections
         self.max_pending = max_pending
+        self.max_buffered = max_buffered
+        self.max_control = max_control
+        self.buffered = 0  # guest data held for the host sides: the connections' ``held`` and ``sib_held``
+        # connections reset by _check_buffered whose sibling bytes are not let go yet (that comes
+        # when the other end closes): not reset again for the same bytes meanwhile
+        self._releasing: dict[Connection, None] = {}
+        self._control_full = False  # the tx ring is paused for the control backlog (counted once)
         self.pending = 0  # connections CONNECTING or REQUESTED
         self.connector = connector
         self.buf_alloc = buf_alloc
@@ -197,8 +207,63 @@ class ConnTable:
         self.taps(self.name, to_guest, hdr, payload, mark)
 
     def tx_blocked(self) -> bool:
-        """True while control replies pile up for a guest that posts no rx buffers."""
-        return len(self.control) >= MAX_CONTROL_BACKLOG
+        """True while control replies pile up for a guest that posts no rx buffers: its tx
+        ring waits (counted and logged once each time it fills)."""
+        if len(self.control) < self.max_control:
+            self._control_full = False
+            return False
+        if not self._control_full:
+            self._control_full = True
+            self.counters.control_full += 1
+            ratelog(log, logging.WARNING, f"{self.name}: control backlog",
+                    "%s: %d control packets wait for the guest's rx buffers (max-control): its tx ring "
+                    "waits until it takes them", self.name, len(self.control))
+        return True
+
+    def _hold(self, conn: Connection) -> None:
+        """Count what ``conn`` holds for its host side into the device's ``buffered``."""
+        d = conn.out_bytes - conn.held
+        if d:
+            self.buffered += d
+            conn.held = conn.out_bytes
+
+    def sibling_held(self, conn: Connection, n: int) -> None:
+        """``n`` bytes ``conn``'s guest sent wait in (or, negative, left) a sibling's inbox."""
+        conn.sib_held += n
+        self.buffered += n
+        if conn.sib_held <= 0 and self._releasing:
+            self._releasing.pop(conn, None)
+
+    def _drop_out(self, conn: Connection) -> None:
+        """What ``conn`` held for its host side is not going anywhere: let it go."""
+        conn.outq.clear()
+        conn.out_bytes = 0
+        self._hold(conn)
+
+    def _check_buffered(self) -> None:
+        """Past ``max_buffered``: reset the connections that hold the most, until under it.
+        Credit bounds each connection; this bounds a guest with many hosts that do not read."""
+        excess = self.buffered - self.max_buffered - sum(c.sib_held for c in self._releasing)
+        while excess > 0:
+            held = [c for c in self.conns.values() if c.held or c.sib_held] + [
+                c for c in self._lingering if c.held or c.sib_held]
+            if not held:  # the rest is on its way out (sibling ends closing)
+                return
+            conn = max(held, key=lambda c: c.held + c.sib_held)
+            excess -= conn.held + conn.sib_held
+            if conn.sib_held > 0:
+                self._releasing[conn] = None
+            self.counters.buffer_resets += 1
+            ratelog(log, logging.WARNING, f"{self.name}: buffer limit",
+                    "%s: reset %s: the device holds %d bytes for host sides that do not read (max-buffered "
+                    "%d), %d of them for this one", self.name, conn.describe(), self.buffered, self.max_buffered,
+                    conn.held + conn.sib_held)
+            if conn in self._lingering:
+                self._lingering.discard(conn)
+                self._drop_out(conn)
+                conn.peer.close(reset=True)
+            else:
+                self._reset(conn, "max-buffered")
 
     def lingering(self) -> int:
         return len(self._lingering)
@@ -206,6 +271,7 @@ class ConnTable:
     def drop_lingering(self) -> None:
         """vsproxy itself is exiting: no more waiting for slow host readers."""
         for conn in list(self._lingering):
+            self._drop_out(conn)
             conn.peer.close(reset=True)
         self._lingering.clear()
 
@@ -263,8 +329,7 @@ class ConnTable:
     def _forget(self, conn: Connection, reset_peer: bool) -> None:
         self._forget_vsock(conn)
         self._lingering.discard(conn)
-        conn.outq.clear()
-        conn.out_bytes = 0
+        self._drop_out(conn)
         conn.peer.close(reset=reset_peer)
 
     def _fields(self, conn: Connection, op: int, flags: int, length: int) -> tuple[int, ...]:
@@ -281,6 +346,7 @@ class ConnTable:
     def _peer_error(self, conn: Connection, e: OSError) -> None:
         if conn in self._lingering:
             self._lingering.discard(conn)
+            self._drop_out(conn)
             conn.peer.close(reset=True)
             return
         ratelog(log, logging.INFO, f"{self.name}: host side error", "%s: host side of %s: %s", self.name,
@@ -352,8 +418,7 @@ class ConnTable:
                 self._enter(conn, State.CLOSED)
             self._account(conn)
             self._lingering.discard(conn)
-            conn.outq.clear()
-            conn.out_bytes = 0
+            self._drop_out(conn)
             conn.peer.close(reset=True)
         self.conns.clear()
         for held in self._held.values():

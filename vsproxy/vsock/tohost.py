@@ -60,8 +60,11 @@ class HostFlush(SeqPacket):
             if conn.state is not State.CLOSED or conn in self._lingering:
                 self._flush_conn(conn)
             self._own_outq(conn)
+            self._hold(conn)
             if conn.own < 0 and not conn.out_bytes:
                 self._lend_sender(conn)
+        if self.buffered > self.max_buffered:
+            self._check_buffered()
 
     def _own_outq(self, conn: Connection) -> None:
         # Copy what is left out of guest memory: the chain is about to be returned.
@@ -101,6 +104,8 @@ class HostFlush(SeqPacket):
             self._peer_error(conn, e)
             return
         conn.out_bytes -= total
+        if conn.held:
+            self._hold(conn)  # (a pass's bytes are counted once copied, in flush_host)
         if total:
             conn.credit.forwarded(total)
         if outq:
