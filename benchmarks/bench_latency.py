@@ -315,11 +315,14 @@ class Rig:
         acc.join()
         return _row("setup (connect)", ns, {"guest": g_cpu, "vsproxy": v_cpu, "acceptor": acc_cpu}, wakes)
 
-    def close(self) -> None:
+    def close(self) -> str:
+        """Stop vsproxy; its busy-poll line (what polling caught and cost), or ""."""
         self.guest.close()
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(30)
         self.log.close()
+        with open(self.log.name, errors="replace") as f:
+            return next((line.strip() for line in f if line.startswith("busy poll:")), "")
 
 
 def one_run(tmp: str, rounds: int, setups: int, extra: list[str]) -> list[Row]:
@@ -333,7 +336,8 @@ def one_run(tmp: str, rounds: int, setups: int, extra: list[str]) -> list[Row]:
         rows.append(floor_connect(sub, setups))
         rows.append(rig.setup(setups))
     finally:
-        rig.close()
+        polled = rig.close()
+    print(f"vsproxy {polled or 'busy poll: off'}", flush=True)
     by = {r.name: r for r in rows}
     out = []
     for r in rows:

@@ -90,8 +90,8 @@ def report_lines(snap: Snapshot) -> list[str]:
 
 
 class Proxy:
-    def __init__(self, configs: list[DeviceConfig], policy: Policy | None = None) -> None:
-        self.loop = Loop()
+    def __init__(self, configs: list[DeviceConfig], policy: Policy | None = None, *, busy_poll_us: int = 0) -> None:
+        self.loop = Loop(busy_poll_us)
         self.configs = configs
         self.devices: list[Device] = []
         if policy is None:
@@ -275,6 +275,10 @@ class Proxy:
     def report(self, out: TextIO = sys.stderr) -> None:
         for line in report_lines(self.snapshot()):
             print(line, file=out, flush=True)
+        b = self.loop.busy
+        if b.max_ns:  # what --busy-poll cost and saved
+            print(f"busy poll: max_us={b.max_ns // 1000} hits={b.hits} misses={b.misses} "
+                  f"spent_ms={b.spent_ns / 1e6:.1f}", file=out, flush=True)
 
     @contextmanager
     def signals(self) -> Iterator[None]:

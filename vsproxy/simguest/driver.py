@@ -614,7 +614,10 @@ class VsockDriver:
         deadline = time.monotonic() + self.timeout
         try:
             while True:
-                # C reclaims only the chains it posted: Python's own (a credit update) go first
+                # C reclaims only the chains it posted: Python's own (a credit update) go first,
+                # and the ones C left in flight, whose interrupt C did not ask for: asked for now
+                if self.tx.n_inflight and self.tx.event_idx:
+                    self.tx.set_used_event(self.tx.last_used)
                 self.deadline_wait(lambda: self.tx.n_inflight == 0, None, f"waiting for tx to drain ({what})")
                 self._rtt_adopt(c)
                 if c.s.mode == cblast.RTT_CONNECT:

@@ -156,7 +156,10 @@ int sg_rtt(uint8_t *mem, sg_rtt_state *s) {
                 continue;
             }
             /* no chain or no credit: the tx completion (asked for now) or a credit update wakes us */
-            if (k < 0 && s->event_idx) st16(mem, s->tx.used_event_w, s->tx.last_used);
+            if (k < 0 && s->event_idx) {
+                st16(mem, s->tx.used_event_w, s->tx.last_used);
+                __atomic_thread_fence(__ATOMIC_SEQ_CST);   /* used_event before reading used->idx */
+            }
             if (k < 0 && rtt_reclaim_tx(mem, s) < 0) return SG_BAD;
             if (k < 0 && rtt_free_chain(s) >= 0) continue;
         }
