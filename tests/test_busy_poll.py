@@ -4,6 +4,7 @@ adapts, and an idle vsproxy never polls (it sleeps: ~0 CPU)."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import socket
@@ -80,6 +81,10 @@ def test_polling_is_off_with_a_zero_window() -> None:
 
 # -- the loop ---------------------------------------------------------------------------------
 
+def _drain(s: socket.socket) -> None:
+    s.recv(100)
+
+
 @pytest.fixture
 def pair() -> Iterator[tuple[socket.socket, socket.socket]]:
     a, b = socket.socketpair()
@@ -92,7 +97,7 @@ def test_a_loop_that_served_no_fd_never_polls(pair: tuple[socket.socket, socket.
     lp = Loop(busy_poll_us=1000)
     try:
         a, _ = pair
-        lp.set_reader(a.fileno(), lambda: None if a.recv(100) else None)
+        lp.set_reader(a.fileno(), functools.partial(_drain, a))
         fired: list[int] = []
         lp.call_later(0.01, lambda: fired.append(1))
         for _ in range(3):
@@ -128,7 +133,7 @@ def test_a_poll_that_finds_nothing_ends_in_a_sleep_for_the_rest_of_the_timeout(
     lp = Loop(busy_poll_us=2000)
     try:
         a, b = pair
-        lp.set_reader(a.fileno(), lambda: None if a.recv(100) else None)
+        lp.set_reader(a.fileno(), functools.partial(_drain, a))
         b.send(b"x")
         lp.run_once(1.0)
         t0 = time.monotonic()
