@@ -82,7 +82,7 @@ def _name(cb: object) -> str:
 
 
 # The default of --busy-poll (µs): benchmarks/bench_latency.py measures it (README).
-BUSY_POLL_US = 50
+BUSY_POLL_US = 100
 
 
 class BusyPoll:
