@@ -56,7 +56,7 @@ int sg_drain(uint8_t *mem, sg_drain_state *s);
 /* The simulated guest's request/response loop (rtt.c): one connection, `size` bytes each way
    per round, in tx chains Python lends (tx_heads, written as header + payload descriptors, the
    header at tx_off[k] and the payload 64 bytes after it; a CONNECT lends header-only chains).
-   mode SG_RTT_PING sends, waits for the answer and records each round's ns in times; ECHO
+   mode RTT_PING sends, waits for the answer and records each round's ns in times; ECHO
    waits, then answers; CONNECT sends one REQUEST and waits for RESPONSE or RST (last_op). The
    phase is kept across calls: Python handles what C hands back and calls again. */
 typedef struct {

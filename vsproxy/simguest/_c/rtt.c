@@ -83,7 +83,7 @@ static int rtt_take_rx(uint8_t *mem, sg_rtt_state *s) {
         sg_hdr x;
         sg_read_hdr(h, &x);
         if (!sg_hdr_ours(&x, s->guest_cid, s->peer_cid, s->local_port, s->peer_port, s->type)) { stop = SG_RX; break; }
-        if (s->mode == SG_RTT_CONNECT) {
+        if (s->mode == RTT_CONNECT) {
             if (s->phase != 1 || (x.op != VIRTIO_VSOCK_OP_RESPONSE && x.op != VIRTIO_VSOCK_OP_RST)) {
                 stop = SG_RX; break;
             }
@@ -120,15 +120,15 @@ static int rtt_take_rx(uint8_t *mem, sg_rtt_state *s) {
 
 /* Phases: 0 to send, 1 waiting for the answer (PING, CONNECT) or the request (ECHO). */
 int sg_rtt(uint8_t *mem, sg_rtt_state *s) {
-    uint32_t op_len = s->mode == SG_RTT_CONNECT ? 0 : s->size;
-    uint16_t op = s->mode == SG_RTT_CONNECT ? VIRTIO_VSOCK_OP_REQUEST : VIRTIO_VSOCK_OP_RW;
-    if (s->mode == SG_RTT_ECHO && s->phase == 0) s->phase = 1;   /* an echo waits first */
+    uint32_t op_len = s->mode == RTT_CONNECT ? 0 : s->size;
+    uint16_t op = s->mode == RTT_CONNECT ? VIRTIO_VSOCK_OP_REQUEST : VIRTIO_VSOCK_OP_RW;
+    if (s->mode == RTT_ECHO && s->phase == 0) s->phase = 1;   /* an echo waits first */
     for (;;) {
         int stop = rtt_take_rx(mem, s);
         if (stop) return stop;
-        if (s->phase == 1 && (s->mode == SG_RTT_CONNECT ? 0 : s->got >= s->size)) {
+        if (s->phase == 1 && (s->mode == RTT_CONNECT ? 0 : s->got >= s->size)) {
             s->got -= s->size;
-            if (s->mode == SG_RTT_PING) {
+            if (s->mode == RTT_PING) {
                 s->times[s->done] = sg_now_ns() - s->t0;
                 s->done++;
                 s->phase = 0;
@@ -148,10 +148,10 @@ int sg_rtt(uint8_t *mem, sg_rtt_state *s) {
                 k = rtt_free_chain(s);
             }
             if (k >= 0 && rtt_credit(s) >= op_len) {
-                if (s->mode != SG_RTT_ECHO) s->t0 = sg_now_ns();
+                if (s->mode != RTT_ECHO) s->t0 = sg_now_ns();
                 rtt_send(mem, s, k, op, op_len);
-                if (s->mode == SG_RTT_ECHO) s->done++;
-                if (s->mode == SG_RTT_ECHO && s->done == s->rounds) return SG_DONE;
+                if (s->mode == RTT_ECHO) s->done++;
+                if (s->mode == RTT_ECHO && s->done == s->rounds) return SG_DONE;
                 s->phase = 1;
                 continue;
             }
