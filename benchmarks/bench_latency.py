@@ -17,10 +17,12 @@ driver. Each round is 1 byte each way, the next request sent once the answer is 
 - setup: REQUEST to RESPONSE through vsproxy to a unix listener that accepts (in C), against a
   unix connect() until the acceptor's first byte (connect()+accept() and back).
 
-Figures: p50 and p99 of the round times (after a warm-up), their ratio to the row's floor,
-and the CPU seconds each process took per round trip (schedstat, ns resolution; vsproxy's
+Figures: p50 and p99 of the round times (after a warm-up), their ratio to the row's floor (and
+for vsproxy's turns, p50 over the 4-hop relay's), vsproxy's sleeps (voluntary context switches)
+per round trip, and the CPU each process took per round trip (schedstat, ns resolution; vsproxy's
 includes its polling). Targets (issue 19): p50 <= 1.5x and p99 <= 3x the floor, setup p50 <= 2x.
-``--runs`` repeats every row (interleaved: floor, rows, floor, ...) and prints the median run.
+``--runs`` repeats every row (interleaved: floors, rows, floors, ...) and prints the median of each
+figure over the runs (each ratio taken within its run).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Row(NamedTuple):
     wakes: float = -1.0  # vsproxy's sleeps (voluntary context switches) per round trip
     r50: float = 0.0  # p50 and p99 over the floor's, of the same run
     r99: float = 0.0
+    relay: float = 0.0  # p50 over the 4-hop C relay's (vsproxy rows): what any proxy costs at best
 
 
 def _ffi_lib() -> tuple[Any, Any]:
@@ -342,7 +345,11 @@ def one_run(tmp: str, rounds: int, setups: int, extra: list[str]) -> list[Row]:
     out = []
     for r in rows:
         fl = by.get(FLOOR_OF.get(r.name, ""))
-        out.append(r._replace(r50=r.p50_us / fl.p50_us, r99=r.p99_us / fl.p99_us) if fl else r)
+        if fl:
+            r = r._replace(r50=r.p50_us / fl.p50_us, r99=r.p99_us / fl.p99_us)
+        if r.name in ("guest->host", "host->guest"):
+            r = r._replace(relay=r.p50_us / by["4-hop C relay"].p50_us)
+        out.append(r)
     return out
 
 
@@ -353,16 +360,17 @@ TARGET = {"guest->host": (1.5, 3.0), "host->guest": (1.5, 3.0), "setup (connect)
 
 def print_table(rows: list[Row]) -> None:
     print(f"{'row':<18} {'p50 µs':>8} {'p99 µs':>8} {'p50/floor':>9} {'p99/floor':>9} {'target':>10} "
-          f"{'vsp sleeps':>10}  CPU µs per round trip")
+          f"{'p50/4-hop':>9} {'vsp sleeps':>10}  CPU µs per round trip")
     for r in rows:
         r50 = f"{r.r50:.2f}x" if r.r50 else "-"
         r99 = f"{r.r99:.2f}x" if r.r99 else "-"
         t = TARGET.get(r.name)
         target = "-" if t is None else (f"{t[0]}x/{t[1]}x" if t[1] else f"{t[0]}x")
         wakes = f"{r.wakes:.2f}" if r.wakes >= 0 else "-"
+        relay = f"{r.relay:.2f}x" if r.relay else "-"
         cpu = " ".join(f"{k} {v:.1f}" for k, v in r.cpu.items())
-        print(f"{r.name:<18} {r.p50_us:>8.1f} {r.p99_us:>8.1f} {r50:>9} {r99:>9} {target:>10} {wakes:>10}  {cpu}",
-              flush=True)
+        print(f"{r.name:<18} {r.p50_us:>8.1f} {r.p99_us:>8.1f} {r50:>9} {r99:>9} {target:>10} {relay:>9} {wakes:>10}  "
+              f"{cpu}", flush=True)
 
 
 def median_rows(runs: list[list[Row]]) -> list[Row]:
@@ -373,7 +381,7 @@ def median_rows(runs: list[list[Row]]) -> list[Row]:
         med = statistics.median
         out.append(Row(rs[0].name, med(r.p50_us for r in rs), med(r.p99_us for r in rs),
                        {p: med(r.cpu[p] for r in rs) for p in rs[0].cpu}, med(r.wakes for r in rs),
-                       med(r.r50 for r in rs), med(r.r99 for r in rs)))
+                       med(r.r50 for r in rs), med(r.r99 for r in rs), med(r.relay for r in rs)))
     return out
 
 
