@@ -25,8 +25,8 @@ static int tx_spin(vq_tx_ctx *ctx) {
     return 0;
 }
 
-/* --busy-poll: a request/response turn. Once C sent a connection's data to its host socket,
-   the host's answer usually comes within tens of microseconds; once C gave the guest that
+/* --busy-poll: a request/response turn. Once C sent a connection's data to its host socket
+   (in this call), the host's answer usually comes within tens of microseconds; once C gave the guest that
    answer, the guest's next request does. Polling for them here, without sleeping, saves
    vsproxy's wake-up (and the trip through Python) on the way in, and makes the peer's system
    call cheaper (no sleeper to wake). The guest's tx ring is watched only after C gave the
@@ -37,7 +37,9 @@ static int tx_spin(vq_tx_ctx *ctx) {
    every 64th call polls the full window once (a miss closes it again), so a stream that is not
    request/response costs one window in 64 kicks (loop.BusyPoll, the same rule). The time it takes is counted (poll_spent_ns). */
 #define POLL_FDS 16
-static int tx_poll(vq_tx_ctx *ctx, int *turn, uint32_t *rx_chains, uint32_t *rx_notifications, uint32_t *waits) {
+#define POLL_SLOTS 64   /* connections whose sends vq_tx_kick notes at its start (fastpath.OWN_SLOTS) */
+static int tx_poll(vq_tx_ctx *ctx, const uint32_t *sends0, int *turn, uint32_t *rx_chains, uint32_t *rx_notifications,
+                   uint32_t *waits) {
     struct pollfd p[POLL_FDS];
     vq_own *pe[POLL_FDS];
     uint32_t np = 0;
@@ -45,7 +47,9 @@ static int tx_poll(vq_tx_ctx *ctx, int *turn, uint32_t *rx_chains, uint32_t *rx_
         vq_own *e = &ctx->own[k];
         if (!e->active) continue;
         seen++;
-        if (!(e->flags & OWN_F_WAIT)) continue;
+        /* only a socket C sent the guest's data to in this call waits for an answer (a host
+           streaming to the guest is read when the loop says so, in bigger pieces) */
+        if (!(e->flags & OWN_F_WAIT) || k >= POLL_SLOTS || e->sends == sends0[k]) continue;
         p[np].fd = e->fd; p[np].events = POLLIN; p[np].revents = 0;
         pe[np++] = e;
     }
@@ -113,6 +117,9 @@ int vq_tx_kick(vq_tx_ctx *ctx) {
         ctx->poll_probe = 1;
     }
     int turn = 0;   /* C gave the guest host data: poll its tx ring for the next request */
+    uint32_t sends0[POLL_SLOTS];   /* each connection's runs sent to its host socket, at the start */
+    if (ctx->poll_ns)
+        for (uint32_t k = 0; k < ctx->nown && k < POLL_SLOTS; k++) sends0[k] = ctx->own[k].sends;
     for (int armed = 0, rounds = 0, spun = 0;;) {
         if (cap->mode && cap->size - cap->used < CAP_LOW) { status = KICK_PUMP; break; }
         uint16_t avail_idx = __atomic_load_n(&ctx->avail[1], __ATOMIC_ACQUIRE);
@@ -123,7 +130,7 @@ int vq_tx_kick(vq_tx_ctx *ctx) {
             if (armed) break;
             /* polling goes on for at most 8 windows a call: then the loop's other fds get a turn */
             if (ctx->poll_cur && ctx->owned && now_ns() - start < 8 * (uint64_t)ctx->poll_ns) {
-                int got = tx_poll(ctx, &turn, &rx_chains, &rx_notifications, &waits);
+                int got = tx_poll(ctx, sends0, &turn, &rx_chains, &rx_notifications, &waits);
                 if (got == 2) { status = KICK_ITEMS; break; }
                 if (got) continue;
             }
