@@ -91,8 +91,8 @@ def report_lines(snap: Snapshot) -> list[str]:
 
 
 class Proxy:
-    def __init__(self, configs: list[DeviceConfig], policy: Policy | None = None) -> None:
-        self.loop = Loop()
+    def __init__(self, configs: list[DeviceConfig], policy: Policy | None = None, *, busy_poll_us: int = 0) -> None:
+        self.loop = Loop(busy_poll_us)
         self.configs = configs
         self.devices: list[Device] = []
         if policy is None:
@@ -282,6 +282,10 @@ class Proxy:
     def report(self, out: TextIO = sys.stderr) -> None:
         for line in report_lines(self.snapshot()):
             print(line, file=out, flush=True)
+        b = self.loop.busy
+        if b.max_ns:  # what --busy-poll cost and saved
+            print(f"busy poll: max_us={b.max_ns // 1000} hits={b.hits} misses={b.misses} "
+                  f"spent_ms={b.spent_ns / 1e6:.1f}", file=out, flush=True)
 
     def _on_signal(self, pending: list[int]) -> Callable[[int, object], None]:
         def handler(signum: int, frame: object) -> None:

@@ -18,6 +18,7 @@ from vsproxy.app import ConfigError, Proxy
 from vsproxy.capture.writer import MIN_QUEUE_BYTES, QUEUE_BYTES, CaptureOptions
 from vsproxy.device import DEFAULT_QUEUE_SIZE
 from vsproxy.limits import raise_nofile_limit
+from vsproxy.loop import BUSY_POLL_US
 from vsproxy.replay.options import add_replay_options, replay_server_rules, set_replay_options, start_host_replays
 from vsproxy.vsock.core import DEFAULT_BUF_ALLOC
 
@@ -175,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pcap-lossless", action="store_true",
                    help="never drop a packet from the capture: when the file falls behind, vsproxy stops taking "
                    "from the rings and host sockets until it catches up (the guests are slowed instead)")
+    p.add_argument("--busy-poll", type=int, default=BUSY_POLL_US, metavar="USEC",
+                   help=f"after traffic, poll for up to USEC microseconds before sleeping (default {BUSY_POLL_US}; "
+                   "adaptive, never while idle; 0: always sleep): shorter request/response turns for some CPU")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for every message)")
     p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     return p
@@ -394,7 +398,7 @@ def serve(args_list: list[str], start_children: Callable[[], list[subprocess.Pop
     raise_nofile_limit()  # the figure is logged with the limits it gives, at start
     for note in settings.notes:
         print(f"vsproxy: {note}", file=sys.stderr)
-    proxy = Proxy(settings.devices, settings.policy())
+    proxy = Proxy(settings.devices, settings.policy(), busy_poll_us=max(0, args.busy_poll))
     try:
         for problem in capture_problems(args):
             raise ConfigError(problem)

@@ -89,6 +89,9 @@ class DataPath:
             return
         self.core.tick(self.loop.time())
         self.core.sync_owned()  # counters lag what C does by at most one sweep
+        fast = self._fastpaths[TX_QUEUE]
+        if fast is not None:
+            self.loop.busy.add(*fast.poll_counts())  # C's polling, in the loop's figures
         if self.running:
             self.pump()
         self.loop.call_later(SWEEP_INTERVAL, self._sweep)

@@ -295,6 +295,18 @@ class TxFastPath(_RingPath):
             lib.vq_own_free_ra(self._own + k)  # a slot's read-ahead buffer is C's malloc
         super().close()
 
+    def set_poll(self, ns: int) -> None:
+        """--busy-poll: how long vq_tx_kick polls for the next turn of the connections C runs
+        before it re-enables kicks and returns (0: never)."""
+        self._ctx.poll_ns = self._ctx.poll_cur = ns
+
+    def poll_counts(self) -> tuple[int, int, int]:
+        """What vq_tx_kick's polling cost and caught since the last call: ns, hits, misses."""
+        c = self._ctx
+        got = (int(c.poll_spent_ns), int(c.poll_hits), int(c.poll_misses))
+        c.poll_spent_ns = c.poll_hits = c.poll_misses = 0
+        return got
+
     # -- owned connections: C takes their credit updates and refills the rx ring itself ------------
     def attach_rx(self, rx: RxFastPath, call_fd: Callable[[], int], burst: int, max_packets: int) -> bool:
         """Let batches fill ``rx`` for owned connections (both queues in the one guest memory)."""

@@ -210,6 +210,8 @@ class FrontendSession(DataPath, CoreHooks):
             self.core.rx_progress = self._rx_progress
             self.core.rx_pending = q.pending
         tx_fast, rx_path = self._fastpaths[TX_QUEUE], self._rx_path
+        if tx_fast is not None and index == TX_QUEUE:
+            tx_fast.set_poll(self.loop.busy.max_ns)
         if tx_fast is not None and rx_path is not None and tx_fast.attach_rx(
                 rx_path, self._rx_call_fd, RX_FAST_BURST_BYTES, RX_FAST_BURST):
             self.core.owner = tx_fast
@@ -244,6 +246,7 @@ class FrontendSession(DataPath, CoreHooks):
         tx_fast = self._fastpaths[TX_QUEUE]
         if tx_fast is not None:
             tx_fast.detach_rx()
+            self.loop.busy.add(*tx_fast.poll_counts())
         fast = self._fastpaths[index]
         if fast is not None:
             fast.close()

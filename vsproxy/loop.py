@@ -3,6 +3,13 @@
 Single-threaded on purpose: the data path touches guest memory and the vsock
 cores without locks, and every callback runs to completion.
 
+After a pass that served fds, the loop may poll them without sleeping for a short while
+(``--busy-poll``) before it blocks in epoll: a request/response peer's next packet usually
+comes within tens of microseconds, and catching it awake saves the wake-up (the sleeping
+process scheduled again) on the way in and makes the sender's system call cheaper. The window
+adapts (``BusyPoll``); a loop that served no fd never polls, so an idle process sleeps. What
+polling costs is counted (``BusyPoll.spent_ns``).
+
 The loop is the last line of defence: an unexpected exception in a callback never ends the
 process serving every guest. It is counted and logged (rate-limited), and handed to the
 callback's owner, the object a bound method belongs to, if that owner has ``on_fault``: a
@@ -74,8 +81,60 @@ def _name(cb: object) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 
+# The default of --busy-poll (µs): benchmarks/bench_latency.py measures it (README).
+BUSY_POLL_US = 100
+
+
+class BusyPoll:
+    """The adaptive polling window and what it cost (sans-I/O: times are arguments).
+
+    ``window_ns`` starts at ``max_ns``; a poll that found an fd doubles it (up to ``max_ns``),
+    one that ended without halves it (below two microseconds it is 0: no polling). Once closed,
+    every ``PROBE``-th pass that served fds polls the full window once (``served``; a miss closes
+    it again): traffic that is not request/response (a stream, sparse events) costs one window
+    in ``PROBE`` passes, and a loop that serves no fd never polls."""
+
+    PROBE = 64
+    __slots__ = ("hits", "max_ns", "misses", "passes", "probing", "spent_ns", "window_ns")
+
+    def __init__(self, max_ns: int) -> None:
+        self.max_ns = max(0, max_ns)
+        self.window_ns = self.max_ns
+        self.passes = 0  # passes that served fds since the window closed
+        self.probing = False  # the window is open for one probe: a miss closes it again
+        self.hits = 0  # polls that found an fd ready (a sleep and a wake-up saved)
+        self.misses = 0  # polls that ended with nothing (the loop then slept)
+        self.spent_ns = 0  # time spent polling, hits and misses
+
+    def served(self) -> int:
+        """A pass served fds: the window for the next wait (0: sleep at once)."""
+        if not self.window_ns and self.max_ns:
+            self.passes += 1
+            if self.passes >= self.PROBE:
+                self.passes = 0
+                self.window_ns = self.max_ns
+                self.probing = True
+        return self.window_ns
+
+    def polled(self, spent_ns: int, found: bool) -> None:
+        self.spent_ns += spent_ns
+        if found:
+            self.hits += 1
+            self.window_ns = min(self.max_ns, self.window_ns * 2)
+        else:
+            self.misses += 1
+            self.window_ns = self.window_ns // 2 if self.window_ns >= 4000 and not self.probing else 0
+        self.probing = False
+
+    def add(self, spent_ns: int, hits: int, misses: int) -> None:
+        """What the C data path's polling (vq_tx_kick) cost and caught."""
+        self.spent_ns += spent_ns
+        self.hits += hits
+        self.misses += misses
+
+
 class Loop:
-    def __init__(self) -> None:
+    def __init__(self, busy_poll_us: int = 0) -> None:
         # epoll itself, not the selectors module: one dict lookup per event, and read/write
         # interest toggles (a connection out of credit, a full host socket) are one epoll_ctl.
         self._ep = select.epoll()
@@ -95,6 +154,8 @@ class Loop:
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
         self.set_reader(self._wake_r.fileno(), self._drain_wakeup)
+        self.busy = BusyPoll(busy_poll_us * 1000)
+        self._served = False  # the last pass ran an fd callback: the next may poll first
 
     def _drain_wakeup(self) -> None:
         try:
@@ -218,9 +279,13 @@ class Loop:
             # a cancelled head only makes this pass wake early, once
             timeout = max(0.0, min(timeout, self._timers[0][0] - self.time()))
         try:
-            ready = self._ep.poll(timeout)
+            if timeout > 0 and self._served and self.busy.served():
+                ready = self._poll_busy(timeout)
+            else:
+                ready = self._ep.poll(timeout)
         except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
             ready = []
+        self._served = bool(ready)
         cbs_of = self._cbs
         for fd, mask in ready:
             cbs = cbs_of.get(fd)
@@ -260,6 +325,26 @@ class Loop:
                 scb()
             except Exception as e:
                 self._fault(scb, e)
+
+    def _poll_busy(self, timeout: float) -> list[tuple[int, int]]:
+        """Poll the fds without sleeping for up to the window, then sleep for the rest of
+        ``timeout``."""
+        busy, poll, clock = self.busy, self._ep.poll, time.monotonic_ns
+        t0 = clock()
+        end = t0 + busy.window_ns
+        while True:
+            ready = poll(0)
+            now = clock()
+            if ready:
+                busy.polled(now - t0, True)
+                return ready
+            if now >= end or self._from_threads:
+                break
+        busy.polled(now - t0, False)
+        left = timeout - (now - t0) / 1e9
+        if left <= 0 or self._from_threads:
+            return poll(0)
+        return poll(left)
 
     def run(self) -> None:
         self.thread_id = threading.get_ident()

@@ -110,6 +110,12 @@ typedef struct {
     uint32_t *tx_used; uint16_t *tx_used_idx_p; uint16_t *tx_avail_event_p; int tx_event_idx;
     int tx_call_fd, kick_fd; uint32_t limit;
     uint32_t spin_ns;    /* how long vq_tx_kick watches the avail ring before it re-enables kicks */
+    /* --busy-poll (tx_kick.c): how long vq_tx_kick polls for the next turn of the connections it
+       runs (the guest's next tx entry, or their host sockets) before it re-enables kicks (0:
+       never); the adaptive window; calls since it closed; a probe's window is open; what polling
+       cost and caught */
+    uint32_t poll_ns, poll_cur, poll_calls, poll_probe;
+    uint64_t poll_spent_ns, poll_hits, poll_misses;
     uint16_t tx_last_avail, tx_used_idx, tx_signalled;   /* Python's shadows, in and out */
     uint32_t tx_chains, tx_notifications;                /* out: added by vq_tx_kick */
     int32_t kick_items;  /* out: items of the batch vq_tx_kick left for Python */

@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent  # where setup.py is
 C_DIR = HERE / "_c"
 SHARED_C_DIR = HERE.parent / "_c"  # virtio_vsock.h
-SOURCES = ["blast.c", "drain.c", "sg_ring.c"]
+SOURCES = ["blast.c", "drain.c", "rtt.c", "lat.c", "sg_ring.c"]
 # -Werror only where the C build is required (as vsproxy/_fastpath_build.py says why).
 CFLAGS = ["-O2", "-Wall", "-Wextra"] + (["-Werror"] if os.environ.get("VSPROXY_REQUIRE_C") == "1" else [])
 

@@ -5,9 +5,12 @@ A guest kernel spends a few microseconds per packet where the Python driver spen
 a two-core machine the benchmark's guest shares the cores with vsproxy: in Python it would be
 measured as much as vsproxy. The sender keeps the tx ring full within the peer's credit and takes
 the connection's CREDIT_UPDATEs off the rx ring; the receiver takes the connection's RW packets,
-checks and returns credit as Linux 6.1 does (the CREDIT_UPDATE itself is sent by Python). Both
-hand anything else back to the Python driver, which stays the reference (``VSPROXY_NO_C=1``, or
-``driver.use_c_blast = False``).
+checks and returns credit as Linux 6.1 does (the CREDIT_UPDATE itself is sent by Python). The
+request/response loop (``sg_rtt``, ``CRtt``) sends a request and sleeps until its answer, or
+answers each request, or times one connect. All of them hand anything else back to the Python
+driver, which stays the reference (``VSPROXY_NO_C=1``, or ``driver.use_c_blast = False``; the
+request/response loop has no Python twin: it is the benchmark's guest, and says so when C is
+missing).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from vsproxy._ext import load
 from vsproxy.vsock import header as vh
 
-from .errors import RingError, SimGuestTimeout
+from .errors import RingError, RingFull, SimGuestTimeout
 from .ring import SplitRing
 
 if TYPE_CHECKING:
@@ -27,6 +30,8 @@ ffi, lib = load("vsproxy.simguest._cblast")
 AVAILABLE = lib is not None
 
 SG_DONE, SG_RX, SG_TIMEOUT, SG_BAD, SG_HEADERS, SG_CREDIT = range(6)  # _c/cblast.h
+RTT_PING, RTT_ECHO, RTT_CONNECT = range(3)  # sg_rtt's modes
+RTT_CHAINS = 8  # tx chains lent to one sg_rtt call
 MAX_HEADERS = 256
 CTL_CHAINS = 16  # tx chains lent to one sg_drain call for its credit updates
 
@@ -206,3 +211,107 @@ class CDrain(_CPath):
         if rc == SG_RX:
             self.handed_back += 1
         return rc, s.got
+
+
+class CRtt(_CPath):
+    """The request/response loop's state shared with C (``sg_rtt``): one connection, one mode,
+    kept across calls (the phase, the round and each round's time), the rings and the
+    connection reloaded before each call. Each call lends C ``RTT_CHAINS`` tx chains (a header
+    and a ``size``-byte payload each, or a header alone for CONNECT); what C left posted goes
+    back to the Python ring as in flight, the rest back to the free lists."""
+
+    def __init__(self, drv: VsockDriver, conn: Conn, mode: int, rounds: int, size: int) -> None:
+        super().__init__(drv, "sg_rtt_state *", [drv.rx.inflight, drv.tx.inflight])
+        self.conn = conn
+        self.size = size
+        self.times = ffi.new("uint64_t[]", max(rounds, 1))
+        self.tx_heads = ffi.new("uint16_t[]", RTT_CHAINS)
+        self.tx_off = ffi.new("uint32_t[]", RTT_CHAINS)
+        self.tx_busy = ffi.new("uint8_t[]", RTT_CHAINS)
+        s = self.s
+        s.mode, s.rounds, s.size, s.phase, s.got, s.done = mode, rounds, size, 0, 0, 0
+
+    def _lend_tx(self) -> list[tuple[int, int]]:
+        drv = self.drv
+        tx, slots = drv.tx, drv.tx_free_slots
+        lent: list[tuple[int, int]] = []
+        header_only = self.s.mode == RTT_CONNECT
+        while len(lent) < RTT_CHAINS and slots and len(tx.free) >= (1 if header_only or tx.indirect else 2):
+            slot = slots.pop()
+            gpa = drv.tx_slot_gpa(slot)
+            head = (tx.reserve_direct(gpa, vh.HDR_SIZE) if header_only
+                    else tx.reserve_pair(gpa, gpa + 64, self.size))
+            k = len(lent)
+            self.tx_heads[k], self.tx_off[k], self.tx_busy[k] = head, drv.mem.offset(gpa, 64 + self.size), 0
+            lent.append((head, slot))
+        return lent
+
+    def _settle_tx(self, lent: list[tuple[int, int]]) -> None:
+        drv, tx = self.drv, self.drv.tx
+        plen = 0 if self.s.mode == RTT_CONNECT else self.size
+        returned = int(self.s.posted)
+        for k, (head, slot) in enumerate(lent):
+            if self.tx_busy[k]:  # posted, not used yet: the Python ring reclaims it
+                tx.posted_by_c(head, slot)
+                drv.tx_slot_len[slot] = plen
+                returned -= 1
+            else:
+                tx.unreserve(head)
+                drv.tx_free_slots.append(slot)
+        drv.stats.tx_packets += returned
+        drv.stats.tx_bytes += returned * plen
+
+    def run(self, timeout_ms: int) -> int:
+        """One sg_rtt call; its return code (the rings and the connection settled)."""
+        drv, s, conn = self.drv, self.s, self.conn
+        rx, tx, fe = drv.rx, drv.tx, drv.fe
+        self._load(s.rx, rx, self._inflight[0], fe.kick_fds[rx.index], fe.call_fds[rx.index])
+        self._load(s.tx, tx, self._inflight[1], fe.kick_fds[tx.index], fe.call_fds[tx.index])
+        lent = self._lend_tx()
+        if not lent:
+            raise RingFull("no tx chain to lend the request/response loop")
+        s.tx_heads, s.tx_off, s.tx_busy, s.ntx, s.posted = self.tx_heads, self.tx_off, self.tx_busy, len(lent), 0
+        s.event_idx = 1 if rx.event_idx else 0
+        s.rx_off, s.rx_payload = self.rx_off, drv.rx_buf_size - vh.HDR_SIZE
+        s.guest_cid, s.peer_cid = drv.guest_cid, conn.peer_cid
+        s.local_port, s.peer_port, s.type = conn.local_port, conn.peer_port, conn.type
+        s.buf_alloc, s.tx_cnt, s.rx_cnt = conn.buf_alloc, conn.tx_cnt, conn.rx_cnt
+        s.fwd_cnt, s.last_fwd_cnt = conn.fwd_cnt, conn.last_fwd_cnt
+        s.peer_buf_alloc, s.peer_fwd_cnt = conn.peer_buf_alloc, conn.peer_fwd_cnt
+        s.times = self.times
+        s.kicks = s.interrupts = 0
+        s.headers, s.nheaders, s.max_headers = self.headers, 0, MAX_HEADERS
+        s.timeout_ms = timeout_ms
+        self._wait_on(s)
+        rx_before = conn.rx_cnt
+        rc = int(lib.sg_rtt(self.mem, s))
+        self._store(s.rx, rx)
+        self._store(s.tx, tx)
+        self._settle_tx(lent)
+        conn.tx_cnt, conn.rx_cnt, conn.fwd_cnt, conn.last_fwd_cnt = s.tx_cnt, s.rx_cnt, s.fwd_cnt, s.last_fwd_cnt
+        conn.peer_buf_alloc, conn.peer_fwd_cnt = s.peer_buf_alloc, s.peer_fwd_cnt
+        st = drv.stats
+        st.rx_packets += s.nheaders
+        st.rx_bytes += (s.rx_cnt - rx_before) & 0xFFFFFFFF
+        st.kicks += s.kicks
+        st.interrupts += s.interrupts
+        self._record(s.nheaders, True)
+        if rc == SG_RX:
+            self.handed_back += 1
+        return rc
+
+    def adopt(self, nbytes: int) -> None:
+        """Bytes of the connection the Python driver took meanwhile count as received by C."""
+        self.s.got += nbytes
+
+    @property
+    def done(self) -> int:
+        return int(self.s.done)
+
+    @property
+    def last_op(self) -> int:
+        return int(self.s.last_op)
+
+    def round_ns(self) -> list[int]:
+        """Each finished round's nanoseconds (PING, CONNECT)."""
+        return list(ffi.unpack(self.times, int(self.s.done)))

@@ -608,6 +608,85 @@ class VsockDriver:
                 self.poll(0)  # the Python driver takes the entry C would not (conn.sink counts RW)
             self._reclaim_tx()
 
+    # -- request/response in C (cblast.CRtt) ---------------------------------------------------------
+
+    def _rtt(self, c: cblast.CRtt, what: str) -> None:
+        """Run ``c`` to its end: what C hands back is the Python driver's, then C goes on."""
+        conn = c.conn
+        deadline = time.monotonic() + self.timeout
+        try:
+            while True:
+                # C reclaims only the chains it posted: Python's own (a credit update) go first,
+                # and the ones C left in flight, whose interrupt C did not ask for: asked for now
+                if self.tx.n_inflight and self.tx.event_idx:
+                    self.tx.set_used_event(self.tx.last_used)
+                self.deadline_wait(lambda: self.tx.n_inflight == 0, None, f"waiting for tx to drain ({what})")
+                self._rtt_adopt(c)
+                if c.s.mode == cblast.RTT_CONNECT:
+                    if conn.state != State.CONNECTING:
+                        return  # Python took the answer
+                elif conn.state != State.ESTABLISHED:
+                    raise BrokenPipeError(f"connection {conn.key} closed during {what} after {c.done} rounds")
+                left = deadline - time.monotonic()
+                rc = cblast.SG_TIMEOUT if left <= 0 else c.run(max(1, int(left * 1000)))
+                if rc == cblast.SG_DONE:
+                    return
+                if rc == cblast.SG_TIMEOUT:
+                    raise SimGuestTimeout(f"timed out after {self.timeout}s in {what} after {c.done} rounds")
+                if rc == cblast.SG_BAD:
+                    raise SimGuestError(f"queue {self.tx.index}: a used entry names a chain C did not post")
+                if rc == cblast.SG_CREDIT:
+                    self._send(conn, Op.CREDIT_UPDATE)
+                elif rc == cblast.SG_RX:
+                    self.poll(0)  # the Python driver takes the entry C would not
+                deadline = time.monotonic() + self.timeout  # progress: a fresh timeout
+        finally:
+            c.close()
+
+    def _rtt_adopt(self, c: cblast.CRtt) -> None:
+        """Data of the connection the Python driver queued counts as C's (the program reads it)."""
+        conn = c.conn
+        n = sum(len(b) for b in conn.rx)
+        if n:
+            conn.rx.clear()
+            self._consumed(conn, n)
+            c.adopt(n)
+
+    def request_response(self, conn: Conn, rounds: int, size: int, echo: bool) -> list[int]:
+        """``rounds`` request/response turns of ``size`` bytes each way, in C (``sg_rtt``):
+        send and wait for the answer (the nanoseconds of each round come back), or with
+        ``echo`` wait for each request and answer it."""
+        if not cblast.AVAILABLE:
+            raise SimGuestError("the C request/response loop was not built (vsproxy.simguest._cblast)")
+        if not 0 < size <= min(MAX_PAYLOAD, TX_SLOT_SIZE - TX_SLOT_HDR, self.rx_buf_size - HDR_SIZE):
+            raise ValueError(f"request size must be 1..{self.rx_buf_size - HDR_SIZE} bytes")
+        c = cblast.CRtt(self, conn, cblast.RTT_ECHO if echo else cblast.RTT_PING, rounds, size)
+        self._rtt(c, "an echo loop" if echo else "a request/response loop")
+        return c.round_ns()
+
+    def connect_timed(self, cid: int, port: int, type: int) -> tuple[Conn, int]:
+        """A connect whose REQUEST goes out and whose answer is taken in C: the connection
+        (ConnectionResetError if refused) and the nanoseconds from REQUEST to RESPONSE."""
+        if not cblast.AVAILABLE:
+            raise SimGuestError("the C request/response loop was not built (vsproxy.simguest._cblast)")
+        conn = Conn(self.alloc_port(), cid, port, type, self.buf_alloc)
+        self.conns[conn.key] = conn
+        c = cblast.CRtt(self, conn, cblast.RTT_CONNECT, 1, 0)
+        try:
+            self._rtt(c, f"connecting to {cid}:{port}")
+        except BaseException:
+            self.conns.pop(conn.key, None)
+            raise
+        if c.done:  # C took the answer
+            if c.last_op == Op.RESPONSE:
+                conn.state = State.ESTABLISHED
+            else:
+                self._drop(conn, reset=True)
+        if conn.state != State.ESTABLISHED:
+            raise ConnectionResetError(f"connection to {cid}:{port} refused (RST)")
+        ns = c.round_ns()
+        return conn, ns[0] if ns else 0
+
     # -- connection control ------------------------------------------------------------------------
 
     def connect(self, cid: int, port: int, type: int, local_port: int | None, timeout: float | None) -> Conn:

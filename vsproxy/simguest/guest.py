@@ -169,6 +169,12 @@ class SimGuest:
                 timeout: float | None = None) -> GuestSocket:
         return GuestSocket(self.driver, self.driver.connect(cid, port, type, local_port, timeout))
 
+    def connect_timed(self, port: int, cid: int = 2, type: int = STREAM) -> tuple[GuestSocket, int]:
+        """A connect whose REQUEST and answer the C loop handles (``driver.connect_timed``):
+        the socket and the nanoseconds from REQUEST to RESPONSE."""
+        conn, ns = self.driver.connect_timed(cid, port, type)
+        return GuestSocket(self.driver, conn), ns
+
     def listen(self, port: int, type: int = STREAM, backlog: int = 16) -> GuestListener:
         drv = self.driver
         if (port, type) in drv.listeners:

@@ -29,6 +29,7 @@ MAX_QUEUE_SIZE = 32768
 LEGACY_ALIGN = 4096
 # Entries in each head's preallocated indirect table; longer chains get a fresh table.
 INDIRECT_SLOTS = 4
+HDR_LEN = 44  # a virtio-vsock header (reserve_pair)
 
 
 class Buf(NamedTuple):
@@ -241,8 +242,33 @@ class SplitRing:
         self.tokens[head] = token
         self.n_inflight += 1
 
+    def reserve_pair(self, hdr_gpa: int, pay_gpa: int, plen: int) -> int:
+        """A free head written as a header descriptor and a ``plen``-byte payload descriptor
+        (an indirect table when negotiated, as Linux sends data) but not posted: the C
+        request/response loop posts it. ``posted_by_c`` or ``unreserve`` settles it."""
+        if self.indirect:
+            if not self.free:
+                raise RingFull(f"queue {self.index}: no free descriptor")
+            head = self.free.pop()
+            table = self.indirect_table_gpa(head)
+            self.write_table_bytes(table, DESC.pack(hdr_gpa, HDR_LEN, VRING_DESC_F_NEXT, 1)
+                                   + DESC.pack(pay_gpa, plen, 0, 0))
+            self.write_desc(head, table, 2 * DESC_SIZE, VRING_DESC_F_INDIRECT, 0)
+            self._extra[head] = ()
+        else:
+            if len(self.free) < 2:
+                raise RingFull(f"queue {self.index}: {len(self.free)} free descriptors, a pair needs 2")
+            head, nxt = self.free.pop(), self.free.pop()
+            self.write_desc(head, hdr_gpa, HDR_LEN, VRING_DESC_F_NEXT, nxt)
+            self.write_desc(nxt, pay_gpa, plen, 0, 0)
+            self._extra[head] = (nxt,)
+        self._prepared[head] = -1
+        return head
+
     def unreserve(self, head: int) -> None:
         self.free.append(head)
+        self.free.extend(self._extra[head])
+        self._extra[head] = ()
 
     def prepare_uniform(self, table: bytes, token: int) -> None:
         """Give every free head ``table`` as its indirect table and ``token``, ready to be posted

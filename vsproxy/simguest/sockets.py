@@ -86,6 +86,15 @@ class GuestSocket:
         """Receive ``nbytes`` (fewer only at EOF) without keeping them; returns the count."""
         return self._drv.drain(self.conn, nbytes, sink)
 
+    def ping(self, rounds: int, size: int = 1) -> list[int]:
+        """``rounds`` requests of ``size`` bytes, each sent once the previous answer (``size``
+        bytes) is in, from C (``sg_rtt``); each round's nanoseconds."""
+        return self._drv.request_response(self.conn, rounds, size, echo=False)
+
+    def echo(self, rounds: int, size: int = 1) -> None:
+        """Answer each of ``rounds`` requests of ``size`` bytes with ``size`` bytes, from C (``sg_rtt``)."""
+        self._drv.request_response(self.conn, rounds, size, echo=True)
+
     def send_credit_request(self) -> None:
         from vsproxy.vsock.header import Op
 

@@ -52,3 +52,47 @@ typedef struct {
 } sg_drain_state;
 
 int sg_drain(uint8_t *mem, sg_drain_state *s);
+
+/* The simulated guest's request/response loop (rtt.c): one connection, `size` bytes each way
+   per round, in tx chains Python lends (tx_heads, written as header + payload descriptors, the
+   header at tx_off[k] and the payload 64 bytes after it; a CONNECT lends header-only chains).
+   mode RTT_PING sends, waits for the answer and records each round's ns in times; ECHO
+   waits, then answers; CONNECT sends one REQUEST and waits for RESPONSE or RST (last_op). The
+   phase is kept across calls: Python handles what C hands back and calls again. */
+typedef struct {
+    sg_ring rx, tx;
+    int event_idx;
+    const uint32_t *rx_off;
+    uint32_t rx_payload;
+    const uint16_t *tx_heads;
+    const uint32_t *tx_off;
+    uint8_t *tx_busy;        /* per lent chain: 1 while posted and not used yet */
+    uint32_t ntx;
+    uint64_t guest_cid, peer_cid;
+    uint32_t local_port, peer_port, type;
+    uint32_t buf_alloc, tx_cnt, peer_buf_alloc, peer_fwd_cnt, rx_cnt, fwd_cnt, last_fwd_cnt;
+    uint32_t size, mode, phase, got;
+    uint64_t rounds, done, t0;
+    uint64_t *times;
+    uint64_t kicks, interrupts, posted;
+    uint16_t last_op;
+    uint8_t *headers;
+    uint32_t nheaders, max_headers;
+    int timeout_ms;
+    int wait_fds[16];
+    uint32_t nwait;
+} sg_rtt_state;
+
+int sg_rtt(uint8_t *mem, sg_rtt_state *s);
+
+/* Host-side latency tools (lat.c), each a blocking C loop on one socket, for the benchmark's
+   floors and host ends; they return 0 or an errno. lat_ping: n rounds of `size` bytes out and
+   back, each round's ns in times. lat_echo / lat_relay: answer (or pass on both ways) n
+   rounds or until EOF, counting them. lat_connect: n unix connect()s to path, each until the acceptor's one
+   byte (hello) or EOF came back. lat_accept: n accept()s, each answered with a byte if hello,
+   then closed. */
+int lat_ping(int fd, uint64_t n, uint32_t size, uint64_t *times);
+int lat_echo(int fd, uint64_t n, uint32_t size, uint64_t *rounds);
+int lat_relay(int a, int b, uint64_t n, uint32_t size, uint64_t *rounds);
+int lat_connect(const char *path, uint64_t n, uint64_t *times);
+int lat_accept(int lfd, uint64_t n, int hello);
