@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from ringkit import GUEST, HOST_PORT, PORT, Rings
 
 from vsproxy.simguest import SimGuest
-from vsproxy.simguest.ring import Buf
+from vsproxy.simguest.ring import INDIRECT_SLOTS, Buf
 from vsproxy.vsock import header as H
 from vsproxy.vsock import lending
 from vsproxy.vsock.lending import OwnedBack
@@ -266,6 +266,22 @@ def test_hostile_rx_descriptors_never_lose_repeat_or_misplace_a_byte(
         rings.close()
 
 
+def _overlapping(rings: Rings, bufs: list[tuple[int, int]]) -> bool:
+    """Do any of the used buffers overlap each other or the rings' own memory (descriptor tables,
+    avail and used rings, indirect tables)?"""
+    areas = []
+    for r in (rings.rx_ring, rings.tx_ring):
+        n = r.size
+        areas += [(r.desc_gpa, 16 * n), (r.avail_gpa, 6 + 2 * n), (r.used_gpa, 6 + 8 * n)]
+        if r.indirect_gpa:
+            areas.append((r.indirect_gpa, 16 * INDIRECT_SLOTS * n))
+    for i, (a, n) in enumerate(bufs):
+        for b, m in areas + bufs[:i]:
+            if a < b + m and b < a + n:
+                return True
+    return False
+
+
 def _hostile_run(rings: Rings, sizes: list[int], hostile: list[tuple[int, int, int, int, int]], window: int,
                  data_len: int, updates: list[int]) -> None:
     ring = rings.rx_ring
@@ -300,6 +316,8 @@ def _hostile_run(rings: Rings, sizes: list[int], hostile: list[tuple[int, int, i
         assert flags == 2 and H.HDR_SIZE < dlen and addr + dlen <= MEM and H.HDR_SIZE <= length <= dlen
     if len(set(posted)) < len(posted):
         return  # a guest that posts one buffer twice gets what it asked for: the same memory written twice
+    if _overlapping(rings, [(descs[h][0], descs[h][1]) for h, _ in used]):
+        return  # nor one whose buffers overlap each other or its own rings: C's later writes land in them
     # every chain C took was used by the time it let go (held ones too), each once; not
     # always in the order posted: a chain that takes the rest of a split one goes before later held ones
     assert sorted(h for h, _ in used) == sorted(posted[: len(used)]) and rings.rxq.last_avail_idx == len(used)
