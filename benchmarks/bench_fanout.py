@@ -58,10 +58,14 @@ def _tui(path: str, ready: Pipe, stop: Pipe) -> None:
         app = TuiApp(src)
         async with app.run_test(size=(160, 50)) as pilot:
             ready.send("attached")
-            while not stop.poll():
-                await pilot.pause(0.2)
-            stop.recv()
-            stop.send({"records": src.store.total, "dropped": src.drops})
+            while True:  # "stats": what it took and dropped so far; "stop": the same, and quit
+                if not stop.poll():
+                    await pilot.pause(0.2)
+                    continue
+                msg = stop.recv()
+                stop.send({"records": src.store.total, "dropped": src.drops})
+                if msg == "stop":
+                    break
         src.close()
 
     asyncio.run(run())
@@ -110,11 +114,13 @@ def _vsproxy(vhost: str, uds: str, mode: str, ctl: Pipe) -> None:
                  "c_records": hub.stats.c_records if hub else 0, "ring_dropped": hub.stats.dropped if hub else 0,
                  "read_bytes": seen[0]}
         if tui is not None:
-            tui[1].send("stats")
+            tui[1].send(req)
             stats |= tui[1].recv()
         if req == "stop":
             break
         ctl.send(stats)
+    if tui is not None:
+        tui[0].join(30)
     proxy.stop()
     loop.join(10)
     if sub is not None:
