@@ -89,3 +89,4 @@ class Rings:
         self.host.close()
         self.peer.close()
         self.dmem.close()
+        self.gmem.close()  # the memfd: a hypothesis test makes hundreds of these

@@ -58,6 +58,7 @@ class Rig:
 
     def close(self) -> None:
         self.dmem.close()
+        self.gmem.close()  # the memfd: hypothesis tests make hundreds of rigs
 
 
 @pytest.fixture
