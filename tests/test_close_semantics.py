@@ -142,6 +142,16 @@ def test_what_the_guest_sent_before_it_saw_shutdown_3_is_ignored_not_reset_until
     assert [h.op for h, _ in t.drain()] == [Op.RST]
 
 
+def test_a_guest_that_closes_with_shutdown_after_the_far_sides_close_gets_rst_at_once() -> None:
+    """Linux answers a peer's SHUTDOWN 3 with RST; a guest that sends SHUTDOWN 3 instead would wait
+    for a kernel peer's close timeout (8 s): vsproxy answers it with RST at once."""
+    t, _, old = held_setup()
+    t.core.peer_readable(old)
+    t.drain()
+    t.core.guest_packet(H.pack(GUEST, 9, GPORT, 777, 0, 1, Op.SHUTDOWN, H.SHUTDOWN_BOTH, 262144, 3), [], 0)
+    assert [(h.op, h.src_cid, h.src_port, h.dst_port) for h, _ in t.drain()] == [(Op.RST, 9, 777, GPORT)]
+
+
 def test_without_a_waiting_connection_the_tuple_is_free_once_shutdown_3_is_queued() -> None:
     t, _, old = held_setup()
     t.core.peer_readable(old)

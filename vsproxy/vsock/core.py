@@ -108,9 +108,13 @@ class VsockCore(Lending):
             # The old connection on this tuple, closed both ways by the far side: until the
             # guest's RST answers our SHUTDOWN 3 or a REQUEST starts a new connection, what the
             # guest sent before it saw the SHUTDOWN is ignored, as a closing kernel socket does.
+            # A guest that closes with SHUTDOWN instead of the RST Linux answers with is told
+            # RST at once, as a kernel peer's close timeout would tell it later.
             if op != Op.REQUEST:
-                if op == Op.RST:
+                if op in (Op.RST, Op.SHUTDOWN):
                     del self._shut_keys[key]
+                    if op == Op.SHUTDOWN:
+                        self._rst_reply(H.unpack(hdr_bytes))
                 else:
                     c.drop("after-close")
                 return
