@@ -295,9 +295,13 @@ class Proxy:
         return handler
 
     @contextmanager
-    def signals(self) -> Iterator[None]:
+    def signals(self, on_stop: Callable[[int], None] | None = None) -> Iterator[None]:
         """SIGINT/SIGTERM stop the loop; SIGUSR1 prints counters. Handlers only set flags
-        and wake the loop through a socketpair, so no signal runs inside the data path."""
+        and wake the loop through a socketpair, so no signal runs inside the data path.
+        ``on_stop``: called with the first SIGINT/SIGTERM instead of stopping at once (it stops
+        the loop when it is ready: vsproxy enclave run stops QEMU first, which needs its
+        vhost-user back-end to answer while it shuts down); a second one stops at once."""
+        stopping: list[int] = []
         r, w = socket.socketpair()
         r.setblocking(False)
         w.setblocking(False)
@@ -316,6 +320,10 @@ class Proxy:
                 sig = pending.pop(0)
                 if sig == signal.SIGUSR1:
                     self.report()
+                elif on_stop is not None and not stopping:
+                    stopping.append(sig)
+                    log.info("signal %d: stopping the programs vsproxy started, then vsproxy", sig)
+                    on_stop(sig)
                 else:
                     log.info("signal %d: shutting down", sig)
                     self.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -434,12 +435,26 @@ def serve(args_list: list[str], start_children: Callable[[], list[subprocess.Pop
                     proxy.stop()
 
             threading.Thread(target=all_exited, name="vsproxy-children", daemon=True).start()
+        stopped_by: list[int] = []
+
+        def stop_children_first(signum: int) -> None:
+            """QEMU shuts its vhost-user devices down through their back-end: it is stopped (with
+            the signal vsproxy got) while vsproxy still serves it, and vsproxy stops after it."""
+            stopped_by.append(signum)
+
+            def run() -> None:
+                for c in children:
+                    _stop_child(c, signum)
+                proxy.stop()
+
+            threading.Thread(target=run, name="vsproxy-stop-children", daemon=True).start()
+
         if args.tui:
             from vsproxy.tui.app import run_with_proxy
 
             run_with_proxy(proxy)  # the data path on its own thread; quitting the UI stops it
         else:
-            with proxy.signals():
+            with proxy.signals(stop_children_first if children else None):
                 proxy.run()
     finally:
         done.set()
@@ -448,17 +463,19 @@ def serve(args_list: list[str], start_children: Callable[[], list[subprocess.Pop
             proxy.stop_capture()
             proxy.report()
         proxy.close()
-    # a child ended by a signal (ours, at a Ctrl-C) reports as a shell would: 128 + the signal
+    if children and stopped_by:  # stopped by Ctrl-C or SIGTERM: the status a shell gives a program it stopped
+        return 128 + stopped_by[0]
+    # a child ended by a signal reports as a shell would: 128 + the signal
     status = next((rc if rc > 0 else 128 - rc for rc in rcs if rc != 0), 0)
     if not status and proxy.capture is not None and proxy.capture.error is not None:
         return 1  # the capture asked for stopped early (disk full): said at the time and in the report
     return status
 
 
-def _stop_child(child: subprocess.Popen[bytes], grace: float = 5.0) -> int:
-    """The child's exit status, ending it (SIGTERM, then SIGKILL after ``grace``) if it runs."""
+def _stop_child(child: subprocess.Popen[bytes], signum: int = signal.SIGTERM, grace: float = 5.0) -> int:
+    """The child's exit status, ending it (``signum``, then SIGKILL after ``grace``) if it runs."""
     if child.poll() is None:
-        child.terminate()
+        child.send_signal(signum)
         try:
             child.wait(grace)
         except subprocess.TimeoutExpired:

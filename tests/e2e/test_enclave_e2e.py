@@ -213,3 +213,73 @@ def test_qemu_reads_our_eif_layout_and_crc_and_refuses_what_vsproxy_refuses(
     assert "CRC mismatch" in results["damaged"], results["damaged"]
     assert "CRC" not in results["good"] and "EIF" not in results["good"], results["good"]
     assert "linux kernel too old" in results["good"], results["good"]  # our 4 KiB of NOPs, as the kernel
+
+
+FOREVER_SCRIPT = r"""
+echo "HEARTBEAT $(printf '\267' | vsock_tool connect 3 9000 | od -An -tx1 | tr -d ' ')"
+sleep 600
+"""
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid:
+                out.append(int(d))
+    return out
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_stops_the_running_enclave_and_its_qemu(
+        nitro_qemu: Path, guest_image: harness.GuestImage, tmp_path: Path, sig: str) -> None:
+    """An enclave that would run for ten minutes: Ctrl-C (SIGINT to vsproxy alone, as a shell's
+    kill -INT would; a terminal's Ctrl-C reaches QEMU too) or SIGTERM stops QEMU and vsproxy,
+    promptly, without a traceback, with the status a signal ends a program with."""
+    import signal
+    import time
+
+    base = guest_image.initrd.read_bytes()
+    (tmp_path / "initramfs.cpio").write_bytes(base + b"\0" * (-len(base) % 4))
+    (tmp_path / "app.cpio").write_bytes(harness._script_cpio(FOREVER_SCRIPT.encode()))
+    cmdline = f"console=ttyS0 panic=-1 reboot=t tsc_early_khz={harness.host_tsc_khz()}"
+    r = subprocess.run([sys.executable, "-m", "vsproxy", "eif", "build", "--kernel", str(guest_image.kernel),
+                        "--ramdisk", "initramfs.cpio", "--ramdisk", "app.cpio", "--cmdline", cmdline,
+                        "-o", "forever.eif"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    console, log = tmp_path / "console.log", tmp_path / "vsproxy.log"
+    with open(log, "wb") as logf:
+        p = subprocess.Popen([sys.executable, "-m", "vsproxy", "enclave", "run", "--eif-path", "forever.eif",
+                              "--acpi", "--qemu", str(nitro_qemu), "--console-log", str(console)],
+                             cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+    qemu: list[int] = []
+    try:
+        deadline = time.monotonic() + 180
+        while not (console.exists() and "HEARTBEAT b7" in console.read_text(errors="replace")):
+            assert p.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        qemu = [c for c in children(p.pid) if b"qemu" in Path(f"/proc/{c}/cmdline").read_bytes()]
+        assert len(qemu) == 1, children(p.pid)
+        start = time.monotonic()
+        p.send_signal(getattr(signal, sig))
+        rc = p.wait(30)
+        took = time.monotonic() - start
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+        for q in qemu:  # never left behind by a failing test
+            try:
+                os.kill(q, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    text = log.read_text(errors="replace")
+    assert not Path(f"/proc/{qemu[0]}").exists() or "zombie" in Path(f"/proc/{qemu[0]}/status").read_text().lower()
+    assert took < 15, (took, text[-2000:])
+    assert "Traceback" not in text, text[-3000:]
+    assert rc == 128 + getattr(signal, sig), (rc, text[-2000:])  # as a shell reports a program it stopped
+    assert "SIGKILL" not in text and "exited with status -9" not in text  # QEMU stopped on the signal
