@@ -40,6 +40,9 @@ import time
 from multiprocessing.connection import Connection as Pipe
 from typing import Any, NamedTuple
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_throughput import _task_cpu  # the same CPU accounting as the throughput rows
+
 from vsproxy.simguest import SimGuest, cblast
 
 EXTRA: list[str] = []  # --vsproxy-arg
@@ -66,17 +69,6 @@ def _ffi_lib() -> tuple[Any, Any]:
 def _self_cpu() -> float:
     """CPU seconds of this process so far (schedstat: ns resolution)."""
     return _task_cpu(os.getpid())
-
-
-def _task_cpu(pid: int) -> float:
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass  # the thread ended meanwhile
-    return total / 1e9
 
 
 def _check(rc: int, what: str) -> None:
