@@ -142,6 +142,18 @@ def test_what_the_guest_sent_before_it_saw_shutdown_3_is_ignored_not_reset_until
     assert [h.op for h, _ in t.drain()] == [Op.RST]
 
 
+def test_a_new_host_connection_on_a_closed_tuple_gets_the_guests_answers_while_the_old_rst_never_came() -> None:
+    """The guest kept the old socket (bytes unread), so no RST answered our SHUTDOWN 3; a sibling
+    connects again from the same port: the guest's RESPONSE is the new connection's."""
+    t, _, old = held_setup()
+    t.core.peer_readable(old)
+    t.drain()
+    new = t.core.host_connect(pair("sibling:a", "sibling:b", lambda f: None)[0], GPORT, src_cid=9, src_port=777)
+    assert new is not None and [h.op for h, _ in t.drain()] == [Op.REQUEST]
+    guest_says(t, Op.RESPONSE)
+    assert new.state is State.ESTABLISHED and t.core.counters.drops.get("after-close", 0) == 0
+
+
 def test_a_guest_that_closes_with_shutdown_after_the_far_sides_close_gets_rst_at_once() -> None:
     """Linux answers a peer's SHUTDOWN 3 with RST; a guest that sends SHUTDOWN 3 instead would wait
     for a kernel peer's close timeout (8 s): vsproxy answers it with RST at once."""

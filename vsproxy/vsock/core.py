@@ -109,8 +109,10 @@ class VsockCore(Lending):
             # guest's RST answers our SHUTDOWN 3 or a REQUEST starts a new connection, what the
             # guest sent before it saw the SHUTDOWN is ignored, as a closing kernel socket does.
             # A guest that closes with SHUTDOWN instead of the RST Linux answers with is told
-            # RST at once, as a kernel peer's close timeout would tell it later.
-            if op != Op.REQUEST:
+            # RST at once, as a kernel peer's close timeout would tell it later. A REQUEST, or
+            # anything once a new connection from the far side holds the tuple (its RESPONSE),
+            # is the new connection's.
+            if op == Op.RST or (op != Op.REQUEST and key not in self.conns):
                 if op in (Op.RST, Op.SHUTDOWN):
                     del self._shut_keys[key]
                     if op == Op.SHUTDOWN:
