@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_throughput import _task_cpu  # the same CPU accounting as the throughput rows
 
+from vsproxy.endpoints.listeners import hybrid_dial
 from vsproxy.simguest import SimGuest, cblast
 
 EXTRA: list[str] = []  # --vsproxy-arg
@@ -139,17 +140,10 @@ def _connecter(path: str, n: int, out: Pipe) -> None:
 
 def _hybrid_pinger(uds: str, port: int, n: int, out: Pipe) -> None:
     """Host client through the hybrid socket: CONNECT, the OK line, then the C ping loop."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(uds)
-    s.sendall(b"CONNECT %d\n" % port)
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = s.recv(1)
-        if not chunk:
-            raise SystemExit("bench_latency: hybrid connect refused")
-        line += chunk
-    if not line.startswith(b"OK "):
-        raise SystemExit(f"bench_latency: hybrid connect answered {line!r}")
+    try:
+        s, _ = hybrid_dial(uds, port)
+    except ConnectionError as e:
+        raise SystemExit(f"bench_latency: {e}") from None
     _pinger(s.detach(), n, out)
 
 

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection as Pipe
 from typing import NamedTuple
 
+from vsproxy.endpoints.listeners import hybrid_dial
 from vsproxy.simguest import SEQPACKET, STREAM, SimGuest
 from vsproxy.simguest.memory import DEFAULT_SIZE
 
@@ -148,15 +149,10 @@ def _host_sender(uds: str, port: int, payload: int, count: int, result: Pipe) ->
     os.ftruncate(fd, max(payload, 4096))
     mm = mmap.mmap(fd, max(payload, 4096))
     view = memoryview(mm)[:payload]
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(uds)
-    s.sendall(b"CONNECT %d\n" % port)
-    line = b""
-    while not line.endswith(b"\n"):
-        chunk = s.recv(1)
-        if not chunk:
-            raise SystemExit("hybrid connect refused")
-        line += chunk
+    try:
+        s, _ = hybrid_dial(uds, port)
+    except ConnectionError as e:
+        raise SystemExit(str(e)) from None
     start = time.monotonic()
     for _ in range(count):
         sent = s.send(view)

@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from test_captures_e2e import MACHINE, Guest, running_vsproxy, stop_vsproxy
 
+from vsproxy.endpoints.listeners import hybrid_dial
+
 pytestmark = pytest.mark.e2e
 
 
@@ -59,16 +61,8 @@ def test_close_reaches_the_sibling_at_once_and_the_client_may_reuse_its_port(gue
 
 
 def hybrid_send_and_close(uds: Path, port: int, data: bytes) -> None:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(30)
-        s.connect(str(uds))
-        s.sendall(b"CONNECT %d\n" % port)
-        line = b""
-        while not line.endswith(b"\n"):
-            chunk = s.recv(1)
-            assert chunk, f"vsproxy closed the hybrid connection: {line!r}"
-            line += chunk
-        assert line.startswith(b"OK "), line
+    s, _ = hybrid_dial(str(uds), port, timeout=30)
+    with s:
         s.sendall(data)
 
 

@@ -390,3 +390,30 @@ class TcpListener:
 
     def close(self) -> None:
         self.acceptor.close()
+
+
+def hybrid_dial(path: str, port: int, timeout: float | None = None) -> tuple[socket.socket, bytes]:
+    """A host program's side of the handshake ``HybridListener`` serves: connect to ``path``,
+    send ``CONNECT port``, read the answer line byte by byte (what follows it is the guest's
+    data, left in the socket). The socket and the ``OK ...`` line; ConnectionError when vsproxy
+    closes first or answers otherwise. It blocks until the guest accepts: the guest must run
+    elsewhere (a real guest, another process)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(b"CONNECT %d\n" % port)
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = s.recv(1)
+            if not chunk:
+                raise ConnectionError(f"hybrid connect to port {port}: vsproxy closed after {line!r}")
+            line += chunk
+            if len(line) > HANDSHAKE_MAX:
+                raise ConnectionError(f"hybrid connect to port {port}: no line end in {line!r}")
+        if not line.startswith(b"OK "):
+            raise ConnectionError(f"hybrid connect to port {port}: answered {line!r}")
+    except BaseException:
+        s.close()
+        raise
+    return s, line
