@@ -112,11 +112,13 @@ class VsockCore(Lending):
             # RST at once, as a kernel peer's close timeout would tell it later. A REQUEST, or
             # anything once a new connection from the far side holds the tuple (its RESPONSE),
             # is the new connection's.
-            if op == Op.RST or (op != Op.REQUEST and key not in self.conns):
-                if op in (Op.RST, Op.SHUTDOWN):
+            if op == Op.RST:
+                del self._shut_keys[key]
+                return
+            if op != Op.REQUEST and key not in self.conns:
+                if op == Op.SHUTDOWN:
                     del self._shut_keys[key]
-                    if op == Op.SHUTDOWN:
-                        self._rst_reply(H.unpack(hdr_bytes))
+                    self._rst_reply(H.unpack(hdr_bytes))
                 else:
                     c.drop("after-close")
                 return
