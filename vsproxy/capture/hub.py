@@ -362,10 +362,7 @@ class CaptureHub:
                 return None
             while (c := self._filling).size - c.used < RESERVE_ROOM:
                 if self._free:
-                    if c.used:
-                        self._full.append(c)
-                        self._wake.set()
-                    c = self._filling = self._free.pop()
+                    c = self._next_chunk(c)
                     break
                 # (while it waits, the distribution thread may take the chunk being filled and
                 # put a free one in its place: look again)
@@ -397,11 +394,8 @@ class CaptureHub:
                 if n > c.size:
                     self.stats.dropped += count
                     return
-                if self._free:
-                    if c.used:
-                        self._full.append(c)
-                    c = self._filling = self._free.pop()
-                    self._wake.set()
+                if self._free:  # (c holds records: n fits an empty chunk)
+                    c = self._next_chunk(c)
                     break
                 if not self._wait_free():  # (then look again, as in reserve)
                     self.stats.dropped += count
@@ -412,6 +406,15 @@ class CaptureHub:
             self.stats.py_records += count
         if self.flush and not self._wake.is_set():
             self._wake.set()
+
+    def _next_chunk(self, c: _Chunk) -> _Chunk:
+        """Holding ``_lock``, a chunk free: ``c`` (the chunk being filled) goes to the
+        distribution thread if it holds records, and a free chunk takes its place."""
+        if c.used:
+            self._full.append(c)
+            self._wake.set()
+        self._filling = self._free.pop()
+        return self._filling
 
     def _wait_free(self) -> bool:
         """Lossless, called holding ``_lock`` with no chunk free: wait until one comes back.
