@@ -5,14 +5,16 @@ no subscriber, with one subscriber reading everything, and with one that never r
 
 vsproxy runs in a child process, in-process there (``Proxy`` on its loop thread), so a
 subscriber can attach through ``Proxy.subscribe_packets`` as a TUI or a control-socket client
-would: "reading" has a consumer thread in that process draining its subscription; "stalled"
-never reads (its 8 MiB queue fills, then it drops, counted; with nobody taking records the data
-path stops writing them). No --pcap file: the subscriber is what turns the capture on. For
-reference, "devnull" is ``--pcap /dev/null`` with no live subscriber: what capturing itself
+would: "reading" has a consumer thread in that process draining its subscription (each piece
+without a copy, as the control socket's client threads read); "stalled" never reads (its 8 MiB
+queue fills, then it drops, counted; with nobody taking records the data path stops writing
+them); "ctl" is ``vsproxy ctl PATH pcap > /dev/null`` in its own process, a client of the
+control socket reading everything. No --pcap file: the subscriber is what turns the capture on.
+For reference, "devnull" is ``--pcap /dev/null`` with no live subscriber: what capturing itself
 costs the data path (every record formatted and its payload copied on the data path, by the
-C paths, the C pump included), beside which "reading" shows what a live subscriber adds (the
-hub's copy of each chunk for it, and its reading). Every mode's vsproxy runs at once and the
-runs take turns, best of --repeat. The simulated guest blasts RW packets (as bench_throughput.py's
+C paths, the C pump included), beside which "reading" shows what a live subscriber adds (its
+reading, and the copy of a chunk when pieces already hold their share of the ring). Every
+mode's vsproxy runs at once and the runs take turns, best of --repeat. The simulated guest blasts RW packets (as bench_throughput.py's
 guest->host rows) to a host reader process. "tui" is the terminal UI attached to the control
 socket (``vsproxy tui --attach``: the real app, headless, in its own process; its records are
 the packets its store took). Targets (reported, not asserted): reading >= 85% of no subscriber
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -42,7 +45,7 @@ from vsproxy.device import DeviceConfig
 from vsproxy.endpoints.host import HostEndpoints
 from vsproxy.simguest import SimGuest
 
-MODES = ("none", "devnull", "reading", "stalled", "tui")
+MODES = ("none", "devnull", "reading", "stalled", "ctl", "tui")
 
 
 def _tui(path: str, ready: Pipe, stop: Pipe) -> None:
@@ -72,11 +75,13 @@ def _tui(path: str, ready: Pipe, stop: Pipe) -> None:
 
 
 def _consume(sub: Subscription, seen: list[int]) -> None:
-    """A live subscriber that reads everything (and keeps nothing)."""
+    """A live subscriber that reads everything (and keeps nothing), as the control socket's
+    client threads read: each piece without a copy, released once used."""
     while True:
-        data = sub.read(1.0)
-        if data:
-            seen[0] += len(data)
+        piece = sub.read_piece(1.0)
+        if piece is not None:
+            with piece:
+                seen[0] += len(piece.data)
         elif sub.closed:
             return
 
@@ -87,7 +92,7 @@ def _vsproxy(vhost: str, uds: str, mode: str, ctl: Pipe) -> None:
     if mode == "devnull":
         proxy.start_capture(CaptureOptions(os.devnull))
     tui: tuple[mp.Process, Pipe] | None = None
-    if mode == "tui":
+    if mode in ("tui", "ctl"):
         control = vhost + ".ctl"
         proxy.start_control(control)
     proxy.start()
@@ -106,10 +111,21 @@ def _vsproxy(vhost: str, uds: str, mode: str, ctl: Pipe) -> None:
             raise SystemExit("the TUI did not attach")
         ready_r.recv()
         tui = (p, here)
+    client: subprocess.Popen[bytes] | None = None
+    if mode == "ctl":  # `vsproxy ctl PATH pcap > /dev/null`: a client of the control socket
+        client = subprocess.Popen([sys.executable, "-m", "vsproxy", "ctl", control, "pcap"],
+                                  stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not (proxy.capture_hub and proxy.capture_hub.live):
+            if time.monotonic() > deadline:
+                raise SystemExit("vsproxy ctl did not subscribe")
+            time.sleep(0.05)
     ctl.send("ready")
     while True:
         req = ctl.recv()
         hub = proxy.capture_hub
+        if client is not None and hub is not None and hub.subscriptions:
+            sub = hub.subscriptions[0]  # (the client's, on the control socket's side)
         stats = {"records": sub.records if sub else 0, "dropped": sub.dropped if sub else 0,
                  "c_records": hub.stats.c_records if hub else 0, "ring_dropped": hub.stats.dropped if hub else 0,
                  "read_bytes": seen[0]}
@@ -121,9 +137,12 @@ def _vsproxy(vhost: str, uds: str, mode: str, ctl: Pipe) -> None:
         ctl.send(stats)
     if tui is not None:
         tui[0].join(30)
+    if client is not None:
+        client.terminate()
+        client.wait(10)
     proxy.stop()
     loop.join(10)
-    if sub is not None:
+    if sub is not None and client is None:
         sub.close()
     proxy.close()
     ctl.send(stats)

@@ -322,3 +322,88 @@ def test_a_second_lend_while_one_chunk_is_lent_gets_nothing_instead_of_the_same_
     finally:
         sub.close()
         hub.close()
+
+
+def _free(hub: CaptureHub) -> int:
+    with hub._lock:
+        return len(hub._free)
+
+
+def test_pieces_are_views_of_the_ring_and_give_the_chunk_back_when_released() -> None:
+    hub = CaptureHub(["dev"], ring_bytes=16 * MiB, flush=True)  # 4 chunks: 3 free, 1 filling
+    sub = hub.subscribe(8 * MiB, header=False)
+    try:
+        blob = record_blob(1, 100)
+        hub.commit(blob, 1)
+        wait_for(lambda: sub.queued > 0, 5, "the record to reach the subscriber")
+        piece = sub.read_piece(0)
+        assert piece is not None and isinstance(piece.data, memoryview) and bytes(piece.data) == blob
+        assert piece.records == 1
+        away, view = _free(hub), piece.data
+        piece.release()
+        assert _free(hub) == away + 1  # the chunk is back in the ring, and only now
+        assert len(piece.data) == 0
+        with pytest.raises(ValueError):
+            bytes(view)  # the view was let go with it: the chunk may be written again
+        piece.release()  # idempotent
+        assert _free(hub) == away + 1
+    finally:
+        hub.close()
+
+
+def test_pieces_a_subscriber_holds_take_at_most_half_the_ring_then_it_gets_copies() -> None:
+    hub = CaptureHub(["dev"], ring_bytes=32 * MiB, flush=True)  # 8 chunks of 4 MiB: 3 may be shared
+    sub = hub.subscribe(64 * MiB, header=False)  # room for far more than the ring
+    held = []
+    try:
+        blob = record_blob(1, 100)
+        for _ in range(8):
+            hub.commit(blob, 1)
+            wait_for(lambda: sub.queued > 0, 5, "the record to reach the subscriber")
+            piece = sub.read_piece(0)
+            assert piece is not None and bytes(piece.data) == blob
+            held.append(piece)  # never released: a client stuck in sendall
+        shared = [p for p in held if isinstance(p.data, memoryview)]
+        assert len(shared) == 3 and all(isinstance(p.data, bytes) for p in held[3:])
+        assert _free(hub) == 4  # the data path keeps the larger part (and one chunk being filled)
+        for p in held:
+            p.release()
+        wait_for(lambda: _free(hub) == 7, 5, "every chunk back in the ring")
+    finally:
+        hub.close()
+
+
+def test_a_detached_subscription_keeps_what_it_had_queued_but_lets_the_ring_have_its_chunks() -> None:
+    hub = CaptureHub(["dev"], ring_bytes=32 * MiB, flush=True)
+    sub = hub.subscribe(8 * MiB, header=False)
+    try:
+        blobs = [record_blob(1, n) for n in (10, 20, 30)]
+        for n, b in enumerate(blobs, 1):
+            hub.commit(b, 1)
+            wait_for(lambda n=n: sub.records >= n, 5, "the record to reach the subscriber")  # type: ignore[misc]
+        before = _free(hub)
+        sub.close()
+        assert _free(hub) == before + 3  # each piece's chunk went back
+        assert sub.take() == b"".join(blobs)  # and what was queued is still there, unchanged
+    finally:
+        hub.close()
+
+
+def test_a_piece_cut_to_fit_a_queue_holds_its_chunk_until_read() -> None:
+    hub = CaptureHub(["dev"], ring_bytes=16 * MiB)
+    small = record_blob(1, 50_000)
+    sub = hub.subscribe(len(small) * 3, header=False)  # room for three of the ten records
+    try:
+        before = _free(hub)
+        hub.commit(small * 10, 10)
+        with hub._lock:  # the chunk goes out now (as a full one would)
+            hub._next_chunk(hub._filling)
+        wait_for(lambda: sub.records == 3, 5, "the records that fit")
+        assert sub.dropped == 7
+        assert _free(hub) == before - 1  # the cut piece still holds the chunk
+        piece = sub.read_piece(0)
+        assert piece is not None and bytes(piece.data) == small * 3
+        piece.release()
+        assert _free(hub) == before
+    finally:
+        hub.close()

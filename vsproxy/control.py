@@ -244,18 +244,19 @@ def _stream_packets(sock: socket.socket, sub: Subscription, pred: Predicate | No
     pcap = sub.hub.record_mode == CAP_PCAP
     try:
         while not sub.closed or sub.queued:
-            data = sub.read(1.0)
-            if not data:
+            piece = sub.read_piece(1.0)
+            if piece is None:
                 if _peer_gone(sock):
                     return
                 continue
-            if not header_sent or decoder is None:
-                sock.sendall(data)
-                if not header_sent:
-                    header_sent = True
-                    head = data
-                continue
-            sock.sendall(_matching(head, data, decoder, pcap))
+            with piece:  # (the ring's chunk, not a copy: given back once sent)
+                if not header_sent or decoder is None:
+                    sock.sendall(piece.data)
+                    if not header_sent:
+                        header_sent = True
+                        head = bytes(piece.data)
+                    continue
+                sock.sendall(_matching(head, bytes(piece.data), decoder, pcap))
     except (OSError, CaptureError):
         pass
     finally:

@@ -6,9 +6,13 @@ theirs in (``tap``, ``commit``). Nothing on the data path waits: when every chun
 packet is dropped from the capture and counted (``CaptureHub.stats.dropped``).
 
 The hub's distribution thread takes full chunks (and, after a short wait or at once with
-``flush``, the one being filled), copies each chunk's records once into a ``bytes`` object,
-gives the chunk back to the ring at once, and hands that same object to every subscriber's
-queue. So the ring never waits for a subscriber, and a subscriber never waits for another.
+``flush``, the one being filled) and hands each chunk's records to every subscriber's queue
+without copying them: a piece is a view of the chunk, and the chunk goes back to the ring when
+the file and every subscriber are done with it (``Piece.release``; ``read`` and ``take`` copy
+the piece for the caller and release it at once). So that no subscriber can hold the ring,
+pieces share less than half of its chunks; past that the chunk's records are copied once into a
+``bytes`` object, shared by every subscriber, and the chunk goes back at once. So the ring never
+waits for a subscriber, and a subscriber never waits for another.
 
 A ``Subscription`` is a bounded queue (``maxbytes``) of whole records. When a piece does not
 fit, it is dropped for that subscriber alone and counted (``dropped``, ``dropped_bytes``);
@@ -68,14 +72,56 @@ class HubCounters:
 
 
 class _Chunk:
-    __slots__ = ("native", "records", "size", "used", "view")
+    __slots__ = ("native", "records", "refs", "size", "used", "view")
 
     def __init__(self, size: int) -> None:
         self.view = memoryview(bytearray(size))
         self.size = size
         self.used = 0
         self.records = 0
+        self.refs = 0  # pieces of it still queued or being read (guarded by the hub's _lock)
         self.native: Any = None  # the C paths' handle on view (vsproxy.fastpath)
+
+
+class Piece:
+    """Whole records of the stream as a subscriber reads them: ``data`` is a view of the ring's
+    chunk (or a private copy), valid until ``release``, which gives the chunk back to the ring
+    once every subscriber has let go of it. Release it soon: until then the chunk is not reused."""
+
+    __slots__ = ("_chunk", "_hub", "data", "records")
+
+    def __init__(self, data: memoryview | bytes, records: int, hub: CaptureHub | None = None,
+                 chunk: _Chunk | None = None) -> None:
+        self.data = data
+        self.records = records
+        self._hub = hub
+        self._chunk = chunk
+
+    def cut(self, size: int, records: int) -> Piece:
+        """The first ``size`` bytes (``records`` whole records) as a piece of the same chunk;
+        this one is released."""
+        chunk, hub = self._chunk, self._hub
+        if chunk is not None and hub is not None:
+            hub._hold(chunk)
+        piece = Piece(self.data[:size], records, hub, chunk)
+        self.release()
+        return piece
+
+    def release(self) -> None:
+        """Done with ``data`` (idempotent): the view is let go, and the chunk too when it was the
+        last piece of it."""
+        chunk, self._chunk = self._chunk, None
+        if isinstance(self.data, memoryview):
+            self.data.release()
+        self.data = b""
+        if chunk is not None and self._hub is not None:
+            self._hub._unhold(chunk)
+
+    def __enter__(self) -> Piece:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def split_records(data: Buffer, room: int, pcap: bool, most: int = -1) -> tuple[int, int]:
@@ -114,7 +160,7 @@ class Subscription:
         self.maxbytes = maxbytes
         self.live = header is not None
         self._cond = threading.Condition(threading.Lock())
-        self._queue: collections.deque[tuple[bytes, int]] = collections.deque()  # (records, count)
+        self._queue: collections.deque[Piece] = collections.deque()
         self._queued = 0  # bytes in _queue
         self.records = 0  # records queued for the subscriber so far
         self.bytes = 0
@@ -125,7 +171,7 @@ class Subscription:
         self._ended = False  # no more records will come: closed, or the hub stopped
         self._discarding = False  # the subscriber gave up reading: everything offered is dropped
         if header is not None:
-            self._queue.append((header, 0))
+            self._queue.append(Piece(header, 0))
             self._queued = len(header)
 
     # -- the subscriber -------------------------------------------------------------------
@@ -144,38 +190,41 @@ class Subscription:
     def queued(self) -> int:
         return self._queued
 
-    def read(self, timeout: float | None = None) -> bytes:
-        """The next piece of the stream (whole records; the stream header first), waiting up to
-        ``timeout`` seconds (None: until there is one). b"": nothing came in time, or the
-        subscription has ended (``closed``) and everything queued was read."""
+    def read_piece(self, timeout: float | None = None) -> Piece | None:
+        """The next piece of the stream without a copy (whole records; the stream header first),
+        waiting up to ``timeout`` seconds (None: until there is one); the caller releases it.
+        None: nothing came in time, or the subscription has ended (``closed``) and everything
+        queued was read."""
         with self._cond:
             if not self._queue and not self._ended:
                 self._cond.wait_for(lambda: bool(self._queue) or self._ended, timeout)
             if not self._queue:
-                return b""
-            data, _ = self._queue.popleft()
-            self._queued -= len(data)
+                return None
+            piece = self._queue.popleft()
+            self._queued -= len(piece.data)
         self.hub._room()
-        return data
+        return piece
+
+    def read(self, timeout: float | None = None) -> bytes:
+        """``read_piece``, copied: b"" when nothing came in time or the subscription has ended
+        and everything queued was read."""
+        piece = self.read_piece(timeout)
+        if piece is None:
+            return b""
+        with piece:
+            return bytes(piece.data)
 
     def take(self) -> bytes:
         """Everything queued now, without waiting (b"" when nothing is)."""
         with self._cond:
-            items, self._queue = self._queue, collections.deque()
+            pieces, self._queue = self._queue, collections.deque()
             self._queued = 0
         self.hub._room()
-        return b"".join(data for data, _ in items)
-
-    def take_pieces(self, timeout: float | None = None) -> list[tuple[bytes, int]]:
-        """Every queued piece with its record count, waiting up to ``timeout`` for the first;
-        [] when nothing came in time or the subscription has ended."""
-        with self._cond:
-            if not self._queue and not self._ended:
-                self._cond.wait_for(lambda: bool(self._queue) or self._ended, timeout)
-            items, self._queue = self._queue, collections.deque()
-            self._queued = 0
-        self.hub._room()
-        return list(items)
+        try:
+            return b"".join(piece.data for piece in pieces)
+        finally:
+            for piece in pieces:
+                piece.release()
 
     def close(self) -> None:
         """Detach from the hub (idempotent); what is queued can still be read."""
@@ -201,28 +250,30 @@ class Subscription:
                 self._dropped += records
                 self.dropped_bytes += n
 
-    def _offer(self, data: bytes, records: int, pcap: bool) -> None:
-        """Queue ``data`` (whole records) if it fits; else queue the records at its start that
-        fit and drop the rest here, counted."""
-        n = len(data)
+    def _offer(self, piece: Piece, pcap: bool) -> None:
+        """Queue ``piece`` (whole records; this queue's own) if it fits; else queue the records at
+        its start that fit and drop the rest here, counted. Released if nothing is queued."""
+        n, records = len(piece.data), piece.records
         with self._cond:
-            if self._ended:
-                return
-            if self._discarding:
-                self._dropped += records
-                self.dropped_bytes += n
+            if self._ended or self._discarding:
+                if self._discarding:
+                    self._dropped += records
+                    self.dropped_bytes += n
+                piece.release()
                 return
             room = self.maxbytes - self._queued
             if n > room:
                 # the records that fit, found by walking at most SPLIT_RECORDS of them (the
                 # walk holds the GIL, which the data path needs too); the rest are dropped
-                cut, kept = split_records(data, room, pcap, SPLIT_RECORDS) if room > 0 else (0, 0)
+                cut, kept = split_records(piece.data, room, pcap, SPLIT_RECORDS) if room > 0 else (0, 0)
                 self._dropped += records - kept
                 self.dropped_bytes += n - cut
                 if not kept:
+                    piece.release()
                     return
-                data, records, n = data[:cut], kept, cut
-            self._queue.append((data, records))
+                piece = piece.cut(cut, kept)
+                records, n = kept, cut
+            self._queue.append(piece)
             self._queued += n
             self.records += records
             self.bytes += n
@@ -233,10 +284,12 @@ class Subscription:
         count as dropped (a subscriber whose output failed, still reporting what it missed)."""
         with self._cond:
             self._discarding = True
-            self._dropped += sum(count for _, count in self._queue)
+            self._dropped += sum(piece.records for piece in self._queue)
             self.dropped_bytes += self._queued
-            self._queue.clear()
+            pieces, self._queue = self._queue, collections.deque()
             self._queued = 0
+        for piece in pieces:
+            piece.release()
 
     def _end(self, detached: bool) -> None:
         """No more records. ``detached``: the subscriber left, so later ring drops are not its
@@ -246,6 +299,13 @@ class Subscription:
                 self._ended = True
             if detached and self._ring_end is None:
                 self._ring_end = self.hub.stats.dropped
+            # what is queued can still be read, but no longer holds the ring's chunks (nobody
+            # may ever read it)
+            if any(piece._chunk is not None for piece in self._queue):
+                held, self._queue = self._queue, collections.deque(
+                    Piece(bytes(piece.data), piece.records) for piece in self._queue)
+                for piece in held:
+                    piece.release()
             self._cond.notify_all()
 
 
@@ -273,6 +333,10 @@ class CaptureHub:
         chunk = max(1 << 16, min(CHUNK, ring_bytes // 2))
         nchunks = max(2, ring_bytes // chunk)
         self._free = [_Chunk(chunk) for _ in range(nchunks - 1)]  # guarded by _lock
+        # chunks pieces may hold at once: less than half the ring (none of a ring of two or three),
+        # so the data path and the file always have the larger part (the module docstring)
+        self._share_most = max(0, nchunks // 2 - 1)
+        self._away = 0  # chunks the hub is done with that pieces still hold (guarded by _lock)
         self._full: list[_Chunk] = []  # guarded by _lock, oldest first
         self._filling = _Chunk(chunk)  # guarded by _lock
         self._reserved = False  # the data path's C code is writing into _filling
@@ -479,11 +543,37 @@ class CaptureHub:
         self.accepting = self.consumes_all or self._closing or any(
             sub._has_room(min(sub.maxbytes // 2, RESERVE_ROOM)) for sub in self._subs)
 
-    def _give_back(self, c: _Chunk) -> None:
-        c.used = c.records = 0
+    def _hold(self, c: _Chunk) -> None:
         with self._lock:
+            c.refs += 1
+
+    def _unhold(self, c: _Chunk, distributed: bool = False) -> None:
+        """A piece of ``c`` was released (or, ``distributed``, the hub is done with it): the last
+        one gives it back to the ring."""
+        with self._lock:
+            c.refs -= 1
+            if c.refs:
+                if distributed:
+                    self._away += 1
+                return
+            if not distributed:
+                self._away -= 1
+            c.used = c.records = 0
             self._free.append(c)
             self._freed.notify()
+
+    def _offer(self, c: _Chunk, subs: Sequence[Subscription], pcap: bool) -> None:
+        """``c``'s records to each subscriber: a view of the chunk while pieces hold less than
+        their share of the ring, else one copy shared by all."""
+        view = c.view[: c.used]
+        with self._lock:
+            share = self._away < self._share_most
+            if share:
+                c.refs += len(subs)
+        copy = b"" if share else bytes(view)
+        for sub in subs:
+            sub._offer(Piece(view[:], c.records, self, c) if share else Piece(copy, c.records), pcap)
+        view.release()
 
     def _run(self) -> None:
         if self.idle:
@@ -504,20 +594,18 @@ class CaptureHub:
                 partial = self.flush or self._closing or now - last_flush >= every
                 chunks = self._take(partial)
                 for c in chunks:
+                    c.refs = 1  # the hub's own, until every subscriber has its piece
                     view, records = c.view[: c.used], c.records
                     self._consume(view, records)  # the --pcap file: straight from the ring, no copy
+                    view.release()
                     subs = self._subs
                     if subs:
-                        if any(sub._has_room(len(view)) for sub in subs):
-                            # one copy per chunk, shared by every live subscriber
-                            data = bytes(view)
+                        if any(sub._has_room(c.used) for sub in subs):
+                            self._offer(c, subs, pcap)
+                        else:  # every queue is full: nothing offered, the chunk is dropped for each, counted
                             for sub in subs:
-                                sub._offer(data, records, pcap)
-                        else:  # every queue is full: no copy, the chunk is dropped for each, counted
-                            for sub in subs:
-                                sub._miss(records, len(view))
-                    view.release()
-                    self._give_back(c)
+                                sub._miss(records, c.used)
+                    self._unhold(c, distributed=True)
                     self.stats.chunks += 1
                 self._tick()
                 self._gate()
