@@ -11,15 +11,15 @@ queue fills, then it drops, counted; with nobody taking records the data path st
 them); "ctl" is ``vsproxy ctl PATH pcap > /dev/null`` in its own process, a client of the
 control socket reading everything. No --pcap file: the subscriber is what turns the capture on.
 For reference, "devnull" is ``--pcap /dev/null`` with no live subscriber: what capturing itself
-costs the data path (every record formatted and its payload copied on the data path, by the
-C paths, the C pump included), beside which "reading" shows what a live subscriber adds (its
-reading, and the copy of a chunk when pieces already hold their share of the ring). Every
-mode's vsproxy runs at once and the runs take turns, best of --repeat. The simulated guest blasts RW packets (as bench_throughput.py's
-guest->host rows) to a host reader process. "tui" is the terminal UI attached to the control
-socket (``vsproxy tui --attach``: the real app, headless, in its own process; its records are
-the packets its store took). Targets (reported, not asserted): reading >= 85% of no subscriber
-at 64 KiB and >= 75% at 64 B; stalled >= 95%; drops only in the stalled one; tui >= 90% at
-64 KiB (issue 15).
+costs the data path (every record formatted and its payload copied on the data path, by the C
+paths, the C pump included), beside which "reading" shows what a live subscriber adds (its
+reading, and the copy of a chunk when pieces already hold their share of the ring). Every mode's
+vsproxy runs at once and the runs take turns, best of --repeat. The simulated guest blasts RW
+packets (as bench_throughput.py's guest->host rows) to a host reader process. "tui" is the
+terminal UI attached to the control socket (``vsproxy tui --attach``: the real app, headless, in
+its own process; its records are the packets its store took). Targets (reported, not asserted):
+reading >= 85% of no subscriber at 64 KiB and >= 75% at 64 B; stalled >= 95%; drops only in the
+stalled one; tui >= 90% at 64 KiB (issue 15).
 """
 
 from __future__ import annotations
