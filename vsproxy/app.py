@@ -199,7 +199,8 @@ class Proxy:
         chose ``--pcap-format pcap``). It keeps up to ``maxbytes`` unread; what does not fit is
         dropped for this subscriber alone and counted (``Subscription.dropped``), so a slow or
         stalled one never slows the data path, the file or another subscriber. Read it with
-        ``read(timeout)`` (blocking) or ``take()``; ``close()`` it when done.
+        ``read_piece(timeout)`` (blocking, no copy: release each piece when done with it),
+        ``read(timeout)`` or ``take()`` (copies); ``close()`` it when done.
 
         Thread-safe. Without --pcap, the first subscriber sets the capture sink (the C paths
         then write records) and closing the last removes it; per-packet taps are never used,
