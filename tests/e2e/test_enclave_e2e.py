@@ -23,6 +23,8 @@ import pytest
 
 from vsproxy.enclave import eif as E
 
+pytestmark = pytest.mark.e2e
+
 NITRO_QEMU = harness.cache_root() / "qemu-nitro" / "bin" / "qemu-system-x86_64"
 
 
