@@ -153,6 +153,10 @@ class StreamTracker:
                 return []  # the common cheap path: nothing to dissect on this connection
             eom = kind == _SEQPACKET and bool(flags & H.SEQ_EOM)
             msgs = self._data(conn, src == conn.client, view.payload, eom) if view.payload or eom else []
+            if len(view.payload) < _len:
+                # the capture kept only the first bytes (a snaplen): what follows in this
+                # direction cannot be put back together, so it is not dissected
+                self._lose(conn, src == conn.client)
         elif op == _SHUTDOWN:
             msgs = []
             if flags & H.SHUTDOWN_SEND:
@@ -290,6 +294,12 @@ class StreamTracker:
             if self._buffered > self._max_buffered:
                 self._shed(conn)
         return msgs
+
+    def _lose(self, conn: TrackedConnection, from_client: bool) -> None:
+        d = conn._dirs[0 if from_client else 1]
+        self._buffered -= d.buffered
+        d.buffered = d.pending_size = 0
+        d.dissector, d.pending, d.lost = None, [], True
 
     def _end(self, conn: TrackedConnection, from_client: bool) -> list[AppMessage]:
         d = conn._dirs[0 if from_client else 1]

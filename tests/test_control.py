@@ -92,6 +92,9 @@ def test_bad_requests_get_an_error_and_the_client_stays(proxy: Proxy, workdir: s
         bad = c.ask({"cmd": "frobnicate"})
         assert bad["ok"] is False and "unknown request" in str(bad["error"])
         assert c.ask({"cmd": "subscribe", "what": "packets", "filter": "port ==="})["ok"] is False
+        for snaplen in (-1, "100", 1.5, True, 1 << 30):
+            bad = c.ask({"cmd": "subscribe", "what": "packets", "snaplen": snaplen})
+            assert bad["ok"] is False and "snaplen" in str(bad["error"])
         assert c.ask({"cmd": "snapshot"})["ok"] is True  # still served
     finally:
         c.close()
@@ -301,3 +304,35 @@ def test_ctl_errors_are_one_line(workdir: str) -> None:
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 2 and err.count("\n") == 1 and "not vsproxy" in err
     other.close()
+
+
+def test_ctl_pcap_snaplen_keeps_the_first_bytes_of_each_packet_and_says_its_whole_length(
+        served: tuple[VsproxyProcess, str], workdir: str) -> None:
+    _, path = served
+    srv = unix_server(os.path.join(workdir, "ha_5000"))
+    cap = os.path.join(workdir, "snapped.pcapng")
+    try:
+        with open(cap, "wb") as out:
+            pcap = subprocess.Popen([sys.executable, "-m", "vsproxy", "ctl", path, "pcap", "--snaplen", "16",
+                                     "--seconds", "4"], stdout=out)
+        wait_for(lambda: live_packet_subscribers(path) >= 1, 30, "ctl pcap subscribed")
+        data = bytes(range(256)) * 40
+        with SimGuest(os.path.join(workdir, "a.sock")) as g:
+            s = g.connect(5000)
+            s.sendall(data)
+            assert s.recv_exactly(len(data), timeout=10) == data
+            s.close()
+        assert pcap.wait(30) == 0
+    finally:
+        srv.close()
+    p = subprocess.run(["tshark", "-r", cap, "-Y", "vsock.virtio.op == 5", "-T", "fields", "-e", "frame.cap_len",
+                        "-e", "frame.len", "-e", "vsock.virtio.len"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    rows = [tuple(int(x) for x in line.split("\t")) for line in p.stdout.splitlines()]
+    assert rows and sum(n for _, _, n in rows) == 2 * len(data)  # every RW both ways, each cut at 16
+    assert all(cap_len == 32 + 44 + min(16, n) and length == 32 + 44 + n for cap_len, length, n in rows)
+    shown = subprocess.run([sys.executable, "-m", "vsproxy", "read", cap, "-V"], capture_output=True, text=True,
+                           timeout=60)
+    assert shown.returncode == 0 and "payload (the first 16 of " in shown.stdout
+    wrong = ctl(path, "stats", "--snaplen", "16")
+    assert wrong.returncode == 2 and "--snaplen goes with pcap" in wrong.stderr

@@ -543,3 +543,28 @@ def test_feed_returns_the_messages_with_their_fields() -> None:
     assert tracker.current is not None and tracker.current.proto == "ttrpc"
     assert tracker.current.describe() == "#1 vm5 5:1090 > 2:1024"
     assert Http1 in registered()
+
+
+def test_a_packet_a_snaplen_cut_ends_the_dissection_of_its_direction_and_says_what_is_missing() -> None:
+    client, server = (GUEST, 40000), (HOST, 8080)
+    reqs, resps = sample_http()
+    cap = Capture()
+    cap.connect(client, server)
+    cap.send(client, server, reqs[0][0])
+    cap.send(server, client, resps[0][0])
+    cap.send(client, server, reqs[1][0])
+    cap.send(server, client, resps[1][0])
+    cap.close(client, server)
+    whole_views = track(cap.views())
+    # the server's first answer cut to 10 payload bytes, as a snaplen cuts a record (the header
+    # keeps its len: the packet's whole length)
+    i = next(n for n, (_, inbound, frame) in enumerate(cap.frames) if not inbound and frame[32 + 30] == H.Op.RW)
+    _, inbound, frame = cap.frames[i]
+    cap.frames[i] = (0, inbound, frame[: 32 + 44 + 10])
+    views = track(cap.views())
+    pkt = dissect(next(r for n, r in enumerate(records(io.BytesIO(cap.pcapng()))) if n == i))
+    assert pkt.snapped == len(resps[0][0]) - 10 and dissect(records(io.BytesIO(cap.pcapng())).__next__()).snapped == 0
+    assert summaries(whole_views) == interleaved(reqs[:2], resps[:2])
+    got = summaries(views)
+    assert got == [s for s in interleaved(reqs[:2], resps[:2]) if s not in (resps[0][1] + resps[1][1])]
+    assert views[i].app == ()  # nothing made up from the cut bytes, and the server's side stays quiet after

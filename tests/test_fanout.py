@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -407,3 +408,93 @@ def test_a_piece_cut_to_fit_a_queue_holds_its_chunk_until_read() -> None:
         assert _free(hub) == before
     finally:
         hub.close()
+
+
+MON = fmt.VSOCKMON.size  # af_vsockmon_hdr
+
+
+def _epb_lengths(stream: bytes) -> list[tuple[int, int]]:
+    """(captured, original) length of every Enhanced Packet Block of a pcapng stream."""
+    out, off = [], 0
+    while off + 12 <= len(stream):
+        btype, total = struct.unpack_from("<II", stream, off)
+        if btype == fmt.BT_EPB:
+            out.append(struct.unpack_from("<II", stream, off + 20))
+        off += total
+    return out
+
+
+@pytest.mark.parametrize("c_paths", [pytest.param(True, marks=pytest.mark.c_paths), False], ids=["c", "python"])
+def test_a_snaplen_subscriber_gets_records_cut_to_its_snaplen_with_each_packets_whole_length(
+        proxy: Proxy, workdir: str, c_paths: bool) -> None:
+    if not c_paths:  # a per-packet tap turns the C paths off: every record is formatted in Python
+        proxy.switch.taps.add(lambda *a: None)
+    t = run(proxy)
+    sub = proxy.subscribe_packets(64 * MiB, snaplen=100)
+    assert proxy.capture_hub is not None and proxy.capture_hub.snaplen == 100
+    reader = Reader(sub)
+    srv = unix_server(os.path.join(workdir, "h_7000"))
+    data = os.urandom(300_000)
+    try:
+        with SimGuest(os.path.join(workdir, "a.sock"), timeout=30, rx_buf_size=65580) as g:
+            s = g.connect(7000)
+            s.sendall(data)
+            got = b""
+            while len(got) < len(data):
+                got += s.recv(1 << 20, timeout=10)
+            assert got == data
+            s.close()
+    finally:
+        srv.close()
+    wait_for(lambda: sub.records > 0 and proxy.capture_hub is not None and proxy.capture_hub.stats.chunks > 0, 5,
+             "records")
+    time.sleep(0.3)  # the chunk being filled reaches the subscriber
+    hub = proxy.capture_hub
+    assert hub is not None and (hub.stats.c_records > 0 if c_paths else hub.stats.c_records == 0)
+    sub.close()
+    reader.join(10)
+    stream = bytes(reader.kept)
+    lengths = _epb_lengths(stream)
+    recs = list(records(io.BytesIO(stream)))
+    rw = [(r, n) for r, n in zip(recs, lengths, strict=True) if r.frame[MON + 30] == H.Op.RW]
+    assert rw and sum(struct.unpack_from("<I", r.frame, MON + 24)[0] for r, _ in rw) == 2 * len(data)  # both ways
+    head = MON + H.HDR_SIZE
+    for r, (cap, orig) in rw:
+        plen = struct.unpack_from("<I", r.frame, MON + 24)[0]
+        assert cap == len(r.frame) == head + min(plen, 100) and orig == head + plen
+        assert r.frame[head:] in data  # the payload's first bytes
+    assert any(orig > cap for cap, orig in lengths)
+    p = subprocess.run(["tshark", "-r", "-", "-T", "fields", "-e", "frame.len", "-e", "frame.cap_len"], input=stream,
+                       capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    pairs = [tuple(int(x) for x in line.split("\t")) for line in p.stdout.decode().splitlines()]
+    assert pairs == [(orig, cap) for cap, orig in lengths]
+    proxy.stop()
+    t.join(10)
+
+
+def test_the_records_keep_what_the_subscriber_that_needs_most_needs_and_a_file_needs_everything(
+        workdir: str) -> None:
+    hub = CaptureHub(["dev"])
+    try:
+        a = hub.subscribe(MiB, snaplen=64)
+        assert hub.snaplen == 64
+        b = hub.subscribe(MiB, snaplen=4096)
+        assert hub.snaplen == 4096
+        full = hub.subscribe(MiB)
+        assert hub.snaplen == 0
+        full.close()
+        b.close()
+        assert hub.snaplen == 64
+        a.close()
+        assert hub.snaplen == 0
+    finally:
+        hub.close()
+    w = CaptureWriter(CaptureOptions(os.path.join(workdir, "f.pcapng")), ["dev"])
+    try:
+        w.subscribe(MiB, snaplen=64)
+        assert w.snaplen == 0  # the file keeps every byte
+    finally:
+        w.close()
+    with pytest.raises(ValueError):
+        CaptureHub(["dev"]).subscribe(MiB, snaplen=-1)

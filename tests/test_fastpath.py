@@ -279,6 +279,7 @@ class RecordingSink:
         self.lent = False
         self.dropped = 0
         self.full = False  # every chunk waits for the file: nothing to lend
+        self.snaplen = 0
 
     def interface(self, device: str) -> int:
         return 3

@@ -193,14 +193,17 @@ class Proxy:
         sink = self.switch.taps.sink
         return sink if isinstance(sink, CaptureHub) else None
 
-    def subscribe_packets(self, maxbytes: int = LIVE_BYTES) -> Subscription:
+    def subscribe_packets(self, maxbytes: int = LIVE_BYTES, snaplen: int = 0) -> Subscription:
         """A live view of every packet captured from now on, as a byte stream that is a capture
         on its own: the stream header, then whole records (pcapng; classic pcap when --pcap
         chose ``--pcap-format pcap``). It keeps up to ``maxbytes`` unread; what does not fit is
         dropped for this subscriber alone and counted (``Subscription.dropped``), so a slow or
         stalled one never slows the data path, the file or another subscriber. Read it with
         ``read_piece(timeout)`` (blocking, no copy: release each piece when done with it),
-        ``read(timeout)`` or ``take()`` (copies); ``close()`` it when done.
+        ``read(timeout)`` or ``take()`` (copies); ``close()`` it when done. ``snaplen`` N > 0:
+        the subscriber needs only the first N payload bytes of each packet (tcpdump's -s), so
+        while no file and no other subscriber needs more, the data path copies no more than that
+        (records keep at least N bytes, and say each packet's whole length).
 
         Thread-safe. Without --pcap, the first subscriber sets the capture sink (the C paths
         then write records) and closing the last removes it; per-packet taps are never used,
@@ -208,11 +211,11 @@ class Proxy:
         taps = self.switch.taps
         with self._live_lock:
             if self.capture is not None and taps.sink is self.capture:
-                return self.capture.subscribe(maxbytes)
+                return self.capture.subscribe(maxbytes, snaplen=snaplen)
             if self._live is None:
                 self._live = CaptureHub([c.name for c in self.configs], on_empty=self._last_left)
                 taps.set_sink(self._live)
-            return self._live.subscribe(maxbytes)
+            return self._live.subscribe(maxbytes, snaplen=snaplen)
 
     def _last_left(self, hub: CaptureHub) -> None:
         """The last live subscriber of a hub without --pcap left: no capture sink any more."""

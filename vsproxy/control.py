@@ -18,7 +18,7 @@ import struct
 import threading
 from typing import TYPE_CHECKING, Any
 
-from vsproxy.capture.hub import Subscription, split_records
+from vsproxy.capture.hub import MAX_SNAPLEN, Subscription, split_records
 from vsproxy.capture.reader import CaptureError, records
 from vsproxy.endpoints.listeners import Acceptor, listen_unix
 from vsproxy.eventbus import EventQueue
@@ -181,21 +181,24 @@ class _Client:
             else:
                 q.close()
         elif cmd == "subscribe" and req.get("what") == "packets":
-            self._subscribe_packets(req.get("filter") or "")
+            self._subscribe_packets(req.get("filter") or "", req.get("snaplen", 0))
         else:
             self._send({"ok": False, "error": f"unknown request {str(cmd)[:40]!r} "
                         "(known: snapshot, reset, subscribe events, subscribe packets)"})
 
-    def _subscribe_packets(self, text: object) -> None:
+    def _subscribe_packets(self, text: object, snaplen: object) -> None:
         if not isinstance(text, str):
             self._send({"ok": False, "error": "filter must be a string"})
+            return
+        if type(snaplen) is not int or not 0 <= snaplen <= MAX_SNAPLEN:
+            self._send({"ok": False, "error": f"snaplen must be a number of bytes in 0..{MAX_SNAPLEN} (0: all)"})
             return
         try:
             pred = compile_filter(text) if text.strip() else None
         except FilterError as e:
             self._send({"ok": False, "error": f"bad filter: {e}"})
             return
-        sub = self.server.proxy.subscribe_packets()
+        sub = self.server.proxy.subscribe_packets(snaplen=snaplen)
         fmt = "pcap" if sub.hub.record_mode == CAP_PCAP else "pcapng"
         if self._send({"ok": True, "format": fmt}):
             self._hand_off(lambda: _stream_packets(self.sock, sub, pred))

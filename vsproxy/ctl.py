@@ -3,7 +3,8 @@
     stats            devices and rules, as the SIGUSR1 report
     conns [--json]   one connection a line, like ss
     events           a live tail of connection and device events
-    pcap [FILTER]    the live capture stream on stdout (| tshark -r - ..., | vsproxy read -)
+    pcap [FILTER]    the live capture stream on stdout (| tshark -r - ..., | vsproxy read -);
+                     --snaplen N keeps each packet's first N payload bytes
     watch            stats again every second, with rates per device
 
 ``--seconds S`` ends a stream (events, pcap, watch) after S seconds.
@@ -167,10 +168,16 @@ def main(argv: list[str]) -> int:
     ap.add_argument("filter", nargs="*", help="pcap: only packets this filter matches (the language of vsproxy read)")
     ap.add_argument("--json", action="store_true", help="conns, stats: the snapshot's JSON")
     ap.add_argument("--seconds", type=float, default=0.0, help="end a stream after this long (0: never)")
+    ap.add_argument("--snaplen", "-s", type=int, default=0, metavar="N",
+                    help="pcap: keep only the first N payload bytes of each packet, as tcpdump -s (0: all); "
+                         "while nothing else needs more, vsproxy copies no more than that")
     try:
         args = ap.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0) if e.code in (0, None) else 2
+    if args.snaplen and args.command != "pcap":
+        print("vsproxy ctl: --snaplen goes with pcap", file=sys.stderr)
+        return 2
     try:
         if args.command in ("stats", "conns"):
             snap = snapshot(args.path)
@@ -181,7 +188,7 @@ def main(argv: list[str]) -> int:
         elif args.command == "events":
             stream(args.path, {"cmd": "subscribe", "what": "events"}, args.seconds, sys.stdout.buffer)
         elif args.command == "pcap":
-            req = {"cmd": "subscribe", "what": "packets", "filter": " ".join(args.filter)}
+            req = {"cmd": "subscribe", "what": "packets", "filter": " ".join(args.filter), "snaplen": args.snaplen}
             stream(args.path, req, args.seconds, sys.stdout.buffer)
         else:
             watch(args.path, args.seconds, sys.stdout)

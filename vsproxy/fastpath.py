@@ -133,6 +133,7 @@ class CaptureCall:
         cap.used = self._batch_used = chunk.used
         self._batch_records = 0
         cap.mode = sink.record_mode
+        cap.snaplen = sink.snaplen
         cap.iface = sink.interface(device)
         cap.ts_us = int(time.time() * 1_000_000)
         return cap

@@ -264,7 +264,8 @@ def verbose_text(d: Decoded) -> str:
         ("time", _date(rec.ts)),
         ("interface", printable(rec.interface) or "(not in the file)"),
         ("direction", _DIRECTION[rec.inbound]),
-        ("length", f"{len(rec.frame)} bytes"),
+        ("length", f"{len(rec.frame)} bytes"
+                   + (f" captured of {len(rec.frame) + pkt.snapped} (a snaplen cut it)" if pkt.snapped else "")),
     ]
     if rec.comment is not None:
         facts.append(("comment", printable(rec.comment)))
@@ -276,7 +277,8 @@ def verbose_text(d: Decoded) -> str:
         lines.append(f"{_INDENT}{printable(m.summary)}")
         lines += [f"{_INDENT * 2}{printable(name)}: {_cut(printable(value), MAX_FIELD)}" for name, value in m.fields]
     if pkt.payload:
-        lines.append(f"{_INDENT}payload ({len(pkt.payload)} bytes)")
+        lines.append(f"{_INDENT}payload ({len(pkt.payload)} bytes)" if not pkt.snapped else
+                     f"{_INDENT}payload (the first {len(pkt.payload)} of {len(pkt.payload) + pkt.snapped} bytes)")
         shown = pkt.payload[:VERBOSE_PAYLOAD]
         lines += [f"{_INDENT * 2}{row}" for row in hexdump(shown, digits=4)]
         if len(pkt.payload) > len(shown):

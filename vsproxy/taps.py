@@ -55,6 +55,9 @@ class CaptureSink(Tap, Protocol):
 
     def interface(self, device: str) -> int: ...  # pcapng interface id of a device
 
+    @property
+    def snaplen(self) -> int: ...  # payload bytes a record keeps at most (0: all), as tcpdump -s
+
     def reserve(self) -> RecordChunk | None: ...  # None: no room, the caller counts its packets dropped
 
     def release(self, chunk: RecordChunk, used: int, records: int) -> None: ...

@@ -7,16 +7,19 @@ void cap_record(vq_cap *cap, const uint8_t *h, const uint8_t *payload, uint32_t 
                 const uint8_t *comment, uint32_t clen) {
     uint8_t *p = cap->buf + cap->used;
     if (clen > CAP_COMMENT_MAX) clen = CAP_COMMENT_MAX;
-    uint32_t frame = MON + HDR + plen, rec = cap_record_size(cap, plen, clen);
+    /* snaplen: the record keeps the payload's first bytes (captured length), and says how long
+       the frame was (original length), as pcap and pcapng do */
+    uint32_t keep = cap_keep(cap, plen), orig = MON + HDR + plen, frame = MON + HDR + keep,
+             rec = cap_record_size(cap, plen, clen);
     uint8_t *f;
     if (cap->mode == CAP_PCAP) {
         put32(p, (uint32_t)(cap->ts_us / 1000000)); put32(p + 4, (uint32_t)(cap->ts_us % 1000000));
-        put32(p + 8, frame); put32(p + 12, frame);
+        put32(p + 8, frame); put32(p + 12, orig);
         f = p + 16;
     } else {
         put32(p, PCAPNG_BT_EPB); put32(p + 4, rec); put32(p + 8, cap->iface);
         put32(p + 12, (uint32_t)(cap->ts_us >> 32)); put32(p + 16, (uint32_t)cap->ts_us);
-        put32(p + 20, frame); put32(p + 24, frame);
+        put32(p + 20, frame); put32(p + 24, orig);
         f = p + 28;
         uint8_t *o = f + ((frame + 3) & ~3u);
         memset(f + frame, 0, ((frame + 3) & ~3u) - frame);
@@ -42,7 +45,7 @@ void cap_record(vq_cap *cap, const uint8_t *h, const uint8_t *payload, uint32_t 
              tl = HDR, z = 0;
     memcpy(f + 24, &op, 2); memcpy(f + 26, &tr, 2); memcpy(f + 28, &tl, 2); memcpy(f + 30, &z, 2);
     memcpy(f + MON, h, HDR);
-    memcpy(f + MON + HDR, payload, plen);
+    memcpy(f + MON + HDR, payload, keep);
     cap->used += rec;
     cap->records++;
 }

@@ -22,9 +22,14 @@
 /* Room C keeps in a capture buffer between tx kick rounds: a round stops before it */
 #define CAP_LOW 131072
 
+/* the payload bytes a record of plen keeps (snaplen) */
+static inline uint32_t cap_keep(const vq_cap *cap, uint32_t plen) {
+    return cap->snaplen && plen > cap->snaplen ? cap->snaplen : plen;
+}
+
 /* a record's size; clen: its comment's length (pcapng only: classic pcap has no comments) */
 static inline uint32_t cap_record_size(const vq_cap *cap, uint32_t plen, uint32_t clen) {
-    uint32_t frame = MON + HDR + plen;
+    uint32_t frame = MON + HDR + cap_keep(cap, plen);
     if (cap->mode == CAP_PCAP) return 16 + frame;
     /* EPB: 28 fixed + frame padded to 4 + epb_flags option (8) [+ opt_comment (4 + clen padded)]
        + end of options (4) + trailing length */

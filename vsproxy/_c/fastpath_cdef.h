@@ -47,6 +47,7 @@ typedef struct {
     uint64_t ts_us;      /* timestamp of every record of this call, microseconds */
     uint32_t records;
     uint32_t dropped;    /* out: packets C handled with no room for their record (counted, not written) */
+    uint32_t snaplen;    /* payload bytes a record keeps at most (0: all of it), as tcpdump -s */
 } vq_cap;
 
 /* A connection C runs between Python's turns (see fastpath.TxFastPath.own): its

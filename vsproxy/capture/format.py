@@ -98,11 +98,13 @@ def pcap_record(ts: float, frame: bytes) -> bytes:
     return b"".join(pcap_record_parts(ts, frame, b""))
 
 
-def pcap_record_parts(ts: float, head: bytes, body: bytes) -> tuple[bytes, ...]:
+def pcap_record_parts(ts: float, head: bytes, body: bytes, orig: int = 0) -> tuple[bytes, ...]:
+    """A record of the frame ``head + body``; ``orig``: the frame's length before a snaplen cut
+    its body (0: it was not cut)."""
     sec = int(ts)
     usec = int((ts - sec) * 1_000_000)
     n = len(head) + len(body)
-    return PCAP_RECORD.pack(sec, usec, n, n) + head, body
+    return PCAP_RECORD.pack(sec, usec, n, max(n, orig)) + head, body
 
 
 # -- pcapng ------------------------------------------------------------------------------
@@ -150,9 +152,11 @@ def pcapng_epb(interface: int, ts: float, frame: bytes, *, inbound: bool, commen
 
 
 def pcapng_epb_parts(
-    interface: int, ts: float, head: bytes, body: bytes, *, inbound: bool, comment: str | None = None
+    interface: int, ts: float, head: bytes, body: bytes, *, inbound: bool, comment: str | None = None,
+    orig: int = 0,
 ) -> tuple[bytes, ...]:
-    """pcapng_epb for a frame given in two parts, returned in parts to write one after another."""
+    """pcapng_epb for a frame given in two parts, returned in parts to write one after another;
+    ``orig``: the frame's length before a snaplen cut its body (0: it was not cut)."""
     usec = int(ts * 1_000_000)
     n = len(head) + len(body)
     opts = [(EPB_FLAGS, struct.pack("<I", EPB_INBOUND if inbound else EPB_OUTBOUND))]
@@ -160,5 +164,5 @@ def pcapng_epb_parts(
         opts.append((OPT_COMMENT, comment.encode()))
     tail = b"\0" * (-n % 4) + _options(opts)
     total = 12 + 20 + n + len(tail)
-    start = struct.pack("<IIIIIII", BT_EPB, total, interface, usec >> 32, usec & 0xFFFFFFFF, n, n)
+    start = struct.pack("<IIIIIII", BT_EPB, total, interface, usec >> 32, usec & 0xFFFFFFFF, n, max(n, orig))
     return start + head, body, tail + struct.pack("<I", total)

@@ -56,6 +56,7 @@ RESERVE_ROOM = 1 << 17  # a chunk lent to the C paths has room for at least one 
 FLUSH_EVERY = 0.5  # seconds: the chunk being filled goes out at least this often
 LIVE_FLUSH_EVERY = 0.1  # the same while a live subscriber is attached
 LIVE_BYTES = 8 << 20  # a live subscription's queue, by default
+MAX_SNAPLEN = 1 << 18  # a subscription's snaplen at most (the largest frame a record holds)
 SPLIT_RECORDS = 4096  # a piece that does not fit whole: at most this many of its records are kept
 WAIT_WARN = 5.0  # lossless: a wait this long is logged (the file takes nothing: a hung disk?)
 INTERRUPT_GRACE = 5.0  # lossless: how long a stopping process still waits for the file
@@ -153,11 +154,14 @@ class Subscription:
     """One subscriber's bounded queue of whole records. Thread-safe: the hub's thread fills
     it; the subscriber reads it from any thread (``read`` blocks, ``take`` does not)."""
 
-    def __init__(self, hub: CaptureHub, maxbytes: int, header: bytes | None) -> None:
+    def __init__(self, hub: CaptureHub, maxbytes: int, header: bytes | None, snaplen: int = 0) -> None:
         if maxbytes < 1:
             raise ValueError("a subscription needs room for at least one byte")
+        if not 0 <= snaplen <= MAX_SNAPLEN:
+            raise ValueError(f"snaplen: 0 (every byte) to {MAX_SNAPLEN}")
         self.hub = hub
         self.maxbytes = maxbytes
+        self.snaplen = snaplen  # payload bytes its records need at least (0: all)
         self.live = header is not None
         self._cond = threading.Condition(threading.Lock())
         self._queue: collections.deque[Piece] = collections.deque()
@@ -345,6 +349,8 @@ class CaptureHub:
         self.accepting = True
         self._closing = False
         self.stats = HubCounters()
+        # payload bytes a record keeps (0: all): read by the data path, set under _sub_lock
+        self.snaplen = 0
         self._subs: tuple[Subscription, ...] = ()  # replaced, never changed in place, under _sub_lock
         self._sub_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="vsproxy-capture", daemon=True)
@@ -363,15 +369,19 @@ class CaptureHub:
     def header(self) -> bytes:
         return stream_header(self.record_mode, self.devices)
 
-    def subscribe(self, maxbytes: int = LIVE_BYTES, *, header: bool = True) -> Subscription:
+    def subscribe(self, maxbytes: int = LIVE_BYTES, *, header: bool = True, snaplen: int = 0) -> Subscription:
         """A new subscription: records from the next chunk distributed on. With ``header``, its
-        stream starts with the stream header (a capture on its own)."""
-        sub = Subscription(self, maxbytes, self.header() if header else None)
+        stream starts with the stream header (a capture on its own). ``snaplen``: the payload
+        bytes of each packet it needs (0: all of them); while every taker of the records needs
+        fewer than all, the data path copies only as many as the one that needs most (records
+        then say the packet's whole length, as tcpdump -s writes them)."""
+        sub = Subscription(self, maxbytes, self.header() if header else None, snaplen)
         with self._sub_lock:
             if self._closing:
                 sub._end(True)
             else:
                 self._subs = (*self._subs, sub)
+                self._set_snaplen()
         if sub.live:
             self._wake.set()  # the distribution thread shortens its turn for live subscribers
         self.accepting = True
@@ -383,10 +393,20 @@ class CaptureHub:
                 sub._end(True)
                 return
             self._subs = tuple(s for s in self._subs if s is not sub)
+            self._set_snaplen()
             empty = not self._subs
         sub._end(True)
         if empty and self._on_empty is not None:
             self._on_empty(self)
+
+    def _set_snaplen(self) -> None:
+        """Holding ``_sub_lock``: the payload bytes records keep, for the taker that needs most
+        (the file needs all)."""
+        subs = self._subs
+        if self.consumes_all or not subs or any(s.snaplen == 0 for s in subs):
+            self.snaplen = 0
+        else:
+            self.snaplen = max(s.snaplen for s in subs)
 
     # -- the sink (data path) ---------------------------------------------------------------
     def interface(self, device: str) -> int:
@@ -397,18 +417,23 @@ class CaptureHub:
     ) -> None:
         """A packet from a Python path: formatted here, as the C paths format theirs."""
         n = int.from_bytes(hdr[24:28], "little")  # virtio header len
+        orig = 0
         if not n or hdr[30] != H.Op.RW:
             data = b""
-        elif len(payload) == 1:
-            data = bytes(payload[0][:n])  # one copy, out of guest memory
         else:
-            data = b"".join(bytes(p) for p in payload)[:n]
+            if (snap := self.snaplen) and n > snap:
+                orig, n = fmt.VSOCKMON.size + H.HDR_SIZE + n, snap  # (the whole frame's length)
+            if len(payload) == 1:
+                data = bytes(payload[0][:n])  # one copy, out of guest memory
+            else:
+                data = b"".join(bytes(p) for p in payload)[:n]
         head, body = fmt.vsockmon_parts(hdr, data)
         ts = time.time()
         if self.record_mode == CAP_PCAP:
-            parts = fmt.pcap_record_parts(ts, head, body)
+            parts = fmt.pcap_record_parts(ts, head, body, orig)
         else:
-            parts = fmt.pcapng_epb_parts(self.interface(device), ts, head, body, inbound=not to_guest, comment=mark)
+            parts = fmt.pcapng_epb_parts(self.interface(device), ts, head, body, inbound=not to_guest, comment=mark,
+                                         orig=orig)
         self.commit(b"".join(parts), 1)
 
     tap = __call__

@@ -39,6 +39,15 @@ class Packet:
     hdr: H.Header | None  # the virtio header, when the transport is virtio
     payload: bytes
 
+    @property
+    def snapped(self) -> int:
+        """Payload bytes the capture did not keep (a snaplen cut the record: ``vsproxy ctl PATH
+        pcap --snaplen``, tcpdump -s, editcap -s): the header's ``len`` less what is here."""
+        h = self.hdr
+        if h is None or h.op != H.Op.RW or h.len <= len(self.payload):
+            return 0
+        return h.len - len(self.payload)
+
 
 def _read_exact(f: BinaryIO, n: int, where: int) -> bytes:
     data = f.read(n)
@@ -223,7 +232,8 @@ def _clock(sec: int) -> str:
 def as_json(p: Packet) -> dict[str, object]:
     r = p.record
     out: dict[str, object] = {"time": r.ts, "device": r.interface or None, "from_guest": r.inbound,
-                              "comment": r.comment, "vsockmon_op": p.mon_op, "payload_len": len(p.payload)}
+                              "comment": r.comment, "vsockmon_op": p.mon_op, "payload_len": len(p.payload),
+                              "snapped": p.snapped}
     if p.hdr is not None:
         out.update(p.hdr._asdict())
         out["op"] = H.Op(p.hdr.op).name if p.hdr.op in H.Op._value2member_map_ else p.hdr.op
