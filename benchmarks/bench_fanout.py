@@ -8,18 +8,20 @@ subscriber can attach through ``Proxy.subscribe_packets`` as a TUI or a control-
 would: "reading" has a consumer thread in that process draining its subscription (each piece
 without a copy, as the control socket's client threads read); "stalled" never reads (its 8 MiB
 queue fills, then it drops, counted; with nobody taking records the data path stops writing
-them); "ctl" is ``vsproxy ctl PATH pcap > /dev/null`` in its own process, a client of the
-control socket reading everything. No --pcap file: the subscriber is what turns the capture on.
-For reference, "devnull" is ``--pcap /dev/null`` with no live subscriber: what capturing itself
-costs the data path (every record formatted and its payload copied on the data path, by the C
-paths, the C pump included), beside which "reading" shows what a live subscriber adds (its
-reading, and the copy of a chunk when pieces already hold their share of the ring). Every mode's
-vsproxy runs at once and the runs take turns, best of --repeat. The simulated guest blasts RW
-packets (as bench_throughput.py's guest->host rows) to a host reader process. "tui" is the
-terminal UI attached to the control socket (``vsproxy tui --attach``: the real app, headless, in
-its own process; its records are the packets its store took). Targets (reported, not asserted):
-reading >= 85% of no subscriber at 64 KiB and >= 75% at 64 B; stalled >= 95%; drops only in the
-stalled one; tui >= 90% at 64 KiB (issue 15).
+them); "snap" reads everything as "reading" does, with a snaplen of 128 bytes (tcpdump -s: the
+data path copies each packet's first 128 payload bytes); "ctl" is ``vsproxy ctl PATH pcap >
+/dev/null`` in its own process, a client of the control socket reading everything. No --pcap
+file: the subscriber is what turns the capture on. For reference, "devnull" is ``--pcap
+/dev/null`` with no live subscriber: what capturing itself costs the data path (every record
+formatted and its payload copied on the data path, by the C paths, the C pump included), beside
+which "reading" shows what a live subscriber adds (its reading, and the copy of a chunk when
+pieces already hold their share of the ring). Every mode's vsproxy runs at once and the runs
+take turns, best of --repeat. The simulated guest blasts RW packets (as bench_throughput.py's
+guest->host rows) to a host reader process. "tui" is the terminal UI attached to the control
+socket (``vsproxy tui --attach``: the real app, headless, in its own process; its records are
+the packets its store took). Targets (reported, not asserted): reading >= 85% of no subscriber
+at 64 KiB and >= 75% at 64 B; stalled >= 95%; drops only in the stalled one; tui >= 90% at 64
+KiB (issue 15).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ from vsproxy.device import DeviceConfig
 from vsproxy.endpoints.host import HostEndpoints
 from vsproxy.simguest import SimGuest
 
-MODES = ("none", "devnull", "reading", "stalled", "ctl", "tui")
+MODES = ("none", "devnull", "reading", "snap", "stalled", "ctl", "tui")
+SNAPLEN = 128  # "snap": a reading subscriber that keeps each packet's first 128 payload bytes
 
 
 def _tui(path: str, ready: Pipe, stop: Pipe) -> None:
@@ -96,9 +99,10 @@ def _vsproxy(vhost: str, uds: str, mode: str, ctl: Pipe) -> None:
         control = vhost + ".ctl"
         proxy.start_control(control)
     proxy.start()
-    sub = proxy.subscribe_packets() if mode in ("reading", "stalled") else None
+    sub = (proxy.subscribe_packets() if mode in ("reading", "stalled")
+           else proxy.subscribe_packets(snaplen=SNAPLEN) if mode == "snap" else None)
     seen = [0]
-    if sub is not None and mode == "reading":
+    if sub is not None and mode in ("reading", "snap"):
         threading.Thread(target=_consume, args=(sub, seen), daemon=True).start()
     loop = threading.Thread(target=proxy.run, daemon=True)
     loop.start()
