@@ -249,3 +249,23 @@ def test_a_live_builder_shows_steps_as_they_complete_and_what_is_still_arriving(
     b.feed(dec.decode(rec(GUEST, HOST, H.Op.RW, REQ[10:], ts=3.0)))
     assert [s.data for s in c.steps if isinstance(s, Data)] == [REQ] and b.pending(c.id) == []
     assert b.pending(99) == []
+
+
+def test_records_a_snaplen_cut_say_how_many_bytes_are_missing_and_are_not_counted_lost_twice() -> None:
+    def snapped(src: tuple[int, int], dst: tuple[int, int], payload: bytes, keep: int, fwd_cnt: int = 0) -> Record:
+        hdr = H.pack(src[0], dst[0], src[1], dst[1], len(payload), H.Type.STREAM, H.Op.RW, 0, 262144, fwd_cnt)
+        return Record(1.0, "app", src[0] != 2, fmt.vsockmon_frame(hdr, payload[:keep]), None)
+
+    t = transcript_of([
+        rec(GUEST, HOST, H.Op.REQUEST),
+        rec(HOST, GUEST, H.Op.RESPONSE),
+        snapped(GUEST, HOST, REQ, 16),  # the record keeps 16 of the request's bytes
+        rec(HOST, GUEST, H.Op.CREDIT_UPDATE, fwd_cnt=len(REQ)),  # the host took them all
+        rec(GUEST, HOST, H.Op.SHUTDOWN, flags=H.SHUTDOWN_BOTH),
+        rec(HOST, GUEST, H.Op.RST),
+    ])
+    (c,) = t.conversations
+    cut = len(REQ) - 16
+    assert c.snapped == cut and c.lost == cut  # a replay leaves it alone (it checks lost)
+    assert c.sent(True) == REQ[:16]
+    assert t.problems() == [f"#1: {cut} bytes cut by a snaplen (the records keep only each packet's first bytes)"]

@@ -127,7 +127,8 @@ class Conversation:
     proto: str | None = None  # the application protocol, when a dissector knew it
     steps: list[Step] = field(default_factory=list)
     closed: bool = False  # an RST, or both directions shut down
-    lost: int = 0  # bytes a side acknowledged (fwd_cnt) beyond what the capture holds
+    lost: int = 0  # bytes a side acknowledged (fwd_cnt) beyond what the capture holds, or cut by a snaplen
+    snapped: int = 0  # payload bytes a snaplen cut from the records (tcpdump -s, ctl pcap --snaplen)
     cut: bool = False  # the capture ended inside a SEQPACKET message
     selected: bool = False  # a packet of it matched the decoder's filter (every one does without a filter)
 
@@ -176,8 +177,10 @@ class Conversation:
             out.append("started before the capture")
         if not self.closed and self.outcome not in (Outcome.DENIED, Outcome.REFUSED):
             out.append("not closed when the capture ended")
-        if self.lost:
+        if self.lost > self.snapped:
             out.append(f"{self.lost} bytes missing from the capture")
+        if self.snapped:
+            out.append(f"{self.snapped} bytes cut by a snaplen (the records keep only each packet's first bytes)")
         if self.cut:
             out.append("the capture ended inside a message")
         return out
@@ -375,8 +378,12 @@ class TranscriptBuilder:
         h = d.view.hdr
         assert h is not None
         payload = d.view.payload
-        live.sent[side] = (live.sent[side] + len(payload)) & H.U32
         conv = live.conv
+        cut = h.len - len(payload) if h.len > len(payload) else 0
+        if cut:  # a snaplen cut the record: the steps cannot be whole (nor replayed)
+            conv.snapped += cut
+            conv.lost = max(conv.lost, conv.snapped)
+        live.sent[side] = (live.sent[side] + len(payload) + cut) & H.U32  # (what the peer acknowledges)
         stream = conv.sock_type != _SEQPACKET
         if stream:  # the other side's bytes came first: they are a step of their own
             self._flush(live, 1 - side)
