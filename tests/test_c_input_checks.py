@@ -162,7 +162,31 @@ def rw_spoofed(rig: Rig) -> None:
 
 
 def rw_seqpacket(rig: Rig) -> None:
-    add_packet(rig, 300, b"message", type_=2)
+    add_packet(rig, 300, b"message", type_=2, flags=H.SEQ_EOM)
+
+
+def rw_seqpacket_without_eom(rig: Rig) -> None:
+    add_packet(rig, 300, b"part of a message", type_=2)
+
+
+def rw_seqpacket_with_every_flag(rig: Rig) -> None:
+    add_packet(rig, 300, b"flags", type_=2, flags=0xFFFF_FFFF)  # Python keeps EOM and EOR of them
+
+
+def rw_stream_with_eom(rig: Rig) -> None:
+    add_packet(rig, 300, b"stream", flags=H.SEQ_EOM)  # a stream's flags mean nothing: a run
+
+
+def rw_seqpacket_spoofed(rig: Rig) -> None:
+    add_packet(rig, 300, b"spoof", type_=2, flags=H.SEQ_EOM, src_cid=GUEST + 1)
+
+
+def rw_seqpacket_longer_than_its_buffer(rig: Rig) -> None:
+    add_packet(rig, 300, b"short", type_=2, flags=H.SEQ_EOM, length=6)
+
+
+def rw_seqpacket_of_length_0(rig: Rig) -> None:
+    add_packet(rig, 300, b"unused", type_=2, flags=H.SEQ_EOM, length=0)
 
 
 def rw_other_op_with_payload(rig: Rig) -> None:
@@ -187,9 +211,12 @@ CASES: dict[str, Case] = {f.__name__: f for f in (
     next_to_itself, three_direct, short_header_descriptor, header_outside_memory, header_only_outside_memory,
     empty_payload_descriptor, payload_outside_memory, payload_past_the_end_of_memory, credit_spoofed,
     credit_of_an_unknown_type, credit_request_seqpacket, header_only_other_op, header_only_with_a_length,
-    rw_spoofed, rw_seqpacket, rw_other_op_with_payload, rw_of_length_0, rw_longer_than_its_buffer,
+    rw_spoofed, rw_seqpacket, rw_seqpacket_without_eom, rw_seqpacket_with_every_flag, rw_stream_with_eom,
+    rw_seqpacket_spoofed, rw_seqpacket_longer_than_its_buffer, rw_seqpacket_of_length_0, rw_other_op_with_payload, rw_of_length_0, rw_longer_than_its_buffer,
     rw_above_the_largest_packet)}
-TAKEN_BY_C = {"credit_request_seqpacket"}
+# what C takes itself, and the item it makes of it (every other case is Python's: "slow")
+TAKEN_BY_C = {"credit_request_seqpacket": "credit", "rw_seqpacket": "seq", "rw_seqpacket_without_eom": "seq",
+              "rw_seqpacket_with_every_flag": "seq", "rw_stream_with_eom": "run"}
 
 
 @pytest.mark.parametrize("indirect_ring", [True, False])
@@ -208,7 +235,7 @@ def test_each_chain_shape_the_guest_writes_is_judged_as_the_python_walker_judges
         assert heads == avail  # every chain, in ring order
         assert got == reference(rig, heads)
         assert got[0] == ("run", (100, 2, 5000), b"a good packet first", [avail[0]])
-        assert got[1][0] == ("credit" if case in TAKEN_BY_C else "slow")  # the odd one is Python's
+        assert got[1][0] == TAKEN_BY_C.get(case, "slow")  # the odd one is Python's
     finally:
         rig.close()
 
