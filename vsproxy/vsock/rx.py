@@ -153,9 +153,16 @@ class RxPath(HostFlush):
                 rxq.push(chain.head, HDR_SIZE)
             control.popleft()
             if conn_or_none is not None:
+                conn_or_none.credit.advertised()  # the guest sees it now
                 if op == Op.CREDIT_UPDATE:
                     conn_or_none.flags &= ~Connection.UPDATE_QUEUED
-                conn_or_none.credit.advertised()  # the guest sees it now
+                    if (conn_or_none.type == H.Type.SEQPACKET and conn_or_none.own < 0
+                            and not conn_or_none.out_bytes):
+                        # A SEQPACKET connection counts the guest's messages forwarded once the
+                        # host took them: the update that makes due is queued after the flush,
+                        # where a stream's went out before it, and the flush could not lend the
+                        # connection to C with it queued. It can now.
+                        self._lend_sender(conn_or_none)
             c.rx_packets += 1
             used += 1
         return used
