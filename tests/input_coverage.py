@@ -43,7 +43,8 @@ FUNCTIONS = {"vsproxy/vsock/core.py": ("VsockCore.guest_packet", "VsockCore.gues
 TESTS = ("tests/test_virtq.py", "tests/test_vhost_user_session.py", "tests/test_vsock_core.py",
          "tests/test_input_edges.py", "tests/test_close_semantics.py", "tests/test_seqpacket_runs.py")
 C_TESTS = ("tests/test_fastpath.py", "tests/test_c_input_checks.py", "tests/test_c_pump.py",
-           "tests/test_c_readahead.py", "tests/test_c_sender.py", "tests/test_c_capture.py", "tests/test_c_seqpacket.py")
+           "tests/test_c_readahead.py", "tests/test_c_sender.py", "tests/test_c_capture.py",
+           "tests/test_c_seqpacket.py")
 FAIL_UNDER = 95.0
 
 

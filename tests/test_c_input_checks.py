@@ -212,8 +212,8 @@ CASES: dict[str, Case] = {f.__name__: f for f in (
     empty_payload_descriptor, payload_outside_memory, payload_past_the_end_of_memory, credit_spoofed,
     credit_of_an_unknown_type, credit_request_seqpacket, header_only_other_op, header_only_with_a_length,
     rw_spoofed, rw_seqpacket, rw_seqpacket_without_eom, rw_seqpacket_with_every_flag, rw_stream_with_eom,
-    rw_seqpacket_spoofed, rw_seqpacket_longer_than_its_buffer, rw_seqpacket_of_length_0, rw_other_op_with_payload, rw_of_length_0, rw_longer_than_its_buffer,
-    rw_above_the_largest_packet)}
+    rw_seqpacket_spoofed, rw_seqpacket_longer_than_its_buffer, rw_seqpacket_of_length_0, rw_other_op_with_payload,
+    rw_of_length_0, rw_longer_than_its_buffer, rw_above_the_largest_packet)}
 # what C takes itself, and the item it makes of it (every other case is Python's: "slow")
 TAKEN_BY_C = {"credit_request_seqpacket": "credit", "rw_seqpacket": "seq", "rw_seqpacket_without_eom": "seq",
               "rw_seqpacket_with_every_flag": "seq", "rw_stream_with_eom": "run"}

@@ -14,6 +14,7 @@ from test_vsock_core import GPORT, GUEST, FakePeer, Harness, pkt
 
 from vsproxy.verdict import Mark
 from vsproxy.vsock import header as H
+from vsproxy.vsock import lending
 from vsproxy.vsock.connection import Connection
 from vsproxy.vsock.core import VsockCore
 from vsproxy.vsock.header import Op
@@ -29,6 +30,12 @@ class SeqPeer(FakePeer):
         super().__init__()
         self.room = room
         self.messages: list[bytes] = []
+
+    def fast_fd(self) -> int:
+        return 7  # a descriptor C could use: the connection may be lent
+
+    def recv_message(self, limit: int) -> tuple[bytes, bool] | None:
+        return None  # the host has sent nothing
 
     def send_message(self, data: bytes, eor: bool) -> bool:
         if self.room == 0:
@@ -82,7 +89,7 @@ def test_a_seqpacket_run_has_the_effect_of_its_packets_one_by_one(packets: list[
 
 
 def test_a_message_in_parts_is_assembled_across_runs_and_with_the_walker() -> None:
-    t, conn = seq_harness()
+    t, _ = seq_harness()
     assert run(t.core, [(b"one ", 0), (b"two ", 0)])
     t.core.guest_packet(*pkt(Op.RW, type_=SEQ, payload=b"three "))  # the walker's packet between runs
     assert run(t.core, [(b"end", EOM | EOR), (b"next", EOM)])
@@ -129,3 +136,63 @@ def test_a_tail_for_a_connection_reset_meanwhile_goes_with_it() -> None:
     t.core.guest_packet(*pkt(Op.RST, type_=SEQ))
     t.core.guest_rw_tail(GPORT, 2, 1234, 3, [memoryview(b"abc")], SEQ, [EOM])
     assert isinstance(t.peer, SeqPeer) and t.peer.messages == [] and not conn.outq
+
+
+class Pump:
+    """The C pump as the core sees it (lending.Owner), lending and giving back with nothing done
+    meanwhile: what the core lent is what it takes back."""
+
+    def __init__(self) -> None:
+        self.lent: dict[int, tuple[int, int, int, int, tuple[int, int, int, int] | None]] = {}
+        self.slots = 0
+
+    def own(self, token: object, key: tuple[int, int, int, int], fd: int, tx_cnt: int, peer_buf_alloc: int,
+            peer_fwd_cnt: int, hdr: bytes, flags: int, tx: tuple[int, int, int, int] | None = None,
+            comment: bytes = b"") -> int:
+        slot = self.slots
+        self.slots += 1
+        self.lent[slot] = (tx_cnt, peer_buf_alloc, peer_fwd_cnt, flags | (lending.OWN_F_TX if tx else 0), tx)
+        return slot
+
+    def take_back(self, slot: int) -> lending.OwnedBack:
+        tx_cnt, peer_buf_alloc, peer_fwd_cnt, flags, tx = self.lent.pop(slot)
+        _, rx_cnt, fwd_cnt, adv_fwd_cnt = tx if tx is not None else (0, 0, 0, 0)
+        return lending.OwnedBack(lending.OWN_TAKEN, 0, tx_cnt, peer_buf_alloc, peer_fwd_cnt, flags,
+                                 lending.OwnedCounts(), rx_cnt, fwd_cnt, adv_fwd_cnt, 0)
+
+    def fill(self, slot: int) -> lending.OwnedBack | bool:
+        return self.take_back(slot)
+
+    def progress(self, slot: int) -> int:
+        return 0
+
+    def shut(self, slot: int) -> bool:
+        return False
+
+    def counts(self, slot: int) -> lending.OwnedCounts:
+        return lending.OwnedCounts()
+
+    def peek(self, slot: int) -> lending.OwnedBack:
+        raise AssertionError("not snapshotted here")
+
+
+def test_a_run_for_a_connection_c_runs_takes_it_back_first() -> None:
+    (ref, rc), (fast, fc) = seq_harness(), seq_harness()
+    pump = Pump()
+    for t, conn in ((ref, rc), (fast, fc)):  # both lent: the reference's packet takes it back too
+        t.core.owner = pump
+        t.core._lend(conn)
+        assert conn.own >= 0
+    ref.core.guest_packet(*pkt(Op.RW, type_=SEQ, flags=EOM, payload=b"lent", buf_alloc=262144, fwd_cnt=0))
+    ref.core.flush_host()
+    assert run(fast.core, [(b"lent", EOM)])
+    fast.core.flush_host()
+    assert fc.own == rc.own == -1 and not pump.lent
+    assert state(fast, fc) == state(ref, rc)
+
+
+def test_a_tuple_whose_old_connection_the_far_side_closed_is_left_to_the_walker() -> None:
+    t, conn = seq_harness()
+    t.core._shut_keys[conn.key] = None
+    assert not run(t.core, [(b"x", EOM)])
+    assert isinstance(t.peer, SeqPeer) and t.peer.messages == []
