@@ -13,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from test_c_seqpacket import SeqRings
 from test_fastpath import GUEST, RxRig, add_header_only, add_packet, from_c, reference
 from test_virtq import Rig
 
-from vsproxy.fastpath import TxFastPath
+from vsproxy.fastpath import Run, TxFastPath
 from vsproxy.virtq import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from vsproxy.vsock import header as H
-from vsproxy.vsock import rx
+from vsproxy.vsock import lending, rx
 
 pytestmark = pytest.mark.c_paths
 
@@ -331,3 +332,39 @@ def test_a_buffer_of_exactly_a_header_takes_a_control_packet_but_no_data() -> No
         assert t.rig.ring.read_used(0)[1] == H.HDR_SIZE and t.rig.gmem.read(gpa, H.HDR_SIZE) == upd
     finally:
         t.close()
+
+
+# -- SEQPACKET: the type and the flags the guest writes ------------------------------------
+
+def test_a_stream_and_a_seqpacket_packet_on_the_same_ports_are_runs_of_their_own() -> None:
+    rig = Rig(indirect=True, num=NUM)
+    try:
+        add_packet(rig, 300, b"stream bytes")
+        add_packet(rig, 300, b"a message", type_=2, flags=H.SEQ_EOM)
+        add_packet(rig, 300, b"more stream bytes")
+        got = from_c(TxFastPath(rig.q, GUEST, NUM).batch())
+        assert [e[0] for e in got] == ["run", "seq", "run"]
+        assert got == reference(rig, [h for e in got for h in e[3]])
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize(("flags", "c_sends"), [(H.SEQ_EOM, True), (H.SEQ_EOM | H.SEQ_EOR, True), (0, False),
+                                                (H.SEQ_EOR, False), (0xFFFF_FFFE, False), (0xFFFF_FFFF, True)])
+def test_a_lent_seqpacket_connection_s_packet_is_c_s_only_if_it_ends_a_message(flags: int, c_sends: bool) -> None:
+    """C sends a packet that is a whole message (its EOM bit, whatever the others say); one that
+    is part of a longer message gives the connection back to Python, which assembles it."""
+    r = SeqRings()
+    try:
+        r.lend_seq()
+        r.send_seq(b"payload", flags)
+        items = r.tx.batch()
+        if c_sends:
+            assert items == [] and r.messages() == [b"payload"] and r.tx.released == []
+        else:
+            (run,) = items
+            assert r.messages() == [] and isinstance(run, Run) and run.flags == (flags,)
+            ((_, back),) = r.tx.released
+            assert back.why == lending.OWN_GUEST
+    finally:
+        r.close()

@@ -11,6 +11,7 @@ and marks both ways, the same capture records, and C's counters rising only with
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import socket
@@ -41,17 +42,18 @@ SEQ_KEY = (SEQPACKET, PORT, 2, HOST_PORT)
 class SeqRings(Rings):
     """ringkit's rings with a SOCK_SEQPACKET socketpair as the lent connection's host socket."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, rx_bufs: int = 8) -> None:
+        super().__init__(rx_bufs=rx_bufs)
         self.host.close()
         self.peer.close()
         self.host, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.host.setblocking(False)
         self.peer.setblocking(False)
 
-    def lend_seq(self, *, rx_cnt: int = 0, fwd_cnt: int = 0, adv_fwd_cnt: int = 0) -> None:
+    def lend_seq(self, *, rx_cnt: int = 0, fwd_cnt: int = 0, adv_fwd_cnt: int = 0,
+                 flags: int = lending.OWN_F_WAIT) -> None:
         hdr = H.pack(2, GUEST, HOST_PORT, PORT, 0, SEQPACKET, H.Op.RW, 0, BUF_ALLOC, fwd_cnt)
-        self.slot = self.tx.own("conn", SEQ_KEY, self.host.fileno(), 0, BUF_ALLOC, 0, hdr, lending.OWN_F_WAIT,
+        self.slot = self.tx.own("conn", SEQ_KEY, self.host.fileno(), 0, BUF_ALLOC, 0, hdr, flags,
                                 (BUF_ALLOC, rx_cnt, fwd_cnt, adv_fwd_cnt))
         assert self.slot >= 0
 
@@ -149,6 +151,32 @@ def test_a_socket_error_drops_the_messages_with_the_connection(rings: SeqRings) 
     assert back.why == lending.OWN_ERROR and back.err != 0
 
 
+def test_messages_that_open_the_guest_s_window_bring_the_host_s_messages_whole(rings: SeqRings) -> None:
+    rings.lend_seq(flags=0)  # not waiting for the socket: C reads it once the guest's data went
+    rings.peer.send(b"answer")
+    rings.peer.send(b"y" * 5000)  # two 4096-byte rx buffers
+    rings.send_seq(b"question")
+    assert rings.tx.batch() == [] and rings.messages() == [b"question"]
+    got = [(h.op, h.type, h.len, h.flags, p) for h, p in rings.to_guest()]
+    room = rings.rx_size - H.HDR_SIZE
+    assert got == [(H.Op.RW, SEQPACKET, 6, EOM, b"answer"), (H.Op.RW, SEQPACKET, room, 0, b"y" * room),
+                   (H.Op.RW, SEQPACKET, 5000 - room, EOM, b"y" * (5000 - room))]
+    back = rings.tx.take_back(rings.slot)
+    assert (back.tx_cnt, back.counts.packets, back.counts.bytes) == (5006, 3, 5006)
+
+
+def test_an_update_due_with_no_rx_buffer_for_it_gives_the_connection_back_after_the_send() -> None:
+    r = SeqRings(rx_bufs=0)
+    try:
+        r.lend_seq(rx_cnt=100, fwd_cnt=100, adv_fwd_cnt=100)
+        r.send_seq(b"m" * 20000)
+        assert r.tx.batch() == [] and r.messages() == [b"m" * 20000]
+        ((_, back),) = r.tx.released
+        assert back.why == lending.OWN_SLOW and (back.fwd_cnt, back.adv_fwd_cnt) == (20100, 100)  # Python's to send
+    finally:
+        r.close()
+
+
 # -- host to guest: vq_rx_fill_seq ------------------------------------------------------------
 
 class SeqRx(RxRig):
@@ -213,6 +241,24 @@ def test_an_empty_message_or_a_closed_socket_read_as_the_end(seqrx: SeqRx) -> No
     seqrx.peer.recv(16)
     seqrx.host.close()
     assert (seqrx.fill().packets, seqrx.fill().status) == (0, R.RX_EOF)
+
+
+def test_the_credit_used_up_exactly_stops_at_the_limit(seqrx: SeqRx) -> None:
+    seqrx.host.send(b"a" * 100)
+    seqrx.host.send(b"b" * 50)
+    r = seqrx.fill(credit=100)
+    assert (r.packets, r.bytes, r.status) == (1, 100, R.RX_LIMIT)
+    assert seqrx.peer.recv(64) == b"b" * 50  # the next message waits for credit
+
+
+def test_a_descriptor_that_is_no_socket_is_an_error(seqrx: SeqRx) -> None:
+    rfd, wfd = os.pipe()
+    try:
+        r = seqrx.fast.fill(rfd, 1 << 20, 16, seqrx.hdr, msg_limit=65536)
+        assert (r.packets, r.status, r.err) == (0, R.RX_ERROR, errno.ENOTSOCK)
+    finally:
+        os.close(rfd)
+        os.close(wfd)
 
 
 def test_a_burst_limit_stops_before_a_message_in_the_middle(seqrx: SeqRx) -> None:
