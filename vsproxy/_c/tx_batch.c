@@ -164,7 +164,7 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
             if (nitems == max_items) return -1;
             run = &items[nitems++];
             run_e = tx_e; run_scratch = scratch_used;
-            run->kind = ITEM_RUN; run->type = type; run->op = op;
+            run->kind = ITEM_RUN; run->type = type;
             run->chain = i; run->nchains = 0; run->src_port = src_port; run->dst_port = dst_port;
             run->dst_cid = dst_cid; run->total = 0; run->seg_first = nseg; run->nseg = 0;
             run->cap_off = cap->used; run->cap_rec = cap->records;
