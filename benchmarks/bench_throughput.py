@@ -424,13 +424,15 @@ def sibling_runs(sender: SimGuest, sock: str, payload: int, count: int, repeat: 
     return best
 
 
-def row(case: str, count: int, seconds: float, beside: str, its_seconds: float) -> None:
-    """One row of the SEQPACKET and siblings table: 64 KiB payloads, the rate of the case and of
-    what it stands beside (``stream``: STREAM through the same vsproxy; ``floor``: the
-    guest-to-host floor), and their ratio."""
-    mb = 65536 * count / 1e6
-    print(f"{case:<10} {65536:>8} {f'{mb / seconds:,.0f} MB/s':>12} {beside:<8} {f'{mb / its_seconds:,.0f} MB/s':>12} "
-          f"{its_seconds / seconds:>6.0%}", flush=True)
+def row(case: str, count: int, seconds: float, beside: str, its_seconds: float, payload: int = 65536) -> None:
+    """One row of the SEQPACKET and siblings table: the rate of the case and of what it stands
+    beside (``stream``: STREAM through the same vsproxy; ``floor``: the guest-to-host floor), and
+    their ratio; MB/s, or payloads (messages) a second for payloads below 4 KiB."""
+    if payload < 4096:
+        ours, its = f"{count / seconds:,.0f} pay/s", f"{count / its_seconds:,.0f} pay/s"
+    else:
+        ours, its = f"{payload * count / seconds / 1e6:,.0f} MB/s", f"{payload * count / its_seconds / 1e6:,.0f} MB/s"
+    print(f"{case:<10} {payload:>8} {ours:>14} {beside:<8} {its:>14} {its_seconds / seconds:>6.0%}", flush=True)
 
 
 def seqpacket_sibling_table(tmp: str, scale: float, repeat: int) -> None:
@@ -440,14 +442,17 @@ def seqpacket_sibling_table(tmp: str, scale: float, repeat: int) -> None:
     beside the guest-to-host floor measured in the same run."""
     count = int(20000 * scale)
     print(f"\nSEQPACKET and siblings, guest to host and guest to guest (best of {repeat}, runs interleaved)")
-    print(f"{'case':<10} {'payload':>8} {'vsproxy':>12} {'beside':<8} {'its rate':>12} {'ratio':>6}")
+    print(f"{'case':<10} {'payload':>8} {'vsproxy':>14} {'beside':<8} {'its rate':>14} {'ratio':>6}")
     rig = Rig(tempfile.mkdtemp(dir=tmp))
     try:
-        stream = seq = float("inf")
-        for _ in range(repeat):
-            stream = min(stream, rig.g2h(65536, count)[0])
-            seq = min(seq, rig.g2h(65536, count, seqpacket=True)[0])
-        row("seqpacket", count, seq, "stream", stream)
+        # 64 KiB messages, and small ones (64 bytes: one message per packet, what a
+        # request/response protocol sends), each beside STREAM with the same payloads
+        for payload, n in ((65536, count), (64, int(300000 * scale))):
+            stream = seq = float("inf")
+            for _ in range(repeat):
+                stream = min(stream, rig.g2h(payload, n)[0])
+                seq = min(seq, rig.g2h(payload, n, seqpacket=True)[0])
+            row("seqpacket", n, seq, "stream", stream, payload)
     finally:
         rig.close()
     sub = tempfile.mkdtemp(dir=tmp)

@@ -37,13 +37,14 @@ MODULES = ("vsproxy.virtq", "vsproxy.vhost_user", "vsproxy.memory", "vsproxy.vso
            "vsproxy.vsock.core")
 # The vsock core is measured whole but gated on the functions that read the guest's headers
 # (the rest of it is host-side and C-lending logic, tested elsewhere).
-FUNCTIONS = {"vsproxy/vsock/core.py": ("VsockCore.guest_packet", "VsockCore.guest_rw_run", "VsockCore.guest_rw_tail",
-                                       "VsockCore.guest_credit", "VsockCore._guest_request",
+FUNCTIONS = {"vsproxy/vsock/core.py": ("VsockCore.guest_packet", "VsockCore.guest_rw_run", "VsockCore.guest_seq_run",
+                                       "VsockCore.guest_rw_tail", "VsockCore.guest_credit", "VsockCore._guest_request",
                                        "VsockCore._guest_shutdown")}
 TESTS = ("tests/test_virtq.py", "tests/test_vhost_user_session.py", "tests/test_vsock_core.py",
-         "tests/test_input_edges.py", "tests/test_close_semantics.py")
+         "tests/test_input_edges.py", "tests/test_close_semantics.py", "tests/test_seqpacket_runs.py")
 C_TESTS = ("tests/test_fastpath.py", "tests/test_c_input_checks.py", "tests/test_c_pump.py",
-           "tests/test_c_readahead.py", "tests/test_c_sender.py", "tests/test_c_capture.py")
+           "tests/test_c_readahead.py", "tests/test_c_sender.py", "tests/test_c_capture.py",
+           "tests/test_c_seqpacket.py")
 FAIL_UNDER = 95.0
 
 

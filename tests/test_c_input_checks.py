@@ -13,13 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from test_c_seqpacket import SeqRings
 from test_fastpath import GUEST, RxRig, add_header_only, add_packet, from_c, reference
 from test_virtq import Rig
 
-from vsproxy.fastpath import TxFastPath
+from vsproxy.fastpath import Run, TxFastPath
 from vsproxy.virtq import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from vsproxy.vsock import header as H
-from vsproxy.vsock import rx
+from vsproxy.vsock import lending, rx
 
 pytestmark = pytest.mark.c_paths
 
@@ -162,7 +163,31 @@ def rw_spoofed(rig: Rig) -> None:
 
 
 def rw_seqpacket(rig: Rig) -> None:
-    add_packet(rig, 300, b"message", type_=2)
+    add_packet(rig, 300, b"message", type_=2, flags=H.SEQ_EOM)
+
+
+def rw_seqpacket_without_eom(rig: Rig) -> None:
+    add_packet(rig, 300, b"part of a message", type_=2)
+
+
+def rw_seqpacket_with_every_flag(rig: Rig) -> None:
+    add_packet(rig, 300, b"flags", type_=2, flags=0xFFFF_FFFF)  # Python keeps EOM and EOR of them
+
+
+def rw_stream_with_eom(rig: Rig) -> None:
+    add_packet(rig, 300, b"stream", flags=H.SEQ_EOM)  # a stream's flags mean nothing: a run
+
+
+def rw_seqpacket_spoofed(rig: Rig) -> None:
+    add_packet(rig, 300, b"spoof", type_=2, flags=H.SEQ_EOM, src_cid=GUEST + 1)
+
+
+def rw_seqpacket_longer_than_its_buffer(rig: Rig) -> None:
+    add_packet(rig, 300, b"short", type_=2, flags=H.SEQ_EOM, length=6)
+
+
+def rw_seqpacket_of_length_0(rig: Rig) -> None:
+    add_packet(rig, 300, b"unused", type_=2, flags=H.SEQ_EOM, length=0)
 
 
 def rw_other_op_with_payload(rig: Rig) -> None:
@@ -187,9 +212,12 @@ CASES: dict[str, Case] = {f.__name__: f for f in (
     next_to_itself, three_direct, short_header_descriptor, header_outside_memory, header_only_outside_memory,
     empty_payload_descriptor, payload_outside_memory, payload_past_the_end_of_memory, credit_spoofed,
     credit_of_an_unknown_type, credit_request_seqpacket, header_only_other_op, header_only_with_a_length,
-    rw_spoofed, rw_seqpacket, rw_other_op_with_payload, rw_of_length_0, rw_longer_than_its_buffer,
-    rw_above_the_largest_packet)}
-TAKEN_BY_C = {"credit_request_seqpacket"}
+    rw_spoofed, rw_seqpacket, rw_seqpacket_without_eom, rw_seqpacket_with_every_flag, rw_stream_with_eom,
+    rw_seqpacket_spoofed, rw_seqpacket_longer_than_its_buffer, rw_seqpacket_of_length_0, rw_other_op_with_payload,
+    rw_of_length_0, rw_longer_than_its_buffer, rw_above_the_largest_packet)}
+# what C takes itself, and the item it makes of it (every other case is Python's: "slow")
+TAKEN_BY_C = {"credit_request_seqpacket": "credit", "rw_seqpacket": "seq", "rw_seqpacket_without_eom": "seq",
+              "rw_seqpacket_with_every_flag": "seq", "rw_stream_with_eom": "run"}
 
 
 @pytest.mark.parametrize("indirect_ring", [True, False])
@@ -208,7 +236,7 @@ def test_each_chain_shape_the_guest_writes_is_judged_as_the_python_walker_judges
         assert heads == avail  # every chain, in ring order
         assert got == reference(rig, heads)
         assert got[0] == ("run", (100, 2, 5000), b"a good packet first", [avail[0]])
-        assert got[1][0] == ("credit" if case in TAKEN_BY_C else "slow")  # the odd one is Python's
+        assert got[1][0] == TAKEN_BY_C.get(case, "slow")  # the odd one is Python's
     finally:
         rig.close()
 
@@ -304,3 +332,39 @@ def test_a_buffer_of_exactly_a_header_takes_a_control_packet_but_no_data() -> No
         assert t.rig.ring.read_used(0)[1] == H.HDR_SIZE and t.rig.gmem.read(gpa, H.HDR_SIZE) == upd
     finally:
         t.close()
+
+
+# -- SEQPACKET: the type and the flags the guest writes ------------------------------------
+
+def test_a_stream_and_a_seqpacket_packet_on_the_same_ports_are_runs_of_their_own() -> None:
+    rig = Rig(indirect=True, num=NUM)
+    try:
+        add_packet(rig, 300, b"stream bytes")
+        add_packet(rig, 300, b"a message", type_=2, flags=H.SEQ_EOM)
+        add_packet(rig, 300, b"more stream bytes")
+        got = from_c(TxFastPath(rig.q, GUEST, NUM).batch())
+        assert [e[0] for e in got] == ["run", "seq", "run"]
+        assert got == reference(rig, [h for e in got for h in e[3]])
+    finally:
+        rig.close()
+
+
+@pytest.mark.parametrize(("flags", "c_sends"), [(H.SEQ_EOM, True), (H.SEQ_EOM | H.SEQ_EOR, True), (0, False),
+                                                (H.SEQ_EOR, False), (0xFFFF_FFFE, False), (0xFFFF_FFFF, True)])
+def test_a_lent_seqpacket_connection_s_packet_is_c_s_only_if_it_ends_a_message(flags: int, c_sends: bool) -> None:
+    """C sends a packet that is a whole message (its EOM bit, whatever the others say); one that
+    is part of a longer message gives the connection back to Python, which assembles it."""
+    r = SeqRings()
+    try:
+        r.lend_seq()
+        r.send_seq(b"payload", flags)
+        items = r.tx.batch()
+        if c_sends:
+            assert items == [] and r.messages() == [b"payload"] and r.tx.released == []
+        else:
+            (run,) = items
+            assert r.messages() == [] and isinstance(run, Run) and run.flags == (flags,)
+            ((_, back),) = r.tx.released
+            assert back.why == lending.OWN_GUEST
+    finally:
+        r.close()

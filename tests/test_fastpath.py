@@ -61,19 +61,28 @@ def reference(rig: Rig, heads: list[int]) -> Expected:
         if isinstance(result, Chain) and len(result.readable) == 2 and len(result.readable[0]) == H.HDR_SIZE:
             h = H.unpack(result.readable[0])
             payload = result.readable[1]
-            fast = (h.src_cid == GUEST and h.type == 1 and h.op == H.Op.RW and 0 < h.len <= len(payload)
+            fast = (h.src_cid == GUEST and h.type in (1, 2) and h.op == H.Op.RW and 0 < h.len <= len(payload)
                     and h.len <= H.MAX_PKT_PAYLOAD)
         if not fast:
             out.append(("slow", None, b"", [head]))
             continue
         key = (h.src_port, h.dst_cid, h.dst_port)
         data = bytes(payload[: h.len])
-        if out and out[-1][0] == "run" and out[-1][1] == key:
+        kind = "run" if h.type == 1 else "seq"
+        if kind == "seq":  # each packet's boundary and flags kept (seq_framed)
+            data = seq_framed(data, h.flags)
+        if out and out[-1][0] == kind and out[-1][1] == key:
             kind, k, prev, hs = out[-1]
             out[-1] = (kind, k, prev + data, [*hs, head])
         else:
-            out.append(("run", key, data, [head]))
+            out.append((kind, key, data, [head]))
     return out
+
+
+def seq_framed(data: bytes, flags: int) -> bytes:
+    """A SEQPACKET packet in an expectation: its flags and length before its bytes, so that a
+    run compares equal only with the same packets, boundaries and flags."""
+    return flags.to_bytes(4, "little") + len(data).to_bytes(4, "little") + data
 
 
 def from_c(items: Sequence[Run | Slow | CreditItem | Tail]) -> Expected:
@@ -85,6 +94,11 @@ def from_c(items: Sequence[Run | Slow | CreditItem | Tail]) -> Expected:
             fields = it.buf_alloc.to_bytes(4, "little") + it.fwd_cnt.to_bytes(4, "little")
             out.append(("credit", (it.src_port, it.dst_cid, it.dst_port), bytes([it.op, it.type]) + fields,
                         [it.head]))
+        elif it.type == fastpath.SEQPACKET:
+            assert len(it.flags) == len(it.segments)
+            out.append(("seqtail" if isinstance(it, Tail) else "seq", (it.src_port, it.dst_cid, it.dst_port),
+                        b"".join(seq_framed(bytes(s), f) for s, f in zip(it.segments, it.flags, strict=True)),
+                        it.heads))
         else:
             out.append(("tail" if isinstance(it, Tail) else "run", (it.src_port, it.dst_cid, it.dst_port),
                         b"".join(bytes(s) for s in it.segments), it.heads))
@@ -92,9 +106,9 @@ def from_c(items: Sequence[Run | Slow | CreditItem | Tail]) -> Expected:
 
 
 def add_packet(rig: Rig, src_port: int, payload: bytes, *, op: int = H.Op.RW, src_cid: int = GUEST,
-               length: int | None = None, type_: int = 1) -> None:
+               length: int | None = None, type_: int = 1, flags: int = 0) -> None:
     n = len(payload) if length is None else length
-    hdr = H.pack(src_cid, 2, src_port, 5000, n, type_, op, 0, 65536, 0)
+    hdr = H.pack(src_cid, 2, src_port, 5000, n, type_, op, flags, 65536, 0)
     rig.ring.add_chain([Buf(rig.buf(hdr), H.HDR_SIZE), Buf(rig.buf(payload), len(payload))])
 
 
@@ -135,6 +149,10 @@ def test_runs_group_consecutive_packets_of_one_stream(indirect: bool) -> None:
             st.sampled_from([H.Op.RW, H.Op.RW, H.Op.RW, H.Op.CREDIT_UPDATE]),
             st.sampled_from([GUEST, GUEST, GUEST, 7]),
             st.sampled_from([None, None, 0, 70000, 3]),
+            # (type, flags): STREAM (whose flags mean nothing), SEQPACKET with EOM, EOR, none,
+            # and every bit set
+            st.sampled_from([(1, 0), (1, 0), (1, H.SEQ_EOM), (2, H.SEQ_EOM), (2, 0), (2, H.SEQ_EOM | H.SEQ_EOR),
+                             (2, 0xFFFF_FFFF)]),
         ),
         max_size=12,
     ),
@@ -145,19 +163,19 @@ def test_runs_group_consecutive_packets_of_one_stream(indirect: bool) -> None:
     ),
 )
 def test_c_batch_matches_the_python_walker(
-    packets: list[tuple[int, bytes, int, int, int | None]],
+    packets: list[tuple[int, bytes, int, int, int | None, tuple[int, int]]],
     garbage: list[tuple[int, int, int, int, int]],
 ) -> None:
     rig = Rig(indirect=True, num=16)
     try:
-        for port, payload, op, cid, length in packets:
+        for port, payload, op, cid, length, (type_, flags) in packets:
             if len(payload) == 1 and payload[0] < 0x40:  # now and then a header-only packet
                 add_header_only(rig, port, op if payload[0] & 1 else H.Op.CREDIT_REQUEST, src_cid=cid,
                                 length=length or 0, type_=1 + (payload[0] >> 5 & 1))
             else:
-                add_packet(rig, port, payload, op=op, src_cid=cid, length=length)
-        for slot, addr, length, flags, nxt in garbage:  # hostile descriptors and avail entries
-            rig.ring.write_desc(slot, addr, length, flags, nxt)
+                add_packet(rig, port, payload, op=op, src_cid=cid, length=length, type_=type_, flags=flags)
+        for slot, addr, length, dflags, nxt in garbage:  # hostile descriptors and avail entries
+            rig.ring.write_desc(slot, addr, length, dflags, nxt)
         rig.ring.set_avail_idx(len(packets) + len(garbage))
         for k, (slot, *_rest) in enumerate(garbage):
             rig.ring.set_avail_entry(len(packets) + k, slot)

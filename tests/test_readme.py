@@ -74,10 +74,10 @@ def test_benchmark_runs_and_prints_every_figure() -> None:
         assert r[-2].endswith("%") and float(r[-2].rstrip("%")) > 0
         assert (int(r[-1]) > 0) is not bool(os.environ.get("VSPROXY_NO_C"))  # the C pump's counters
     # SEQPACKET beside STREAM, sibling guests beside the guest-to-host floor
-    seq = {line.split()[0]: line.split() for line in proc.stdout.splitlines()
-           if line.startswith(("seqpacket ", "siblings "))}
-    assert [(k, v[4]) for k, v in seq.items()] == [("seqpacket", "stream"), ("siblings", "floor")]
-    assert all(v[-1].endswith("%") and float(v[-1].rstrip("%")) > 0 for v in seq.values())
+    seq = [line.split() for line in proc.stdout.splitlines() if line.startswith(("seqpacket ", "siblings "))]
+    assert [(v[0], v[1], v[4]) for v in seq] == [("seqpacket", "65536", "stream"), ("seqpacket", "64", "stream"),
+                                                 ("siblings", "65536", "floor")]
+    assert all(v[-1].endswith("%") and float(v[-1].rstrip("%")) > 0 for v in seq)
     modes = ("off", "pcap", "pcapng", "idle", "lossless", "null", "null-ll")
     cap = [line.split() for line in proc.stdout.splitlines() if line.split()[:1] and line.split()[0] in modes]
     assert [(r[0], r[1]) for r in cap] == [(m, p) for p in ("65536", "64") for m in modes]
@@ -113,8 +113,8 @@ def test_benchmark_runs_one_table_alone() -> None:
     seq = subprocess.run([py, "benchmarks/bench_throughput.py", "--quick", "--seqpacket-only"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert seq.returncode == 0, seq.stderr[-3000:]
-    assert [line.split()[0] for line in seq.stdout.splitlines() if line.startswith(("seqpacket ", "siblings "))] == [
-        "seqpacket", "siblings"]
+    assert [line.split()[:2] for line in seq.stdout.splitlines() if line.startswith(("seqpacket ", "siblings "))] == [
+        ["seqpacket", "65536"], ["seqpacket", "64"], ["siblings", "65536"]]
     assert "1-region" not in seq.stdout and "guest->host" not in seq.stdout
 
 

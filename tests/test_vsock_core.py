@@ -452,8 +452,9 @@ def test_host_data_is_published_to_the_guest_burst_by_burst() -> None:
     calls: list[tuple[int, int]] = []
     events: list[str] = []
 
-    def rx_fast(fd: int, credit: int, max_packets: int, hdr: bytes, comment: bytes = b"") -> fastpath.RxFill:
-        assert fd == 99 and H.unpack(hdr).fwd_cnt == conn.credit.fwd_cnt
+    def rx_fast(fd: int, credit: int, max_packets: int, hdr: bytes, comment: bytes = b"",
+                msg_limit: int = -1) -> fastpath.RxFill:
+        assert fd == 99 and msg_limit == -1 and H.unpack(hdr).fwd_cnt == conn.credit.fwd_cnt
         calls.append((credit, max_packets))
         events.append("fill")
         n = min(credit, 4 * 65536)

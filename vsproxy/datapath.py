@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 
-from vsproxy.fastpath import CreditItem, Run, RxFastPath, Slow, Tail, TxFastPath
+from vsproxy.fastpath import SEQPACKET, CreditItem, Run, RxFastPath, Slow, Tail, TxFastPath
 from vsproxy.loop import Loop
 from vsproxy.vhost_user.session import RX_QUEUE, TX_QUEUE
 from vsproxy.virtq import Chain, SplitQueue
@@ -178,7 +178,8 @@ class DataPath:
                 if isinstance(item, Tail):
                     # C took these chains for a connection it ran, and gave it back with them
                     # (their records, if captured, are C's and stand)
-                    core.guest_rw_tail(item.src_port, item.dst_cid, item.dst_port, item.total, item.segments)
+                    core.guest_rw_tail(item.src_port, item.dst_cid, item.dst_port, item.total, item.segments,
+                                       item.type, item.flags)
                     txq.counters.chains += len(item.heads)
                     done.extend(item.heads)
                     continue
@@ -220,6 +221,9 @@ class DataPath:
     def _fast_item(self, item: Run | CreditItem, captured: bool) -> bool:
         """What the C batch read, straight to the core; False if the core needs the chain."""
         if isinstance(item, Run):
+            if item.type == SEQPACKET:
+                return self.core.guest_seq_run(item.src_port, item.dst_cid, item.dst_port, item.buf_alloc,
+                                               item.fwd_cnt, item.segments, item.flags, captured)
             return self.core.guest_rw_run(item.src_port, item.dst_cid, item.dst_port, item.buf_alloc, item.fwd_cnt,
                                           item.total, item.segments, len(item.heads), captured)
         return self.core.guest_credit(item.type, item.op, item.src_port, item.dst_cid, item.dst_port,

@@ -30,14 +30,17 @@ from vsproxy.vsock.rx import RX_SLOW, RxFill
 ffi, lib = load("vsproxy._fastpath")
 AVAILABLE = lib is not None
 
-__all__ = ["AVAILABLE", "CREDIT", "MAX_REGIONS", "SEG_SCRATCH", "SLOW", "TAIL", "CaptureCall", "CreditItem", "Run",
-           "RxFastPath", "RxFill", "Slow", "Tail", "TxFastPath", "ffi", "lib", "memory_ok"]
+__all__ = ["AVAILABLE", "CREDIT", "MAX_REGIONS", "SEG_SCRATCH", "SEQPACKET", "SLOW", "STREAM", "TAIL", "CaptureCall",
+           "CreditItem", "Run", "RxFastPath", "RxFill", "Slow", "Tail", "TxFastPath", "ffi", "lib", "memory_ok"]
 
 SCRATCH = 256 * 1024
 MAX_ITEMS = 512
 SLOW = 1
 CREDIT = 2
 TAIL = 3
+# vq_item.type of a run (virtio_vsock.h VIRTIO_VSOCK_TYPE_*)
+STREAM = 1
+SEQPACKET = 2
 # A run's segment in the scratch buffer (vq_tx_ctx.seg_kind); one in guest memory has its region's index.
 SEG_SCRATCH = 255
 # The regions C's memory table (vq_mem) holds: vhost-user's VHOST_MEMORY_BASELINE_NREGIONS, as many as
@@ -70,6 +73,9 @@ class Run(NamedTuple):
     cap_off: int  # where the run's capture records start in the lent chunk (one per chain)
     cap_rec: int  # the records before them in the chunk
     marked: bool  # its records carry the connection's capture comment (C ran it)
+    type: int = STREAM
+    # SEQPACKET: each packet's flags (SEQ_EOM, SEQ_EOR); each segment is one packet's payload
+    flags: tuple[int, ...] = ()
 
 
 class Tail(NamedTuple):
@@ -82,6 +88,8 @@ class Tail(NamedTuple):
     total: int
     segments: list[memoryview]
     heads: list[int]
+    type: int = STREAM
+    flags: tuple[int, ...] = ()  # SEQPACKET: each segment a whole message, these its flags
 
 
 def _no_fd() -> int:
@@ -262,6 +270,7 @@ class TxFastPath(_RingPath):
         self._seg_kind = ffi.new("uint8_t[]", limit)
         self._seg_off = ffi.new("uint64_t[]", limit)
         self._seg_len = ffi.new("uint32_t[]", limit)
+        self._seg_flags = ffi.new("uint32_t[]", limit)
         self._release.append(self._scratch)
         c = self._ctx = ffi.new("vq_tx_ctx *")
         c.mem = self._mem
@@ -270,6 +279,7 @@ class TxFastPath(_RingPath):
         c.heads, c.items, c.max_items = self._heads, self._items, MAX_ITEMS
         c.scratch, c.scratch_size = self._scratch, SCRATCH
         c.seg_kind, c.seg_off, c.seg_len, c.max_segs = self._seg_kind, self._seg_off, self._seg_len, limit
+        c.seg_flags = self._seg_flags
         self._own = ffi.new("vq_own[]", OWN_SLOTS)
         self._consumed = ffi.new("uint16_t[]", limit)
         c.own, c.nown, c.owned, c.consumed = self._own, OWN_SLOTS, 0, self._consumed
@@ -549,9 +559,11 @@ class TxFastPath(_RingPath):
                 o, ln = offs[k], lens[k]
                 where = kinds[k]
                 segs.append(scratch[o : o + ln] if where == SEG_SCRATCH else views[where][o : o + ln])
+            type_ = int(it.type)
+            flags = tuple(ffi.unpack(self._seg_flags + it.seg_first, it.nseg)) if type_ == SEQPACKET else ()
             if kind == TAIL:
                 out.append(Tail(it.src_port, it.dst_cid, it.dst_port, it.total, segs,
-                                heads[it.chain : it.chain + it.nchains]))
+                                heads[it.chain : it.chain + it.nchains], type_, flags))
                 continue
             out.append(
                 Run(
@@ -566,6 +578,8 @@ class TxFastPath(_RingPath):
                     it.cap_off,
                     it.cap_rec,
                     bool(it.marked),
+                    type_,
+                    flags,
                 )
             )
         return out
@@ -582,10 +596,13 @@ class RxFastPath(_RingPath):
         self._release.append(self._used_buf)
         self._res = ffi.new("vq_rx_result *")
 
-    def fill(self, fd: int, credit: int, max_packets: int, hdr: bytes, comment: bytes = b"") -> RxFill:
+    def fill(self, fd: int, credit: int, max_packets: int, hdr: bytes, comment: bytes = b"",
+             msg_limit: int = -1) -> RxFill:
         """Read from ``fd`` into up to ``max_packets`` chains within ``credit`` bytes; each
         packet gets ``hdr`` with its len patched in, and ``comment`` as its capture comment.
-        Used elements are added (publish later)."""
+        ``msg_limit`` >= 0: a SEQPACKET socket, whole messages of at most that many bytes
+        (vq_rx_fill_seq), EOM on the last packet of each. Used elements are added (publish
+        later)."""
         q = self.q
         n = q.pending()
         if n == 0:
@@ -593,24 +610,12 @@ class RxFastPath(_RingPath):
         r = self._res
         capture = self.capture
         cap = capture.arm(self.taps.sink, self.device)
-        lib.vq_rx_fill(
-            self._mem,
-            self._desc,
-            self._avail,
-            q.num,
-            q.last_avail_idx,
-            n,
-            self._used,
-            q.used_idx,
-            fd,
-            credit,
-            max_packets,
-            hdr,
-            r,
-            cap,
-            comment,
-            len(comment),
-        )
+        if msg_limit >= 0:
+            lib.vq_rx_fill_seq(self._mem, self._desc, self._avail, q.num, q.last_avail_idx, n, self._used,
+                               q.used_idx, fd, credit, max_packets, msg_limit, hdr, r, cap, comment, len(comment))
+        else:
+            lib.vq_rx_fill(self._mem, self._desc, self._avail, q.num, q.last_avail_idx, n, self._used, q.used_idx,
+                           fd, credit, max_packets, hdr, r, cap, comment, len(comment))
         capture.finish()
         capture.dropped(r.packets)
         if r.packets:

@@ -34,7 +34,8 @@ typedef struct {
     uint32_t cap_off;    /* where the run's capture records start in the capture buffer */
     uint32_t cap_rec;    /* the capture records before them (vq_cap.records then) */
     uint32_t marked;     /* its records carry the connection's capture comment (C ran it) */
-    uint16_t op;         /* kind 2: the op and the type of the packet */
+    uint16_t op;         /* kind 2: the op and the type of the packet; a run or tail: its type
+                            (SEQPACKET: each packet one segment, its flags in seg_flags) */
     uint16_t type;
 } vq_item;
 
@@ -94,6 +95,7 @@ typedef struct {
     uint8_t *scratch; uint32_t scratch_size;
     uint8_t *seg_kind;   /* per segment: the memory region its bytes lie in, or SEG_SCRATCH */
     uint64_t *seg_off; uint32_t *seg_len; uint32_t max_segs;   /* offset in the region (or scratch) */
+    uint32_t *seg_flags; /* per segment of a SEQPACKET run: its packet's flags (SEQ_EOM, SEQ_EOR) */
     uint32_t taken;      /* out: chains taken by the last call */
     /* owned connections, and the rx queue C fills for them (same guest memory) */
     vq_own *own; uint32_t nown;
@@ -139,6 +141,14 @@ int vq_rx_fill(vq_mem *mem, const uint8_t *desc, const uint16_t *avail, uint32_t
                uint32_t *used_ring, uint16_t used_idx,
                int fd, uint32_t credit, uint32_t max_packets, const uint8_t *hdr,
                vq_rx_result *res, vq_cap *cap, const uint8_t *comment, uint32_t comment_len);
+
+/* SEQPACKET: whole host messages (one recv each) into rx chains, SEQ_EOM on the last packet of
+   each; a message that does not fit the chains and the credit, or is longer than msg_limit, is
+   left on the socket for Python (RX_SLOW). */
+int vq_rx_fill_seq(vq_mem *mem, const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail,
+                   uint32_t avail_n, uint32_t *used_ring, uint16_t used_idx,
+                   int fd, uint32_t credit, uint32_t max_packets, uint32_t msg_limit, const uint8_t *hdr,
+                   vq_rx_result *res, vq_cap *cap, const uint8_t *comment, uint32_t comment_len);
 
 int vq_rx_put(vq_mem *mem, const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail, uint32_t avail_n,
               uint32_t *used_ring, uint16_t used_idx, const uint8_t *hdr, vq_cap *cap);

@@ -3,6 +3,7 @@
    their guest's data sent to the host socket, and the CREDIT_UPDATEs that makes due written to
    the guest; each given back to Python at anything else. Python's state is the truth; this is
    lent. */
+#define _GNU_SOURCE   /* sendmmsg */
 #include <errno.h>
 #include <stdlib.h>
 #include <sys/socket.h>
@@ -229,9 +230,15 @@ void own_fill(vq_tx_ctx *ctx, vq_own *e) {
             status = RX_SLOW;  /* Python decides */
         } else {
             /* capturing with no room for the records: RX_LIMIT, and C gives it back below */
-            vq_rx_fill(ctx->mem, ctx->rx_desc, ctx->rx_avail, ctx->rx_num,
-                       ctx->rx_last_avail, n, ctx->rx_used, ctx->rx_used_idx, e->fd, credit - bytes,
-                       ctx->rx_max_packets - packets, e->hdr, &res, ctx->cap, e->comment, e->comment_len);
+            if (e->type == VIRTIO_VSOCK_TYPE_SEQPACKET)   /* whole messages, or Python's (RX_SLOW) */
+                vq_rx_fill_seq(ctx->mem, ctx->rx_desc, ctx->rx_avail, ctx->rx_num,
+                               ctx->rx_last_avail, n, ctx->rx_used, ctx->rx_used_idx, e->fd, credit - bytes,
+                               ctx->rx_max_packets - packets, e->peer_buf_alloc, e->hdr, &res, ctx->cap,
+                               e->comment, e->comment_len);
+            else
+                vq_rx_fill(ctx->mem, ctx->rx_desc, ctx->rx_avail, ctx->rx_num,
+                           ctx->rx_last_avail, n, ctx->rx_used, ctx->rx_used_idx, e->fd, credit - bytes,
+                           ctx->rx_max_packets - packets, e->hdr, &res, ctx->cap, e->comment, e->comment_len);
             ctx->rx_last_avail += res.packets;
             ctx->rx_used_idx += res.packets;
             ctx->rx_chains += res.packets;
@@ -249,8 +256,10 @@ void own_fill(vq_tx_ctx *ctx, vq_own *e) {
     case RX_LIMIT:
         /* The window is shut again: C keeps a connection whose guest updates unasked, and reads
            ahead for it; one that must be asked goes back, for Python asks (VsockCore.fill_rx).
-           Credit left after a burst goes back too: Python serves connections in turn. */
-        if (!own_shut(e) || !(e->flags & OWN_F_SELF)) {
+           Credit left after a burst goes back too: Python serves connections in turn. A
+           SEQPACKET connection goes back: C reads no message ahead (Python holds the one it
+           delivers in parts, Connection.rx_msg). */
+        if (!own_shut(e) || !(e->flags & OWN_F_SELF) || e->type == VIRTIO_VSOCK_TYPE_SEQPACKET) {
             own_release(ctx, e, OWN_LIMIT);
         } else {
             e->flags &= ~OWN_F_WAIT;
@@ -328,6 +337,84 @@ static uint64_t own_send(vq_tx_ctx *ctx, vq_own *e, const vq_item *run, int *err
     return sent;
 }
 
+/* A SEQPACKET run's messages to the host socket, each one message (a SOCK_SEQPACKET socket takes
+   a message whole or not at all), as SeqPacket._send_messages sends them, SEND_IOV to a
+   sendmmsg; the record mark is not carried (a unix socket has none, SocketPeer.send_message).
+   Returns the messages sent, their bytes in *bytes; *err is set (an errno) only for a failure
+   other than a full socket. */
+static uint32_t own_send_seq(vq_tx_ctx *ctx, vq_own *e, const vq_item *run, uint64_t *bytes, int *err) {
+    struct iovec iov[SEND_IOV];
+    struct mmsghdr mm[SEND_IOV];
+    uint32_t k = run->seg_first, end = run->seg_first + run->nseg;
+    *err = 0; *bytes = 0;
+    while (k < end) {
+        uint32_t m = 0;
+        for (uint32_t j = k; j < end && m < SEND_IOV; j++, m++) {
+            uint8_t kind = ctx->seg_kind[j];
+            iov[m].iov_base = (kind == SEG_SCRATCH ? ctx->scratch : ctx->mem->r[kind].base) + ctx->seg_off[j];
+            iov[m].iov_len = ctx->seg_len[j];
+            memset(&mm[m], 0, sizeof mm[m]);
+            mm[m].msg_hdr.msg_iov = &iov[m];
+            mm[m].msg_hdr.msg_iovlen = 1;
+        }
+        int n;
+        do n = sendmmsg(e->fd, mm, m, MSG_DONTWAIT | MSG_NOSIGNAL); while (n < 0 && errno == EINTR);
+        if (n < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK) *err = errno;
+            break;
+        }
+        for (int j = 0; j < n; j++) *bytes += mm[j].msg_len;
+        if (n == 0) break;
+        k += (uint32_t)n;   /* fewer than m: the next call says why it stopped (full, or an error) */
+    }
+    return k - run->seg_first;
+}
+
+/* A SEQPACKET run of an owned connection (every packet a whole message, EOM on it), as
+   SeqPacket._guest_seq_rw and _send_messages take it: the credit checked, each message sent
+   whole, the bytes counted forwarded once sent (no forwarding ahead: Python counts a message
+   when the socket took it), the update that makes due to the guest. What the socket did not
+   take goes back as ITEM_TAIL, whole messages, received and counted already. */
+static int own_tx_seq(vq_tx_ctx *ctx, vq_own *e, vq_item *run) {
+    uint32_t total = run->total;
+    if ((uint64_t)(uint32_t)(e->rx_cnt - e->adv_fwd_cnt) + total > e->buf_alloc) {
+        own_release(ctx, e, OWN_GUEST);
+        return 0;
+    }
+    e->rx_cnt += total;
+    e->tx_packets += run->nchains;
+    e->tx_bytes += total;
+    e->peer_buf_alloc = run->buf_alloc;
+    e->peer_fwd_cnt = run->fwd_cnt;
+    int err;
+    uint64_t sent;
+    uint32_t msgs = own_send_seq(ctx, e, run, &sent, &err);
+    e->fwd_cnt += (uint32_t)sent;
+    if (err) {
+        e->err = err;
+        own_release(ctx, e, OWN_ERROR);   /* Python resets the connection: the data goes with it */
+        return 1;
+    }
+    int stuck = own_update_due(e) && !own_put_update(ctx, e);   /* no rx chain for it: Python's */
+    if (msgs < run->nseg) {
+        run->seg_first += msgs; run->nseg -= msgs;
+        run->total = total - (uint32_t)sent;
+        run->kind = ITEM_TAIL;
+        own_release(ctx, e, OWN_BLOCKED);
+        return 0;
+    }
+    e->sends++;
+    if (stuck) {
+        own_release(ctx, e, OWN_SLOW);
+        return 1;
+    }
+    if (!(e->flags & OWN_F_WAIT) && !own_shut(e)) {
+        e->flags &= ~OWN_F_REQUESTED;
+        own_fill(ctx, e);
+    }
+    return 1;
+}
+
 /* A run of RW packets of an owned connection with OWN_F_TX, as VsockCore._guest_rw and
    _flush_conn take it: credit checked, the bytes counted forwarded ahead so the update they
    make due reaches the guest before our copy, then sent. Returns 1 when the run is done with
@@ -335,6 +422,7 @@ static uint64_t own_send(vq_tx_ctx *ctx, vq_own *e, const vq_item *run, int *err
    Python, which then has the connection back: a run beyond the credit we gave (Python resets
    it), or the tail the socket did not take (ITEM_TAIL, trimmed to the unsent bytes). */
 int own_tx_run(vq_tx_ctx *ctx, vq_own *e, vq_item *run) {
+    if (run->type == VIRTIO_VSOCK_TYPE_SEQPACKET) return own_tx_seq(ctx, e, run);
     uint32_t total = run->total;
     if ((uint64_t)(uint32_t)(e->rx_cnt - e->adv_fwd_cnt) + total > e->buf_alloc) {
         own_release(ctx, e, OWN_GUEST);

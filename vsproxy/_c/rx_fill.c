@@ -85,6 +85,92 @@ int vq_rx_fill(vq_mem *mem, const uint8_t *desc, const uint16_t *avail, uint32_t
     return 0;
 }
 
+/* SEQPACKET host data: whole messages from a SOCK_SEQPACKET socket, each into as many rx chains
+   of the Linux shape as it takes, SEQ_EOM on the last (SeqPacket._rx_seq_chain: the same
+   fragment sizes, the buffer's room, the credit, MAX_PKT). The record mark is never set: the
+   sockets C reads (a peer's fast_fd) have none. A message's length is peeked first
+   (MSG_PEEK | MSG_TRUNC gives the whole length): one longer than msg_limit (the guest's
+   buf_alloc; Python refuses it and resets), or one the chains, the credit, the packet limit or
+   the capture buffer cannot take whole, stays on the socket and the call ends RX_SLOW: Python's
+   walker reads it and delivers it in parts as credit comes (Connection.rx_msg), which C never
+   holds. A message of length 0 reads as the end, as Python's SocketPeer.recv_message has it. */
+int vq_rx_fill_seq(vq_mem *mem, const uint8_t *desc, const uint16_t *avail, uint32_t num, uint16_t last_avail,
+                   uint32_t avail_n, uint32_t *used_ring, uint16_t used_idx,
+                   int fd, uint32_t credit, uint32_t max_packets, uint32_t msg_limit, const uint8_t *hdr,
+                   vq_rx_result *res, vq_cap *cap, const uint8_t *comment, uint32_t comment_len)
+{
+    if (comment_len > CAP_COMMENT_MAX) comment_len = CAP_COMMENT_MAX;
+    res->packets = 0; res->bytes = 0; res->status = RX_LIMIT; res->err = 0;
+    while (res->packets < max_packets && credit > 0) {
+        ssize_t len;
+        do len = recv(fd, 0, 0, MSG_PEEK | MSG_TRUNC | MSG_DONTWAIT); while (len < 0 && errno == EINTR);
+        if (len < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK) { res->status = RX_AGAIN; return 0; }
+            res->status = RX_ERROR; res->err = errno; return 0;
+        }
+        if (len == 0) { res->status = RX_EOF; return 0; }
+        if ((uint64_t)len > msg_limit || (uint64_t)len > credit) { res->status = RX_SLOW; return 0; }
+        struct iovec iov[RX_IOV];
+        uint16_t heads[RX_IOV];
+        uint32_t m = 0, cap_need = cap->used;
+        uint64_t want = 0;
+        /* chains until the message fits */
+        while (want < (uint64_t)len) {
+            uint16_t head; uint8_t *buf; uint32_t l;
+            if (m == RX_IOV || res->packets + m >= max_packets || res->packets + m >= avail_n
+                || !rx_linux_chain(mem, desc, avail, num, (uint16_t)(last_avail + res->packets + m), &head, &buf, &l)) {
+                res->status = RX_SLOW;
+                return 0;
+            }
+            uint32_t room = l - HDR;
+            if (room > MAX_PKT) room = MAX_PKT;
+            if (room > (uint64_t)len - want) room = (uint32_t)((uint64_t)len - want);
+            if (cap->mode) {
+                if ((uint64_t)cap_need + cap_record_size(cap, room, comment_len) + CAP_SPARE > cap->size) {
+                    res->status = RX_LIMIT;
+                    return 0;
+                }
+                cap_need += cap_record_size(cap, room, comment_len);
+            }
+            iov[m].iov_base = buf + HDR;
+            iov[m].iov_len = room;
+            heads[m] = head;
+            want += room;
+            m++;
+        }
+        struct msghdr msg;
+        memset(&msg, 0, sizeof msg);
+        msg.msg_iov = iov; msg.msg_iovlen = m;
+        ssize_t n;
+        do n = recvmsg(fd, &msg, MSG_DONTWAIT); while (n < 0 && errno == EINTR);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK) { res->status = RX_AGAIN; return 0; }
+            res->status = RX_ERROR; res->err = errno; return 0;
+        }
+        if (n != len || (msg.msg_flags & MSG_TRUNC)) {
+            /* not the message peeked (another reader of the socket): its bytes are lost either
+               way, as a message cut short; the connection is reset */
+            res->status = RX_ERROR; res->err = EMSGSIZE; return 0;
+        }
+        for (uint32_t k = 0; k < m; k++) {
+            uint32_t plen = (uint32_t)iov[k].iov_len, flags = k + 1 == m ? VIRTIO_VSOCK_SEQ_EOM : 0;
+            uint8_t *buf = (uint8_t *)iov[k].iov_base - HDR, h[HDR];
+            memcpy(h, hdr, HDR);
+            memcpy(h + 24, &plen, 4);
+            memcpy(h + 32, &flags, 4);
+            memcpy(buf, h, HDR);
+            if (cap->mode) cap_record(cap, h, buf + HDR, plen, 0, comment, comment_len);
+            uint32_t slot = (uint16_t)(used_idx + res->packets) & (num - 1);
+            used_ring[2 * slot] = heads[k];
+            used_ring[2 * slot + 1] = HDR + plen;
+            res->packets++;
+            res->bytes += plen;
+        }
+        credit -= (uint32_t)n;
+    }
+    return 0;
+}
+
 /* One header-only packet (a control packet) into the next rx chain, if it has the Linux
    shape (one writable descriptor of at least a header, inside one region: the whole buffer, as
    the walker checks it, not only the header's bytes); 0 (nothing written) otherwise, and

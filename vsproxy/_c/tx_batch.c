@@ -1,5 +1,6 @@
 /* The tx ring read in batches: Linux-shaped RW packets grouped in runs (one per connection
-   and batch, small payloads copied together into scratch), header-only CREDIT_UPDATE and
+   and batch, small payloads copied together into scratch; a SEQPACKET run keeps each packet a
+   segment of its own, with its flags, for its message boundaries), header-only CREDIT_UPDATE and
    CREDIT_REQUEST packets as items of their own, everything else "slow" for the Python walker;
    credit updates and data of connections lent to C (own.c) taken on the way. */
 #include "capture.h"
@@ -74,16 +75,18 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
             pk = mem->last;
         }
         uint16_t type = 0, op = 0;
+        uint32_t flags = 0;
         if (fast) {
             memcpy(h, hp, HDR);
             uint64_t src_cid;
             memcpy(&src_cid, h, 8); memcpy(&plen, h + 24, 4); memcpy(&type, h + 28, 2); memcpy(&op, h + 30, 2);
+            memcpy(&flags, h + 32, 4);
             if (credit_only)
                 fast = src_cid == guest_cid && (type == VIRTIO_VSOCK_TYPE_STREAM || type == VIRTIO_VSOCK_TYPE_SEQPACKET)
                        && (op == VIRTIO_VSOCK_OP_CREDIT_UPDATE || op == VIRTIO_VSOCK_OP_CREDIT_REQUEST) && plen == 0;
             else
-                fast = src_cid == guest_cid && type == VIRTIO_VSOCK_TYPE_STREAM && op == VIRTIO_VSOCK_OP_RW && plen > 0
-                       && plen <= pl && plen <= MAX_PKT;
+                fast = src_cid == guest_cid && (type == VIRTIO_VSOCK_TYPE_STREAM || type == VIRTIO_VSOCK_TYPE_SEQPACKET)
+                       && op == VIRTIO_VSOCK_OP_RW && plen > 0 && plen <= pl && plen <= MAX_PKT;
         }
         if (fast && nseg + 1 > max_segs) fast = 0;
         if (fast && CAP_FULL(plen)) {
@@ -131,8 +134,12 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
                     ctx->consumed[ctx->nconsumed++] = head;
                     continue;
                 }
-            } else if (e && !credit_only && (e->flags & OWN_F_TX) && ctx->own_ok) {
-                tx_e = e;                           /* its data C sends itself */
+            } else if (e && !credit_only && (e->flags & OWN_F_TX) && ctx->own_ok
+                       && (type == VIRTIO_VSOCK_TYPE_STREAM || (flags & VIRTIO_VSOCK_SEQ_EOM))) {
+                /* its data C sends itself; SEQPACKET, a message whole in one packet (EOM on it):
+                   one send of its own. A packet of a longer message is Python's, which
+                   assembles the message (SeqPacket._guest_seq_rw) */
+                tx_e = e;
             } else if (e) {
                 own_release(ctx, e, OWN_GUEST);     /* anything else on it is Python's */
             }
@@ -150,14 +157,15 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
             if (cap->mode) cap_record(cap, h, h, 0, 1, 0, 0);
             continue;
         }
-        if (!run || run_e != tx_e || run->src_port != src_port || run->dst_port != dst_port
+        if (!run || run_e != tx_e || run->type != type || run->src_port != src_port || run->dst_port != dst_port
             || run->dst_cid != dst_cid) {
             CLOSE_RUN();
             if (CAP_FULL(plen)) { *taken = i; break; }
             if (nitems == max_items) return -1;
             run = &items[nitems++];
             run_e = tx_e; run_scratch = scratch_used;
-            run->kind = ITEM_RUN; run->chain = i; run->nchains = 0; run->src_port = src_port; run->dst_port = dst_port;
+            run->kind = ITEM_RUN; run->type = type;
+            run->chain = i; run->nchains = 0; run->src_port = src_port; run->dst_port = dst_port;
             run->dst_cid = dst_cid; run->total = 0; run->seg_first = nseg; run->nseg = 0;
             run->cap_off = cap->used; run->cap_rec = cap->records;
             run->marked = tx_e != 0 && tx_e->comment_len != 0;
@@ -167,10 +175,15 @@ int vq_tx_batch(vq_tx_ctx *ctx, uint16_t last_avail, uint32_t n, vq_cap *cap)
         run->total += plen;
         const uint8_t *payload = pp;
         if (cap->mode) cap_record(cap, h, payload, plen, 1, tx_e ? tx_e->comment : 0, tx_e ? tx_e->comment_len : 0);
+        /* SEQPACKET: each packet stays a segment of its own, with its flags: its bytes are a
+           message, or the part of one, the packet's flags say */
+        int seq = type == VIRTIO_VSOCK_TYPE_SEQPACKET;
+        if (seq) ctx->seg_flags[nseg] = flags;
         if (plen <= COPY_MAX && scratch_used + plen <= scratch_size) {
             /* small payload: copy, and extend the previous scratch segment when adjacent */
             memcpy(scratch + scratch_used, payload, plen);
-            if (run->nseg && seg_kind[nseg - 1] == SEG_SCRATCH && seg_off[nseg - 1] + seg_len[nseg - 1] == scratch_used) {
+            if (!seq && run->nseg && seg_kind[nseg - 1] == SEG_SCRATCH
+                && seg_off[nseg - 1] + seg_len[nseg - 1] == scratch_used) {
                 seg_len[nseg - 1] += plen;
             } else {
                 seg_kind[nseg] = SEG_SCRATCH; seg_off[nseg] = scratch_used; seg_len[nseg] = plen; nseg++; run->nseg++;

@@ -203,15 +203,71 @@ class VsockCore(Lending):
             self._credit_changed(conn)
         return True
 
+    def guest_seq_run(
+        self,
+        src_port: int,
+        dst_cid: int,
+        dst_port: int,
+        buf_alloc: int,
+        fwd_cnt: int,
+        segments: Sequence[memoryview],
+        flags: Sequence[int],
+        captured: bool = False,
+    ) -> bool:
+        """Consecutive SEQPACKET RW packets of one connection, checked by the C fast path as it
+        checks a stream's (source CID, lengths), each segment one packet's payload with its
+        ``flags``. Same effect as guest_packet for each, as long as every one of them is
+        admitted; False, with nothing done, if one would not be (the connection not open for
+        data, the credit exceeded: guest_packet resets it at that packet), if there is no such
+        connection, or its packets need a capture comment C cannot write: the caller then feeds
+        the packets one by one."""
+        key = (H.Type.SEQPACKET, src_port, dst_cid, dst_port)
+        if not self.seqpacket or (self._shut_keys and key in self._shut_keys):
+            return False
+        conn = self.conns.get(key)
+        if conn is None or (captured and conn.mark is not None):
+            return False
+        if conn.own >= 0:
+            self._reclaim(conn)
+        total = sum(len(s) for s in segments)
+        if (conn.state is not State.ESTABLISHED or conn.guest_shut & H.SHUTDOWN_SEND
+                or not conn.credit.fits(total)):
+            return False
+        self.counters.tx_packets += len(segments)
+        conn.credit.update_peer(buf_alloc, fwd_cnt)
+        if conn.msg_buf or not all(fl & H.SEQ_EOM for fl in flags):
+            for seg, fl in zip(segments, flags, strict=True):
+                self._guest_seq_rw(conn, len(seg), (seg,), fl)
+            return True
+        # Every packet a whole message (the usual run): what _guest_seq_rw does for each, at once
+        conn.credit.receive(total)  # (fits: checked above)
+        self.counters.tx_bytes += total
+        conn.stats[0] += len(segments)
+        conn.stats[1] += total
+        conn.out_bytes += total
+        conn.outq.extend([bytes(seg) for seg in segments])
+        conn.msg_flags.extend([fl & (H.SEQ_EOM | H.SEQ_EOR) for fl in flags])
+        if not conn.flags & Connection.IN_FLUSH:
+            conn.flags |= Connection.IN_FLUSH
+            self._flush.append(conn)
+        return True
+
     def guest_rw_tail(self, src_port: int, dst_cid: int, dst_port: int, total: int,
-                      segments: Sequence[memoryview]) -> None:
+                      segments: Sequence[memoryview], type_: int = H.Type.STREAM,
+                      flags: Sequence[int] = ()) -> None:
         """What a host socket did not take of a run C sent (fastpath.Tail): C received and
         counted it, and gave the connection back (OWN_BLOCKED) with these bytes counted ahead;
-        they are queued for the peer like the rest of an unsent run."""
-        conn = self.conns.get((H.Type.STREAM, src_port, dst_cid, dst_port))
+        they are queued for the peer like the rest of an unsent run. SEQPACKET: whole messages
+        (``flags`` theirs), counted forwarded once the peer takes them, as Python counts them."""
+        conn = self.conns.get((type_, src_port, dst_cid, dst_port))
         if conn is None or conn.state is not State.ESTABLISHED:
             return  # reset meanwhile: the data goes with the connection
-        conn.outq.extend(segments)
+        if type_ == H.Type.SEQPACKET:
+            for seg, fl in zip(segments, flags, strict=True):
+                conn.outq.append(bytes(seg))
+                conn.msg_flags.append(fl & (H.SEQ_EOM | H.SEQ_EOR))
+        else:
+            conn.outq.extend(segments)
         conn.out_bytes += total
         if not conn.flags & Connection.IN_FLUSH:
             conn.flags |= Connection.IN_FLUSH

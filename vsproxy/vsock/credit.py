@@ -78,6 +78,10 @@ class Credit:
         self.rx_cnt = (self.rx_cnt + n) & U32
         return True
 
+    def fits(self, n: int) -> bool:
+        """``receive(n)`` would take them (the same check, nothing accounted)."""
+        return ((self.rx_cnt - self.adv_fwd_cnt) & U32) + n <= self.buf_alloc
+
     def forwarded(self, n: int) -> None:
         """The peer took ``n`` more bytes; those counted ahead are not counted again."""
         ahead = self.ahead

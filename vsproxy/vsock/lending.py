@@ -96,16 +96,20 @@ class Lending(RxPath):
         """Let C take this connection's next CREDIT_UPDATEs and refill the rx ring from its host
         socket without coming back here, for as long as nothing else happens on it; and, while
         both directions are open, send the guest's data to the host socket and the credit
-        updates that makes due (OWN_F_TX). Only a plain stream qualifies: nothing queued for
-        the peer, no control packet of its own queued, no per-packet tap. Captured, C writes
+        updates that makes due (OWN_F_TX). Only a plain connection qualifies: nothing queued
+        for the peer, no control packet of its own queued, no per-packet tap; SEQPACKET too
+        (C sends the guest's one-packet messages and reads the host's whole ones), with no
+        message in parts. Captured, C writes
         its packets' records, with the connection's mark as their comment; a capture that
         starts while C runs it gets them too (C writes the mark whether or not anything
         captures, so it is there when something does)."""
         if self.owner is None:
             return
         cr = conn.credit
-        if (conn.type != H.Type.STREAM or self.taps.per_packet or conn.out_bytes
-                or conn.flags & Connection.UPDATE_QUEUED):
+        if (self.taps.per_packet or conn.out_bytes or conn.flags & Connection.UPDATE_QUEUED
+                or (conn.type == H.Type.SEQPACKET and conn.rx_msg is not None)):
+            # (SEQPACKET: C sends whole messages and reads whole ones; the one Python delivers
+            # in parts to the guest, and one it assembles from the guest, stay Python's)
             return
         comment = conn.mark.encode() if conn.mark is not None else b""
         tx: tuple[int, int, int, int] | None = None

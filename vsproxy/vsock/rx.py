@@ -33,7 +33,8 @@ class RxFill(NamedTuple):
 
 
 class RxFastFill(Protocol):
-    def __call__(self, fd: int, credit: int, max_packets: int, hdr: bytes, comment: bytes = b"") -> RxFill: ...
+    def __call__(self, fd: int, credit: int, max_packets: int, hdr: bytes, comment: bytes = b"",
+                 msg_limit: int = -1) -> RxFill: ...
 
 
 class RxPath(HostFlush):
@@ -87,12 +88,16 @@ class RxPath(HostFlush):
                     if conn.own < 0:
                         self._lend(conn)
                     continue
-                # C writes the capture comment (the mark) too, unless it is too long for it
-                comment = tapped.c_comment(conn.mark) if conn.type == H.Type.STREAM else None
+                # C writes the capture comment (the mark) too, unless it is too long for it.
+                # SEQPACKET: C reads whole messages (at most the guest's buf_alloc), unless
+                # Python is delivering one in parts.
+                seq = conn.type == H.Type.SEQPACKET
+                comment = tapped.c_comment(conn.mark) if not seq or conn.rx_msg is None else None
                 if fill_c is not None and comment is not None:
                     fd = conn.peer.fast_fd()
                     if fd >= 0:
-                        done, more = self._fill_from_c(fill_c, conn, fd, credit, comment)
+                        done, more = self._fill_from_c(fill_c, conn, fd, credit, comment,
+                                                       conn.credit.peer_buf_alloc if seq else -1)
                         used += done
                         if more is None:
                             continue
@@ -148,21 +153,34 @@ class RxPath(HostFlush):
                 rxq.push(chain.head, HDR_SIZE)
             control.popleft()
             if conn_or_none is not None:
+                conn_or_none.credit.advertised()  # the guest sees it now
                 if op == Op.CREDIT_UPDATE:
                     conn_or_none.flags &= ~Connection.UPDATE_QUEUED
-                conn_or_none.credit.advertised()  # the guest sees it now
+                    if (conn_or_none.type == H.Type.SEQPACKET and conn_or_none.own < 0
+                            and not conn_or_none.out_bytes):
+                        # A SEQPACKET connection counts the guest's messages forwarded once the
+                        # host took them: the update that makes due is queued after the flush,
+                        # where a stream's went out before it, and the flush could not lend the
+                        # connection to C with it queued. It can now.
+                        self._lend_sender(conn_or_none)
             c.rx_packets += 1
             used += 1
         return used
 
     def _fill_from_c(self, fill_c: RxFastFill, conn: Connection, fd: int, credit: int,
-                     comment: bytes) -> tuple[int, bool | None]:
-        """Serve ``conn`` through the C path. Returns (chains used, more): more is None when
-        the connection was fully dealt with, True when the Python path should take the next
-        chain (an unusual shape), False when the ring has no buffers at all."""
+                     comment: bytes, msg_limit: int = -1) -> tuple[int, bool | None]:
+        """Serve ``conn`` through the C path (``msg_limit`` >= 0: SEQPACKET, whole messages of
+        at most that many bytes). Returns (chains used, more): more is None when the
+        connection was fully dealt with, True when the Python path should take the next chain
+        (an unusual shape, or a message C leaves to it), False when the ring has no buffers at
+        all."""
         cr = conn.credit
-        hdr = HDR.pack(*self._fields(conn, Op.RW, 0, 0))  # C patches len per packet
-        r = fill_c(fd, min(credit, RX_FAST_BURST_BYTES), RX_FAST_BURST, hdr, comment)
+        hdr = HDR.pack(*self._fields(conn, Op.RW, 0, 0))  # C patches len (and flags) per packet
+        credit = min(credit, RX_FAST_BURST_BYTES)
+        if msg_limit < 0:
+            r = fill_c(fd, credit, RX_FAST_BURST, hdr, comment)
+        else:
+            r = fill_c(fd, credit, RX_FAST_BURST, hdr, comment, msg_limit=msg_limit)
         if r.packets and self.rx_progress is not None:
             # The guest may start on these while we read the next burst.
             self.rx_progress()

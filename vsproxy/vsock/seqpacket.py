@@ -23,17 +23,21 @@ class SeqPacket(CreditFlow):
         self.counters.tx_bytes += n
         conn.stats[0] += 1
         conn.stats[1] += n
-        left = n
-        for seg in payload:
-            if left <= 0:
-                break
-            conn.msg_buf += seg[:left]
-            left -= len(seg)
+        msg_buf = conn.msg_buf
+        # a message whole in one packet (the usual case) goes out with one copy, not two
+        whole = bool(flags & H.SEQ_EOM) and not msg_buf and len(payload) == 1 and len(payload[0]) == n
+        if not whole:
+            left = n
+            for seg in payload:
+                if left <= 0:
+                    break
+                msg_buf += seg[:left]
+                left -= len(seg)
         conn.out_bytes += n
         if flags & H.SEQ_EOM:
-            conn.outq.append(bytes(conn.msg_buf))
+            conn.outq.append(bytes(payload[0]) if whole else bytes(msg_buf))
             conn.msg_flags.append(flags & (H.SEQ_EOM | H.SEQ_EOR))
-            conn.msg_buf.clear()
+            msg_buf.clear()
             if not conn.flags & Connection.IN_FLUSH:
                 conn.flags |= Connection.IN_FLUSH
                 self._flush.append(conn)
