@@ -3,12 +3,13 @@ capture in bounded memory.
 
 A transcript (vsproxy/replay/transcript.py) holds every payload byte; replaying 1 GiB that a
 guest sent would need 1 GiB of memory. ``load_indexed`` builds the same transcript but keeps,
-for what the guest sent on the connections it made, where each packet's payload lies in the
+for what the guest sent on the connections it made (in a classic pcap, which does not say which
+end is the guest: what the connecting side sent), where each packet's payload lies in the
 file (``StoredData``: file, offset, length and RW flags per packet, 28 bytes each) instead of
 the bytes; what the peer answered is held as before (replay compares it). The player sends a
 ``SendStored`` step by reading the pieces back: the simulated guest's C sender reads them with
 ``pread`` straight into its tx buffers (``VsockDriver.send_stored``), anything else reads them a
-message or 1 MiB at a time (``chunks``).
+packet (STREAM) or a message (SEQPACKET) at a time (``chunks``).
 
 Where a payload lies: ``vsproxy.capture.reader.records`` reads each record's frame with one
 ``read`` (pcap: the frame; pcapng: the packet block's body, the frame 20 bytes into it) and
@@ -41,7 +42,6 @@ _PCAPNG_MAGIC: Final = fmt.BT_SHB.to_bytes(4, "little")
 _BIG_READ: Final = 16  # block and record headers are read in pieces of at most this many bytes
 _EPB_FRAME: Final = 20  # the frame's offset in a pcapng packet block's body
 _CHECK: Final = 16  # frame bytes compared with the file's before a reference is kept
-READ_CHUNK: Final = 1 << 20  # a STREAM's stored bytes are read back at most this many at a time
 _SEQPACKET: Final = int(H.Type.SEQPACKET)
 
 
@@ -122,22 +122,20 @@ class SendStored:
     seqpacket: bool
 
     def chunks(self) -> Iterator[tuple[bytes, bool]]:
-        """The bytes read back: (a whole message, its EOR) for SEQPACKET, else (up to
-        ``READ_CHUNK`` bytes, False)."""
+        """The bytes read back: (a whole message, its EOR) for SEQPACKET (a message the capture
+        ended inside: what it holds), else (one packet's, False), as they were sent."""
         p, src = self.pieces, self.source
         buf: list[bytes] = []
-        held = 0
         for k in range(len(p)):
-            buf.append(src.read(p.files[k], p.offs[k], p.lens[k]))
-            held += p.lens[k]
-            if self.seqpacket:
-                if p.flags[k] & H.SEQ_EOM:
-                    yield b"".join(buf), bool(p.flags[k] & H.SEQ_EOR)
-                    buf, held = [], 0
-            elif held >= READ_CHUNK:
-                yield b"".join(buf), False
-                buf, held = [], 0
-        if buf and not self.seqpacket:
+            data = src.read(p.files[k], p.offs[k], p.lens[k])
+            if not self.seqpacket:
+                yield data, False
+                continue
+            buf.append(data)
+            if p.flags[k] & H.SEQ_EOM:
+                yield b"".join(buf), bool(p.flags[k] & H.SEQ_EOR)
+                buf = []
+        if buf:
             yield b"".join(buf), False
 
 
@@ -172,8 +170,8 @@ class _Tracked:
 
 
 class _IndexBuilder(TranscriptBuilder):
-    """A ``TranscriptBuilder`` that keeps references instead of the guest's payload on the
-    connections the guest made (``where``: the file and offset of the packet being fed)."""
+    """A ``TranscriptBuilder`` that keeps references instead of the connecting side's payload on
+    the connections the guest made (or, the file not saying, either end) (``where``: the file and offset of the packet being fed)."""
 
     def __init__(self, max_bytes: int) -> None:
         super().__init__(max_bytes)
@@ -183,7 +181,8 @@ class _IndexBuilder(TranscriptBuilder):
     def _data(self, live: _Live, side: int, d: Decoded) -> None:
         payload = d.view.payload
         h = d.view.hdr
-        if side == 0 and live.conv.guest_is_client and payload and self.where is not None and h is not None:
+        if side == 0 and live.conv.guest_is_client is not False and payload and self.where is not None \
+                and h is not None:
             pieces = self._pieces.get(live.conv.id)
             if pieces is None:
                 pieces = self._pieces[live.conv.id] = Pieces()
