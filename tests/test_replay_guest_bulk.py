@@ -146,6 +146,21 @@ def diff(a: str, b: str) -> subprocess.CompletedProcess[str]:
                           timeout=60)
 
 
+def grouped(sent: list[tuple[int, int]], recorded: list[tuple[int, int]]) -> bool:
+    """``sent`` is ``recorded`` with some packets cut in parts, flags on the last part; none
+    merged or reordered."""
+    k = 0
+    for n, flags in recorded:
+        while n > 0:
+            if k == len(sent) or sent[k][0] > n:
+                return False
+            n -= sent[k][0]
+            if sent[k][1] != (flags if n == 0 else 0):
+                return False
+            k += 1
+    return k == len(sent)
+
+
 def guest_packets(path: str) -> dict[int, list[tuple[int, int]]]:
     """Per host port: the (length, flags) of each RW packet the guest sent, in order."""
     out: dict[int, list[tuple[int, int]]] = {}
@@ -179,12 +194,14 @@ def test_fast_guest_replay_delivers_the_exact_bytes_boundaries_and_half_close(wo
     # and the same messages, each whole: a 100,000-byte one arrives as one message again
     assert len(hs.messages) == 6 and hs.messages[3:] == hs.messages[:3]
     assert [n for n, _ in hs.messages[3:]] == [100_000, 5, 70_000]
-    # each packet left as recorded (the C sender does not re-cut them), EOM and EOR as recorded
+    # the packets left as recorded, or cut where the credit did not hold one (never merged: the
+    # Python sender would send a message's bytes in packets of its own sizes); EOM and EOR on
+    # the last part of each message, as recorded
     before, after = guest_packets(original), guest_packets(again)
-    assert after[9100] == before[9100] and len(after[9100]) > 50
-    assert after[5005] == before[5005]
-    assert (65536, 0) in after[5005] and (100_000 - 65536, H.SEQ_EOM | H.SEQ_EOR) in after[5005]
-    assert (70_000 - 65536, H.SEQ_EOM) in after[5005]
+    for port in (9100, 5005):
+        assert grouped(after[port], before[port]), (port, after[port], before[port])
+    assert len(after[9100]) < len(before[9100]) * 1.1 and len(before[9100]) > 50
+    assert [f for _, f in after[5005] if f] == [H.SEQ_EOM | H.SEQ_EOR, H.SEQ_EOM, H.SEQ_EOM]
     same = diff(original, again)  # the remap's real peer and the denial included
     assert same.returncode == 0, same.stdout + same.stderr
     assert same.stdout == "same: 3 connections\n"

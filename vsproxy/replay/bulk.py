@@ -171,7 +171,8 @@ class _Tracked:
 
 class _IndexBuilder(TranscriptBuilder):
     """A ``TranscriptBuilder`` that keeps references instead of the connecting side's payload on
-    the connections the guest made (or, the file not saying, either end) (``where``: the file and offset of the packet being fed)."""
+    the connections the guest made (or, the file not saying, either end); ``where``: the file
+    and offset of the payload of the packet being fed."""
 
     def __init__(self, max_bytes: int) -> None:
         super().__init__(max_bytes)

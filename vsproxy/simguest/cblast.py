@@ -368,10 +368,11 @@ class CSend(_CPath):
                 tx.unreserve(head)
                 drv.tx_free_slots.append(slot)
 
-    def run(self, conn: Conn, fd: int, offs: Any, lens: Any, flags: Any, start: int, npkts: int,
-            timeout_ms: int) -> tuple[int, int]:
+    def run(self, conn: Conn, fd: int, offs: Any, lens: Any, flags: Any, start: int, part: int, npkts: int,
+            timeout_ms: int) -> tuple[int, int, int]:
         """Send packets ``start`` .. ``npkts - 1`` of the arrays (cffi ``uint64_t[]`` offsets,
-        ``uint32_t[]`` lengths and flags); (return code, index of the next packet to send)."""
+        ``uint32_t[]`` lengths and flags), packet ``start`` from its byte ``part``; (return
+        code, the next packet to send, its bytes already sent)."""
         drv, s = self.drv, self.s
         rx, tx, fe = drv.rx, drv.tx, drv.fe
         self._load(s.rx, rx, self._inflight[0], fe.kick_fds[rx.index], fe.call_fds[rx.index])
@@ -387,7 +388,7 @@ class CSend(_CPath):
         s.local_port, s.peer_port, s.type = conn.local_port, conn.peer_port, conn.type
         s.buf_alloc, s.tx_cnt, s.fwd_cnt = conn.buf_alloc, conn.tx_cnt, conn.fwd_cnt
         s.peer_buf_alloc, s.peer_fwd_cnt = conn.peer_buf_alloc, conn.peer_fwd_cnt
-        s.fd, s.offs, s.lens, s.flags, s.npkts, s.sent = fd, offs, lens, flags, npkts, start
+        s.fd, s.offs, s.lens, s.flags, s.npkts, s.sent, s.part = fd, offs, lens, flags, npkts, start, part
         s.bytes = s.tx_done = s.kicks = s.interrupts = 0
         s.headers, s.nheaders, s.max_headers = self.headers, 0, MAX_HEADERS
         s.err = 0
@@ -414,7 +415,7 @@ class CSend(_CPath):
         self._record(s.nheaders, False)
         if rc == SG_RX:
             self.handed_back += 1
-        return rc, int(s.sent)
+        return rc, int(s.sent), int(s.part)
 
     @property
     def read_errno(self) -> int:

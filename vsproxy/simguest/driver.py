@@ -617,19 +617,19 @@ class VsockDriver:
 
     def can_send_stored(self, conn: Conn, largest: int) -> bool:
         """``send_stored`` may run for packets of at most ``largest`` bytes: the C sender is
-        there and the peer's window holds such a packet (it waits for credit for a whole one)."""
+        there, and nothing it does not do is asked of it (CREDIT_REQUESTs)."""
         return (self._c_ready() and 0 < largest <= MAX_PAYLOAD and conn.state == State.ESTABLISHED
-                and not self.credit_request and largest <= min(conn.peer_buf_alloc, conn.buf_alloc))
+                and not self.credit_request)
 
     def send_stored(self, conn: Conn, fd: int, offs: object, lens: object, flags: object, npkts: int) -> None:
         """Send ``npkts`` RW packets whose payloads C reads from ``fd`` (cffi arrays: offsets,
-        lengths, RW flags), each as one packet, in order, within the peer's credit (see
-        ``can_send_stored``). Raises ``BrokenPipeError`` when the connection closes first,
+        lengths, RW flags), each as one packet (cut, as Linux does, when the peer's credit does
+        not hold it), in order (see ``can_send_stored``). Raises ``BrokenPipeError`` when the connection closes first,
         ``OSError`` when the file cannot be read, ``SimGuestTimeout`` without progress."""
         if self._csend is None:
             self._csend = cblast.CSend(self)
         c = self._csend
-        sent = 0
+        sent = part = 0
         deadline = time.monotonic() + self.timeout
         while sent < npkts:
             if conn.state != State.ESTABLISHED or conn.local_shutdown & vh.SHUTDOWN_SEND:
@@ -641,10 +641,10 @@ class VsockDriver:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise SimGuestTimeout(f"timed out after {self.timeout}s sending after {sent} of {npkts} packets")
-            rc, now = c.run(conn, fd, offs, lens, flags, sent, npkts, max(1, int(left * 1000)))
-            if now > sent:
+            rc, now, now_part = c.run(conn, fd, offs, lens, flags, sent, part, npkts, max(1, int(left * 1000)))
+            if (now, now_part) != (sent, part):
                 deadline = time.monotonic() + self.timeout  # progress: a fresh timeout
-            sent = now
+            sent, part = now, now_part
             if rc == cblast.SG_DONE:
                 return
             if rc == cblast.SG_TIMEOUT:

@@ -89,7 +89,8 @@ int sg_rtt(uint8_t *mem, sg_rtt_state *s);
    from fd at offs[i] into a lent tx chain (the header at tx_off[k], the payload 64 bytes after
    it, the payload descriptor's length at len_off[k]; slot_of maps a head to its k; free_k the
    lent chains not in flight, a stack) and sent as RW with flags[i], within the peer's credit.
-   SG_READ: a read failed (err: its errno, 0 for a short read). */
+   A packet the credit does not hold is sent in parts (part: its bytes sent so far, kept across
+   calls). SG_READ: a read failed (err: its errno, 0 for a short read). */
 typedef struct {
     sg_ring rx, tx;
     int event_idx;
@@ -109,6 +110,7 @@ typedef struct {
     const uint32_t *lens;
     const uint32_t *flags;
     uint64_t npkts, sent, bytes, tx_done;
+    uint32_t part;
     uint64_t kicks, interrupts;
     uint8_t *headers;
     uint32_t nheaders, max_headers;
