@@ -325,7 +325,7 @@ class CSend(_CPath):
 
     def __init__(self, drv: VsockDriver) -> None:
         super().__init__(drv, "sg_send_state *", [drv.rx.inflight, drv.tx.inflight])
-        n = len(drv.tx_free_slots) + 1
+        n = len(drv.tx_slot_len)  # every tx slot, at most, is lent
         self.tx_heads = ffi.new("uint16_t[]", n)
         self.tx_off = ffi.new("uint32_t[]", n)
         self.len_off = ffi.new("uint32_t[]", n)
