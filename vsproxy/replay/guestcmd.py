@@ -14,7 +14,8 @@ without it they are counted and left out.
 
 What the guest sent stays in the capture file until it is sent (vsproxy/replay/bulk.py): memory
 does not grow with the capture's guest-to-host bytes, and at ``--speed asap`` the simulated
-guest's C sender reads them straight into its tx buffers, packet by packet as recorded.
+guest's C sender reads them straight into its tx buffers, each packet as recorded (cut only where
+the peer's credit does not hold it, as Linux cuts).
 
 Exit status as ``vsproxy replay client``: 0 all as recorded, 1 a difference or failure (the
 socket cannot be reached: one line), 2 bad arguments or nothing to replay.
@@ -27,9 +28,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
-from vsproxy.replay.bulk import CaptureSource, SendStored, StoredStep, load_indexed, plan_stored
+from vsproxy.replay.bulk import CaptureSource, Pieces, SendStored, StoredStep, load_indexed, plan_stored
 from vsproxy.replay.client import Answers, Mismatch, PlanStep, app_aware, compare_answers, plan
 from vsproxy.replay.clientcmd import Parser, Result, UsageError, add_common, report
 from vsproxy.replay.inbound import InboundServer
@@ -38,6 +39,7 @@ from vsproxy.replay.progress import Progress
 from vsproxy.replay.server import ReplayBook, scripts_of
 from vsproxy.replay.transcript import Conversation, Outcome, Transcript, load_transcript
 from vsproxy.simguest import GuestSocket, SimGuest, SimGuestError, SimGuestTimeout
+from vsproxy.simguest.cblast import ffi
 from vsproxy.simguest.driver import State
 from vsproxy.vsock import header as H
 
@@ -65,7 +67,7 @@ class GuestChannel:
 
     def send_stored(self, step: SendStored) -> None:
         """Through the C sender when it can take them (each packet as recorded, read from the
-        file into the tx buffer), else read back and sent as ``send``."""
+        file into a tx buffer), else read back and sent as ``send``."""
         p = step.pieces
         drv = self.guest.driver
         conn = self.sock.conn
@@ -156,12 +158,8 @@ def _largest_message(step: SendStored) -> int:
     return max(largest, n)
 
 
-def _arrays(p: object, start: int, end: int) -> tuple[object, object, object]:
+def _arrays(p: Pieces, start: int, end: int) -> tuple[Any, Any, Any]:
     """Pieces ``start`` .. ``end - 1`` as the C arrays ``send_stored`` takes (views, no copy)."""
-    from vsproxy.replay.bulk import Pieces
-    from vsproxy.simguest.cblast import ffi
-
-    assert isinstance(p, Pieces)
     return (ffi.from_buffer("uint64_t[]", memoryview(p.offs)[start:end]),
             ffi.from_buffer("uint32_t[]", memoryview(p.lens)[start:end]),
             ffi.from_buffer("uint32_t[]", memoryview(p.flags)[start:end]))
