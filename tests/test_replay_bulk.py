@@ -201,3 +201,32 @@ def test_asap_merges_consecutive_sends_and_other_speeds_keep_each_at_its_time(tm
         assert list(seq_sends[1].chunks()) == [(b"tail", False)]
     finally:
         source.close()
+
+
+def test_a_rotated_set_refers_into_each_of_its_files(tmp_path: Path) -> None:
+    """``FILE.0``, ``FILE.1`` as vsproxy rotates them: a connection that runs across both."""
+    rng = random.Random(3)
+    g, h = (GUEST, 40_000), (HOST, 9000)
+    first = Writer(tmp_path / "rot.pcapng.0")
+    first.packet(g, h, H.Op.REQUEST)
+    first.packet(h, g, H.Op.RESPONSE)
+    sent = [rng.randbytes(5000) for _ in range(6)]
+    for chunk in sent[:3]:
+        first.packet(g, h, H.Op.RW, chunk)
+    first.close()
+    second = Writer(tmp_path / "rot.pcapng.1")
+    second.ts = first.ts
+    for chunk in sent[3:]:
+        second.packet(g, h, H.Op.RW, chunk)
+    second.packet(g, h, H.Op.SHUTDOWN, flags=H.SHUTDOWN_BOTH)
+    second.packet(h, g, H.Op.RST)
+    second.close()
+    path = str(tmp_path / "rot.pcapng")
+    same_steps_as_ordinary(path)
+    t, source = load_indexed(path)
+    try:
+        stored = [d for d in t.conversations[0].data(True) if isinstance(d, StoredData)]
+        assert sorted({f for d in stored for f in d.pieces.files}) == [0, 1]
+        assert b"".join(read_back(d, source) for d in stored) == b"".join(sent)
+    finally:
+        source.close()
