@@ -43,6 +43,7 @@ _BIG_READ: Final = 16  # block and record headers are read in pieces of at most 
 _EPB_FRAME: Final = 20  # the frame's offset in a pcapng packet block's body
 _CHECK: Final = 16  # frame bytes compared with the file's before a reference is kept
 _SEQPACKET: Final = int(H.Type.SEQPACKET)
+_READ_BUFFER: Final = 1 << 20  # a packet block is read from this buffer: a syscall per MiB, not per block
 
 
 class Pieces:
@@ -221,7 +222,7 @@ def load_indexed(path: str, filter: str | None = None, max_bytes: int = MAX_BYTE
     error: str | None = None
     try:
         for i, name in enumerate(files):
-            with open(name, "rb") as f:
+            with open(name, "rb", buffering=_READ_BUFFER) as f:
                 tracked = _Tracked(f)
                 for rec in records(tracked):  # type: ignore[arg-type]  # read() is all it calls
                     builder.where = _where(tracked, i, rec)
