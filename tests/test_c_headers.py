@@ -155,7 +155,7 @@ def test_the_values_python_reads_back_from_the_fast_path() -> None:
 
 def test_the_values_python_reads_back_from_the_simulated_guest() -> None:
     c = with_prefix(CBLAST, "SG_")
-    assert len(c) == 6 and c == {name: getattr(cblast, f"SG_{name}") for name in c}
+    assert len(c) == 7 and c == {name: getattr(cblast, f"SG_{name}") for name in c}
     modes = with_prefix(CBLAST, "RTT_")  # sg_rtt's modes
     assert len(modes) == 3 and modes == {name: getattr(cblast, f"RTT_{name}") for name in modes}
 

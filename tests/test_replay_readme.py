@@ -162,6 +162,8 @@ def test_replay_benchmark_runs_and_prints_its_figures() -> None:
     out = proc.stdout
     assert re.search(r"guest replay asap, 8 MiB guest->host .*: [\d.]+ s, \d+ MiB/s .*; ok\)", out), out
     assert re.search(r"simulated guest's own guest->host rate .*: \d+ MiB/s; replay is \d+% of it", out), out
+    assert re.search(r"replay process peak RSS \d+ MiB for a \d+ MiB capture; first to last byte at the host "
+                     r"[\d.]+ s, \d+ MiB/s", out), out
     assert re.search(r"client replay of 300 short connections: [\d.]+ s .*exit 0: .*300 same", out), out
     assert re.search(r"server replay, 200 request/answer exchanges .*median \d+ us, p90 \d+ us", out), out
     assert re.search(r"replay/echo [\d.]+x median", out), out

@@ -17,6 +17,8 @@ I/O shell:
     ``hosts``       server replay's connections toward the guest, made at their recorded times
     ``options``     ``vsproxy``'s --replay-* flags
     ``player``      plays a plan over a channel (a socket, or the simulated guest's), timing
+    ``bulk``        transcripts that leave what the guest sent in the capture file (guest
+                    replay in bounded memory; the simulated guest's C sender reads it back)
     ``inbound``     guest replay answering the connections the peer makes toward the guest
     ``auto``        ``--to auto``: where a vsproxy configuration routes each connection
     ``diffcmd``, ``clientcmd``, ``guestcmd``, ``showcmd``, ``cmd``, ``progress``  the commands

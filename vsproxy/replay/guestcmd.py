@@ -12,6 +12,11 @@ guest are answered as the guest did with ``--serve-inbound S`` (vsproxy/replay/i
 guest listens on their ports, and waits up to S seconds after its own connections for them;
 without it they are counted and left out.
 
+What the guest sent stays in the capture file until it is sent (vsproxy/replay/bulk.py): memory
+does not grow with the capture's guest-to-host bytes, and at ``--speed asap`` the simulated
+guest's C sender reads them straight into its tx buffers, each packet as recorded (cut only where
+the peer's credit does not hold it, as Linux cuts).
+
 Exit status as ``vsproxy replay client``: 0 all as recorded, 1 a difference or failure (the
 socket cannot be reached: one line), 2 bad arguments or nothing to replay.
 """
@@ -23,9 +28,10 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
-from vsproxy.replay.client import Answers, Mismatch, app_aware, compare_answers, plan
+from vsproxy.replay.bulk import CaptureSource, Pieces, SendStored, StoredStep, load_indexed, plan_stored
+from vsproxy.replay.client import Answers, Mismatch, PlanStep, app_aware, compare_answers, plan
 from vsproxy.replay.clientcmd import Parser, Result, UsageError, add_common, report
 from vsproxy.replay.inbound import InboundServer
 from vsproxy.replay.player import SpeedError, Stepper, Timing
@@ -33,6 +39,7 @@ from vsproxy.replay.progress import Progress
 from vsproxy.replay.server import ReplayBook, scripts_of
 from vsproxy.replay.transcript import Conversation, Outcome, Transcript, load_transcript
 from vsproxy.simguest import GuestSocket, SimGuest, SimGuestError, SimGuestTimeout
+from vsproxy.simguest.cblast import ffi
 from vsproxy.simguest.driver import State
 from vsproxy.vsock import header as H
 
@@ -57,6 +64,28 @@ class GuestChannel:
             self.sock.send_message(data, eor)
         else:
             self.sock.sendall(data)
+
+    def send_stored(self, step: SendStored) -> None:
+        """Through the C sender when it can take them (each packet as recorded, read from the
+        file into a tx buffer), else read back and sent as ``send``."""
+        p = step.pieces
+        drv = self.guest.driver
+        conn = self.sock.conn
+        fast = len(p) > 0 and drv.can_send_stored(conn, max(p.lens))
+        if fast and self.seqpacket:  # a message must fit the window, as send_message checks
+            fast = _largest_message(step) <= min(conn.peer_buf_alloc, conn.buf_alloc)
+        if not fast:
+            for data, eor in step.chunks():
+                self.send(data, eor)
+            return
+        start = 0
+        while start < len(p):  # a run of pieces in one file at a time
+            end = start
+            while end < len(p) and p.files[end] == p.files[start]:
+                end += 1
+            fd = step.source.fd(p.files[start])
+            drv.send_stored(conn, fd, *_arrays(p, start, end), end - start)
+            start = end
 
     def shut_write(self, flags: int) -> None:
         if flags & H.SHUTDOWN_BOTH == H.SHUTDOWN_BOTH:
@@ -120,11 +149,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _largest_message(step: SendStored) -> int:
+    p, n, largest = step.pieces, 0, 0
+    for k in range(len(p)):
+        n += p.lens[k]
+        if p.flags[k] & H.SEQ_EOM:
+            largest, n = max(largest, n), 0
+    return max(largest, n)
+
+
+def _arrays(p: Pieces, start: int, end: int) -> tuple[Any, Any, Any]:
+    """Pieces ``start`` .. ``end - 1`` as the C arrays ``send_stored`` takes (views, no copy)."""
+    return (ffi.from_buffer("uint64_t[]", memoryview(p.offs)[start:end]),
+            ffi.from_buffer("uint32_t[]", memoryview(p.lens)[start:end]),
+            ffi.from_buffer("uint32_t[]", memoryview(p.flags)[start:end]))
+
+
 def main(argv: Sequence[str]) -> int:
     try:
         args = build_parser().parse_args(list(argv))
         timing = Timing.parse(args.speed)
-        t, notes = load(args.file, args.filter)
+        t, notes, source = load(args.file, args.filter)
     except (UsageError, SpeedError) as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
@@ -136,9 +181,11 @@ def main(argv: Sequence[str]) -> int:
         guest.start()
     except (OSError, SimGuestError) as e:
         print(f"{PROG}: cannot attach to {args.socket}: {e}", file=sys.stderr)
+        if source is not None:
+            source.close()
         return 1
     try:
-        results = run(guest, t, args, timing, ignored)
+        results = run(guest, t, args, timing, ignored, source)
     except (OSError, SimGuestError) as e:  # vsproxy went away, or its socket failed, mid-replay
         print(f"{PROG}: {args.socket}: {e}", file=sys.stderr)
         return 1
@@ -149,6 +196,8 @@ def main(argv: Sequence[str]) -> int:
             guest.close()
         except (OSError, SimGuestError):
             pass
+        if source is not None:
+            source.close()
     if results is None:
         return 2
     return report(results, args.json, args.quiet, f"through {args.socket}", sys.stdout)
@@ -161,7 +210,7 @@ def _made_by(t: Transcript, cid: int) -> list[Conversation]:
 
 
 def run(guest: SimGuest, t: Transcript, args: argparse.Namespace, timing: Timing,
-        ignored: frozenset[str]) -> list[Result] | None:
+        ignored: frozenset[str], source: CaptureSource | None = None) -> list[Result] | None:
     """Play what the capture shows guest ``--guest-cid`` doing; None when there is nothing to play
     (said on stderr). Raises ``OSError`` and ``SimGuestError`` when vsproxy or its socket fails."""
     cid = args.guest_cid if args.guest_cid is not None else guest.guest_cid
@@ -186,26 +235,33 @@ def run(guest: SimGuest, t: Transcript, args: argparse.Namespace, timing: Timing
         book = ReplayBook([s for s in scripts_of(t, made_by_guest=False) if s.conv_id in by_id])
         server = InboundServer(guest, book, len(inbound), max(args.timeout, 5.0))
         server.listen()
-    results = play_all(guest, convs, timing, args, ignored, server.pump if server else None)
+    results = play_all(guest, convs, timing, args, ignored, server.pump if server else None, source)
     if server is not None:
         server.serve(time.monotonic() + args.serve_inbound)
         results += inbound_results(server, inbound)
     return results
 
 
-def load(path: str, filter_text: str) -> tuple[Transcript, list[str]]:
-    """The capture's transcript and what it lacks; ``UsageError`` when it holds nothing."""
+def load(path: str, filter_text: str, stored: bool = True) -> tuple[Transcript, list[str], CaptureSource | None]:
+    """The capture's transcript, what it lacks, and (``stored``, a file: not stdin) the files
+    the guest's payload was left in, to close once played; ``UsageError`` when it holds nothing."""
     from vsproxy.filter import FilterError
 
+    source: CaptureSource | None = None
     try:
-        t = load_transcript(path, filter_text)
+        if stored and path != "-":
+            t, source = load_indexed(path, filter_text)
+        else:
+            t = load_transcript(path, filter_text)
     except OSError as e:
         raise UsageError(f"{path}: {e.strerror or e}") from None
     except FilterError as e:
         raise UsageError(f"bad filter: {e}\n{e.render()}") from None
     if t.error is not None and not t.conversations:
+        if source is not None:
+            source.close()
         raise UsageError(f"{path}: nothing to replay: {t.error}")
-    return t, [f"{path}: {p}" for p in t.problems()]
+    return t, [f"{path}: {p}" for p in t.problems()], source
 
 
 def inbound_results(server: InboundServer, inbound: list[Conversation]) -> list[Result]:
@@ -242,7 +298,8 @@ class _Active:
 
 
 def play_all(guest: SimGuest, convs: list[Conversation], timing: Timing, args: argparse.Namespace,
-             ignored: frozenset[str], pump: Callable[[], None] | None = None) -> list[Result]:
+             ignored: frozenset[str], pump: Callable[[], None] | None = None,
+             source: CaptureSource | None = None) -> list[Result]:
     """Every connection, ``--loop`` times. Connections that overlapped in the capture overlap
     here: one starts at its recorded time (with ``--speed``), or as soon as possible while every
     connection still playing had, in the capture, not ended when it started (asap); otherwise
@@ -270,7 +327,7 @@ def play_all(guest: SimGuest, convs: list[Conversation], timing: Timing, args: a
                     elif active and any(a.end <= offset for a in active):
                         break  # in the capture this one began after one still playing here had ended
                     when = t0 + offset / timing.factor if timing.factor is not None else now
-                    started = start_one(guest, conv, idle, args.exact, timing, when, rnd, pump)
+                    started = start_one(guest, conv, idle, args.exact, timing, when, rnd, pump, source)
                     if isinstance(started, Result):
                         slots[nxt] = started
                         progress.step()
@@ -307,7 +364,8 @@ def _where(conv: Conversation) -> str:
 
 
 def start_one(guest: SimGuest, conv: Conversation, idle: float, exact: bool, timing: Timing, start: float, rnd: int,
-              pump: Callable[[], None] | None) -> Result | tuple[Stepper, GuestChannel]:
+              pump: Callable[[], None] | None,
+              source: CaptureSource | None = None) -> Result | tuple[Stepper, GuestChannel]:
     """Connect: a Result when that is all there is to it (refused, as recorded or not)."""
     peer = conv.server
     where = _where(conv)
@@ -326,7 +384,9 @@ def start_one(guest: SimGuest, conv: Conversation, idle: float, exact: bool, tim
         channel.close()
         return Result(conv, where, Mismatch(f"accepted; the capture shows it {conv.outcome.value}"), round=rnd)
     answers = Answers(seq, app_aware(conv, exact))
-    return Stepper(plan(conv, exact), channel, answers, timing, idle, start), channel
+    steps: list[PlanStep] | list[StoredStep] = (plan(conv, exact) if source is None
+                                                else plan_stored(conv, source, exact, timing.factor is None))
+    return Stepper(steps, channel, answers, timing, idle, start), channel
 
 
 def finish_one(conv: Conversation, stepper: Stepper, channel: GuestChannel, exact: bool, ignored: frozenset[str],

@@ -13,8 +13,9 @@ from __future__ import annotations
 import socket
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+from vsproxy.replay.bulk import SendStored, StoredStep
 from vsproxy.replay.client import Abort, Answers, Await, PlanStep, Send, ShutWrite
 
 SEND_TIMEOUT = 30.0  # seconds a live service may take to make room for what the replay sends
@@ -64,7 +65,24 @@ class Channel(Protocol):
     def close(self) -> None: ...
 
 
-def play(steps: list[PlanStep], channel: Channel, answers: Answers, timing: Timing, idle: float,
+@runtime_checkable
+class StoredChannel(Protocol):
+    """A channel with its own way of sending bytes that stayed in the capture file."""
+
+    def send_stored(self, step: SendStored) -> None: ...
+
+
+def send_stored(channel: Channel, step: SendStored) -> None:
+    """Bytes that stayed in the capture file (vsproxy/replay/bulk.py), sent as ``send`` sends
+    them: by the channel itself when it has a way, else read back a message or a chunk at a time."""
+    if isinstance(channel, StoredChannel):
+        channel.send_stored(step)
+        return
+    for data, eor in step.chunks():
+        channel.send(data, eor)
+
+
+def play(steps: list[PlanStep] | list[StoredStep], channel: Channel, answers: Answers, timing: Timing, idle: float,
          start: float | None = None) -> Answers:
     """Play ``steps`` on ``channel``; ``answers`` holds what came back. Raises ``OSError`` when
     the channel fails while sending (a reset while receiving is an answer: ``answers.reset``)."""
@@ -73,6 +91,8 @@ def play(steps: list[PlanStep], channel: Channel, answers: Answers, timing: Timi
         timing.wait_until(t0, step.at)
         if isinstance(step, Send):
             channel.send(step.data, step.eor)
+        elif isinstance(step, SendStored):
+            send_stored(channel, step)
         elif isinstance(step, ShutWrite):
             channel.shut_write(step.flags)
         elif isinstance(step, Abort):
@@ -138,8 +158,8 @@ class Stepper:
     simulated guest) that plays several connections at once. ``advance`` does what is due and
     returns True once the plan is done."""
 
-    def __init__(self, steps: list[PlanStep], channel: Channel, answers: Answers, timing: Timing, idle: float,
-                 start: float) -> None:
+    def __init__(self, steps: list[PlanStep] | list[StoredStep], channel: Channel, answers: Answers, timing: Timing,
+                 idle: float, start: float) -> None:
         self.steps = steps
         self.channel = channel
         self.answers = answers
@@ -158,6 +178,8 @@ class Stepper:
                 return False
             if isinstance(step, Send):
                 self.channel.send(step.data, step.eor)
+            elif isinstance(step, SendStored):
+                send_stored(self.channel, step)
             elif isinstance(step, ShutWrite):
                 self.channel.shut_write(step.flags)
             elif isinstance(step, Abort):

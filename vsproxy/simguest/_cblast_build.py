@@ -4,7 +4,7 @@ fast path; the simulated guest runs without it (the Python driver).
 
 Test and benchmark code, kept out of vsproxy's hot module: the C lives in
 ``vsproxy/simguest/_c/`` (``cblast_cdef.h``, the declarations cffi reads; ``sg.h`` and
-``sg_ring.c``, the ring helpers; ``blast.c``, ``drain.c``) and takes the virtio names from
+``sg_ring.c``, the ring helpers; ``blast.c``, ``drain.c``, ``send.c``) and takes the virtio names from
 ``vsproxy/_c/virtio_vsock.h``.
 """
 
@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent  # where setup.py is
 C_DIR = HERE / "_c"
 SHARED_C_DIR = HERE.parent / "_c"  # virtio_vsock.h
-SOURCES = ["blast.c", "drain.c", "rtt.c", "lat.c", "sg_ring.c"]
+SOURCES = ["blast.c", "drain.c", "rtt.c", "send.c", "lat.c", "sg_ring.c"]
 # -Werror only where the C build is required (as vsproxy/_fastpath_build.py says why).
 CFLAGS = ["-O2", "-Wall", "-Wextra"] + (["-Werror"] if os.environ.get("VSPROXY_REQUIRE_C") == "1" else [])
 

@@ -21,7 +21,7 @@ from vsproxy._ext import load
 from vsproxy.vsock import header as vh
 
 from .errors import RingError, RingFull, SimGuestTimeout
-from .ring import SplitRing
+from .ring import DESC_SIZE, SplitRing
 
 if TYPE_CHECKING:
     from .driver import Conn, VsockDriver
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 ffi, lib = load("vsproxy.simguest._cblast")
 AVAILABLE = lib is not None
 
-SG_DONE, SG_RX, SG_TIMEOUT, SG_BAD, SG_HEADERS, SG_CREDIT = range(6)  # _c/cblast.h
+SG_DONE, SG_RX, SG_TIMEOUT, SG_BAD, SG_HEADERS, SG_CREDIT, SG_READ = range(7)  # _c/cblast.h
 RTT_PING, RTT_ECHO, RTT_CONNECT = range(3)  # sg_rtt's modes
 RTT_CHAINS = 8  # tx chains lent to one sg_rtt call
 MAX_HEADERS = 256
@@ -315,3 +315,108 @@ class CRtt(_CPath):
     def round_ns(self) -> list[int]:
         """Each finished round's nanoseconds (PING, CONNECT)."""
         return list(ffi.unpack(self.times, int(self.s.done)))
+
+
+class CSend(_CPath):
+    """The sender of recorded payload (``sg_send``): packets whose bytes lie in a file, read by C
+    straight into lent tx chains (guest replay of a capture). Each call lends C every free tx
+    slot as a header + payload chain; what C left posted goes back to the Python ring as in
+    flight (reclaimed there, as the Python sender's), the rest back to the free lists."""
+
+    def __init__(self, drv: VsockDriver) -> None:
+        super().__init__(drv, "sg_send_state *", [drv.rx.inflight, drv.tx.inflight])
+        n = len(drv.tx_slot_len)  # every tx slot, at most, is lent
+        self.tx_heads = ffi.new("uint16_t[]", n)
+        self.tx_off = ffi.new("uint32_t[]", n)
+        self.len_off = ffi.new("uint32_t[]", n)
+        self.tx_busy = ffi.new("uint8_t[]", n)
+        self.free_k = ffi.new("uint32_t[]", n)
+        self.slot_of = ffi.new("uint32_t[]", drv.tx.size)
+
+    def _lend_tx(self) -> list[tuple[int, int]]:
+        from .driver import TX_SLOT_HDR
+
+        drv = self.drv
+        tx, slots = drv.tx, drv.tx_free_slots
+        lent: list[tuple[int, int]] = []
+        while slots and len(lent) < len(self.tx_busy) and len(tx.free) >= (1 if tx.indirect else 2):
+            slot = slots.pop()
+            gpa = drv.tx_slot_gpa(slot)
+            head = tx.reserve_pair(gpa, gpa + TX_SLOT_HDR, vh.MAX_PKT_PAYLOAD)
+            # where the payload descriptor's length is: C writes each packet's there
+            if tx.indirect:
+                len_gpa = tx.indirect_table_gpa(head) + DESC_SIZE + 8
+            else:
+                len_gpa = tx.desc_gpa + tx._extra[head][0] * DESC_SIZE + 8
+            k = len(lent)
+            self.tx_heads[k], self.tx_busy[k], self.free_k[k] = head, 0, k
+            self.tx_off[k] = drv.mem.offset(gpa, TX_SLOT_HDR + vh.MAX_PKT_PAYLOAD)
+            self.len_off[k] = drv.mem.offset(len_gpa, 4)
+            self.slot_of[head] = k
+            lent.append((head, slot))
+        return lent
+
+    def _settle_tx(self, lent: list[tuple[int, int]], lens: list[int]) -> None:
+        """Chains still in flight go to the Python ring (their slot's length is the packet's:
+        ``lens[k]``); the others back to the free lists."""
+        drv, tx = self.drv, self.drv.tx
+        for k, (head, slot) in enumerate(lent):
+            if self.tx_busy[k]:
+                tx.posted_by_c(head, slot)
+                drv.tx_slot_len[slot] = lens[k]
+            else:
+                tx.unreserve(head)
+                drv.tx_free_slots.append(slot)
+
+    def run(self, conn: Conn, fd: int, offs: Any, lens: Any, flags: Any, start: int, part: int, npkts: int,
+            timeout_ms: int) -> tuple[int, int, int]:
+        """Send packets ``start`` .. ``npkts - 1`` of the arrays (cffi ``uint64_t[]`` offsets,
+        ``uint32_t[]`` lengths and flags), packet ``start`` from its byte ``part``; (return
+        code, the next packet to send, its bytes already sent)."""
+        drv, s = self.drv, self.s
+        rx, tx, fe = drv.rx, drv.tx, drv.fe
+        self._load(s.rx, rx, self._inflight[0], fe.kick_fds[rx.index], fe.call_fds[rx.index])
+        self._load(s.tx, tx, self._inflight[1], fe.kick_fds[tx.index], fe.call_fds[tx.index])
+        lent = self._lend_tx()
+        if not lent:
+            raise RingFull("no tx chain to lend the sender")
+        s.tx_heads, s.tx_off, s.len_off, s.tx_busy = self.tx_heads, self.tx_off, self.len_off, self.tx_busy
+        s.slot_of, s.free_k, s.ntx, s.nfree = self.slot_of, self.free_k, len(lent), len(lent)
+        s.event_idx = 1 if tx.event_idx else 0
+        s.rx_off = self.rx_off
+        s.guest_cid, s.peer_cid = drv.guest_cid, conn.peer_cid
+        s.local_port, s.peer_port, s.type = conn.local_port, conn.peer_port, conn.type
+        s.buf_alloc, s.tx_cnt, s.fwd_cnt = conn.buf_alloc, conn.tx_cnt, conn.fwd_cnt
+        s.peer_buf_alloc, s.peer_fwd_cnt = conn.peer_buf_alloc, conn.peer_fwd_cnt
+        s.fd, s.offs, s.lens, s.flags, s.npkts, s.sent, s.part = fd, offs, lens, flags, npkts, start, part
+        s.bytes = s.tx_done = s.kicks = s.interrupts = 0
+        s.headers, s.nheaders, s.max_headers = self.headers, 0, MAX_HEADERS
+        s.err = 0
+        s.timeout_ms = timeout_ms
+        self._wait_on(s)
+        rc = int(lib.sg_send(self.mem, s))
+        self._store(s.rx, rx)
+        self._store(s.tx, tx)
+        # each lent chain's packet length, for the chains C left in flight: read back from the
+        # header C wrote (its len field)
+        buf = drv.mem.buf
+        in_flight = [int.from_bytes(buf[self.tx_off[k] + 24 : self.tx_off[k] + 28], "little") if self.tx_busy[k]
+                     else 0 for k in range(len(lent))]
+        self._settle_tx(lent, in_flight)
+        conn.tx_cnt = s.tx_cnt
+        conn.last_fwd_cnt = conn.fwd_cnt  # every header C wrote advertised it
+        conn.peer_buf_alloc, conn.peer_fwd_cnt = s.peer_buf_alloc, s.peer_fwd_cnt
+        st = drv.stats
+        st.tx_packets += s.tx_done
+        st.tx_bytes += s.bytes - sum(in_flight)
+        st.kicks += s.kicks
+        st.interrupts += s.interrupts
+        st.rx_packets += s.nheaders
+        self._record(s.nheaders, False)
+        if rc == SG_RX:
+            self.handed_back += 1
+        return rc, int(s.sent), int(s.part)
+
+    @property
+    def read_errno(self) -> int:
+        return int(self.s.err)

@@ -7,6 +7,7 @@ SHUTDOWN then RST on close, u32 ports above 2^31) have to be the real ones.
 
 from __future__ import annotations
 
+import os
 import random
 import select
 import time
@@ -148,6 +149,7 @@ class VsockDriver:
         self.use_c_blast = True  # blast through the C sender when it was built (cblast.py)
         self._cblast: cblast.CBlast | None = None
         self._cdrain: cblast.CDrain | None = None
+        self._csend: cblast.CSend | None = None
         self.conns: dict[tuple[int, int, int, int], Conn] = {}
         self.listeners: dict[tuple[int, int], Listener] = {}
         self._next_port = LAST_RESERVED_PORT + 1 + random.randrange(U32 - LAST_RESERVED_PORT)
@@ -548,6 +550,9 @@ class VsockDriver:
         if self._cdrain is not None:
             self._cdrain.close()
             self._cdrain = None
+        if self._csend is not None:
+            self._csend.close()
+            self._csend = None
 
     def _blast_wait_credit(self, conn: Conn, plen: int, sent: int) -> None:
         if self.credit_request:
@@ -607,6 +612,51 @@ class VsockDriver:
             elif rc == cblast.SG_RX:
                 self.poll(0)  # the Python driver takes the entry C would not (conn.sink counts RW)
             self._reclaim_tx()
+
+    # -- recorded payload from a file (cblast.CSend) ---------------------------------------------------
+
+    def can_send_stored(self, conn: Conn, largest: int) -> bool:
+        """``send_stored`` may run for packets of at most ``largest`` bytes: the C sender is
+        there, and nothing it does not do is asked of it (CREDIT_REQUESTs)."""
+        return (self._c_ready() and 0 < largest <= MAX_PAYLOAD and conn.state == State.ESTABLISHED
+                and not self.credit_request)
+
+    def send_stored(self, conn: Conn, fd: int, offs: object, lens: object, flags: object, npkts: int) -> None:
+        """Send ``npkts`` RW packets whose payloads C reads from ``fd`` (cffi arrays: offsets,
+        lengths, RW flags), each as one packet (cut, as Linux does, when the peer's credit does
+        not hold it), in order (see ``can_send_stored``). Raises ``BrokenPipeError`` when the connection closes first,
+        ``OSError`` when the file cannot be read, ``SimGuestTimeout`` without progress."""
+        if self._csend is None:
+            self._csend = cblast.CSend(self)
+        c = self._csend
+        sent = part = 0
+        deadline = time.monotonic() + self.timeout
+        while sent < npkts:
+            if conn.state != State.ESTABLISHED or conn.local_shutdown & vh.SHUTDOWN_SEND:
+                raise BrokenPipeError(f"connection {conn.key} is not open for sending")
+            # C takes back only the chains it lent in this call: Python's in flight go first
+            if self.tx.n_inflight and self.tx.event_idx:
+                self.tx.set_used_event(self.tx.last_used)
+            self.deadline_wait(lambda: self.tx.n_inflight == 0, None, "waiting for tx to drain before sending")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise SimGuestTimeout(f"timed out after {self.timeout}s sending after {sent} of {npkts} packets")
+            rc, now, now_part = c.run(conn, fd, offs, lens, flags, sent, part, npkts, max(1, int(left * 1000)))
+            if (now, now_part) != (sent, part):
+                deadline = time.monotonic() + self.timeout  # progress: a fresh timeout
+            sent, part = now, now_part
+            if rc == cblast.SG_DONE:
+                return
+            if rc == cblast.SG_TIMEOUT:
+                raise SimGuestTimeout(f"timed out after {self.timeout}s waiting for credit or tx buffers "
+                                      f"after {sent} of {npkts} packets")
+            if rc == cblast.SG_BAD:
+                raise SimGuestError(f"queue {self.tx.index}: a used entry names a chain C did not post")
+            if rc == cblast.SG_READ:
+                err = c.read_errno
+                raise OSError(err, os.strerror(err) if err else f"the file ended inside packet {sent}")
+            if rc == cblast.SG_RX:
+                self.poll(0)  # the Python driver takes the entry C would not, then C goes on
 
     # -- request/response in C (cblast.CRtt) ---------------------------------------------------------
 

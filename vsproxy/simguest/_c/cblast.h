@@ -10,7 +10,7 @@
 #include "cblast_cdef.h"
 
 /* what sg_blast and sg_drain return (cblast.py: SG_*) */
-enum { SG_DONE = 0, SG_RX = 1, SG_TIMEOUT = 2, SG_BAD = 3, SG_HEADERS = 4, SG_CREDIT = 5 };
+enum { SG_DONE = 0, SG_RX = 1, SG_TIMEOUT = 2, SG_BAD = 3, SG_HEADERS = 4, SG_CREDIT = 5, SG_READ = 6 };
 /* sg_rtt's modes (cblast.py: RTT_*) */
 enum { RTT_PING = 0, RTT_ECHO = 1, RTT_CONNECT = 2 };
 

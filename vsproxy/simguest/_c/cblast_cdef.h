@@ -85,6 +85,43 @@ typedef struct {
 
 int sg_rtt(uint8_t *mem, sg_rtt_state *s);
 
+/* The sender of recorded payload (send.c, guest replay): npkts packets, each lens[i] bytes read
+   from fd at offs[i] into a lent tx chain (the header at tx_off[k], the payload 64 bytes after
+   it, the payload descriptor's length at len_off[k]; slot_of maps a head to its k; free_k the
+   lent chains not in flight, a stack) and sent as RW with flags[i], within the peer's credit.
+   A packet the credit does not hold is sent in parts (part: its bytes sent so far, kept across
+   calls). SG_READ: a read failed (err: its errno, 0 for a short read). */
+typedef struct {
+    sg_ring rx, tx;
+    int event_idx;
+    const uint32_t *rx_off;
+    const uint16_t *tx_heads;
+    const uint32_t *tx_off;
+    const uint32_t *len_off;
+    uint8_t *tx_busy;
+    const uint32_t *slot_of;
+    uint32_t *free_k;
+    uint32_t ntx, nfree;
+    uint64_t guest_cid, peer_cid;
+    uint32_t local_port, peer_port, type;
+    uint32_t buf_alloc, tx_cnt, peer_buf_alloc, peer_fwd_cnt, fwd_cnt;
+    int fd;
+    const uint64_t *offs;
+    const uint32_t *lens;
+    const uint32_t *flags;
+    uint64_t npkts, sent, bytes, tx_done;
+    uint32_t part;
+    uint64_t kicks, interrupts;
+    uint8_t *headers;
+    uint32_t nheaders, max_headers;
+    int err;
+    int timeout_ms;
+    int wait_fds[16];
+    uint32_t nwait;
+} sg_send_state;
+
+int sg_send(uint8_t *mem, sg_send_state *s);
+
 /* Host-side latency tools (lat.c), each a blocking C loop on one socket, for the benchmark's
    floors and host ends; they return 0 or an errno. lat_ping: n rounds of `size` bytes out and
    back, each round's ns in times. lat_echo / lat_relay: answer (or pass on both ways) n
