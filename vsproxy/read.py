@@ -380,6 +380,8 @@ class Follow:
       none), then for bytes their size, SEQPACKET marks (``EOM``, ``EOR``; ``(no EOM)``: the
       capture ended inside the message) and the application messages that end there, the bytes
       below (escaped text, or ``--hex``); ``SHUTDOWN`` with its flags and who stops what; ``RST``;
+    - where the capture lost bytes (a peer's ``fwd_cnt`` acknowledged more than the capture
+      holds; capture drops), a line that says how many, at the packet that showed it;
     - at the end, for each connection the capture did not hold whole (not closed, bytes lost,
       cut inside a message), its header again with what is missing; with ``all``, the packets of
       connections nothing else of is in the capture.
@@ -400,6 +402,7 @@ class Follow:
         self.data = 0  # data steps printed (what -c counts)
         self._shown: Conversation | None = None
         self._seen: set[int] = set()  # conversations whose header has been printed
+        self._lost: dict[int, int] = {}  # conversation id -> bytes lost said so far
 
     def run(self, decoder: Decoder, recs: Iterable[Record]) -> None:
         builder = self.builder
@@ -411,6 +414,9 @@ class Follow:
             builder.feed(d)
             if self._print(builder.drain()):
                 return
+            if conn is not None and d.view.hdr is not None:
+                h = d.view.hdr
+                self._gap(builder.conversation(conn.id), (h.src_cid, h.src_port) == conn.client)
             if builder.full:  # bytes not printed yet: a message still being cut, connections not selected yet
                 raise CaptureError(f"more than {builder.max_bytes} bytes of payload not printed yet: stopped here")
         self.end()
@@ -435,17 +441,30 @@ class Follow:
                   "in the capture)\n")
             self.printed += 1
 
+    def _gap(self, conv: Conversation | None, by_client: bool) -> None:
+        """Say where a selected conversation turned out to lack bytes (``Conversation.lost`` grew at
+        a packet from the client, ``by_client``, or the server: the other side's bytes are lost)."""
+        if conv is None or not conv.selected or conv.lost <= self._lost.get(conv.id, 0):
+            return
+        before, self._lost[conv.id] = self._lost.get(conv.id, 0), conv.lost
+        self._header(conv)
+        self.out.write(gap_head(conv, not by_client, conv.lost - before) + "\n")
+        self.printed += 1
+
+    def _header(self, conv: Conversation) -> None:
+        if conv is not self._shown:
+            self._shown = conv
+            self.out.write(f"=== {conv.title()} ===\n")
+            if conv.id not in self._seen:
+                self._seen.add(conv.id)
+                self.out.write("".join(f"    {line}\n" for line in start_notes(conv)))
+
     def _print(self, made: list[Made]) -> bool:
         """Print steps; True once ``count`` data steps are printed."""
         write = self.out.write
         for m in made:
             conv = m.conv
-            if conv is not self._shown:
-                self._shown = conv
-                write(f"=== {conv.title()} ===\n")
-                if conv.id not in self._seen:
-                    self._seen.add(conv.id)
-                    write("".join(f"    {line}\n" for line in start_notes(conv)))
+            self._header(conv)
             write(step_text(conv, m.step, self.as_hex))
             self.printed += 1
             if isinstance(m.step, Data):
@@ -498,6 +517,15 @@ def step_head(conv: Conversation, step: Step, brackets: bool = False) -> str:
     if isinstance(step, Shutdown):
         return f"{arrow} {src} -> {dst} SHUTDOWN {step.flag_names} (the {src} {_STOPS[step.flags]})"
     return f"{arrow} {src} -> {dst} RST"
+
+
+def gap_head(conv: Conversation, from_client: bool, lost: int) -> str:
+    """``!!! host -> guest 194 bytes missing (the guest acknowledged them; the capture lost them)``:
+    where a conversation turned out to lack bytes a side sent, how many more than it was known
+    to lack."""
+    src, dst = who(conv, from_client)
+    n = f"{lost} byte{'' if lost == 1 else 's'}"
+    return f"!!! {src} -> {dst} {n} missing (the {dst} acknowledged them; the capture lost them)"
 
 
 def step_text(conv: Conversation, step: Step, as_hex: bool = False) -> str:

@@ -344,6 +344,11 @@ class TranscriptBuilder:
             if conv.outcome is Outcome.PENDING:
                 conv.outcome = Outcome.DENIED if conv.verdict is Verdict.DENIED else Outcome.REFUSED
 
+    def conversation(self, conv_id: int) -> Conversation | None:
+        """Connection ``conv_id``'s conversation so far (a live view watches its ``lost`` grow)."""
+        live = self._live.get(conv_id)
+        return live.conv if live is not None else None
+
     def pending(self, conv_id: int) -> list[Data]:
         """What connection ``conv_id`` has sent that is not a step yet (a message still arriving,
         bytes a dissector has no message for so far), as provisional steps: a live view (the

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from rich.text import Text
 
 from vsproxy.capture.reader import CaptureError
 from vsproxy.decode import Decoder
-from vsproxy.read import escaped, hexdump, start_notes, step_head
+from vsproxy.read import escaped, gap_head, hexdump, start_notes, step_head
 from vsproxy.replay.transcript import Conversation, Data, Reset, Step, TranscriptBuilder
 from vsproxy.tui import styles
 from vsproxy.tui.model import Store
@@ -29,12 +30,19 @@ _NOT_CLOSED = "not closed when the capture ended"
 _STARTED_BEFORE = "started before the capture"  # said by start_notes
 
 
+class Gap(NamedTuple):
+    """Bytes the capture lost, where a peer's ``fwd_cnt`` showed it (``vsproxy read``'s ``!!!`` line)."""
+
+    from_client: bool  # sent by the client (the peer that acknowledged them is the server)
+    lost: int
+
+
 @dataclass(slots=True)
 class Followed:
     """One connection's transcript, with the store's packets each step came in."""
 
     conv: Conversation | None  # None: no packet of it is held
-    steps: list[tuple[Step, int, int]] = field(default_factory=list)  # step, its first and last packet index
+    steps: list[tuple[Step | Gap, int, int]] = field(default_factory=list)  # its first and last packet index
     arriving: list[Data] = field(default_factory=list)  # live: bytes not a whole step yet
     problems: list[str] = field(default_factory=list)  # what the capture lacks (beyond its start)
 
@@ -48,10 +56,17 @@ def followed(store: Store, cid: int, ended: bool = True) -> Followed:
     decoder = Decoder()
     builder = TranscriptBuilder(stream=True)
     out = Followed(None)
+    lost = 0
     try:
         for j in idx:
-            builder.feed(decoder.decode(store.record(j)))
+            d = decoder.decode(store.record(j))
+            builder.feed(d)
             out.steps += [(m.step, idx[m.first], idx[m.last]) for m in builder.drain()]
+            conv = builder.conversation(d.conn.id) if d.conn is not None else None
+            if conv is not None and conv.lost > lost and d.view.hdr is not None:
+                h = d.view.hdr  # its sender acknowledged bytes of the other side's the capture lacks
+                out.steps.append((Gap((h.src_cid, h.src_port) != conv.client, conv.lost - lost), j, j))
+                lost = conv.lost
     except (CaptureError, IndexError):  # a bad frame, or a packet the ring let go meanwhile: what came before
         pass
     convs = builder.transcript.conversations
@@ -91,7 +106,11 @@ def render(f: Followed, as_hex: bool, drops: int = 0) -> Text:
     return out
 
 
-def _step(out: Text, conv: Conversation, step: Step, where: str, as_hex: bool) -> None:
+def _step(out: Text, conv: Conversation, step: Step | Gap, where: str, as_hex: bool) -> None:
+    if isinstance(step, Gap):
+        arrow, _, rest = gap_head(conv, step.from_client, step.lost).partition(" ")
+        out.append(f"{arrow} {where} {rest}\n", style=styles.DROPS)
+        return
     from_guest = None if conv.guest_is_client is None else step.from_client == conv.guest_is_client
     style = styles.direction_style(from_guest, step.from_client)
     arrow, _, rest = step_head(conv, step, brackets=True).partition(" ")
@@ -114,4 +133,4 @@ def text_of(f: Followed, as_hex: bool = False) -> str:
     return render(f, as_hex).plain
 
 
-__all__: Sequence[str] = ("Followed", "followed", "render", "text_of")
+__all__: Sequence[str] = ("Followed", "Gap", "followed", "render", "text_of")
