@@ -1,0 +1,282 @@
+"""One transcript model behind `vsproxy read --follow`, the TUI's follow view and `vsproxy replay
+show`: on the captures in captures/ (HTTP, SEQPACKET, the Nitro heartbeat, a denial, a refusal in
+classic pcap) and on edits of them (a capture that starts mid-connection, one that lost a
+packet, one that ends early, one that ends inside a SEQPACKET exchange), each of the three
+outputs is read back into the same per-connection steps (who sent what, sizes, SEQPACKET marks,
+application messages, bytes, half-closes with their flags, resets), the same titles and the
+same account of what the capture lacks, and they must equal what the transcript API says."""
+
+from __future__ import annotations
+
+import codecs
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+from capture_edit import read as read_packets
+from capture_edit import write
+from tui_helpers import plist, source_app, static_text, sync, until
+
+from vsproxy.read import MAX_SUMMARIES
+from vsproxy.replay.transcript import Conversation, Data, Reset, Shutdown, Transcript, load_transcript
+from vsproxy.tui import follow
+from vsproxy.tui.sources import FileSource
+from vsproxy.vsock import header as H
+
+ROOT = Path(__file__).resolve().parent.parent
+CAPTURES = ROOT / "captures"
+
+
+class Step(NamedTuple):
+    """A step as every output can say it."""
+
+    from_client: bool
+    what: str  # "data", "SHUTDOWN RCV|SEND", "RST"
+    size: int = 0
+    marks: str = ""  # SEQPACKET: "EOM EOR", "EOM", "(no EOM)"
+    app: str = ""  # the application messages' summaries, "; "-joined
+    data: bytes = b""
+
+
+class Conv(NamedTuple):
+    title: str
+    steps: list[Step]
+    lacks: set[str]  # what the capture lacks, as the problems say it (its start aside)
+    lost: int  # bytes the gap lines say are missing
+
+
+# --- the captures ---------------------------------------------------------------------------------
+
+
+def edits(tmp: Path) -> dict[str, Path]:
+    http = read_packets(CAPTURES / "http-over-vsock.pcapng")
+    seq = read_packets(CAPTURES / "seqpacket.pcapng")
+    return {
+        # the REQUEST and RESPONSE are not in it: who connected is the first sender's guess
+        "mid": write(tmp / "mid.pcapng", http[2:]),
+        # the host's 194-byte answer was lost (a capture drop): the guest's fwd_cnt says so
+        "drops": write(tmp / "drops.pcapng", [p for p in http if not (p[1].op == H.Op.RW and len(p[2]) == 194)]),
+        "early": write(tmp / "early.pcapng", http[:5]),  # ends before the connection closed
+        "seqcut": write(tmp / "seqcut.pcapng", seq[:4]),
+    }
+
+
+@pytest.fixture(scope="module")
+def captures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    committed = {p.stem: p for p in CAPTURES.glob("*.pcap*")}
+    assert {"http-over-vsock", "seqpacket", "nitro-heartbeat", "sibling-denied",
+            "kernel-vsockmon-loopback"} <= set(committed)
+    return committed | edits(tmp_path_factory.mktemp("follow"))
+
+
+# --- each output read back ---------------------------------------------------------------------------
+
+
+def from_transcript(t: Transcript) -> list[Conv]:
+    out = []
+    for c in t.conversations:
+        steps = []
+        for s in c.steps:
+            if isinstance(s, Data):
+                marks = ""
+                if c.type_name == "SEQPACKET":
+                    marks = " ".join(["EOM" if s.eom else "(no EOM)"] + (["EOR"] if s.eor else []))
+                steps.append(Step(s.from_client, "data", len(s.data), marks, "; ".join(s.app), s.data))
+            elif isinstance(s, Shutdown):
+                steps.append(Step(s.from_client, f"SHUTDOWN {s.flag_names}"))
+            else:
+                assert isinstance(s, Reset)
+                steps.append(Step(s.from_client, "RST"))
+        out.append(Conv(f"=== {c.title()} ===", steps, lacks(c), c.lost))
+    return out
+
+
+def lacks(c: Conversation) -> set[str]:
+    return {p for p in c.problems() if p != "started before the capture"}
+
+
+_HEAD = re.compile(r"(>>>|<<<) (?:#\d+(?:-#\d+)? |so far )?(?:\w+ -> \w+ )(.*)")
+_DATA = re.compile(r"(\d+) bytes?((?: EOM| \(no EOM\))?(?: EOR)?)(?:  (.*))?")
+_GAP = re.compile(r"!!! (?:#\d+ )?\w+ -> \w+ (\d+) bytes? missing ")
+
+
+def parse(text: str, *, tui: bool) -> list[Conv]:
+    """`vsproxy read --follow` output, or the TUI follow view's text (``tui``: packet numbers
+    after the arrow, [EOM] marks, ⮑ lines for the application messages, message-end rules), as
+    conversations in order of first appearance (a header printed again adds to the same one)."""
+    convs: dict[str, Conv] = {}
+    cur: Conv | None = None
+    body: list[str] = []
+    in_notes = False
+
+    def close() -> None:
+        if cur is not None and body and cur.steps:
+            last = cur.steps.pop()
+            cur.steps.append(last._replace(data=codecs.escape_decode("".join(body).encode())[0]))
+        body.clear()
+
+    for line in text.splitlines():
+        if line.startswith("=== "):
+            close()
+            cur = convs.setdefault(line, Conv(line, [], set(), 0))
+            in_notes = True
+            continue
+        assert cur is not None, line
+        if in_notes and line.startswith("    ("):
+            note = line[5:-1]
+            if not note.startswith("started before the capture"):
+                cur.lacks.add(note)
+            continue
+        if in_notes and line.startswith("    ["):
+            continue  # the verdict comment: compared through the title's outcome
+        in_notes = False
+        m = _HEAD.fullmatch(line)
+        g = _GAP.match(line)
+        if m is not None:
+            close()
+            arrow, rest = m.groups()
+            d = _DATA.fullmatch(rest.replace("[EOM]", "EOM").replace("[EOR]", "EOR"))
+            if d is not None:
+                cur.steps.append(Step(arrow == ">>>", "data", int(d.group(1)), d.group(2).strip(), d.group(3) or ""))
+            else:
+                what = re.sub(r" \(the \w+ [a-z ]+\)$", "", rest)
+                cur.steps.append(Step(arrow == ">>>", what))
+        elif g is not None:
+            close()
+            convs[cur.title] = cur = cur._replace(lost=cur.lost + int(g.group(1)))
+        elif tui and line.startswith("    ⮑ "):
+            last = cur.steps.pop()
+            app = line[len("    ⮑ "):]
+            cur.steps.append(last._replace(app=f"{last.app}; {app}" if last.app else app))
+        elif tui and line.endswith(" message end"):
+            continue
+        else:
+            body.append(line)
+    close()
+    return list(convs.values())
+
+
+def read_follow(path: Path, *args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "vsproxy", "read", "--follow", "all", str(path), *args],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert (r.returncode, r.stderr) == (0, "")
+    return r.stdout
+
+
+def tui_views(path: Path) -> str:
+    """The follow view of each connection the TUI's store holds, as its text, one after another."""
+    src = FileSource([str(path)])
+    src.start()
+    try:
+        src.join(10)
+        assert src.done and src.error is None
+        return "".join(follow.text_of(follow.followed(src.store, cid)) for cid in sorted(src.store.conns))
+    finally:
+        src.close()
+
+
+def replay_show(path: Path) -> list[tuple[str, list[tuple[bool, str]]]]:
+    """`vsproxy replay show --data`: each title and its steps' (direction, what) with the time cut."""
+    r = subprocess.run([sys.executable, "-m", "vsproxy", "replay", "show", "--data", str(path)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    out: list[tuple[str, list[tuple[bool, str]]]] = []
+    for line in r.stdout.splitlines():
+        if line.startswith("=== "):
+            out.append((line, []))
+        elif line.startswith((">>> ", "<<< ")):
+            arrow, _, rest = line.split(" ", 2)
+            out[-1][1].append((arrow == ">>>", rest))
+    return out
+
+
+def show_lines(conv: Conv) -> list[tuple[bool, str]]:
+    """What `replay show` prints for these steps (its own rendering, checked against the model)."""
+    out = []
+    for s in conv.steps:
+        if s.what == "data":
+            marks = f" {s.marks}" if s.marks else ""
+            out.append((s.from_client, f"{s.size} byte{'' if s.size == 1 else 's'}{marks}{'  ' + s.app if s.app else ''}"))
+        else:
+            out.append((s.from_client, s.what))
+    return out
+
+
+# --- the tests -----------------------------------------------------------------------------------------
+
+NAMES = ["http-over-vsock", "seqpacket", "nitro-heartbeat", "sibling-denied", "kernel-vsockmon-loopback",
+         "mid", "drops", "early", "seqcut"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_read_follow_the_tui_follow_view_and_replay_show_agree_with_the_transcript(
+        name: str, captures: dict[str, Path]) -> None:
+    path = captures[name]
+    model = from_transcript(load_transcript(str(path)))
+    assert model and all(len(max((s.app.split("; ") for s in c.steps), key=len, default=[])) <= MAX_SUMMARIES
+                         for c in model)  # read cuts longer lists: these captures do not need it
+    assert parse(read_follow(path), tui=False) == model
+    assert parse(tui_views(path), tui=True) == model
+    shown = replay_show(path)
+    assert [title for title, _ in shown] == [c.title for c in model]
+    assert [steps for _, steps in shown] == [[(fc, re.sub(r"^\+[\d.]+s ", "", w)) for fc, w in show_lines(c)]
+                                              for c in model]
+
+
+def test_each_edited_capture_says_what_it_lacks_in_every_view(captures: dict[str, Path]) -> None:
+    """The edits are what they claim (so the agreement above covers each kind of incomplete capture)."""
+    mid, drops, early, seqcut = (load_transcript(str(captures[n])) for n in ("mid", "drops", "early", "seqcut"))
+    assert mid.started_mid and "[mid-stream]" in read_follow(captures["mid"])
+    assert "(started before the capture: who connected is a guess)" in read_follow(captures["mid"])
+    assert drops.lost == 194 and (
+        "!!! host -> guest 194 bytes missing (the guest acknowledged them; the capture lost them)"
+        in read_follow(captures["drops"]).splitlines())
+    assert "!!! #6 host -> guest 194 bytes missing" in tui_views(captures["drops"])
+    assert early.ended_early and read_follow(captures["early"]).endswith(
+        "=== #1 app 5:2157979543 > 2:8080 STREAM http ===\n    (not closed when the capture ended)\n")
+    assert seqcut.ended_early and "    (not closed when the capture ended)" in tui_views(captures["seqcut"])
+
+
+def test_a_filter_shows_whole_connections_a_packet_of_which_it_matches(captures: dict[str, Path]) -> None:
+    """With a filter, `--follow all` shows the connections `replay show --filter` shows, whole,
+    even when the matching packet comes after their first steps (they wait for it)."""
+    path = captures["sibling-denied"]
+    t = load_transcript(str(path), "op == shutdown and device == vault")
+    picked = [c for c in from_transcript(t) if c.title.startswith("=== #3 ")]
+    assert parse(read_follow(path, "op == shutdown and device == vault"), tui=False) == picked
+
+
+@sync
+async def test_the_follow_screen_of_a_capture_with_drops_shows_where_bytes_are_missing(
+        captures: dict[str, Path]) -> None:
+    src = FileSource([str(captures["drops"])])
+    src.start()
+    src.join(10)
+    app = source_app(src)
+    async with app.run_test(size=(110, 40)) as pilot:
+        plist(app).move_to(2)
+        await pilot.press("f")
+        await until(pilot, lambda: app.current_mode == "follow", what="the follow screen")
+        text = static_text(app, "#stream")
+        assert "    (194 bytes missing from the capture)" in text
+        assert "!!! #6 host -> guest 194 bytes missing (the guest acknowledged them; the capture lost them)" in text
+        assert "<<< #8 host -> guest RST" in text
+
+
+@sync
+async def test_the_follow_screen_of_a_denied_connection_names_the_rule() -> None:
+    src = FileSource([str(CAPTURES / "sibling-denied.pcapng")])
+    src.start()
+    src.join(10)
+    app = source_app(src)
+    async with app.run_test(size=(110, 40)) as pilot:
+        plist(app).move_to(0)
+        await pilot.press("f")
+        await until(pilot, lambda: app.current_mode == "follow", what="the follow screen")
+        text = static_text(app, "#stream")
+        assert text.startswith("=== #1 app 5:2400453637 > 6:5002 STREAM [denied] ===\n"
+                               "    [denied by not in app's outbound allowlist; vsproxy answers RST]\n")
+        assert "<<< #2 host -> guest RST" in text
