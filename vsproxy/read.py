@@ -35,7 +35,7 @@ from typing import IO, Any, Final
 from dissectors.app import PluginError, load_plugins
 from dissectors.streams import Selector, SelectorError, as_selector
 from vsproxy.capture.reader import CaptureError, Record, as_json, printable, records, summary_line
-from vsproxy.decode import Decoded, Decoder, follow_selector, open_capture
+from vsproxy.decode import RECENT_CONNECTIONS, Decoded, Decoder, follow_selector, open_capture
 from vsproxy.filter import Filter, FilterError, compile_filter
 from vsproxy.replay.transcript import Conversation, Data, Made, Shutdown, Step, TranscriptBuilder
 from vsproxy.vsock import header as H
@@ -386,14 +386,17 @@ class Follow:
       cut inside a message), its header again with what is missing; with ``all``, the packets of
       connections nothing else of is in the capture.
 
-    A connection is shown when ``select`` picks it and a packet of it matches the filter. The
-    capture is read to its end even for one connection id: its last packets (the second RST, a
-    credit update) can come after it closed, and they are part of its transcript."""
+    A connection is shown when ``select`` picks it and a packet of it matches the filter; only the
+    packets of connections ``select`` picks go into the transcript. Following one connection id,
+    reading stops once no later packet can join it: its last packets (the second RST, a credit
+    update) can come after it closed, so not then, but once the decoder has forgotten it
+    (``RECENT_CONNECTIONS`` connections ended after it), or at the end of the capture."""
 
     def __init__(self, out: IO[str], select: Selector | int, as_hex: bool = False, count: int | None = None,
                  *, every: bool = False) -> None:
         self.out = out
         self.select = as_selector(select)
+        self.only = select if isinstance(select, int) else None
         self.every = every  # ``all``: say so for packets of no connection too
         self.as_hex = as_hex
         self.count = count
@@ -407,16 +410,27 @@ class Follow:
     def run(self, decoder: Decoder, recs: Iterable[Record]) -> None:
         builder = self.builder
         select = self.select
+        ended_after: int | None = None  # following one id: connections ended since it closed
         for rec in recs:
             d = decoder.decode(rec)
             conn = d.conn
-            d.matched = d.matched and conn is not None and select(conn)
+            if ended_after is not None:
+                ended_after += len(decoder.tracker.closed)
+                if ended_after >= RECENT_CONNECTIONS:
+                    break
+            if conn is None or not select(conn):
+                if conn is None and self.every:
+                    builder.feed(d)  # counted: packets of connections the capture lacks the start and data of
+                continue
             builder.feed(d)
             if self._print(builder.drain()):
                 return
             if conn is not None and d.view.hdr is not None:
                 h = d.view.hdr
-                self._gap(builder.conversation(conn.id), (h.src_cid, h.src_port) == conn.client)
+                conv = builder.conversation(conn.id)
+                self._gap(conv, (h.src_cid, h.src_port) == conn.client)
+                if self.only == conn.id and ended_after is None and conv is not None and conv.closed:
+                    ended_after = -len(decoder.tracker.closed)  # not itself
             if builder.full:  # bytes not printed yet: a message still being cut, connections not selected yet
                 raise CaptureError(f"more than {builder.max_bytes} bytes of payload not printed yet: stopped here")
         self.end()
@@ -437,8 +451,8 @@ class Follow:
                 write(f"=== {conv.title()} ===\n" + "".join(f"    ({p})\n" for p in lacks))
                 self.printed += 1
         if self.every and t.orphans:
-            write(f"=== the capture ===\n    ({t.orphans} packets of connections whose start and data are not "
-                  "in the capture)\n")
+            n = f"{t.orphans} packet{'' if t.orphans == 1 else 's'}"
+            write(f"=== the capture ===\n    ({n} of connections whose start and data are not in the capture)\n")
             self.printed += 1
 
     def _gap(self, conv: Conversation | None, by_client: bool) -> None:

@@ -33,6 +33,7 @@ that prints steps as they come (``vsproxy read --follow``) holds only what is no
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -40,7 +41,7 @@ from typing import Final, NamedTuple
 
 from dissectors.streams import DETECT_BYTES
 from vsproxy.capture.reader import CaptureError, Record, printable
-from vsproxy.decode import Decoded, Decoder, read_captures
+from vsproxy.decode import RECENT_CONNECTIONS, Decoded, Decoder, read_captures
 from vsproxy.verdict import Verdict, verdict_of
 from vsproxy.vsock import header as H
 
@@ -268,9 +269,13 @@ class TranscriptBuilder:
     ``stream=True``: ``drain`` hands out the steps made since it was last called, and a step handed
     out leaves its conversation's ``steps`` (and ``held``), so memory is what is not handed out
     yet; the steps of a conversation not ``selected`` yet wait for it to be, and are let go when
-    it ends unselected."""
+    it ends unselected. Conversations that closed are let go too, once ``recent`` newer ones
+    have closed (past the decoder's own memory of ended connections, no packet can join them),
+    except those the capture does not hold whole: ``transcript.conversations`` keeps the open
+    ones and those, so the count of connections in a capture does not bound memory either."""
 
-    def __init__(self, max_bytes: int = MAX_BYTES, *, stream: bool = False) -> None:
+    def __init__(self, max_bytes: int = MAX_BYTES, *, stream: bool = False,
+                 recent: int = 2 * RECENT_CONNECTIONS) -> None:
         self.transcript = Transcript()
         self._live: dict[int, _Live] = {}  # by connection id; kept to the end (steps are the point)
         self.max_bytes = max_bytes
@@ -281,6 +286,9 @@ class TranscriptBuilder:
         # (the step is that conversation's next one not handed out)
         self._made: list[_Live] = []
         self._newly: list[_Live] = []  # selected since the last drain, with steps made before
+        self._ended: OrderedDict[int, _Live] = OrderedDict()  # streaming: closed, by id, oldest first
+        self._recent = max(1, recent)
+        self._forgotten = 0  # let go of since ``transcript.conversations`` was last compacted
 
     def feed(self, d: Decoded) -> None:
         if self.full:
@@ -343,6 +351,10 @@ class TranscriptBuilder:
             conv.closed = True
             if conv.outcome is Outcome.PENDING:
                 conv.outcome = Outcome.DENIED if conv.verdict is Verdict.DENIED else Outcome.REFUSED
+        if self.stream and conv.closed and conv.id not in self._ended:
+            self._ended[conv.id] = live
+            if len(self._ended) > self._recent:
+                self._forget(self._ended.popitem(last=False)[1])
 
     def conversation(self, conv_id: int) -> Conversation | None:
         """Connection ``conv_id``'s conversation so far (a live view watches its ``lost`` grow)."""
@@ -366,6 +378,8 @@ class TranscriptBuilder:
         """Streaming (``stream=True``): the steps made since the last call, in the order they were
         made, of the conversations selected so far (a conversation selected late hands out the
         steps it made before first). They leave the transcript. Empty when not streaming."""
+        if not self._made and not self._newly:  # most packets make no step
+            return []
         out: list[Made] = []
         given: dict[int, int] = {}  # conversation id -> its steps handed out by this call
         touched: dict[int, _Live] = {}
@@ -389,6 +403,21 @@ class TranscriptBuilder:
             elif live.conv.closed:  # ended unselected: nobody will ask for its steps
                 self._release(live, len(live.spans))
         return out
+
+    def _forget(self, live: _Live) -> None:
+        """Let go of a conversation that closed long ago (streaming): of its steps, whatever has
+        not been handed out (nobody will); it stays in the transcript if the capture lacks part of
+        it (for the end's account)."""
+        if self._live.get(live.conv.id) is live:
+            del self._live[live.conv.id]
+        self._release(live, len(live.spans))
+        self._forgotten += 1
+        convs = self.transcript.conversations
+        if self._forgotten > max(1024, len(convs) // 2):  # compact now and then: O(1) a conversation
+            self._forgotten = 0
+            kept = self._live
+            convs[:] = [c for c in convs if ((x := kept.get(c.id)) is not None and x.conv is c) or c.lost or c.cut
+                        or not c.seen_start]
 
     def _release(self, live: _Live, n: int) -> None:
         steps = live.conv.steps
