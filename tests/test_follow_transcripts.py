@@ -9,6 +9,7 @@ same account of what the capture lacks, and they must equal what the transcript 
 from __future__ import annotations
 
 import codecs
+import io
 import re
 import subprocess
 import sys
@@ -20,8 +21,21 @@ from capture_edit import read as read_packets
 from capture_edit import write
 from tui_helpers import plist, source_app, static_text, sync, until
 
+from vsproxy.capture import format as fmt
+from vsproxy.capture.reader import Record, records
+from vsproxy.decode import Decoder
 from vsproxy.read import MAX_SUMMARIES
-from vsproxy.replay.transcript import Conversation, Data, Reset, Shutdown, Transcript, load_transcript
+from vsproxy.replay.transcript import (
+    Conversation,
+    Data,
+    Made,
+    Reset,
+    Shutdown,
+    Transcript,
+    TranscriptBuilder,
+    load_transcript,
+    transcript_of,
+)
 from vsproxy.tui import follow
 from vsproxy.tui.sources import FileSource
 from vsproxy.vsock import header as H
@@ -199,7 +213,8 @@ def show_lines(conv: Conv) -> list[tuple[bool, str]]:
     for s in conv.steps:
         if s.what == "data":
             marks = f" {s.marks}" if s.marks else ""
-            out.append((s.from_client, f"{s.size} byte{'' if s.size == 1 else 's'}{marks}{'  ' + s.app if s.app else ''}"))
+            app = f"  {s.app}" if s.app else ""
+            out.append((s.from_client, f"{s.size} byte{'' if s.size == 1 else 's'}{marks}{app}"))
         else:
             out.append((s.from_client, s.what))
     return out
@@ -280,3 +295,83 @@ async def test_the_follow_screen_of_a_denied_connection_names_the_rule() -> None
         assert text.startswith("=== #1 app 5:2400453637 > 6:5002 STREAM [denied] ===\n"
                                "    [denied by not in app's outbound allowlist; vsproxy answers RST]\n")
         assert "<<< #2 host -> guest RST" in text
+
+
+# --- the streaming builder read --follow prints from ------------------------------------------------------
+
+
+def rec(src: tuple[int, int], dst: tuple[int, int], op: int, payload: bytes = b"", fwd_cnt: int = 0,
+        ts: float = 1.0) -> Record:
+    hdr = H.pack(src[0], dst[0], src[1], dst[1], len(payload), H.Type.STREAM, op, 0, 262144, fwd_cnt)
+    return Record(ts, "app", src[0] != 2, fmt.vsockmon_frame(hdr, payload), None)
+
+
+def connection(port: int, ts: float = 1.0) -> list[Record]:
+    g, h = (5, port), (2, 7000)  # port 7000: no dissector, bytes are the chunks as they crossed
+    return [rec(g, h, H.Op.REQUEST, ts=ts), rec(h, g, H.Op.RESPONSE, ts=ts), rec(g, h, H.Op.RW, b"ping", ts=ts),
+            rec(h, g, H.Op.RW, b"pong", 4, ts=ts), rec(g, h, H.Op.RST, fwd_cnt=4, ts=ts)]
+
+
+def test_a_streaming_builder_hands_out_each_step_once_in_order_with_its_packets_and_lets_it_go() -> None:
+    dec, b = Decoder(), TranscriptBuilder(stream=True)
+    made: list[Made] = []
+    for r in connection(1024):
+        b.feed(dec.decode(r))
+        made += b.drain()
+        assert all(not c.steps for c in b.transcript.conversations)  # handed out: not kept
+    b.finish()
+    assert b.drain() == [] and b.held == 0
+    assert [(type(m.step).__name__, m.first, m.last) for m in made] == [("Data", 2, 2), ("Data", 3, 3),
+                                                                         ("Reset", 4, 4)]
+    assert [m.step.data for m in made if isinstance(m.step, Data)] == [b"ping", b"pong"]
+    whole = transcript_of(connection(1024))
+    assert [m.step for m in made] == whole.conversations[0].steps  # the same steps a whole transcript has
+
+
+def test_steps_of_a_connection_selected_late_come_out_first_when_it_is() -> None:
+    dec, b = Decoder("op == rst"), TranscriptBuilder(stream=True)
+    made: list[Made] = []
+    for r in connection(1024):
+        b.feed(dec.decode(r))
+        made += b.drain()
+        if len(made) == 0:
+            assert b.held in (0, 4, 8)  # waiting, counted
+    assert [type(m.step).__name__ for m in made] == ["Data", "Data", "Reset"] and b.held == 0
+
+
+def test_a_connection_that_ends_unselected_is_let_go() -> None:
+    dec, b = Decoder("port == 1"), TranscriptBuilder(stream=True)
+    for r in connection(1024):
+        b.feed(dec.decode(r))
+        assert b.drain() == []
+    assert b.held == 0 and b.transcript.conversations[0].steps == []
+
+
+def test_closed_conversations_past_recent_are_let_go_but_those_the_capture_lacks_part_of_stay() -> None:
+    dec, b = Decoder(), TranscriptBuilder(stream=True, recent=2)
+    lossy = [rec((5, 9), (2, 7000), H.Op.REQUEST), rec((2, 7000), (5, 9), H.Op.RESPONSE),
+             rec((2, 7000), (5, 9), H.Op.CREDIT_UPDATE, fwd_cnt=50), rec((5, 9), (2, 7000), H.Op.RST)]
+    for r in lossy + [r for port in range(2000, 4100) for r in connection(port)]:
+        b.feed(dec.decode(r))
+        b.drain()
+    convs = b.transcript.conversations
+    assert len(convs) < 1100 and convs[0].lost == 50  # 2,101 connections; the lossy one is kept for the end
+    assert b.conversation(convs[-1].id) is convs[-1] and b.conversation(1) is None
+
+
+def test_following_one_id_stops_reading_once_no_packet_can_join_it(tmp_path: Path) -> None:
+    from vsproxy import read
+
+    recs = [r for port in range(2000, 2010) for r in connection(port, ts=port)]
+    path = tmp_path / "ten.pcapng"
+    blocks = [fmt.pcapng_shb(), fmt.pcapng_idb("app")]
+    blocks += [fmt.pcapng_epb(0, r.ts, r.frame, inbound=bool(r.inbound)) for r in recs]
+    path.write_bytes(b"".join(blocks))
+    dec = Decoder(recent=2)
+    out = io.StringIO()
+    f = read.Follow(out, 1, recent=2)
+    with open(path, "rb") as fh:
+        f.run(dec, records(fh))
+    # its packets, then two more connections ended: the decoder (remembering 2) has forgotten it
+    assert dec.count == 5 + 2 * 5
+    assert out.getvalue().endswith(">>> guest -> host RST\n") and out.getvalue().count("=== #") == 1

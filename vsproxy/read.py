@@ -390,13 +390,14 @@ class Follow:
     packets of connections ``select`` picks go into the transcript. Following one connection id,
     reading stops once no later packet can join it: its last packets (the second RST, a credit
     update) can come after it closed, so not then, but once the decoder has forgotten it
-    (``RECENT_CONNECTIONS`` connections ended after it), or at the end of the capture."""
+    (``recent`` connections, the decoder's own bound, ended after it), or at the end of the capture."""
 
     def __init__(self, out: IO[str], select: Selector | int, as_hex: bool = False, count: int | None = None,
-                 *, every: bool = False) -> None:
+                 *, every: bool = False, recent: int = RECENT_CONNECTIONS) -> None:
         self.out = out
         self.select = as_selector(select)
         self.only = select if isinstance(select, int) else None
+        self.recent = recent  # the decoder's: how many ended connections it still gives packets to
         self.every = every  # ``all``: say so for packets of no connection too
         self.as_hex = as_hex
         self.count = count
@@ -416,7 +417,7 @@ class Follow:
             conn = d.conn
             if ended_after is not None:
                 ended_after += len(decoder.tracker.closed)
-                if ended_after >= RECENT_CONNECTIONS:
+                if ended_after >= self.recent:
                     break
             if conn is None or not select(conn):
                 if conn is None and self.every:
@@ -430,7 +431,7 @@ class Follow:
                 conv = builder.conversation(conn.id)
                 self._gap(conv, (h.src_cid, h.src_port) == conn.client)
                 if self.only == conn.id and ended_after is None and conv is not None and conv.closed:
-                    ended_after = -len(decoder.tracker.closed)  # not itself
+                    ended_after = 0  # counted from the next packet (this one's ended connections are not after it)
             if builder.full:  # bytes not printed yet: a message still being cut, connections not selected yet
                 raise CaptureError(f"more than {builder.max_bytes} bytes of payload not printed yet: stopped here")
         self.end()
