@@ -375,3 +375,28 @@ def test_following_one_id_stops_reading_once_no_packet_can_join_it(tmp_path: Pat
     # its packets, then two more connections ended: the decoder (remembering 2) has forgotten it
     assert dec.count == 5 + 2 * 5
     assert out.getvalue().endswith(">>> guest -> host RST\n") and out.getvalue().count("=== #") == 1
+
+
+def test_a_live_follow_view_shows_what_is_still_arriving_and_does_not_call_an_open_connection_ended() -> None:
+    from vsproxy.tui.model import Store
+
+    g, h = (5, 1024), (2, 8080)
+    request = b"GET /v1/keys HTTP/1.1\r\nHost: keys.internal\r\n\r\n"
+    store = Store(limit=100)
+    for r in (rec(g, h, H.Op.REQUEST), rec(h, g, H.Op.RESPONSE), rec(g, h, H.Op.RW, request[:10])):
+        store.feed(r)
+    (cid,) = store.conns
+    live = follow.followed(store, cid, ended=False)
+    assert live.steps == [] and live.problems == []
+    assert [(d.data, d.from_client) for d in live.arriving] == [(request[:10], True)]
+    text = follow.render(live, False, drops=3).plain
+    assert ">>> so far guest -> host 10 bytes\nGET /v1/ke\n" in text
+    assert "(the live feed dropped 3 packets: this connection may lack some)" in text
+    ended = follow.followed(store, cid, ended=True)  # the same packets, the source done: the capture ended
+    assert ended.arriving == [] and [type(s).__name__ for s, _, _ in ended.steps] == ["Data"]
+    assert ended.problems == ["not closed when the capture ended"]
+    store.feed(rec(g, h, H.Op.RW, request[10:]))  # the request is whole: a step, with its message
+    (step, first, last), = follow.followed(store, cid, ended=False).steps
+    assert isinstance(step, Data) and step.data == request and step.app == ("HTTP GET /v1/keys",)
+    assert (first, last) == (2, 3)
+    assert f">>> #3-#4 guest -> host {len(request)} bytes\nGET /v1/keys HTTP/1.1" in follow.text_of(follow.followed(store, cid, ended=False))
