@@ -399,4 +399,5 @@ def test_a_live_follow_view_shows_what_is_still_arriving_and_does_not_call_an_op
     (step, first, last), = follow.followed(store, cid, ended=False).steps
     assert isinstance(step, Data) and step.data == request and step.app == ("HTTP GET /v1/keys",)
     assert (first, last) == (2, 3)
-    assert f">>> #3-#4 guest -> host {len(request)} bytes\nGET /v1/keys HTTP/1.1" in follow.text_of(follow.followed(store, cid, ended=False))
+    text = follow.text_of(follow.followed(store, cid, ended=False))
+    assert f">>> #3-#4 guest -> host {len(request)} bytes\nGET /v1/keys HTTP/1.1" in text
