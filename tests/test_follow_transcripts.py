@@ -401,3 +401,14 @@ def test_a_live_follow_view_shows_what_is_still_arriving_and_does_not_call_an_op
     assert (first, last) == (2, 3)
     text = follow.text_of(follow.followed(store, cid, ended=False))
     assert f">>> #3-#4 guest -> host {len(request)} bytes\nGET /v1/keys HTTP/1.1" in text
+
+
+def test_follow_all_counts_the_packets_of_connections_the_capture_lacks(tmp_path: Path) -> None:
+    http = read_packets(CAPTURES / "http-over-vsock.pcapng")
+    stray = http[6]  # the guest's CREDIT_UPDATE, alone: no connection to give it to
+    path = write(tmp_path / "stray.pcapng", [stray])
+    assert read_follow(path) == ("=== the capture ===\n"
+                                 "    (1 packet of connections whose start and data are not in the capture)\n")
+    r = subprocess.run([sys.executable, "-m", "vsproxy", "read", "--follow", "1", str(path)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "", "vsproxy read: --follow 1: nothing to show\n")
