@@ -514,10 +514,11 @@ _STOPS: Final = {H.SHUTDOWN_RCV: "receives no more", H.SHUTDOWN_SEND: "sends no 
                  H.SHUTDOWN_BOTH: "sends and receives no more", 0: "says nothing"}
 
 
-def step_head(conv: Conversation, step: Step, brackets: bool = False) -> str:
+def step_head(conv: Conversation, step: Step, tui: bool = False) -> str:
     """A step's line without its bytes: ``>>> guest -> host 91 bytes  HTTP GET /v1/keys``,
     ``>>> guest -> host 5 bytes EOM EOR``, ``<<< host -> guest SHUTDOWN SEND (the host sends no
-    more)``, ``<<< host -> guest RST``. ``brackets``: marks as ``[EOM]`` (the TUI's)."""
+    more)``, ``<<< host -> guest RST``. ``tui``: the follow view's form, marks as ``[EOM]`` and
+    without the application messages (it draws them on lines of their own)."""
     arrow = ">>>" if step.from_client else "<<<"
     src, dst = who(conv, step.from_client)
     if isinstance(step, Data):
@@ -525,9 +526,9 @@ def step_head(conv: Conversation, step: Step, brackets: bool = False) -> str:
         marks = ""
         if conv.sock_type == _SEQPACKET:
             marks = (" EOM" if step.eom else " (no EOM)") + (" EOR" if step.eor else "")
-            if brackets:
+            if tui:
                 marks = marks.replace(" EOM", " [EOM]").replace(" EOR", " [EOR]")
-        app = app_tail(None, step.app) if step.app and not brackets else ""
+        app = app_tail(None, step.app) if step.app and not tui else ""
         return f"{arrow} {src} -> {dst} {n} byte{'' if n == 1 else 's'}{marks}{app}"
     if isinstance(step, Shutdown):
         return f"{arrow} {src} -> {dst} SHUTDOWN {step.flag_names} (the {src} {_STOPS[step.flags]})"

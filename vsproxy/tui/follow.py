@@ -113,7 +113,7 @@ def _step(out: Text, conv: Conversation, step: Step | Gap, where: str, as_hex: b
         return
     from_guest = None if conv.guest_is_client is None else step.from_client == conv.guest_is_client
     style = styles.direction_style(from_guest, step.from_client)
-    arrow, _, rest = step_head(conv, step, brackets=True).partition(" ")
+    arrow, _, rest = step_head(conv, step, tui=True).partition(" ")
     out.append(f"{arrow} {where} {rest}\n", style=styles.RST if isinstance(step, Reset) else f"bold {style}")
     if not isinstance(step, Data):
         return
