@@ -412,3 +412,34 @@ def test_follow_all_counts_the_packets_of_connections_the_capture_lacks(tmp_path
     r = subprocess.run([sys.executable, "-m", "vsproxy", "read", "--follow", "1", str(path)],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "vsproxy read: --follow 1: nothing to show\n")
+
+
+def test_connections_that_never_close_are_let_go_and_those_lacking_bytes_are_counted(tmp_path: Path) -> None:
+    from vsproxy import read
+
+    def lossy(port: int) -> list[Record]:  # never closed, and the host acknowledged 50 bytes it never got
+        g, h = (5, port), (2, 7000)
+        return [rec(g, h, H.Op.REQUEST), rec(h, g, H.Op.RESPONSE), rec(h, g, H.Op.CREDIT_UPDATE, fwd_cnt=50)]
+
+    recs = [r for port in range(3000, 5000) for r in lossy(port)]
+    dec, b = Decoder(), TranscriptBuilder(stream=True, recent=4, max_live=8)
+    for r in recs:
+        b.feed(dec.decode(r))
+        b.drain()
+    t = b.finish()
+    assert len(t.conversations) <= 8 + 4 + 1024 and t.forgotten > 900  # bounded, and the rest counted
+    assert len(t.conversations) + t.forgotten == 2000
+
+    path = tmp_path / "lossy.pcapng"
+    path.write_bytes(b"".join([fmt.pcapng_shb(), fmt.pcapng_idb("app")]
+                              + [fmt.pcapng_epb(0, r.ts, r.frame, inbound=bool(r.inbound)) for r in recs]))
+    out = io.StringIO()
+    f = read.Follow(out, lambda c: True, every=True)
+    f.builder = TranscriptBuilder(stream=True, recent=4, max_live=8)
+    with open(path, "rb") as fh:
+        f.run(Decoder(), records(fh))
+    text = out.getvalue()
+    assert text.count("!!! guest -> host 50 bytes missing") == 2000  # each said where it showed
+    forgotten = f.builder.transcript.forgotten
+    assert text.endswith(f"=== the capture ===\n    ({forgotten} more connections the capture lacks part of, said "
+                         "above where it showed)\n")

@@ -451,6 +451,10 @@ class Follow:
             if lacks:
                 write(f"=== {conv.title()} ===\n" + "".join(f"    ({p})\n" for p in lacks))
                 self.printed += 1
+        if t.forgotten:
+            n = f"{t.forgotten} more connection{'' if t.forgotten == 1 else 's'}"
+            write(f"=== the capture ===\n    ({n} the capture lacks part of, said above where it showed)\n")
+            self.printed += 1
         if self.every and t.orphans:
             n = f"{t.orphans} packet{'' if t.orphans == 1 else 's'}"
             write(f"=== the capture ===\n    ({n} of connections whose start and data are not in the capture)\n")

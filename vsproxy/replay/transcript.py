@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final, NamedTuple
 
-from dissectors.streams import DETECT_BYTES
+from dissectors.streams import DETECT_BYTES, MAX_CONNECTIONS
 from vsproxy.capture.reader import CaptureError, Record, printable
 from vsproxy.decode import RECENT_CONNECTIONS, Decoded, Decoder, read_captures
 from vsproxy.verdict import Verdict, verdict_of
@@ -208,6 +208,7 @@ class Transcript:
     spoofed: int = 0  # packets vsproxy dropped as spoofed (no step is made of them)
     other: int = 0  # frames without a virtio header
     error: str | None = None  # the capture is damaged here; what came before it is read
+    forgotten: int = 0  # streaming: conversations the capture lacks part of, let go of to bound memory
 
     @property
     def started_mid(self) -> bool:
@@ -271,13 +272,18 @@ class TranscriptBuilder:
     yet; the steps of a conversation not ``selected`` yet wait for it to be, and are let go when
     it ends unselected. Conversations that closed are let go too, once ``recent`` newer ones
     have closed (past the decoder's own memory of ended connections, no packet can join them),
-    except those the capture does not hold whole: ``transcript.conversations`` keeps the open
-    ones and those, so the count of connections in a capture does not bound memory either."""
+    and so are those no packet came for while ``max_live`` others had one (a connection the
+    tracker dropped without a close: a REQUEST on its ends started another, or it was evicted):
+    ``transcript.conversations`` keeps the open ones and, of those the capture does not hold
+    whole, the last ``recent`` (the rest are counted in ``transcript.forgotten``), so the count of
+    connections in a capture does not bound memory either."""
 
     def __init__(self, max_bytes: int = MAX_BYTES, *, stream: bool = False,
-                 recent: int = 2 * RECENT_CONNECTIONS) -> None:
+                 recent: int = 2 * RECENT_CONNECTIONS,
+                 max_live: int = 2 * (MAX_CONNECTIONS + RECENT_CONNECTIONS)) -> None:
         self.transcript = Transcript()
-        self._live: dict[int, _Live] = {}  # by connection id; kept to the end (steps are the point)
+        # by connection id; kept to the end (steps are the point), streaming: least recently fed first
+        self._live: OrderedDict[int, _Live] = OrderedDict()
         self.max_bytes = max_bytes
         self.held = 0  # payload bytes held
         self.full = False
@@ -288,6 +294,7 @@ class TranscriptBuilder:
         self._newly: list[_Live] = []  # selected since the last drain, with steps made before
         self._ended: OrderedDict[int, _Live] = OrderedDict()  # streaming: closed, by id, oldest first
         self._recent = max(1, recent)
+        self._max_live = max(1, max_live)
         self._forgotten = 0  # let go of since ``transcript.conversations`` was last compacted
 
     def feed(self, d: Decoded) -> None:
@@ -314,6 +321,10 @@ class TranscriptBuilder:
         live = self._live.get(tc.id)
         if live is None:
             live = self._open(d)
+            if self.stream and len(self._live) > self._max_live:
+                self._forget(next(iter(self._live.values())))
+        elif self.stream:
+            self._live.move_to_end(tc.id)
         conv = live.conv
         conv.end = view.time
         if d.matched and not conv.selected:
@@ -410,14 +421,25 @@ class TranscriptBuilder:
         it (for the end's account)."""
         if self._live.get(live.conv.id) is live:
             del self._live[live.conv.id]
+        self._ended.pop(live.conv.id, None)
         self._release(live, len(live.spans))
         self._forgotten += 1
         convs = self.transcript.conversations
         if self._forgotten > max(1024, len(convs) // 2):  # compact now and then: O(1) a conversation
             self._forgotten = 0
             kept = self._live
-            convs[:] = [c for c in convs if ((x := kept.get(c.id)) is not None and x.conv is c) or c.lost or c.cut
-                        or not c.seen_start]
+            lacking = 0
+            out = []
+            for c in reversed(convs):  # the newest of those the capture lacks part of are kept
+                x = kept.get(c.id)
+                if x is not None and x.conv is c:
+                    out.append(c)
+                elif c.lost or c.cut or not c.seen_start:
+                    lacking += 1
+                    if lacking <= self._recent:
+                        out.append(c)
+            self.transcript.forgotten += max(0, lacking - self._recent)
+            convs[:] = out[::-1]
 
     def _release(self, live: _Live, n: int) -> None:
         steps = live.conv.steps
