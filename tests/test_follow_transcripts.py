@@ -443,3 +443,21 @@ def test_connections_that_never_close_are_let_go_and_those_lacking_bytes_are_cou
     forgotten = f.builder.transcript.forgotten
     assert text.endswith(f"=== the capture ===\n    ({forgotten} more connections the capture lacks part of, said "
                          "above where it showed)\n")
+
+
+def test_a_snaplen_cut_is_counted_at_the_end_not_called_a_capture_drop(tmp_path: Path) -> None:
+    http = read_packets(CAPTURES / "http-over-vsock.pcapng")
+    blocks = [fmt.pcapng_shb(), fmt.pcapng_idb("app")]
+    for r, hdr, payload in http:
+        keep = payload[:16]  # as `vsproxy ctl PATH pcap --snaplen` records it: the header says the whole length
+        head = fmt.vsockmon_frame(H.pack(*hdr), b"")
+        blocks += fmt.pcapng_epb_parts(0, r.ts, head, keep, inbound=bool(r.inbound),
+                                       orig=len(head) + len(payload) if len(keep) < len(payload) else 0)
+    path = tmp_path / "snapped.pcapng"
+    path.write_bytes(b"".join(blocks))
+    out = read_follow(path)
+    assert "!!!" not in out  # the peers acknowledged bytes the records say were cut: not a drop
+    assert ">>> guest -> host 16 bytes\nGET /v1/keys HTT\n" in out
+    cut = 91 - 16 + 194 - 16
+    assert out.endswith(f"    ({cut} bytes cut by a snaplen (the records keep only each packet's first bytes))\n")
+    assert f"    ({cut} bytes cut by a snaplen" in tui_views(path) and "!!!" not in tui_views(path)

@@ -461,13 +461,16 @@ class Follow:
             self.printed += 1
 
     def _gap(self, conv: Conversation | None, by_client: bool) -> None:
-        """Say where a selected conversation turned out to lack bytes (``Conversation.lost`` grew at
-        a packet from the client, ``by_client``, or the server: the other side's bytes are lost)."""
-        if conv is None or not conv.selected or conv.lost <= self._lost.get(conv.id, 0):
+        """Say where a selected conversation turned out to lack bytes (``capture_lost`` grew at a
+        packet from the client, ``by_client``, or the server: the other side's bytes are lost)."""
+        if conv is None or not conv.selected:
             return
-        before, self._lost[conv.id] = self._lost.get(conv.id, 0), conv.lost
+        lost, before = capture_lost(conv), self._lost.get(conv.id, 0)
+        if lost <= before:
+            return
+        self._lost[conv.id] = lost
         self._header(conv)
-        self.out.write(gap_head(conv, not by_client, conv.lost - before) + "\n")
+        self.out.write(gap_head(conv, not by_client, lost - before) + "\n")
         self.printed += 1
 
     def _header(self, conv: Conversation) -> None:
@@ -537,6 +540,12 @@ def step_head(conv: Conversation, step: Step, tui: bool = False) -> str:
     if isinstance(step, Shutdown):
         return f"{arrow} {src} -> {dst} SHUTDOWN {step.flag_names} (the {src} {_STOPS[step.flags]})"
     return f"{arrow} {src} -> {dst} RST"
+
+
+def capture_lost(conv: Conversation) -> int:
+    """Bytes a peer acknowledged that the capture lacks (drops), as far as they are told apart
+    from what a snaplen cut (which the records say themselves, and the end's account counts)."""
+    return conv.lost if conv.lost > conv.snapped else 0
 
 
 def gap_head(conv: Conversation, from_client: bool, lost: int) -> str:

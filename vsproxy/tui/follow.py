@@ -20,7 +20,7 @@ from rich.text import Text
 
 from vsproxy.capture.reader import CaptureError
 from vsproxy.decode import Decoder
-from vsproxy.read import escaped, gap_head, hexdump, start_notes, step_head
+from vsproxy.read import capture_lost, escaped, gap_head, hexdump, start_notes, step_head
 from vsproxy.replay.transcript import Conversation, Data, Reset, Step, TranscriptBuilder
 from vsproxy.tui import styles
 from vsproxy.tui.model import Store
@@ -63,10 +63,10 @@ def followed(store: Store, cid: int, ended: bool = True) -> Followed:
             builder.feed(d)
             out.steps += [(m.step, idx[m.first], idx[m.last]) for m in builder.drain()]
             conv = builder.conversation(d.conn.id) if d.conn is not None else None
-            if conv is not None and conv.lost > lost and d.view.hdr is not None:
+            if conv is not None and capture_lost(conv) > lost and d.view.hdr is not None:
                 h = d.view.hdr  # its sender acknowledged bytes of the other side's the capture lacks
-                out.steps.append((Gap((h.src_cid, h.src_port) != conv.client, conv.lost - lost), j, j))
-                lost = conv.lost
+                out.steps.append((Gap((h.src_cid, h.src_port) != conv.client, capture_lost(conv) - lost), j, j))
+                lost = capture_lost(conv)
     except (CaptureError, IndexError):  # a bad frame, or a packet the ring let go meanwhile: what came before
         pass
     convs = builder.transcript.conversations
