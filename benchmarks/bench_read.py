@@ -1,7 +1,8 @@
 """`vsproxy read` speed: a 100,000-packet pcapng (HTTP-sized RW packets on short connections, with
 their control packets) printed in one-line mode to /dev/null, once whole and once through a
-filter. Every packet goes through the stream tracker either way, and the HTTP dissector reads
-each request, so this is the tracker's costly case.
+filter, then as `--follow all` prints it (every connection's transcript: the streaming
+transcript builder after the decoder). Every packet goes through the stream tracker each time,
+and the HTTP dissector reads each request, so this is the tracker's costly case.
 
     python benchmarks/bench_read.py [--packets N]
 """
@@ -52,6 +53,7 @@ def main() -> int:
         size = os.path.getsize(path)
         whole = time_read(path)
         filtered = time_read(path, FILTER)
+        followed = time_read(path, "--follow", "all")
     print(
         f"vsproxy read: {args.packets:,} packets ({size / 1e6:.1f} MB pcapng) in {whole:.2f} s "
         f"({args.packets / whole:,.0f} packets/s; target: under {TARGET_S:.0f} s for 100,000)"
@@ -59,6 +61,10 @@ def main() -> int:
     print(
         f"vsproxy read with the filter '{FILTER}': {args.packets:,} packets (2 in 5 printed) "
         f"in {filtered:.2f} s ({args.packets / filtered:,.0f} packets/s)"
+    )
+    print(
+        f"vsproxy read --follow all: {args.packets:,} packets as transcripts in {followed:.2f} s "
+        f"({args.packets / followed:,.0f} packets/s)"
     )
     return 0
 

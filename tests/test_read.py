@@ -341,42 +341,59 @@ class Chunk(NamedTuple):
     data: bytes
 
 
-def parse_follow(text: str) -> list[tuple[str, list[Chunk]]]:
-    """Follow output back into (connection header, chunks); the payload text is unescaped."""
-    conns: list[tuple[str, list[Chunk]]] = []
+class Followed(NamedTuple):
+    header: str  # the "=== ... ===" line
+    notes: list[str]  # the indented lines under it (before its first step)
+    steps: list[Chunk]
+
+
+def parse_follow(text: str) -> list[Followed]:
+    """Follow output back into (connection header, notes, steps); the payload text is unescaped.
+    Notes are the lines between a header and its first step; bytes are the lines after a step."""
+    conns: list[Followed] = []
     body: list[str] = []
 
     def close() -> None:
         if body:
-            head = conns[-1][1].pop()
-            conns[-1][1].append(Chunk(head.head, codecs.escape_decode("".join(body).encode())[0]))
+            head = conns[-1].steps.pop()
+            conns[-1].steps.append(Chunk(head.head, codecs.escape_decode("".join(body).encode())[0]))
             body.clear()
 
     for line in text.splitlines():
         if line.startswith("=== "):
             close()
-            conns.append((line, []))
+            conns.append(Followed(line, [], []))
         elif line.startswith((">>> ", "<<< ")):
             close()
-            conns[-1][1].append(Chunk(line, b""))
+            conns[-1].steps.append(Chunk(line, b""))
+        elif not conns[-1].steps:
+            conns[-1].notes.append(line)
         else:
             body.append(line)
     close()
     return conns
 
 
-def test_follow_prints_the_connection_with_directions_and_the_exact_bytes(run: Callable[..., Result]) -> None:
+def test_follow_prints_the_connection_with_directions_messages_half_closes_and_the_exact_bytes(
+        run: Callable[..., Result]) -> None:
     r = run("--follow", "1", HTTP)
     assert (r.code, r.err) == (0, "")
-    ((header, chunks),) = parse_follow(r.out)
-    assert header == "=== #1 app 5:2157979543 > 2:8080 STREAM http ==="
-    assert [c.head for c in chunks] == [">>> guest -> host 91 bytes", "<<< host -> guest 194 bytes"]
-    assert [c.data for c in chunks] == [p for _, p, _ in rw_payloads(HTTP)]
+    ((header, notes, chunks),) = parse_follow(r.out)
+    assert header == "=== #1 app 5:2157979543 > 2:8080 STREAM http ===" and notes == []
+    assert [c.head for c in chunks] == [
+        ">>> guest -> host 91 bytes  HTTP GET /v1/keys",
+        ">>> guest -> host SHUTDOWN SEND (the guest sends no more)",
+        "<<< host -> guest 194 bytes  HTTP 200 OK",
+        "<<< host -> guest SHUTDOWN SEND (the host sends no more)",
+        ">>> guest -> host SHUTDOWN RCV|SEND (the guest sends and receives no more)",
+        "<<< host -> guest RST",
+    ]
+    assert [c.data for c in chunks if c.data] == [p for _, p, _ in rw_payloads(HTTP)]
     assert "GET /v1/keys HTTP/1.1\\r\\n\nHost: keys.internal\\r\\n\n" in r.out  # text, one line per \n
 
 
 def test_follow_shows_seqpacket_message_marks(run: Callable[..., Result]) -> None:
-    ((header, chunks),) = parse_follow(run("--follow", "#1", SEQ).out)
+    ((header, _, chunks),) = parse_follow(run("--follow", "#1", SEQ).out)
     assert header == "=== #1 app 5:2571319154 > 2:5005 SEQPACKET ==="
     assert [(c.head, c.data) for c in chunks] == [
         (">>> guest -> host 5 bytes EOM EOR", b"HELLO"),
@@ -385,35 +402,49 @@ def test_follow_shows_seqpacket_message_marks(run: Callable[..., Result]) -> Non
         ("<<< host -> guest 16 bytes EOM", b"region=eu-west-1"),
         (">>> guest -> host 3 bytes EOM EOR", b"BYE"),
         ("<<< host -> guest 3 bytes EOM", b"BYE"),
+        (">>> guest -> host SHUTDOWN RCV|SEND (the guest sends and receives no more)", b""),
+        ("<<< host -> guest RST", b""),
     ]
 
 
-def test_follow_all_on_the_kernel_capture_says_client_and_server(run: Callable[..., Result]) -> None:
+def test_follow_all_on_the_kernel_capture_says_client_and_server_and_shows_the_refusal(
+        run: Callable[..., Result]) -> None:
     conns = parse_follow(run("--follow", "all", KERNEL).out)
-    assert [h for h, _ in conns] == [
+    assert [h for h, _, _ in conns] == [
         "=== #1 1:2165647820 > 1:5000 STREAM ===",
+        "=== #2 1:2165647821 > 1:5999 STREAM [refused] ===",
         "=== #3 1:2165647822 > 1:5001 SEQPACKET ===",
     ]
-    assert [(c.head, c.data) for _, chunks in conns for c in chunks] == [
+    assert [(c.head, c.data) for _, _, chunks in conns for c in chunks if c.data] == [
         (">>> client -> server 11 bytes", b"hello vsock"),
         ("<<< server -> client 11 bytes", b"hello vsock"),
         (">>> client -> server 21 bytes EOM EOR", b"one seqpacket message"),
         ("<<< server -> client 21 bytes EOM EOR", b"one seqpacket message"),
     ]
+    assert [c.head for c in conns[1].steps] == ["<<< server -> client RST"]  # nothing listened on 5999
 
 
 def test_follow_by_endpoint_shows_both_devices_with_a_header_at_each_switch(run: Callable[..., Result]) -> None:
     conns = parse_follow(run("--follow", "5:2400453638", SIBLING).out)
-    assert [h.split()[1] for h, _ in conns] == ["#2", "#3", "#2"]
-    assert {c.data for _, chunks in conns for c in chunks} == {b"hello vault\n"}
+    # the steps of #2 (app's interface) and #3 (vault's) interleave in capture order
+    assert [h.split()[1] for h, _, _ in conns] == ["#2", "#3", "#2", "#3"]
+    assert {c.data for _, _, chunks in conns for c in chunks if c.data} == {b"hello vault\n"}
     vault = parse_follow(run("--follow", "6:5001,5:2400453638", SIBLING, "device == vault").out)
-    assert [h for h, _ in vault] == ["=== #3 vault 5:2400453638 > 6:5001 STREAM ==="]
-    assert [c.head for c in vault[0][1]] == [">>> host -> guest 12 bytes", "<<< guest -> host 12 bytes"]
+    assert [h for h, _, _ in vault] == ["=== #3 vault 5:2400453638 > 6:5001 STREAM ==="]
+    assert [c.head for c in vault[0].steps if c.data] == [">>> host -> guest 12 bytes", "<<< guest -> host 12 bytes"]
 
 
-def test_follow_of_the_heartbeat_escapes_the_byte_and_c_counts_chunks(run: Callable[..., Result]) -> None:
+def test_follow_of_a_denied_connection_names_the_rule(run: Callable[..., Result]) -> None:
+    (denied,) = parse_follow(run("--follow", "1", SIBLING).out)
+    assert denied.header == "=== #1 app 5:2400453637 > 6:5002 STREAM [denied] ==="
+    assert denied.notes == ["    [denied by not in app's outbound allowlist; vsproxy answers RST]"]
+    assert [c.head for c in denied.steps] == ["<<< host -> guest RST"]
+
+
+def test_follow_of_the_heartbeat_escapes_the_byte_and_c_counts_data(run: Callable[..., Result]) -> None:
     r = run("--follow", "all", "-c", 1, NITRO)
-    assert r.out == "=== #1 enclave 16:2431434711 > 3:9000 STREAM nitro ===\n>>> guest -> host 1 byte\n\\xb7\n"
+    assert r.out == ("=== #1 enclave 16:2431434711 > 3:9000 STREAM nitro ===\n"
+                     ">>> guest -> host 1 byte  Nitro heartbeat 0xB7\n\\xb7\n")
 
 
 def test_follow_hex_dumps_the_payload(run: Callable[..., Result]) -> None:
@@ -424,9 +455,9 @@ def test_follow_hex_dumps_the_payload(run: Callable[..., Result]) -> None:
     assert dumped == b"".join(p for _, p, _ in rw_payloads(HTTP))
 
 
-def test_follow_without_payload_or_with_a_bad_selector(run: Callable[..., Result]) -> None:
-    r = run("--follow", 2, KERNEL)  # the connect to 5999 that got RST
-    assert (r.code, r.out, r.err) == (0, "", "vsproxy read: --follow 2: no payload to show\n")
+def test_follow_of_nothing_or_with_a_bad_selector(run: Callable[..., Result]) -> None:
+    r = run("--follow", 9, KERNEL)  # there are three connections
+    assert (r.code, r.out, r.err) == (0, "", "vsproxy read: --follow 9: nothing to show\n")
     bad = run("--follow", "5:", KERNEL)
     assert bad.code == 2 and bad.out == ""
     assert bad.err.startswith("vsproxy read: --follow: bad connection selector '5:'") and bad.err.count("\n") == 1
@@ -472,7 +503,7 @@ def test_a_corrupted_capture_in_any_mode_ends_in_exit_0_or_1_never_a_traceback(
     if code == 1:
         assert err.getvalue().startswith("vsproxy read: ") and err.getvalue().count("\n") == 1, err.getvalue()
     else:
-        assert code == 0 and err.getvalue() in ("", "vsproxy read: --follow all: no payload to show\n")
+        assert code == 0 and err.getvalue() in ("", "vsproxy read: --follow all: nothing to show\n")
 
 
 # --- plugins, inputs, errors -----------------------------------------------------------------------

@@ -170,6 +170,7 @@ def test_read_benchmark_runs() -> None:
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "vsproxy read: 3,000 packets" in proc.stdout
+    assert "vsproxy read --follow all: 3,000 packets as transcripts in " in proc.stdout
 
 
 def test_benchmark_only_runs_the_cases_named() -> None:

@@ -34,8 +34,9 @@ Seeing the traffic (after the verdict, never on the data path's way):
     ``taps``, ``capture``    live taps and pcap/pcapng capture; the capture reader
     ``decode``               the one decoding pipeline: records in, decoded packets out
     ``filter``               the filter language; ``read`` the ``vsproxy read`` command
-    ``replay``               transcripts of captures, ``vsproxy diff``, server, client and guest
-                             replay (its package docstring has the map)
+    ``replay``               transcripts of captures (the one model ``read --follow``, the TUI's
+                             follow view and replay print), ``vsproxy diff``, server, client and
+                             guest replay (its package docstring has the map)
     ``tui``                  the terminal UI (Textual): a store over the decoder, sources
                              (files, stdin, the control socket, a Proxy in-process), screens
     ``dissectors`` (top level)  scapy layers and application dissectors

@@ -12,7 +12,10 @@ the packets to print. This module parses the command line and prints, in one of 
 - ``--json``: one object per packet, with ``conn``, ``proto`` and ``app``;
 - ``-V``: that line, then the frame's facts, the headers as scapy decodes them, each message's
   fields and the start of the payload;
-- ``--follow SELECTOR``: the payload of the selected connection(s), like ``tshark -z follow``.
+- ``--follow SELECTOR``: what the selected connection(s) carried, like ``tshark -z follow``, from
+  their transcripts (``vsproxy.replay.transcript``, the model the TUI's follow view and replay
+  use): each message or chunk of bytes with its direction, SEQPACKET marks and application
+  messages, half-closes, resets, and what the capture lacks.
 
 Exit status: 0 done (also when whoever reads the output goes away), 1 a damaged capture (what
 could be read is printed first), 2 a bad command line, filter, selector or plugin, or a file
@@ -30,11 +33,11 @@ from datetime import UTC, datetime
 from typing import IO, Any, Final
 
 from dissectors.app import PluginError, load_plugins
-from dissectors.streams import FollowChunk, Selector, SelectorError
-from vsproxy.capture.reader import CaptureError, as_json, printable, records, summary_line
-from vsproxy.capture.view import PacketView
-from vsproxy.decode import Decoded, Decoder, describe, follow_selector, open_capture
+from dissectors.streams import Selector, SelectorError, as_selector
+from vsproxy.capture.reader import CaptureError, Record, as_json, printable, records, summary_line
+from vsproxy.decode import RECENT_CONNECTIONS, Decoded, Decoder, follow_selector, open_capture
 from vsproxy.filter import Filter, FilterError, compile_filter
+from vsproxy.replay.transcript import Conversation, Data, Made, Shutdown, Step, TranscriptBuilder
 from vsproxy.vsock import header as H
 
 PROG: Final = "vsproxy read"
@@ -75,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument(
         "--follow",
         metavar="SELECTOR",
-        help="print the payload of connection(s): N or #N (a connection id), CID:PORT, CID:PORT,CID:PORT, or all",
+        help="print what connection(s) carried (their transcripts): N or #N (a connection id), CID:PORT, "
+        "CID:PORT,CID:PORT, or all",
     )
     p.add_argument("--hex", action="store_true", help="with --follow: a hex dump instead of escaped text")
     p.add_argument(
@@ -83,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="count",
         metavar="N",
         type=_positive,
-        help="stop after printing N packets (with --follow: N payload chunks)",
+        help="stop after printing N packets (with --follow: N messages or chunks of bytes)",
     )
     p.add_argument(
         "--dissector",
@@ -125,20 +129,28 @@ def main(argv: list[str]) -> int:
     except OSError as e:
         print(f"{PROG}: {args.file}: {e.strerror}", file=sys.stderr)
         return 2
-    decoder = Decoder(flt, follow=select)  # after load_plugins: it takes the registered dissectors
+    decoder = Decoder(flt)  # after load_plugins: it takes the registered dissectors
     out = sys.stdout
+    follow: Follow | None = None
     try:
         with f:
-            packets = decoder.packets(records(f))
             if select is not None:
-                printed = _follow(packets, args.count, args.hex, out)
-                if not printed:
-                    print(f"{PROG}: --follow {args.follow}: no payload to show", file=sys.stderr)
+                every = args.follow.strip().lower() == "all"
+                follow = Follow(out, select, args.hex, args.count, every=every)
+                follow.run(decoder, records(f))
+                if not follow.printed:
+                    print(f"{PROG}: --follow {args.follow}: nothing to show", file=sys.stderr)
             else:
+                packets = decoder.packets(records(f))
                 render = _json if args.json else _verbose if args.verbose else _line
                 _print_packets(packets, args.count, render, out)
             out.flush()
     except CaptureError as e:
+        if follow is not None:  # what the capture lacks, as far as it was read
+            try:
+                follow.end(str(e))
+            except BrokenPipeError:
+                return _reader_went_away()
         _flush_quietly(out)
         n = decoder.count
         print(f"{PROG}: {args.file}: {e} (after {n} packet{'' if n == 1 else 's'})", file=sys.stderr)
@@ -355,42 +367,201 @@ def escaped(data: bytes) -> str:
     return text if text.endswith("\n") else text + "\n"
 
 
-def _follow(packets: Iterable[Decoded], count: int | None, as_hex: bool, out: IO[str]) -> int:
-    """Print the payload the decoder cut from the selected connections, of the packets the
-    filter matched; return how many chunks were printed."""
-    write = out.write
-    printed = 0
-    shown = None
-    for d in packets:
-        chunk = d.chunk
-        if chunk is None:
-            continue
-        if chunk.conn is not shown:
-            shown = chunk.conn
-            write(f"=== {describe(chunk.conn)} ===\n")
-        write(_chunk_head(chunk, d.view))
-        if as_hex:
-            write("".join(f"{row}\n" for row in hexdump(chunk.data)))
-        elif chunk.data:
-            write(escaped(chunk.data))
-        printed += 1
-        if printed == count:
-            break
-    return printed
+class Follow:
+    """``--follow``: records in, the selected connections' transcripts out, each step printed as
+    the builder makes it (a streaming builder holds only what is not printed yet):
+
+    - ``=== title ===`` (``Conversation.title``: id, device, ends, type, protocol, real peer,
+      outcome) when a connection's first step prints, and again when the output switches between
+      connections; the first time, its verdict comment (``[denied by ...]``) and a start the
+      capture lacks follow on indented lines;
+    - a step: ``>>>`` from the side that connected, ``<<<`` from the other, who sent it to whom
+      (guest and host from the capture's direction flag; client and server when the file has
+      none), then for bytes their size, SEQPACKET marks (``EOM``, ``EOR``; ``(no EOM)``: the
+      capture ended inside the message) and the application messages that end there, the bytes
+      below (escaped text, or ``--hex``); ``SHUTDOWN`` with its flags and who stops what; ``RST``;
+    - where the capture lost bytes (a peer's ``fwd_cnt`` acknowledged more than the capture
+      holds; capture drops), a line that says how many, at the packet that showed it;
+    - at the end, for each connection the capture did not hold whole (not closed, bytes lost,
+      cut inside a message), its header again with what is missing; with ``all``, the packets of
+      connections nothing else of is in the capture.
+
+    A connection is shown when ``select`` picks it and a packet of it matches the filter; only the
+    packets of connections ``select`` picks go into the transcript. Following one connection id,
+    reading stops once no later packet can join it: its last packets (the second RST, a credit
+    update) can come after it closed, so not then, but once the decoder has forgotten it
+    (``recent`` connections, the decoder's own bound, ended after it), or at the end of the capture."""
+
+    def __init__(self, out: IO[str], select: Selector | int, as_hex: bool = False, count: int | None = None,
+                 *, every: bool = False, recent: int = RECENT_CONNECTIONS) -> None:
+        self.out = out
+        self.select = as_selector(select)
+        self.only = select if isinstance(select, int) else None
+        self.recent = recent  # the decoder's: how many ended connections it still gives packets to
+        self.every = every  # ``all``: say so for packets of no connection too
+        self.as_hex = as_hex
+        self.count = count
+        self.builder = TranscriptBuilder(stream=True)
+        self.printed = 0  # lines of transcript printed
+        self.data = 0  # data steps printed (what -c counts)
+        self._shown: Conversation | None = None
+        self._seen: set[int] = set()  # conversations whose header has been printed
+        self._lost: dict[int, int] = {}  # conversation id -> bytes lost said so far
+
+    def run(self, decoder: Decoder, recs: Iterable[Record]) -> None:
+        builder = self.builder
+        select = self.select
+        ended_after: int | None = None  # following one id: connections ended since it closed
+        for rec in recs:
+            d = decoder.decode(rec)
+            conn = d.conn
+            if ended_after is not None:
+                ended_after += len(decoder.tracker.closed)
+                if ended_after >= self.recent:
+                    break
+            if conn is None or not select(conn):
+                if conn is None and self.every:
+                    builder.feed(d)  # counted: packets of connections the capture lacks the start and data of
+                continue
+            builder.feed(d)
+            if self._print(builder.drain()):
+                return
+            if conn is not None and d.view.hdr is not None:
+                h = d.view.hdr
+                conv = builder.conversation(conn.id)
+                self._gap(conv, (h.src_cid, h.src_port) == conn.client)
+                if self.only == conn.id and ended_after is None and conv is not None and conv.closed:
+                    ended_after = 0  # counted from the next packet (this one's ended connections are not after it)
+            if builder.full:  # bytes not printed yet: a message still being cut, connections not selected yet
+                raise CaptureError(f"more than {builder.max_bytes} bytes of payload not printed yet: stopped here")
+        self.end()
+
+    def end(self, error: str | None = None) -> None:
+        """The capture ended (or is damaged, ``error``): the steps still being cut, then what the
+        capture lacks."""
+        builder = self.builder
+        t = builder.finish(error)
+        if self._print(builder.drain()):
+            return
+        write = self.out.write
+        for conv in t.conversations:
+            if not conv.selected:
+                continue
+            lacks = [p for p in conv.problems() if p != _STARTED_BEFORE]
+            if lacks:
+                write(f"=== {conv.title()} ===\n" + "".join(f"    ({p})\n" for p in lacks))
+                self.printed += 1
+        if t.forgotten:
+            n = f"{t.forgotten} more connection{'' if t.forgotten == 1 else 's'}"
+            write(f"=== the capture ===\n    ({n} the capture lacks part of, said above where it showed)\n")
+            self.printed += 1
+        if self.every and t.orphans:
+            n = f"{t.orphans} packet{'' if t.orphans == 1 else 's'}"
+            write(f"=== the capture ===\n    ({n} of connections whose start and data are not in the capture)\n")
+            self.printed += 1
+
+    def _gap(self, conv: Conversation | None, by_client: bool) -> None:
+        """Say where a selected conversation turned out to lack bytes (``capture_lost`` grew at a
+        packet from the client, ``by_client``, or the server: the other side's bytes are lost)."""
+        if conv is None or not conv.selected:
+            return
+        lost, before = capture_lost(conv), self._lost.get(conv.id, 0)
+        if lost <= before:
+            return
+        self._lost[conv.id] = lost
+        self._header(conv)
+        self.out.write(gap_head(conv, not by_client, lost - before) + "\n")
+        self.printed += 1
+
+    def _header(self, conv: Conversation) -> None:
+        if conv is not self._shown:
+            self._shown = conv
+            self.out.write(f"=== {conv.title()} ===\n")
+            if conv.id not in self._seen:
+                self._seen.add(conv.id)
+                self.out.write("".join(f"    {line}\n" for line in start_notes(conv)))
+
+    def _print(self, made: list[Made]) -> bool:
+        """Print steps; True once ``count`` data steps are printed."""
+        write = self.out.write
+        for m in made:
+            conv = m.conv
+            self._header(conv)
+            write(step_text(conv, m.step, self.as_hex))
+            self.printed += 1
+            if isinstance(m.step, Data):
+                self.data += 1
+                if self.data == self.count:
+                    return True
+        return False
 
 
-def _chunk_head(chunk: FollowChunk, view: PacketView | None) -> str:
-    """``>>> guest -> host 91 bytes``: ``>>>`` from the client (the side that connected),
-    ``<<<`` from the server; guest and host from the capture's direction flag, client and
-    server when the file has none (classic pcap). SEQPACKET message marks follow."""
-    arrow = ">>>" if chunk.from_client else "<<<"
-    if chunk.from_guest is None:
-        who = "client -> server" if chunk.from_client else "server -> client"
-    else:
-        who = "guest -> host" if chunk.from_guest else "host -> guest"
-    marks = ""
-    if chunk.conn.sock_type == _SEQPACKET:
-        flags = view.hdr.flags if view is not None and view.hdr is not None else 0
-        marks = (" EOM" if chunk.eom else "") + (" EOR" if flags & H.SEQ_EOR else "")
-    size = "1 byte" if len(chunk.data) == 1 else f"{len(chunk.data)} bytes"
-    return f"{arrow} {who} {size}{marks}\n"
+_STARTED_BEFORE: Final = "started before the capture"
+
+
+def start_notes(conv: Conversation) -> list[str]:
+    """What to say under a connection's first header: its verdict comment (a denial's rule, a
+    remap's real peer) and a start the capture lacks."""
+    notes = [f"[{printable(conv.comment)}]"] if conv.comment else []
+    if not conv.seen_start:
+        notes.append(f"({_STARTED_BEFORE}: who connected is a guess)")
+    return notes
+
+
+def who(conv: Conversation, from_client: bool) -> tuple[str, str]:
+    """(sender, receiver): guest and host from the capture's direction flag, client and server
+    when the file has none."""
+    if conv.guest_is_client is None:
+        return ("client", "server") if from_client else ("server", "client")
+    from_guest = from_client == conv.guest_is_client
+    return ("guest", "host") if from_guest else ("host", "guest")
+
+
+_STOPS: Final = {H.SHUTDOWN_RCV: "receives no more", H.SHUTDOWN_SEND: "sends no more",
+                 H.SHUTDOWN_BOTH: "sends and receives no more", 0: "says nothing"}
+
+
+def step_head(conv: Conversation, step: Step, tui: bool = False) -> str:
+    """A step's line without its bytes: ``>>> guest -> host 91 bytes  HTTP GET /v1/keys``,
+    ``>>> guest -> host 5 bytes EOM EOR``, ``<<< host -> guest SHUTDOWN SEND (the host sends no
+    more)``, ``<<< host -> guest RST``. ``tui``: the follow view's form, marks as ``[EOM]`` and
+    without the application messages (it draws them on lines of their own)."""
+    arrow = ">>>" if step.from_client else "<<<"
+    src, dst = who(conv, step.from_client)
+    if isinstance(step, Data):
+        n = len(step.data)
+        marks = ""
+        if conv.sock_type == _SEQPACKET:
+            marks = (" EOM" if step.eom else " (no EOM)") + (" EOR" if step.eor else "")
+            if tui:
+                marks = marks.replace(" EOM", " [EOM]").replace(" EOR", " [EOR]")
+        app = app_tail(None, step.app) if step.app and not tui else ""
+        return f"{arrow} {src} -> {dst} {n} byte{'' if n == 1 else 's'}{marks}{app}"
+    if isinstance(step, Shutdown):
+        return f"{arrow} {src} -> {dst} SHUTDOWN {step.flag_names} (the {src} {_STOPS[step.flags]})"
+    return f"{arrow} {src} -> {dst} RST"
+
+
+def capture_lost(conv: Conversation) -> int:
+    """Bytes a peer acknowledged that the capture lacks (drops), as far as they are told apart
+    from what a snaplen cut (which the records say themselves, and the end's account counts)."""
+    return conv.lost if conv.lost > conv.snapped else 0
+
+
+def gap_head(conv: Conversation, from_client: bool, lost: int) -> str:
+    """``!!! host -> guest 194 bytes missing (the guest acknowledged them; the capture lost them)``:
+    where a conversation turned out to lack bytes a side sent, how many more than it was known
+    to lack."""
+    src, dst = who(conv, from_client)
+    n = f"{lost} byte{'' if lost == 1 else 's'}"
+    return f"!!! {src} -> {dst} {n} missing (the {dst} acknowledged them; the capture lost them)"
+
+
+def step_text(conv: Conversation, step: Step, as_hex: bool = False) -> str:
+    """A step as ``--follow`` prints it: its line, then its bytes."""
+    head = step_head(conv, step) + "\n"
+    if not isinstance(step, Data) or not step.data:
+        return head
+    if as_hex:
+        return head + "".join(f"{row}\n" for row in hexdump(step.data))
+    return head + escaped(step.data)

@@ -3,7 +3,8 @@
 Sans-I/O (records, transcripts and bytes in; values and actions out):
     ``transcript``  per connection, what each side sent (messages with SEQPACKET boundaries and
                     EOR, half-closes, resets), who connected, the real peer, verdicts, timing;
-                    what a capture lacks (a start, a close, lost bytes) is flagged
+                    what a capture lacks (a start, a close, lost bytes) is flagged; also what
+                    ``vsproxy read --follow`` and the TUI's follow view print (streaming: ``drain``)
     ``compare``     two transcripts compared as what crossed (``vsproxy diff``)
     ``match``       a guest message against a recorded one: exact, ``prefix:N``, ``http``
     ``http``        just enough HTTP/1.x to match requests and compare responses

@@ -25,19 +25,23 @@ damaged is read as far as it goes, and the transcript says so (``problems``).
 Sans-I/O: ``TranscriptBuilder.feed`` takes ``Decoded`` packets one at a time (its ``transcript``
 grows as they come, and ``pending`` shows what is not a step yet, for a live view);
 ``transcript_of`` runs a decoder over records; ``load_transcript`` reads files (the only I/O here).
+A builder made with ``stream=True`` also hands out each step as it is made (``drain``: the step,
+its conversation and the packets it came in), and lets go of what it has handed out, so a reader
+that prints steps as they come (``vsproxy read --follow``) holds only what is not printed yet.
 """
 
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Final
+from typing import Final, NamedTuple
 
-from dissectors.streams import DETECT_BYTES
+from dissectors.streams import DETECT_BYTES, MAX_CONNECTIONS
 from vsproxy.capture.reader import CaptureError, Record, printable
-from vsproxy.decode import Decoded, Decoder, read_captures
+from vsproxy.decode import RECENT_CONNECTIONS, Decoded, Decoder, read_captures
 from vsproxy.verdict import Verdict, verdict_of
 from vsproxy.vsock import header as H
 
@@ -45,6 +49,7 @@ __all__ = [
     "Conversation",
     "Data",
     "Endpoint",
+    "Made",
     "Outcome",
     "Reset",
     "Shutdown",
@@ -186,6 +191,15 @@ class Conversation:
         return out
 
 
+class Made(NamedTuple):
+    """A step as a streaming builder hands it out (``TranscriptBuilder.drain``)."""
+
+    conv: Conversation
+    step: Step
+    first: int  # the packets it came in, numbered as fed (0: the first packet fed the builder)
+    last: int
+
+
 @dataclass(slots=True)
 class Transcript:
     conversations: list[Conversation] = field(default_factory=list)
@@ -194,6 +208,7 @@ class Transcript:
     spoofed: int = 0  # packets vsproxy dropped as spoofed (no step is made of them)
     other: int = 0  # frames without a virtio header
     error: str | None = None  # the capture is damaged here; what came before it is read
+    forgotten: int = 0  # streaming: conversations the capture lacks part of, let go of to bound memory
 
     @property
     def started_mid(self) -> bool:
@@ -223,7 +238,7 @@ class _Pending:
     """One direction's bytes not yet made a step: the packets' payloads as they are (joined once,
     when the step is made; one packet's payload becomes the step without a copy)."""
 
-    __slots__ = ("app", "chunks", "packets", "size", "time")
+    __slots__ = ("app", "chunks", "first", "last", "packets", "size", "time")
 
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
@@ -231,15 +246,17 @@ class _Pending:
         self.app: list[str] = []
         self.packets = 0
         self.time = 0.0
+        self.first = self.last = 0  # the packets' numbers, as fed (for ``Made``)
 
 
 class _Live:
     """Building one conversation: the per-direction state the finished one does not keep."""
 
-    __slots__ = ("conv", "pending", "sent", "shut")
+    __slots__ = ("conv", "pending", "sent", "shut", "spans")
 
     def __init__(self, conv: Conversation) -> None:
         self.conv = conv
+        self.spans: list[tuple[int, int]] = []  # streaming: each step's packets, beside ``conv.steps``
         self.pending = (_Pending(), _Pending())  # (from client, from server)
         self.sent = [0, 0]  # payload bytes seen from (client, server), modulo 2^32
         self.shut = [False, False]  # (client, server) will send no more
@@ -248,14 +265,37 @@ class _Live:
 class TranscriptBuilder:
     """Decoded packets in, in capture order; ``finish`` gives the transcript. A transcript holds
     every payload byte, so it is bounded: past ``max_bytes`` of payload, ``full`` turns True and
-    further packets are not taken (the caller stops; ``finish`` says where)."""
+    further packets are not taken (the caller stops; ``finish`` says where).
 
-    def __init__(self, max_bytes: int = MAX_BYTES) -> None:
+    ``stream=True``: ``drain`` hands out the steps made since it was last called, and a step handed
+    out leaves its conversation's ``steps`` (and ``held``), so memory is what is not handed out
+    yet; the steps of a conversation not ``selected`` yet wait for it to be, and are let go when
+    it ends unselected. Conversations that closed are let go too, once ``recent`` newer ones
+    have closed (past the decoder's own memory of ended connections, no packet can join them),
+    and so are those no packet came for while ``max_live`` others had one (a connection the
+    tracker dropped without a close: a REQUEST on its ends started another, or it was evicted):
+    ``transcript.conversations`` keeps the open ones and, of those the capture does not hold
+    whole, the last ``recent`` (the rest are counted in ``transcript.forgotten``), so the count of
+    connections in a capture does not bound memory either."""
+
+    def __init__(self, max_bytes: int = MAX_BYTES, *, stream: bool = False,
+                 recent: int = 2 * RECENT_CONNECTIONS,
+                 max_live: int = 2 * (MAX_CONNECTIONS + RECENT_CONNECTIONS)) -> None:
         self.transcript = Transcript()
-        self._live: dict[int, _Live] = {}  # by connection id; kept to the end (steps are the point)
+        # by connection id; kept to the end (steps are the point), streaming: least recently fed first
+        self._live: OrderedDict[int, _Live] = OrderedDict()
         self.max_bytes = max_bytes
         self.held = 0  # payload bytes held
         self.full = False
+        self.stream = stream
+        # streaming: the conversation of each step made since the last drain, in the order made
+        # (the step is that conversation's next one not handed out)
+        self._made: list[_Live] = []
+        self._newly: list[_Live] = []  # selected since the last drain, with steps made before
+        self._ended: OrderedDict[int, _Live] = OrderedDict()  # streaming: closed, by id, oldest first
+        self._recent = max(1, recent)
+        self._max_live = max(1, max_live)
+        self._forgotten = 0  # let go of since ``transcript.conversations`` was last compacted
 
     def feed(self, d: Decoded) -> None:
         if self.full:
@@ -266,6 +306,7 @@ class TranscriptBuilder:
             return
         t = self.transcript
         t.packets += 1
+        now = t.packets - 1  # this packet's number
         h, view = d.view.hdr, d.view
         if h is None:
             t.other += 1
@@ -280,10 +321,16 @@ class TranscriptBuilder:
         live = self._live.get(tc.id)
         if live is None:
             live = self._open(d)
+            if self.stream and len(self._live) > self._max_live:
+                self._forget(next(iter(self._live.values())))
+        elif self.stream:
+            self._live.move_to_end(tc.id)
         conv = live.conv
         conv.end = view.time
-        if d.matched:
+        if d.matched and not conv.selected:
             conv.selected = True
+            if self.stream and conv.steps:
+                self._newly.append(live)
         if conv.proto is None and tc.proto is not None:
             conv.proto = tc.proto
         if view.comment and conv.comment is None:
@@ -294,14 +341,14 @@ class TranscriptBuilder:
         self._check_ack(live, side, h.fwd_cnt)
         op = h.op
         if op == _RW:
-            self._data(live, side, d)
+            self._data(live, side, d, now)
         elif op == _RESPONSE:
             if conv.outcome is Outcome.PENDING:
                 conv.outcome = Outcome.ESTABLISHED
         elif op == _SHUTDOWN:
             self._flush(live, 0)
             self._flush(live, 1)
-            conv.steps.append(Shutdown(view.time, from_client, h.flags & H.SHUTDOWN_BOTH))
+            self._step(live, Shutdown(view.time, from_client, h.flags & H.SHUTDOWN_BOTH), now, now)
             if h.flags & H.SHUTDOWN_SEND:
                 live.shut[side] = True
             if h.flags & H.SHUTDOWN_RCV:
@@ -311,10 +358,19 @@ class TranscriptBuilder:
         elif op == _RST:
             self._flush(live, 0)
             self._flush(live, 1)
-            conv.steps.append(Reset(view.time, from_client))
+            self._step(live, Reset(view.time, from_client), now, now)
             conv.closed = True
             if conv.outcome is Outcome.PENDING:
                 conv.outcome = Outcome.DENIED if conv.verdict is Verdict.DENIED else Outcome.REFUSED
+        if self.stream and conv.closed and conv.id not in self._ended:
+            self._ended[conv.id] = live
+            if len(self._ended) > self._recent:
+                self._forget(self._ended.popitem(last=False)[1])
+
+    def conversation(self, conv_id: int) -> Conversation | None:
+        """Connection ``conv_id``'s conversation so far (a live view watches its ``lost`` grow)."""
+        live = self._live.get(conv_id)
+        return live.conv if live is not None else None
 
     def pending(self, conv_id: int) -> list[Data]:
         """What connection ``conv_id`` has sent that is not a step yet (a message still arriving,
@@ -328,6 +384,70 @@ class TranscriptBuilder:
             if p.packets:
                 out.append(Data(p.time, side == 0, b"".join(p.chunks), False, False, tuple(p.app), p.packets))
         return sorted(out, key=lambda d: d.time)
+
+    def drain(self) -> list[Made]:
+        """Streaming (``stream=True``): the steps made since the last call, in the order they were
+        made, of the conversations selected so far (a conversation selected late hands out the
+        steps it made before first). They leave the transcript. Empty when not streaming."""
+        if not self._made and not self._newly:  # most packets make no step
+            return []
+        out: list[Made] = []
+        given: dict[int, int] = {}  # conversation id -> its steps handed out by this call
+        touched: dict[int, _Live] = {}
+        for live in self._newly:  # selected since: what it made while unselected comes first
+            conv = live.conv
+            out += [Made(conv, step, *span) for step, span in zip(conv.steps, live.spans, strict=True)]
+            given[conv.id] = len(conv.steps)
+            touched[conv.id] = live
+        self._newly.clear()
+        for live in self._made:
+            conv = live.conv
+            at = given.get(conv.id, 0)
+            touched[conv.id] = live
+            if conv.selected and at < len(conv.steps):
+                out.append(Made(conv, conv.steps[at], *live.spans[at]))
+                given[conv.id] = at + 1
+        self._made.clear()
+        for live in touched.values():
+            if live.conv.selected:
+                self._release(live, given.get(live.conv.id, 0))
+            elif live.conv.closed:  # ended unselected: nobody will ask for its steps
+                self._release(live, len(live.spans))
+        return out
+
+    def _forget(self, live: _Live) -> None:
+        """Let go of a conversation that closed long ago (streaming): of its steps, whatever has
+        not been handed out (nobody will); it stays in the transcript if the capture lacks part of
+        it (for the end's account)."""
+        if self._live.get(live.conv.id) is live:
+            del self._live[live.conv.id]
+        self._ended.pop(live.conv.id, None)
+        self._release(live, len(live.spans))
+        self._forgotten += 1
+        convs = self.transcript.conversations
+        if self._forgotten > max(1024, len(convs) // 2):  # compact now and then: O(1) a conversation
+            self._forgotten = 0
+            kept = self._live
+            lacking = 0
+            out = []
+            for c in reversed(convs):  # the newest of those the capture lacks part of are kept
+                x = kept.get(c.id)
+                if x is not None and x.conv is c:
+                    out.append(c)
+                elif c.lost or c.cut or not c.seen_start:
+                    lacking += 1
+                    if lacking <= self._recent:
+                        out.append(c)
+            self.transcript.forgotten += max(0, lacking - self._recent)
+            convs[:] = out[::-1]
+
+    def _release(self, live: _Live, n: int) -> None:
+        steps = live.conv.steps
+        for step in steps[:n]:
+            if isinstance(step, Data):
+                self.held -= len(step.data)
+        del steps[:n]
+        del live.spans[:n]
 
     def finish(self, error: str | None = None) -> Transcript:
         """The transcript of everything fed; ``error``: the capture was damaged after it."""
@@ -374,7 +494,7 @@ class TranscriptBuilder:
         if 0 < ahead < _HALF and ahead > conv.lost:
             conv.lost = ahead
 
-    def _data(self, live: _Live, side: int, d: Decoded) -> None:
+    def _data(self, live: _Live, side: int, d: Decoded, now: int) -> None:
         h = d.view.hdr
         assert h is not None
         payload = d.view.payload
@@ -391,7 +511,10 @@ class TranscriptBuilder:
         if payload:
             p.chunks.append(payload)
             p.size += len(payload)
+        if not p.packets:
+            p.first = now
         p.packets += 1
+        p.last = now
         p.time = d.view.time
         if d.view.app:
             p.app += d.view.app
@@ -404,8 +527,7 @@ class TranscriptBuilder:
             # keeping this direction's bytes for detection), or the step is as large as steps get
             self._flush(live, side)
 
-    @staticmethod
-    def _flush(live: _Live, side: int, eom: bool = False, eor: bool = False) -> None:
+    def _flush(self, live: _Live, side: int, eom: bool = False, eor: bool = False) -> None:
         p = live.pending[side]
         if not p.packets:
             return
@@ -413,8 +535,14 @@ class TranscriptBuilder:
         if conv.sock_type == _SEQPACKET and not eom:
             conv.cut = True
         data = p.chunks[0] if len(p.chunks) == 1 else b"".join(p.chunks)
-        conv.steps.append(Data(p.time, side == 0, data, eom, eor, tuple(p.app), p.packets))
+        self._step(live, Data(p.time, side == 0, data, eom, eor, tuple(p.app), p.packets), p.first, p.last)
         live.pending = (_Pending(), live.pending[1]) if side == 0 else (live.pending[0], _Pending())
+
+    def _step(self, live: _Live, step: Step, first: int, last: int) -> None:
+        live.conv.steps.append(step)
+        if self.stream:
+            live.spans.append((first, last))
+            self._made.append(live)
 
 
 def transcript_of(records: Iterable[Record], decoder: Decoder | None = None, max_bytes: int = MAX_BYTES) -> Transcript:

@@ -1,4 +1,5 @@
-"""The follow screen: one connection's bytes, both directions coloured as in the packet list."""
+"""The follow screen: one connection's transcript (vsproxy/tui/follow.py), both directions coloured
+as in the packet list."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ class FollowScreen(Screen[None]):
 
     def __init__(self) -> None:
         super().__init__()
-        self._shown: tuple[int, bool, int] | None = None
+        self._shown: tuple[int, bool, int, bool, int] | None = None
 
     @property
     def tui(self) -> TuiApp:
@@ -55,15 +56,16 @@ class FollowScreen(Screen[None]):
         store = tui.store
         cid = tui.follow_conn
         row = store.conns.get(cid)
-        key = (cid, tui.follow_hex, row.last if row is not None else -1)
+        src = tui.source
+        ended = src.done or not src.live  # a live source may still add to the connection
+        key = (cid, tui.follow_hex, row.last if row is not None else -1, ended, src.drops)
         if key != self._shown:
             self._shown = key
             box = self.query_one("#stream", Static)
             if row is None:
                 box.update("No connection followed: select a packet or a connection and press f.")
-            else:
-                title = f"{row.describe()} {row.type_name.upper()}{' ' + row.proto if row.proto else ''}"
-                box.update(follow.render(store.follow(cid), store.app, tui.follow_hex, title))
+            else:  # the connection's transcript, the model `vsproxy read --follow` prints
+                box.update(follow.render(follow.followed(store, cid, ended), tui.follow_hex, src.drops))
         self.query_one(StatusBar).show(*tui.status_parts())
 
     def action_toggle_hex(self) -> None:
