@@ -1,0 +1,415 @@
+"""Live ingest in a process of its own: a live pcapng stream is read and decoded away from the
+UI's process, whose store only takes in finished rows (``Store.apply``).
+
+Decoding a packet (the stream tracker, the application dissectors) costs the UI's interpreter
+tens of microseconds, under the one lock Python has: at 100,000 packets a second that is more
+than the whole of it, and keys wait. So a live source starts this module as a child process
+(``python -m vsproxy.tui.ingest``) reading the stream (its stdin: a pipe, the TUI's stdin, or a
+copy of the data an in-process vsproxy hands over; or ``--attach PATH``: a control socket it
+subscribes to itself), feeding the records to a store of its own (the same ``Store._feed``
+code, so rows, flags and connections are the ones a file shows) and writing batches to its
+stdout, about every 50 ms and whenever the stream goes quiet:
+
+    frame   = u32 length, u32 type, payload           (little-endian)
+    BATCH   = u32 header length, header (JSON: names new since the last batch, comments and
+              application summaries by place in the batch, the connections the batch changed,
+              the devices, counts), then the columns: time f64, direction u8, device u16,
+              flags u8, connection i32, protocol u8, frame offsets u32 (n + 1), the frames
+    END     = JSON: {"error": one line or null, "drops": n}
+
+It never holds the writer back: between records it takes whatever the stream has ready into
+its own buffer, and when decoding falls behind by more than ``HIGH_WATER`` bytes it counts the
+records it cannot decode as feed drops (shown in the status bar) until it has caught up to
+``LOW_WATER``. The UI's store keeps the frames (its ring) and decodes a row's line, detail and
+payload again when asked for, as before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import select
+import struct
+import subprocess
+import sys
+import threading
+import time
+from array import array
+from collections.abc import Callable
+from itertools import accumulate
+from typing import IO, Any, Final
+
+from vsproxy.capture.reader import CaptureError, Record, records
+from vsproxy.tui.model import ConnRow, DeviceRow, IngestBatch, Store
+
+BATCH: Final = 1
+END: Final = 2
+SEND_EVERY_S: Final = 0.05  # a batch at least this often while packets come
+SEND_ROWS: Final = 8192  # or when this many are waiting
+STEP: Final = 256  # records decoded between looks at the stream (and at the clock)
+HIGH_WATER: Final = 16 << 20  # bytes read but not decoded: past this, records are dropped, counted
+LOW_WATER: Final = 4 << 20  # ... until the backlog is down to this
+BUFFER_CAP: Final = 64 << 20  # never buffer more than this: past it, the writer waits
+PIPE_SIZE: Final = 1 << 20  # asked of the kernel for the stream's pipe: ~100 ms at 100,000 packets/s
+_FRAME: Final = struct.Struct("<II")
+_HDR: Final = struct.Struct("<I")
+
+
+class IngestError(Exception):
+    """The ingest process sent something that is not a batch: one line for the user."""
+
+
+# -- the wire: sans-I/O ----------------------------------------------------------------------------
+def _conn_fields(r: ConnRow) -> list[Any]:
+    return [r.id, r.device, list(r.client), list(r.server), r.sock_type, r.first, r.last, r.first_ts, r.last_ts,
+            r.proto, r.state, r.verdict, r.rule, r.rewritten, r.pk0, r.pk1, r.by0, r.by1, r.ba0, r.ba1, r.fc0, r.fc1]
+
+
+def _conn_row(f: list[Any]) -> ConnRow:
+    return ConnRow(f[0], f[1], (f[2][0], f[2][1]), (f[3][0], f[3][1]), *f[4:])
+
+
+def encode_batch(store: Store, recs: list[Record], sent_devs: int, sent_protos: int, lo_sec: int,
+                 drops: int) -> bytes:
+    """The BATCH frame for ``recs``: the last ``len(recs)`` packets ``store`` took (its ring
+    holds them: it is at least ``SEND_ROWS`` long). ``sent_devs``, ``sent_protos``: the names
+    the other side has; ``lo_sec``: the earliest second of these packets (per-device rates
+    from there on are sent). Empties ``store.touched``."""
+    n = len(recs)
+    start = store.total - n
+    pos = start - store.first
+    apps = store._apps
+    app_items = [[k, list(a)] for k in range(n) if (a := apps.get(start + k))]
+    touched = store.touched or set()
+    conns = [_conn_fields(store.conns[c]) for c in sorted(touched) if c in store.conns]
+    touched.clear()
+    devices = [[d.name, d.packets, d.bytes, d.denied, d.spoofed, d.rewritten, d.connections, sorted(d.cids),
+                [[s, v] for s, v in d.per_second.items() if s >= lo_sec]] for d in store.devices.values()]
+    header = {
+        "n": n,
+        "dev_names": store.dev_names[sent_devs:],
+        "proto_names": store.protos[sent_protos:],
+        "comments": [[k, r.comment] for k, r in enumerate(recs) if r.comment],
+        "apps": app_items,
+        "conns": conns,
+        "devices": devices,
+        "bad": store.bad_frames,
+        "drops": drops,
+    }
+    head = json.dumps(header, separators=(",", ":")).encode()
+    offsets = array("I", [0])
+    offsets.extend(accumulate(len(r.frame) for r in recs))
+    parts = [_HDR.pack(len(head)), head, store._ts[pos:].tobytes(), bytes(store._dir[pos:]), store._dev[pos:].tobytes(),
+             bytes(store._flags[pos:]), store._conn[pos:].tobytes(), store._proto[pos:].tobytes(), offsets.tobytes(),
+             b"".join(r.frame for r in recs)]
+    payload = b"".join(parts)
+    return _FRAME.pack(len(payload), BATCH) + payload
+
+
+def decode_batch(payload: bytes) -> tuple[IngestBatch, int]:
+    """A BATCH frame's payload: the batch and the feed drops counted so far. Raises ``IngestError``."""
+    try:
+        (hl,) = _HDR.unpack_from(payload, 0)
+        h = json.loads(payload[4 : 4 + hl])
+        n = int(h["n"])
+        mv = memoryview(payload)
+        at = 4 + hl
+
+        def take(code: str, count: int) -> array[Any]:
+            nonlocal at
+            a = array(code)
+            size = a.itemsize * count
+            a.frombytes(mv[at : at + size])
+            at += size
+            return a
+
+        ts = take("d", n)
+        dirs = bytes(mv[at : at + n])
+        at += n
+        devs = take("H", n)
+        flags = bytes(mv[at : at + n])
+        at += n
+        conns = take("i", n)
+        protos = bytes(mv[at : at + n])
+        at += n
+        offsets = take("I", n + 1)
+        frames = bytes(mv[at:])
+        if len(frames) != offsets[-1] or len(ts) != n:
+            raise IngestError("a batch shorter than its rows")
+        devices = []
+        for name, packets, nbytes, denied, spoofed, rewritten, nconn, cids, secs in h["devices"]:
+            devices.append(DeviceRow(name, packets, nbytes, denied, spoofed, rewritten, nconn, set(cids),
+                                     {int(s): int(v) for s, v in secs}))
+        batch = IngestBatch(n, ts, dirs, devs, flags, conns, protos, frames, offsets,
+                            {int(k): str(c) for k, c in h["comments"]},
+                            {int(k): tuple(a) for k, a in h["apps"]},
+                            list(h["dev_names"]), list(h["proto_names"]),
+                            [_conn_row(f) for f in h["conns"]], devices, int(h["bad"]))
+        return batch, int(h["drops"])
+    except (ValueError, KeyError, TypeError, IndexError, struct.error) as e:
+        raise IngestError(f"a damaged batch from the ingest process ({type(e).__name__}: {e})") from None
+
+
+# -- the ingest process ----------------------------------------------------------------------------
+class _Input:
+    """The stream as ``records`` reads it: ``read(n)`` from a buffer that takes in whatever the
+    descriptor has ready each time it runs short (and on ``drain``), so the writer never waits
+    on decoding; before it would wait for more, ``idle`` sends what is batched."""
+
+    def __init__(self, fd: int, first: bytes, idle: Callable[[], None]) -> None:
+        self.fd = fd
+        self.buf = bytearray(first)
+        self.pos = 0
+        self.eof = False
+        self.idle = idle
+        os.set_blocking(fd, False)
+
+    @property
+    def backlog(self) -> int:
+        return len(self.buf) - self.pos
+
+    def drain(self) -> None:
+        while not self.eof and len(self.buf) - self.pos < BUFFER_CAP:
+            try:
+                data = os.read(self.fd, 1 << 20)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not data:
+                self.eof = True
+                return
+            self.buf += data
+
+    def read(self, n: int) -> bytes:
+        if len(self.buf) - self.pos < n:
+            self.drain()
+            while len(self.buf) - self.pos < n and not self.eof:
+                self.idle()
+                select.select([self.fd], [], [], 1.0)
+                self.drain()
+        out = bytes(self.buf[self.pos : self.pos + n])
+        self.pos += len(out)
+        if self.pos > 1 << 20:  # let go of what was read, now and then (not per record: O(n) each)
+            del self.buf[: self.pos]
+            self.pos = 0
+        return out
+
+
+class Ingest:
+    """The ingest process's work: records from ``fd`` into a store, batches to ``out``."""
+
+    def __init__(self, fd: int, out: IO[bytes], limit: int, first: bytes = b"") -> None:
+        self.store = Store(limit=max(limit, 2 * SEND_ROWS), keep_records=False)
+        self.store.touched = set()
+        self.out = out
+        self.input = _Input(fd, first, self.send)
+        self.pending: list[Record] = []
+        self.fed = 0  # of pending, how many the store has taken
+        self.drops = 0
+        self._sent_drops = 0
+        self._sent_devs = 0
+        self._sent_protos = 0
+        self._last_send = time.monotonic()
+        _grow_pipe(fd)
+
+    def run(self) -> str | None:
+        """Read to the end of the stream; the error line, if it ends in one."""
+        try:
+            self._loop()
+        except CaptureError as e:
+            self.send()
+            return f"damaged stream: {e} (read {self.store.total} packets before it)"
+        except OSError as e:
+            self.send()
+            return f"live stream: {e.strerror or e}"
+        self.send()
+        return None
+
+    def _loop(self) -> None:
+        inp = self.input
+        pending = self.pending
+        dropping = False
+        n = 0
+        for rec in records(inp):  # type: ignore[arg-type]  # duck-typed: records only calls read()
+            n += 1
+            if dropping:
+                self.drops += 1
+            else:
+                pending.append(rec)
+            if n % STEP:
+                continue
+            self._feed()
+            inp.drain()
+            backlog = inp.backlog
+            dropping = backlog > (LOW_WATER if dropping else HIGH_WATER)
+            if len(pending) >= SEND_ROWS or time.monotonic() - self._last_send >= SEND_EVERY_S:
+                self.send()
+        self._feed()
+
+    def _feed(self) -> None:
+        if self.fed < len(self.pending):
+            self.store.feed_many((r, -1) for r in self.pending[self.fed :])
+            self.fed = len(self.pending)
+
+    def send(self) -> None:
+        """What is batched, to the UI (and the drop count when only it changed)."""
+        self._feed()
+        pending = self.pending
+        self._last_send = time.monotonic()
+        if not pending and self.drops == self._sent_drops:
+            return
+        store = self.store
+        lo = min((int(r.ts) for r in pending), default=0)
+        frame = encode_batch(store, pending, self._sent_devs, self._sent_protos, lo, self.drops)
+        self._sent_devs, self._sent_protos = len(store.dev_names), len(store.protos)
+        self._sent_drops = self.drops
+        pending.clear()
+        self.fed = 0
+        self.out.write(frame)
+        self.out.flush()
+
+    def end(self, error: str | None) -> None:
+        payload = json.dumps({"error": error, "drops": self.drops}).encode()
+        self.out.write(_FRAME.pack(len(payload), END) + payload)
+        self.out.flush()
+
+
+def _grow_pipe(fd: int) -> None:
+    """A bigger pipe buffer, when the stream is a pipe (the kernel's limit allowing)."""
+    try:
+        fcntl.fcntl(fd, 1031, PIPE_SIZE)  # F_SETPIPE_SZ
+    except OSError:
+        pass
+
+
+def _attach(path: str) -> tuple[int, bytes, Any]:
+    from vsproxy.ctl import ask, connect
+
+    s = connect(path)
+    _, rest = ask(s, {"cmd": "subscribe", "what": "packets"})
+    s.settimeout(None)
+    return s.fileno(), rest, s
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m vsproxy.tui.ingest", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--limit", type=int, default=200_000, help="the UI's ring size")
+    ap.add_argument("--attach", metavar="PATH", help="subscribe to this control socket's packets (else: stdin)")
+    args = ap.parse_args(argv)
+    out = sys.stdout.buffer
+    sys.stdout = sys.stderr  # nothing else may write to the batches' pipe
+    fd, first, keep = 0, b"", None
+    if args.attach:
+        from vsproxy.ctl import CtlError
+
+        try:
+            fd, first, keep = _attach(args.attach)
+        except (CtlError, OSError) as e:
+            payload = json.dumps({"error": f"control socket gone: {e}; what was received is kept", "drops": 0})
+            out.write(_FRAME.pack(len(payload), END) + payload.encode())
+            out.flush()
+            return 0
+    ingest = Ingest(fd, out, args.limit, first)
+    try:
+        error = ingest.run()
+        ingest.end(error)
+    except BrokenPipeError:  # the UI has gone: nothing to tell
+        pass
+    except Exception as e:  # the last line of defence: one line for the UI, never a traceback on its screen
+        try:
+            ingest.end(f"ingest process: {type(e).__name__}: {e}")
+        except OSError:
+            pass
+    if keep is not None:
+        keep.close()
+    return 0
+
+
+# -- the UI's side ---------------------------------------------------------------------------------
+class IngestProcess:
+    """The ingest process of a live source, seen from the UI: ``pump`` (on the source's thread)
+    takes its batches into ``store`` until it ends; ``drops``: what it could not decode."""
+
+    def __init__(self, store: Store, stdin: int | None, attach: str | None = None) -> None:
+        assert store.limit is not None
+        cmd = [sys.executable, "-m", "vsproxy.tui.ingest", "--limit", str(store.limit)]
+        if attach is not None:
+            cmd += ["--attach", attach]
+        self.store = store
+        self.drops = 0
+        self.ended = False
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if stdin is None else stdin, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, close_fds=True)
+        self._stderr: list[bytes] = []
+        threading.Thread(target=self._drain_stderr, name="tui-ingest-err", daemon=True).start()
+
+    @property
+    def stdin(self) -> IO[bytes] | None:
+        return self.proc.stdin
+
+    def _drain_stderr(self) -> None:
+        err = self.proc.stderr
+        assert err is not None
+        with err:
+            for line in err:
+                if len(self._stderr) < 50:
+                    self._stderr.append(line)
+
+    def pump(self) -> str | None:
+        """Batches into the store until the process ends: its error line, if any."""
+        out = self.proc.stdout
+        assert out is not None
+        try:
+            return self._pump(out)
+        except (OSError, ValueError):  # stopped: its pipe closed under the read
+            return None
+        finally:
+            self.ended = True
+            out.close()
+
+    def _pump(self, out: IO[bytes]) -> str | None:
+        store = self.store
+        while True:
+            head = out.read(_FRAME.size)
+            if len(head) < _FRAME.size:
+                self.proc.wait()
+                if self._stderr:
+                    last = self._stderr[-1].decode(errors="replace").strip()
+                    return f"ingest process failed: {last}"
+                return None  # stopped
+            length, kind = _FRAME.unpack(head)
+            payload = out.read(length)
+            if len(payload) < length:
+                continue  # cut short: the end shows at the next read
+            if kind == BATCH:
+                batch, self.drops = decode_batch(payload)
+                store.apply(batch)
+            elif kind == END:
+                end = json.loads(payload)
+                self.drops = int(end.get("drops", 0))
+                err = end.get("error")
+                return str(err) if err else None
+            else:
+                raise IngestError(f"an unknown frame type {kind} from the ingest process")
+
+    def stop(self) -> None:
+        """End the process (ours: by its pid, through Popen)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
