@@ -29,7 +29,7 @@ from typing import IO, TYPE_CHECKING, Any, Final
 
 from vsproxy.capture.reader import CaptureError, Record
 from vsproxy.tui.fileindex import FileAccess, indexed_records
-from vsproxy.tui.ingest import IngestError, IngestProcess
+from vsproxy.tui.ingest import HIGH_WATER, IngestError, IngestProcess
 from vsproxy.tui.model import Store
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ class Source:
         self._batch: list[tuple[Record, int]] = []
         self._held_until = 0.0
         self._ingest_lock = threading.Lock()
+        self.high_water = HIGH_WATER  # live: the ingest process's backlog past which it drops
         self.started = False
 
     def start(self) -> None:
@@ -99,7 +100,7 @@ class Source:
         with self._ingest_lock:
             if self.stopping.is_set():
                 return None
-            self.ingest = IngestProcess(self.store, stdin, attach)
+            self.ingest = IngestProcess(self.store, stdin, attach, self.high_water)
         try:
             return self.ingest.pump()
         except IngestError as e:
