@@ -161,6 +161,11 @@ class _Input:
         self.pos = 0
         self.eof = False
         self.idle = idle
+        # decoding has fallen behind: ``stream_records`` skips packet blocks (counted in
+        # ``dropped``, never taken apart) until the backlog is down to ``low``
+        self.dropping = False
+        self.dropped = 0
+        self.low = 0
         os.set_blocking(fd, False)
 
     @property
@@ -168,6 +173,9 @@ class _Input:
         return len(self.buf) - self.pos
 
     def drain(self) -> None:
+        if self.pos > max(1 << 20, len(self.buf) - self.pos):  # let go of what was read (amortised O(1))
+            del self.buf[: self.pos]
+            self.pos = 0
         while not self.eof and len(self.buf) - self.pos < BUFFER_CAP:
             try:
                 data = os.read(self.fd, 1 << 20)
@@ -182,9 +190,6 @@ class _Input:
         """At least ``n`` bytes buffered (waiting for them); False: the stream ended short of them."""
         if len(self.buf) - self.pos >= n:
             return True
-        if self.pos > 1 << 20:  # let go of what was read, now and then (not per record: O(n) each)
-            del self.buf[: self.pos]
-            self.pos = 0
         self.drain()
         while len(self.buf) - self.pos < n and not self.eof:
             self.idle()
@@ -242,6 +247,13 @@ def stream_records(inp: _Input) -> Iterator[Record]:
         buf, pos = inp.buf, inp.pos
         if u32(buf, pos + length - 4)[0] != length:
             raise CaptureError(f"block at byte {off}: trailing length does not match")
+        if btype == bt_epb and inp.dropping:
+            inp.pos = pos + length
+            off += length
+            inp.dropped += 1
+            if len(buf) - inp.pos <= inp.low:
+                inp.dropping = False
+            continue
         if btype == bt_epb:
             if length < 32:
                 raise CaptureError(f"packet block at byte {off} is too short")
@@ -306,7 +318,7 @@ class Ingest:
         self.input = _Input(fd, first, self.send)
         self.pending: list[Record] = []
         self.fed = 0  # of pending, how many the store has taken
-        self.drops = 0
+        self._drops = 0  # dropped here (a classic pcap stream); a pcapng stream's are the reading's
         self._sent_drops = 0
         self._sent_devs = 0
         self._sent_protos = 1  # protos[0], None, every store has
@@ -331,10 +343,12 @@ class Ingest:
         pending = self.pending
         dropping = False
         n = 0
+        inp.low = self.low_water
+        pcapng = inp.ensure(4) and bytes(inp.buf[inp.pos : inp.pos + 4]) == _U32.pack(fmt.BT_SHB)
         for rec in stream_records(inp):
             n += 1
             if dropping:
-                self.drops += 1
+                self._drops += 1
             else:
                 pending.append(rec)
             if n % STEP:
@@ -342,10 +356,17 @@ class Ingest:
             self._feed()
             inp.drain()
             backlog = inp.backlog
-            dropping = backlog > (self.low_water if dropping else self.high_water)
+            if pcapng:  # the reading itself skips what cannot be decoded (cheaper than taking it apart)
+                inp.dropping = inp.dropping or backlog > self.high_water
+            else:
+                dropping = backlog > (self.low_water if dropping else self.high_water)
             if len(pending) >= SEND_ROWS or time.monotonic() - self._last_send >= SEND_EVERY_S:
                 self.send()
         self._feed()
+
+    @property
+    def drops(self) -> int:
+        return self._drops + self.input.dropped
 
     def _feed(self) -> None:
         if self.fed < len(self.pending):
