@@ -169,7 +169,7 @@ async def test_a_damaged_block_ends_the_live_stream_with_one_line_and_keeps_what
 async def test_when_decoding_falls_behind_records_are_dropped_counted_and_shown() -> None:
     r, w = os.pipe()
     src = StreamSource(os.fdopen(r, "rb"), "pipe", limit=100_000)
-    src.high_water = 64 << 10  # a small backlog: the burst below is more than it decodes in time
+    src.high_water = 500  # a small backlog: the burst below is more than it decodes in time
     src.start()
     n = 60_000
     writer = write_stream(w, [packet(i) for i in range(n)])

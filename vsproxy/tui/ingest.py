@@ -19,10 +19,11 @@ stdout, about every 50 ms and whenever the stream goes quiet:
     END     = JSON: {"error": one line or null, "drops": n}
 
 It never holds the writer back: between records it takes whatever the stream has ready into
-its own buffer, and when decoding falls behind by more than ``HIGH_WATER`` bytes it counts the
+its own buffer, and when decoding falls behind by more than ``HIGH_WATER`` records it counts the
 records it cannot decode as feed drops (shown in the status bar) until it has caught up to
-a quarter of that. The UI's store keeps the frames (its ring) and decodes a row's line, detail and
-payload again when asked for, as before.
+a quarter of that; it never buffers more than ``BUFFER_CAP`` bytes (big frames: then the
+writer waits, and a vsproxy counts its subscriber's drops itself). The UI's store keeps the
+frames (its ring) and decodes a row's line, detail and payload again when asked for, as before.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import json
 import os
 import pickle
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -52,8 +54,11 @@ END: Final = 2
 SEND_EVERY_S: Final = 0.05  # a batch at least this often while packets come
 SEND_ROWS: Final = 8192  # or when this many are waiting
 STEP: Final = 256  # records decoded between looks at the stream (and at the clock)
-HIGH_WATER: Final = 8 << 20  # bytes read but not decoded: past this, records are dropped, counted
-BUFFER_CAP: Final = 32 << 20  # never buffer more than this: past it, the writer waits
+# Records read but not decoded (estimated from the bytes buffered and the mean record size so
+# far): past this, records are dropped, counted, until the backlog is down to a quarter. In
+# records, not bytes: decoding costs by the record (about a second of it at ~50,000 a second).
+HIGH_WATER: Final = 50_000
+BUFFER_CAP: Final = 64 << 20  # never buffer more bytes than this: past it, the writer waits
 NICE: Final = 10  # the ingest process's niceness, added to the UI's
 PIPE_SIZE: Final = 1 << 20  # asked of the kernel for the stream's pipe: ~100 ms at 100,000 packets/s
 _FRAME: Final = struct.Struct("<II")
@@ -166,6 +171,7 @@ class _Input:
         self.dropping = False
         self.dropped = 0
         self.low = 0
+        self.taken = 0  # bytes handed on (records read or skipped), for the mean record size
         os.set_blocking(fd, False)
 
     @property
@@ -201,6 +207,7 @@ class _Input:
         self.ensure(n)
         out = bytes(self.buf[self.pos : self.pos + n])
         self.pos += len(out)
+        self.taken += len(out)
         return out
 
 
@@ -247,6 +254,7 @@ def stream_records(inp: _Input) -> Iterator[Record]:
         buf, pos = inp.buf, inp.pos
         if u32(buf, pos + length - 4)[0] != length:
             raise CaptureError(f"block at byte {off}: trailing length does not match")
+        inp.taken += length
         if btype == bt_epb and inp.dropping:
             inp.pos = pos + length
             off += length
@@ -343,7 +351,6 @@ class Ingest:
         pending = self.pending
         dropping = False
         n = 0
-        inp.low = self.low_water
         pcapng = inp.ensure(4) and bytes(inp.buf[inp.pos : inp.pos + 4]) == _U32.pack(fmt.BT_SHB)
         for rec in stream_records(inp):
             n += 1
@@ -355,9 +362,12 @@ class Ingest:
                 continue
             self._feed()
             inp.drain()
-            backlog = inp.backlog
+            mean = max(1.0, inp.taken / (n + self.drops))
+            backlog = inp.backlog / mean  # records, about
             if pcapng:  # the reading itself skips what cannot be decoded (cheaper than taking it apart)
-                inp.dropping = inp.dropping or backlog > self.high_water
+                if not inp.dropping and backlog > self.high_water:
+                    inp.dropping = True
+                    inp.low = int(self.low_water * mean)
             else:
                 dropping = backlog > (self.low_water if dropping else self.high_water)
             if len(pending) >= SEND_ROWS or time.monotonic() - self._last_send >= SEND_EVERY_S:
@@ -404,6 +414,16 @@ def _grow_pipe(fd: int) -> None:
         pass
 
 
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _attach(path: str) -> tuple[int, bytes, Any]:
     from vsproxy.ctl import ask, connect
 
@@ -418,9 +438,13 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=200_000, help="the UI's ring size")
     ap.add_argument("--attach", metavar="PATH", help="subscribe to this control socket's packets (else: stdin)")
-    ap.add_argument("--high-water", type=int, default=HIGH_WATER, metavar="BYTES",
-                    help="bytes read but not decoded past which records are dropped (counted)")
+    ap.add_argument("--high-water", type=int, default=HIGH_WATER, metavar="RECORDS",
+                    help="records read but not decoded past which records are dropped (counted)")
     args = ap.parse_args(argv)
+    # The UI ends this process (terminate); a Ctrl-C meant for the UI is not for it, and when
+    # the UI dies without a word (SIGKILL), the kernel ends it too (PR_SET_PDEATHSIG)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     # The UI's process first: when the two want the same CPU, a key is drawn before more packets
     # are decoded (what cannot be decoded in time is counted as dropped, never waited for).
     try:
