@@ -14,8 +14,9 @@ C paths, the C pump included), beside which "reading" shows what a live subscrib
 hub's copy of each chunk for it, and its reading). Every mode's vsproxy runs at once and the
 runs take turns, best of --repeat. The simulated guest blasts RW packets (as bench_throughput.py's
 guest->host rows) to a host reader process. "tui" is the terminal UI attached to the control
-socket (``vsproxy tui --attach``: the real app, headless, in its own process; its records are
-the packets its store took). Targets (reported, not asserted): reading >= 85% of no subscriber
+socket (``vsproxy tui --attach``: the real app, headless, in its own process, decoding in its
+ingest process; its records are the packets its store took, its drops the hub's for it plus
+those its ingest process could not decode in time). Targets (reported, not asserted): reading >= 85% of no subscriber
 at 64 KiB and >= 75% at 64 B; stalled >= 95%; drops only in the stalled one; tui >= 90% at
 64 KiB (issue 15).
 """
