@@ -58,6 +58,8 @@ def _tui(path: str, ready: Pipe, stop: Pipe) -> None:
         src = AttachSource(path)
         app = TuiApp(src)
         async with app.run_test(size=(160, 50)) as pilot:
+            while src.ingest is None or not src.ingest.ready:  # subscribed, by its ingest process
+                await pilot.pause(0.05)
             ready.send("attached")
             while True:  # "stats": what it took and dropped so far; "stop": the same, and quit
                 if not stop.poll():

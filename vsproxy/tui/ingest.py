@@ -17,6 +17,7 @@ stdout, about every 50 ms and whenever the stream goes quiet:
               loads several times faster than JSON), then the columns: time f64, direction u8, device u16,
               flags u8, connection i32, protocol u8, frame offsets u32 (n + 1), the frames
     END     = JSON: {"error": one line or null, "drops": n}
+    READY   = empty: reading (attached: subscribed), sent once before any batch
 
 It never holds the writer back: between records it takes whatever the stream has ready into
 its own buffer, and when decoding falls behind by more than ``HIGH_WATER`` records it counts the
@@ -51,6 +52,7 @@ from vsproxy.tui.model import ConnRow, DeviceRow, IngestBatch, Store
 
 BATCH: Final = 1
 END: Final = 2
+READY: Final = 3
 SEND_EVERY_S: Final = 0.05  # a batch at least this often while packets come
 SEND_ROWS: Final = 8192  # or when this many are waiting
 STEP: Final = 256  # records decoded between looks at the stream (and at the clock)
@@ -466,6 +468,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     ingest = Ingest(fd, out, args.limit, first, max(1, args.high_water))
     try:
+        out.write(_FRAME.pack(0, READY))
+        out.flush()
         error = ingest.run()
         ingest.end(error)
     except BrokenPipeError:  # the UI has gone: nothing to tell
@@ -492,6 +496,7 @@ class IngestProcess:
             cmd += ["--attach", attach]
         self.store = store
         self.drops = 0
+        self.ready = False  # reading (attached: subscribed)
         self.ended = False
         self.proc = subprocess.Popen(cmd, stdin=stdin, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, close_fds=True)
@@ -539,6 +544,8 @@ class IngestProcess:
             if kind == BATCH:
                 batch, self.drops = decode_batch(payload)
                 store.apply(batch)
+            elif kind == READY:
+                self.ready = True
             elif kind == END:
                 end = json.loads(payload)
                 self.drops = int(end.get("drops", 0))
