@@ -6,6 +6,7 @@ and shown, and the writer is not held back."""
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 
@@ -200,3 +201,18 @@ def test_a_truncated_stream_is_the_reader_s_error() -> None:
             got.append(rec)
     os.close(r)
     assert len(got) == 1 and got[0].ts == 1000.0
+
+
+def test_a_damaged_batch_is_one_error_line_not_a_traceback() -> None:
+    from vsproxy.tui.ingest import IngestError, decode_batch, encode_batch
+
+    store = Store(limit=100, keep_records=False)
+    store.touched = set()
+    recs = list(records(io.BytesIO(fmt.pcapng_shb() + fmt.pcapng_idb("app") + packet(0))))
+    store.feed_many((r, -1) for r in recs)
+    frame = encode_batch(store, recs, 0, 1, 0, 0)
+    batch, drops = decode_batch(frame[8:])
+    assert batch.n == 1 and drops == 0 and batch.dev_names == ["app"] and batch.frames == recs[0].frame
+    for cut in (frame[8:20], frame[8:-3], b"\x05\x00\x00\x00junk!"):
+        with pytest.raises(IngestError, match=r"a damaged batch from the ingest process|shorter than its rows"):
+            decode_batch(cut)
