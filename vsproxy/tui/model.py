@@ -8,7 +8,9 @@ Each packet is decoded once, when fed, by the one ``vsproxy.decode.Decoder`` (th
 sees every record in order): the store keeps its time, connection id, protocol, direction,
 meaning flags (denied, spoofed, RST, rewritten, refused, marked) and, sparsely, the application
 summaries of packets that end messages. A row's text, its ``-V`` detail and a connection's
-payload are decoded again from the record when asked for.
+payload are decoded again from the record when asked for. Live sources feed a store of the
+same kind in their ingest process (``vsproxy.tui.ingest``, ``keep_records=False``) and the
+UI's store takes its rows, frames and connections as they are (``apply``).
 
 Indices are absolute: packet ``i`` keeps its number while older packets leave the ring;
 ``first`` is the oldest still held.

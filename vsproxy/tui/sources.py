@@ -6,15 +6,15 @@ a running vsproxy) its latest snapshot and events.
   reading the last one as it grows (``--follow-file``).
 - ``StreamSource``: a pcapng stream (stdin: ``vsproxy ctl PATH pcap | vsproxy tui -``), kept in
   the store's ring.
-
-The live ones (stream, attach, in-process) decode in a process of their own
-(``vsproxy.tui.ingest``): the UI's process only takes in its batches of finished rows, so a
-fast feed costs the keys nothing; what that process cannot decode in time it counts as feed
-drops rather than hold the writer back.
 - ``AttachSource``: a running vsproxy's control socket (docs/control.md): packets, snapshots
   every second, events. When the socket goes away the state says so and the data stays.
 - ``ProxySource``: a ``Proxy`` in this process (``vsproxy --tui``): ``Proxy.subscribe_packets``
   and ``Proxy.snapshot``.
+
+The live ones (stream, attach, in-process) decode in a process of their own
+(``vsproxy.tui.ingest``): the UI's process only takes in its batches of finished rows, so a
+fast feed costs the keys little; what that process cannot decode in time it counts as feed
+drops rather than hold the writer back.
 """
 
 from __future__ import annotations
