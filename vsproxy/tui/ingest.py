@@ -83,7 +83,13 @@ def _conn_row(f: tuple[Any, ...]) -> ConnRow:
 
 def encode_batch(store: Store, recs: list[Record], sent_devs: int, sent_protos: int, lo_sec: int,
                  drops: int) -> bytes:
-    """The BATCH frame for ``recs``: the last ``len(recs)`` packets ``store`` took (its ring
+    """``batch_parts`` as one frame."""
+    return b"".join(batch_parts(store, recs, sent_devs, sent_protos, lo_sec, drops))
+
+
+def batch_parts(store: Store, recs: list[Record], sent_devs: int, sent_protos: int, lo_sec: int,
+                drops: int) -> list[bytes]:
+    """The BATCH frame for ``recs``, in parts: the last ``len(recs)`` packets ``store`` took (its ring
     holds them: it is at least ``SEND_ROWS`` long). ``sent_devs``, ``sent_protos``: the names
     the other side has; ``lo_sec``: the earliest second of these packets (per-device rates
     from there on are sent). Empties ``store.touched``."""
@@ -112,10 +118,10 @@ def encode_batch(store: Store, recs: list[Record], sent_devs: int, sent_protos: 
     offsets = array("I", [0])
     offsets.extend(accumulate(len(r.frame) for r in recs))
     parts = [_HDR.pack(len(head)), head, store._ts[pos:].tobytes(), bytes(store._dir[pos:]), store._dev[pos:].tobytes(),
-             bytes(store._flags[pos:]), store._conn[pos:].tobytes(), store._proto[pos:].tobytes(), offsets.tobytes(),
-             b"".join(r.frame for r in recs)]
-    payload = b"".join(parts)
-    return _FRAME.pack(len(payload), BATCH) + payload
+             bytes(store._flags[pos:]), store._conn[pos:].tobytes(), store._proto[pos:].tobytes(), offsets.tobytes()]
+    size = sum(map(len, parts)) + offsets[-1]
+    # the frames as they are, not joined: written one by one, a big one goes to the pipe uncopied
+    return [_FRAME.pack(size, BATCH), *parts, *(r.frame for r in recs)]
 
 
 def decode_batch(payload: bytes) -> tuple[IngestBatch, int]:
@@ -145,7 +151,7 @@ def decode_batch(payload: bytes) -> tuple[IngestBatch, int]:
         protos = bytes(mv[at : at + n])
         at += n
         offsets = take("I", n + 1)
-        frames = bytes(mv[at:])
+        frames = mv[at:]  # a view: the payload is this batch's alone (no copy of the frames)
         if len(frames) != offsets[-1] or len(ts) != n:
             raise IngestError("a batch shorter than its rows")
         devices = [DeviceRow(*d) for d in h["devices"]]
@@ -394,12 +400,14 @@ class Ingest:
             return
         store = self.store
         lo = min((int(r.ts) for r in pending), default=0)
-        frame = encode_batch(store, pending, self._sent_devs, self._sent_protos, lo, self.drops)
+        parts = batch_parts(store, pending, self._sent_devs, self._sent_protos, lo, self.drops)
         self._sent_devs, self._sent_protos = len(store.dev_names), len(store.protos)
         self._sent_drops = self.drops
         pending.clear()
         self.fed = 0
-        self.out.write(frame)
+        write = self.out.write
+        for part in parts:
+            write(part)
         self.out.flush()
 
     def end(self, error: str | None) -> None:

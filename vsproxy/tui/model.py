@@ -157,7 +157,7 @@ class IngestBatch:
     flags: bytes
     conns: array[int]  # "i"
     protos: bytes
-    frames: bytes  # the frames one after another
+    frames: bytes | memoryview  # the frames one after another
     offsets: array[int]  # "I": n + 1, where each starts and where the last ends
     comments: dict[int, str]
     apps: dict[int, tuple[str, ...]]
@@ -201,7 +201,7 @@ class Store:
         self._records: deque[Record] = deque()
         # live frames from the ingest process (``apply``): per batch its first index, the frames
         # one after another and where each starts; comments (rare: verdicts) by index
-        self._chunks: deque[tuple[int, bytes, array[int]]] = deque()
+        self._chunks: deque[tuple[int, bytes | memoryview, array[int]]] = deque()
         self._chunk_starts: deque[int] = deque()
         self._comments: dict[int, str] = {}
         # application summaries of the packets that end messages: a ring keeps them by index
@@ -362,7 +362,7 @@ class Store:
         j = i - start
         d = self._dir[pos]
         return Record(self._ts[pos], self.dev_names[self._dev[pos]], None if d == 0 else d == 1,
-                      frames[off[j]:off[j + 1]], self._comments.get(i))
+                      bytes(frames[off[j]:off[j + 1]]), self._comments.get(i))
 
     def _account(self, cid: int, conn: TrackedConnection, d: Decoded, h: H.Header, i: int, flags: int,
                  dev: DeviceRow) -> None:
