@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import socket
 import threading
 import time
@@ -29,7 +30,7 @@ from typing import IO, TYPE_CHECKING, Any, Final
 
 from vsproxy.capture.reader import CaptureError, Record
 from vsproxy.tui.fileindex import FileAccess, indexed_records
-from vsproxy.tui.ingest import HIGH_WATER, IngestError, IngestProcess
+from vsproxy.tui.ingest import HIGH_WATER, NICE, IngestError, IngestProcess
 from vsproxy.tui.model import Store
 
 if TYPE_CHECKING:
@@ -101,6 +102,9 @@ class Source:
             if self.stopping.is_set():
                 return None
             self.ingest = IngestProcess(self.store, stdin, attach, self.high_water)
+        # This thread only takes batches in: on Linux a thread has a niceness of its own, so the
+        # UI's thread (keys, drawing) and a vsproxy's data path win the CPU when they want it
+        _nice_this_thread(NICE)
         try:
             return self.ingest.pump()
         except IngestError as e:
@@ -298,6 +302,13 @@ class AttachSource(Source):
         super().close()
         for s in self._sockets:
             s.close()
+
+
+def _nice_this_thread(nice: int) -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (OSError, AttributeError):  # not Linux, or not allowed: the thread runs as the rest
+        pass
 
 
 class SourceError(Exception):
