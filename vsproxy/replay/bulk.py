@@ -180,7 +180,7 @@ class _IndexBuilder(TranscriptBuilder):
         self.where: tuple[int, int] | None = None
         self._pieces: dict[int, Pieces] = {}  # by connection id: the client's pending pieces
 
-    def _data(self, live: _Live, side: int, d: Decoded) -> None:
+    def _data(self, live: _Live, side: int, d: Decoded, now: int) -> None:
         payload = d.view.payload
         h = d.view.hdr
         if side == 0 and live.conv.guest_is_client is not False and payload and self.where is not None \
@@ -190,22 +190,22 @@ class _IndexBuilder(TranscriptBuilder):
                 pieces = self._pieces[live.conv.id] = Pieces()
             pieces.add(self.where[0], self.where[1], len(payload), h.flags & (H.SEQ_EOM | H.SEQ_EOR))
             self.held -= len(payload)  # referred to, not held
-        super()._data(live, side, d)
+        super()._data(live, side, d, now)
 
-    def _flush(self, live: _Live, side: int, eom: bool = False, eor: bool = False) -> None:  # type: ignore[override]
+    def _flush(self, live: _Live, side: int, eom: bool = False, eor: bool = False) -> None:
         conv = live.conv
         pieces = self._pieces.pop(conv.id, None) if side == 0 else None
         p = live.pending[side]
         if pieces is None or not p.packets:
             if pieces is not None:
                 self._pieces[conv.id] = pieces
-            TranscriptBuilder._flush(live, side, eom, eor)
+            super()._flush(live, side, eom, eor)
             return
         if len(pieces) != len(p.chunks):  # some payload came without a reference: hold it all
-            TranscriptBuilder._flush(live, side, eom, eor)
+            super()._flush(live, side, eom, eor)
             return
         p.chunks = []
-        TranscriptBuilder._flush(live, side, eom, eor)
+        super()._flush(live, side, eom, eor)
         d = conv.steps[-1]
         assert isinstance(d, Data)
         conv.steps[-1] = StoredData(d.time, d.from_client, b"", d.eom, d.eor, d.app, d.packets, pieces, pieces.size)

@@ -7,6 +7,9 @@ Layers, from the data in:
   ``detail`` (the ``-V`` text as a tree with byte ranges), ``follow`` (a stream as styled
   text) and ``bars`` are sans-I/O too;
 - ``fileindex``: records of capture files by location (the store keeps locations, not frames);
+- ``ingest``: the live sources' decoding, in a process of its own (``python -m
+  vsproxy.tui.ingest``): finished rows in batches to the store (``Store.apply``), feed drops
+  counted when it falls behind, never the writer held back;
 - ``sources``: threads that fill a store: files (``--follow-file``), stdin, a control socket
   (``--attach``), a ``Proxy`` in this process (``vsproxy --tui``);
 - ``widgets``: the virtual packet list (``ScrollView.render_line``, rows decoded when drawn),

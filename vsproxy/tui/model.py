@@ -8,7 +8,9 @@ Each packet is decoded once, when fed, by the one ``vsproxy.decode.Decoder`` (th
 sees every record in order): the store keeps its time, connection id, protocol, direction,
 meaning flags (denied, spoofed, RST, rewritten, refused, marked) and, sparsely, the application
 summaries of packets that end messages. A row's text, its ``-V`` detail and a connection's
-payload are decoded again from the record when asked for.
+payload are decoded again from the record when asked for. Live sources feed a store of the
+same kind in their ingest process (``vsproxy.tui.ingest``, ``keep_records=False``) and the
+UI's store takes its rows, frames and connections as they are (``apply``).
 
 Indices are absolute: packet ``i`` keeps its number while older packets leave the ring;
 ``first`` is the oldest still held.
@@ -20,6 +22,7 @@ import re
 import struct
 import threading
 from array import array
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -140,16 +143,46 @@ class DeviceRow:
         return [float(self.per_second.get(s, 0)) for s in range(end - seconds + 1, end + 1)]
 
 
+@dataclass(slots=True)
+class IngestBatch:
+    """Packets indexed elsewhere (the live ingest process, ``vsproxy.tui.ingest``), for
+    ``Store.apply``: per packet its row (time, direction, device, flags, connection, protocol)
+    and its frame; what the packets changed (connections, devices); rare things (comments,
+    application summaries) by the packet's place in the batch."""
+
+    n: int
+    ts: array[float]
+    dirs: bytes
+    devs: array[int]  # "H"
+    flags: bytes
+    conns: array[int]  # "i"
+    protos: bytes
+    frames: bytes | memoryview  # the frames one after another
+    offsets: array[int]  # "I": n + 1, where each starts and where the last ends
+    comments: dict[int, str]
+    apps: dict[int, tuple[str, ...]]
+    dev_names: list[str]  # names new since the last batch (device ids go on from the store's)
+    proto_names: list[str | None]
+    conn_rows: list[ConnRow]  # the connections these packets changed, as they are now
+    device_rows: list[DeviceRow]  # the devices, as they are now (per_second: the recent seconds)
+    bad_frames: int  # every bad frame so far
+
+
 class Store:
     """Packets in capture order. ``access``: where a file source's records are (None: the store
     keeps the records, at most ``limit`` of them: a ring). Thread-safe: sources feed it from
     their threads, the UI reads it; ``lock`` guards both."""
 
-    def __init__(self, access: RecordAccess | None = None, limit: int | None = None) -> None:
+    def __init__(self, access: RecordAccess | None = None, limit: int | None = None,
+                 keep_records: bool = True) -> None:
         if access is None and (limit is None or limit < 1):
             raise ValueError("a store without record access needs a ring size")
         self.access = access
         self.limit = limit
+        # False: the index only (the live ingest process: the UI's store keeps the frames)
+        self.keep_records = keep_records
+        # when a set: the connections ``feed`` changed go in it (the ingest process sends those)
+        self.touched: set[int] | None = None
         self.lock = threading.RLock()
         self.decoder = Decoder()
         self.first = 0  # absolute index of the oldest packet held
@@ -166,6 +199,11 @@ class Store:
         self._dir = bytearray()  # 0 unknown, 1 from the guest, 2 to the guest
         self._flags = bytearray()
         self._records: deque[Record] = deque()
+        # live frames from the ingest process (``apply``): per batch its first index, the frames
+        # one after another and where each starts; comments (rare: verdicts) by index
+        self._chunks: deque[tuple[int, bytes | memoryview, array[int]]] = deque()
+        self._chunk_starts: deque[int] = deque()
+        self._comments: dict[int, str] = {}
         # application summaries of the packets that end messages: a ring keeps them by index
         # (sparse, leaving with the packets); a file, as an index per packet into a table of the
         # distinct ones (a big capture repeats the same few: 4 bytes a packet, not a dict entry)
@@ -214,7 +252,7 @@ class Store:
             did = self._dev_ids[record.interface] = len(self.dev_names)
             self.dev_names.append(record.interface)
         self._dev.append(did)
-        if self.access is None:
+        if self.access is None and self.keep_records:
             self._records.append(record)
         dev = self.devices.get(record.interface)
         if dev is None:
@@ -274,6 +312,58 @@ class Store:
         if conn is not None and h is not None:
             self._account(conn.id, conn, d, h, i, flags, dev)
 
+    def apply(self, b: IngestBatch) -> None:
+        """Take in packets the ingest process indexed (in order, after the ones held)."""
+        with self.lock:
+            i0 = self.total
+            for name in b.dev_names:
+                self._dev_ids[name] = len(self.dev_names)
+                self.dev_names.append(name)
+            for proto in b.proto_names:
+                self._proto_ids[proto] = len(self.protos)
+                self.protos.append(proto)
+            self._locs.frombytes(b"\xff" * (8 * b.n))  # -1: no location, the frames are here
+            self._ts.extend(b.ts)
+            self._dir += b.dirs
+            self._dev.extend(b.devs)
+            self._flags += b.flags
+            self._conn.extend(b.conns)
+            self._proto.frombytes(b.protos)
+            if b.n:
+                self._chunks.append((i0, b.frames, b.offsets))
+                self._chunk_starts.append(i0)
+            for k, c in b.comments.items():
+                self._comments[i0 + k] = c
+            for k, a in b.apps.items():
+                self._apps[i0 + k] = a
+            conns = self.conns
+            for row in b.conn_rows:
+                conns[row.id] = row
+            for d in b.device_rows:
+                have = self.devices.get(d.name)
+                if have is None:
+                    self.devices[d.name] = d
+                    continue
+                have.packets, have.bytes, have.denied, have.spoofed = d.packets, d.bytes, d.denied, d.spoofed
+                have.rewritten, have.connections = d.rewritten, d.connections
+                have.cids |= d.cids
+                ps = have.per_second
+                ps.update(d.per_second)
+                while len(ps) > SPARK_SECONDS:
+                    del ps[min(ps)]
+            self.total += b.n
+            self.bad_frames = b.bad_frames
+            self._trim()
+            self.generation += 1
+
+    def _chunk_record(self, i: int, pos: int) -> Record:
+        k = bisect_right(self._chunk_starts, i) - 1
+        start, frames, off = self._chunks[k]
+        j = i - start
+        d = self._dir[pos]
+        return Record(self._ts[pos], self.dev_names[self._dev[pos]], None if d == 0 else d == 1,
+                      bytes(frames[off[j]:off[j + 1]]), self._comments.get(i))
+
     def _account(self, cid: int, conn: TrackedConnection, d: Decoded, h: H.Header, i: int, flags: int,
                  dev: DeviceRow) -> None:
         row = self.conns.get(cid)
@@ -281,6 +371,8 @@ class Store:
         if row is None:
             row = self.conns[cid] = ConnRow(cid, conn.device, conn.client, conn.server, conn.sock_type, i, i, ts, ts)
             dev.connections += 1
+        if self.touched is not None:
+            self.touched.add(cid)
         row.last = i
         row.last_ts = ts
         row.proto = conn.proto or row.proto
@@ -322,6 +414,17 @@ class Store:
         del self._dir[:excess], self._flags[:excess], self._dev[:excess]
         for _ in range(min(excess, len(self._records))):
             self._records.popleft()
+        first = self.first + excess
+        chunks = self._chunks
+        while chunks and chunks[0][0] + len(chunks[0][2]) - 1 <= first:  # every frame of it has left
+            chunks.popleft()
+            self._chunk_starts.popleft()
+        comments = self._comments
+        while comments:  # kept in index order, as the apps
+            k = next(iter(comments))
+            if k >= first:
+                break
+            del comments[k]
         self.first += excess
         self.evicted += excess
         apps = self._apps
@@ -348,6 +451,8 @@ class Store:
             if pos < 0 or pos >= self.total - self.first:
                 raise IndexError(i)
             if self.access is None:
+                if self._chunks:
+                    return self._chunk_record(i, pos)
                 return self._records[pos]
             loc = self._locs[pos]
             ts, dev, d = self._ts[pos], self.dev_names[self._dev[pos]], self._dir[pos]

@@ -10,6 +10,11 @@ a running vsproxy) its latest snapshot and events.
   every second, events. When the socket goes away the state says so and the data stays.
 - ``ProxySource``: a ``Proxy`` in this process (``vsproxy --tui``): ``Proxy.subscribe_packets``
   and ``Proxy.snapshot``.
+
+The live ones (stream, attach, in-process) decode in a process of their own
+(``vsproxy.tui.ingest``): the UI's process only takes in its batches of finished rows, so a
+fast feed costs the keys little; what that process cannot decode in time it counts as feed
+drops rather than hold the writer back.
 """
 
 from __future__ import annotations
@@ -17,21 +22,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import select
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
 from typing import IO, TYPE_CHECKING, Any, Final
 
-from vsproxy.capture.reader import CaptureError, Record, records
+from vsproxy.capture.reader import CaptureError, Record
 from vsproxy.tui.fileindex import FileAccess, indexed_records
+from vsproxy.tui.ingest import HIGH_WATER, NICE, IngestError, IngestProcess
 from vsproxy.tui.model import Store
 
 if TYPE_CHECKING:
     from vsproxy.app import Proxy
-    from vsproxy.capture.hub import Subscription
 
 BATCH: Final = 500  # records fed to the store at once (then the UI's thread gets a turn)
 HOLD_S: Final = 0.05  # reading pauses this long after a key press or a click
@@ -51,7 +54,8 @@ class Source:
         self.error: str | None = None  # one line for the user: a damaged file, a socket gone
         self.done = False
         self.live = False
-        self.drops = 0  # records the feed lost (a slow reader)
+        self.feed_drops = 0  # records the feed lost before the ingest process (a slow reader)
+        self.ingest: IngestProcess | None = None  # live: the process that decodes
         self.snapshot: dict[str, Any] | None = None  # attached: the latest snapshot (JSON shape)
         self.snapshots = 0
         self.events: deque[dict[str, Any]] = deque(maxlen=EVENTS_KEPT)
@@ -59,6 +63,8 @@ class Source:
         self._threads: list[threading.Thread] = []
         self._batch: list[tuple[Record, int]] = []
         self._held_until = 0.0
+        self._ingest_lock = threading.Lock()
+        self.high_water = HIGH_WATER  # live: the ingest process's backlog past which it drops
         self.started = False
 
     def start(self) -> None:
@@ -84,9 +90,32 @@ class Source:
     def run(self) -> None:
         raise NotImplementedError
 
+    @property
+    def drops(self) -> int:
+        """Records the feed lost: before the ingest process, and in it (decoding fell behind)."""
+        ingest = self.ingest
+        return self.feed_drops + (ingest.drops if ingest is not None else 0)
+
+    def _pump(self, stdin: int, attach: str | None = None) -> str | None:
+        """Live: start the ingest process and take its batches in until it ends (its error line)."""
+        with self._ingest_lock:
+            if self.stopping.is_set():
+                return None
+            self.ingest = IngestProcess(self.store, stdin, attach, self.high_water)
+        # This thread only takes batches in: on Linux a thread has a niceness of its own, so the
+        # UI's thread (keys, drawing) and a vsproxy's data path win the CPU when they want it
+        _nice_this_thread(NICE)
+        try:
+            return self.ingest.pump()
+        except IngestError as e:
+            return str(e)
+
     def stop(self) -> None:
         """Stop reading; what was read stays in the store (still readable: a file's records too)."""
         self.stopping.set()
+        with self._ingest_lock:
+            if self.ingest is not None:
+                self.ingest.stop()
 
     def close(self) -> None:
         """Stop, and let go of the files the store reads rows from."""
@@ -99,19 +128,6 @@ class Source:
     def join(self, timeout: float = 2.0) -> None:
         for t in self._threads:
             t.join(timeout)
-
-    def _feed_live(self, recs: Iterator[Record]) -> None:
-        """Feed records as they come: batched while more are ready, and whatever is batched is
-        fed before the reader waits (the readers call ``flush`` then), so the newest packet
-        never waits for the next one to show."""
-        batch = self._batch
-        for rec in recs:
-            batch.append((rec, -1))
-            if len(batch) >= BATCH:
-                self.flush()
-            if self.stopping.is_set():
-                break
-        self.flush()
 
     def flush(self) -> None:
         if self._batch:
@@ -175,13 +191,10 @@ class StreamSource(Source):
 
     def run(self) -> None:
         self.state = "live"
-        try:
-            self._feed_live(records(_FdReader(self.stream.fileno(), b"", self.stopping, self.flush)))  # type: ignore[arg-type]
-            self.state = "ended"
-        except CaptureError as e:
-            self.error = f"damaged stream: {e} (read {self.store.total} packets before it)"
-        except OSError as e:
-            self.error = f"{self.name}: {e.strerror or e}"
+        error = self._pump(self.stream.fileno())
+        if error is not None and not self.stopping.is_set():
+            self.error = error if error.startswith("damaged") else f"{self.name}: {error}"
+        self.state = "ended"
 
     def close(self) -> None:
         super().close()
@@ -217,21 +230,17 @@ class AttachSource(Source):
         self._spawn(self._events, "tui-events")
 
     def run(self) -> None:
-        from vsproxy.ctl import CtlError, ask, connect
+        import subprocess
 
-        try:
-            s = connect(self.path)
-            self._sockets.append(s)
-            _, rest = ask(s, {"cmd": "subscribe", "what": "packets"})
-            s.settimeout(None)
-            self.state = "live"
-            self._feed_live(records(_FdReader(s.fileno(), rest, self.stopping, self.flush)))  # type: ignore[arg-type]
-        except (CtlError, CaptureError, OSError) as e:
-            if not self.stopping.is_set():
-                self.error = f"control socket gone: {e}; what was received is kept"
-        else:
-            if not self.stopping.is_set():
+        self.state = "live"
+        error = self._pump(subprocess.DEVNULL, attach=self.path)
+        if not self.stopping.is_set():
+            if error is None:
                 self.error = "control socket closed by vsproxy; what was received is kept"
+            elif error.startswith("control socket gone"):
+                self.error = error
+            else:
+                self.error = f"control socket gone: {error}; what was received is kept"
         self.state = "detached"
 
     def _snapshots(self) -> None:
@@ -249,7 +258,7 @@ class AttachSource(Source):
                     self.snapshot = snap
                     self.snapshots += 1
                     live = (snap.get("capture") or {}).get("live") or {}
-                    self.drops = int(live.get("subscriber_dropped", 0)) + int(live.get("ring_dropped", 0))
+                    self.feed_drops = int(live.get("subscriber_dropped", 0)) + int(live.get("ring_dropped", 0))
             except CtlError:
                 return  # the packet thread says it (socket gone) when its stream ends
             self.stopping.wait(self.every)
@@ -295,65 +304,15 @@ class AttachSource(Source):
             s.close()
 
 
+def _nice_this_thread(nice: int) -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (OSError, AttributeError):  # not Linux, or not allowed: the thread runs as the rest
+        pass
+
+
 class SourceError(Exception):
     """A source that cannot start: one line for the user."""
-
-
-class _FdReader:
-    """A socket or a pipe as ``records`` reads it: ``read(n)`` returns n bytes, fewer only at the
-    end; before it would wait for more, ``flush`` feeds what is batched."""
-
-    def __init__(self, fd: int, first: bytes, stopping: threading.Event, flush: Callable[[], None]) -> None:
-        self.fd = fd
-        self.buf = bytearray(first)
-        self.stopping = stopping
-        self.flush = flush
-
-    def read(self, n: int) -> bytes:
-        while len(self.buf) < n and not self.stopping.is_set():
-            ready, _, _ = select.select([self.fd], [], [], 0)
-            if not ready:
-                self.flush()
-                ready, _, _ = select.select([self.fd], [], [], 0.2)
-                if not ready:
-                    continue
-            try:
-                data = os.read(self.fd, max(65536, n - len(self.buf)))
-            except BlockingIOError:
-                continue
-            if not data:
-                break
-            self.buf += data
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
-
-
-class _SubscriptionReader:
-    """A ``Proxy.subscribe_packets`` subscription as ``records`` reads it."""
-
-    def __init__(self, sub: Subscription, stopping: threading.Event, flush: Callable[[], None]) -> None:
-        self.sub = sub
-        self.buf = bytearray()
-        self.stopping = stopping
-        self.flush = flush
-
-    def read(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            if self.stopping.is_set():
-                break
-            data = self.sub.take()
-            if not data:
-                self.flush()
-                data = self.sub.read(0.2)
-            if not data:
-                if self.sub.closed:
-                    break
-                continue
-            self.buf += data
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
 
 
 class ProxySource(Source):
@@ -375,12 +334,38 @@ class ProxySource(Source):
         self._spawn(self._snapshots, "tui-snapshots")
 
     def run(self) -> None:
+        import subprocess
+
         self.state = "live"
-        try:
-            self._feed_live(records(_SubscriptionReader(self.sub, self.stopping, self.flush)))  # type: ignore[arg-type]
-        except CaptureError as e:
-            self.error = f"live capture: {e}"
+        self._spawn(self._hand_over, "tui-handover")
+        error = self._pump(subprocess.PIPE)
+        if error is not None and not self.stopping.is_set():
+            self.error = f"live capture: {error}"
         self.state = "stopped"
+
+    def _hand_over(self) -> None:
+        """The subscription's bytes to the ingest process, as they come."""
+        while self.ingest is None and not self.stopping.is_set():
+            time.sleep(0.01)
+        ingest = self.ingest
+        if ingest is None or ingest.stdin is None:
+            return
+        sub, out = self.sub, ingest.stdin
+        try:
+            while not self.stopping.is_set():
+                data = sub.take() or sub.read(0.2)
+                if data:
+                    out.write(data)
+                    out.flush()
+                elif sub.closed:
+                    break
+        except (OSError, ValueError):  # the ingest process has gone (stopped): nothing to hand over
+            pass
+        finally:
+            try:
+                out.close()
+            except OSError:
+                pass
 
     def _snapshots(self) -> None:
         from vsproxy.control import snapshot_json
@@ -392,7 +377,7 @@ class ProxySource(Source):
                 return
             self.snapshot = _jsonable(snapshot_json(snap))
             self.snapshots += 1
-            self.drops = self.sub.dropped
+            self.feed_drops = self.sub.dropped
             self.stopping.wait(self.every)
 
     def stop(self) -> None:

@@ -131,6 +131,7 @@ class PacketList(ScrollView, can_focus=True):
     def move_to(self, row: int) -> None:
         if not self.count:
             return
+        old = self.cursor
         self.cursor = max(0, min(self.count - 1, row))
         self.tail = False
         top = int(self.scroll_y)
@@ -139,6 +140,12 @@ class PacketList(ScrollView, can_focus=True):
             self.scroll_to(y=self.cursor, animate=False)
         elif self.cursor >= top + h:
             self.scroll_to(y=self.cursor - h + 1, animate=False)
+        else:  # no scrolling: only the two rows the cursor left and reached are drawn again (a key
+            # moving the cursor costs two lines, not a screenful, while a live feed keeps the CPU busy)
+            self._post()
+            self.refresh_line(old)
+            self.refresh_line(self.cursor)
+            return
         self._post()
         self.refresh()
 
