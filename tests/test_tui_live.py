@@ -19,7 +19,7 @@ from vsproxy.config import Settings, add_vm
 from vsproxy.simguest import SimGuest
 from vsproxy.tui import model
 from vsproxy.tui.app import TuiApp
-from vsproxy.tui.sources import AttachSource, ProxySource, SourceError
+from vsproxy.tui.sources import LIVE_SNAPLEN, AttachSource, ProxySource, SourceError
 
 
 def make_proxy(workdir: str) -> Proxy:
@@ -134,3 +134,54 @@ async def test_in_process_the_feed_drop_count_shows_when_the_tui_is_too_slow(pro
     finally:
         src.close()
         srv.close()
+
+
+@sync
+@pytest.mark.parametrize("snaplen", [LIVE_SNAPLEN, 0], ids=["default", "all"])
+async def test_attached_the_tui_asks_for_each_packets_first_bytes_and_says_so(workdir: str, snaplen: int) -> None:
+    from vsproxy.tui.app import build_parser, open_source
+
+    srv = unix_server(os.path.join(workdir, "ha_5000"))
+    stack = contextlib.ExitStack()
+    p = stack.enter_context(running(make_proxy(workdir)))
+    argv = ["--attach", os.path.join(workdir, "ctl.sock")] + ([] if snaplen == LIVE_SNAPLEN else ["--snaplen", "0"])
+    src = open_source(build_parser().parse_args(argv))
+    src.start()
+    app = TuiApp(src)
+    data = os.urandom(20_000)
+    try:
+        async with app.run_test(size=(180, 30)) as pilot:
+            await until(pilot, lambda: p.capture_hub is not None and p.capture_hub.live == 1, what="subscribed")
+            hub = p.capture_hub
+            assert hub is not None and hub.snaplen == snaplen  # what the data path copies for the UI
+            with SimGuest(os.path.join(workdir, "a.sock"), rx_buf_size=65580) as g:
+                s = g.connect(5000)
+                s.sendall(data)
+                assert s.recv_exactly(len(data), timeout=10) == data
+                s.close()
+            store = src.store
+            await until(pilot, lambda: any("RW" in store.line(i) for i in range(store.first, store.total)),
+                        what="the data packets")
+            rw = [i for i in range(store.first, store.total) if "RW" in store.line(i)]
+            views = [store.view(i) for i in rw]
+            assert all(v is not None and v.hdr is not None for v in views)
+            big = [v for v in views if v is not None and v.hdr is not None and v.hdr.len > 4096]
+            assert big  # the guest's 20,000 bytes crossed in packets larger than the snaplen
+            if snaplen:
+                assert all(len(v.payload) == LIVE_SNAPLEN for v in big)
+                assert "snaplen 4,096" in status_text(app)
+            else:
+                assert all(v.hdr is not None and len(v.payload) == v.hdr.len for v in big)
+                assert "snaplen" not in status_text(app)
+    finally:
+        src.close()
+        stack.close()
+        srv.close()
+
+
+def test_a_bad_snaplen_is_a_usage_error() -> None:
+    from vsproxy.tui.app import build_parser
+
+    for bad in ("-1", "lots", str(1 << 30)):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--attach", "x", "--snaplen", bad])

@@ -24,6 +24,7 @@ from textual.binding import Binding
 from textual.css.query import NoMatches
 from textual.worker import Worker, get_current_worker
 
+from vsproxy.capture.hub import MAX_SNAPLEN
 from vsproxy.decode import capture_files
 from vsproxy.filter import FilterError
 from vsproxy.tui.model import FilterRun, Store, pcapng_bytes
@@ -35,6 +36,7 @@ from vsproxy.tui.screens.packets import PacketsScreen
 from vsproxy.tui.screens.save import SaveScreen
 from vsproxy.tui.sources import (
     DEFAULT_STORE,
+    LIVE_SNAPLEN,
     AttachSource,
     FileSource,
     ProxySource,
@@ -161,6 +163,8 @@ class TuiApp(App[None]):
             parts.append(f"{store.marks} marked")
         if store.evicted:
             parts.append(f"ring: {store.evicted:,} oldest dropped (--store {store.limit:,})")
+        if src.live and src.snaplen and not src.error:  # (a lost source's line says more)
+            parts.append(f"snaplen {src.snaplen:,}")
         if self.paused:
             parts.append(f"PAUSED (+{max(0, store.total - self.paused_at):,} new)")
         if store.bad_frames:
@@ -306,7 +310,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow-file", action="store_true", help="keep reading the capture file as it grows")
     p.add_argument("--store", metavar="N", type=_positive, default=DEFAULT_STORE,
                    help=f"live sources: keep at most N packets (a ring; default {DEFAULT_STORE:,})")
+    p.add_argument("--snaplen", "-s", metavar="N", type=_snaplen, default=LIVE_SNAPLEN,
+                   help=f"--attach: the first N payload bytes of each packet (tcpdump's -s; default {LIVE_SNAPLEN}, "
+                   "0: all); vsproxy copies no more than that for the UI")
     return p
+
+
+def _snaplen(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if not 0 <= n <= MAX_SNAPLEN:
+        raise argparse.ArgumentTypeError(f"expected a number of bytes in 0..{MAX_SNAPLEN} (0: all), got {text!r}")
+    return n
 
 
 def _positive(text: str) -> int:
@@ -327,7 +344,7 @@ def open_source(args: argparse.Namespace) -> Source:
     if args.attach:
         if args.files:
             raise UsageError("--attach takes no FILE")
-        src: Source = AttachSource(args.attach, limit=args.store)
+        src: Source = AttachSource(args.attach, limit=args.store, snaplen=args.snaplen)
         return src
     if not args.files:
         raise UsageError("give a capture FILE, - for stdin, or --attach PATH")
@@ -385,7 +402,7 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def run_with_proxy(proxy: Proxy, limit: int = DEFAULT_STORE) -> int:
+def run_with_proxy(proxy: Proxy, limit: int = DEFAULT_STORE, snaplen: int = LIVE_SNAPLEN) -> int:
     """``vsproxy --tui``: the started ``proxy``'s loop on its own thread, the TUI on this one;
     quitting the TUI stops vsproxy (its report goes to stderr after the screen is restored)."""
     # vsproxy's log lines would draw over the screen: they wait in memory (the newest
@@ -396,7 +413,7 @@ def run_with_proxy(proxy: Proxy, limit: int = DEFAULT_STORE) -> int:
     root.handlers = [held]
     loop = threading.Thread(target=proxy.run, name="vsproxy-loop", daemon=True)
     loop.start()
-    source = ProxySource(proxy, limit=limit)
+    source = ProxySource(proxy, limit=limit, snaplen=snaplen)
     source.start()
     try:
         TuiApp(source).run()

@@ -434,11 +434,11 @@ def _die_with_parent() -> None:
         pass
 
 
-def _attach(path: str) -> tuple[int, bytes, Any]:
+def _attach(path: str, snaplen: int = 0) -> tuple[int, bytes, Any]:
     from vsproxy.ctl import ask, connect
 
     s = connect(path)
-    _, rest = ask(s, {"cmd": "subscribe", "what": "packets"})
+    _, rest = ask(s, {"cmd": "subscribe", "what": "packets", "snaplen": snaplen})
     s.settimeout(None)
     return s.fileno(), rest, s
 
@@ -448,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=200_000, help="the UI's ring size")
     ap.add_argument("--attach", metavar="PATH", help="subscribe to this control socket's packets (else: stdin)")
+    ap.add_argument("--snaplen", type=int, default=0, metavar="N",
+                    help="--attach: the payload bytes of each packet to ask for (0: all)")
     ap.add_argument("--high-water", type=int, default=HIGH_WATER, metavar="RECORDS",
                     help="records read but not decoded past which records are dropped (counted)")
     args = ap.parse_args(argv)
@@ -468,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         from vsproxy.ctl import CtlError
 
         try:
-            fd, first, keep = _attach(args.attach)
+            fd, first, keep = _attach(args.attach, args.snaplen)
         except (CtlError, OSError) as e:
             payload = json.dumps({"error": f"control socket gone: {e}; what was received is kept", "drops": 0})
             out.write(_FRAME.pack(len(payload), END) + payload.encode())
@@ -497,11 +499,12 @@ class IngestProcess:
     """The ingest process of a live source, seen from the UI: ``pump`` (on the source's thread)
     takes its batches into ``store`` until it ends; ``drops``: what it could not decode."""
 
-    def __init__(self, store: Store, stdin: int, attach: str | None = None, high_water: int = HIGH_WATER) -> None:
+    def __init__(self, store: Store, stdin: int, attach: str | None = None, high_water: int = HIGH_WATER,
+                 snaplen: int = 0) -> None:
         assert store.limit is not None
         cmd = [sys.executable, "-m", "vsproxy.tui.ingest", "--limit", str(store.limit), "--high-water", str(high_water)]
         if attach is not None:
-            cmd += ["--attach", attach]
+            cmd += ["--attach", attach, "--snaplen", str(snaplen)]
         self.store = store
         self.drops = 0
         self.ready = False  # reading (attached: subscribed)

@@ -41,6 +41,10 @@ HOLD_S: Final = 0.05  # reading pauses this long after a key press or a click
 SNAPSHOT_EVERY: Final = 1.0
 EVENTS_KEPT: Final = 1000
 DEFAULT_STORE: Final = 200_000
+# Live from a vsproxy (attached, or in this process): the payload bytes of each packet asked for
+# (tcpdump's -s). Enough for every dissector's messages and a screenful of hex; the data path then
+# copies no more than that for the UI, so watching costs vsproxy little (0: every byte).
+LIVE_SNAPLEN: Final = 4096
 
 
 class Source:
@@ -65,6 +69,7 @@ class Source:
         self._held_until = 0.0
         self._ingest_lock = threading.Lock()
         self.high_water = HIGH_WATER  # live: the ingest process's backlog past which it drops
+        self.snaplen = 0  # live from a vsproxy: the payload bytes of each packet asked for (0: all)
         self.started = False
 
     def start(self) -> None:
@@ -101,7 +106,7 @@ class Source:
         with self._ingest_lock:
             if self.stopping.is_set():
                 return None
-            self.ingest = IngestProcess(self.store, stdin, attach, self.high_water)
+            self.ingest = IngestProcess(self.store, stdin, attach, self.high_water, self.snaplen)
         # This thread only takes batches in: on Linux a thread has a niceness of its own, so the
         # UI's thread (keys, drawing) and a vsproxy's data path win the CPU when they want it
         _nice_this_thread(NICE)
@@ -204,8 +209,10 @@ class StreamSource(Source):
 class AttachSource(Source):
     """A running vsproxy's control socket."""
 
-    def __init__(self, path: str, limit: int = DEFAULT_STORE, every: float = SNAPSHOT_EVERY) -> None:
+    def __init__(self, path: str, limit: int = DEFAULT_STORE, every: float = SNAPSHOT_EVERY,
+                 snaplen: int = LIVE_SNAPLEN) -> None:
         super().__init__(Store(limit=limit))
+        self.snaplen = snaplen
         self.path = path
         self.name = f"attached to {path}"
         self.live = True
@@ -319,13 +326,15 @@ class ProxySource(Source):
     """vsproxy in this process: its data path runs on its own thread (``Proxy.run``)."""
 
     def __init__(self, proxy: Proxy, limit: int = DEFAULT_STORE, every: float = SNAPSHOT_EVERY,
-                 maxbytes: int | None = None) -> None:
+                 maxbytes: int | None = None, snaplen: int = LIVE_SNAPLEN) -> None:
         super().__init__(Store(limit=limit))
         self.proxy = proxy
         self.name = "vsproxy (in this process)"
         self.live = True
         self.every = every
-        self.sub = proxy.subscribe_packets() if maxbytes is None else proxy.subscribe_packets(maxbytes)
+        self.snaplen = snaplen
+        self.sub = (proxy.subscribe_packets(snaplen=snaplen) if maxbytes is None
+                    else proxy.subscribe_packets(maxbytes, snaplen=snaplen))
 
     def start(self) -> None:
         if self.started:
