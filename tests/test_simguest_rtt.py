@@ -57,6 +57,39 @@ def test_ping_through_vsproxy_answers_every_round_and_leaves_the_connection_to_p
         echo.close()
 
 
+def test_a_ping_loop_whose_last_answer_comes_with_the_peers_close_counts_every_round(
+    start_vsproxy: Start, workdir: str
+) -> None:
+    """The host answers the last round and closes at once: the answer and SHUTDOWN 3 reach the
+    guest together, and the loop is done, not cut one round short."""
+    uds = os.path.join(workdir, "v.sock")
+    vp = start_vsproxy("--uds-path", uds)
+    rounds = 50
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(f"{uds}_5000")
+    srv.listen(8)
+
+    def answer_then_close() -> None:
+        for _ in range(5):
+            c, _ = srv.accept()
+            for _ in range(rounds):
+                c.recv(1)
+                c.sendall(b"!")
+            c.close()  # right after the last answer
+
+    host = threading.Thread(target=answer_then_close, daemon=True)
+    host.start()
+    try:
+        with SimGuest(vp.socket_path, record_limit=100) as g:
+            for _ in range(5):
+                s = g.connect(5000)
+                assert len(s.ping(rounds)) == rounds
+                s.close(timeout=10)
+        host.join(10)
+    finally:
+        srv.close()
+
+
 def test_echo_answers_a_host_client_through_the_hybrid_socket(start_vsproxy: Start, workdir: str) -> None:
     uds = os.path.join(workdir, "v.sock")
     vp = start_vsproxy("--uds-path", uds)

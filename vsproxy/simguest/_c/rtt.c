@@ -125,7 +125,6 @@ int sg_rtt(uint8_t *mem, sg_rtt_state *s) {
     if (s->mode == RTT_ECHO && s->phase == 0) s->phase = 1;   /* an echo waits first */
     for (;;) {
         int stop = rtt_take_rx(mem, s);
-        if (stop) return stop;
         if (s->phase == 1 && (s->mode == RTT_CONNECT ? 0 : s->got >= s->size)) {
             s->got -= s->size;
             if (s->mode == RTT_PING) {
@@ -140,6 +139,9 @@ int sg_rtt(uint8_t *mem, sg_rtt_state *s) {
             s->times[s->done++] = sg_now_ns() - s->t0;
             return SG_DONE;
         }
+        /* The answer taken before a packet C leaves to Python (the peer's SHUTDOWN right after
+           the last answer) counted above: a loop whose rounds are all done is done. */
+        if (stop) return s->phase == 0 && s->done == s->rounds ? SG_DONE : stop;
         if (s->phase == 0) {
             if (s->done == s->rounds) return SG_DONE;
             int k = rtt_free_chain(s);
