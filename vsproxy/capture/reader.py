@@ -121,17 +121,7 @@ def _pcapng(f: BinaryIO, magic: bytes) -> Iterator[Record]:
         if struct.unpack("<I", trailer)[0] != length:
             raise CaptureError(f"block at byte {off}: trailing length does not match")
         if btype == fmt.BT_IDB:
-            if len(body) < 8:
-                raise CaptureError(f"interface block at byte {off} is too short")
-            linktype, _res, _snap = struct.unpack_from("<HHI", body)
-            opts = _parse_options(body[8:], off)
-            name = opts.get(fmt.IF_NAME, b"").decode(errors="replace") or f"if{len(interfaces)}"
-            tsresol = opts.get(fmt.IF_TSRESOL, bytes([6]))
-            if len(tsresol) != 1:
-                raise CaptureError(f"interface block at byte {off}: if_tsresol is {len(tsresol)} bytes, not 1")
-            res = tsresol[0]
-            ticks = 2 ** (res & 0x7F) if res & 0x80 else 10 ** res
-            interfaces.append((name, linktype, float(ticks)))
+            interfaces.append(interface_block(body, off, len(interfaces)))
         elif btype == fmt.BT_EPB:
             if len(body) < 20:
                 raise CaptureError(f"packet block at byte {off} is too short")
@@ -150,6 +140,22 @@ def _pcapng(f: BinaryIO, magic: bytes) -> Iterator[Record]:
                 yield Record(((hi << 32) | lo) / ticks, name, inbound, frame,
                              comment.decode(errors="replace") if comment else None)
         off += length
+
+
+def interface_block(body: bytes, off: int, index: int) -> tuple[str, int, float]:
+    """(name, link type, timestamp ticks a second) of the pcapng Interface Description Block whose
+    body (after type and length) is ``body``, at byte ``off``, the ``index``th of its section."""
+    if len(body) < 8:
+        raise CaptureError(f"interface block at byte {off} is too short")
+    linktype, _res, _snap = struct.unpack_from("<HHI", body)
+    opts = _parse_options(body[8:], off)
+    name = opts.get(fmt.IF_NAME, b"").decode(errors="replace") or f"if{index}"
+    tsresol = opts.get(fmt.IF_TSRESOL, bytes([6]))
+    if len(tsresol) != 1:
+        raise CaptureError(f"interface block at byte {off}: if_tsresol is {len(tsresol)} bytes, not 1")
+    res = tsresol[0]
+    ticks = 2 ** (res & 0x7F) if res & 0x80 else 10 ** res
+    return name, linktype, float(ticks)
 
 
 def _parse_options(data: bytes, off: int) -> dict[int, bytes]:

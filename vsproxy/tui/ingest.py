@@ -47,7 +47,7 @@ from itertools import accumulate
 from typing import IO, Any, Final
 
 from vsproxy.capture import format as fmt
-from vsproxy.capture.reader import MAX_BLOCK, CaptureError, Record, _parse_options, records
+from vsproxy.capture.reader import MAX_BLOCK, CaptureError, Record, interface_block, records
 from vsproxy.tui.model import ConnRow, DeviceRow, IngestBatch, Store
 
 BATCH: Final = 1
@@ -306,18 +306,7 @@ def stream_records(inp: _Input) -> Iterator[Record]:
         if btype == bt_shb:
             interfaces = []
         elif btype == bt_idb:
-            body = bytes(buf[pos + 8 : pos + length - 4])
-            if len(body) < 8:
-                raise CaptureError(f"interface block at byte {off} is too short")
-            linktype, _res, _snap = struct.unpack_from("<HHI", body)
-            opts = _parse_options(body[8:], off)
-            name = opts.get(fmt.IF_NAME, b"").decode(errors="replace") or f"if{len(interfaces)}"
-            tsresol = opts.get(fmt.IF_TSRESOL, bytes([6]))
-            if len(tsresol) != 1:
-                raise CaptureError(f"interface block at byte {off}: if_tsresol is {len(tsresol)} bytes, not 1")
-            res = tsresol[0]
-            ticks = 2 ** (res & 0x7F) if res & 0x80 else 10 ** res
-            interfaces.append((name, linktype, float(ticks)))
+            interfaces.append(interface_block(bytes(buf[pos + 8 : pos + length - 4]), off, len(interfaces)))
         inp.pos = pos + length
         off += length
 
