@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +27,10 @@ from vsproxy.simguest import SEQPACKET, SimGuest
 from vsproxy.vsock import header as H
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_replay import run_measured  # noqa: E402 (benchmarks/ is put on the path just above)
+
 GUEST = 5
 
 
@@ -244,38 +247,6 @@ def write_bulk(path: str, chunk: bytes, count: int, port: int) -> bytes:
     return digest
 
 
-def vm_hwm(pid: int) -> int:
-    """The process's peak RSS so far (VmHWM, of its memory since exec), in bytes; 0 once gone."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def peak_rss(argv: list[str], timeout: float = 120) -> tuple[int, int, str]:
-    """Run ``argv``: its exit status, its peak RSS in bytes and its output. The peak is VmHWM
-    read as it runs (monotonic: the last reading is the peak up to then), not wait4's ru_maxrss,
-    which counts the memory of the process it was forked from (a test runner's) as its own."""
-    out_path = f"{os.environ.get('TMPDIR', '/tmp')}/replay-rss-{os.getpid()}.out"
-    peak = 0
-    with open(out_path, "w+b") as out:
-        p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
-        deadline = time.monotonic() + timeout
-        while p.poll() is None:
-            peak = max(peak, vm_hwm(p.pid))
-            if time.monotonic() > deadline:
-                p.kill()
-            time.sleep(0.005)
-        out.seek(0)
-        text = out.read().decode(errors="replace")
-    os.unlink(out_path)
-    return p.returncode, peak, text
-
-
 def test_replaying_a_large_capture_does_not_hold_it_in_memory(workdir: str) -> None:
     d = workdir
     cap = f"{d}/big.pcapng"
@@ -286,7 +257,7 @@ def test_replaying_a_large_capture_does_not_hold_it_in_memory(workdir: str) -> N
         vp = VsproxyProcess(["--vm", f"name=app,guest-cid={GUEST},socket={sock},uds-path={d}/u"], sock,
                             f"{d}/v.log")
         try:
-            rc, rss, out = peak_rss([sys.executable, "-m", "vsproxy", "replay", "guest", cap, "--socket", sock])
+            rc, out, rss = run_measured([sys.executable, "-m", "vsproxy", "replay", "guest", cap, "--socket", sock], d)
         finally:
             vp.stop()
     assert rc == 0, out
