@@ -203,7 +203,9 @@ def test_fast_guest_replay_delivers_the_exact_bytes_boundaries_and_half_close(wo
     before, after = guest_packets(original), guest_packets(again)
     for port in (9100, 5005):
         assert grouped(after[port], before[port]), (port, after[port], before[port])
-    assert len(after[9100]) < len(before[9100]) * 1.1 and len(before[9100]) > 50
+    # cuts are the exception (a loaded machine's late credit updates make a few more of them;
+    # a sender that cut every packet would double the count)
+    assert len(after[9100]) < len(before[9100]) * 1.5 and len(before[9100]) > 50
     assert [f for _, f in after[5005] if f] == [H.SEQ_EOM | H.SEQ_EOR, H.SEQ_EOM, H.SEQ_EOM]
     same = diff(original, again)  # the remap's real peer and the denial included
     assert same.returncode == 0, same.stdout + same.stderr
