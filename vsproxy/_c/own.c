@@ -370,6 +370,22 @@ static uint32_t own_send_seq(vq_tx_ctx *ctx, vq_own *e, const vq_item *run, uint
     return k - run->seg_first;
 }
 
+/* A run of an owned connection all sent: with the update it made due stuck (no rx chain for
+   it) the connection is Python's; else its packets opened the guest's window
+   (VsockCore._credit_changed), so host data goes. 1: the run is done with. */
+static int own_sent(vq_tx_ctx *ctx, vq_own *e, int stuck) {
+    e->sends++;
+    if (stuck) {
+        own_release(ctx, e, OWN_SLOW);
+        return 1;
+    }
+    if (!(e->flags & OWN_F_WAIT) && !own_shut(e)) {
+        e->flags &= ~OWN_F_REQUESTED;
+        own_fill(ctx, e);
+    }
+    return 1;
+}
+
 /* A SEQPACKET run of an owned connection (every packet a whole message, EOM on it), as
    SeqPacket._guest_seq_rw and _send_messages take it: the credit checked, each message sent
    whole, the bytes counted forwarded once sent (no forwarding ahead: Python counts a message
@@ -403,16 +419,7 @@ static int own_tx_seq(vq_tx_ctx *ctx, vq_own *e, vq_item *run) {
         own_release(ctx, e, OWN_BLOCKED);
         return 0;
     }
-    e->sends++;
-    if (stuck) {
-        own_release(ctx, e, OWN_SLOW);
-        return 1;
-    }
-    if (!(e->flags & OWN_F_WAIT) && !own_shut(e)) {
-        e->flags &= ~OWN_F_REQUESTED;
-        own_fill(ctx, e);
-    }
-    return 1;
+    return own_sent(ctx, e, stuck);
 }
 
 /* A run of RW packets of an owned connection with OWN_F_TX, as VsockCore._guest_rw and
@@ -453,17 +460,7 @@ int own_tx_run(vq_tx_ctx *ctx, vq_own *e, vq_item *run) {
         own_release(ctx, e, OWN_BLOCKED);
         return 0;
     }
-    e->sends++;
-    if (stuck) {
-        own_release(ctx, e, OWN_SLOW);
-        return 1;
-    }
-    if (!(e->flags & OWN_F_WAIT) && !own_shut(e)) {
-        /* its packets opened the guest's window (VsockCore._credit_changed): host data goes */
-        e->flags &= ~OWN_F_REQUESTED;
-        own_fill(ctx, e);
-    }
-    return 1;
+    return own_sent(ctx, e, stuck);
 }
 
 /* The host socket of an owned connection waiting for data (OWN_F_WAIT) became readable.
