@@ -15,6 +15,7 @@ missing).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from vsproxy._ext import load
@@ -74,6 +75,22 @@ class _CPath:
         for k, fd in enumerate(fds):
             s.wait_fds[k] = fd
         s.nwait = len(fds)
+
+    def _settle_lent(self, lent: list[tuple[int, int]], busy: Any, lens: Sequence[int]) -> int:
+        """The tx chains lent to C, after its call: those it posted and the back-end has not used
+        yet (``busy[k]``) go to the Python ring, which reclaims them (their slot holding a packet of
+        ``lens[k]`` bytes); the others back to the free lists. How many were still in flight."""
+        drv, tx = self.drv, self.drv.tx
+        in_flight = 0
+        for k, (head, slot) in enumerate(lent):
+            if busy[k]:
+                tx.posted_by_c(head, slot)
+                drv.tx_slot_len[slot] = lens[k]
+                in_flight += 1
+            else:
+                tx.unreserve(head)
+                drv.tx_free_slots.append(slot)
+        return in_flight
 
     def _record(self, n: int, with_len: bool) -> None:
         """The ``n`` headers C consumed, into received_raw as the Python driver records them."""
@@ -247,17 +264,9 @@ class CRtt(_CPath):
         return lent
 
     def _settle_tx(self, lent: list[tuple[int, int]]) -> None:
-        drv, tx = self.drv, self.drv.tx
+        drv = self.drv
         plen = 0 if self.s.mode == RTT_CONNECT else self.size
-        returned = int(self.s.posted)
-        for k, (head, slot) in enumerate(lent):
-            if self.tx_busy[k]:  # posted, not used yet: the Python ring reclaims it
-                tx.posted_by_c(head, slot)
-                drv.tx_slot_len[slot] = plen
-                returned -= 1
-            else:
-                tx.unreserve(head)
-                drv.tx_free_slots.append(slot)
+        returned = int(self.s.posted) - self._settle_lent(lent, self.tx_busy, [plen] * len(lent))
         drv.stats.tx_packets += returned
         drv.stats.tx_bytes += returned * plen
 
@@ -357,16 +366,7 @@ class CSend(_CPath):
         return lent
 
     def _settle_tx(self, lent: list[tuple[int, int]], lens: list[int]) -> None:
-        """Chains still in flight go to the Python ring (their slot's length is the packet's:
-        ``lens[k]``); the others back to the free lists."""
-        drv, tx = self.drv, self.drv.tx
-        for k, (head, slot) in enumerate(lent):
-            if self.tx_busy[k]:
-                tx.posted_by_c(head, slot)
-                drv.tx_slot_len[slot] = lens[k]
-            else:
-                tx.unreserve(head)
-                drv.tx_free_slots.append(slot)
+        self._settle_lent(lent, self.tx_busy, lens)
 
     def run(self, conn: Conn, fd: int, offs: Any, lens: Any, flags: Any, start: int, part: int, npkts: int,
             timeout_ms: int) -> tuple[int, int, int]:
