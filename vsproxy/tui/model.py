@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from dissectors.streams import FollowChunk, TrackedConnection
+from dissectors.streams import TrackedConnection
 from vsproxy.capture import format as fmt
 from vsproxy.capture.reader import CaptureError, Record, dissect
 from vsproxy.capture.view import PacketView
@@ -537,16 +537,6 @@ class Store:
             base = self.first
             conn = self._conn
             return [j for j in range(start, stop + 1) if conn[j - base] == cid]
-
-    def follow(self, cid: int) -> list[tuple[int, FollowChunk, PacketView]]:
-        """Connection ``cid``'s payload, in order: (packet index, chunk, the packet's view)."""
-        decoder = Decoder(follow=lambda c: True)
-        out = []
-        for j in self.conn_packets(cid):
-            d = decoder.decode(self.record(j))
-            if d.chunk is not None:
-                out.append((j, d.chunk, d.view))
-        return out
 
     # -- marks -------------------------------------------------------------------------------------
     def toggle_mark(self, i: int) -> bool:
